@@ -1,0 +1,163 @@
+"""The plan: the one contract between the operator and the workers.
+
+A plan says, for every layer, which logical expert each physical slot holds, and optionally a
+per-layer gate bias used for top-K selection only. It is immutable and versioned: a worker ignores
+a plan whose version is not newer than the one it serves. The operator imports this module, so it
+must never import torch.
+
+Legend for shapes: L = layers, R = ranks (world size), S = slots per rank, E = logical experts.
+
+    slots[l][r][k]   logical expert held by slot k of rank r in layer l          [L][R][S]
+    gateBias[l][e]   bias added to expert e's gate score for selection only     [L][E]
+
+The JSON document uses camelCase keys (`slotsPerRank`, `gateBias`) like the Kubernetes API.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PLAN_FILE_NAME = "plan.json"
+"""Key of the plan in the ConfigMap, and the file name where it is mounted in a pod."""
+
+
+class PlanError(ValueError):
+    """A plan that does not fit the model or the world; the message names the field and the fix."""
+
+
+class Plan(BaseModel):
+    """A versioned placement of logical experts onto physical slots, plus optional gate bias."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")
+
+    version: int = Field(ge=1, description="Strictly increasing; older or equal versions are ignored.")
+    slots_per_rank: int = Field(alias="slotsPerRank", ge=1, description="Expert slots per rank and layer.")
+    slots: tuple[tuple[tuple[int, ...], ...], ...] = Field(
+        description="slots[layer][rank][k]: the logical expert held by slot k of that rank."
+    )
+    gate_bias: tuple[tuple[float, ...], ...] | None = Field(
+        default=None,
+        alias="gateBias",
+        description="gateBias[layer][expert]: added to gate scores for top-K selection only.",
+    )
+    method: str = Field(default="RoundRobin", description="The planner that produced this plan.")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.slots)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.slots[0]) if self.slots else 0
+
+    def replicas(self, layer: int) -> dict[int, list[tuple[int, int]]]:
+        """Logical expert -> its (rank, slot) places in `layer`, in rank-then-slot order."""
+        places: dict[int, list[tuple[int, int]]] = {}
+        for rank, rank_slots in enumerate(self.slots[layer]):
+            for slot, expert in enumerate(rank_slots):
+                places.setdefault(expert, []).append((rank, slot))
+        return places
+
+    def to_document(self) -> dict[str, Any]:
+        """The JSON-ready document (camelCase keys, no empty gate bias)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_document(), separators=(",", ":"))
+
+    def with_version(self, version: int) -> Plan:
+        return self.model_copy(update={"version": version})
+
+
+def parse_plan(document: str | bytes | dict[str, Any]) -> Plan:
+    """Parse a plan document; raise PlanError naming the offending field."""
+    try:
+        if isinstance(document, dict):
+            return Plan.model_validate(document)
+        return Plan.model_validate_json(document)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "plan"
+        raise PlanError(f"{where}: {first['msg']}") from None
+
+
+def validate_plan(plan: Plan, *, num_layers: int, num_experts: int, world_size: int) -> None:
+    """Check that `plan` fits a model of `num_layers` x `num_experts` on `world_size` ranks.
+
+    Raises PlanError with a message naming the field and what would fix it. Every logical expert
+    must have at least one slot in every layer, and every rank exactly `slotsPerRank` slots.
+    """
+    if plan.num_layers != num_layers:
+        raise PlanError(f"slots: has {plan.num_layers} layers, the model has {num_layers}")
+    for layer, layer_slots in enumerate(plan.slots):
+        if len(layer_slots) != world_size:
+            raise PlanError(
+                f"slots[{layer}]: has {len(layer_slots)} ranks, the world size is {world_size}"
+            )
+        for rank, rank_slots in enumerate(layer_slots):
+            if len(rank_slots) != plan.slots_per_rank:
+                raise PlanError(
+                    f"slots[{layer}][{rank}]: has {len(rank_slots)} slots, "
+                    f"slotsPerRank is {plan.slots_per_rank}"
+                )
+            for slot, expert in enumerate(rank_slots):
+                if not 0 <= expert < num_experts:
+                    raise PlanError(
+                        f"slots[{layer}][{rank}][{slot}]: expert {expert} does not exist "
+                        f"(experts are 0..{num_experts - 1})"
+                    )
+        placed = {expert for rank_slots in layer_slots for expert in rank_slots}
+        missing = sorted(set(range(num_experts)) - placed)
+        if missing:
+            raise PlanError(
+                f"slots[{layer}]: experts {missing} have no slot; every expert needs at least one"
+            )
+    if plan.gate_bias is not None:
+        _validate_gate_bias(plan.gate_bias, num_layers=num_layers, num_experts=num_experts)
+
+
+def _validate_gate_bias(
+    gate_bias: Sequence[Sequence[float]], *, num_layers: int, num_experts: int
+) -> None:
+    if len(gate_bias) != num_layers:
+        raise PlanError(f"gateBias: has {len(gate_bias)} layers, the model has {num_layers}")
+    for layer, row in enumerate(gate_bias):
+        if len(row) != num_experts:
+            raise PlanError(
+                f"gateBias[{layer}]: has {len(row)} values, expertsPerLayer is {num_experts}"
+            )
+        if any(value != value or abs(value) == float("inf") for value in row):
+            raise PlanError(f"gateBias[{layer}]: values must be finite numbers")
+
+
+def round_robin_slots(
+    num_layers: int, num_experts: int, world_size: int, slots_per_rank: int
+) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """The seed's placement (section 5.1): expert e of every layer on rank e % world.
+
+    Slot k of rank r holds expert (k * R + r) % E, so with one slot per rank and E == R expert e
+    sits on rank e, and spare slots (R * S > E) hold replicas in the same round-robin order.
+    Returns slots [L][R][S].
+    """
+    if world_size * slots_per_rank < num_experts:
+        raise PlanError(
+            f"slotsPerRank: {world_size} ranks x {slots_per_rank} slots cannot hold "
+            f"{num_experts} experts; raise slotsPerRank or the expert parallelism"
+        )
+    layer = tuple(
+        tuple((slot * world_size + rank) % num_experts for slot in range(slots_per_rank))
+        for rank in range(world_size)
+    )
+    return tuple(layer for _ in range(num_layers))
+
+
+def round_robin_plan(
+    num_layers: int, num_experts: int, world_size: int, slots_per_rank: int = 1, version: int = 1
+) -> Plan:
+    """The initial plan every deployment starts from."""
+    slots = round_robin_slots(num_layers, num_experts, world_size, slots_per_rank)
+    return Plan(version=version, slotsPerRank=slots_per_rank, slots=slots, method="RoundRobin")
