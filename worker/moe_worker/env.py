@@ -38,12 +38,16 @@ SEED = "MOE_SEED"
 PLAN_PATH = "MOE_PLAN_PATH"
 TOKEN_PATH = "MOE_TOKEN_PATH"
 HTTP_PORT = "MOE_HTTP_PORT"  # /metrics, /healthz, /readyz, /v1/plan, /v1/forward
-BIND_ADDRESS = "MOE_BIND_ADDRESS"  # default 0.0.0.0; the local node agent gives each pod its own 127.x.y.z
+BIND_ADDRESS = (
+    "MOE_BIND_ADDRESS"  # default 0.0.0.0; the local node agent gives each pod its own 127.x.y.z
+)
 
 # Built-in traffic source (how imbalance is produced on purpose).
 TRAFFIC_BATCH = "MOE_TRAFFIC_BATCH"  # sequences per step per rank; 0 disables the source
 TRAFFIC_SEQ_LEN = "MOE_TRAFFIC_SEQ_LEN"
-TRAFFIC_ZIPF = "MOE_TRAFFIC_ZIPF"  # Zipf exponent of expert popularity, added as a gate logit offset
+TRAFFIC_ZIPF = (
+    "MOE_TRAFFIC_ZIPF"  # Zipf exponent of expert popularity, added as a gate logit offset
+)
 TRAFFIC_INTERVAL = "MOE_TRAFFIC_INTERVAL"  # seconds to sleep between steps
 
 PLAN_MOUNT_DIR = "/etc/moe-ep/plan"

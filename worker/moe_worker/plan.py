@@ -34,8 +34,12 @@ class Plan(BaseModel):
 
     model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")
 
-    version: int = Field(ge=1, description="Strictly increasing; older or equal versions are ignored.")
-    slots_per_rank: int = Field(alias="slotsPerRank", ge=1, description="Expert slots per rank and layer.")
+    version: int = Field(
+        ge=1, description="Strictly increasing; older or equal versions are ignored."
+    )
+    slots_per_rank: int = Field(
+        alias="slotsPerRank", ge=1, description="Expert slots per rank and layer."
+    )
     slots: tuple[tuple[tuple[int, ...], ...], ...] = Field(
         description="slots[layer][rank][k]: the logical expert held by slot k of that rank."
     )

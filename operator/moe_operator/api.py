@@ -1,0 +1,272 @@
+"""The MoEDeployment API (moe-ep.io/v1alpha1): the one source of truth for spec and status.
+
+`crds/moedeployments.moe-ep.io.yaml` is generated from these models (`moe_operator.crd`), and a
+test regenerates it to prove the two agree. Every field carries a description (it becomes
+`kubectl explain` text) and every optional field a default (the API server applies it).
+Field names are camelCase as in every Kubernetes API; Python code reads them as snake_case.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "moe-ep.io"
+VERSION = "v1alpha1"
+KIND = "MoEDeployment"
+PLURAL = "moedeployments"
+SINGULAR = "moedeployment"
+SHORT_NAMES = ("moed",)
+DEFAULT_WORKER_IMAGE = "ghcr.io/moe-ep/moe-ep:0.1.0"
+
+
+class ApiModel(BaseModel):
+    """camelCase on the wire, snake_case in Python; unknown fields are an error, not a surprise."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class ModelSpec(ApiModel):
+    """Shape of the MoE transformer every worker builds."""
+
+    layers: int = Field(
+        16, ge=1, le=1024, description="Transformer layers, each with an MoE block."
+    )
+    experts_per_layer: int = Field(16, ge=1, le=1024, description="Logical experts in every layer.")
+    hidden_size: int = Field(4096, ge=1, le=65536, description="Token (model) dimension.")
+    ffn_hidden_size: int = Field(
+        16384, ge=1, le=262144, description="Hidden dimension of each expert MLP."
+    )
+    attention_heads: int = Field(32, ge=1, le=1024, description="Attention heads per layer.")
+    head_dim: int = Field(128, ge=1, le=1024, description="Dimension of each attention head.")
+    top_k: int = Field(2, ge=1, le=64, description="Experts each token is routed to.")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Weight and activation precision."
+    )
+
+
+class ParallelismSpec(ApiModel):
+    """Parallel layout; the world size (worker pods) is expert x tensor x pipeline."""
+
+    expert: int = Field(
+        16, ge=1, le=4096, description="Expert-parallel degree (ranks holding experts)."
+    )
+    tensor: int = Field(1, ge=1, le=64, description="Tensor-parallel degree.")
+    pipeline: int = Field(
+        1, ge=1, le=64, description="Pipeline-parallel degree (stages over layers)."
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.expert * self.tensor * self.pipeline
+
+
+class PlacementSpec(ApiModel):
+    """How logical experts are first placed onto ranks."""
+
+    strategy: Literal["RoundRobin", "LoadAware"] = Field(
+        "RoundRobin",
+        description=(
+            "RoundRobin puts expert e of every layer on rank e % world (the seed's placement); "
+            "LoadAware starts the same way and re-places experts from measured load."
+        ),
+    )
+    slots_per_rank: int = Field(
+        1, ge=1, le=64, description="Expert slots per rank and layer; spare slots hold replicas."
+    )
+
+
+class RebalancingSpec(ApiModel):
+    """When and how the operator rebalances expert load."""
+
+    enabled: bool = Field(True, description="Watch token load and rebalance when it is uneven.")
+    method: Literal["Auto", "Replace", "GatingBias"] = Field(
+        "Auto",
+        description=(
+            "Replace re-places and replicates experts (output-preserving, needs spare slots); "
+            "GatingBias biases top-K selection (changes which experts tokens visit); Auto picks "
+            "GatingBias when no slot is spare, Replace otherwise."
+        ),
+    )
+    imbalance_threshold: float = Field(
+        1.25, ge=1.0, le=100.0, description="Act when max rank load / mean rank load exceeds this."
+    )
+    evaluation_window_seconds: int = Field(
+        60, ge=1, le=86400, description="Seconds of token counts each evaluation looks at."
+    )
+    consecutive_evaluations: int = Field(
+        3, ge=1, le=100, description="Evaluations in a row above the threshold before acting."
+    )
+    cooldown_seconds: int = Field(
+        300, ge=0, le=86400, description="Minimum seconds between two rebalances."
+    )
+    max_gate_bias: float = Field(
+        1.0, ge=0.0, le=100.0, description="GatingBias: largest absolute bias on a gate score."
+    )
+    gate_bias_rate: float = Field(
+        0.1, ge=0.0, le=10.0, description="GatingBias: bias step per evaluation (b += rate * sign)."
+    )
+
+
+class ResourceRequirements(ApiModel):
+    """Compute resources of each worker container (GPUs are set by gpusPerPod)."""
+
+    requests: dict[str, str] = Field(
+        default_factory=dict, description="Minimum resources, e.g. cpu: '8', memory: 64Gi."
+    )
+    limits: dict[str, str] = Field(default_factory=dict, description="Maximum resources.")
+
+
+class Toleration(ApiModel):
+    """A pod toleration, as in core/v1."""
+
+    key: str = Field("", description="Taint key the toleration applies to; empty matches all.")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
+    value: str = Field("", description="Taint value to match when operator is Equal.")
+    effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] = Field(
+        "", description="Taint effect to match; empty matches all."
+    )
+
+
+class EnvVar(ApiModel):
+    """An extra environment variable for the worker container."""
+
+    name: str = Field(min_length=1, max_length=253, description="Variable name.")
+    value: str = Field("", description="Variable value.")
+
+
+class WorkerSpec(ApiModel):
+    """The worker pods."""
+
+    image: str = Field(DEFAULT_WORKER_IMAGE, min_length=1, description="Worker container image.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="When the kubelet pulls the image."
+    )
+    gpus_per_pod: int = Field(1, ge=0, le=16, description="nvidia.com/gpu requested by each pod.")
+    resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements, description="CPU and memory of each worker."
+    )
+    backend: Literal["nccl", "gloo"] = Field(
+        "nccl", description="torch.distributed backend: nccl on GPUs, gloo on CPUs."
+    )
+    device: Literal["cuda", "cpu"] = Field("cuda", description="Device the worker computes on.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the pods must match."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Taints the pods tolerate (e.g. GPU nodes)."
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="Extra command-line arguments for moe-worker serve."
+    )
+    extra_env: list[EnvVar] = Field(
+        default_factory=list, description="Extra environment variables (not MOE_* ones)."
+    )
+    port: int = Field(8080, ge=1, le=65535, description="HTTP port: metrics, probes, plan API.")
+    master_port: int = Field(
+        29500, ge=1, le=65535, description="torch.distributed rendezvous port on rank 0."
+    )
+
+
+class MetricsSpec(ApiModel):
+    """Where the operator reads per-expert token counters."""
+
+    source: Literal["Direct", "Prometheus"] = Field(
+        "Direct", description="Direct scrapes each worker's /metrics; Prometheus queries its API."
+    )
+    prometheus_url: str = Field(
+        "", description="Base URL of the Prometheus HTTP API; required when source is Prometheus."
+    )
+    scrape_interval_seconds: int = Field(
+        15, ge=1, le=3600, description="Seconds between two reads of the counters."
+    )
+
+
+class MoEDeploymentSpec(ApiModel):
+    """A Mixture-of-Experts model served with expert parallelism."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Model shape.")
+    parallelism: ParallelismSpec = Field(
+        default_factory=ParallelismSpec, description="Parallel layout."
+    )
+    placement: PlacementSpec = Field(
+        default_factory=PlacementSpec, description="Initial expert placement."
+    )
+    rebalancing: RebalancingSpec = Field(
+        default_factory=RebalancingSpec, description="Load-imbalance control."
+    )
+    worker: WorkerSpec = Field(default_factory=WorkerSpec, description="Worker pods.")
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Token-load source.")
+
+
+Phase = Literal["Pending", "Deploying", "Running", "Rebalancing", "Degraded", "Failed"]
+ConditionType = Literal["Ready", "Progressing", "SpecValid", "Balanced", "Degraded", "LoadsRead"]
+
+
+class Condition(ApiModel):
+    """A condition of the standard Kubernetes shape."""
+
+    model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
+
+    type: str = Field(description="Ready, Progressing, SpecValid, Balanced, Degraded or LoadsRead.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field("", description="CamelCase reason for the last transition.")
+    message: str = Field("", description="Human-readable details, naming the field and the fix.")
+    last_transition_time: str = Field("", description="When status last changed (RFC 3339).")
+    observed_generation: int = Field(0, description="The spec generation this was computed for.")
+
+
+class PlanStatus(ApiModel):
+    """The desired and the applied expert plan."""
+
+    model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
+
+    version: int = Field(0, description="Version of the desired plan (in the plan ConfigMap).")
+    applied_version: int = Field(0, description="Version the workers report serving.")
+    method: str = Field("", description="Planner that produced the desired plan.")
+    config_map: str = Field("", description="Name of the ConfigMap holding the plan.")
+
+
+class RebalanceRecord(ApiModel):
+    """What the last rebalance did."""
+
+    model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
+
+    time: str = Field("", description="When the plan was decided (RFC 3339).")
+    method: str = Field("", description="Replace or GatingBias.")
+    from_version: int = Field(0, description="Plan version before.")
+    to_version: int = Field(0, description="Plan version after.")
+    imbalance_before: float = Field(0.0, description="Worst-layer imbalance before.")
+    imbalance_after: float = Field(
+        0.0, description="Worst-layer imbalance predicted from the same loads (Replace only)."
+    )
+    slots_moved: int = Field(0, description="Expert slots that changed rank.")
+    predicted_throughput_gain: float = Field(
+        1.0, description="Predicted throughput after / before, from the performance model."
+    )
+    estimated_move_seconds: float = Field(
+        0.0, description="Predicted time to move the expert weights."
+    )
+    note: str = Field("", description="What the planner says about this plan.")
+
+
+class MoEDeploymentStatus(ApiModel):
+    """Observed state, written by the operator."""
+
+    model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
+
+    observed_generation: int = Field(0, description="Spec generation last reconciled.")
+    phase: Phase = Field(
+        "Pending", description="Pending, Deploying, Running, Rebalancing, Degraded, Failed."
+    )
+    workers: int = Field(0, description="Worker pods wanted (the world size).")
+    ready_workers: int = Field(0, description="Worker pods ready.")
+    ready: str = Field("0/0", description="readyWorkers/workers, for kubectl get.")
+    imbalance: str = Field("", description="Worst-layer imbalance in the last window (max/mean).")
+    plan: PlanStatus = Field(default_factory=PlanStatus, description="Desired and applied plan.")
+    last_rebalance: RebalanceRecord | None = Field(None, description="The last rebalance, if any.")
+    conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.")

@@ -1,0 +1,202 @@
+"""Pure builders of a MoEDeployment's children, as plain dicts ready for the API server.
+
+Owner references are added at the boundary (`kopf.adopt` in the handlers), so these functions
+know nothing of the parent object beyond its name and namespace.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from moe_worker import env as worker_env
+from moe_worker.plan import PLAN_FILE_NAME, Plan
+
+from moe_operator.api import MoEDeploymentSpec
+
+GPU_RESOURCE = "nvidia.com/gpu"
+DEPLOYMENT_LABEL = "moe-ep.io/deployment"
+CONTAINER_NAME = "worker"
+
+
+def worker_labels(name: str) -> dict[str, str]:
+    """Labels on every child; `selector_labels` is the stable subset pods are selected by."""
+    return {
+        "app.kubernetes.io/name": "moe-ep-worker",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": "worker",
+        "app.kubernetes.io/part-of": "moe-ep",
+        "app.kubernetes.io/managed-by": "moe-ep-operator",
+        DEPLOYMENT_LABEL: name,
+    }
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "moe-ep-worker", DEPLOYMENT_LABEL: name}
+
+
+def service_name(name: str) -> str:
+    return f"{name}-workers"
+
+
+def plan_configmap_name(name: str) -> str:
+    return f"{name}-plan"
+
+
+def token_secret_name(name: str) -> str:
+    return f"{name}-control"
+
+
+def master_address(name: str, namespace: str) -> str:
+    """DNS name of rank 0 through the headless Service."""
+    return f"{name}-0.{service_name(name)}.{namespace}.svc"
+
+
+def build_service(name: str, spec: MoEDeploymentSpec) -> dict[str, Any]:
+    """Headless Service giving every rank a stable DNS name, ready or not (rendezvous needs it)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": service_name(name), "labels": worker_labels(name)},
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": selector_labels(name),
+            "ports": [
+                {"name": "metrics", "port": spec.worker.port, "protocol": "TCP"},
+                {"name": "rendezvous", "port": spec.worker.master_port, "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def build_plan_configmap(name: str, plan: Plan) -> dict[str, Any]:
+    """The durable record of the desired plan; mounted into pods so a restarted rank resumes it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": plan_configmap_name(name),
+            "labels": worker_labels(name),
+            "annotations": {"moe-ep.io/plan-version": str(plan.version)},
+        },
+        "data": {PLAN_FILE_NAME: plan.to_json()},
+    }
+
+
+def build_token_secret(name: str, token: str | None = None) -> dict[str, Any]:
+    """The workers' control token; created once and never rotated by updates."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": token_secret_name(name), "labels": worker_labels(name)},
+        "type": "Opaque",
+        "stringData": {worker_env.TOKEN_FILE_NAME: token or secrets.token_urlsafe(32)},
+    }
+
+
+def _worker_env(name: str, namespace: str, spec: MoEDeploymentSpec) -> list[dict[str, Any]]:
+    model, layout = spec.model, spec.parallelism
+    values = {
+        worker_env.WORLD_SIZE: layout.world_size,
+        worker_env.MASTER_ADDR: master_address(name, namespace),
+        worker_env.MASTER_PORT: spec.worker.master_port,
+        worker_env.BACKEND: spec.worker.backend,
+        worker_env.DEVICE: spec.worker.device,
+        worker_env.EXPERT_PARALLEL: layout.expert,
+        worker_env.TENSOR_PARALLEL: layout.tensor,
+        worker_env.PIPELINE_PARALLEL: layout.pipeline,
+        worker_env.LAYERS: model.layers,
+        worker_env.EXPERTS_PER_LAYER: model.experts_per_layer,
+        worker_env.HIDDEN_SIZE: model.hidden_size,
+        worker_env.FFN_HIDDEN_SIZE: model.ffn_hidden_size,
+        worker_env.ATTENTION_HEADS: model.attention_heads,
+        worker_env.HEAD_DIM: model.head_dim,
+        worker_env.TOP_K: model.top_k,
+        worker_env.DTYPE: model.dtype,
+        worker_env.SLOTS_PER_RANK: spec.placement.slots_per_rank,
+        worker_env.PLAN_PATH: f"{worker_env.PLAN_MOUNT_DIR}/{PLAN_FILE_NAME}",
+        worker_env.TOKEN_PATH: f"{worker_env.TOKEN_MOUNT_DIR}/{worker_env.TOKEN_FILE_NAME}",
+        worker_env.HTTP_PORT: spec.worker.port,
+    }
+    pod_name = {
+        "name": worker_env.POD_NAME,
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+    }
+    fixed = [{"name": key, "value": str(value)} for key, value in values.items()]
+    extra = [{"name": item.name, "value": item.value} for item in spec.worker.extra_env]
+    return [pod_name, *fixed, *extra]
+
+
+def _resources(spec: MoEDeploymentSpec) -> dict[str, dict[str, str]]:
+    requests = dict(spec.worker.resources.requests)
+    limits = dict(spec.worker.resources.limits)
+    if spec.worker.gpus_per_pod:
+        # Extended resources must be equal in requests and limits.
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(spec.worker.gpus_per_pod)
+    return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
+
+
+def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dict[str, Any]:
+    """World-size worker pods started together (Parallel): the process group needs all of them."""
+    worker = spec.worker
+    http_probe = {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 5}
+    container = {
+        "name": CONTAINER_NAME,
+        "image": worker.image,
+        "imagePullPolicy": worker.image_pull_policy,
+        "command": ["moe-worker"],
+        "args": ["serve", *worker.extra_args],
+        "env": _worker_env(name, namespace, spec),
+        "ports": [
+            {"name": "metrics", "containerPort": worker.port, "protocol": "TCP"},
+            {"name": "rendezvous", "containerPort": worker.master_port, "protocol": "TCP"},
+        ],
+        "readinessProbe": http_probe,
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": "metrics"},
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        },
+        "resources": _resources(spec),
+        "volumeMounts": [
+            {"name": "plan", "mountPath": worker_env.PLAN_MOUNT_DIR, "readOnly": True},
+            {"name": "control", "mountPath": worker_env.TOKEN_MOUNT_DIR, "readOnly": True},
+        ],
+    }
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": [
+            {"name": "plan", "configMap": {"name": plan_configmap_name(name)}},
+            {"name": "control", "secret": {"secretName": token_secret_name(name)}},
+        ],
+        "terminationGracePeriodSeconds": 30,
+    }
+    if worker.node_selector:
+        pod_spec["nodeSelector"] = dict(worker.node_selector)
+    if worker.tolerations:
+        pod_spec["tolerations"] = [
+            toleration.model_dump(by_alias=True, exclude_defaults=True)
+            for toleration in worker.tolerations
+        ]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": name, "labels": worker_labels(name)},
+        "spec": {
+            "serviceName": service_name(name),
+            "replicas": spec.parallelism.world_size,
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": selector_labels(name)},
+            "template": {
+                "metadata": {
+                    "labels": worker_labels(name),
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(worker.port),
+                    },
+                },
+                "spec": pod_spec,
+            },
+        },
+    }

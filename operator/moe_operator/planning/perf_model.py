@@ -1,0 +1,204 @@
+"""Analytical performance model of an MoE transformer under EP x TP x PP layouts. PURE (stdlib).
+
+Units everywhere: seconds, bytes, FLOPs, FLOP/s, bytes/s. Times are per GPU on the slowest rank.
+
+Method (docs/performance.md has the long form and the numbers):
+- Every operation is a roofline: max(FLOPs / (peak x efficiency), bytes / (HBM bandwidth x efficiency)).
+- A layer's compute = attention projections (+ gate) + causal score terms (QK^T, PV) + experts.
+  Experts on the slowest EP rank scale by the imbalance ratio (max rank load / mean rank load).
+- Communication: EP all-to-all (dispatch + combine, split into same GPU / NVLink / InfiniBand by
+  where the peers sit), TP ring all-reduce (2 per layer, 2(n-1)/n of the message), PP point-to-point.
+- Overlap: `overlap` in [0, 1] is the fraction of min(compute, communication) hidden per layer:
+  0 = none (layer = compute + comm, the default), 1 = perfect (layer = max(compute, comm)).
+- PP: prefill takes (m + pp - 1) micro-batch stage times (bubble (pp-1)/(m+pp-1)); decode is a
+  steady pipeline with period max(m, pp) stage times (TPOT = period).
+- Rank order: rank = stage x (ep x tp) + ep_index x tp + tp_index; node = rank // gpus_per_node.
+- Attention is data-parallel over the EP groups (each holds batch/ep sequences) and head-parallel over
+  TP; experts are split over EP groups (slots) and each expert's FFN over TP.
+"""
+
+from __future__ import annotations
+
+import math
+
+from moe_operator.planning.perf_types import (
+    Layout,
+    Memory,
+    ModelShape,
+    NetworkProfile,
+    Phase,
+    Profile,
+    Terms,
+    Workload,
+)
+
+# --- FLOPs and bytes (hand-checkable) ----------------------------------------------------------
+
+
+def projection_flops(shape: ModelShape, tokens: float) -> float:
+    """QKV + O projections and the gate: tokens x (8 x hidden x attn_dim + 2 x hidden x experts)."""
+    return tokens * (8 * shape.hidden * shape.attn_dim + 2 * shape.hidden * shape.experts)
+
+
+def score_flops(shape: ModelShape, sequences: float, seq_len: int, phase: Phase) -> float:
+    """QK^T and PV: 4 x attn_dim FLOPs per (query, key) pair. Prefill is causal: S(S+1)/2 pairs per
+    sequence; decode: one query against seq_len keys per sequence."""
+    pairs = seq_len * (seq_len + 1) / 2 if phase == "prefill" else seq_len
+    return sequences * pairs * 4 * shape.attn_dim
+
+
+def expert_flops(shape: ModelShape, tokens: float) -> float:
+    """tokens x top_k x 2 (FLOPs per MAC) x 2 (matrices) x hidden x ffn."""
+    return tokens * shape.top_k * 2 * 2 * shape.hidden * shape.ffn
+
+
+def flops_per_token(shape: ModelShape, wl: Workload) -> float:
+    """Model FLOPs per processed token, all layers (prefill: causal average)."""
+    seqs = 1.0
+    tokens = wl.seq_len if wl.phase == "prefill" else 1
+    per_layer = (
+        projection_flops(shape, tokens)
+        + score_flops(shape, seqs, wl.seq_len, wl.phase)
+        + expert_flops(shape, tokens)
+    )
+    return shape.layers * per_layer / tokens
+
+
+def alltoall_bytes_per_token(shape: ModelShape) -> int:
+    """Dispatch bytes per token (combine is the same): hidden x dtype bytes x top_k."""
+    return shape.hidden * shape.dtype_bytes * shape.top_k
+
+
+def kv_cache_bytes(shape: ModelShape, wl: Workload) -> float:
+    """Whole-batch KV cache, all layers (bytes)."""
+    return wl.batch * wl.seq_len * shape.kv_bytes_per_token_layer * shape.layers
+
+
+def weight_bytes(shape: ModelShape) -> float:
+    """All parameters once (no replicas), bytes."""
+    per_layer = shape.attn_params + shape.hidden * shape.experts + shape.experts * shape.expert_params
+    return shape.layers * per_layer * shape.dtype_bytes
+
+
+# --- placement of peers on links -----------------------------------------------------------------
+
+
+def _node(rank: int, net: NetworkProfile) -> int:
+    return rank // net.gpus_per_node
+
+
+def ep_peer_fractions(layout: Layout, net: NetworkProfile) -> tuple[float, float, float]:
+    """(same GPU, other GPU same node, other node) fractions of a rank's EP destinations, under
+    uniform routing, for rank 0 (the layout is symmetric up to node boundaries)."""
+    peers = [e * layout.tp for e in range(layout.ep)]
+    same = sum(1 for r in peers if r == 0)
+    intra = sum(1 for r in peers if r != 0 and _node(r, net) == 0)
+    return same / layout.ep, intra / layout.ep, (layout.ep - same - intra) / layout.ep
+
+
+def _link(a: int, b: int, net: NetworkProfile) -> tuple[float, float]:
+    """(bandwidth, latency) between ranks a and b."""
+    if _node(a, net) == _node(b, net):
+        return net.intra_bandwidth, net.intra_latency
+    return net.inter_bandwidth, net.inter_latency
+
+
+# --- per-layer terms -----------------------------------------------------------------------------
+
+
+def _roof(flops: float, byts: float, peak: float, bw: float) -> tuple[float, bool]:
+    t_c, t_m = flops / peak, byts / bw
+    return max(t_c, t_m), t_m > t_c
+
+
+def layer_terms(
+    shape: ModelShape, wl: Workload, layout: Layout, prof: Profile, imbalance: float
+) -> Terms:
+    """Times of one layer for one micro-batch on the slowest rank (seconds)."""
+    hw, net, d = prof.hardware, prof.network, shape.dtype_bytes
+    m = layout.micro(wl.phase)
+    seqs = wl.batch / m / layout.ep  # sequences per GPU per micro-batch
+    tok = seqs * (wl.seq_len if wl.phase == "prefill" else 1)  # tokens per GPU per micro-batch
+    imb = imbalance if layout.ep > 1 else 1.0
+    bw = hw.memory_bandwidth * hw.memory_efficiency
+
+    proj, proj_mem = _roof(
+        projection_flops(shape, tok) / layout.tp,
+        (shape.attn_params / layout.tp + shape.hidden * shape.experts) * d,
+        hw.peak_flops * hw.matmul_efficiency,
+        bw,
+    )
+    kv_tokens = seqs * wl.seq_len if wl.phase == "decode" else tok  # decode reads, prefill writes
+    scores, kv_mem = _roof(
+        score_flops(shape, seqs, wl.seq_len, wl.phase) / layout.tp,
+        kv_tokens * shape.kv_bytes_per_token_layer / layout.tp,
+        hw.peak_flops * hw.attention_efficiency,
+        bw,
+    )
+    routed_global = tok * layout.ep * shape.top_k  # routings in this micro-batch, whole EP group
+    hit = 1.0 - (1.0 - 1.0 / shape.experts) ** routed_global  # expected fraction of experts used
+    experts, exp_mem = _roof(
+        expert_flops(shape, tok) * imb / layout.tp,
+        layout.slots(shape) * hit * shape.expert_params * d / layout.tp,
+        hw.peak_flops * hw.expert_efficiency,
+        bw,
+    )
+
+    a2a = 0.0
+    if layout.ep > 1:
+        _, f_intra, f_inter = ep_peer_fractions(layout, net)
+        msg = tok * alltoall_bytes_per_token(shape) * imb  # the hot rank receives/sends imb x mean
+        eff = hw.collective_efficiency
+        one_way = max(
+            f_intra * msg / (net.intra_bandwidth * eff) + (net.intra_latency if f_intra else 0.0),
+            f_inter * msg / (net.inter_bandwidth * eff) + (net.inter_latency if f_inter else 0.0),
+        )
+        a2a = 2 * one_way  # dispatch + combine
+
+    ar = 0.0
+    if layout.tp > 1:
+        link_bw = min(_link(0, r, net)[0] for r in range(1, layout.tp))
+        link_lat = max(_link(0, r, net)[1] for r in range(1, layout.tp))
+        n = layout.tp
+        msg = tok * shape.hidden * d
+        one = 2 * (n - 1) / n * msg / (link_bw * hw.collective_efficiency) + 2 * (n - 1) * link_lat
+        ar = 2 * one  # after attention and after the MoE block
+
+    return Terms(proj, scores, experts, a2a, ar, kv_mem, exp_mem, proj_mem)
+
+
+def pp_p2p_seconds(shape: ModelShape, wl: Workload, layout: Layout, prof: Profile) -> float:
+    """One micro-batch's activations crossing one stage boundary (scatter over TP ranks), seconds."""
+    if layout.pp == 1:
+        return 0.0
+    m = layout.micro(wl.phase)
+    tok = wl.batch / m / layout.ep * (wl.seq_len if wl.phase == "prefill" else 1)
+    stage = layout.ep * layout.tp
+    bw, lat = min(_link(r, r + stage, prof.network) for r in range(stage))
+    msg = tok * shape.hidden * shape.dtype_bytes / layout.tp
+    return msg / (bw * prof.hardware.collective_efficiency) + lat
+
+
+def memory_per_gpu(
+    shape: ModelShape, wl: Workload, layout: Layout, prof: Profile, imbalance: float = 1.0
+) -> Memory:
+    """Bytes per GPU: weights of its stage, its sequences' KV cache, one micro-batch's working set for
+    one layer (scores not materialised: flash-style attention), communication buffers, runtime."""
+    d, tp = shape.dtype_bytes, layout.tp
+    lps = math.ceil(shape.layers / layout.pp)
+    imb = imbalance if layout.ep > 1 else 1.0
+    weights = lps * d * (
+        shape.attn_params / tp + shape.hidden * shape.experts
+        + layout.slots(shape) * shape.expert_params / tp
+    )
+    kv = wl.batch / layout.ep * wl.seq_len * shape.kv_bytes_per_token_layer / tp * lps
+    m = layout.micro(wl.phase)
+    tok = wl.batch / m / layout.ep * (wl.seq_len if wl.phase == "prefill" else 1)
+    routed = tok * shape.top_k * imb
+    acts = d * (2 * tok * shape.hidden + 4 * tok * shape.attn_dim / tp + routed * shape.ffn / tp)
+    buffers = prof.hardware.runtime_overhead_bytes
+    if layout.ep > 1:
+        buffers += 2 * routed * shape.hidden * d
+    if layout.pp > 1:
+        buffers += 2 * tok * shape.hidden * d
+    return Memory(weights, kv, acts, buffers, prof.hardware.memory_capacity)

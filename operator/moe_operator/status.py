@@ -1,0 +1,156 @@
+"""Pure status computation: what the operator observed -> phase and standard conditions.
+
+All of a MoEDeployment's status logic lives here, so it is tested without any server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from moe_operator.api import Condition, Phase
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything the status depends on, gathered by the handlers."""
+
+    generation: int
+    workers: int
+    spec_problems: tuple[str, ...] = ()
+    statefulset_exists: bool = False
+    ready_workers: int = 0
+    rollout_in_progress: bool = False
+    plan_version: int = 0
+    applied_plan_version: int = 0
+    worst_imbalance: float | None = None  # None: not measured yet
+    imbalance_threshold: float = 1.25
+    loads_problem: str | None = None  # why the last evaluation was skipped, if it was
+    was_running: bool = False  # the deployment has been fully ready before
+    balance_note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _phase(observed: Observed) -> Phase:
+    if observed.spec_problems:
+        return "Failed"
+    if not observed.statefulset_exists:
+        return "Pending"
+    if observed.ready_workers < observed.workers:
+        if observed.rollout_in_progress or not observed.was_running:
+            return "Deploying"
+        return "Degraded"
+    if observed.plan_version > observed.applied_plan_version:
+        return "Rebalancing"
+    return "Running"
+
+
+def _condition(kind: str, ok: bool | None, reason: str, message: str) -> tuple[str, str, str, str]:
+    status = "Unknown" if ok is None else ("True" if ok else "False")
+    return kind, status, reason, message
+
+
+def _conditions(observed: Observed, phase: Phase) -> list[tuple[str, str, str, str]]:
+    if observed.spec_problems:
+        problems = "; ".join(observed.spec_problems)
+        return [
+            _condition("SpecValid", False, "InvalidSpec", problems),
+            _condition("Ready", False, "InvalidSpec", "fix the spec; no workers are managed"),
+            _condition("Progressing", False, "InvalidSpec", "waiting for a valid spec"),
+        ]
+    ready = f"{observed.ready_workers}/{observed.workers} workers ready"
+    conditions = [
+        _condition("SpecValid", True, "Valid", "spec passed every cross-field rule"),
+        _condition(
+            "Ready",
+            phase in ("Running", "Rebalancing"),
+            "AllWorkersReady" if phase in ("Running", "Rebalancing") else "WorkersNotReady",
+            ready,
+        ),
+        _condition(
+            "Progressing",
+            phase in ("Pending", "Deploying", "Rebalancing"),
+            {"Pending": "Creating", "Deploying": "RollingOut", "Rebalancing": "ApplyingPlan"}.get(
+                phase, "Stable"
+            ),
+            f"plan {observed.applied_plan_version} applied, "
+            f"{observed.plan_version} desired; {ready}",
+        ),
+        _condition(
+            "Degraded",
+            phase == "Degraded",
+            "WorkersLost" if phase == "Degraded" else "AsExpected",
+            ready,
+        ),
+    ]
+    if observed.loads_problem:
+        conditions.append(
+            _condition("LoadsRead", False, "EvaluationSkipped", observed.loads_problem)
+        )
+    elif observed.worst_imbalance is not None:
+        conditions.append(_condition("LoadsRead", True, "Read", "token counters read"))
+    if observed.worst_imbalance is None:
+        conditions.append(
+            _condition("Balanced", None, "NotMeasured", "no full evaluation window yet")
+        )
+    else:
+        balanced = observed.worst_imbalance <= observed.imbalance_threshold
+        conditions.append(
+            _condition(
+                "Balanced",
+                balanced,
+                "WithinThreshold" if balanced else "AboveThreshold",
+                f"worst layer imbalance {observed.worst_imbalance:.2f} "
+                f"(threshold {observed.imbalance_threshold:.2f}){observed.balance_note}",
+            )
+        )
+    return conditions
+
+
+def merge_conditions(
+    previous: Sequence[dict[str, Any]],
+    current: Sequence[tuple[str, str, str, str]],
+    *,
+    generation: int,
+    now: str,
+) -> list[dict[str, Any]]:
+    """Keep lastTransitionTime of conditions whose status did not change (Kubernetes convention)."""
+    before = {item.get("type"): item for item in previous}
+    merged = []
+    for kind, status, reason, message in current:
+        old = before.get(kind, {})
+        changed = old.get("status") != status
+        merged.append(
+            Condition(
+                type=kind,
+                status=status,
+                reason=reason,
+                message=message,
+                last_transition_time=now if changed else old.get("lastTransitionTime", now),
+                observed_generation=generation,
+            ).model_dump(by_alias=True)
+        )
+    return merged
+
+
+def compute_status(
+    observed: Observed, previous_conditions: Sequence[dict[str, Any]], now: str
+) -> dict[str, Any]:
+    """The status fields to patch (plan and lastRebalance are written by the rebalancer)."""
+    phase = _phase(observed)
+    imbalance = "" if observed.worst_imbalance is None else f"{observed.worst_imbalance:.2f}"
+    return {
+        "observedGeneration": observed.generation,
+        "phase": phase,
+        "workers": observed.workers,
+        "readyWorkers": observed.ready_workers,
+        "ready": f"{observed.ready_workers}/{observed.workers}",
+        "imbalance": imbalance,
+        "conditions": merge_conditions(
+            previous_conditions,
+            _conditions(observed, phase),
+            generation=observed.generation,
+            now=now,
+        ),
+    }
