@@ -1,0 +1,35 @@
+# The two commands of the README: `make demo` (the main job on the embedded local default) and
+# `make test` (the whole suite). Both install what they need on a fresh machine.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+# The CPU build of torch lies on this machine's disk; an unpinned torch may pull a CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: setup system-deps test lint demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q $(TORCH_PIN)
+	$(PYTHON) -m pip install -q -e '.[worker,test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+system-deps:
+	bash hack/install-system-deps.sh
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup system-deps lint
+	$(PYTHON) -m pytest
+
+demo: setup system-deps
+	$(VENV)/bin/moe-ep demo
+
+bench: setup
+	$(VENV)/bin/moe-worker bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,58 @@
+"""Pure status computation: phases and standard conditions."""
+
+from __future__ import annotations
+
+from moe_operator.status import Observed, compute_status
+
+NOW, LATER = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
+
+
+def _conditions(status: dict) -> dict[str, dict]:
+    return {item["type"]: item for item in status["conditions"]}
+
+
+def test_invalid_spec_is_failed_with_the_problem_in_spec_valid() -> None:
+    status = compute_status(
+        Observed(generation=3, workers=0, spec_problems=("spec.model.topK: too big",)), [], NOW)
+    assert status["phase"] == "Failed" and status["observedGeneration"] == 3
+    condition = _conditions(status)["SpecValid"]
+    assert condition["status"] == "False" and "spec.model.topK" in condition["message"]
+
+
+def test_phase_follows_readiness_and_plan() -> None:
+    base = {"generation": 1, "workers": 4, "statefulset_exists": True}
+    assert compute_status(Observed(generation=1, workers=4), [], NOW)["phase"] == "Pending"
+    assert compute_status(Observed(**base, ready_workers=2), [], NOW)["phase"] == "Deploying"
+    assert compute_status(Observed(**base, ready_workers=2, was_running=True), [], NOW)[
+        "phase"] == "Degraded"
+    running = compute_status(Observed(**base, ready_workers=4, plan_version=2,
+                                      applied_plan_version=2), [], NOW)
+    assert running["phase"] == "Running" and running["ready"] == "4/4"
+    assert _conditions(running)["Ready"]["status"] == "True"
+    assert compute_status(Observed(**base, ready_workers=4, plan_version=3,
+                                   applied_plan_version=2), [], NOW)["phase"] == "Rebalancing"
+
+
+def test_balanced_condition_compares_with_the_threshold() -> None:
+    base = {"generation": 1, "workers": 4, "statefulset_exists": True, "ready_workers": 4}
+    above = compute_status(Observed(**base, worst_imbalance=1.6, imbalance_threshold=1.25), [], NOW)
+    assert _conditions(above)["Balanced"]["status"] == "False" and above["imbalance"] == "1.60"
+    below = compute_status(Observed(**base, worst_imbalance=1.1, imbalance_threshold=1.25), [], NOW)
+    assert _conditions(below)["Balanced"]["status"] == "True"
+
+
+def test_skipped_evaluation_says_why() -> None:
+    status = compute_status(Observed(generation=1, workers=4, statefulset_exists=True,
+                                     loads_problem="counter reset on rank 2"), [], NOW)
+    assert _conditions(status)["LoadsRead"]["message"] == "counter reset on rank 2"
+
+
+def test_transition_time_changes_only_when_status_changes() -> None:
+    observed = Observed(generation=1, workers=4, statefulset_exists=True, ready_workers=4)
+    first = compute_status(observed, [], NOW)
+    same = compute_status(observed, first["conditions"], LATER)
+    assert _conditions(same)["Ready"]["lastTransitionTime"] == NOW
+    lost = compute_status(Observed(generation=1, workers=4, statefulset_exists=True,
+                                   ready_workers=3, was_running=True), same["conditions"], LATER)
+    assert _conditions(lost)["Ready"]["lastTransitionTime"] == LATER
+    assert _conditions(lost)["Degraded"]["status"] == "True"
