@@ -3,8 +3,8 @@
     python tools/measure_cpu_profile.py [--write operator/moe_operator/profiles/cpu-local.yaml]
 
 Measures (best of a few repeats, so they are achieved ceilings, not averages):
-- matmul FLOP/s: fp32 square GEMM (n=1024) with torch when installed (what the CPU workers run),
-  else numpy; 2 x n^3 FLOPs per product.
+- matmul FLOP/s: fp32 square GEMM (n=1024) on ONE thread with torch when installed (what the CPU
+  workers run), else numpy; 2 x n^3 FLOPs per product. Figures are per core = per worker rank.
 - memory bandwidth: numpy copy of a 256 MiB array, counted as read + write bytes.
 - "network": TCP over loopback between two threads (what gloo uses between local worker
   processes): bandwidth of 64 MiB in 1 MiB messages, latency as half a 1-byte round trip.
@@ -40,6 +40,7 @@ def matmul_flops(n: int = 1024) -> tuple[float, str]:
     try:
         import torch
 
+        torch.set_num_threads(1)  # per core: one worker rank per core
         a, b = torch.randn(n, n), torch.randn(n, n)
         torch.mm(a, b)
         return 2 * n**3 / best_of(lambda: torch.mm(a, b)), f"torch {torch.__version__} fp32"
@@ -114,7 +115,7 @@ def render(flops: float, lib: str, bw: float, net_bw: float, net_lat: float, cap
 # The model reads `value`; `source` is printed by `moe-ep perf` with every figure.
 name: cpu-local
 hardware:
-  peak_flops: {{value: {flops:.4g}, source: "{when}: {lib} GEMM n=1024, best of 5"}}
+  peak_flops: {{value: {flops:.4g}, source: "{when}: {lib} GEMM n=1024, 1 thread, best of 5"}}
   memory_bandwidth: {{value: {bw:.4g}, source: "{when}: numpy copy 256 MiB, read+write"}}
   memory_capacity: {{value: {cap:.4g}, source: "{when}: /proc/meminfo MemTotal"}}
   matmul_efficiency: {{value: 1.0, source: "by construction: peak_flops is the achieved GEMM rate"}}

@@ -81,11 +81,17 @@ def check_layout(shape: ModelShape, layout: Layout) -> None:
 
 def _labelled(terms: Terms) -> list[tuple[str, float]]:
     return [
-        ("attention projections (HBM weights)" if terms.proj_weight_bound
-         else "attention projections (FLOPs)", terms.projections),
+        (
+            "attention projections (HBM weights)"
+            if terms.proj_weight_bound
+            else "attention projections (FLOPs)",
+            terms.projections,
+        ),
         ("KV cache reads (HBM)" if terms.kv_bound else "attention scores (FLOPs)", terms.scores),
-        ("expert weight reads (HBM)" if terms.expert_weight_bound else "expert GEMMs (FLOPs)",
-         terms.experts),
+        (
+            "expert weight reads (HBM)" if terms.expert_weight_bound else "expert GEMMs (FLOPs)",
+            terms.experts,
+        ),
     ]
 
 
@@ -156,7 +162,9 @@ def predict(
     )
 
 
-def move_seconds(layout: Layout, profile: Profile, slots_moved: int, bytes_per_slot: float) -> float:
+def move_seconds(
+    layout: Layout, profile: Profile, slots_moved: int, bytes_per_slot: float
+) -> float:
     """Upper bound on the time to move expert weights: all slots serially over the slowest link the
     layout spans (InfiniBand when it spans nodes, NVLink otherwise), at collective efficiency."""
     if slots_moved <= 0:

@@ -3,18 +3,20 @@
 Units everywhere: seconds, bytes, FLOPs, FLOP/s, bytes/s. Times are per GPU on the slowest rank.
 
 Method (docs/performance.md has the long form and the numbers):
-- Every operation is a roofline: max(FLOPs / (peak x efficiency), bytes / (HBM bandwidth x efficiency)).
+- Every operation is a roofline:
+  max(FLOPs / (peak x efficiency), bytes / (HBM bandwidth x memory efficiency)).
 - A layer's compute = attention projections (+ gate) + causal score terms (QK^T, PV) + experts.
   Experts on the slowest EP rank scale by the imbalance ratio (max rank load / mean rank load).
 - Communication: EP all-to-all (dispatch + combine, split into same GPU / NVLink / InfiniBand by
-  where the peers sit), TP ring all-reduce (2 per layer, 2(n-1)/n of the message), PP point-to-point.
+  where the peers sit), TP ring all-reduce (2 per layer, 2(n-1)/n of the message), PP
+  point-to-point.
 - Overlap: `overlap` in [0, 1] is the fraction of min(compute, communication) hidden per layer:
   0 = none (layer = compute + comm, the default), 1 = perfect (layer = max(compute, comm)).
 - PP: prefill takes (m + pp - 1) micro-batch stage times (bubble (pp-1)/(m+pp-1)); decode is a
   steady pipeline with period max(m, pp) stage times (TPOT = period).
 - Rank order: rank = stage x (ep x tp) + ep_index x tp + tp_index; node = rank // gpus_per_node.
-- Attention is data-parallel over the EP groups (each holds batch/ep sequences) and head-parallel over
-  TP; experts are split over EP groups (slots) and each expert's FFN over TP.
+- Attention is data-parallel over the EP groups (each holds batch/ep sequences) and
+  head-parallel over TP; experts are split over EP groups (slots) and each expert's FFN over TP.
 """
 
 from __future__ import annotations
@@ -76,7 +78,9 @@ def kv_cache_bytes(shape: ModelShape, wl: Workload) -> float:
 
 def weight_bytes(shape: ModelShape) -> float:
     """All parameters once (no replicas), bytes."""
-    per_layer = shape.attn_params + shape.hidden * shape.experts + shape.experts * shape.expert_params
+    per_layer = (
+        shape.attn_params + shape.hidden * shape.experts + shape.experts * shape.expert_params
+    )
     return shape.layers * per_layer * shape.dtype_bytes
 
 
@@ -168,7 +172,7 @@ def layer_terms(
 
 
 def pp_p2p_seconds(shape: ModelShape, wl: Workload, layout: Layout, prof: Profile) -> float:
-    """One micro-batch's activations crossing one stage boundary (scatter over TP ranks), seconds."""
+    """Seconds for one micro-batch's activations to cross a stage boundary (scattered over TP)."""
     if layout.pp == 1:
         return 0.0
     m = layout.micro(wl.phase)
@@ -182,14 +186,19 @@ def pp_p2p_seconds(shape: ModelShape, wl: Workload, layout: Layout, prof: Profil
 def memory_per_gpu(
     shape: ModelShape, wl: Workload, layout: Layout, prof: Profile, imbalance: float = 1.0
 ) -> Memory:
-    """Bytes per GPU: weights of its stage, its sequences' KV cache, one micro-batch's working set for
-    one layer (scores not materialised: flash-style attention), communication buffers, runtime."""
+    """Bytes per GPU: weights of its stage, its sequences' KV cache, one micro-batch's working set
+    for one layer (scores not materialised: flash-style attention), comm buffers, runtime."""
     d, tp = shape.dtype_bytes, layout.tp
     lps = math.ceil(shape.layers / layout.pp)
     imb = imbalance if layout.ep > 1 else 1.0
-    weights = lps * d * (
-        shape.attn_params / tp + shape.hidden * shape.experts
-        + layout.slots(shape) * shape.expert_params / tp
+    weights = (
+        lps
+        * d
+        * (
+            shape.attn_params / tp
+            + shape.hidden * shape.experts
+            + layout.slots(shape) * shape.expert_params / tp
+        )
     )
     kv = wl.batch / layout.ep * wl.seq_len * shape.kv_bytes_per_token_layer / tp * lps
     m = layout.micro(wl.phase)

@@ -3,7 +3,6 @@
 Units: seconds, bytes, FLOPs, FLOP/s, bytes/s.
 """
 
-
 from __future__ import annotations
 
 import math
@@ -15,7 +14,7 @@ Phase = Literal["prefill", "decode"]
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The transformer. Experts are 2-matrix MLPs (hidden -> ffn -> hidden); attention is multi-head."""
+    """The transformer: 2-matrix MLP experts (hidden -> ffn -> hidden), multi-head attention."""
 
     layers: int = 16
     experts: int = 16

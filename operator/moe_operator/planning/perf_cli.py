@@ -1,0 +1,114 @@
+"""`moe-ep perf`: predicted throughput of parallel layouts, with every assumption printed.
+
+    moe-ep perf [--profile h100-sxm] [--layouts ep16,tp8pp2] [--imbalance 1.0]
+                [--phase prefill|decode|both] [--overlap 0.0] [--json]
+                [--gpu-check-json FILE] [--bench-json FILE] [--save-profile FILE]
+
+Layouts: 'ep16', 'tp8pp2', 'ep4tp2', with optional 's<N>' slots per rank and 'm<N>' micro-batches.
+The ratio column is first layout / last layout. With --gpu-check-json / --bench-json the profile's
+efficiencies are calibrated first (perf_calibrate documents what is read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from moe_operator.planning.perf import ModelShape, Workload, parse_layout, predict
+from moe_operator.planning.perf_calibrate import calibrate
+from moe_operator.planning.perf_report import (
+    assumptions,
+    format_report,
+    load_profile,
+    profile_to_yaml,
+    report_dict,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of `moe-ep perf`."""
+    d = ModelShape()
+    ap = argparse.ArgumentParser(prog="moe-ep perf", description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="h100-sxm", help="bundled name or YAML path")
+    ap.add_argument("--layouts", default="ep16,tp8pp2", help="comma-separated layouts")
+    ap.add_argument("--imbalance", type=float, default=1.0, help="max / mean EP rank load (>= 1)")
+    ap.add_argument("--phase", choices=("prefill", "decode", "both"), default="both")
+    ap.add_argument(
+        "--overlap",
+        type=float,
+        default=0.0,
+        help="fraction of min(compute, comm) hidden per layer, 0..1 (default 0: none)",
+    )
+    ap.add_argument("--batch", type=int, default=Workload().batch, help="sequences")
+    ap.add_argument("--seq-len", type=int, default=Workload().seq_len, help="tokens per sequence")
+    ap.add_argument("--layers", type=int, default=d.layers)
+    ap.add_argument("--experts", type=int, default=d.experts)
+    ap.add_argument("--hidden", type=int, default=d.hidden)
+    ap.add_argument("--ffn", type=int, default=d.ffn)
+    ap.add_argument("--heads", type=int, default=d.heads)
+    ap.add_argument("--head-dim", type=int, default=d.head_dim)
+    ap.add_argument("--top-k", type=int, default=d.top_k)
+    ap.add_argument("--dtype-bytes", type=int, default=d.dtype_bytes)
+    ap.add_argument(
+        "--gpu-check-json", type=Path, help="python -m moe_worker.gpu_check --json output"
+    )
+    ap.add_argument("--bench-json", type=Path, help="moe-worker bench --json output")
+    ap.add_argument("--save-profile", type=Path, help="write the (calibrated) profile YAML here")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `moe-ep perf`; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        profile = load_profile(args.profile)
+        layouts = [parse_layout(x) for x in args.layouts.split(",") if x.strip()]
+        gpu = json.loads(args.gpu_check_json.read_text()) if args.gpu_check_json else None
+        bench = json.loads(args.bench_json.read_text()) if args.bench_json else None
+    except (OSError, ValueError) as exc:
+        print(f"moe-ep perf: {exc}", file=sys.stderr)
+        return 2
+    notes: tuple[str, ...] = ()
+    measured: dict[str, float] = {}
+    if gpu is not None or bench is not None:
+        cal = calibrate(profile, bench=bench, gpu_check=gpu)
+        profile, notes, measured = cal.profile, cal.notes, dict(cal.measured)
+    if args.save_profile:
+        args.save_profile.write_text(profile_to_yaml(profile))
+    shape = ModelShape(
+        args.layers,
+        args.experts,
+        args.hidden,
+        args.ffn,
+        args.heads,
+        args.head_dim,
+        args.top_k,
+        args.dtype_bytes,
+    )
+    phases = ("prefill", "decode") if args.phase == "both" else (args.phase,)
+    base = Workload(batch=args.batch, seq_len=args.seq_len)
+    try:
+        preds = [
+            predict(shape, replace(base, phase=ph), lay, profile, args.imbalance, args.overlap)
+            for ph in phases
+            for lay in layouts
+        ]
+    except ValueError as exc:
+        print(f"moe-ep perf: {exc}", file=sys.stderr)
+        return 2
+    assume = assumptions(profile, shape, base, args.imbalance, args.overlap)
+    assume["calibration_notes"] = list(notes)
+    assume["measured"] = measured
+    if args.json:
+        print(json.dumps(report_dict(preds, assume), indent=2))
+    else:
+        print(format_report(preds, assume))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

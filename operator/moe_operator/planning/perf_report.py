@@ -1,0 +1,240 @@
+"""Profiles from YAML files, and the printed / JSON report of predictions.
+
+The only module of the performance model that does I/O: it reads profile files (bundled ones by name
+from `moe_operator/profiles/`, or any path) and renders text. Profile file format: under `hardware:`
+and `network:` each figure is `{value: <number>, source: "<datasheet / measured by ... on DATE /
+assumed: why>"}` (a bare number is accepted; its source is then "unspecified").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moe_operator.planning.perf_types import (
+    HardwareProfile,
+    ModelShape,
+    NetworkProfile,
+    Prediction,
+    Profile,
+    Workload,
+)
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
+SEED_CLAIMS = {
+    "tp8pp2": {"tokens_per_s": 120_000, "tpot_ms": 8.3},
+    "ep16": {"tokens_per_s": 450_000, "tpot_ms": 2.2},
+}
+MODEL_ASSUMPTIONS = (
+    "roofline per operation: max(FLOPs / (peak x efficiency), "
+    "bytes / (HBM bw x memory efficiency))",
+    "attention data-parallel over EP groups (batch/ep sequences each), heads split over TP",
+    "experts split over EP ranks (slots), each expert's FFN split over TP; "
+    "experts are 2-matrix MLPs",
+    "imbalance multiplies the slowest EP rank's expert FLOPs and all-to-all bytes (TP ranks: none)",
+    "EP all-to-all: dispatch + combine of hidden x dtype x top_k bytes per token; NVLink and IB "
+    "parts run concurrently (time = slower of the two)",
+    "TP: 2 ring all-reduces per layer (2(n-1)/n of hidden x dtype per token); PP: one p2p per "
+    "micro-batch per stage (scattered over TP)",
+    "prefill: one pass of the batch, PP bubble (pp-1)/(m+pp-1); decode: steady pipeline, "
+    "period = max(m, pp) micro-batch stage times = TPOT",
+    "prefill KV is written (not re-read); decode reads the whole KV cache each step",
+    "flash-style attention: scores never materialised in memory; no embeddings / LM head modelled",
+    "rank order: stage-major, then EP, then TP innermost; node = rank // gpus_per_node",
+)
+
+
+def _figure(raw: Any) -> tuple[float, str]:
+    if isinstance(raw, Mapping):
+        return float(raw["value"]), str(raw.get("source", "unspecified"))
+    return float(raw), "unspecified"
+
+
+def profile_from_dict(doc: Mapping[str, Any]) -> Profile:
+    """Build a Profile from a parsed profile document (see the module docstring)."""
+    sources: dict[str, str] = {}
+    parts: dict[str, dict[str, float]] = {}
+    for section, cls in (("hardware", HardwareProfile), ("network", NetworkProfile)):
+        known = {f.name for f in fields(cls)} - {"name"}
+        given = doc.get(section) or {}
+        unknown = set(given) - set(known)
+        if unknown:
+            raise ValueError(f"profile {section}: unknown figures {sorted(unknown)}")
+        parts[section] = {}
+        for key, raw in given.items():
+            value, src = _figure(raw)
+            parts[section][key] = int(value) if key == "gpus_per_node" else value
+            sources[key] = src
+    name = str(doc.get("name", "unnamed"))
+    return Profile(
+        name=name,
+        hardware=HardwareProfile(name=name, **parts["hardware"]),
+        network=NetworkProfile(**parts["network"]),
+        sources=tuple(sorted(sources.items())),
+    )
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A bundled profile by name (`h100-sxm`, `h200`, `cpu-local`) or a YAML file by path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROFILE_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"no profile {name_or_path!r}; bundled: {', '.join(names)}")
+    return profile_from_dict(yaml.safe_load(path.read_text()))
+
+
+def profile_to_yaml(profile: Profile) -> str:
+    """The profile in the file format, sources included (for saving a calibrated profile)."""
+    hw = {k: v for k, v in asdict(profile.hardware).items() if k != "name"}
+    doc = {
+        "name": profile.name,
+        "hardware": {k: {"value": v, "source": profile.source(k)} for k, v in hw.items()},
+        "network": {
+            k: {"value": v, "source": profile.source(k)} for k, v in asdict(profile.network).items()
+        },
+    }
+    return yaml.safe_dump(doc, sort_keys=False, width=120)
+
+
+def _gb(x: float) -> str:
+    return f"{x / 1e9:.1f}"
+
+
+def prediction_dict(p: Prediction) -> dict[str, Any]:
+    """One prediction as JSON-ready data (SI units, plus ms / GB conveniences)."""
+    mem = p.memory
+    return {
+        "layout": p.layout.name,
+        "phase": p.phase,
+        "micro_batches": p.micro_batches,
+        "seconds": p.seconds,
+        "tokens_per_s": p.tokens_per_s,
+        "tpot_ms": None if p.tpot_s is None else p.tpot_s * 1e3,
+        "flops_per_token": p.flops_per_token,
+        "flop_fraction": p.flop_fraction,
+        "bound": p.bound,
+        "breakdown_s": dict(p.breakdown),
+        "memory_bytes": {
+            "weights": mem.weights,
+            "kv_cache": mem.kv_cache,
+            "activations": mem.activations,
+            "buffers": mem.buffers,
+            "total": mem.total,
+            "capacity": mem.capacity,
+            "fits": mem.fits,
+        },
+    }
+
+
+def assumptions(
+    profile: Profile, shape: ModelShape, wl: Workload, imbalance: float, overlap: float
+) -> dict[str, Any]:
+    """Every input and assumption behind a report."""
+    figures = {
+        **{k: v for k, v in asdict(profile.hardware).items() if k != "name"},
+        **asdict(profile.network),
+    }
+    return {
+        "profile": profile.name,
+        "figures": {k: {"value": v, "source": profile.source(k)} for k, v in figures.items()},
+        "shape": asdict(shape),
+        "workload": {"batch": wl.batch, "seq_len": wl.seq_len},
+        "imbalance": imbalance,
+        "overlap": overlap,
+        "model": list(MODEL_ASSUMPTIONS),
+    }
+
+
+def report_dict(preds: Sequence[Prediction], assume: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON report: predictions, first/last layout ratio per phase, assumptions."""
+    out: dict[str, Any] = {
+        "predictions": [prediction_dict(p) for p in preds],
+        "ratios": {},
+        "assumptions": dict(assume),
+    }
+    for phase in ("prefill", "decode"):
+        ps = [p for p in preds if p.phase == phase]
+        if len(ps) >= 2:
+            key = f"{ps[0].layout.name}/{ps[-1].layout.name}"
+            out["ratios"][phase] = {key: ps[0].tokens_per_s / ps[-1].tokens_per_s}
+    return out
+
+
+def _row(label: str, cells: Sequence[str], ratio: str = "") -> str:
+    return f"{label:<34}" + "".join(f"{c:>16}" for c in cells) + f"{ratio:>10}"
+
+
+def format_report(preds: Sequence[Prediction], assume: Mapping[str, Any]) -> str:
+    """The seed-style table, per-layout breakdowns and every assumption, as text."""
+    names = list(dict.fromkeys(p.layout.name for p in preds))
+    by = {(p.layout.name, p.phase): p for p in preds}
+    phases = [ph for ph in ("prefill", "decode") if any(p.phase == ph for p in preds)]
+    lines = [
+        f"Predicted on {assume['profile']} (imbalance {assume['imbalance']}, "
+        f"overlap {assume['overlap']})",
+        "",
+        _row("metric", names, "ratio" if len(names) > 1 else ""),
+    ]
+
+    def add(label: str, phase: str, fmt, num=None) -> None:
+        ps = [by.get((n, phase)) for n in names]
+        cells = [fmt(p) if p else "-" for p in ps]
+        ratio = ""
+        if num and len(ps) > 1 and all(ps):
+            ratio = f"{num(ps[0]) / num(ps[-1]):.2f}x"
+        lines.append(_row(label, cells, ratio))
+
+    for ph in phases:
+        add(f"tokens/s ({ph})", ph, lambda p: f"{p.tokens_per_s:,.0f}", lambda p: p.tokens_per_s)
+        if ph == "decode":
+            add("TPOT ms (decode)", ph, lambda p: f"{p.tpot_s * 1e3:.2f}", lambda p: 1 / p.tpot_s)
+        else:
+            add("batch pass s (prefill)", ph, lambda p: f"{p.seconds:.2f}")
+        add(f"FLOP ceiling fraction ({ph})", ph, lambda p: f"{p.flop_fraction:.1%}")
+        add(
+            f"memory/GPU GB ({ph})",
+            ph,
+            lambda p: _gb(p.memory.total) + ("" if p.memory.fits else " NOFIT"),
+        )
+        add(f"micro-batches ({ph})", ph, lambda p: str(p.micro_batches))
+    claims = [SEED_CLAIMS.get(n) for n in names]
+    if all(claims):
+        lines.append(_row("seed claim tokens/s", [f"{c['tokens_per_s']:,}" for c in claims]))
+        lines.append(_row("seed claim TPOT ms", [f"{c['tpot_ms']}" for c in claims]))
+    lines.append("")
+    for p in preds:
+        m = p.memory
+        lines.append(
+            f"{p.layout.name} {p.phase}: bound by {p.bound}; "
+            f"memory {_gb(m.total)} of {_gb(m.capacity)} GB "
+            f"(weights {_gb(m.weights)}, KV {_gb(m.kv_cache)}, activations "
+            f"{_gb(m.activations)}, buffers {_gb(m.buffers)})"
+            + ("" if m.fits else "  DOES NOT FIT")
+        )
+        for label, secs in p.breakdown:
+            lines.append(f"    {label:<40}{secs * 1e3:>12.2f} ms  {secs / p.seconds:>6.1%}")
+    lines += [
+        "",
+        "Assumptions",
+        f"  shape: {assume['shape']}",
+        f"  workload: {assume['workload']}",
+        f"  overlap: {assume['overlap']} of min(compute, comm) hidden per layer "
+        "(0 = none, 1 = perfect)",
+        f"  imbalance: {assume['imbalance']} (max / mean EP rank load)",
+        f"  profile {assume['profile']}:",
+    ]
+    for key, fig in assume["figures"].items():
+        lines.append(f"    {key:<24}{fig['value']:>12.4g}  {fig['source']}")
+    lines.append("  model:")
+    lines += [f"    - {a}" for a in assume["model"]]
+    for note in assume.get("calibration_notes", []):
+        lines.append(f"  calibration: {note}")
+    for key, val in assume.get("measured", {}).items():
+        lines.append(f"  measured: {key} = {val:.4g}")
+    return "\n".join(lines)

@@ -1,0 +1,168 @@
+"""Calibration from worker JSON, the bundled profiles, the CLI, and the purity of the model."""
+
+from __future__ import annotations
+
+import ast
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from moe_operator.planning import perf_cli
+from moe_operator.planning.perf_calibrate import calibrate, flatten
+from moe_operator.planning.perf_report import (
+    PROFILE_DIR,
+    load_profile,
+    profile_from_dict,
+    profile_to_yaml,
+)
+
+PLANNING = Path(perf_cli.__file__).parent
+PURE = ["perf.py", "perf_model.py", "perf_types.py", "perf_calibrate.py"]
+
+
+def test_flatten():
+    assert flatten({"a": {"b": 1, "c": [2, {"d": 3.5}]}, "e": "x", "f": True}) == {
+        "a.b": 1.0,
+        "a.c.0": 2.0,
+        "a.c.1.d": 3.5,
+    }
+
+
+def test_calibrate_from_gpu_check_and_bench(h100):
+    gpu = {
+        "device": "H100",
+        "attention": {"ms": 12.0, "tflops": 494.7},
+        "expert": {"ms": 80.0, "achieved_tflops": 593.6},
+        "matmul": {"attention_shapes": {"tflops": 700.0}, "expert_shapes": {"TFLOPs": 742.0}},
+    }
+    bench = {
+        "layouts": {"ep4": {"tokens_per_s": 1200.0}, "tp2xpp2": {"tokens_per_s": 900.0}},
+        "moe_vs_matmul_fraction": 0.5,
+        "plan_switch_pause_ms": 40.0,
+    }
+    cal = calibrate(h100, bench=bench, gpu_check=gpu)
+    hw = cal.profile.hardware
+    assert hw.matmul_efficiency == pytest.approx(742e12 / 989.4e12)
+    assert hw.attention_efficiency == pytest.approx(494.7e12 / 989.4e12)
+    assert hw.expert_efficiency == pytest.approx(593.6e12 / 989.4e12)  # gpu_check wins over bench
+    measured = dict(cal.measured)
+    assert measured["tokens_per_s_ep"] == 1200.0
+    assert measured["tokens_per_s_tp_pp"] == 900.0
+    assert measured["plan_switch_s"] == pytest.approx(0.04)
+    assert cal.profile.source("attention_efficiency").startswith("calibrated")
+
+
+def test_calibrate_bench_fraction_only(h100):
+    cal = calibrate(h100, bench={"moe_flops_fraction_of_matmul": 0.5})
+    assert cal.profile.hardware.expert_efficiency == pytest.approx(0.7 * 0.5)
+    assert any("attention_efficiency" in n for n in cal.notes)
+
+
+def test_calibrate_tolerates_nonsense(h100):
+    cal = calibrate(h100, bench={"weird": [1, "x", None]}, gpu_check={"matmul": {"tflops": -1}})
+    assert cal.profile.hardware == h100.hardware
+    assert any("ignored" in n for n in cal.notes)
+
+
+def test_calibrate_clamps_above_peak(h100):
+    cal = calibrate(h100, gpu_check={"matmul_tflops": 2000.0})
+    assert cal.profile.hardware.matmul_efficiency == 1.0
+
+
+@pytest.mark.parametrize("name", ["h100-sxm", "h200", "cpu-local"])
+def test_bundled_profiles_have_a_source_for_every_figure(name):
+    prof = load_profile(name)
+    for key in (
+        "peak_flops",
+        "memory_bandwidth",
+        "memory_capacity",
+        "matmul_efficiency",
+        "inter_bandwidth",
+        "intra_latency",
+        "gpus_per_node",
+    ):
+        assert prof.source(key) != "unspecified", key
+    assert prof.hardware.peak_flops > 0
+
+
+def test_profile_round_trip(h100):
+    import yaml
+
+    again = profile_from_dict(yaml.safe_load(profile_to_yaml(h100)))
+    assert again.hardware == h100.hardware and again.network == h100.network
+    assert again.sources == h100.sources
+
+
+def test_unknown_profile_and_figure():
+    with pytest.raises(FileNotFoundError, match="h100-sxm"):
+        load_profile("nope")
+    with pytest.raises(ValueError, match="unknown"):
+        profile_from_dict({"hardware": {"peak_flopz": 1}})
+    assert sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")) == ["cpu-local", "h100-sxm", "h200"]
+
+
+def test_cli_table(capsys):
+    assert perf_cli.main([]) == 0
+    out = capsys.readouterr().out
+    for text in (
+        "tokens/s (prefill)",
+        "TPOT ms (decode)",
+        "ratio",
+        "FLOP ceiling fraction",
+        "bound by",
+        "datasheet: NVIDIA H100 SXM",
+        "overlap",
+        "seed claim",
+    ):
+        assert text in out
+
+
+def test_cli_json_and_calibration(tmp_path, capsys):
+    gpu = tmp_path / "gpu.json"
+    gpu.write_text(json.dumps({"attention": {"tflops": 400.0}}))
+    saved = tmp_path / "cal.yaml"
+    rc = perf_cli.main(
+        [
+            "--json",
+            "--phase",
+            "decode",
+            "--profile",
+            "h200",
+            "--imbalance",
+            "1.3",
+            "--gpu-check-json",
+            str(gpu),
+            "--save-profile",
+            str(saved),
+        ]
+    )
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [p["layout"] for p in doc["predictions"]] == ["ep16", "tp8pp2"]
+    assert "ep16/tp8pp2" in doc["ratios"]["decode"]
+    assert doc["assumptions"]["figures"]["memory_bandwidth"]["value"] == 4.8e12
+    assert load_profile(str(saved)).hardware.attention_efficiency == pytest.approx(400 / 989.4)
+
+
+def test_cli_errors(capsys):
+    assert perf_cli.main(["--layouts", "bogus"]) == 2
+    assert perf_cli.main(["--layouts", "ep4s2"]) == 2  # 4 ranks x 2 slots < 16 experts
+    assert "moe-ep perf" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_model_modules_are_pure(module):
+    tree = ast.parse((PLANNING / module).read_text())
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        for name in names:
+            top = name.split(".")[0]
+            assert top in sys.stdlib_module_names or name.startswith(
+                "moe_operator.planning.perf"
+            ), f"{module} imports {name}"
+    assert "open(" not in (PLANNING / module).read_text()
