@@ -83,7 +83,9 @@ class Dispatcher:
         # Tokens this rank processed per (layer, logical expert); read by /metrics, never reset.
         self.counts_LE = torch.zeros(num_layers, num_experts, dtype=torch.int64)
 
-    def dispatch(self, layer: int, x_ND: Tensor, topk_ids_NK: Tensor) -> tuple[list[Tensor], DispatchMeta]:
+    def dispatch(
+        self, layer: int, x_ND: Tensor, topk_ids_NK: Tensor
+    ) -> tuple[list[Tensor], DispatchMeta]:
         """Tokens per local slot ([n_s, D] each) and the metadata to send the results back."""
         p = self.placement
         r, s = p.world_size, p.slots_per_rank
@@ -113,7 +115,8 @@ class Dispatcher:
         sent_AD = self._exchange_tokens(recv_AD, meta.recv_splits, meta.send_splits)
         y_AD = torch.empty_like(sent_AD)
         y_AD[meta.order_A.to(sent_AD.device)] = sent_AD
-        return weighted_sum(y_AD.view(meta.num_tokens, meta.top_k, -1), topk_weights_NK)
+        y_NKD = y_AD.view(meta.num_tokens, meta.top_k, y_AD.shape[-1])  # N may be 0
+        return weighted_sum(y_NKD, topk_weights_NK)
 
     def _exchange_counts(self, send_counts_RS: Tensor) -> Tensor:
         device = _collective_device()
@@ -121,7 +124,9 @@ class Dispatcher:
         dist.all_to_all_single(recv, send_counts_RS.to(device))
         return recv.cpu()
 
-    def _exchange_tokens(self, x_AD: Tensor, send_splits: list[int], recv_splits: list[int]) -> Tensor:
+    def _exchange_tokens(
+        self, x_AD: Tensor, send_splits: list[int], recv_splits: list[int]
+    ) -> Tensor:
         recv = x_AD.new_empty(sum(recv_splits), x_AD.shape[1])
         dist.all_to_all_single(recv, x_AD.contiguous(), recv_splits, send_splits)
         return recv
@@ -133,7 +138,9 @@ class LocalDispatcher(Dispatcher):
     def _exchange_counts(self, send_counts_RS: Tensor) -> Tensor:
         return send_counts_RS
 
-    def _exchange_tokens(self, x_AD: Tensor, send_splits: list[int], recv_splits: list[int]) -> Tensor:
+    def _exchange_tokens(
+        self, x_AD: Tensor, send_splits: list[int], recv_splits: list[int]
+    ) -> Tensor:
         return x_AD
 
 

@@ -4,7 +4,8 @@ and the collective plan switch that moves expert weights rank to rank.
 Every method that communicates is collective: all ranks call it at the same step, in the same order
 (the runtime's control broadcast guarantees that). No HTTP or metrics code here.
 
-Legend: B sequences, T tokens per sequence, N tokens, D hidden, L layers, E experts, S slots per rank.
+Legend: B sequences, T tokens per sequence, N tokens, D hidden, L layers, E experts,
+S slots per rank.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ class Transfer:
 
 
 def plan_transfers(old: Plan, new: Plan) -> list[Transfer]:
-    """Every expert a rank needs under `new` and did not hold under `old`, with a deterministic source.
+    """Every expert a rank needs under `new` but did not hold under `old`, with a fixed source.
 
     Sources are spread over the old holders (by destination rank) so one rank is not the sender of
-    every copy of a hot expert. Sorted, so sender and receiver post their messages in the same order.
+    every copy of a hot expert. Sorted, so sender and receiver post messages in the same order.
     """
     transfers = []
     for layer in range(new.num_layers):
@@ -89,29 +90,39 @@ class EPEngine:
         )
         self.plan = plan
         self.gate_bias_LE = self._gate_bias(plan)
-        self.expert_seconds = 0.0  # time inside expert matmuls, for the benchmark's FLOP/s figure
+        # Wall time (CPU clock; on CUDA without syncs it is launch time) for the benchmark's FLOP/s.
+        self.expert_seconds = self.moe_seconds = 0.0
+        self.expert_tokens = 0
 
     @property
     def counts_LE(self) -> Tensor:
         return self.dispatcher.counts_LE
 
     def __call__(self, layer: int, x_ND: Tensor, routing: Routing) -> Tensor:
-        chunks, meta = self.dispatcher.dispatch(layer, x_ND, routing.topk_ids_NK)
         start = time.perf_counter()
+        chunks, meta = self.dispatcher.dispatch(layer, x_ND, routing.topk_ids_NK)
+        experts_start = time.perf_counter()
         outputs = [expert_mlp(x, self.shard[layer][slot]) for slot, x in enumerate(chunks)]
-        self.expert_seconds += time.perf_counter() - start
-        return self.dispatcher.combine(outputs, meta, routing.topk_weights_NK)
+        self.expert_tokens += sum(x.shape[0] for x in chunks)
+        self.expert_seconds += time.perf_counter() - experts_start
+        y_ND = self.dispatcher.combine(outputs, meta, routing.topk_weights_NK)
+        self.moe_seconds += time.perf_counter() - start
+        return y_ND
+
+    def reset_timers(self) -> None:
+        self.expert_seconds = self.moe_seconds = 0.0
+        self.expert_tokens = 0
 
     @torch.no_grad()
     def forward(self, x_BTD: Tensor, logit_offset_E: Tensor | None = None) -> Tensor:
-        """Collective: every rank calls it once per step, each with its own sequences (maybe none)."""
+        """Collective: every rank calls it once per step with its own sequences (maybe none)."""
         x_BTD = x_BTD.to(self.device, self.dtype)
         offset = None if logit_offset_E is None else logit_offset_E.to(self.device, self.dtype)
         return self.model(x_BTD, self, self.gate_bias_LE, offset)
 
     @torch.no_grad()
     def apply_plan(self, plan: Plan) -> None:
-        """Collective: switch to `plan`, moving experts point-to-point; nothing is re-read or re-made."""
+        """Collective: switch to `plan`; experts move point-to-point, never re-read or re-made."""
         transfers = plan_transfers(self.plan, plan)
         held = [
             dict(zip(self.plan.slots[layer][self.rank], self.shard[layer], strict=True))

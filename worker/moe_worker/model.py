@@ -6,7 +6,8 @@ nn.Module: the model calls a `MoEFn` for each layer, so the same model runs with
 (`DenseExperts`, the reference) or with experts spread over ranks (`moe_worker.engine`).
 
 Weights are deterministic functions of (seed, parameter name), so any rank can build any expert
-identically; a safetensors checkpoint holds one tensor per expert per layer so a rank loads only its own.
+identically; a safetensors checkpoint holds one tensor per expert per layer, so a rank loads only
+its own.
 
 Legend: B batch (sequences), T tokens per sequence, N tokens (B*T), D hidden, H heads, Hd head dim,
 F ffn hidden, E experts, K top-k, L layers.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -157,10 +157,8 @@ class Routing:
     topk_weights_NK: Tensor
 
 
-def route(
-    logits_NE: Tensor, top_k: int, gate_bias_E: Tensor | None = None
-) -> Routing:
-    """Top-K of softmax scores; the bias moves selection only, weights are unbiased and renormalised."""
+def route(logits_NE: Tensor, top_k: int, gate_bias_E: Tensor | None = None) -> Routing:
+    """Top-K of softmax scores; bias moves selection only; weights are unbiased, renormalised."""
     scores_NE = torch.softmax(logits_NE.float(), dim=-1)
     selection_NE = scores_NE if gate_bias_E is None else scores_NE + gate_bias_E.float()
     topk_ids_NK = torch.topk(selection_NE, top_k, dim=-1).indices
@@ -224,7 +222,10 @@ class Transformer(nn.Module):
 
 
 def build_transformer(
-    config: ModelConfig, seed: int, device: torch.device | str = "cpu", checkpoint: str | None = None
+    config: ModelConfig,
+    seed: int,
+    device: torch.device | str = "cpu",
+    checkpoint: str | None = None,
 ) -> Transformer:
     """The dense part with deterministic (or checkpointed) weights, in the config's dtype."""
     model = Transformer(config)
@@ -301,6 +302,3 @@ def write_checkpoint(path: str | Path, config: ModelConfig, seed: int) -> Path:
     save_file(tensors, str(path))
     return Path(path)
 
-
-def all_experts(config: ModelConfig) -> Iterable[tuple[int, int]]:
-    return ((layer, e) for layer in range(config.layers) for e in range(config.experts))

@@ -1,0 +1,187 @@
+"""Four real `moe-worker serve` processes (gloo): plan endpoint, forward requests, metrics."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from moe_worker.model import reference_forward
+from moe_worker.plan import parse_plan
+from moe_worker.settings import ModelConfig
+from worker_harness import FIXTURES, Cluster, parse_metric
+
+pytestmark = pytest.mark.distributed
+
+CONFIG = ModelConfig(layers=2, experts=4, hidden=32, ffn_hidden=64, heads=4, head_dim=8, top_k=2)
+SEED = 7
+ENV = {
+    "MOE_LAYERS": "2",
+    "MOE_EXPERTS_PER_LAYER": "4",
+    "MOE_HIDDEN_SIZE": "32",
+    "MOE_FFN_HIDDEN_SIZE": "64",
+    "MOE_ATTENTION_HEADS": "4",
+    "MOE_HEAD_DIM": "8",
+    "MOE_TOP_K": "2",
+    "MOE_SEED": str(SEED),
+    "MOE_TRAFFIC_BATCH": "0",  # only our requests move the counters
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(Path(tmp_path_factory.mktemp("cluster")), 4, ENV)
+    try:
+        c.wait_ready()
+        yield c
+    finally:
+        c.stop()
+
+
+def document(name: str) -> dict[str, Any]:
+    return json.loads((FIXTURES / name).read_text())
+
+
+def version(cluster: Cluster, rank: int = 0) -> int:
+    status, plan = cluster.request(rank, "/v1/plan")
+    assert status == 200
+    return int(plan["version"])
+
+
+def pids(cluster: Cluster) -> list[int]:
+    return [cluster.request(rank, "/healthz")[1]["pid"] for rank in range(cluster.world)]
+
+
+def expert_counts(cluster: Cluster) -> torch.Tensor:
+    """Sum over ranks of moe_expert_tokens_total, as [L, E]."""
+    total = torch.zeros(CONFIG.layers, CONFIG.experts, dtype=torch.int64)
+    for rank in range(cluster.world):
+        samples = parse_metric(cluster.request(rank, "/metrics")[1], "moe_expert_tokens_total")
+        for labels, value in samples.items():
+            label = dict(labels)
+            total[int(label["layer"]), int(label["expert"])] += int(value)
+    return total
+
+
+def check_forward(cluster: Cluster, seed: int) -> None:
+    """A forward request through rank 0 equals the reference under the plan being served."""
+    x = torch.randn(6, 5, CONFIG.hidden, generator=torch.Generator().manual_seed(seed))
+    plan = parse_plan(cluster.request(0, "/v1/plan")[1])
+    bias = None if plan.gate_bias is None else torch.tensor(plan.gate_bias)
+    expected, routed = reference_forward(CONFIG, x, SEED, bias)
+    before = expert_counts(cluster)
+    status, body = cluster.request(0, "/v1/forward", {"hidden": x.tolist()})
+    assert status == 200, body
+    assert body["planVersion"] == plan.version
+    assert torch.allclose(torch.tensor(body["output"]), expected, atol=1e-5, rtol=0)
+    assert torch.equal(expert_counts(cluster) - before, routed)
+
+
+def post_plan(cluster: Cluster, doc: dict[str, Any], token: str | None = "") -> tuple[int, Any]:
+    return cluster.request(0, "/v1/plan", doc, token=cluster.token if token == "" else token)
+
+
+def test_starts_on_round_robin_and_serves_the_reference(cluster: Cluster) -> None:
+    expected = parse_plan(document("round-robin-2layer-4expert-4rank.json"))
+    for rank in range(cluster.world):
+        assert parse_plan(cluster.request(rank, "/v1/plan")[1]).slots == expected.slots
+        assert cluster.request(rank, "/readyz")[0] == 200
+    check_forward(cluster, seed=1)
+
+
+def test_valid_plans_apply_on_every_rank_without_restart(cluster: Cluster) -> None:
+    started = pids(cluster)
+    for name in (
+        "replicated-2layer-4expert-4rank-2slots.json",
+        "gate-bias-2layer-4expert-4rank.json",
+    ):
+        new_version = version(cluster) + 1
+        doc = {**document(name), "version": new_version}
+        status, body = post_plan(cluster, doc)
+        assert status == 200, body
+        assert body["applied"] is True and body["version"] == new_version
+        assert body["pauseSeconds"] >= 0
+        for rank in range(cluster.world):
+            served = parse_plan(cluster.request(rank, "/v1/plan")[1])
+            assert served == parse_plan(doc)
+            metrics = cluster.request(rank, "/metrics")[1]
+            assert parse_metric(metrics, "moe_plan_version")[()] == new_version
+        check_forward(cluster, seed=new_version)
+    assert pids(cluster) == started
+    assert all(proc.poll() is None for proc in cluster.procs)
+    metrics = cluster.request(1, "/metrics")[1]
+    assert parse_metric(metrics, "moe_plan_switch_pause_seconds_count")[()] >= 2
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "field"),
+    [
+        ("invalid-wrong-layer-count.json", 422, "slots"),
+        ("invalid-wrong-world-size.json", 422, "slots[0]"),
+        ("invalid-unknown-expert.json", 422, "slots[0][3][0]"),
+        ("invalid-missing-expert.json", 422, "slots[0]"),
+        ("invalid-slot-count-mismatch.json", 422, "slots[0][3]"),
+        ("invalid-gate-bias-length.json", 422, "gateBias[0]"),
+        ("invalid-missing-version.json", 400, "version"),
+        ("invalid-unknown-field.json", 400, "placement"),
+    ],
+)
+def test_invalid_plans_are_refused_and_the_old_plan_keeps_serving(
+    cluster: Cluster, name: str, status: int, field: str
+) -> None:
+    before = cluster.request(0, "/v1/plan")[1]
+    got, body = post_plan(cluster, document(name))
+    assert got == status, body
+    assert body["field"] == field, body
+    assert all(cluster.request(r, "/v1/plan")[1] == before for r in range(cluster.world))
+    check_forward(cluster, seed=11)
+
+
+def test_forward_with_fewer_sequences_than_ranks(cluster: Cluster) -> None:
+    x = torch.randn(2, 3, CONFIG.hidden, generator=torch.Generator().manual_seed(5))
+    plan = parse_plan(cluster.request(0, "/v1/plan")[1])
+    bias = None if plan.gate_bias is None else torch.tensor(plan.gate_bias)
+    expected, _ = reference_forward(CONFIG, x, SEED, bias)
+    status, body = cluster.request(0, "/v1/forward", {"hidden": x.tolist()})
+    assert status == 200, body
+    assert torch.allclose(torch.tensor(body["output"]), expected, atol=1e-5, rtol=0)
+    assert cluster.request(0, "/v1/forward", {"hidden": [[1.0, 2.0]]})[0] == 400
+
+
+def test_unparsable_body_is_a_400(cluster: Cluster) -> None:
+    status, body = cluster.request(0, "/v1/plan", raw=b"{not json", token=cluster.token)
+    assert status == 400 and "error" in body
+
+
+def test_stale_versions_are_ignored(cluster: Cluster) -> None:
+    current = cluster.request(0, "/v1/plan")[1]
+    for stale in (current["version"], 1):
+        doc = {**document("round-robin-2layer-4expert-4rank.json"), "version": stale}
+        status, body = post_plan(cluster, doc)
+        assert status == 409, body
+        assert body == {"applied": False, "reason": "stale", "version": current["version"]}
+    assert cluster.request(3, "/v1/plan")[1] == current
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token", "s3cret-token-but-longer"])
+def test_missing_or_wrong_token_is_a_401(cluster: Cluster, token: str | None) -> None:
+    before = cluster.request(0, "/v1/plan")[1]
+    doc = {**document("round-robin-2layer-4expert-4rank.json"), "version": before["version"] + 1}
+    status, body = post_plan(cluster, doc, token=token)
+    assert status == 401, body
+    assert cluster.request(0, "/v1/plan")[1] == before
+    assert cluster.token not in json.dumps(body)
+
+
+def test_non_leader_points_to_rank_0(cluster: Cluster) -> None:
+    doc = {**document("round-robin-2layer-4expert-4rank.json"), "version": 99}
+    status, body = cluster.request(2, "/v1/plan", doc, token=cluster.token)
+    assert status == 421 and body["leaderRank"] == 0
+    assert version(cluster, 2) < 99
+
+
+def test_token_never_in_logs(cluster: Cluster) -> None:
+    assert all(cluster.token not in cluster.logs(rank) for rank in range(cluster.world))
