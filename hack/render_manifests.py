@@ -2,7 +2,7 @@
 """Render the plain manifests in manifests/ from the Helm chart, so the two cannot drift.
 
     python hack/render_manifests.py           # write the files
-    python hack/render_manifests.py --check   # exit 1 if any file differs from what would be written
+    python hack/render_manifests.py --check   # exit 1 if a file differs from what would be written
 
 The chart (charts/moe-ep) is the source of truth, rendered with its default values by Helm's own
 engine (PyPI helm-python-sdk, no helm binary) as release `moe-ep` in namespace `moe-ep-system`:
@@ -10,8 +10,8 @@ engine (PyPI helm-python-sdk, no helm binary) as release `moe-ep` in namespace `
 - manifests/rbac.yaml, manifests/operator.yaml: the operator's objects, with no namespace on
   namespaced objects (apply them with `kubectl apply -n moe-ep-system -f ...`); the
   ClusterRoleBinding's subject names `moe-ep-system`, as it must name a namespace.
-- manifests/prometheus/{prometheusrule,servicemonitor-operator,podmonitor-workers}.yaml: the optional
-  Prometheus Operator objects, rendered with prometheus.*.enabled=true.
+- manifests/prometheus/{prometheusrule,servicemonitor-operator,podmonitor-workers}.yaml: the
+  optional Prometheus Operator objects, rendered with prometheus.*.enabled=true.
 - manifests/prometheus/rules.yaml: charts/moe-ep/files/prometheus-rules.yaml for plain Prometheus.
 
 The other direction: the CRD generated into crds/ is copied, byte for byte, into the chart's crds/.
@@ -68,9 +68,7 @@ OUTPUTS = (
         ("servicemonitor.yaml",),
         monitoring=True,
     ),
-    Output(
-        "manifests/prometheus/podmonitor-workers.yaml", ("podmonitor.yaml",), monitoring=True
-    ),
+    Output("manifests/prometheus/podmonitor-workers.yaml", ("podmonitor.yaml",), monitoring=True),
 )
 
 HEADER = """\
@@ -161,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     files = expected_files()
     if not CRD_SOURCE.exists():
-        print(f"note: {CRD_SOURCE.relative_to(ROOT)} does not exist yet; CRD not copied",
-              file=sys.stderr)
+        print(
+            f"note: {CRD_SOURCE.relative_to(ROOT)} does not exist yet; CRD not copied",
+            file=sys.stderr,
+        )
     if args.check:
         problems = drift(files)
         for problem in problems:

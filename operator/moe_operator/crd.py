@@ -80,7 +80,9 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     elif node.get("type") == "array":
         out["items"] = _structural(node["items"], defs)
         out["items"].setdefault("description", f"One item. {description or ''}".strip())
-    if default is not None:
+    if default == "":
+        pass  # absent means empty, and the 1.20 API server refuses an empty-string default
+    elif default is not None:
         out["default"] = default
     elif out.get("type") == "object" and "required" not in out:
         out["default"] = {}  # lets the API server cascade the defaults of nested fields
@@ -138,7 +140,7 @@ def build_crd() -> dict[str, Any]:
                             "properties": {
                                 "apiVersion": {"type": "string", "description": "API version."},
                                 "kind": {"type": "string", "description": "Kind."},
-                                "metadata": {"type": "object", "description": "Object metadata."},
+                                "metadata": {"type": "object"},  # 1.20 forbids more here
                                 "spec": {**spec_schema, "description": "Desired state."},
                                 "status": {**status_schema, "description": "Observed state."},
                             },

@@ -1,0 +1,87 @@
+"""The moe-ep alerts: promtool checks and unit tests (rules_test.yaml), and one rule set everywhere.
+
+Needs Debian's `prometheus` package (promtool). Skipped without it locally; under CI (env CI set) a
+missing promtool fails instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+PROM_DIR = ROOT / "manifests" / "prometheus"
+RULES = PROM_DIR / "rules.yaml"
+CHART_RULES = ROOT / "charts" / "moe-ep" / "files" / "prometheus-rules.yaml"
+UNIT_TESTS = sorted(Path(__file__).parent.glob("*_test.yaml"))
+ALERTS = {"MoEExpertLoadImbalance", "MoEWorkersNotReady", "MoERebalanceStuck"}
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        message = "promtool not found: apt-get install prometheus"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def run(promtool: str, *args: str | Path) -> str:
+    result = subprocess.run(
+        [promtool, *map(str, args)], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    return output
+
+
+def load(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def alerting_rules() -> dict[str, dict[str, Any]]:
+    return {rule["alert"]: rule for group in load(RULES)["groups"] for rule in group["rules"]}
+
+
+def test_check_rules(promtool: str) -> None:
+    assert "SUCCESS: 3 rules found" in run(promtool, "check", "rules", RULES)
+
+
+def test_rule_unit_tests(promtool: str) -> None:
+    assert UNIT_TESTS, "no *_test.yaml next to this file"
+    output = run(promtool, "test", "rules", *UNIT_TESTS)
+    assert "FAILED" not in output
+
+
+def test_example_config(promtool: str) -> None:
+    run(promtool, "check", "config", PROM_DIR / "prometheus-example.yml")
+
+
+def test_prometheusrule_carries_the_same_rules() -> None:
+    prometheus_rule = load(PROM_DIR / "prometheusrule.yaml")
+    assert prometheus_rule["kind"] == "PrometheusRule"
+    assert prometheus_rule["spec"] == load(RULES) == load(CHART_RULES)
+
+
+def test_alert_contract() -> None:
+    """Names, severity, durations and the labels that identify a MoEDeployment."""
+    rules = alerting_rules()
+    assert set(rules) == ALERTS
+    assert {name: rule["for"] for name, rule in rules.items()} == {
+        "MoEExpertLoadImbalance": "5m",
+        "MoEWorkersNotReady": "10m",
+        "MoERebalanceStuck": "10m",
+    }
+    for rule in rules.values():
+        assert rule["labels"] == {"severity": "warning"}
+        assert {"summary", "description"} <= set(rule["annotations"])
+        assert "on (namespace, moedeployment)" in rule["expr"]
+    assert "moe_imbalance_threshold" in rules["MoEExpertLoadImbalance"]["expr"]
