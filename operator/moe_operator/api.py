@@ -105,10 +105,18 @@ class RebalancingSpec(ApiModel):
         300, ge=0, le=86400, description="Minimum seconds between two rebalances."
     )
     max_gate_bias: float = Field(
-        1.0, ge=0.0, le=100.0, description="GatingBias: largest absolute bias on a gate score."
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "GatingBias: largest absolute bias added to a gate probability for top-K selection."
+        ),
     )
     gate_bias_rate: float = Field(
-        0.1, ge=0.0, le=10.0, description="GatingBias: bias step per evaluation (b += rate * sign)."
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="GatingBias: bias step per rebalance (b += rate * sign(mean - load)).",
     )
 
 
@@ -254,6 +262,19 @@ class RebalanceRecord(ApiModel):
     note: str = Field("", description="What the planner says about this plan.")
 
 
+class DetectionStatus(ApiModel):
+    """What imbalance detection remembers between evaluations (survives operator restarts)."""
+
+    model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
+
+    above_count: int = Field(0, description="Evaluations in a row above the threshold.")
+    desired_version: int = Field(0, description="Newest plan version the operator issued.")
+    applied_version: int = Field(0, description="Plan version all workers serve.")
+    last_rebalance_at: float | None = Field(
+        None, description="When the last plan was issued (seconds since the epoch)."
+    )
+
+
 class MoEDeploymentStatus(ApiModel):
     """Observed state, written by the operator."""
 
@@ -269,4 +290,5 @@ class MoEDeploymentStatus(ApiModel):
     imbalance: str = Field("", description="Worst-layer imbalance in the last window (max/mean).")
     plan: PlanStatus = Field(default_factory=PlanStatus, description="Desired and applied plan.")
     last_rebalance: RebalanceRecord | None = Field(None, description="The last rebalance, if any.")
+    detection: DetectionStatus | None = Field(None, description="Imbalance detection state.")
     conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.")

@@ -7,18 +7,26 @@ it gets SpecValid=False and phase Failed, and its children are left exactly as t
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
+from moe_worker.plan import Plan
 
 from moe_operator import api, metrics
 from moe_operator.kube import Cluster, load_client_config
 from moe_operator.manifests import children
-from moe_operator.reconcile import ensure_children, ready_replicas, rollout_in_progress
+from moe_operator.planning.detection import DetectionState
+from moe_operator.rebalance import Window, control_step
+from moe_operator.reconcile import ensure_children, ready_replicas, rollout_in_progress, write_plan
 from moe_operator.status import Observed, compute_status
 from moe_operator.validation import parse_spec
+from moe_operator.workers import PodWorkers
 
 TIMER_SECONDS = float(os.environ.get("MOE_OPERATOR_TIMER_SECONDS", "5"))
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
@@ -65,6 +73,8 @@ def _sync(
     patch: kopf.Patch,
     memo: kopf.Memo,
     logger: logging.Logger | kopf.Logger,
+    *,
+    control: bool,
 ) -> None:
     generation = int(body.metadata.get("generation") or 0)
     parsed, problems = parse_spec(dict(spec))
@@ -72,32 +82,85 @@ def _sync(
         _write_invalid(body, status, patch, [str(problem) for problem in problems], generation)
         return
     cluster: Cluster = memo.cluster
-    state = ensure_children(
-        cluster, name, namespace, parsed, adopt=lambda child: kopf.adopt(child, owner=body)
-    )
+    adopt = functools.partial(kopf.adopt, owner=body)
+    state = ensure_children(cluster, name, namespace, parsed, adopt=adopt)
     for change in state.changes:
         logger.info(change)
         kopf.info(body, reason="Reconciled", message=change)
     plan_status = dict(status.get("plan") or {})
+    detection_state = DetectionState.from_dict(status.get("detection"))
+    ready = ready_replicas(state.statefulset)
+    world = parsed.parallelism.world_size
+    desired, applied = state.plan, int(plan_status.get("appliedVersion") or 0)
+    outcome = None
+    if control and ready == world:
+        if "window" not in memo:
+            memo.window = Window(started_at=time.time())
+        outcome = control_step(
+            parsed,
+            desired,
+            detection_state,
+            memo.window,
+            PodWorkers(cluster, namespace, name, parsed),
+            ConfigMapStore(cluster, name, namespace, adopt),
+            time.time(),
+        )
+        desired, detection_state = outcome.desired, outcome.state
+        applied = outcome.applied_version if outcome.applied_version is not None else applied
+        for kind, reason, message in outcome.events:
+            (kopf.warn if kind == "Warning" else kopf.info)(body, reason=reason, message=message)
+            logger.info("%s: %s", reason, message)
+    window: Window | None = memo.get("window")
+    per_layer = window.last_layer_imbalance if window else ()
     observed = Observed(
         generation=generation,
-        workers=parsed.parallelism.world_size,
+        workers=world,
         statefulset_exists=True,
-        ready_workers=ready_replicas(state.statefulset),
+        ready_workers=ready,
         rollout_in_progress=rollout_in_progress(state.statefulset),
-        plan_version=state.plan.version,
-        applied_plan_version=int(plan_status.get("appliedVersion") or 0),
+        plan_version=desired.version,
+        applied_plan_version=applied,
+        worst_imbalance=max(per_layer) if per_layer else None,
         imbalance_threshold=parsed.rebalancing.imbalance_threshold,
+        loads_problem=outcome.loads_problem if outcome else None,
         was_running=_was_running(status),
+        balance_note=_balance_note(desired),
     )
     patch.status.update(compute_status(observed, status.get("conditions") or [], _now()))
     patch.status["plan"] = {
-        **plan_status,
-        "version": state.plan.version,
-        "method": state.plan.method,
+        "version": desired.version,
+        "appliedVersion": applied,
+        "method": desired.method,
         "configMap": children.plan_configmap_name(name),
     }
-    metrics.observe_workers(namespace, name, observed.ready_workers, observed.workers)
+    patch.status["detection"] = detection_state.to_dict()
+    if outcome and outcome.rebalance:
+        patch.status["lastRebalance"] = outcome.rebalance.model_dump(by_alias=True)
+    metrics.observe_workers(namespace, name, ready, world)
+    metrics.observe_plan(namespace, name, desired.version, applied)
+    if per_layer:
+        metrics.observe_imbalance(
+            namespace, name, per_layer, parsed.rebalancing.imbalance_threshold
+        )
+    if outcome and outcome.rebalance:
+        metrics.rebalances.labels(namespace, name, outcome.rebalance.method).inc()
+
+
+def _balance_note(plan: Plan) -> str:
+    if plan.gate_bias is None:
+        return ""
+    return "; gate bias active: routing differs from the model's own choice of experts"
+
+
+@dataclass
+class ConfigMapStore:
+    cluster: Cluster
+    name: str
+    namespace: str
+    adopt: Callable[[dict[str, Any]], None]
+
+    def write(self, plan: Plan) -> None:
+        write_plan(self.cluster, self.name, self.namespace, plan, self.adopt)
 
 
 @kopf.on.resume(*RESOURCE)
@@ -115,7 +178,7 @@ def reconcile(
     **_: Any,
 ) -> None:
     with metrics.reconcile_timer("reconcile"):
-        _sync(body, spec, name, namespace, dict(status), patch, memo, logger)
+        _sync(body, spec, name, namespace, dict(status), patch, memo, logger, control=False)
 
 
 @kopf.timer(*RESOURCE, interval=TIMER_SECONDS, initial_delay=TIMER_SECONDS)
@@ -130,6 +193,12 @@ def refresh(
     logger: kopf.Logger,
     **_: Any,
 ) -> None:
-    """Keep children in shape (a deleted StatefulSet comes back) and status current."""
+    """Keep children in shape (a deleted StatefulSet comes back), balance load, refresh status."""
     with metrics.reconcile_timer("refresh"):
-        _sync(body, spec, name, namespace, dict(status), patch, memo, logger)
+        _sync(body, spec, name, namespace, dict(status), patch, memo, logger, control=True)
+
+
+@kopf.on.delete(*RESOURCE, optional=True)
+def forget(name: str, namespace: str, **_: Any) -> None:
+    """Children go by owner references; only the operator's own metric series need dropping."""
+    metrics.forget(namespace, name)

@@ -143,9 +143,10 @@ def round_robin_slots(
 ) -> tuple[tuple[tuple[int, ...], ...], ...]:
     """The seed's placement (section 5.1): expert e of every layer on rank e % world.
 
-    Slot k of rank r holds expert (k * R + r) % E, so with one slot per rank and E == R expert e
-    sits on rank e, and spare slots (R * S > E) hold replicas in the same round-robin order.
-    Returns slots [L][R][S].
+    Slot k of rank r has index i = k * R + r and holds expert i while i < E, so with one slot per
+    rank expert e sits on rank e % R. Spare slots (i >= E) hold replicas, shifted by one rank per
+    round (expert (i + i // E) % E) so that with E == R a rank's replica is its neighbour's expert,
+    not a second copy of its own. Returns slots [L][R][S].
     """
     if world_size * slots_per_rank < num_experts:
         raise PlanError(
@@ -153,10 +154,17 @@ def round_robin_slots(
             f"{num_experts} experts; raise slotsPerRank or the expert parallelism"
         )
     layer = tuple(
-        tuple((slot * world_size + rank) % num_experts for slot in range(slots_per_rank))
+        tuple(
+            _round_robin_expert(slot * world_size + rank, num_experts)
+            for slot in range(slots_per_rank)
+        )
         for rank in range(world_size)
     )
     return tuple(layer for _ in range(num_layers))
+
+
+def _round_robin_expert(index: int, num_experts: int) -> int:
+    return index if index < num_experts else (index + index // num_experts) % num_experts
 
 
 def round_robin_plan(

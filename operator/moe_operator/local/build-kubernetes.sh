@@ -137,9 +137,14 @@ start=$SECONDS
 make gen_openapi >"$WORK/gen_openapi.log" 2>&1 || { tail -n 30 "$WORK/gen_openapi.log" >&2; die "make gen_openapi failed"; }
 log "gen_openapi done in $((SECONDS - start)) s"
 
-pkg=k8s.io/kubernetes/vendor/k8s.io/component-base/version
-ldflags="-s -w -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=20"
-ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+# Same version variables as upstream's hack/lib/version.sh: component-base serves --version, while
+# /version (what kubectl shows) comes from the aggregator, which reads client-go's copy.
+ldflags="-s -w"
+build_date="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+for pkg in k8s.io/kubernetes/vendor/k8s.io/{component-base/version,client-go/pkg/version}; do
+    ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=20"
+    ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$build_date"
+done
 
 stage="$WORK/out"
 mkdir -p "$stage"

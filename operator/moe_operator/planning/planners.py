@@ -63,9 +63,17 @@ class RebalanceResult:
     """Whether `plan` differs from the current plan (and so must be handed to the workers)."""
 
     def summary(self) -> str:
-        """`imbalance 1.83 -> 1.04, 5 slots moved (Replace): <note>`."""
+        """`imbalance 1.83 -> 1.04, 5 slots moved (Replace): <note>` (one line).
+
+        For GatingBias the after value reads `not predicted`: a bias shows in the next traffic.
+        """
+        after = (
+            "not predicted"
+            if self.method == GATING_BIAS and self.changed
+            else f"{self.imbalance_after:.2f}"
+        )
         return (
-            f"imbalance {self.imbalance_before:.2f} -> {self.imbalance_after:.2f}, "
+            f"imbalance {self.imbalance_before:.2f} -> {after}, "
             f"{self.slots_moved} slots moved ({self.method}): {self.note}"
         )
 

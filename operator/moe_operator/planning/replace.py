@@ -9,12 +9,15 @@ For each layer independently:
 
 1. Replica counts [E] (every expert >= 1, summing to N): the current counts, then the path of
    single-replica transfers from the coolest replicated expert to the hottest one while that lowers
-   the hottest per-replica load, and the from-scratch balanced counts (one replica each, then each
-   spare slot to the expert with the highest load per replica).
+   the hottest per-replica load, the from-scratch balanced counts (one replica each, then each
+   spare slot to the expert with the highest load per replica), and those counts hill-climbed on
+   the max rank load of a fresh packing.
 2. Packing [R][S]: for a load cap, keep every current slot whose expert still needs a replica and
    whose rank stays under the cap (heaviest replicas first), then place the remaining replicas
-   heaviest first on the least-loaded rank with a free slot (LPT). Caps go from the lower bound
-   (no rank can carry less than the mean or the heaviest replica) up to unlimited (keep all).
+   heaviest first on the least-loaded rank with a free slot (LPT). Caps go from 0 (a fresh
+   packing) through the lower bound (no rank can carry less than the mean or the heaviest
+   replica) up to unlimited (keep all). Each packing's ranks are then renumbered to overlap the
+   current placement most (`align`): rank loads do not depend on the numbering, moves do.
 3. Choice: the current layer, or the candidate minimising
    `imbalance_after + min_gain_per_move * slots_moved` among those that strictly lower the max rank
    load. So a move is made only if it buys at least `min_gain_per_move` of imbalance (max/mean),
@@ -54,9 +57,9 @@ _RELATIVE_EPSILON = 1e-9
 class ReplaceOptions:
     """Tuning of the balance-versus-moves trade-off of `Replace`."""
 
-    min_gain_per_move: float = 0.01
+    min_gain_per_move: float = 0.005
     """Imbalance (max/mean rank load) a layer must gain per slot moved. 0 takes the best balance
-    found whatever it moves; 0.01 moves 10 slots only for a gain of at least 0.1 (e.g. 1.30 ->
+    found whatever it moves; 0.005 moves 20 slots only for a gain of at least 0.1 (e.g. 1.30 ->
     1.20)."""
 
     def __post_init__(self) -> None:
@@ -216,17 +219,25 @@ def align(new: LayerSlots, current: LayerSlots) -> tuple[tuple[int, ...], ...]:
     Returns:
         slots [R][S] with the same rank loads as `new` and at most as many moved slots.
     """
-    overlap = [[sum((Counter(group) & Counter(old)).values()) for old in current] for group in new]
-    pairs = sorted(
-        ((g, r) for g in range(len(new)) for r in range(len(current))),
-        key=lambda pair: (-overlap[pair[0]][pair[1]], pair),
-    )
+    holders: dict[int, list[tuple[int, int]]] = {}
+    for rank, old in enumerate(current):
+        for expert, count in Counter(old).items():
+            holders.setdefault(expert, []).append((rank, count))
+    overlap: dict[tuple[int, int], int] = {}
+    for group, slots in enumerate(new):
+        for expert, count in Counter(slots).items():
+            for rank, held in holders.get(expert, ()):
+                overlap[group, rank] = overlap.get((group, rank), 0) + min(count, held)
     rank_of: dict[int, int] = {}
     taken: set[int] = set()
-    for group, rank in pairs:
+    for group, rank in sorted(overlap, key=lambda pair: (-overlap[pair], pair)):
         if group not in rank_of and rank not in taken:
             rank_of[group] = rank
             taken.add(rank)
+    free = iter(rank for rank in range(len(current)) if rank not in taken)
+    for group in range(len(new)):
+        if group not in rank_of:
+            rank_of[group] = next(free)
     aligned: list[tuple[int, ...]] = [()] * len(current)
     for group, rank in rank_of.items():
         aligned[rank] = _keep_positions(new[group], current[rank])
@@ -257,11 +268,15 @@ def _candidates(
         if counts not in count_options:
             count_options.append(counts)
     mean = sum(layer_load) / len(current)
+    seen: set[tuple[tuple[int, ...], ...]] = set()
     for counts in count_options:
         heaviest = max(load / count for load, count in zip(layer_load, counts, strict=True))
         bound = max(mean, heaviest)
         for factor in _CAP_FACTORS:
-            yield align(pack(counts, layer_load, current, bound * factor), current)
+            packed = pack(counts, layer_load, current, bound * factor)
+            if packed not in seen:
+                seen.add(packed)
+                yield align(packed, current)
 
 
 def replace_layer(

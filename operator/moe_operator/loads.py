@@ -1,0 +1,173 @@
+"""Reading per-expert token counters: from each worker's /metrics (Direct) or from Prometheus.
+
+A read returns a `CounterSnapshot` (rank -> (layer, expert) -> tokens, monotonically increasing
+counters) or raises `LoadReadError` with a reason fit for a status condition. Anything odd — a
+missing pod, a timeout, a body that is too large, malformed or hostile exposition text, a label
+out of range, a negative or non-finite value — is an error, never a partial snapshot: deciding a
+rebalance on partial data is worse than skipping one evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+TOKENS_METRIC = "moe_expert_tokens_total"
+PLAN_VERSION_METRIC = "moe_plan_version"
+MAX_BODY_BYTES = 4 * 1024 * 1024
+Counters = dict[tuple[int, int], float]  # (layer, logical expert) -> tokens
+
+
+class LoadReadError(RuntimeError):
+    """Why this evaluation must be skipped."""
+
+
+@dataclass(frozen=True)
+class CounterSnapshot:
+    """Cumulative counters of every rank, read at one moment."""
+
+    counters: Mapping[int, Counters]  # rank -> counters
+    plan_versions: Mapping[int, int]  # rank -> plan version it serves (Direct only)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One worker to scrape."""
+
+    rank: int
+    url: str  # http://<pod ip>:<port>/metrics
+
+
+def _label_int(labels: Mapping[str, str], key: str, limit: int, where: str) -> int:
+    raw = labels.get(key, "")
+    if not raw.isdigit() or int(raw) >= limit:
+        raise LoadReadError(f"{where}: label {key}={raw[:20]!r} is not in 0..{limit - 1}")
+    return int(raw)
+
+
+def parse_exposition(
+    text: str, *, num_layers: int, num_experts: int, where: str
+) -> tuple[Counters, int | None]:
+    """Counters and plan version from Prometheus text exposition; strict about every sample."""
+    counters: Counters = {}
+    plan_version: int | None = None
+    try:
+        families = list(text_string_to_metric_families(text))
+    except Exception as error:  # the parser raises several types on garbage
+        raise LoadReadError(f"{where}: malformed metrics text ({type(error).__name__})") from None
+    for family in families:
+        for sample in family.samples:
+            if sample.name == PLAN_VERSION_METRIC:
+                plan_version = int(sample.value) if math.isfinite(sample.value) else None
+            if sample.name != TOKENS_METRIC:
+                continue
+            if not math.isfinite(sample.value) or sample.value < 0:
+                raise LoadReadError(f"{where}: {TOKENS_METRIC} has value {sample.value}")
+            key = (
+                _label_int(sample.labels, "layer", num_layers, where),
+                _label_int(sample.labels, "expert", num_experts, where),
+            )
+            counters[key] = counters.get(key, 0.0) + sample.value
+    return counters, plan_version
+
+
+def _fetch(url: str, timeout: float) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            body = response.read(MAX_BODY_BYTES + 1)
+    except Exception as error:
+        raise LoadReadError(f"{url}: {type(error).__name__}: {str(error)[:120]}") from None
+    if len(body) > MAX_BODY_BYTES:
+        raise LoadReadError(f"{url}: response larger than {MAX_BODY_BYTES} bytes")
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise LoadReadError(f"{url}: response is not UTF-8 text") from None
+
+
+def read_direct(
+    targets: Iterable[Target],
+    *,
+    world_size: int,
+    num_layers: int,
+    num_experts: int,
+    timeout: float = 3.0,
+) -> CounterSnapshot:
+    """Scrape every rank's /metrics in parallel; all ranks or nothing."""
+    targets = sorted(targets, key=lambda target: target.rank)
+    ranks = [target.rank for target in targets]
+    if sorted(set(ranks)) != list(range(world_size)):
+        missing = sorted(set(range(world_size)) - set(ranks))
+        raise LoadReadError(
+            f"ranks {missing} have no pod address yet"
+            if missing
+            else f"duplicate ranks among pods: {ranks}"
+        )
+    with ThreadPoolExecutor(max_workers=min(16, len(targets))) as pool:
+        bodies = list(pool.map(lambda target: _fetch(target.url, timeout), targets))
+    counters: dict[int, Counters] = {}
+    versions: dict[int, int] = {}
+    for target, body in zip(targets, bodies, strict=True):
+        parsed, version = parse_exposition(
+            body, num_layers=num_layers, num_experts=num_experts, where=f"rank {target.rank}"
+        )
+        counters[target.rank] = parsed
+        if version is not None:
+            versions[target.rank] = version
+    return CounterSnapshot(counters=counters, plan_versions=versions)
+
+
+def prometheus_query(namespace: str, name: str) -> str:
+    """PromQL for the per-rank counters of one deployment (pod label from the PodMonitor)."""
+    return (
+        f'sum by (pod, layer, expert) ({TOKENS_METRIC}{{namespace="{namespace}",'
+        f'pod=~"{name}-[0-9]+"}})'
+    )
+
+
+def read_prometheus(
+    base_url: str,
+    namespace: str,
+    name: str,
+    *,
+    world_size: int,
+    num_layers: int,
+    num_experts: int,
+    timeout: float = 5.0,
+) -> CounterSnapshot:
+    """Instant query of the same counters through Prometheus' HTTP API."""
+    query = urllib.parse.urlencode({"query": prometheus_query(namespace, name)})
+    body = _fetch(f"{base_url.rstrip('/')}/api/v1/query?{query}", timeout)
+    try:
+        document = json.loads(body)
+        results = document["data"]["result"] if document.get("status") == "success" else None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        results = None
+    if not isinstance(results, list):
+        raise LoadReadError("prometheus: unexpected answer to the counters query")
+    counters: dict[int, Counters] = {}
+    for item in results:
+        try:
+            labels, value = dict(item["metric"]), float(item["value"][1])
+            rank_text = str(labels.get("pod", "")).rsplit("-", 1)[-1]
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise LoadReadError("prometheus: malformed series in the answer") from None
+        rank = _label_int({"rank": rank_text}, "rank", world_size, "prometheus")
+        if not math.isfinite(value) or value < 0:
+            raise LoadReadError(f"prometheus: rank {rank} has value {value}")
+        key = (
+            _label_int(labels, "layer", num_layers, "prometheus"),
+            _label_int(labels, "expert", num_experts, "prometheus"),
+        )
+        counters.setdefault(rank, {})[key] = value
+    missing = sorted(set(range(world_size)) - set(counters))
+    if missing:
+        raise LoadReadError(f"prometheus: no series for ranks {missing} yet")
+    return CounterSnapshot(counters=counters, plan_versions={})

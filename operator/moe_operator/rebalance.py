@@ -1,0 +1,275 @@
+"""One control step of expert-load balancing: hand off a pending plan, measure, detect, re-plan.
+
+The decisions are the pure functions of `planning/` (detection, planners, performance model); this
+module sequences them around three injected doors to the outside — the workers (`Workers`), the
+plan's durable record (`PlanStore`) and a clock — so the kmock and unit tests drive it directly.
+
+Ordering keeps the plan safe across failures: a new plan is written to the ConfigMap (the durable
+record) before it is posted, so an operator that dies in between re-sends it on restart; the
+leader ignores a version it already serves, so nothing is applied twice; versions only go up.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Protocol
+
+from moe_worker.plan import Plan
+
+from moe_operator.api import MoEDeploymentSpec, RebalanceRecord
+from moe_operator.handoff import HandoffError, HandoffResult
+from moe_operator.loads import CounterSnapshot, LoadReadError
+from moe_operator.planning import detection
+from moe_operator.planning.gating import GatingOptions
+from moe_operator.planning.perf import predicted_gain
+from moe_operator.planning.perf_types import Layout, ModelShape, Profile
+from moe_operator.planning.placement import imbalance
+from moe_operator.planning.planners import plan_rebalance
+
+logger = logging.getLogger(__name__)
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+class Workers(Protocol):
+    def read_counters(self) -> CounterSnapshot: ...  # raises LoadReadError
+    def serving_version(self) -> int: ...  # raises HandoffError
+    def post_plan(self, plan: Plan) -> HandoffResult: ...  # raises HandoffError
+
+
+class PlanStore(Protocol):
+    def write(self, plan: Plan) -> None: ...
+
+
+@dataclass
+class Window:
+    """Counters at the start of the current evaluation window (kept in the operator's memo)."""
+
+    snapshot: CounterSnapshot | None = None
+    started_at: float = 0.0
+    last_layer_imbalance: tuple[float, ...] = ()
+
+
+@dataclass
+class StepOutcome:
+    desired: Plan
+    applied_version: int | None  # None: the leader could not be asked
+    state: detection.DetectionState
+    layer_imbalance: tuple[float, ...]
+    loads_problem: str | None = None
+    handoff_problem: str | None = None
+    rebalance: RebalanceRecord | None = None
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+
+
+def _iso(now: float) -> str:
+    return datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def rank_layer_imbalance(
+    previous: CounterSnapshot, current: CounterSnapshot, num_layers: int
+) -> tuple[float, ...]:
+    """Measured imbalance per layer [L]: max over ranks / mean over ranks of tokens processed."""
+    per_layer = []
+    for layer in range(num_layers):
+        rank_loads = [
+            sum(
+                value - previous.counters[rank].get(key, 0.0)
+                for key, value in counters.items()
+                if key[0] == layer
+            )
+            for rank, counters in sorted(current.counters.items())
+        ]
+        per_layer.append(imbalance(rank_loads))
+    return tuple(per_layer)
+
+
+def _by_source(snapshot: CounterSnapshot) -> dict[str, dict[tuple[int, int], float]]:
+    return {f"rank-{rank}": dict(counters) for rank, counters in snapshot.counters.items()}
+
+
+@lru_cache(maxsize=4)
+def _profile(device: str) -> Profile:
+    from moe_operator.planning.perf_report import load_profile  # reads a packaged YAML file
+
+    return load_profile("h100-sxm" if device == "cuda" else "cpu-local")
+
+
+def predicted_effect(
+    spec: MoEDeploymentSpec, before: float, after: float, moved: int
+) -> tuple[float, float]:
+    """(throughput gain, seconds to move the slots) from the performance model; (1, 0) if unknown."""
+    model = spec.model
+    shape = ModelShape(
+        layers=model.layers,
+        experts=model.experts_per_layer,
+        hidden=model.hidden_size,
+        ffn=model.ffn_hidden_size,
+        heads=model.attention_heads,
+        head_dim=model.head_dim,
+        top_k=model.top_k,
+        dtype_bytes=_DTYPE_BYTES[model.dtype],
+    )
+    layout = Layout(ep=spec.parallelism.expert, slots_per_rank=spec.placement.slots_per_rank)
+    bytes_per_slot = 2 * model.hidden_size * model.ffn_hidden_size * _DTYPE_BYTES[model.dtype]
+    try:
+        return predicted_gain(
+            shape, layout, _profile(spec.worker.device), before, after, moved, bytes_per_slot
+        )
+    except (ValueError, OSError, ZeroDivisionError) as error:
+        logger.warning("performance model unavailable: %s", error)
+        return 1.0, 0.0
+
+
+def _hand_off(workers: Workers, desired: Plan, applied: int | None, outcome: StepOutcome) -> None:
+    if applied is None or desired.version <= applied:
+        return
+    try:
+        result = workers.post_plan(desired)
+    except HandoffError as error:
+        outcome.handoff_problem = str(error)
+        logger.warning("plan %d not handed off yet: %s", desired.version, error)
+        return
+    outcome.applied_version = result.applied_version
+    if result.pause_seconds is not None:
+        outcome.events.append(
+            (
+                "Normal",
+                "PlanApplied",
+                f"workers serve plan {result.applied_version}; serving paused "
+                f"{result.pause_seconds * 1000:.0f} ms for the switch",
+            )
+        )
+
+
+def control_step(
+    spec: MoEDeploymentSpec,
+    desired: Plan,
+    state: detection.DetectionState,
+    window: Window,
+    workers: Workers,
+    store: PlanStore,
+    now: float,
+) -> StepOutcome:
+    """Everything the timer does for one ready deployment; never raises on worker trouble."""
+    try:
+        applied: int | None = workers.serving_version()
+    except HandoffError as error:
+        applied = None
+        handoff_problem: str | None = str(error)
+    else:
+        handoff_problem = None
+    outcome = StepOutcome(
+        desired=desired,
+        applied_version=applied,
+        state=state,
+        layer_imbalance=window.last_layer_imbalance,
+        handoff_problem=handoff_problem,
+    )
+    _hand_off(workers, desired, applied, outcome)
+    rebalancing = spec.rebalancing
+    if now - window.started_at < rebalancing.evaluation_window_seconds:
+        return outcome
+    try:
+        snapshot = workers.read_counters()
+    except LoadReadError as error:
+        outcome.loads_problem = str(error)
+        outcome.state, _ = detection.evaluate(
+            outcome.state,
+            detection.Observation(applied_version=outcome.applied_version, skip_reason=str(error)),
+            now,
+            _policy(spec),
+        )
+        return outcome
+    previous, window.snapshot, window.started_at = window.snapshot, snapshot, now
+    if previous is None:
+        return outcome  # the first snapshot only opens a window
+    _evaluate(spec, previous, snapshot, window, workers, store, now, outcome)
+    return outcome
+
+
+def _policy(spec: MoEDeploymentSpec) -> detection.DetectionPolicy:
+    rebalancing = spec.rebalancing
+    return detection.DetectionPolicy(
+        threshold=rebalancing.imbalance_threshold,
+        consecutive=rebalancing.consecutive_evaluations,
+        cooldown_seconds=rebalancing.cooldown_seconds,
+    )
+
+
+def _evaluate(
+    spec: MoEDeploymentSpec,
+    previous: CounterSnapshot,
+    current: CounterSnapshot,
+    window: Window,
+    workers: Workers,
+    store: PlanStore,
+    now: float,
+    outcome: StepOutcome,
+) -> None:
+    model = spec.model
+    loads = detection.counter_deltas(
+        _by_source(previous),
+        _by_source(current),
+        num_layers=model.layers,
+        num_experts=model.experts_per_layer,
+        expected_sources=[f"rank-{rank}" for rank in range(spec.parallelism.world_size)],
+    )
+    layer_imbalance = rank_layer_imbalance(previous, current, model.layers) if loads.usable else ()
+    if loads.usable:
+        window.last_layer_imbalance = outcome.layer_imbalance = layer_imbalance
+    outcome.loads_problem = loads.skip_reason
+    observation = detection.Observation(
+        layer_imbalance=layer_imbalance,
+        applied_version=outcome.applied_version,
+        skip_reason=loads.skip_reason,
+    )
+    outcome.state, decision = detection.evaluate(outcome.state, observation, now, _policy(spec))
+    if decision.action != detection.Action.REBALANCE or not spec.rebalancing.enabled:
+        return
+    assert loads.expert_load is not None
+    result = plan_rebalance(
+        loads.expert_load,
+        world_size=spec.parallelism.world_size,
+        slots_per_rank=spec.placement.slots_per_rank,
+        previous=outcome.desired,
+        method=spec.rebalancing.method,
+        gating_options=GatingOptions(
+            rate=spec.rebalancing.gate_bias_rate, max_bias=spec.rebalancing.max_gate_bias
+        ),
+    )
+    if not result.changed:
+        outcome.events.append(("Normal", "RebalanceNotWorthIt", result.summary()))
+        return
+    new_plan = result.plan.with_version(
+        max(outcome.desired.version, outcome.state.desired_version) + 1
+    )
+    store.write(new_plan)  # durable first: a restart re-sends it, never loses it
+    previous_version, outcome.desired = outcome.desired.version, new_plan
+    outcome.state = detection.plan_issued(outcome.state, new_plan.version, now)
+    gain, move = predicted_effect(
+        spec, result.imbalance_before, result.imbalance_after, result.slots_moved
+    )
+    outcome.rebalance = RebalanceRecord(
+        time=_iso(now),
+        method=result.method,
+        from_version=previous_version,
+        to_version=new_plan.version,
+        imbalance_before=round(result.imbalance_before, 4),
+        imbalance_after=round(result.imbalance_after, 4),
+        slots_moved=result.slots_moved,
+        predicted_throughput_gain=round(gain, 4),
+        estimated_move_seconds=round(move, 4),
+        note=result.note,
+    )
+    outcome.events.append(
+        (
+            "Normal",
+            "Rebalanced",
+            f"plan {new_plan.version}: {result.summary()}; predicted throughput "
+            f"x{gain:.2f}, weight move ~{move:.2f}s",
+        )
+    )
+    _hand_off(workers, new_plan, outcome.applied_version, outcome)

@@ -1,0 +1,137 @@
+"""plan_rebalance: method selection, versions, round-robin, input errors."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from moe_operator.planning.planners import (
+    AUTO,
+    GATING_BIAS,
+    REPLACE,
+    ROUND_ROBIN,
+    PlanningError,
+    choose_method,
+    plan_rebalance,
+)
+from moe_worker.plan import round_robin_plan
+
+from .strategies import Case, cases
+
+SKEWED = [[50.0, 10.0, 10.0, 10.0], [10.0, 10.0, 10.0, 50.0]]
+
+
+@pytest.mark.parametrize(
+    ("experts", "ranks", "slots", "method"),
+    [
+        (16, 16, 1, GATING_BIAS),  # the seed's layout: nothing to replicate
+        (4, 4, 1, GATING_BIAS),
+        (16, 16, 2, REPLACE),  # spare slots
+        (8, 16, 1, REPLACE),  # fewer experts than ranks: spare slots
+        (32, 16, 2, REPLACE),  # no spare slot, but re-packing two per rank helps
+    ],
+)
+def test_auto_picks_gating_bias_only_when_nothing_can_be_replicated(
+    experts: int, ranks: int, slots: int, method: str
+) -> None:
+    assert choose_method(experts, ranks, slots) == method
+
+
+def test_auto_resolves_and_reports_the_method_it_ran() -> None:
+    seed = plan_rebalance(SKEWED, world_size=4, slots_per_rank=1, method=AUTO)
+    assert seed.method == seed.plan.method == GATING_BIAS
+    spare = plan_rebalance(SKEWED, world_size=4, slots_per_rank=2, method=AUTO)
+    assert spare.method == spare.plan.method == REPLACE
+    assert spare.changed and spare.slots_moved > 0
+    assert spare.imbalance_after < spare.imbalance_before
+    assert spare.summary().startswith(
+        f"imbalance {spare.imbalance_before:.2f} -> {spare.imbalance_after:.2f}, "
+        f"{spare.slots_moved} slots moved (Replace)"
+    )
+
+
+def test_replace_on_the_seed_layout_says_it_cannot_help() -> None:
+    result = plan_rebalance(SKEWED, world_size=4, slots_per_rank=1, method=REPLACE)
+    assert not result.changed
+    assert result.slots_moved == 0
+    assert result.plan == round_robin_plan(2, 4, 4, 1)
+    assert "nothing to replicate" in result.note
+    assert result.imbalance_after == result.imbalance_before == 2.5
+
+
+def test_versions_increase_by_one_from_the_previous_plan() -> None:
+    previous = round_robin_plan(2, 4, 4, 2, version=7)
+    result = plan_rebalance(SKEWED, world_size=4, slots_per_rank=2, previous=previous)
+    assert result.changed and result.plan.version == 8
+    again = plan_rebalance(SKEWED, world_size=4, slots_per_rank=2, previous=result.plan)
+    assert not again.changed and again.plan is result.plan  # nothing left worth moving
+    assert again.slots_moved == 0
+
+
+def test_replace_keeps_an_existing_gate_bias() -> None:
+    biased = plan_rebalance(SKEWED, world_size=8, slots_per_rank=1, method=GATING_BIAS).plan
+    result = plan_rebalance(SKEWED, world_size=8, slots_per_rank=1, previous=biased)
+    assert result.method == REPLACE and result.changed
+    assert result.plan.gate_bias == biased.gate_bias
+
+
+def test_round_robin_resets_to_the_seed_placement_without_bias() -> None:
+    moved = plan_rebalance(SKEWED, world_size=4, slots_per_rank=2, method=REPLACE).plan
+    result = plan_rebalance(
+        SKEWED, world_size=4, slots_per_rank=2, previous=moved, method=ROUND_ROBIN
+    )
+    assert result.plan.slots == round_robin_plan(2, 4, 4, 2).slots
+    assert result.plan.version == moved.version + 1
+    assert result.plan.gate_bias is None
+    assert result.slots_moved > 0
+    assert result.imbalance_after == max(result.per_layer_after)
+    unchanged = plan_rebalance(SKEWED, world_size=4, slots_per_rank=2, method=ROUND_ROBIN)
+    assert not unchanged.changed and "plan unchanged" in unchanged.note
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases())
+def test_result_fields_agree_with_each_other(case: Case) -> None:
+    result = plan_rebalance(
+        case.loads,
+        world_size=case.ranks,
+        slots_per_rank=case.slots_per_rank,
+        previous=case.plan,
+    )
+    assert result.imbalance_before == max(result.per_layer_before)
+    assert result.imbalance_after == max(result.per_layer_after)
+    assert len(result.per_layer_before) == len(result.per_layer_after) == case.layers
+    assert result.changed == (result.plan != case.plan)
+    assert result.plan.version == case.plan.version + (1 if result.changed else 0)
+    assert "\n" not in result.summary()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"world_size": 2, "slots_per_rank": 1}, "slotsPerRank: 2 ranks x 1 slots cannot hold 4"),
+        ({"world_size": 0, "slots_per_rank": 1}, "ranks: must be >= 1"),
+        ({"world_size": 4, "slots_per_rank": 0}, "slotsPerRank: must be >= 1"),
+        ({"world_size": 4, "slots_per_rank": 1, "method": "Magic"}, "method: 'Magic'"),
+        (
+            {"world_size": 4, "slots_per_rank": 2, "previous": round_robin_plan(2, 4, 4, 1)},
+            "previous plan: slotsPerRank: the previous plan has 1, asked for 2",
+        ),
+        (
+            {"world_size": 4, "slots_per_rank": 1, "previous": round_robin_plan(3, 4, 4, 1)},
+            "previous plan: slots: has 3 layers, the model has 2",
+        ),
+        (
+            {"world_size": 2, "slots_per_rank": 2, "previous": round_robin_plan(2, 4, 4, 2)},
+            "previous plan: slots[0]: has 4 ranks, the world size is 2",
+        ),
+    ],
+)
+def test_inputs_that_do_not_fit_name_the_field(kwargs: dict, message: str) -> None:
+    with pytest.raises(PlanningError) as error:
+        plan_rebalance(SKEWED, **kwargs)
+    assert message in str(error.value)
+
+
+def test_bad_loads_raise_a_planning_error() -> None:
+    with pytest.raises(PlanningError, match=r"expert_load\[1\]"):
+        plan_rebalance([[1.0, 2.0], [1.0]], world_size=2, slots_per_rank=1)
