@@ -100,7 +100,7 @@ def _profile(device: str) -> Profile:
 def predicted_effect(
     spec: MoEDeploymentSpec, before: float, after: float, moved: int
 ) -> tuple[float, float]:
-    """(throughput gain, seconds to move the slots) from the performance model; (1, 0) if unknown."""
+    """(throughput gain, seconds to move the slots) by the performance model; (1, 0) if unknown."""
     model = spec.model
     shape = ModelShape(
         layers=model.layers,

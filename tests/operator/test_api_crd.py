@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from moe_operator import api, crd
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,8 +34,11 @@ def test_committed_crd_is_exactly_what_the_models_generate() -> None:
 
 
 def test_every_field_has_a_description_for_kubectl_explain() -> None:
-    missing = [path for path, node in _walk(_version_schema())
-               if not node.get("description") and path != ".metadata"]
+    missing = [
+        path
+        for path, node in _walk(_version_schema())
+        if not node.get("description") and path != ".metadata"
+    ]
     assert missing == []
 
 
@@ -49,7 +51,8 @@ def test_every_optional_spec_field_has_a_default() -> None:
     spec = _version_schema()["properties"]["spec"]
     # Optional strings that default to empty have no default: absent means empty there.
     without = [
-        path for path, node in _walk(spec)
+        path
+        for path, node in _walk(spec)
         if path and "[]" not in path and "default" not in node and node.get("type") != "string"
     ]
     assert without == []
@@ -61,9 +64,13 @@ def _model_defaults(model: type[api.ApiModel]) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     ("section", "model"),
-    [("model", api.ModelSpec), ("parallelism", api.ParallelismSpec),
-     ("placement", api.PlacementSpec), ("rebalancing", api.RebalancingSpec),
-     ("metrics", api.MetricsSpec)],
+    [
+        ("model", api.ModelSpec),
+        ("parallelism", api.ParallelismSpec),
+        ("placement", api.PlacementSpec),
+        ("rebalancing", api.RebalancingSpec),
+        ("metrics", api.MetricsSpec),
+    ],
 )
 def test_schema_defaults_equal_model_defaults(section: str, model: type[api.ApiModel]) -> None:
     properties = _version_schema()["properties"]["spec"]["properties"][section]["properties"]
@@ -77,15 +84,23 @@ def test_schema_fields_are_exactly_the_model_fields() -> None:
         alias = field.alias or section
         submodel = field.annotation
         assert set(spec[alias]["properties"]) == {
-            sub.alias or name for name, sub in submodel.model_fields.items()  # type: ignore[union-attr]
+            sub.alias or name
+            for name, sub in submodel.model_fields.items()  # type: ignore[union-attr]
         }
 
 
 def test_seed_defaults_are_the_reference_workload() -> None:
     spec = api.MoEDeploymentSpec()
-    assert (spec.model.layers, spec.model.experts_per_layer, spec.model.hidden_size,
-            spec.model.ffn_hidden_size, spec.model.attention_heads, spec.model.head_dim,
-            spec.model.top_k, spec.model.dtype) == (16, 16, 4096, 16384, 32, 128, 2, "bfloat16")
+    assert (
+        spec.model.layers,
+        spec.model.experts_per_layer,
+        spec.model.hidden_size,
+        spec.model.ffn_hidden_size,
+        spec.model.attention_heads,
+        spec.model.head_dim,
+        spec.model.top_k,
+        spec.model.dtype,
+    ) == (16, 16, 4096, 16384, 32, 128, 2, "bfloat16")
     assert spec.parallelism.world_size == 16
 
 
@@ -103,4 +118,9 @@ def test_names_printer_columns_and_status_subresource() -> None:
     version = document["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     assert [column["name"] for column in version["additionalPrinterColumns"]] == [
-        "Ready", "Phase", "Imbalance", "Plan", "Age"]
+        "Ready",
+        "Phase",
+        "Imbalance",
+        "Plan",
+        "Age",
+    ]

@@ -7,7 +7,6 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.manifests import children
 from moe_operator.reconcile import initial_plan, plan_for_spec
@@ -57,10 +56,17 @@ def test_selector_matches_template_and_service_selects_the_pods() -> None:
 
 
 def test_cpu_workers_request_no_gpu() -> None:
-    spec = _spec(worker={"backend": "gloo", "device": "cpu", "gpusPerPod": 0,
-                         "resources": {"requests": {"cpu": "1"}}})
+    spec = _spec(
+        worker={
+            "backend": "gloo",
+            "device": "cpu",
+            "gpusPerPod": 0,
+            "resources": {"requests": {"cpu": "1"}},
+        }
+    )
     resources = children.build_statefulset("a", "ns", spec)["spec"]["template"]["spec"][
-        "containers"][0]["resources"]
+        "containers"
+    ][0]["resources"]
     assert resources == {"requests": {"cpu": "1"}}
 
 
@@ -81,13 +87,22 @@ def test_plan_configmap_holds_a_plan_the_workers_accept() -> None:
 
 
 @settings(max_examples=50)
-@given(layers=st.integers(1, 8), ranks=st.integers(1, 8), slots=st.integers(1, 3),
-       experts=st.integers(1, 24))
-def test_initial_plan_places_every_expert(layers: int, ranks: int, slots: int, experts: int) -> None:
+@given(
+    layers=st.integers(1, 8),
+    ranks=st.integers(1, 8),
+    slots=st.integers(1, 3),
+    experts=st.integers(1, 24),
+)
+def test_initial_plan_places_every_expert(
+    layers: int, ranks: int, slots: int, experts: int
+) -> None:
     if ranks * slots < experts:
         return
-    spec = _spec(model={"layers": layers, "expertsPerLayer": experts, "topK": 1},
-                 parallelism={"expert": ranks}, placement={"slotsPerRank": slots})
+    spec = _spec(
+        model={"layers": layers, "expertsPerLayer": experts, "topK": 1},
+        parallelism={"expert": ranks},
+        placement={"slotsPerRank": slots},
+    )
     plan = initial_plan(spec)
     validate_plan(plan, num_layers=layers, num_experts=experts, world_size=ranks)
 
@@ -103,6 +118,9 @@ def test_plan_is_kept_when_it_fits_and_replaced_with_a_newer_version_when_not() 
 
 @pytest.mark.parametrize("name", ["a", "seed-ep16", "x" * 40])
 def test_child_names_are_derived_and_distinct(name: str) -> None:
-    names = {children.service_name(name), children.plan_configmap_name(name),
-             children.token_secret_name(name)}
+    names = {
+        children.service_name(name),
+        children.plan_configmap_name(name),
+        children.token_secret_name(name),
+    }
     assert len(names) == 3

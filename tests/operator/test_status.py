@@ -13,7 +13,8 @@ def _conditions(status: dict) -> dict[str, dict]:
 
 def test_invalid_spec_is_failed_with_the_problem_in_spec_valid() -> None:
     status = compute_status(
-        Observed(generation=3, workers=0, spec_problems=("spec.model.topK: too big",)), [], NOW)
+        Observed(generation=3, workers=0, spec_problems=("spec.model.topK: too big",)), [], NOW
+    )
     assert status["phase"] == "Failed" and status["observedGeneration"] == 3
     condition = _conditions(status)["SpecValid"]
     assert condition["status"] == "False" and "spec.model.topK" in condition["message"]
@@ -23,14 +24,21 @@ def test_phase_follows_readiness_and_plan() -> None:
     base = {"generation": 1, "workers": 4, "statefulset_exists": True}
     assert compute_status(Observed(generation=1, workers=4), [], NOW)["phase"] == "Pending"
     assert compute_status(Observed(**base, ready_workers=2), [], NOW)["phase"] == "Deploying"
-    assert compute_status(Observed(**base, ready_workers=2, was_running=True), [], NOW)[
-        "phase"] == "Degraded"
-    running = compute_status(Observed(**base, ready_workers=4, plan_version=2,
-                                      applied_plan_version=2), [], NOW)
+    assert (
+        compute_status(Observed(**base, ready_workers=2, was_running=True), [], NOW)["phase"]
+        == "Degraded"
+    )
+    running = compute_status(
+        Observed(**base, ready_workers=4, plan_version=2, applied_plan_version=2), [], NOW
+    )
     assert running["phase"] == "Running" and running["ready"] == "4/4"
     assert _conditions(running)["Ready"]["status"] == "True"
-    assert compute_status(Observed(**base, ready_workers=4, plan_version=3,
-                                   applied_plan_version=2), [], NOW)["phase"] == "Rebalancing"
+    assert (
+        compute_status(
+            Observed(**base, ready_workers=4, plan_version=3, applied_plan_version=2), [], NOW
+        )["phase"]
+        == "Rebalancing"
+    )
 
 
 def test_balanced_condition_compares_with_the_threshold() -> None:
@@ -42,8 +50,16 @@ def test_balanced_condition_compares_with_the_threshold() -> None:
 
 
 def test_skipped_evaluation_says_why() -> None:
-    status = compute_status(Observed(generation=1, workers=4, statefulset_exists=True,
-                                     loads_problem="counter reset on rank 2"), [], NOW)
+    status = compute_status(
+        Observed(
+            generation=1,
+            workers=4,
+            statefulset_exists=True,
+            loads_problem="counter reset on rank 2",
+        ),
+        [],
+        NOW,
+    )
     assert _conditions(status)["LoadsRead"]["message"] == "counter reset on rank 2"
 
 
@@ -52,7 +68,12 @@ def test_transition_time_changes_only_when_status_changes() -> None:
     first = compute_status(observed, [], NOW)
     same = compute_status(observed, first["conditions"], LATER)
     assert _conditions(same)["Ready"]["lastTransitionTime"] == NOW
-    lost = compute_status(Observed(generation=1, workers=4, statefulset_exists=True,
-                                   ready_workers=3, was_running=True), same["conditions"], LATER)
+    lost = compute_status(
+        Observed(
+            generation=1, workers=4, statefulset_exists=True, ready_workers=3, was_running=True
+        ),
+        same["conditions"],
+        LATER,
+    )
     assert _conditions(lost)["Ready"]["lastTransitionTime"] == LATER
     assert _conditions(lost)["Degraded"]["status"] == "True"

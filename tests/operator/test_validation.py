@@ -7,7 +7,6 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from moe_operator.validation import parse_spec
 
 CPU = {"worker": {"backend": "gloo", "device": "cpu", "gpusPerPod": 0}}
@@ -21,13 +20,19 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
     ("nccl on cpu", {"worker": {"device": "cpu", "gpusPerPod": 0}}, "worker.backend"),
     ("cuda without GPUs", {"worker": {"gpusPerPod": 0}}, "worker.gpusPerPod"),
     ("port clash", {"worker": {"port": 29500}}, "worker.masterPort"),
-    ("reserved env", {"worker": {"extraEnv": [{"name": "MOE_RANK", "value": "3"}]}},
-     "worker.extraEnv"),
+    (
+        "reserved env",
+        {"worker": {"extraEnv": [{"name": "MOE_RANK", "value": "3"}]}},
+        "worker.extraEnv",
+    ),
     ("prometheus without url", {"metrics": {"source": "Prometheus"}}, "metrics.prometheusUrl"),
     ("wrong type", {"model": {"layers": "many"}}, "model.layers"),
     ("unknown field", {"model": {"experts": 8}}, "model.experts"),
-    ("out of range", {"rebalancing": {"imbalanceThreshold": 0.5}},
-     "rebalancing.imbalanceThreshold"),
+    (
+        "out of range",
+        {"rebalancing": {"imbalanceThreshold": 0.5}},
+        "rebalancing.imbalanceThreshold",
+    ),
 ]
 
 
@@ -58,14 +63,20 @@ def test_slots_fix_names_the_value_that_works() -> None:
 
 
 @given(
-    experts=st.integers(1, 64), ranks=st.integers(1, 32), slots=st.integers(1, 8),
+    experts=st.integers(1, 64),
+    ranks=st.integers(1, 32),
+    slots=st.integers(1, 8),
     top_k=st.integers(1, 8),
 )
 def test_capacity_and_topk_rules_match_arithmetic(
     experts: int, ranks: int, slots: int, top_k: int
 ) -> None:
-    spec = {**CPU, "model": {"expertsPerLayer": experts, "topK": top_k},
-            "parallelism": {"expert": ranks}, "placement": {"slotsPerRank": slots}}
+    spec = {
+        **CPU,
+        "model": {"expertsPerLayer": experts, "topK": top_k},
+        "parallelism": {"expert": ranks},
+        "placement": {"slotsPerRank": slots},
+    }
     parsed, problems = parse_spec(spec)
     fits = ranks * slots >= experts and top_k <= experts
     assert (parsed is not None) == fits, problems
