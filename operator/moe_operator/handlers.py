@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import kopf
-from moe_worker.plan import Plan
 
 from moe_operator import api, metrics
 from moe_operator.kube import Cluster, load_client_config
@@ -27,6 +26,7 @@ from moe_operator.reconcile import ensure_children, ready_replicas, rollout_in_p
 from moe_operator.status import Observed, compute_status
 from moe_operator.validation import parse_spec
 from moe_operator.workers import PodWorkers
+from moe_worker.plan import Plan
 
 TIMER_SECONDS = float(os.environ.get("MOE_OPERATOR_TIMER_SECONDS", "5"))
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)

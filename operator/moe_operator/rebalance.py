@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Protocol
 
-from moe_worker.plan import Plan
-
 from moe_operator.api import MoEDeploymentSpec, RebalanceRecord
 from moe_operator.handoff import HandoffError, HandoffResult
 from moe_operator.loads import CounterSnapshot, LoadReadError
@@ -28,6 +26,7 @@ from moe_operator.planning.perf import predicted_gain
 from moe_operator.planning.perf_types import Layout, ModelShape, Profile
 from moe_operator.planning.placement import imbalance
 from moe_operator.planning.planners import plan_rebalance
+from moe_worker.plan import Plan
 
 logger = logging.getLogger(__name__)
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}

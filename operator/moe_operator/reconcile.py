@@ -12,6 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from moe_operator.api import MoEDeploymentSpec
+from moe_operator.kube import Cluster
+from moe_operator.manifests import children
 from moe_worker.plan import (
     PLAN_FILE_NAME,
     Plan,
@@ -20,10 +23,6 @@ from moe_worker.plan import (
     round_robin_plan,
     validate_plan,
 )
-
-from moe_operator.api import MoEDeploymentSpec
-from moe_operator.kube import Cluster
-from moe_operator.manifests import children
 
 Adopt = Callable[[dict[str, Any]], None]
 

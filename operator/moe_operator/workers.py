@@ -5,13 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from moe_worker import env as worker_env
-from moe_worker.plan import Plan
-
 from moe_operator import handoff, loads
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.kube import Cluster
 from moe_operator.manifests import children
+from moe_worker import env as worker_env
+from moe_worker.plan import Plan
 
 
 def pod_rank(pod: dict[str, Any]) -> int | None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from moe_operator import api, crd
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,6 +7,7 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.manifests import children
 from moe_operator.reconcile import initial_plan, plan_for_spec

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from moe_operator.validation import parse_spec
 
 CPU = {"worker": {"backend": "gloo", "device": "cpu", "gpusPerPod": 0}}

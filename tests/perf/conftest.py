@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from moe_operator.planning.perf import ModelShape, Profile
 from moe_operator.planning.perf_report import load_profile
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from moe_operator.planning import perf_cli
 from moe_operator.planning.perf_calibrate import calibrate, flatten
 from moe_operator.planning.perf_report import (

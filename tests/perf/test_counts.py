@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from moe_operator.planning.perf import Layout, Workload, parse_layout, predict, predicted_gain
 from moe_operator.planning.perf_model import (
     alltoall_bytes_per_token,
@@ -16,7 +17,6 @@ from moe_operator.planning.perf_model import (
     score_flops,
     weight_bytes,
 )
-
 from tests.perf.util import round_profile
 
 

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from moe_operator.planning.perf import ModelShape, Workload, parse_layout, predict
 from moe_operator.planning.perf_report import load_profile
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from moe_operator.planning.gating import GatingOptions, update_bias, update_layer_bias
 from moe_operator.planning.planners import GATING_BIAS, plan_rebalance
 

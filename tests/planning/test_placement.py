@@ -7,6 +7,7 @@ import math
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from moe_operator.planning.placement import (
     LoadError,
     check_loads,

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from moe_operator.planning.plan_cli import main
 from moe_worker.plan import parse_plan, round_robin_plan, validate_plan
 

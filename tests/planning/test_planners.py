@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from hypothesis import given, settings
+
 from moe_operator.planning.planners import (
     AUTO,
     GATING_BIAS,

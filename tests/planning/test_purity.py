@@ -5,8 +5,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import moe_operator.planning
 import pytest
+
+import moe_operator.planning
 
 FORBIDDEN = {"kopf", "kubernetes", "aiohttp", "torch", "requests", "httpx", "prometheus_client"}
 PACKAGE = Path(moe_operator.planning.__file__).parent

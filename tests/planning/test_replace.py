@@ -6,6 +6,7 @@ from collections import Counter
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from moe_operator.planning.placement import moved_slots, rank_loads
 from moe_operator.planning.planners import REPLACE, plan_rebalance
 from moe_operator.planning.replace import (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from moe_operator.planning.zipf_table import (
     TOKENS_PER_LAYER,
     format_table,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from moe_worker.bench import BenchOptions, format_table, run_bench
 from moe_worker.settings import ModelConfig
 

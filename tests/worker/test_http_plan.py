@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 import torch
+from worker_harness import FIXTURES, Cluster, parse_metric
+
 from moe_worker.model import reference_forward
 from moe_worker.plan import parse_plan
 from moe_worker.settings import ModelConfig
-from worker_harness import FIXTURES, Cluster, parse_metric
 
 pytestmark = pytest.mark.distributed
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from moe_worker.dispatch import LocalDispatcher, Placement
 from moe_worker.engine import EPEngine, plan_transfers
 from moe_worker.model import (

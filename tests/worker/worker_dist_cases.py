@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 from moe_worker.baseline import TPPPModel
 from moe_worker.engine import EPEngine
 from moe_worker.model import reference_forward

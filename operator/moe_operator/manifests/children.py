@@ -9,10 +9,9 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+from moe_operator.api import MoEDeploymentSpec
 from moe_worker import env as worker_env
 from moe_worker.plan import PLAN_FILE_NAME, Plan
-
-from moe_operator.api import MoEDeploymentSpec
 
 GPU_RESOURCE = "nvidia.com/gpu"
 DEPLOYMENT_LABEL = "moe-ep.io/deployment"

@@ -17,8 +17,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moe_worker.plan import Plan, PlanError, parse_plan
-
 from moe_operator.planning.gating import GatingOptions
 from moe_operator.planning.placement import LoadError, check_loads
 from moe_operator.planning.planners import (
@@ -30,6 +28,7 @@ from moe_operator.planning.planners import (
     plan_rebalance,
 )
 from moe_operator.planning.replace import ReplaceOptions
+from moe_worker.plan import Plan, PlanError, parse_plan
 
 METHOD_NAMES = {
     "auto": AUTO,

@@ -20,11 +20,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from moe_worker.plan import Plan, PlanError, round_robin_plan, validate_plan
-
 from moe_operator.planning.gating import GatingOptions, update_bias
 from moe_operator.planning.placement import check_loads, layer_imbalances, moved_slots
 from moe_operator.planning.replace import ReplaceOptions, nothing_to_replicate, replace_slots
+from moe_worker.plan import Plan, PlanError, round_robin_plan, validate_plan
 
 AUTO, REPLACE, ROUND_ROBIN, GATING_BIAS = "Auto", "Replace", "RoundRobin", "GatingBias"
 METHODS = (AUTO, REPLACE, ROUND_ROBIN, GATING_BIAS)

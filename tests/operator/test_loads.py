@@ -1,0 +1,113 @@
+"""Reading counters: strict about every sample; hostile or partial input is an error, not data."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections.abc import Iterator
+from typing import ClassVar
+
+import pytest
+
+from moe_operator.loads import LoadReadError, Target, parse_exposition, read_direct
+
+GOOD = """# HELP moe_expert_tokens_total tokens
+# TYPE moe_expert_tokens_total counter
+moe_expert_tokens_total{layer="0",expert="1"} 12.0
+moe_expert_tokens_total{layer="1",expert="3"} 5.0
+# TYPE moe_plan_version gauge
+moe_plan_version 4.0
+"""
+
+
+def test_parses_counters_and_plan_version() -> None:
+    counters, version = parse_exposition(GOOD, num_layers=2, num_experts=4, where="rank 0")
+    assert counters == {(0, 1): 12.0, (1, 3): 5.0}
+    assert version == 4
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('moe_expert_tokens_total{layer="0",expert="9"} 1\n', "expert"),
+        ('moe_expert_tokens_total{layer="x",expert="0"} 1\n', "layer"),
+        ('moe_expert_tokens_total{layer="0",expert="0"} -3\n', "value"),
+        ('moe_expert_tokens_total{layer="0",expert="0"} NaN\n', "value"),
+        ('moe_expert_tokens_total{layer="0",expert="0"} +Inf\n', "value"),
+        ('moe_expert_tokens_total{layer="0" 1\n', "malformed"),
+        ("\x00\x01garbage{{{\n", "malformed"),
+        ('moe_expert_tokens_total{expert="0"} 1\n', "layer"),
+    ],
+)
+def test_hostile_or_malformed_text_is_refused(text: str, reason: str) -> None:
+    with pytest.raises(LoadReadError, match=reason):
+        parse_exposition(text, num_layers=2, num_experts=4, where="rank 0")
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    bodies: ClassVar[dict[str, bytes]] = {}
+
+    def do_GET(self) -> None:
+        body = self.bodies.get(self.path, b"")
+        if self.path == "/hang":
+            threading.Event().wait(2)
+        self.send_response(200 if self.path in self.bodies else 404)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, *_: object) -> None:  # the reader hangs up on oversized bodies
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    httpd = _QuietServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_direct_read_needs_every_rank(server: str) -> None:
+    _Handler.bodies = {"/a": GOOD.encode(), "/b": GOOD.encode(), "/big": b"#" * (5 << 20)}
+    snapshot = read_direct(
+        [Target(0, f"{server}/a"), Target(1, f"{server}/b")],
+        world_size=2,
+        num_layers=2,
+        num_experts=4,
+    )
+    assert snapshot.counters[1] == {(0, 1): 12.0, (1, 3): 5.0}
+    assert snapshot.plan_versions == {0: 4, 1: 4}
+    with pytest.raises(LoadReadError, match=r"ranks \[1\]"):
+        read_direct([Target(0, f"{server}/a")], world_size=2, num_layers=2, num_experts=4)
+    with pytest.raises(LoadReadError, match="404"):
+        read_direct(
+            [Target(0, f"{server}/a"), Target(1, f"{server}/missing")],
+            world_size=2,
+            num_layers=2,
+            num_experts=4,
+        )
+    with pytest.raises(LoadReadError, match="larger than"):
+        read_direct(
+            [Target(0, f"{server}/a"), Target(1, f"{server}/big")],
+            world_size=2,
+            num_layers=2,
+            num_experts=4,
+        )
+
+
+def test_a_hanging_worker_times_out(server: str) -> None:
+    _Handler.bodies = {"/a": GOOD.encode(), "/hang": GOOD.encode()}
+    with pytest.raises(LoadReadError, match=r"(?i)timed? ?out"):
+        read_direct(
+            [Target(0, f"{server}/a"), Target(1, f"{server}/hang")],
+            world_size=2,
+            num_layers=2,
+            num_experts=4,
+            timeout=0.3,
+        )

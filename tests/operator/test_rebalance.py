@@ -1,0 +1,176 @@
+"""The control step with fake workers: ordering, retries and restarts of the hand-off.
+
+The workers here are in-memory fakes on purpose: these tests pin the sequencing (durable write
+before POST, retry without a new version, convergence after a restart). The same flow runs
+against a mock API server in tests/kmock and against real worker processes in tests/e2e.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moe_operator.api import MoEDeploymentSpec
+from moe_operator.handoff import HandoffError, HandoffResult
+from moe_operator.loads import CounterSnapshot, LoadReadError
+from moe_operator.planning.detection import DetectionState
+from moe_operator.rebalance import Window, control_step
+from moe_operator.reconcile import initial_plan
+from moe_worker.plan import Plan, validate_plan
+
+SPEC = MoEDeploymentSpec.model_validate(
+    {
+        "model": {
+            "layers": 2,
+            "expertsPerLayer": 4,
+            "hiddenSize": 8,
+            "ffnHiddenSize": 16,
+            "attentionHeads": 2,
+            "headDim": 4,
+            "topK": 1,
+            "dtype": "float32",
+        },
+        "parallelism": {"expert": 2},
+        "placement": {"slotsPerRank": 3},
+        "worker": {"backend": "gloo", "device": "cpu", "gpusPerPod": 0},
+        "rebalancing": {
+            "evaluationWindowSeconds": 10,
+            "consecutiveEvaluations": 1,
+            "cooldownSeconds": 0,
+            "imbalanceThreshold": 1.2,
+        },
+    }
+)
+
+
+@dataclass
+class FakeWorkers:
+    """Two ranks serving `serving`; rank loads follow the plan and a skewed expert popularity."""
+
+    serving: Plan
+    popularity: tuple[float, ...] = (8.0, 1.0, 1.0, 1.0)
+    reachable: bool = True
+    garbage: bool = False
+    posts: list[int] = field(default_factory=list)
+    totals: dict[int, dict[tuple[int, int], float]] = field(default_factory=dict)
+
+    def read_counters(self) -> CounterSnapshot:
+        if self.garbage:
+            raise LoadReadError("rank 1: malformed metrics text")
+        for layer in range(2):
+            places = self.serving.replicas(layer)
+            for expert, share in enumerate(self.popularity):
+                for rank, _ in places[expert]:
+                    counters = self.totals.setdefault(rank, {})
+                    key = (layer, expert)
+                    counters[key] = counters.get(key, 0.0) + 100 * share / len(places[expert])
+        for rank in range(2):
+            for layer in range(2):
+                for expert in range(4):
+                    self.totals.setdefault(rank, {}).setdefault((layer, expert), 0.0)
+        return CounterSnapshot(
+            counters={r: dict(c) for r, c in self.totals.items()}, plan_versions={}
+        )
+
+    def serving_version(self) -> int:
+        if not self.reachable:
+            raise HandoffError("connection refused")
+        return self.serving.version
+
+    def post_plan(self, plan: Plan) -> HandoffResult:
+        if not self.reachable:
+            raise HandoffError("connection refused")
+        if plan.version <= self.serving.version:
+            return HandoffResult(self.serving.version, None)
+        self.posts.append(plan.version)
+        self.serving = plan
+        return HandoffResult(plan.version, 0.01)
+
+
+@dataclass
+class Store:
+    written: list[Plan] = field(default_factory=list)
+
+    def write(self, plan: Plan) -> None:
+        self.written.append(plan)
+
+
+def _run(
+    workers: FakeWorkers,
+    store: Store,
+    desired: Plan,
+    state: DetectionState,
+    window: Window,
+    now: float,
+):  # type: ignore[no-untyped-def]
+    return control_step(SPEC, desired, state, window, workers, store, now)
+
+
+def test_skewed_load_yields_a_new_plan_written_before_it_is_posted() -> None:
+    plan = initial_plan(SPEC)
+    workers, store, window = FakeWorkers(plan), Store(), Window(started_at=0.0)
+    first = _run(workers, store, plan, DetectionState(), window, now=10.0)
+    assert first.rebalance is None and store.written == []  # first snapshot opens the window
+    second = _run(workers, store, plan, first.state, window, now=20.0)
+    assert second.rebalance is not None
+    assert [p.version for p in store.written] == [2] and workers.posts == [2]
+    assert second.applied_version == 2 and second.desired.version == 2
+    validate_plan(second.desired, num_layers=2, num_experts=4, world_size=2)
+    assert second.rebalance.imbalance_after < second.rebalance.imbalance_before
+    assert any(reason == "Rebalanced" for _, reason, _ in second.events)
+
+
+def test_unreachable_leader_keeps_the_plan_and_retries_without_a_new_version() -> None:
+    plan = initial_plan(SPEC)
+    workers, store, window = FakeWorkers(plan), Store(), Window(started_at=0.0)
+    state = _run(workers, store, plan, DetectionState(), window, now=10.0).state
+    workers.reachable = False
+    down = _run(workers, store, plan, state, window, now=20.0)
+    assert [p.version for p in store.written] == [2]  # decided and recorded durably
+    assert workers.posts == [] and down.applied_version is None and down.handoff_problem
+    workers.reachable = True
+    healed = _run(workers, store, down.desired, down.state, window, now=21.0)
+    assert workers.posts == [2] and healed.applied_version == 2
+    assert [p.version for p in store.written] == [2]  # no second plan for the same decision
+
+
+def test_restarted_operator_converges_to_the_durable_plan() -> None:
+    plan = initial_plan(SPEC)
+    workers = FakeWorkers(plan)
+    pending = plan.with_version(2)  # written to the ConfigMap, never posted: the operator died
+    outcome = _run(workers, Store(), pending, DetectionState(), Window(started_at=0.0), now=1.0)
+    assert workers.posts == [2] and outcome.applied_version == 2
+    again = _run(workers, Store(), pending, outcome.state, Window(started_at=0.0), now=2.0)
+    assert workers.posts == [2] and again.applied_version == 2  # resent never re-applied
+
+
+def test_bad_load_data_never_produces_a_plan() -> None:
+    plan = initial_plan(SPEC)
+    workers, store, window = FakeWorkers(plan, garbage=True), Store(), Window(started_at=0.0)
+    state = DetectionState()
+    for now in (10.0, 20.0, 30.0):
+        outcome = _run(workers, store, plan, state, window, now)
+        state = outcome.state
+        assert outcome.loads_problem and "malformed" in outcome.loads_problem
+    assert store.written == [] and workers.posts == []
+
+
+def test_counter_reset_skips_the_window() -> None:
+    plan = initial_plan(SPEC)
+    workers = FakeWorkers(plan, popularity=(1.0, 1.0, 1.0, 1.0))
+    store, window = Store(), Window(started_at=0.0)
+    state = _run(workers, store, plan, DetectionState(), window, now=10.0).state
+    state = _run(workers, store, plan, state, window, now=20.0).state
+    workers.totals = {}  # a restarted worker starts its counters from zero
+    outcome = _run(workers, store, plan, state, window, now=30.0)
+    assert outcome.loads_problem and "went down" in outcome.loads_problem
+    assert store.written == []
+
+
+def test_balanced_load_changes_nothing() -> None:
+    plan = initial_plan(SPEC)
+    workers = FakeWorkers(plan, popularity=(1.0, 1.0, 1.0, 1.0))
+    store, window, state = Store(), Window(started_at=0.0), DetectionState()
+    for now in (10.0, 20.0, 30.0):
+        outcome = _run(workers, store, plan, state, window, now)
+        state = outcome.state
+    assert store.written == [] and max(outcome.layer_imbalance) < 1.2
