@@ -45,6 +45,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         prefix=api.GROUP, key="last-handled-configuration"
     )
     settings.posting.level = logging.INFO
+    # The CRD is installed before the operator (chart crds/); not scanning for new CRDs and
+    # namespaces spares the operator cluster-wide read access to CustomResourceDefinitions.
+    settings.scanning.disabled = True
     settings.watching.server_timeout = 120
     settings.networking.request_timeout = 30
     load_client_config()

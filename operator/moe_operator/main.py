@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         kopf.operator(
             standalone=True,  # one replica; no peering resources to grant
             clusterwide=not args.namespace,
-            namespaces=args.namespace or None,
+            namespaces=args.namespace,
             liveness_endpoint=f"http://{args.bind_address}:{args.liveness_port}/healthz",
         )
     )

@@ -139,7 +139,8 @@ def compute_status(
 ) -> dict[str, Any]:
     """The status fields to patch (plan and lastRebalance are written by the rebalancer)."""
     phase = _phase(observed)
-    imbalance = "" if observed.worst_imbalance is None else f"{observed.worst_imbalance:.2f}"
+    # "-" rather than "": kopf sends an empty string as null, which the schema refuses.
+    imbalance = "-" if observed.worst_imbalance is None else f"{observed.worst_imbalance:.2f}"
     return {
         "observedGeneration": observed.generation,
         "phase": phase,
