@@ -91,9 +91,13 @@ def bin_dir() -> Path:
 def test_schedules_gpu_pod_and_stops_cleanly(bin_dir: Path, tmp_path: Path) -> None:
     plane = ControlPlane(ControlPlaneConfig(workdir=tmp_path, bin_dir=bin_dir))
     with plane:
-        plane.start()
+        hooked: list[Path] = []
+        plane.start(before_controllers=hooked.append)
+        assert hooked == [plane.kubeconfig]
         kubeconfig = plane.kubeconfig
-        assert plane.api_get("/api/v1/namespaces/default/serviceaccounts/default")["secrets"]
+        token_secret = plane.wait_for_service_account_token("default")
+        secret = plane.api_get(f"/api/v1/namespaces/default/secrets/{token_secret}")
+        assert secret["type"] == "kubernetes.io/service-account-token"
 
         kubectl(kubeconfig, "create", "namespace", NAMESPACE)
         node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}}
