@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from moe_operator.local.controlplane import ControlPlane, ControlPlaneConfig, ensure_binaries
 
 pytestmark = pytest.mark.integration

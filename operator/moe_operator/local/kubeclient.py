@@ -39,7 +39,11 @@ class KubeClient:
         self.server: str = cluster["server"].rstrip("/")
         self.ca_pem: str = _ca_pem(cluster, Path(kubeconfig).parent)
         self._token: str = user.get("token") or Path(user["tokenFile"]).read_text().strip()
-        self._ssl = ssl.create_default_context(cadata=self.ca_pem)
+        # No proxies: the API server is on the loopback, whatever http(s)_proxy says.
+        self._opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}),
+            urllib.request.HTTPSHandler(context=ssl.create_default_context(cadata=self.ca_pem)),
+        )
 
     def request(
         self,
@@ -53,6 +57,11 @@ class KubeClient:
     ) -> dict[str, Any]:
         with self._open(method, path, body, params, content_type, timeout) as response:
             return json.load(response)
+
+    def raw(self, path: str, timeout: float = 10.0) -> bytes:
+        """GET a non-JSON endpoint such as /readyz."""
+        with self._open("GET", path, None, None, "", timeout) as response:
+            return response.read()
 
     def get(self, path: str, **params: str) -> dict[str, Any] | None:
         """GET a path; None on 404."""
@@ -89,7 +98,7 @@ class KubeClient:
             headers["Content-Type"] = content_type
         request = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
-            return urllib.request.urlopen(request, context=self._ssl, timeout=timeout)
+            return self._opener.open(request, timeout=timeout)
         except urllib.error.HTTPError as err:
             raise ApiError(err.code, err.read().decode(errors="replace")[:500]) from None
 

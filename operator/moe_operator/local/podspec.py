@@ -151,4 +151,3 @@ def _env_value(
                 raise KeyError(f"{kind} {ref['name']} has no key {ref['key']!r}")
             return value
     return None  # resourceFieldRef: no cgroup limits here
-

@@ -1,0 +1,395 @@
+"""One pod on the local node: its directory, volumes, containers, status and Prometheus target.
+
+A `PodRunner` is a thread per pod UID. The node agent feeds it the pod object as it changes; it
+owns everything under `<workdir>/pods/<namespace>_<name>_<uid>/`:
+    volumes/<volume>/...   ConfigMap/Secret files (re-synced every few seconds), emptyDirs
+    kubeconfig             ServiceAccount token kubeconfig, when the SA token is mounted
+    logs/<container>.log   stdout+stderr (there is no `kubectl logs` without a kubelet server)
+    logs/<container>.pid   the running process, for `moe-ep local down`'s safety net
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import signal
+import sysconfig
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from moe_operator.local.kubeclient import MERGE_PATCH, ApiError, KubeClient
+from moe_operator.local.kubeclient import write_token_kubeconfig as _write_kubeconfig
+from moe_operator.local.podprocess import ContainerProcess, Launch, kill_group, now_rfc3339
+from moe_operator.local.podspec import (
+    SA_MOUNT_PATH,
+    Mounts,
+    container_env,
+    expand_vars,
+    pod_ip,
+    resolve_cluster_names,
+)
+
+log = logging.getLogger("moe_operator.local.nodeagent")
+
+DEPLOYMENT_LABEL = "moe-ep.io/deployment"
+BIN_DIR = Path(sysconfig.get_path("scripts"))
+"""Where container commands are looked up first: the venv that runs the agent."""
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> bool:
+    """Write if changed (rename: readers never see half a file); True when written."""
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, prefix=".tmp-") as tmp:
+        tmp.write(data)
+    Path(tmp.name).chmod(mode)
+    Path(tmp.name).replace(path)
+    return True
+
+
+def scrape_job(pod: dict[str, Any]) -> str:
+    """The file_sd job a scraped pod belongs to; the local Prometheus config globs these names."""
+    labels = pod["metadata"].get("labels") or {}
+    if DEPLOYMENT_LABEL in labels:
+        return "moe-ep-workers"
+    if labels.get("app.kubernetes.io/component") == "operator":
+        return "moe-ep-operator"
+    return "pods"
+
+
+class PodRunner(threading.Thread):
+    def __init__(
+        self,
+        pod: dict[str, Any],
+        client: KubeClient,
+        workdir: Path,
+        *,
+        after: PodRunner | None = None,
+        volume_sync_s: float = 2.0,
+        backoff: tuple[float, float] = (1.0, 30.0),
+        host_ip: str = "127.0.0.1",
+    ) -> None:
+        meta = pod["metadata"]
+        super().__init__(name=f"pod-{meta['namespace']}/{meta['name']}", daemon=True)
+        self.pod = pod
+        self.uid: str = meta["uid"]
+        self.namespace: str = meta["namespace"]
+        self.pod_name: str = meta["name"]
+        self.ip = pod_ip(self.namespace, self.pod_name)
+        self.client = client
+        self.dir = workdir / "pods" / f"{self.namespace}_{self.pod_name}_{self.uid}"
+        self.targets_dir = workdir / "prometheus" / "targets"
+        self._after = after  # a previous pod of the same name must free the address first
+        self._host_ip = host_ip
+        self._volume_sync_s = volume_sync_s
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop_reason: str | None = None  # "deleted" | "gone" | "shutdown"
+        self._shutdown_grace = 5.0
+        self._volume_dirs: dict[str, Path] = {}
+        self._volume_files: dict[str, set[str]] = {}
+        self._volumes_ok = False
+        self._kubeconfig: Path | None = None
+        self._start_time = (pod.get("status") or {}).get("startTime") or now_rfc3339()
+        self._transitions: dict[str, tuple[str, str]] = {}
+        self._published: dict[str, Any] | None = None
+        self._target: Path | None = None
+        policy = pod["spec"].get("restartPolicy", "Always")
+        previous = {s["name"]: s for s in (pod.get("status") or {}).get("containerStatuses", [])}
+        self.containers = [
+            ContainerProcess(
+                spec,
+                policy,
+                self.dir / "logs",
+                backoff,
+                # A container this agent never started ran before (an earlier agent): a restart.
+                _previous_restarts(previous.get(spec["name"])),
+            )
+            for spec in pod["spec"]["containers"]
+        ]
+
+    # -- called by the node agent ------------------------------------------------------------
+
+    def update(self, pod: dict[str, Any]) -> None:
+        with self._lock:
+            self.pod = pod
+            if pod["metadata"].get("deletionTimestamp") and self._stop_reason is None:
+                self._stop_reason = "deleted"
+        self._wake.set()
+
+    def gone(self) -> None:
+        with self._lock:
+            self._stop_reason = self._stop_reason or "gone"
+        self._wake.set()
+
+    def shutdown(self, grace_s: float) -> None:
+        """The agent is stopping: kill the processes, leave the pod object alone."""
+        with self._lock:
+            self._stop_reason, self._shutdown_grace = "shutdown", grace_s
+        self._wake.set()
+
+    def pids(self) -> list[int]:
+        return [c.proc.pid for c in self.containers if c.proc is not None]
+
+    # -- the thread --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        if self._after is not None:
+            self._after.join()
+        next_sync = 0.0
+        try:
+            while self._stop_reason is None:
+                now = time.monotonic()
+                if now >= next_sync:
+                    self._volumes_ok = self._sync_volumes()
+                    next_sync = now + self._volume_sync_s
+                if self._volumes_ok:
+                    for container in self.containers:
+                        container.step(lambda c=container: self._launch(c.spec))
+                self._publish_status()
+                self._write_target()
+                self._wake.wait(0.25)
+                self._wake.clear()
+        except Exception:
+            log.exception("pod %s/%s: runner failed", self.namespace, self.pod_name)
+        finally:
+            self._terminate()
+
+    def _terminate(self) -> None:
+        grace = self._grace_s()
+        for container in self.containers:  # SIGTERM all first, then wait: one grace period
+            if container.proc is not None:
+                kill_group(container.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for container in self.containers:
+            container.stop(max(0.0, deadline - time.monotonic()))
+        if self._target is not None:
+            self._target.unlink(missing_ok=True)
+        if self._stop_reason == "deleted":
+            self._delete_pod()
+        log.info("pod %s/%s stopped (%s)", self.namespace, self.pod_name, self._stop_reason)
+
+    def _grace_s(self) -> float:
+        meta, spec = self.pod["metadata"], self.pod["spec"]
+        grace = meta.get("deletionGracePeriodSeconds")
+        if grace is None:
+            grace = spec.get("terminationGracePeriodSeconds", 30)
+        if self._stop_reason == "shutdown":
+            grace = min(grace, self._shutdown_grace)
+        return float(grace)
+
+    def _delete_pod(self) -> None:
+        # What a kubelet does once the containers are gone: the object may now disappear.
+        body = {"gracePeriodSeconds": 0, "preconditions": {"uid": self.uid}}
+        try:
+            self.client.request(
+                "DELETE", f"/api/v1/namespaces/{self.namespace}/pods/{self.pod_name}", body
+            )
+        except ApiError as err:
+            if err.status not in (404, 409):
+                log.warning("deleting pod %s/%s: %s", self.namespace, self.pod_name, err)
+
+    # -- volumes and launch ------------------------------------------------------------------
+
+    def _sync_volumes(self) -> bool:
+        """Write ConfigMap/Secret files; False while a required one is missing."""
+        ok = True
+        for volume in self.pod["spec"].get("volumes") or []:
+            name = volume["name"]
+            local = self.dir / "volumes" / name
+            if "hostPath" in volume:
+                self._volume_dirs[name] = Path(volume["hostPath"]["path"])
+                continue
+            self._volume_dirs[name] = local
+            local.mkdir(parents=True, exist_ok=True)
+            source = volume.get("configMap") or volume.get("secret")
+            if source is None:
+                continue  # emptyDir (or an unsupported kind): an empty directory
+            kind = "configmap" if "configMap" in volume else "secret"
+            data = self._lookup(kind, source.get("name") or source.get("secretName", ""))
+            if data is None:
+                ok = ok and bool(source.get("optional"))
+                continue
+            self._write_volume(name, local, data, source.get("items"), kind)
+        return ok
+
+    def _write_volume(
+        self, name: str, local: Path, data: dict[str, str], items: Any, kind: str
+    ) -> None:
+        files = {item["path"]: data[item["key"]] for item in items or [] if item["key"] in data}
+        files = files if items else data
+        mode = 0o600 if kind == "secret" else 0o644  # secrets stay private to this user
+        for path, value in files.items():
+            atomic_write(local / path, value.encode(), mode)
+        for stale in self._volume_files.get(name, set()) - set(files):
+            (local / stale).unlink(missing_ok=True)  # a key removed from the ConfigMap
+        self._volume_files[name] = set(files)
+
+    def _lookup(self, kind: str, name: str) -> dict[str, str] | None:
+        plural = "configmaps" if kind == "configmap" else "secrets"
+        obj = self.client.get(f"/api/v1/namespaces/{self.namespace}/{plural}/{name}")
+        if obj is None:
+            return None
+        if kind == "secret":
+            return {k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()}
+        binary = {k: base64.b64decode(v).decode() for k, v in (obj.get("binaryData") or {}).items()}
+        return {**(obj.get("data") or {}), **binary}
+
+    def _launch(self, spec: dict[str, Any]) -> Launch:
+        mounts = Mounts.of(spec, self._volume_dirs)
+        pod_env = container_env(
+            self.pod, spec, ip=self.ip, host_ip=self._host_ip, lookup=self._lookup
+        )
+        env = {
+            "PATH": f"{BIN_DIR}:{SYSTEM_PATH}",
+            "HOME": str(self.dir / "home"),
+            "TMPDIR": str(self.dir / "tmp"),
+            "HOSTNAME": self.pod_name,
+            "LANG": "C.UTF-8",
+            "PYTHONUNBUFFERED": "1",
+            # The pod network is the loopback; gloo would otherwise pick the hostname's address.
+            "GLOO_SOCKET_IFNAME": "lo",
+        }
+        env.update({k: mounts.rewrite(resolve_cluster_names(v)) for k, v in pod_env.items()})
+        env["MOE_BIND_ADDRESS"] = self.ip  # the node's fact, whatever the pod asked for
+        sa_dir = mounts.local(SA_MOUNT_PATH)
+        if sa_dir is not None and "KUBECONFIG" not in pod_env:
+            env["KUBECONFIG"] = str(self._sa_kubeconfig(sa_dir))
+        for key in ("HOME", "TMPDIR"):
+            Path(env[key]).mkdir(parents=True, exist_ok=True)
+        command = [expand_vars(part, env) for part in spec.get("command") or []]
+        args = [expand_vars(part, env) for part in spec.get("args") or []]
+        if not command:
+            raise ValueError("no command: the local node cannot run an image's entrypoint")
+        argv = [mounts.rewrite(resolve_cluster_names(part)) for part in [*command, *args]]
+        argv[0] = _executable(argv[0])
+        working_dir = spec.get("workingDir")
+        cwd = Path(mounts.rewrite(working_dir)) if working_dir else self.dir
+        ports = {p["name"]: p["containerPort"] for p in spec.get("ports") or [] if p.get("name")}
+        return Launch(
+            argv=argv, env=env, cwd=cwd if cwd.is_dir() else self.dir, ports=ports, ip=self.ip
+        )
+
+    def _sa_kubeconfig(self, sa_dir: Path) -> Path:
+        """In-cluster clients fall back to KUBECONFIG: this is the pod's own identity."""
+        namespace = (sa_dir / "namespace").read_text().strip()
+        path = self.dir / "kubeconfig"
+        sa = self.pod["spec"].get("serviceAccountName", "default")
+        _write_kubeconfig(
+            path,
+            self.client.server,
+            (sa_dir / "ca.crt").read_text(),
+            (sa_dir / "token").read_text().strip(),
+            f"system:serviceaccount:{namespace}:{sa}",
+            namespace,
+        )
+        return path
+
+    # -- status and targets ------------------------------------------------------------------
+
+    def _publish_status(self) -> None:
+        status = self._status()
+        if status == self._published:
+            return
+        body = {"metadata": {"uid": self.uid}, "status": status}  # uid: not a same-name successor
+        try:
+            self.client.request(
+                "PATCH",
+                f"/api/v1/namespaces/{self.namespace}/pods/{self.pod_name}/status",
+                body,
+                content_type=MERGE_PATCH,
+            )
+            self._published = status
+        except ApiError as err:
+            log.debug("status of %s/%s: %s", self.namespace, self.pod_name, err)
+
+    def _status(self) -> dict[str, Any]:
+        images = {c["name"]: c.get("image", "") for c in self.pod["spec"]["containers"]}
+        statuses = [c.status(images[c.name]) for c in self.containers]
+        ready = all(s["ready"] for s in statuses)
+        running = any(c.proc is not None for c in self.containers)
+        if all(c.done for c in self.containers):
+            failed = any((c.last_terminated or {}).get("exitCode") for c in self.containers)
+            phase = "Failed" if failed else "Succeeded"
+        else:
+            phase = (
+                "Running"
+                if running or any(c.restart_count for c in self.containers)
+                else ("Pending")
+            )
+        conditions = [
+            self._condition("PodScheduled", True),
+            self._condition("Initialized", True),
+            self._condition("ContainersReady", ready, "ContainersNotReady"),
+            self._condition("Ready", ready, "ContainersNotReady"),
+        ]
+        return {
+            "phase": phase,
+            "hostIP": self._host_ip,
+            "podIP": self.ip,
+            "podIPs": [{"ip": self.ip}],
+            "startTime": self._start_time,
+            "conditions": conditions,
+            "containerStatuses": statuses,
+        }
+
+    def _condition(self, kind: str, value: bool, reason: str = "") -> dict[str, Any]:
+        text = "True" if value else "False"
+        previous = self._transitions.get(kind)
+        if previous is None or previous[0] != text:
+            self._transitions[kind] = (text, now_rfc3339())
+        condition = {
+            "type": kind,
+            "status": text,
+            "lastProbeTime": None,
+            "lastTransitionTime": self._transitions[kind][1],
+        }
+        if not value and reason:
+            condition["reason"] = reason
+        return condition
+
+    def _write_target(self) -> None:
+        """Prometheus file_sd target for pods annotated prometheus.io/scrape=true."""
+        meta = self.pod["metadata"]
+        annotations = meta.get("annotations") or {}
+        if annotations.get("prometheus.io/scrape") != "true":
+            return
+        ports = [
+            p["containerPort"] for c in self.pod["spec"]["containers"] for p in c.get("ports") or []
+        ]
+        port = annotations.get("prometheus.io/port") or (ports[0] if ports else None)
+        if port is None:
+            return
+        labels = {"namespace": self.namespace, "pod": self.pod_name}
+        deployment = (meta.get("labels") or {}).get(DEPLOYMENT_LABEL)
+        if deployment:
+            labels["moedeployment"] = deployment
+        if annotations.get("prometheus.io/path"):
+            labels["__metrics_path__"] = annotations["prometheus.io/path"]
+        document = [{"targets": [f"{self.ip}:{port}"], "labels": labels}]
+        job = scrape_job(self.pod)
+        self._target = self.targets_dir / f"{job}-{self.namespace}-{self.pod_name}.json"
+        atomic_write(self._target, (json.dumps(document, indent=2) + "\n").encode())
+
+
+def _previous_restarts(status: dict[str, Any] | None) -> int:
+    if status is None or "containerID" not in status:
+        return 0
+    return int(status.get("restartCount", 0)) + 1
+
+
+def _executable(command: str) -> str:
+    """A container command resolved against the agent's venv first (the image is ignored)."""
+    if "/" in command:
+        return command
+    for directory in [str(BIN_DIR), *SYSTEM_PATH.split(":")]:
+        candidate = Path(directory) / command
+        if candidate.is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"command {command!r} not found in {BIN_DIR} or {SYSTEM_PATH}")

@@ -1,0 +1,294 @@
+"""The local node agent runs pods bound to its Node as local processes, like a kubelet would.
+
+One local cluster (control plane + agent, no Prometheus) for the module; the last test stops it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from moe_operator.api import MoEDeploymentSpec
+from moe_operator.local.cluster import LocalCluster, LocalClusterConfig, alive, stop_process
+from moe_operator.local.controlplane import ensure_binaries
+from moe_operator.local.kubeclient import ApiError, KubeClient
+from moe_operator.local.podspec import pod_ip
+from moe_operator.manifests import children
+from moe_worker.plan import round_robin_plan
+
+pytestmark = pytest.mark.integration
+
+NODE = "moe-local"
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+# Serves /readyz, /env (its environment as JSON) and /file (the file named by $CFG).
+SERVER = """
+import http.server, json, os, pathlib
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/readyz":
+            body = b"ok"
+        elif self.path == "/env":
+            body = json.dumps(dict(os.environ)).encode()
+        else:
+            body = pathlib.Path(os.environ["CFG"]).read_bytes()
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer((os.environ["MOE_BIND_ADDRESS"], 8080), H).serve_forever()
+"""
+
+
+def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def http_get(url: str) -> str:
+    with NO_PROXY.open(url, timeout=5) as response:
+        return response.read().decode()
+
+
+def pod_status(client: KubeClient, namespace: str, name: str) -> dict[str, Any]:
+    pod = client.get(f"/api/v1/namespaces/{namespace}/pods/{name}") or {}
+    return pod.get("status") or {}
+
+
+def is_ready(status: dict[str, Any]) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
+
+
+def container_pid(status: dict[str, Any]) -> int:
+    return int(status["containerStatuses"][0]["containerID"].removeprefix("local://"))
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    config = LocalClusterConfig(
+        workdir=tmp_path_factory.mktemp("local"), bin_dir=ensure_binaries(), gpus=4
+    )
+    cluster = LocalCluster(config)
+    cluster.up()
+    yield cluster
+    assert cluster.down() == []
+
+
+@pytest.fixture(scope="module")
+def client(cluster: LocalCluster) -> KubeClient:
+    return cluster.client()
+
+
+def web_pod(namespace: str) -> dict[str, Any]:
+    container = {
+        "name": "main",
+        "image": "ignored:local",
+        "command": ["python", "-c"],
+        "args": [SERVER],
+        "env": [
+            {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "PEER", "value": f"web-1.web.{namespace}.svc:29500"},
+            {"name": "CFG", "value": "/etc/cfg/hello.txt"},
+            {
+                "name": "GREETING",
+                "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "hello.txt"}},
+            },
+        ],
+        "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 1},
+        "volumeMounts": [{"name": "cfg", "mountPath": "/etc/cfg", "readOnly": True}],
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "web-0",
+            "labels": {"moe-ep.io/deployment": "web"},
+            "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "8080"},
+        },
+        "spec": {
+            "terminationGracePeriodSeconds": 5,
+            "containers": [container],
+            "volumes": [{"name": "cfg", "configMap": {"name": "cfg"}}],
+        },
+    }
+
+
+def test_pod_runs_restarts_and_goes(cluster: LocalCluster, client: KubeClient) -> None:
+    ns = "agent-pod"
+    cluster.create_namespace(ns)
+    base = f"/api/v1/namespaces/{ns}"
+    client.request(
+        "POST", f"{base}/configmaps", {"metadata": {"name": "cfg"}, "data": {"hello.txt": "v1"}}
+    )
+    client.request("POST", f"{base}/pods", web_pod(ns))
+
+    status = wait_for("web-0 Ready", lambda: is_ready(s := pod_status(client, ns, "web-0")) and s)
+    pod = client.get(f"{base}/pods/web-0")
+    assert pod["spec"]["nodeName"] == NODE
+    assert status["phase"] == "Running"
+    ip = status["podIP"]
+    assert ip == pod_ip(ns, "web-0") and ip.startswith("127.")
+
+    env = json.loads(http_get(f"http://{ip}:8080/env"))
+    assert env["POD"] == "web-0" and env["IP"] == ip and env["MOE_BIND_ADDRESS"] == ip
+    assert env["PEER"] == f"{pod_ip(ns, 'web-1')}:29500"  # cluster DNS name -> loopback address
+    assert env["GREETING"] == "v1"
+    assert env["CFG"].startswith(str(cluster.workdir / "pods")) and env["CFG"].endswith("hello.txt")
+    assert http_get(f"http://{ip}:8080/file") == "v1"
+    # The ServiceAccount token mount became a kubeconfig with the pod's own identity.
+    with pytest.raises(ApiError, match=f"system:serviceaccount:{ns}:default") as denied:
+        KubeClient(Path(env["KUBECONFIG"])).request("GET", f"{base}/secrets")
+    assert denied.value.status == 403
+    target = cluster.workdir / "prometheus" / "targets" / f"moe-ep-workers-{ns}-web-0.json"
+    document = json.loads(wait_for("file_sd target", target.is_file) and target.read_text())
+    assert document == [
+        {
+            "targets": [f"{ip}:8080"],
+            "labels": {"namespace": ns, "pod": "web-0", "moedeployment": "web"},
+        }
+    ]
+
+    # ConfigMap volumes follow the ConfigMap, as with a kubelet.
+    client.request(
+        "PATCH",
+        f"{base}/configmaps/cfg",
+        {"data": {"hello.txt": "v2"}},
+        content_type="application/merge-patch+json",
+    )
+    wait_for("ConfigMap file refreshed", lambda: http_get(f"http://{ip}:8080/file") == "v2")
+
+    # A process that dies is restarted (restartPolicy Always) and counted.
+    first = container_pid(status)
+    os.kill(first, signal.SIGKILL)
+
+    def restarted() -> dict[str, Any] | None:
+        s = pod_status(client, ns, "web-0")
+        restarts = s["containerStatuses"][0]["restartCount"]
+        return s if restarts == 1 and is_ready(s) and container_pid(s) != first else None
+
+    status = wait_for("restartCount 1 and Ready", restarted)
+    assert status["containerStatuses"][0]["lastState"]["terminated"]["signal"] == signal.SIGKILL
+
+    # Deleting the pod stops its process, then the agent removes the object (grace period 0).
+    second = container_pid(status)
+    client.request("DELETE", f"{base}/pods/web-0")
+    wait_for("pod object gone", lambda: client.get(f"{base}/pods/web-0") is None, timeout=15)
+    assert process_gone(second)
+    assert not target.exists()
+
+
+def test_moe_worker_pair_becomes_ready(cluster: LocalCluster, client: KubeClient) -> None:
+    """The operator's own pod template (2 ranks, gloo, tiny shapes) runs and forms its group."""
+    ns, name = "agent-workers", "tiny"
+    cluster.create_namespace(ns)
+    spec = MoEDeploymentSpec.model_validate(
+        {
+            "model": {
+                "layers": 2,
+                "expertsPerLayer": 4,
+                "hiddenSize": 32,
+                "ffnHiddenSize": 64,
+                "attentionHeads": 2,
+                "headDim": 16,
+                "topK": 2,
+                "dtype": "float32",
+            },
+            "parallelism": {"expert": 2},
+            "placement": {"slotsPerRank": 2},
+            "worker": {
+                "gpusPerPod": 1,
+                "backend": "gloo",
+                "device": "cpu",
+                "extraEnv": [{"name": "OMP_NUM_THREADS", "value": "1"}],
+            },
+        }
+    )
+    plan = round_robin_plan(2, 4, 2, 2)
+    base = f"/api/v1/namespaces/{ns}"
+    client.request("POST", f"{base}/services", children.build_service(name, spec))
+    client.request("POST", f"{base}/configmaps", children.build_plan_configmap(name, plan))
+    client.request("POST", f"{base}/secrets", children.build_token_secret(name))
+    client.request(
+        "POST",
+        f"/apis/apps/v1/namespaces/{ns}/statefulsets",
+        children.build_statefulset(name, ns, spec),
+    )
+
+    pods = [f"{name}-0", f"{name}-1"]
+    wait_for(
+        "both ranks Ready",
+        lambda: all(is_ready(pod_status(client, ns, pod)) for pod in pods),
+        timeout=60,
+    )
+    for pod in pods:
+        status = pod_status(client, ns, pod)
+        assert status["containerStatuses"][0]["restartCount"] == 0
+        metrics = http_get(f"http://{status['podIP']}:8080/metrics")
+        assert "moe_plan_version 1.0" in metrics
+    targets = sorted((cluster.workdir / "prometheus" / "targets").glob(f"*-{ns}-*.json"))
+    assert [t.name for t in targets] == [f"moe-ep-workers-{ns}-{pod}.json" for pod in pods]
+
+    pids = [container_pid(pod_status(client, ns, pod)) for pod in pods]
+    client.request("DELETE", f"/apis/apps/v1/namespaces/{ns}/statefulsets/{name}")
+    wait_for(
+        "worker pods gone",
+        lambda: not client.request("GET", f"{base}/pods")["items"],
+        timeout=45,
+    )
+    assert all(process_gone(pid) for pid in pids)
+
+
+def test_down_leaves_nothing_behind(cluster: LocalCluster, client: KubeClient) -> None:
+    ns = "agent-down"
+    cluster.create_namespace(ns)
+    pod = {
+        "metadata": {"name": "sleeper"},
+        "spec": {
+            "terminationGracePeriodSeconds": 30,
+            "containers": [{"name": "main", "image": "ignored", "command": ["sleep", "600"]}],
+        },
+    }
+    client.request("POST", f"/api/v1/namespaces/{ns}/pods", pod)
+    status = wait_for(
+        "sleeper Ready", lambda: is_ready(s := pod_status(client, ns, "sleeper")) and s
+    )
+    pod_pid = container_pid(status)
+    state = json.loads(cluster.state_file.read_text())
+    assert set(state["processes"]) == {
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+        "nodeagent",
+    }
+
+    # The agent alone (SIGTERM) kills its pods' processes; down() only checks afterwards.
+    stop_process(state["processes"]["nodeagent"], grace_s=15)
+    assert process_gone(pod_pid)
+    assert cluster.down() == []
+    assert not any(alive(record) for record in state["processes"].values())
+    assert not cluster.state_file.exists()
