@@ -197,10 +197,9 @@ def summarise(milestones: dict[str, Any], restarts: int) -> str:
         f"  imbalance before -> after {before.imbalance if before else '-'} -> "
         f"{after.imbalance if after else '-'} (planner predicted "
         f"{record.get('imbalanceBefore', 0):.2f} -> {record.get('imbalanceAfter', 0):.2f})",
-        f"  tokens/s before -> after  {_rate(before)} -> {_rate(after)}"
-        "  (all ranks share this machine's cores: balance moves work between processes on the\n"
-        "                            same CPUs, so it cannot raise throughput here as it does when\n"
-        "                            every rank has its own GPU)",
+        f"  tokens/s before -> after  {_rate(before)} -> {_rate(after)}",
+        "    (every rank shares this machine's cores, so balance moves work between processes",
+        "     on the same CPUs and cannot raise throughput as it does with a GPU per rank)",
         f"  predicted throughput gain x{record.get('predictedThroughputGain', 1.0):.2f} "
         "(performance model, cpu-local profile)",
         f"  alert resolved            {'yes' if after and after.alert == 'inactive' else 'no'}",

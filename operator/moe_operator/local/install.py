@@ -33,7 +33,8 @@ def helm_install(
 ) -> dict[str, Any]:
     """`helm install moe-ep charts/moe-ep` through Helm's Go SDK (helm-python-sdk).
 
-    The namespace must exist with its default ServiceAccount token (`LocalCluster.create_namespace`).
+    The namespace must exist, with its default ServiceAccount's token: see
+    `LocalCluster.create_namespace`.
     """
     import helm_python as helm
 
