@@ -1,47 +1,33 @@
-"""Small helpers for integration tests: kubectl with a kubeconfig, and waiting."""
+"""kubectl bound to one kubeconfig, for integration tests (a thin face on `local.install`)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from moe_operator.local import install
 
 
 class Kubectl:
     def __init__(self, kubeconfig: str) -> None:
-        self.kubeconfig = kubeconfig
+        self.kubeconfig = Path(kubeconfig)
 
     def run(
         self, *args: str, stdin: str | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            ["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
-        return result
+        try:
+            return install.kubectl(self.kubeconfig, *args, stdin=stdin, check=check)
+        except RuntimeError as error:
+            raise AssertionError(str(error)) from None
 
     def get(self, *args: str) -> dict[str, Any] | None:
-        result = self.run("get", *args, "-o", "json", check=False)
-        if result.returncode != 0:
-            if "NotFound" in result.stderr:
-                return None
-            raise AssertionError(result.stderr)
-        return json.loads(result.stdout)
+        return install.get_json(self.kubeconfig, *args)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.5)
+    try:
+        return install.wait_until(predicate, timeout, what, interval=0.5)
+    except TimeoutError as error:
+        raise AssertionError(str(error)) from None

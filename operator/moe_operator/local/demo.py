@@ -153,7 +153,12 @@ def follow(kubeconfig: Path, prometheus_url: str, timeout: float) -> dict[str, A
     print(HEADER, flush=True)
     last_row, previous = "", None
     while time.monotonic() - started < timeout:
-        now = observe(kubeconfig, prometheus_url, started)
+        try:
+            now = observe(kubeconfig, prometheus_url, started)
+        except RuntimeError as error:  # a slow API server on a busy machine: try again
+            print(f"  (could not read status: {error})", flush=True)
+            time.sleep(3)
+            continue
         if now.row()[8:] != last_row or int(now.elapsed) % 15 == 0:
             print(now.row(), flush=True)
             last_row = now.row()[8:]

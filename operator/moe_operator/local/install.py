@@ -58,9 +58,12 @@ def kubectl(
 
 
 def get_json(kubeconfig: Path, *args: str) -> dict[str, Any] | None:
+    """The object(s) as a dict; None only when NotFound (any other failure raises)."""
     result = kubectl(kubeconfig, "get", *args, "-o", "json", check=False)
     if result.returncode != 0:
-        return None
+        if "NotFound" in result.stderr:
+            return None
+        raise RuntimeError(f"kubectl get {' '.join(args)}: {result.stderr.strip()}")
     return json.loads(result.stdout)
 
 
