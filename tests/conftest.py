@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-CRD_DIR = ROOT / "crds"
 
 
 @pytest.fixture(scope="session")
@@ -19,34 +14,13 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     The CRDs are applied before the controllers start, so the garbage collector knows them and
     owner-reference cascades of MoEDeployments work from the first second.
     """
+    from moe_operator.local.cluster import apply_crds
     from moe_operator.local.controlplane import ControlPlane, ControlPlaneConfig, ensure_binaries
 
     bin_dir = ensure_binaries()
     plane = ControlPlane(
         ControlPlaneConfig(workdir=tmp_path_factory.mktemp("plane"), bin_dir=bin_dir)
     )
-
-    def apply_crds(kubeconfig: Path) -> None:
-        subprocess.run(
-            ["kubectl", f"--kubeconfig={kubeconfig}", "apply", "-f", str(CRD_DIR)],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        subprocess.run(
-            [
-                "kubectl",
-                f"--kubeconfig={kubeconfig}",
-                "wait",
-                "--for",
-                "condition=Established",
-                "crd/moedeployments.moe-ep.io",
-                "--timeout=30s",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
 
     plane.start(before_controllers=apply_crds)
     try:
