@@ -1,0 +1,206 @@
+"""Small helpers for the end-to-end suite: reading the local cluster the way a user would.
+
+Everything goes through the API server (admin client), the workers' own HTTP endpoints at their
+pod addresses, the local Prometheus' HTTP API, and the node agent's files (pid and log files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moe_operator.local.cluster import LocalCluster
+from moe_operator.local.install import SYSTEM_NAMESPACE, kubectl
+from moe_operator.local.kubeclient import KubeClient
+
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+GROUP_PATH = "/apis/moe-ep.io/v1alpha1"
+ALERT = "MoEExpertLoadImbalance"
+
+
+def wait_for(what: str, predicate: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def http_get(url: str, timeout: float = 3.0) -> tuple[int, str]:
+    try:
+        with NO_PROXY.open(url, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode(errors="replace")
+
+
+def metric_value(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{}"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+@dataclass
+class E2E:
+    """One local cluster with the operator installed and one running MoEDeployment."""
+
+    cluster: LocalCluster
+    namespace: str
+    name: str
+    world: int
+    threshold: float
+    prometheus_url: str
+    client: KubeClient = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.client = self.cluster.client()
+
+    # -- the MoEDeployment and its children ------------------------------------------------
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.cluster.kubeconfig
+
+    def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> Any:
+        return kubectl(self.kubeconfig, *args, stdin=stdin, check=check)
+
+    def apply(self, document: dict[str, Any], check: bool = True) -> Any:
+        return self.kubectl(
+            "apply", "-n", self.namespace, "-f", "-", stdin=yaml.safe_dump(document), check=check
+        )
+
+    def moed(self, name: str | None = None) -> dict[str, Any] | None:
+        return self.client.get(
+            f"{GROUP_PATH}/namespaces/{self.namespace}/moedeployments/{name or self.name}"
+        )
+
+    def status(self, name: str | None = None) -> dict[str, Any]:
+        return (self.moed(name) or {}).get("status") or {}
+
+    def condition(self, kind: str, name: str | None = None) -> dict[str, Any]:
+        for item in self.status(name).get("conditions") or []:
+            if item["type"] == kind:
+                return item
+        return {}
+
+    def configmap_version(self) -> int | None:
+        cm = self.client.get(f"/api/v1/namespaces/{self.namespace}/configmaps/{self.name}-plan")
+        if not cm:
+            return None
+        return int(json.loads(cm["data"]["plan.json"])["version"])
+
+    def pods(self, namespace: str | None = None, selector: str | None = None) -> list[dict]:
+        params = {"labelSelector": selector or f"moe-ep.io/deployment={self.name}"}
+        items = self.client.request(
+            "GET", f"/api/v1/namespaces/{namespace or self.namespace}/pods", params=params
+        )["items"]
+        return sorted(items, key=lambda pod: pod["metadata"]["name"])
+
+    def workers(self) -> dict[str, dict[str, Any]]:
+        """pod name -> {uid, pid, restarts, ready, ip} of the deployment's worker pods."""
+        out = {}
+        for pod in self.pods():
+            status = pod.get("status") or {}
+            containers = status.get("containerStatuses") or [{}]
+            cid = containers[0].get("containerID") or ""
+            out[pod["metadata"]["name"]] = {
+                "uid": pod["metadata"]["uid"],
+                "pid": int(cid.removeprefix("local://")) if cid.startswith("local://") else None,
+                "restarts": containers[0].get("restartCount", 0),
+                "ready": bool(containers[0].get("ready")),
+                "ip": status.get("podIP"),
+            }
+        return out
+
+    def all_ready(self) -> dict[str, dict[str, Any]] | None:
+        workers = self.workers()
+        if len(workers) == self.world and all(w["ready"] and w["pid"] for w in workers.values()):
+            return workers
+        return None
+
+    def worker_url(self, rank: int, path: str) -> str:
+        ip = self.workers()[f"{self.name}-{rank}"]["ip"]
+        return f"http://{ip}:8080{path}"
+
+    def leader_plan_version(self) -> int | None:
+        code, body = http_get(self.worker_url(0, "/v1/plan"))
+        return int(json.loads(body)["version"]) if code == 200 else None
+
+    def worker_plan_versions(self) -> list[float | None]:
+        versions = []
+        for rank in range(self.world):
+            try:
+                code, body = http_get(self.worker_url(rank, "/metrics"))
+            except OSError:
+                versions.append(None)
+                continue
+            versions.append(metric_value(body, "moe_plan_version") if code == 200 else None)
+        return versions
+
+    def pod_dir(self, pod: dict[str, Any]) -> Path:
+        meta = pod["metadata"]
+        return self.cluster.workdir / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid']}"
+
+    def worker_log(self, rank: int) -> str:
+        """rank's log over every pod incarnation of that name (restarts append)."""
+        pattern = f"pods/{self.namespace}_{self.name}-{rank}_*/logs/*.log"
+        paths = sorted(self.cluster.workdir.glob(pattern))
+        return "".join(path.read_text(errors="replace") for path in paths)
+
+    def switches(self, rank: int = 0) -> list[tuple[int, int]]:
+        """(from, to) of every plan switch rank `rank` logged, in order."""
+        pattern = re.compile(rf"rank {rank} switched plan (\d+) -> (\d+)")
+        return [(int(a), int(b)) for a, b in pattern.findall(self.worker_log(rank))]
+
+    # -- the operator ----------------------------------------------------------------------
+
+    def operator_pod(self) -> dict[str, Any]:
+        pods = self.pods(SYSTEM_NAMESPACE, "app.kubernetes.io/component=operator")
+        assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
+        return pods[0]
+
+    def operator_pid(self) -> int | None:
+        containers = (self.operator_pod().get("status") or {}).get("containerStatuses") or [{}]
+        cid = containers[0].get("containerID") or ""
+        ready = containers[0].get("ready")
+        return int(cid.removeprefix("local://")) if ready and cid.startswith("local://") else None
+
+    # -- Prometheus ------------------------------------------------------------------------
+
+    def alerts(self, state: str = "firing") -> list[dict[str, Any]]:
+        code, body = http_get(f"{self.prometheus_url}/api/v1/alerts")
+        assert code == 200, body
+        return [
+            alert
+            for alert in json.loads(body)["data"]["alerts"]
+            if alert["labels"].get("alertname") == ALERT
+            and alert["labels"].get("moedeployment") == self.name
+            and alert["state"] == state
+        ]
+
+
+def kill(pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
+    os.kill(pid, sig)
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")
