@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from typing import Any
 import yaml
 
 from moe_operator.local.cluster import LocalCluster
-from moe_operator.local.install import SYSTEM_NAMESPACE, kubectl
+from moe_operator.local.install import SYSTEM_NAMESPACE, kubectl, wait_until
 from moe_operator.local.kubeclient import KubeClient
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -30,14 +29,10 @@ ALERT = "MoEExpertLoadImbalance"
 
 
 def wait_for(what: str, predicate: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    try:
+        return wait_until(predicate, timeout, what, interval=interval)
+    except TimeoutError as error:
+        raise AssertionError(str(error)) from None
 
 
 def http_get(url: str, timeout: float = 3.0) -> tuple[int, str]:
