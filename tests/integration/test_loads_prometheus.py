@@ -1,0 +1,117 @@
+"""The Prometheus load source against a real Prometheus (Debian's package) scraping two ranks.
+
+Each "rank" is a tiny HTTP server serving exposition text; Prometheus scrapes them with the
+`namespace` and `pod` labels a PodMonitor would attach, and `loads.read_prometheus` must return
+exactly the counters the ranks serve.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import yaml
+
+from moe_operator.loads import LoadReadError, read_prometheus
+from moe_operator.local.controlplane import free_port
+
+pytestmark = pytest.mark.integration
+PROMETHEUS = shutil.which("prometheus")
+
+
+class _Rank(http.server.BaseHTTPRequestHandler):
+    bodies: ClassVar[dict[int, str]] = {}
+
+    def do_GET(self) -> None:
+        body = self.bodies[self.server.server_address[1]].encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def _counters(values: dict[tuple[int, int], float]) -> str:
+    lines = ["# TYPE moe_expert_tokens_total counter"]
+    lines += [
+        f'moe_expert_tokens_total{{layer="{layer}",expert="{expert}"}} {value}'
+        for (layer, expert), value in values.items()
+    ]
+    return "\n".join(lines) + "\n"
+
+
+RANK_COUNTERS = {0: {(0, 0): 120.0, (0, 1): 30.0}, 1: {(0, 2): 7.0, (0, 3): 0.0}}
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path) -> Iterator[str]:
+    if PROMETHEUS is None:
+        if os.environ.get("CI"):
+            pytest.fail("prometheus is not installed (hack/install-system-deps.sh installs it)")
+        pytest.skip("prometheus is not installed")
+    servers = []
+    targets = []
+    for rank, counters in RANK_COUNTERS.items():
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Rank)
+        _Rank.bodies[server.server_address[1]] = _counters(counters)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        targets.append(
+            {
+                "targets": [f"127.0.0.1:{server.server_address[1]}"],
+                "labels": {"namespace": "ml", "pod": f"moe-{rank}"},
+            }
+        )
+    config = {
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": "workers", "static_configs": targets}],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            PROMETHEUS,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        for server in servers:
+            server.shutdown()
+
+
+def test_prometheus_source_returns_what_the_ranks_serve(prometheus: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            snapshot = read_prometheus(
+                prometheus, "ml", "moe", world_size=2, num_layers=1, num_experts=4
+            )
+            break
+        except LoadReadError:
+            assert time.monotonic() < deadline, "Prometheus never returned both ranks"
+            time.sleep(0.5)
+    assert snapshot.counters == RANK_COUNTERS
+
+
+def test_prometheus_source_refuses_a_missing_rank(prometheus: str) -> None:
+    time.sleep(3)  # a few scrapes
+    with pytest.raises(LoadReadError, match=r"ranks \[2\]"):
+        read_prometheus(prometheus, "ml", "moe", world_size=3, num_layers=1, num_experts=4)
