@@ -97,21 +97,24 @@ def prometheus(tmp_path: Path) -> Iterator[str]:
             server.shutdown()
 
 
-def test_prometheus_source_returns_what_the_ranks_serve(prometheus: str) -> None:
+def _both_ranks(prometheus: str) -> dict[int, dict[tuple[int, int], float]]:
     deadline = time.monotonic() + 30
     while True:
         try:
             snapshot = read_prometheus(
                 prometheus, "ml", "moe", world_size=2, num_layers=1, num_experts=4
             )
-            break
+            return dict(snapshot.counters)
         except LoadReadError:
             assert time.monotonic() < deadline, "Prometheus never returned both ranks"
             time.sleep(0.5)
-    assert snapshot.counters == RANK_COUNTERS
+
+
+def test_prometheus_source_returns_what_the_ranks_serve(prometheus: str) -> None:
+    assert _both_ranks(prometheus) == RANK_COUNTERS
 
 
 def test_prometheus_source_refuses_a_missing_rank(prometheus: str) -> None:
-    time.sleep(3)  # a few scrapes
+    _both_ranks(prometheus)  # scraped: rank 2 is missing, not merely late
     with pytest.raises(LoadReadError, match=r"ranks \[2\]"):
         read_prometheus(prometheus, "ml", "moe", world_size=3, num_layers=1, num_experts=4)
