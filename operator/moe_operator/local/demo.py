@@ -48,7 +48,7 @@ def demo_deployment(workers: int, zipf: float) -> dict[str, Any]:
             "rebalancing": {
                 "imbalanceThreshold": 1.3,
                 "evaluationWindowSeconds": 10,
-                "consecutiveEvaluations": 2,
+                "consecutiveEvaluations": 3,
                 "cooldownSeconds": 30,
             },
             "worker": {
