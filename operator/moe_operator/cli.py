@@ -1,10 +1,10 @@
 """`moe-ep`: the user's command line. Each sub-command lives in its own module; this only routes.
 
-    moe-ep plan    preview a rebalancing plan from per-expert loads (same document workers accept)
-    moe-ep perf    performance model of a layout on a hardware profile
-    moe-ep crd     print the MoEDeployment CRD generated from the API models
-    moe-ep local   up | down | status of the embedded local cluster
-    moe-ep demo    the whole loop on the local cluster, with live progress
+moe-ep plan    preview a rebalancing plan from per-expert loads (same document workers accept)
+moe-ep perf    performance model of a layout on a hardware profile
+moe-ep crd     print the MoEDeployment CRD generated from the API models
+moe-ep local   up | down | status of the embedded local cluster
+moe-ep demo    the whole loop on the local cluster, with live progress
 """
 
 from __future__ import annotations

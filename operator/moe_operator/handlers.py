@@ -21,7 +21,7 @@ from moe_operator import api, metrics
 from moe_operator.kube import Cluster, load_client_config
 from moe_operator.manifests import children
 from moe_operator.planning.detection import DetectionState
-from moe_operator.rebalance import StepOutcome, Window, control_step
+from moe_operator.rebalance import Window, control_step
 from moe_operator.reconcile import ensure_children, ready_replicas, rollout_in_progress, write_plan
 from moe_operator.status import Observed, compute_status
 from moe_operator.validation import parse_spec
@@ -125,7 +125,8 @@ def _sync(
         applied_plan_version=applied,
         worst_imbalance=max(per_layer) if per_layer else None,
         imbalance_threshold=parsed.rebalancing.imbalance_threshold,
-        loads_problem=_loads_problem(outcome, memo, ready, world),
+        loads_problem=_loads_problem(window, ready, world),
+        handoff_problem=outcome.handoff_problem if outcome else None,
         was_running=_was_running(status),
         balance_note=_balance_note(desired),
     )
@@ -149,15 +150,12 @@ def _sync(
         metrics.rebalances.labels(namespace, name, outcome.rebalance.method).inc()
 
 
-def _loads_problem(
-    outcome: StepOutcome | None, memo: kopf.Memo, ready: int, world: int
-) -> str | None:
-    """Why counters were not read; remembered between runs so handlers agree with the timer."""
-    if outcome is not None:
-        memo.loads_problem = outcome.loads_problem
-    elif ready < world:
+def _loads_problem(window: Window | None, ready: int, world: int) -> str | None:
+    """Why counters were not read: workers not ready, or the last window's reason (kept by the
+    window, so the timer's runs between reads and the spec handlers all report the same)."""
+    if ready < world:
         return f"{world - ready} of {world} workers not ready; token counters not read"
-    return memo.get("loads_problem")
+    return window.last_loads_problem if window else None
 
 
 def _balance_note(plan: Plan) -> str:

@@ -11,6 +11,7 @@ leader ignores a version it already serves, so nothing is applied twice; version
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class Window:
     snapshot: CounterSnapshot | None = None
     started_at: float = 0.0
     last_layer_imbalance: tuple[float, ...] = ()
+    last_loads_problem: str | None = None  # why the last read was unusable; None once one is
 
 
 @dataclass
@@ -160,6 +162,13 @@ def control_step(
         handoff_problem: str | None = str(error)
     else:
         handoff_problem = None
+    # The ConfigMap is the durable record: its plan counts as issued even when the status that
+    # says so was lost (the operator died between writing the plan and patching the status).
+    state = dataclasses.replace(
+        state,
+        applied_version=state.applied_version if applied is None else applied,
+        desired_version=max(state.desired_version, desired.version),
+    )
     outcome = StepOutcome(
         desired=desired,
         applied_version=applied,
@@ -170,11 +179,12 @@ def control_step(
     _hand_off(workers, desired, applied, outcome)
     rebalancing = spec.rebalancing
     if now - window.started_at < rebalancing.evaluation_window_seconds:
+        outcome.loads_problem = window.last_loads_problem  # between two reads, the last stands
         return outcome
     try:
         snapshot = workers.read_counters()
     except LoadReadError as error:
-        outcome.loads_problem = str(error)
+        outcome.loads_problem = window.last_loads_problem = str(error)
         outcome.state, _ = detection.evaluate(
             outcome.state,
             detection.Observation(applied_version=outcome.applied_version, skip_reason=str(error)),
@@ -184,6 +194,7 @@ def control_step(
         return outcome
     previous, window.snapshot, window.started_at = window.snapshot, snapshot, now
     if previous is None:
+        window.last_loads_problem = None
         return outcome  # the first snapshot only opens a window
     _evaluate(spec, previous, snapshot, window, workers, store, now, outcome)
     return outcome
@@ -219,7 +230,7 @@ def _evaluate(
     layer_imbalance = rank_layer_imbalance(previous, current, model.layers) if loads.usable else ()
     if loads.usable:
         window.last_layer_imbalance = outcome.layer_imbalance = layer_imbalance
-    outcome.loads_problem = loads.skip_reason
+    outcome.loads_problem = window.last_loads_problem = loads.skip_reason
     observation = detection.Observation(
         layer_imbalance=layer_imbalance,
         applied_version=outcome.applied_version,

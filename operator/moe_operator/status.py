@@ -27,6 +27,7 @@ class Observed:
     worst_imbalance: float | None = None  # None: not measured yet
     imbalance_threshold: float = 1.25
     loads_problem: str | None = None  # why the last evaluation was skipped, if it was
+    handoff_problem: str | None = None  # why the desired plan has not reached the workers yet
     was_running: bool = False  # the deployment has been fully ready before
     balance_note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -60,6 +61,7 @@ def _conditions(observed: Observed, phase: Phase) -> list[tuple[str, str, str, s
             _condition("Progressing", False, "InvalidSpec", "waiting for a valid spec"),
         ]
     ready = f"{observed.ready_workers}/{observed.workers} workers ready"
+    handoff = f"; hand-off failed: {observed.handoff_problem}" if observed.handoff_problem else ""
     conditions = [
         _condition("SpecValid", True, "Valid", "spec passed every cross-field rule"),
         _condition(
@@ -75,7 +77,7 @@ def _conditions(observed: Observed, phase: Phase) -> list[tuple[str, str, str, s
                 phase, "Stable"
             ),
             f"plan {observed.applied_plan_version} applied, "
-            f"{observed.plan_version} desired; {ready}",
+            f"{observed.plan_version} desired; {ready}{handoff}",
         ),
         _condition(
             "Degraded",

@@ -174,3 +174,20 @@ def test_balanced_load_changes_nothing() -> None:
         outcome = _run(workers, store, plan, state, window, now)
         state = outcome.state
     assert store.written == [] and max(outcome.layer_imbalance) < 1.2
+
+
+def test_a_plan_in_the_configmap_counts_as_issued_even_if_status_lost_it() -> None:
+    """The operator died after writing v2 but before its status said so; the leader still fails:
+    no v3 may be planned on top of a v2 that never reached the workers."""
+    plan = initial_plan(SPEC)
+    workers, store = FakeWorkers(plan, reachable=False), Store()
+    written = plan.with_version(2)  # the ConfigMap's plan; detection state still says version 1
+    stale = DetectionState(desired_version=1, applied_version=1)
+    window, state = Window(started_at=0.0), stale
+    for now in (10.0, 20.0, 30.0):
+        outcome = _run(workers, store, written, state, window, now)
+        state = outcome.state
+    assert store.written == [] and outcome.desired.version == 2
+    workers.reachable = True
+    healed = _run(workers, store, written, state, window, now=31.0)
+    assert workers.posts == [2] and healed.applied_version == 2

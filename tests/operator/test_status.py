@@ -77,3 +77,22 @@ def test_transition_time_changes_only_when_status_changes() -> None:
     )
     assert _conditions(lost)["Ready"]["lastTransitionTime"] == LATER
     assert _conditions(lost)["Degraded"]["status"] == "True"
+
+
+def test_a_failed_hand_off_is_named_in_progressing() -> None:
+    status = compute_status(
+        Observed(
+            generation=1,
+            workers=4,
+            statefulset_exists=True,
+            ready_workers=4,
+            plan_version=3,
+            applied_plan_version=2,
+            handoff_problem="POST http://10.0.0.1:8080/v1/plan: connection refused",
+        ),
+        [],
+        NOW,
+    )
+    progressing = _conditions(status)["Progressing"]
+    assert status["phase"] == "Rebalancing" and progressing["reason"] == "ApplyingPlan"
+    assert "connection refused" in progressing["message"]

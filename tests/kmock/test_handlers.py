@@ -1,0 +1,263 @@
+"""The operator's create, update, resume and delete handlers, and invalid specs, against kmock.
+
+The operator runs for real (kopf, the handlers, the official client); kmock is the API server.
+No workers run here: the StatefulSet never reports ready pods, so the timer only keeps children
+in shape and refreshes status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from moe_kmock import (
+    CM,
+    MOED,
+    NS,
+    SECRET,
+    STS,
+    SVC,
+    TICKS,
+    Api,
+    Operator,
+    eventually,
+    small_spec,
+)
+from prometheus_client import REGISTRY
+
+from moe_worker.plan import parse_plan, validate_plan
+
+CHILDREN = [(SVC, "m1-workers"), (STS, "m1"), (CM, "m1-plan"), (SECRET, "m1-control")]
+
+
+def env_of(statefulset: dict[str, Any]) -> dict[str, str]:
+    container = statefulset["spec"]["template"]["spec"]["containers"][0]
+    return {item["name"]: item.get("value", "") for item in container["env"]}
+
+
+async def settled(api: Api, name: str = "m1", generation: int = 1) -> dict[str, Any]:
+    """Wait until the operator has handled `generation` and recorded it (kopf's diff base)."""
+
+    def done() -> bool:
+        moed = api.moed(name)
+        annotations = moed["metadata"].get("annotations") or {}
+        return (moed.get("status") or {}).get(
+            "observedGeneration"
+        ) == generation and "moe-ep.io/last-handled-configuration" in annotations
+
+    await eventually(done, what=f"{name} generation {generation} handled")
+    return api.moed(name)
+
+
+async def test_create_makes_children_owned_by_the_deployment(api: Api, operator: Operator) -> None:
+    await api.create_moed("m1", small_spec())
+    moed = await settled(api)
+    uid = moed["metadata"]["uid"]
+
+    for resource, name in CHILDREN:
+        child = api.get(resource, NS, name)
+        assert child is not None, f"{resource} {name} was not created"
+        assert child["metadata"]["ownerReferences"] == [
+            {
+                "apiVersion": "moe-ep.io/v1alpha1",
+                "kind": "MoEDeployment",
+                "name": "m1",
+                "uid": uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ], name
+        assert len(api.requests("post", resource, NS, "")) == 1, f"{resource} created twice"
+
+    service = api.get(SVC, NS, "m1-workers")
+    assert service["spec"]["clusterIP"] == "None"
+    statefulset = api.get(STS, NS, "m1")
+    assert statefulset["spec"]["replicas"] == 2  # expert 2 x tensor 1 x pipeline 1
+    assert statefulset["spec"]["podManagementPolicy"] == "Parallel"
+    assert statefulset["spec"]["serviceName"] == "m1-workers"
+    env = env_of(statefulset)
+    assert env["MOE_WORLD_SIZE"] == "2"
+    assert env["MOE_MASTER_ADDR"] == "m1-0.m1-workers.ns1.svc"
+    assert env["MOE_PLAN_PATH"].endswith("/plan.json")
+    assert env["MOE_LAYERS"] == "2" and env["MOE_SLOTS_PER_RANK"] == "2"
+
+    plan = parse_plan(api.get(CM, NS, "m1-plan")["data"]["plan.json"])
+    validate_plan(plan, num_layers=2, num_experts=4, world_size=2)
+    assert plan.version == 1
+    assert [list(map(list, layer)) for layer in plan.slots] == [[[0, 2], [1, 3]]] * 2
+    token = api.token("m1")
+    assert token and len(token) >= 32
+
+    status = moed["status"]
+    assert status["observedGeneration"] == 1
+    assert status["phase"] in ("Pending", "Deploying")
+    assert status["plan"]["version"] == 1 and status["plan"]["configMap"] == "m1-plan"
+    assert api.condition("m1", "SpecValid")["status"] == "True"
+    assert api.condition("m1", "Ready")["status"] == "False"
+    await eventually(
+        lambda: "Reconciled" in {event["reason"] for event in api.events(NS, "m1")},
+        what="Reconciled event",
+    )
+
+    # kopf's own state lives under our API group, never kopf.zalando.org.
+    metadata = moed["metadata"]
+    assert metadata["finalizers"] == ["moe-ep.io/finalizer"]
+    keys = [*metadata.get("annotations", {}), *metadata["finalizers"]]
+    assert not [key for key in keys if "kopf.zalando.org" in key]
+
+
+async def test_update_patches_children_and_keeps_the_token(api: Api, operator: Operator) -> None:
+    await api.create_moed("m1", small_spec())
+    await settled(api)
+    token = api.token("m1")
+
+    # Image only: the StatefulSet changes, the plan still fits and stays at version 1.
+    await api.patch(MOED, NS, "m1", {"spec": {"worker": {"image": "example/moe:2"}}})
+    await settled(api, generation=2)
+    statefulset = api.get(STS, NS, "m1")
+    assert statefulset["spec"]["template"]["spec"]["containers"][0]["image"] == "example/moe:2"
+    assert api.plan("m1")["version"] == 1
+
+    # A new shape: the plan no longer fits; it is replaced by a higher version, never reused.
+    await api.patch(MOED, NS, "m1", {"spec": {"model": {"layers": 4}}})
+    await settled(api, generation=3)
+    assert env_of(api.get(STS, NS, "m1"))["MOE_LAYERS"] == "4"
+    plan = parse_plan(api.plan("m1"))
+    validate_plan(plan, num_layers=4, num_experts=4, world_size=2)
+    assert plan.version == 2
+    assert api.status("m1")["plan"]["version"] == 2
+
+    assert api.token("m1") == token
+    assert api.requests("patch", SECRET, NS, "m1-control") == []
+    assert len(api.requests("post", SECRET, NS, "")) == 1
+    assert len(api.requests("post", STS, NS, "")) == 1  # patched in place, not recreated
+
+
+async def test_resume_after_restart_recreates_nothing(api: Api, operator: Operator) -> None:
+    await api.create_moed("m1", small_spec())
+    await settled(api)
+    token, plan = api.token("m1"), api.plan("m1")
+    await operator.stop()
+    seen = len(api.server)
+    status_patches = len(api.requests("patch", MOED, NS, "m1"))
+
+    await operator.start()
+    # The resume handler (and the timer) have run once they write status again.
+    await eventually(
+        lambda: len(api.requests("patch", MOED, NS, "m1")) > status_patches + 1,
+        what="status written by the restarted operator",
+    )
+    later = list(api.server)[seen:]
+    writes = [
+        request
+        for request in later
+        if request.method.value in ("POST", "PATCH", "PUT", "DELETE")
+        and request.resource is not None
+        and request.resource.plural in ("services", "statefulsets", "configmaps", "secrets")
+    ]
+    assert writes == [], [f"{request.method} {request.url}" for request in writes]
+    assert api.token("m1") == token
+    assert api.plan("m1") == plan
+    assert api.status("m1")["plan"]["version"] == 1
+    assert api.condition("m1", "SpecValid")["status"] == "True"
+
+
+def _series(name: str) -> float | None:
+    return REGISTRY.get_sample_value(name, {"namespace": NS, "moedeployment": "m1"})
+
+
+async def test_delete_is_not_blocked_and_forgets_metrics(api: Api, operator: Operator) -> None:
+    await api.create_moed("m1", small_spec())
+    await settled(api)
+    await eventually(lambda: _series("moe_workers_desired") == 2, what="metric series")
+
+    await api.delete(MOED, NS, "m1")
+    await eventually(lambda: api.get(MOED, NS, "m1") is None, what="deletion finished")
+    seen = len(api.server)
+    await asyncio.sleep(TICKS)  # a few timer runs: nothing comes back
+
+    assert _series("moe_workers_desired") is None
+    assert _series("moe_plan_desired_version") is None
+    later = [request for request in list(api.server)[seen:] if request.resource]
+    assert [
+        f"{request.method} {request.url}"
+        for request in later
+        if request.method.value != "GET" and request.resource.plural != "events"
+    ] == []
+    assert operator.running
+
+
+BAD_SPECS = {
+    # cross-field: 2 ranks x 1 slot cannot hold 4 experts
+    "few-slots": ("placement.slotsPerRank", {"placement": {"slotsPerRank": 1}}),
+    # cross-field: tensor 3 divides neither 2 heads nor 16
+    "bad-tensor": ("parallelism.tensor", {"parallelism": {"tensor": 3}}),
+    # what the schema would reject, had the object been written before a schema change
+    "bad-type": ("model.layers", {"model": {"layers": "many"}}),
+    "top-k": ("model.topK", {"model": {"topK": 8}}),
+}
+
+
+async def test_invalid_specs_fail_alone_and_recover(api: Api, operator: Operator) -> None:
+    for name, (_, overrides) in BAD_SPECS.items():
+        await api.create_moed(name, small_spec(**overrides))
+    await api.create_moed("m1", small_spec())
+
+    for name, (field, _) in BAD_SPECS.items():
+        await eventually(lambda name=name: api.status(name).get("phase") == "Failed", what=name)
+        condition = api.condition(name, "SpecValid")
+        assert condition["status"] == "False"
+        assert f"spec.{field}" in condition["message"], condition
+        assert api.status(name)["observedGeneration"] == 1
+        await eventually(
+            lambda name=name: "InvalidSpec" in {event["reason"] for event in api.events(NS, name)},
+            what=f"InvalidSpec event about {name}",
+        )
+    await settled(api)  # the valid neighbour is reconciled as usual
+    assert api.condition("m1", "SpecValid")["status"] == "True"
+
+    created = {
+        request.data["metadata"]["name"]
+        for resource in (SVC, STS, CM, SECRET)
+        for request in api.requests("post", resource, NS, "")
+    }
+    assert created == {"m1-workers", "m1", "m1-plan", "m1-control"}  # nothing for the bad ones
+
+    # Fixing the spec recovers with no other step.
+    await api.patch(MOED, NS, "few-slots", {"spec": {"placement": {"slotsPerRank": 2}}})
+    await settled(api, "few-slots", generation=2)
+    assert api.condition("few-slots", "SpecValid")["status"] == "True"
+    assert api.status("few-slots")["phase"] == "Deploying"
+    assert api.get(STS, NS, "few-slots")["spec"]["replicas"] == 2
+    assert api.plan("few-slots")["version"] == 1
+    assert operator.running
+
+
+async def test_a_valid_object_turned_invalid_keeps_its_children(
+    api: Api, operator: Operator
+) -> None:
+    await api.create_moed("m1", small_spec())
+    await settled(api)
+    statefulset, plan = api.get(STS, NS, "m1"), api.plan("m1")
+    seen = len(api.server)
+
+    await api.patch(MOED, NS, "m1", {"spec": {"parallelism": {"pipeline": 3}}})
+    await eventually(lambda: api.status("m1").get("phase") == "Failed", what="Failed")
+    assert "spec.parallelism.pipeline" in api.condition("m1", "SpecValid")["message"]
+    await asyncio.sleep(TICKS)  # the timer runs too: still nothing touched
+    later = list(api.server)[seen:]
+    assert [
+        request
+        for request in later
+        if request.method.value != "GET"
+        and request.resource is not None
+        and request.resource.plural in ("services", "statefulsets", "configmaps", "secrets")
+    ] == []
+    assert api.get(STS, NS, "m1") == statefulset and api.plan("m1") == plan
+
+    await api.patch(MOED, NS, "m1", {"spec": {"parallelism": {"pipeline": 1}}})
+    await eventually(
+        lambda: api.condition("m1", "SpecValid").get("status") == "True", what="recovered"
+    )
+    assert api.status("m1")["phase"] == "Deploying"
+    assert operator.running
