@@ -6,13 +6,13 @@ it gets SpecValid=False and phase Failed, and its children are left exactly as t
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import kopf
@@ -21,7 +21,7 @@ from moe_operator import api, metrics
 from moe_operator.kube import Cluster, load_client_config
 from moe_operator.manifests import children
 from moe_operator.planning.detection import DetectionState
-from moe_operator.rebalance import Window, control_step
+from moe_operator.rebalance import StepOutcome, Window, control_step
 from moe_operator.reconcile import ensure_children, ready_replicas, rollout_in_progress, write_plan
 from moe_operator.status import Observed, compute_status
 from moe_operator.validation import parse_spec
@@ -79,6 +79,7 @@ def _sync(
     *,
     control: bool,
 ) -> None:
+    """Parse, keep the children in shape, run the balancing step if asked, write status."""
     generation = int(body.metadata.get("generation") or 0)
     parsed, problems = parse_spec(dict(spec))
     if parsed is None:
@@ -86,67 +87,79 @@ def _sync(
         return
     cluster: Cluster = memo.cluster
     adopt = functools.partial(kopf.adopt, owner=body)
-    state = ensure_children(cluster, name, namespace, parsed, adopt=adopt)
-    for change in state.changes:
-        logger.info(change)
-        kopf.info(body, reason="Reconciled", message=change)
-    plan_status = dict(status.get("plan") or {})
+    children_state = ensure_children(cluster, name, namespace, parsed, adopt=adopt)
+    _announce(body, logger, [("Normal", "Reconciled", change) for change in children_state.changes])
+    ready = ready_replicas(children_state.statefulset)
+    desired = children_state.plan
+    applied = int((status.get("plan") or {}).get("appliedVersion") or 0)
     detection_state = DetectionState.from_dict(status.get("detection"))
-    ready = ready_replicas(state.statefulset)
-    world = parsed.parallelism.world_size
-    desired, applied = state.plan, int(plan_status.get("appliedVersion") or 0)
     outcome = None
-    if control and ready == world:
+    if control and ready == parsed.parallelism.world_size:
         if "window" not in memo:
             memo.window = Window(started_at=time.time())
         outcome = control_step(
-            parsed,
-            desired,
-            detection_state,
-            memo.window,
+            parsed, desired, detection_state, memo.window,
             PodWorkers(cluster, namespace, name, parsed),
-            ConfigMapStore(cluster, name, namespace, adopt),
-            time.time(),
-        )
+            ConfigMapStore(cluster, name, namespace, adopt), time.time(),
+        )  # fmt: skip
+        _announce(body, logger, outcome.events)
         desired, detection_state = outcome.desired, outcome.state
-        applied = outcome.applied_version if outcome.applied_version is not None else applied
-        for kind, reason, message in outcome.events:
-            (kopf.warn if kind == "Warning" else kopf.info)(body, reason=reason, message=message)
-            logger.info("%s: %s", reason, message)
-    window: Window | None = memo.get("window")
-    per_layer = window.last_layer_imbalance if window else ()
+        if outcome.applied_version is not None:
+            applied = outcome.applied_version
     observed = Observed(
         generation=generation,
-        workers=world,
+        workers=parsed.parallelism.world_size,
         statefulset_exists=True,
         ready_workers=ready,
-        rollout_in_progress=rollout_in_progress(state.statefulset),
+        rollout_in_progress=rollout_in_progress(children_state.statefulset),
         plan_version=desired.version,
         applied_plan_version=applied,
-        worst_imbalance=max(per_layer) if per_layer else None,
         imbalance_threshold=parsed.rebalancing.imbalance_threshold,
-        loads_problem=_loads_problem(window, ready, world),
+        loads_problem=_loads_problem(memo.get("window"), ready, parsed.parallelism.world_size),
         handoff_problem=outcome.handoff_problem if outcome else None,
         was_running=_was_running(status),
         balance_note=_balance_note(desired),
     )
+    _write_status(patch, status, name, namespace, observed, desired, detection_state, outcome,
+                  memo.get("window"))  # fmt: skip
+
+
+def _announce(
+    body: kopf.Body, logger: logging.Logger | kopf.Logger, events: list[tuple[str, str, str]]
+) -> None:
+    for kind, reason, message in events:
+        (kopf.warn if kind == "Warning" else kopf.info)(body, reason=reason, message=message)
+        logger.info("%s: %s", reason, message)
+
+
+def _write_status(
+    patch: kopf.Patch,
+    status: dict[str, Any],
+    name: str,
+    namespace: str,
+    observed: Observed,
+    desired: Plan,
+    detection_state: DetectionState,
+    outcome: StepOutcome | None,
+    window: Window | None,
+) -> None:
+    """Status fields and the operator's metrics, from one set of observations."""
+    per_layer = window.last_layer_imbalance if window else ()
+    observed = dataclasses.replace(observed, worst_imbalance=max(per_layer) if per_layer else None)
     patch.status.update(compute_status(observed, status.get("conditions") or [], _now()))
     patch.status["plan"] = {
         "version": desired.version,
-        "appliedVersion": applied,
+        "appliedVersion": observed.applied_plan_version,
         "method": desired.method,
         "configMap": children.plan_configmap_name(name),
     }
     patch.status["detection"] = detection_state.to_dict()
+    metrics.observe_workers(namespace, name, observed.ready_workers, observed.workers)
+    metrics.observe_plan(namespace, name, desired.version, observed.applied_plan_version)
+    if per_layer:
+        metrics.observe_imbalance(namespace, name, per_layer, observed.imbalance_threshold)
     if outcome and outcome.rebalance:
         patch.status["lastRebalance"] = outcome.rebalance.model_dump(by_alias=True)
-    metrics.observe_workers(namespace, name, ready, world)
-    metrics.observe_plan(namespace, name, desired.version, applied)
-    if per_layer:
-        metrics.observe_imbalance(
-            namespace, name, per_layer, parsed.rebalancing.imbalance_threshold
-        )
-    if outcome and outcome.rebalance:
         metrics.rebalances.labels(namespace, name, outcome.rebalance.method).inc()
 
 
@@ -164,7 +177,7 @@ def _balance_note(plan: Plan) -> str:
     return "; gate bias active: routing differs from the model's own choice of experts"
 
 
-@dataclass
+@dataclasses.dataclass
 class ConfigMapStore:
     cluster: Cluster
     name: str
