@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from moe_operator.local.controlplane import ControlPlane, ControlPlaneConfig, ensure_binaries
+from moe_operator.local.kubeclient import KubeClient
 
 pytestmark = pytest.mark.integration
 
@@ -103,9 +104,10 @@ def test_schedules_gpu_pod_and_stops_cleanly(bin_dir: Path, tmp_path: Path) -> N
         kubectl(kubeconfig, "create", "namespace", NAMESPACE)
         node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}}
         kubectl(kubeconfig, "create", "-f", "-", stdin=json.dumps(node))
-        kubectl(
-            kubeconfig, "patch", "node", NODE, "--subresource=status", "--type=merge",
-            "-p", json.dumps(gpu_node_status()),
+        # Through the API, not `kubectl patch --subresource` (kubectl 1.20 has no such flag).
+        KubeClient(kubeconfig).request(
+            "PATCH", f"/api/v1/nodes/{NODE}/status", gpu_node_status(),
+            content_type="application/merge-patch+json",
         )  # fmt: skip
         # Pods are rejected until the namespace's default ServiceAccount has its token.
         plane.wait_for_service_account_token(NAMESPACE)
