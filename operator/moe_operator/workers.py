@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,9 @@ class PodWorkers:
     name: str
     spec: MoEDeploymentSpec
 
+    @functools.cached_property
     def _addresses(self) -> dict[int, str]:
+        """rank -> base URL, listed once per control step (one PodWorkers serves one step)."""
         pods = self.cluster.list_pods(self.namespace, children.selector_labels(self.name))
         addresses = {}
         for pod in pods:
@@ -38,7 +41,7 @@ class PodWorkers:
         return addresses
 
     def _leader(self) -> str:
-        leader = self._addresses().get(0)
+        leader = self._addresses.get(0)
         if leader is None:
             raise handoff.HandoffError("rank 0 has no pod address yet")
         return leader
@@ -54,7 +57,7 @@ class PodWorkers:
                 num_layers=model.layers,
                 num_experts=model.experts_per_layer,
             )
-        targets = [loads.Target(rank, f"{url}/metrics") for rank, url in self._addresses().items()]
+        targets = [loads.Target(rank, f"{url}/metrics") for rank, url in self._addresses.items()]
         return loads.read_direct(
             targets,
             world_size=self.spec.parallelism.world_size,
