@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.integration.kubectl import Kubectl
+
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed")
 
 pytestmark = pytest.mark.integration
@@ -35,15 +37,7 @@ UNSCHEDULABLE = {"nodeSelector": {"moe-ep.io/chart-test": "never-schedule"}}
 
 
 def kubectl(kubeconfig: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        ["kubectl", f"--kubeconfig={kubeconfig}", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if check:
-        assert result.returncode == 0, f"kubectl {' '.join(args)}:\n{result.stderr}"
-    return result
+    return Kubectl(kubeconfig).run(*args, check=check)
 
 
 def server_dry_run(kubeconfig: str, namespace: str, *files: Path) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 
 from moe_operator.local.controlplane import ControlPlane, ControlPlaneConfig, ensure_binaries
 from moe_operator.local.kubeclient import KubeClient
+from tests.integration.kubectl import Kubectl, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -20,24 +20,7 @@ NODE = "gpu-node-0"
 
 
 def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> str:
-    result = subprocess.run(
-        ["kubectl", f"--kubeconfig={kubeconfig}", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode == 0, f"kubectl {' '.join(args)}: {result.stderr}"
-    return result.stdout
-
-
-def wait_for(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.25)
-    raise AssertionError("condition not met in time")
+    return Kubectl(str(kubeconfig)).run(*args, stdin=stdin).stdout
 
 
 def live_process_groups() -> set[int]:
@@ -119,7 +102,7 @@ def test_schedules_gpu_pod_and_stops_cleanly(bin_dir: Path, tmp_path: Path) -> N
                 "-o", "jsonpath={.spec.nodeName}",
             )  # fmt: skip
 
-        wait_for(lambda: bound_node() == NODE)
+        wait_for(lambda: bound_node() == NODE, 30, "the pod bound to the GPU node")
         groups = set(plane.pids().values())
         assert len(groups) == 4
 

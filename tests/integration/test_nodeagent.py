@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from moe_operator.local.kubeclient import ApiError, KubeClient
 from moe_operator.local.podspec import pod_ip
 from moe_operator.manifests import children
 from moe_worker.plan import round_robin_plan
+from tests.integration.kubectl import wait_for as shared_wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -50,13 +50,7 @@ http.server.HTTPServer((os.environ["MOE_BIND_ADDRESS"], 8080), H).serve_forever(
 
 
 def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    return shared_wait_for(predicate, timeout, what)
 
 
 def http_get(url: str) -> str:
