@@ -23,7 +23,7 @@ PURE_CORE = [
     "moe_operator.planning.gating",
     "moe_operator.planning.planners",
     "moe_operator.planning.detection",
-    "moe_operator.planning.perf",
+    "moe_operator.perf",
     "moe_worker.plan",
     "moe_worker.env",
 ]

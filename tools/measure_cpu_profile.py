@@ -1,6 +1,6 @@
 """Measure this machine for the performance model's `cpu-local` profile; prints YAML.
 
-    python tools/measure_cpu_profile.py [--write operator/moe_operator/profiles/cpu-local.yaml]
+    python tools/measure_cpu_profile.py [--write operator/moe_operator/perf/profiles/cpu-local.yaml]
 
 Measures (best of a few repeats, so they are achieved ceilings, not averages):
 - matmul FLOP/s: fp32 square GEMM (n=1024) on ONE thread with torch when installed (what the CPU
@@ -111,7 +111,7 @@ def render(flops: float, lib: str, bw: float, net_bw: float, net_lat: float, cap
     when = f"measured by tools/measure_cpu_profile.py on {dt.date.today().isoformat()}"
     cores = os.cpu_count()
     return f"""# This machine ({cores} CPU cores), measured, not a datasheet. Regenerate with
-#   python tools/measure_cpu_profile.py --write operator/moe_operator/profiles/cpu-local.yaml
+#   python tools/measure_cpu_profile.py --write operator/moe_operator/perf/profiles/cpu-local.yaml
 # The model reads `value`; `source` is printed by `moe-ep perf` with every figure.
 name: cpu-local
 hardware:

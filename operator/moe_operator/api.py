@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from moe_worker.shape import ModelShape
+
 GROUP = "moe-ep.io"
 VERSION = "v1alpha1"
 KIND = "MoEDeployment"
@@ -47,6 +49,19 @@ class ModelSpec(ApiModel):
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="Weight and activation precision."
     )
+
+    def to_shape(self) -> ModelShape:
+        """The shape workers build and the performance model prices (the one shared contract)."""
+        return ModelShape(
+            layers=self.layers,
+            experts=self.experts_per_layer,
+            hidden=self.hidden_size,
+            ffn_hidden=self.ffn_hidden_size,
+            heads=self.attention_heads,
+            head_dim=self.head_dim,
+            top_k=self.top_k,
+            dtype=self.dtype,
+        )
 
 
 class ParallelismSpec(ApiModel):

@@ -1,6 +1,6 @@
 """One control step of expert-load balancing: hand off a pending plan, measure, detect, re-plan.
 
-The decisions are the pure functions of `planning/` (detection, planners, performance model); this
+The decisions are the pure functions of `planning/` (detection, planners) and `perf/`; this
 module sequences them around three injected doors to the outside — the workers (`Workers`), the
 plan's durable record (`PlanStore`) and a clock — so the kmock and unit tests drive it directly.
 
@@ -21,16 +21,16 @@ from typing import Protocol
 from moe_operator.api import MoEDeploymentSpec, RebalanceRecord
 from moe_operator.handoff import HandoffError, HandoffResult
 from moe_operator.loads import CounterSnapshot, LoadReadError
+from moe_operator.perf import predicted_gain
+from moe_operator.perf.profiles import load_profile
+from moe_operator.perf.types import Layout, Profile
 from moe_operator.planning import detection
 from moe_operator.planning.gating import GatingOptions
-from moe_operator.planning.perf import predicted_gain
-from moe_operator.planning.perf_types import Layout, ModelShape, Profile
 from moe_operator.planning.placement import imbalance
 from moe_operator.planning.planners import plan_rebalance
 from moe_worker.plan import Plan
 
 logger = logging.getLogger(__name__)
-_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 class Workers(Protocol):
@@ -93,8 +93,6 @@ def _by_source(snapshot: CounterSnapshot) -> dict[str, dict[tuple[int, int], flo
 
 @lru_cache(maxsize=4)
 def _profile(device: str) -> Profile:
-    from moe_operator.planning.perf_report import load_profile  # reads a packaged YAML file
-
     return load_profile("h100-sxm" if device == "cuda" else "cpu-local")
 
 
@@ -102,19 +100,9 @@ def predicted_effect(
     spec: MoEDeploymentSpec, before: float, after: float, moved: int
 ) -> tuple[float, float]:
     """(throughput gain, seconds to move the slots) by the performance model; (1, 0) if unknown."""
-    model = spec.model
-    shape = ModelShape(
-        layers=model.layers,
-        experts=model.experts_per_layer,
-        hidden=model.hidden_size,
-        ffn=model.ffn_hidden_size,
-        heads=model.attention_heads,
-        head_dim=model.head_dim,
-        top_k=model.top_k,
-        dtype_bytes=_DTYPE_BYTES[model.dtype],
-    )
+    shape = spec.model.to_shape()
     layout = Layout(ep=spec.parallelism.expert, slots_per_rank=spec.placement.slots_per_rank)
-    bytes_per_slot = 2 * model.hidden_size * model.ffn_hidden_size * _DTYPE_BYTES[model.dtype]
+    bytes_per_slot = shape.expert_params * shape.dtype_bytes
     try:
         return predicted_gain(
             shape, layout, _profile(spec.worker.device), before, after, moved, bytes_per_slot

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import ast
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-from moe_operator.planning import perf_cli
-from moe_operator.planning.perf_calibrate import calibrate, flatten
-from moe_operator.planning.perf_report import (
+from moe_operator.cli import perf as perf_cli
+from moe_operator.perf.calibrate import calibrate, flatten
+from moe_operator.perf.profiles import (
     PROFILE_DIR,
     load_profile,
     profile_from_dict,
     profile_to_yaml,
 )
-
-PLANNING = Path(perf_cli.__file__).parent
-PURE = ["perf.py", "perf_model.py", "perf_types.py", "perf_calibrate.py"]
 
 
 def test_flatten():
@@ -150,20 +144,3 @@ def test_cli_errors(capsys):
     assert perf_cli.main(["--layouts", "bogus"]) == 2
     assert perf_cli.main(["--layouts", "ep4s2"]) == 2  # 4 ranks x 2 slots < 16 experts
     assert "moe-ep perf" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("module", PURE)
-def test_model_modules_are_pure(module):
-    tree = ast.parse((PLANNING / module).read_text())
-    for node in ast.walk(tree):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            names = [node.module or ""]
-        for name in names:
-            top = name.split(".")[0]
-            assert top in sys.stdlib_module_names or name.startswith(
-                "moe_operator.planning.perf"
-            ), f"{module} imports {name}"
-    assert "open(" not in (PLANNING / module).read_text()

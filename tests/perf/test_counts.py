@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from moe_operator.planning.perf import Layout, Workload, parse_layout, predict, predicted_gain
-from moe_operator.planning.perf_model import (
+from moe_operator.perf import Layout, Workload, parse_layout, predict, predicted_gain
+from moe_operator.perf.model import (
     alltoall_bytes_per_token,
     ep_peer_fractions,
     expert_flops,

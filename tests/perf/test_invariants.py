@@ -8,11 +8,11 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_operator.planning.perf import ModelShape, Workload, parse_layout, predict
-from moe_operator.planning.perf_report import load_profile
+from moe_operator.perf import ModelShape, Workload, parse_layout, predict
+from moe_operator.perf.profiles import load_profile
 
 H100 = load_profile("h100-sxm")
-SEED = ModelShape()
+SEED = ModelShape.seed()
 layouts = st.sampled_from(["ep16", "tp8pp2", "ep8tp2", "ep4tp2pp2", "ep16s2", "tp4pp4m2", "ep2"])
 phases = st.sampled_from(["prefill", "decode"])
 overlaps = st.floats(0.0, 1.0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moe_operator.planning.perf import HardwareProfile, NetworkProfile, Profile
+from moe_operator.perf import HardwareProfile, NetworkProfile, Profile
 
 
 def round_profile(gpus_per_node: int = 2) -> Profile:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_operator.planning.plan_cli import main
+from moe_operator.cli.plan import main
 from moe_worker.plan import parse_plan, round_robin_plan, validate_plan
 
 SUMMARY = re.compile(
@@ -141,7 +141,7 @@ def test_python_dash_m(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "moe_operator.planning.plan_cli",
+            "moe_operator.cli.plan",
             "--loads",
             str(loads),
             "--ranks",
@@ -163,7 +163,7 @@ def test_python_dash_m(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "moe_operator.planning.plan_cli",
+            "moe_operator.cli.plan",
             "--loads",
             str(loads),
             "--ranks",

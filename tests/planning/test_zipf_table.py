@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moe_operator.planning.zipf_table import (
+from moe_operator.cli.zipf_table import (
     TOKENS_PER_LAYER,
     format_table,
     main,

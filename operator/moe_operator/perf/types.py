@@ -1,4 +1,6 @@
-"""Frozen inputs and outputs of the performance model (see perf_model.py for the method). PURE.
+"""Frozen inputs and outputs of the performance model (see model.py for the method). PURE.
+
+The model shape is the deployment's own `moe_worker.shape.ModelShape`.
 
 Units: seconds, bytes, FLOPs, FLOP/s, bytes/s.
 """
@@ -9,41 +11,9 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from moe_worker.shape import ModelShape
+
 Phase = Literal["prefill", "decode"]
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The transformer: 2-matrix MLP experts (hidden -> ffn -> hidden), multi-head attention."""
-
-    layers: int = 16
-    experts: int = 16
-    hidden: int = 4096
-    ffn: int = 16384
-    heads: int = 32
-    head_dim: int = 128
-    top_k: int = 2
-    dtype_bytes: int = 2  # bf16
-
-    @property
-    def attn_dim(self) -> int:
-        """heads x head_dim (elements)."""
-        return self.heads * self.head_dim
-
-    @property
-    def expert_params(self) -> int:
-        """Parameters of one expert: 2 x hidden x ffn."""
-        return 2 * self.hidden * self.ffn
-
-    @property
-    def attn_params(self) -> int:
-        """Q, K, V and O projections of one layer: 4 x hidden x attn_dim."""
-        return 4 * self.hidden * self.attn_dim
-
-    @property
-    def kv_bytes_per_token_layer(self) -> int:
-        """KV cache bytes per token and layer: 2 (K and V) x heads x head_dim x dtype bytes."""
-        return 2 * self.attn_dim * self.dtype_bytes
 
 
 @dataclass(frozen=True)

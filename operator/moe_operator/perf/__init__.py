@@ -1,7 +1,8 @@
 """Performance model: predicted throughput of a layout, and the gain of a rebalance. PURE (stdlib).
 
-The public face of the model. Per-layer terms live in `perf_model`, the dataclasses in `perf_types`,
-profile loading and printing in `perf_report`, calibration from measurements in `perf_calibrate`.
+The public face of the model. Per-layer terms live in `model`, the dataclasses in `types`, printing
+in `report`, calibration from measurements in `calibrate`; `profiles` reads profile files (the
+package's only I/O, at its edge).
 Method and numbers: docs/performance.md.
 
     predict(shape, workload, layout, profile, imbalance=1.0, overlap=0.0) -> Prediction
@@ -14,13 +15,13 @@ from __future__ import annotations
 import math
 import re
 
-from moe_operator.planning.perf_model import (
+from moe_operator.perf.model import (
     flops_per_token,
     layer_terms,
     memory_per_gpu,
     pp_p2p_seconds,
 )
-from moe_operator.planning.perf_types import (
+from moe_operator.perf.types import (
     HardwareProfile,
     Layout,
     Memory,

@@ -1,30 +1,14 @@
-"""Profiles from YAML files, and the printed / JSON report of predictions.
-
-The only module of the performance model that does I/O: it reads profile files (bundled ones by name
-from `moe_operator/profiles/`, or any path) and renders text. Profile file format: under `hardware:`
-and `network:` each figure is `{value: <number>, source: "<datasheet / measured by ... on DATE /
-assumed: why>"}` (a bare number is accepted; its source is then "unspecified").
-"""
+"""The printed and JSON report of predictions. PURE: data in, text or JSON-ready dicts out."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, fields
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
-import yaml
+from moe_operator.perf.types import Prediction, Profile, Workload
+from moe_worker.shape import ModelShape
 
-from moe_operator.planning.perf_types import (
-    HardwareProfile,
-    ModelShape,
-    NetworkProfile,
-    Prediction,
-    Profile,
-    Workload,
-)
-
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 SEED_CLAIMS = {
     "tp8pp2": {"tokens_per_s": 120_000, "tpot_ms": 8.3},
     "ep16": {"tokens_per_s": 450_000, "tpot_ms": 2.2},
@@ -34,7 +18,7 @@ MODEL_ASSUMPTIONS = (
     "bytes / (HBM bw x memory efficiency))",
     "attention data-parallel over EP groups (batch/ep sequences each), heads split over TP",
     "experts split over EP ranks (slots), each expert's FFN split over TP; "
-    "experts are 2-matrix MLPs",
+    "experts are 2-matrix (SeedMLP) or 3-matrix (SwiGLU) MLPs",
     "imbalance multiplies the slowest EP rank's expert FLOPs and all-to-all bytes (TP ranks: none)",
     "EP all-to-all: dispatch + combine of hidden x dtype x top_k bytes per token; NVLink and IB "
     "parts run concurrently (time = slower of the two)",
@@ -46,60 +30,6 @@ MODEL_ASSUMPTIONS = (
     "flash-style attention: scores never materialised in memory; no embeddings / LM head modelled",
     "rank order: stage-major, then EP, then TP innermost; node = rank // gpus_per_node",
 )
-
-
-def _figure(raw: Any) -> tuple[float, str]:
-    if isinstance(raw, Mapping):
-        return float(raw["value"]), str(raw.get("source", "unspecified"))
-    return float(raw), "unspecified"
-
-
-def profile_from_dict(doc: Mapping[str, Any]) -> Profile:
-    """Build a Profile from a parsed profile document (see the module docstring)."""
-    sources: dict[str, str] = {}
-    parts: dict[str, dict[str, float]] = {}
-    for section, cls in (("hardware", HardwareProfile), ("network", NetworkProfile)):
-        known = {f.name for f in fields(cls)} - {"name"}
-        given = doc.get(section) or {}
-        unknown = set(given) - set(known)
-        if unknown:
-            raise ValueError(f"profile {section}: unknown figures {sorted(unknown)}")
-        parts[section] = {}
-        for key, raw in given.items():
-            value, src = _figure(raw)
-            parts[section][key] = int(value) if key == "gpus_per_node" else value
-            sources[key] = src
-    name = str(doc.get("name", "unnamed"))
-    return Profile(
-        name=name,
-        hardware=HardwareProfile(name=name, **parts["hardware"]),
-        network=NetworkProfile(**parts["network"]),
-        sources=tuple(sorted(sources.items())),
-    )
-
-
-def load_profile(name_or_path: str) -> Profile:
-    """A bundled profile by name (`h100-sxm`, `h200`, `cpu-local`) or a YAML file by path."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = PROFILE_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"no profile {name_or_path!r}; bundled: {', '.join(names)}")
-    return profile_from_dict(yaml.safe_load(path.read_text()))
-
-
-def profile_to_yaml(profile: Profile) -> str:
-    """The profile in the file format, sources included (for saving a calibrated profile)."""
-    hw = {k: v for k, v in asdict(profile.hardware).items() if k != "name"}
-    doc = {
-        "name": profile.name,
-        "hardware": {k: {"value": v, "source": profile.source(k)} for k, v in hw.items()},
-        "network": {
-            k: {"value": v, "source": profile.source(k)} for k, v in asdict(profile.network).items()
-        },
-    }
-    return yaml.safe_dump(doc, sort_keys=False, width=120)
 
 
 def _gb(x: float) -> str:

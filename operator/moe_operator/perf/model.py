@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 
-from moe_operator.planning.perf_types import (
+from moe_operator.perf.types import (
     Layout,
     Memory,
     ModelShape,
@@ -50,8 +50,8 @@ def score_flops(shape: ModelShape, sequences: float, seq_len: int, phase: Phase)
 
 
 def expert_flops(shape: ModelShape, tokens: float) -> float:
-    """tokens x top_k x 2 (FLOPs per MAC) x 2 (matrices) x hidden x ffn."""
-    return tokens * shape.top_k * 2 * 2 * shape.hidden * shape.ffn
+    """tokens x top_k x 2 (FLOPs per MAC) x expert parameters (2 or 3 hidden x ffn matrices)."""
+    return tokens * shape.top_k * 2 * shape.expert_params
 
 
 def flops_per_token(shape: ModelShape, wl: Workload) -> float:
@@ -204,7 +204,8 @@ def memory_per_gpu(
     m = layout.micro(wl.phase)
     tok = wl.batch / m / layout.ep * (wl.seq_len if wl.phase == "prefill" else 1)
     routed = tok * shape.top_k * imb
-    acts = d * (2 * tok * shape.hidden + 4 * tok * shape.attn_dim / tp + routed * shape.ffn / tp)
+    attention = 4 * tok * shape.attn_dim / tp
+    acts = d * (2 * tok * shape.hidden + attention + routed * shape.ffn_hidden / tp)
     buffers = prof.hardware.runtime_overhead_bytes
     if layout.ep > 1:
         buffers += 2 * routed * shape.hidden * d

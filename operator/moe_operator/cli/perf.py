@@ -17,20 +17,16 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from moe_operator.planning.perf import ModelShape, Workload, parse_layout, predict
-from moe_operator.planning.perf_calibrate import calibrate
-from moe_operator.planning.perf_report import (
-    assumptions,
-    format_report,
-    load_profile,
-    profile_to_yaml,
-    report_dict,
-)
+from moe_operator.perf import Workload, parse_layout, predict
+from moe_operator.perf.calibrate import calibrate
+from moe_operator.perf.profiles import load_profile, profile_to_yaml
+from moe_operator.perf.report import assumptions, format_report, report_dict
+from moe_worker.shape import ARCHITECTURES, DTYPE_BYTES, ModelShape
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of `moe-ep perf`."""
-    d = ModelShape()
+    d = ModelShape.seed()
     ap = argparse.ArgumentParser(prog="moe-ep perf", description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="h100-sxm", help="bundled name or YAML path")
     ap.add_argument("--layouts", default="ep16,tp8pp2", help="comma-separated layouts")
@@ -47,11 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--layers", type=int, default=d.layers)
     ap.add_argument("--experts", type=int, default=d.experts)
     ap.add_argument("--hidden", type=int, default=d.hidden)
-    ap.add_argument("--ffn", type=int, default=d.ffn)
+    ap.add_argument("--ffn", type=int, default=d.ffn_hidden, help="expert inner dimension")
     ap.add_argument("--heads", type=int, default=d.heads)
     ap.add_argument("--head-dim", type=int, default=d.head_dim)
     ap.add_argument("--top-k", type=int, default=d.top_k)
-    ap.add_argument("--dtype-bytes", type=int, default=d.dtype_bytes)
+    ap.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads)")
+    ap.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=d.dtype)
+    ap.add_argument("--architecture", choices=ARCHITECTURES, default=d.architecture)
     ap.add_argument(
         "--gpu-check-json", type=Path, help="python -m moe_worker.gpu_check --json output"
     )
@@ -79,16 +77,22 @@ def main(argv: list[str] | None = None) -> int:
         profile, notes, measured = cal.profile, cal.notes, dict(cal.measured)
     if args.save_profile:
         args.save_profile.write_text(profile_to_yaml(profile))
-    shape = ModelShape(
-        args.layers,
-        args.experts,
-        args.hidden,
-        args.ffn,
-        args.heads,
-        args.head_dim,
-        args.top_k,
-        args.dtype_bytes,
-    )
+    try:
+        shape = ModelShape(
+            layers=args.layers,
+            experts=args.experts,
+            hidden=args.hidden,
+            ffn_hidden=args.ffn,
+            heads=args.heads,
+            head_dim=args.head_dim,
+            top_k=args.top_k,
+            dtype=args.dtype,
+            architecture=args.architecture,
+            kv_heads=args.kv_heads,
+        )
+    except ValueError as exc:
+        print(f"moe-ep perf: {exc}", file=sys.stderr)
+        return 2
     phases = ("prefill", "decode") if args.phase == "both" else (args.phase,)
     base = Workload(batch=args.batch, seq_len=args.seq_len)
     try:

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from moe_operator.planning.perf_types import Profile
+from moe_operator.perf.types import Profile
 
 _MATMUL = ("matmul", "cublas", "gemm", "dense")
 

@@ -1,6 +1,6 @@
 """Imbalance before and after Auto rebalancing under Zipf-skewed loads (for the docs).
 
-    python -m moe_operator.planning.zipf_table [--ranks 16] [--layers 16] [--experts 16]
+    moe-ep zipf-table [--ranks 16] [--layers 16] [--experts 16]
 
 Load of expert e in layer l is proportional to 1 / (p_l(e) + 1) ** s, where p_l is a permutation
 of the experts (popularity order) fixed per layer by a seeded generator, so layers differ but
@@ -95,7 +95,7 @@ def format_table(rows: list[Row], ranks: int, layers: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moe_operator.planning.zipf_table")
+    parser = argparse.ArgumentParser(prog="moe-ep zipf-table")
     parser.add_argument("--ranks", type=int, default=16)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--experts", type=int, default=16)
