@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from moe_worker.env import rank_from_pod_name
+
 TOKENS_METRIC = "moe_expert_tokens_total"
 PLAN_VERSION_METRIC = "moe_plan_version"
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -156,10 +158,14 @@ def read_prometheus(
     for item in results:
         try:
             labels, value = dict(item["metric"]), float(item["value"][1])
-            rank_text = str(labels.get("pod", "")).rsplit("-", 1)[-1]
+            pod = str(labels.get("pod", ""))
         except (KeyError, TypeError, ValueError, IndexError):
             raise LoadReadError("prometheus: malformed series in the answer") from None
-        rank = _label_int({"rank": rank_text}, "rank", world_size, "prometheus")
+        rank = rank_from_pod_name(pod)
+        if rank is None or rank >= world_size:
+            raise LoadReadError(
+                f"prometheus: label pod={pod[:40]!r} is not a rank in 0..{world_size - 1}"
+            )
         if not math.isfinite(value) or value < 0:
             raise LoadReadError(f"prometheus: rank {rank} has value {value}")
         key = (

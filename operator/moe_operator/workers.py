@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
 
 from moe_operator import handoff, loads
 from moe_operator.api import MoEDeploymentSpec
@@ -12,12 +11,6 @@ from moe_operator.kube import Cluster
 from moe_operator.manifests import children
 from moe_worker import env as worker_env
 from moe_worker.plan import Plan
-
-
-def pod_rank(pod: dict[str, Any]) -> int | None:
-    """The StatefulSet ordinal: the suffix after the last '-' of the pod name."""
-    suffix = pod["metadata"]["name"].rsplit("-", 1)[-1]
-    return int(suffix) if suffix.isdigit() else None
 
 
 @dataclass
@@ -35,7 +28,8 @@ class PodWorkers:
         pods = self.cluster.list_pods(self.namespace, children.selector_labels(self.name))
         addresses = {}
         for pod in pods:
-            rank, ip = pod_rank(pod), (pod.get("status") or {}).get("podIP")
+            rank = worker_env.rank_from_pod_name(pod["metadata"]["name"])
+            ip = (pod.get("status") or {}).get("podIP")
             if rank is not None and ip and not pod["metadata"].get("deletionTimestamp"):
                 addresses[rank] = f"http://{ip}:{self.spec.worker.port}"
         return addresses

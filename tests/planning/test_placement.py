@@ -1,4 +1,4 @@
-"""The load model: rank loads, imbalance, moved slots, load validation."""
+"""The load model: rank loads, imbalance, moved experts, load validation."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from moe_operator.planning.placement import (
     check_loads,
     imbalance,
     layer_imbalances,
-    moved_slots,
     rank_loads,
     replica_counts,
 )
+from moe_worker.plan import Plan, moved_experts, plan_transfers
 
 from .strategies import Case, cases
+from .strategies import layer_slots as draw_layer_slots
 
 
 def test_replicated_expert_splits_its_tokens_evenly() -> None:
@@ -43,12 +44,31 @@ def test_seed_layout_imbalance_equals_expert_load_ratio() -> None:
     assert layer_imbalances(slots, [[5.0, 1.0, 1.0, 1.0]]) == (2.5,)
 
 
-def test_moved_slots_counts_experts_new_to_a_rank_regardless_of_slot_index() -> None:
+def test_moved_experts_counts_experts_new_to_a_rank_regardless_of_slot_index() -> None:
     before = ((0, 1), (2, 3))
-    assert moved_slots(before, ((1, 0), (2, 3))) == 0  # swapped inside a rank: no copy
-    assert moved_slots(before, ((0, 2), (2, 3))) == 1
-    assert moved_slots(before, ((2, 3), (0, 1))) == 4
-    assert moved_slots(((0, 0),), ((0, 1),)) == 1
+    assert moved_experts(before, ((1, 0), (2, 3))) == 0  # swapped inside a rank: no copy
+    assert moved_experts(before, ((0, 2), (2, 3))) == 1
+    assert moved_experts(before, ((2, 3), (0, 1))) == 4
+    assert moved_experts(((0, 0),), ((0, 1),)) == 1
+    # a second copy of an expert the rank already holds is a local copy, not a transfer
+    assert moved_experts(before, ((0, 0), (2, 1))) == 1
+
+
+@given(cases(), st.data())
+def test_moved_experts_is_what_the_workers_transfer(case: Case, data: st.DataObject) -> None:
+    """The operator's count (slotsMoved) and the worker's transfers are one definition."""
+    old = case.plan
+    new_slots = tuple(
+        data.draw(draw_layer_slots(case.experts, case.ranks, case.slots_per_rank))
+        for _ in range(case.layers)
+    )
+    new = Plan(version=old.version + 1, slotsPerRank=case.slots_per_rank, slots=new_slots)
+    counted = sum(moved_experts(o, n) for o, n in zip(old.slots, new.slots, strict=True))
+    transfers = plan_transfers(old, new)
+    assert counted == len(transfers)
+    for t in transfers:  # every transfer brings an expert its destination lacked, from a holder
+        assert t.expert in new.slots[t.layer][t.dst] and t.expert not in old.slots[t.layer][t.dst]
+        assert t.expert in old.slots[t.layer][t.src]
 
 
 @given(cases())

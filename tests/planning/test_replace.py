@@ -7,7 +7,7 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_operator.planning.placement import moved_slots, rank_loads
+from moe_operator.planning.placement import rank_loads
 from moe_operator.planning.planners import REPLACE, plan_rebalance
 from moe_operator.planning.replace import (
     ReplaceOptions,
@@ -16,7 +16,7 @@ from moe_operator.planning.replace import (
     count_path,
     replace_layer,
 )
-from moe_worker.plan import Plan, validate_plan
+from moe_worker.plan import Plan, moved_experts, validate_plan
 
 from .strategies import Case, cases
 
@@ -48,7 +48,7 @@ def test_replace_keeps_the_plan_valid_and_never_raises_the_max_rank_load(
         assert set(range(case.experts)) <= {e for rank in new for e in rank}
         before, after = max(rank_loads(old, load)), max(rank_loads(new, load))
         assert after <= before * (1 + RELATIVE)
-        if moved_slots(old, new):
+        if moved_experts(old, new):
             assert after < before  # a move must buy something
 
 
@@ -88,7 +88,7 @@ def test_same_input_same_plan(case: Case) -> None:
 def test_a_higher_price_per_move_never_moves_more(case: Case) -> None:
     for old, load in zip(case.plan.slots, case.loads, strict=True):
         moves = [
-            moved_slots(old, replace_layer(old, load, ReplaceOptions(min_gain_per_move=gain)))
+            moved_experts(old, replace_layer(old, load, ReplaceOptions(min_gain_per_move=gain)))
             for gain in (0.0, 0.001, 0.01, 0.1, 1.0)
         ]
         assert moves == sorted(moves, reverse=True)
@@ -112,14 +112,14 @@ def test_a_gain_below_the_price_of_its_moves_is_refused() -> None:
     load = [70.0, 40.0, 30.0, 60.0]  # 110 vs 90: swapping 1 and 2 gives 100/100, 2 moves
     assert replace_layer(current, load, ReplaceOptions(0.2)) == current  # gain 0.2 < 2 x 0.2
     better = replace_layer(current, load, ReplaceOptions(0.04))
-    assert moved_slots(current, better) == 2
+    assert moved_experts(current, better) == 2
     assert rank_loads(better, load) == (100.0, 100.0)
 
 
 def test_kept_experts_stay_in_their_slot_index() -> None:
     current = ((5, 0), (1, 2), (3, 4))
     aligned = align(((4, 1), (0, 2), (3, 5)), current)
-    assert moved_slots(current, aligned) == 3  # the groups share one expert each with a rank
+    assert moved_experts(current, aligned) == 3  # the groups share one expert each with a rank
     for rank, slots in enumerate(aligned):
         for index, expert in enumerate(current[rank]):
             if expert in slots:
@@ -146,5 +146,5 @@ def test_one_exchange_fixes_a_nearly_balanced_layer_with_two_moves() -> None:
     current = ((3, 4), (2, 5), (1, 7), (0, 6))
     new = replace_layer(current, load, ReplaceOptions(min_gain_per_move=0.001))
     assert rank_loads(new, load) == (90.0, 90.0, 90.0, 90.0)
-    assert moved_slots(current, new) == 2
+    assert moved_experts(current, new) == 2
     assert new[:2] == current[:2]

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from moe_worker.bench import BenchOptions, format_table, run_bench
-from moe_worker.settings import ModelConfig
+from moe_worker.shape import ModelShape
 
 pytestmark = pytest.mark.distributed
 
 
 def test_bench_reports_both_layouts(tmp_path: Path) -> None:
     options = BenchOptions(
-        model=ModelConfig(layers=2, experts=4, hidden=32, ffn_hidden=64, heads=4, head_dim=8),
+        model=ModelShape(layers=2, experts=4, hidden=32, ffn_hidden=64, heads=4, head_dim=8),
         batch=4,
         seq_len=8,
         steps=1,

@@ -13,11 +13,11 @@ from worker_harness import FIXTURES, Cluster, parse_metric
 
 from moe_worker.model import reference_forward
 from moe_worker.plan import parse_plan
-from moe_worker.settings import ModelConfig
+from moe_worker.shape import ModelShape
 
 pytestmark = pytest.mark.distributed
 
-CONFIG = ModelConfig(layers=2, experts=4, hidden=32, ffn_hidden=64, heads=4, head_dim=8, top_k=2)
+CONFIG = ModelShape(layers=2, experts=4, hidden=32, ffn_hidden=64, heads=4, head_dim=8, top_k=2)
 SEED = 7
 ENV = {
     "MOE_LAYERS": "2",

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from moe_worker.dispatch import LocalDispatcher, Placement
-from moe_worker.engine import EPEngine, plan_transfers
+from moe_worker.engine import EPEngine
+from moe_worker.env import rank_from_pod_name
 from moe_worker.model import (
     DenseExperts,
     ExpertSource,
@@ -19,11 +20,12 @@ from moe_worker.model import (
     route,
     write_checkpoint,
 )
-from moe_worker.plan import Plan, round_robin_plan
-from moe_worker.settings import ModelConfig, TrafficSettings, rank_from_pod_name, settings_from_env
+from moe_worker.plan import Plan, plan_transfers, round_robin_plan
+from moe_worker.settings import TrafficSettings, settings_from_env
+from moe_worker.shape import ModelShape
 from moe_worker.traffic import TrafficSource, zipf_logit_offset
 
-CONFIG = ModelConfig(layers=2, experts=4, hidden=16, ffn_hidden=32, heads=2, head_dim=8, top_k=2)
+CONFIG = ModelShape(layers=2, experts=4, hidden=16, ffn_hidden=32, heads=2, head_dim=8, top_k=2)
 
 
 def random_routing(n: int, experts: int, k: int, seed: int = 0) -> Routing:
@@ -54,7 +56,7 @@ def test_dispatcher_counts_tokens_per_logical_expert() -> None:
 
 
 def test_one_expert_moe_equals_the_dense_mlp() -> None:
-    config = ModelConfig(
+    config = ModelShape(
         layers=1, experts=1, hidden=16, ffn_hidden=32, heads=2, head_dim=8, top_k=1
     )
     x_ND = torch.randn(30, 16)
@@ -134,8 +136,9 @@ def test_settings_from_the_pod_environment() -> None:
     assert (s.rank, s.world_size, s.model.layers, s.model.dtype) == (3, 16, 16, "bfloat16")
     assert s.traffic.zipf == 1.2 and s.plan_path == "/etc/moe-ep/plan/plan.json"
     assert settings_from_env({"MOE_POD_NAME": "w-3", "MOE_RANK": "5"}).rank == 5
-    with pytest.raises(ValueError):
-        rank_from_pod_name("worker")
+    assert rank_from_pod_name("worker") is None
+    with pytest.raises(ValueError, match="MOE_POD_NAME"):
+        settings_from_env({"MOE_POD_NAME": "worker"})
 
 
 def test_zipf_traffic_skews_routing_towards_low_experts() -> None:

@@ -12,10 +12,10 @@ from moe_worker.baseline import TPPPModel
 from moe_worker.engine import EPEngine
 from moe_worker.model import reference_forward
 from moe_worker.plan import Plan, parse_plan, round_robin_plan
-from moe_worker.settings import ModelConfig
+from moe_worker.shape import ModelShape
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "plans"
-CONFIG = ModelConfig(layers=2, experts=4, hidden=32, ffn_hidden=64, heads=4, head_dim=8, top_k=2)
+CONFIG = ModelShape(layers=2, experts=4, hidden=32, ffn_hidden=64, heads=4, head_dim=8, top_k=2)
 SEED = 7
 
 

@@ -30,7 +30,7 @@ from moe_worker.model import (
     torch_dtype,
     weighted_sum,
 )
-from moe_worker.settings import ModelConfig
+from moe_worker.shape import ModelShape
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class TPPPModel:
 
     def __init__(
         self,
-        config: ModelConfig,
+        config: ModelShape,
         *,
         tp: int,
         pp: int,

@@ -28,14 +28,14 @@ from moe_worker.baseline import TPPPModel
 from moe_worker.engine import EPEngine
 from moe_worker.model import generator_for, torch_dtype
 from moe_worker.plan import Plan, round_robin_plan
-from moe_worker.settings import ModelConfig
+from moe_worker.shape import ModelShape
 from moe_worker.traffic import zipf_logit_offset
 
 
 @dataclass(frozen=True)
 class BenchOptions:
-    model: ModelConfig = field(
-        default_factory=lambda: ModelConfig(
+    model: ModelShape = field(
+        default_factory=lambda: ModelShape(
             layers=4, experts=8, hidden=256, ffn_hidden=1024, heads=8, head_dim=32, top_k=2
         )
     )

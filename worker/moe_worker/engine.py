@@ -11,7 +11,6 @@ S slots per rank.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -26,42 +25,11 @@ from moe_worker.model import (
     expert_mlp,
     torch_dtype,
 )
-from moe_worker.plan import Plan
-from moe_worker.settings import ModelConfig
+from moe_worker.plan import Plan, Transfer, plan_transfers
+from moe_worker.shape import ModelShape
 
 Shard = list[list[ExpertWeights]]
 """shard[layer][slot]: the weights held by this rank's slots."""
-
-
-@dataclass(frozen=True)
-class Transfer:
-    """Expert `expert` of `layer` goes from rank `src` to rank `dst` during a plan switch."""
-
-    layer: int
-    expert: int
-    src: int
-    dst: int
-
-
-def plan_transfers(old: Plan, new: Plan) -> list[Transfer]:
-    """Every expert a rank needs under `new` but did not hold under `old`, with a fixed source.
-
-    Sources are spread over the old holders (by destination rank) so one rank is not the sender of
-    every copy of a hot expert. Sorted, so sender and receiver post messages in the same order.
-    """
-    transfers = []
-    for layer in range(new.num_layers):
-        holders: dict[int, list[int]] = {}
-        for rank, experts in enumerate(old.slots[layer]):
-            for expert in experts:
-                holders.setdefault(expert, [])
-                if rank not in holders[expert]:
-                    holders[expert].append(rank)
-        for rank, experts in enumerate(new.slots[layer]):
-            for expert in sorted(set(experts) - set(old.slots[layer][rank])):
-                sources = holders[expert]
-                transfers.append(Transfer(layer, expert, sources[rank % len(sources)], rank))
-    return sorted(transfers, key=lambda t: (t.layer, t.expert, t.src, t.dst))
 
 
 class EPEngine:
@@ -69,7 +37,7 @@ class EPEngine:
 
     def __init__(
         self,
-        config: ModelConfig,
+        config: ModelShape,
         plan: Plan,
         *,
         rank: int,

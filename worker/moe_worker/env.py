@@ -1,11 +1,16 @@
-"""Names of the environment variables and paths the operator sets on worker pods.
+"""The pod environment: the variables and paths the operator sets on worker pods.
 
-The second half of the operator -> worker contract (the first is `moe_worker.plan`). The operator's
-StatefulSet builder and the worker's settings parser both import these names, so they cannot drift.
+Part of the operator -> worker contract (with `moe_worker.plan` and `moe_worker.shape`). The
+operator's StatefulSet builder and the worker's settings parser both use this module, so names,
+the way the model shape travels and the rank of a pod cannot drift between them.
 Imports nothing beyond the standard library.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+
+from moe_worker.shape import ModelShape
 
 # Identity and process group.
 POD_NAME = "MOE_POD_NAME"  # the rank is the StatefulSet ordinal: the suffix after the last '-'
@@ -21,7 +26,8 @@ EXPERT_PARALLEL = "MOE_EXPERT_PARALLEL"
 TENSOR_PARALLEL = "MOE_TENSOR_PARALLEL"
 PIPELINE_PARALLEL = "MOE_PIPELINE_PARALLEL"
 
-# Model shape.
+# Model shape (see SHAPE_VARIABLES).
+ARCHITECTURE = "MOE_ARCHITECTURE"
 LAYERS = "MOE_LAYERS"
 EXPERTS_PER_LAYER = "MOE_EXPERTS_PER_LAYER"
 HIDDEN_SIZE = "MOE_HIDDEN_SIZE"
@@ -30,6 +36,8 @@ ATTENTION_HEADS = "MOE_ATTENTION_HEADS"
 HEAD_DIM = "MOE_HEAD_DIM"
 TOP_K = "MOE_TOP_K"
 DTYPE = "MOE_DTYPE"  # bfloat16 | float16 | float32
+KV_HEADS = "MOE_KV_HEADS"  # absent: as many as ATTENTION_HEADS
+VOCAB_SIZE = "MOE_VOCAB_SIZE"
 SLOTS_PER_RANK = "MOE_SLOTS_PER_RANK"
 CHECKPOINT = "MOE_CHECKPOINT"  # optional safetensors file; absent: deterministic init from SEED
 SEED = "MOE_SEED"
@@ -55,3 +63,52 @@ TOKEN_MOUNT_DIR = "/etc/moe-ep/control"
 TOKEN_FILE_NAME = "token"
 DEFAULT_MASTER_PORT = 29500
 DEFAULT_HTTP_PORT = 8080
+
+
+SHAPE_VARIABLES = {
+    "architecture": ARCHITECTURE,
+    "layers": LAYERS,
+    "experts": EXPERTS_PER_LAYER,
+    "hidden": HIDDEN_SIZE,
+    "ffn_hidden": FFN_HIDDEN_SIZE,
+    "heads": ATTENTION_HEADS,
+    "kv_heads": KV_HEADS,
+    "head_dim": HEAD_DIM,
+    "top_k": TOP_K,
+    "dtype": DTYPE,
+    "vocab_size": VOCAB_SIZE,
+}
+"""ModelShape field -> the variable carrying it."""
+_TEXT_FIELDS = ("architecture", "dtype")
+
+
+def shape_to_env(shape: ModelShape) -> dict[str, str]:
+    """The variables that carry `shape` to a pod (unset optional fields are left out)."""
+    values = {field: getattr(shape, field) for field in SHAPE_VARIABLES}
+    return {SHAPE_VARIABLES[f]: str(value) for f, value in values.items() if value is not None}
+
+
+def shape_from_env(environ: Mapping[str, str], base: ModelShape | None = None) -> ModelShape:
+    """The shape a pod's environment describes; unset variables keep `base`'s values.
+
+    Raises ValueError naming the variable when a value is not a number or the shape is invalid.
+    """
+    changes: dict[str, object] = {}
+    for field, name in SHAPE_VARIABLES.items():
+        value = environ.get(name)
+        if value in (None, ""):
+            continue
+        if field in _TEXT_FIELDS:
+            changes[field] = value
+            continue
+        try:
+            changes[field] = int(value)
+        except ValueError:
+            raise ValueError(f"{name}={value!r} is not an integer") from None
+    return (base or ModelShape()).replace(**changes)
+
+
+def rank_from_pod_name(pod_name: str) -> int | None:
+    """The StatefulSet ordinal, the suffix after the last '-': `moe-demo-3` -> 3; None if none."""
+    suffix = pod_name.rsplit("-", 1)[-1]
+    return int(suffix) if suffix.isdigit() else None

@@ -20,9 +20,13 @@ from typing import Any
 import torch
 
 from moe_worker.model import ExpertWeights, causal_attention, expert_mlp
+from moe_worker.shape import ModelShape
 
-SEQUENCES, SEQ_LEN, HIDDEN, HEADS, HEAD_DIM, FFN = 8, 10_000, 4096, 32, 128, 16_384
-BATCH, EXPERTS, TOP_K, LAYERS = 128, 16, 2, 16
+SEED = ModelShape.seed()
+HIDDEN, HEADS, HEAD_DIM, FFN = SEED.hidden, SEED.heads, SEED.head_dim, SEED.ffn_hidden
+EXPERTS, TOP_K, LAYERS = SEED.experts, SEED.top_k, SEED.layers
+BATCH, SEQ_LEN = 128, 10_000  # the seed's batch: 128 sequences of 10,000 tokens
+SEQUENCES = BATCH // EXPERTS  # one EP rank's share (EP16, attention data-parallel)
 
 
 def cuda_time(fn: Callable[[], object], warmup: int, repeats: int) -> float:

@@ -11,7 +11,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from moe_worker.settings import ModelConfig, WorkerSettings, settings_from_env
+from moe_worker.settings import WorkerSettings, settings_from_env
+from moe_worker.shape import ModelShape
 
 _MODEL_FLAGS = {
     "layers": "layers",
@@ -52,7 +53,7 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", dest="model_dtype", choices=["float32", "bfloat16", "float16"])
 
 
-def _model_overrides(args: argparse.Namespace, base: ModelConfig) -> ModelConfig:
+def _model_overrides(args: argparse.Namespace, base: ModelShape) -> ModelShape:
     changes = {
         attr: getattr(args, f"model_{attr}")
         for attr in [*_MODEL_FLAGS, "dtype"]
@@ -129,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command is None:  # `moe-worker` alone means serve with the environment's settings
         args = build_parser().parse_args(["serve"])
-    from moe_worker.runtime import serve
+    from moe_worker.process import serve
 
     return serve(serve_settings(args))
 

@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_worker.settings import ModelConfig
+from moe_worker.shape import ModelShape
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def torch_dtype(config: ModelConfig) -> torch.dtype:
+def torch_dtype(config: ModelShape) -> torch.dtype:
     return DTYPES[config.dtype]
 
 
@@ -62,7 +62,7 @@ class ExpertWeights:
         return torch.cat([self.w_in_FD.reshape(-1), self.w_out_DF.reshape(-1)])
 
     @classmethod
-    def from_flat(cls, buffer: Tensor, config: ModelConfig) -> ExpertWeights:
+    def from_flat(cls, buffer: Tensor, config: ModelShape) -> ExpertWeights:
         split = config.ffn_hidden * config.hidden
         w_in = buffer[:split].view(config.ffn_hidden, config.hidden)
         w_out = buffer[split:].view(config.hidden, config.ffn_hidden)
@@ -73,7 +73,7 @@ def expert_key(layer: int, expert: int, matrix: str) -> str:
     return f"layers.{layer}.experts.{expert}.{matrix}"
 
 
-def init_expert(config: ModelConfig, seed: int, layer: int, expert: int) -> ExpertWeights:
+def init_expert(config: ModelShape, seed: int, layer: int, expert: int) -> ExpertWeights:
     """Deterministic fp32 CPU weights of (layer, expert); identical on every rank."""
     d, f = config.hidden, config.ffn_hidden
     w_in = _normal((f, d), seed, expert_key(layer, expert, "w_in"), d)
@@ -89,7 +89,7 @@ def expert_mlp(x_ND: Tensor, w: ExpertWeights) -> Tensor:
 class ExpertSource:
     """Where expert weights come from: a safetensors checkpoint if given, else the seeded init."""
 
-    def __init__(self, config: ModelConfig, seed: int, checkpoint: str | None = None) -> None:
+    def __init__(self, config: ModelShape, seed: int, checkpoint: str | None = None) -> None:
         self.config, self.seed, self.checkpoint = config, seed, checkpoint
 
     def load(self, layer: int, expert: int) -> ExpertWeights:
@@ -133,7 +133,7 @@ def causal_attention(x_BTD: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, heads: i
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelShape) -> None:
         super().__init__()
         width = config.heads * config.head_dim
         self.heads = config.heads
@@ -174,7 +174,7 @@ class MoEFn(Protocol):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelShape) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(config.hidden)
         self.attention = Attention(config)
@@ -185,7 +185,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """The dense (replicated) part of the model; experts come from the `MoEFn` given to forward."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelShape) -> None:
         super().__init__()
         self.config = config
         self.layers = nn.ModuleList(Block(config) for _ in range(config.layers))
@@ -222,7 +222,7 @@ class Transformer(nn.Module):
 
 
 def build_transformer(
-    config: ModelConfig,
+    config: ModelShape,
     seed: int,
     device: torch.device | str = "cpu",
     checkpoint: str | None = None,
@@ -272,7 +272,7 @@ def weighted_sum(y_NKD: Tensor, weights_NK: Tensor) -> Tensor:
 
 
 def reference_forward(
-    config: ModelConfig,
+    config: ModelShape,
     x_BTD: Tensor,
     seed: int = 0,
     gate_bias_LE: Tensor | None = None,
@@ -286,7 +286,7 @@ def reference_forward(
     return out, experts.counts_LE
 
 
-def write_checkpoint(path: str | Path, config: ModelConfig, seed: int) -> Path:
+def write_checkpoint(path: str | Path, config: ModelShape, seed: int) -> Path:
     """Write the seeded weights as safetensors, one tensor per expert per layer (tests, demos)."""
     from safetensors.torch import save_file
 

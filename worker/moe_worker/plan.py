@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -173,3 +174,55 @@ def round_robin_plan(
     """The initial plan every deployment starts from."""
     slots = round_robin_slots(num_layers, num_experts, world_size, slots_per_rank)
     return Plan(version=version, slotsPerRank=slots_per_rank, slots=slots, method="RoundRobin")
+
+
+# ---------------------------------------------------------------- what a plan change moves
+
+LayerSlots = Sequence[Sequence[int]]
+"""One layer's placement: [R][S] logical expert ids."""
+
+
+def experts_to_receive(before: LayerSlots, after: LayerSlots) -> list[list[int]]:
+    """Per rank [R], the experts it holds in `after` but not in `before`, sorted.
+
+    A rank that already holds an expert (in any slot) copies it locally for another slot, so only
+    experts new to the rank travel: this is what a switch moves, and what the operator reports.
+    """
+    return [sorted(set(new) - set(old)) for old, new in zip(before, after, strict=True)]
+
+
+def moved_experts(before: LayerSlots, after: LayerSlots) -> int:
+    """How many expert copies travel rank to rank when one layer goes from `before` to `after`."""
+    return sum(len(experts) for experts in experts_to_receive(before, after))
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Expert `expert` of `layer` goes from rank `src` to rank `dst` during a plan switch."""
+
+    layer: int
+    expert: int
+    src: int
+    dst: int
+
+
+def plan_transfers(old: Plan, new: Plan) -> list[Transfer]:
+    """Every expert a rank needs under `new` but did not hold under `old`, with a fixed source.
+
+    Sources are spread over the old holders (by destination rank) so one rank is not the sender of
+    every copy of a hot expert. Sorted, so sender and receiver post messages in the same order.
+    """
+    transfers = []
+    for layer in range(new.num_layers):
+        holders: dict[int, list[int]] = {}
+        for rank, experts in enumerate(old.slots[layer]):
+            for expert in experts:
+                holders.setdefault(expert, [])
+                if rank not in holders[expert]:
+                    holders[expert].append(rank)
+        wanted = experts_to_receive(old.slots[layer], new.slots[layer])
+        for rank, experts in enumerate(wanted):
+            for expert in experts:
+                sources = holders[expert]
+                transfers.append(Transfer(layer, expert, sources[rank % len(sources)], rank))
+    return sorted(transfers, key=lambda t: (t.layer, t.expert, t.src, t.dst))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,10 +19,18 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+from prometheus_client import CollectorRegistry
 
-from moe_worker.engine import EPEngine, plan_transfers
+from moe_worker.engine import EPEngine
 from moe_worker.metrics import WorkerMetrics
-from moe_worker.plan import PLAN_FILE_NAME, Plan, parse_plan, round_robin_plan, validate_plan
+from moe_worker.plan import (
+    PLAN_FILE_NAME,
+    Plan,
+    parse_plan,
+    plan_transfers,
+    round_robin_plan,
+    validate_plan,
+)
 from moe_worker.settings import WorkerSettings
 from moe_worker.traffic import TrafficSource
 
@@ -98,6 +105,10 @@ class Worker:
     @property
     def is_leader(self) -> bool:
         return self.settings.is_leader
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self.metrics.registry
 
     def is_ready(self) -> bool:
         return self._ready and not self.stopping.is_set()
@@ -265,32 +276,3 @@ class Worker:
             pause,
         )
         return {"applied": True, "version": plan.version, "pauseSeconds": pause}
-
-
-def install_signal_handlers(worker: Worker) -> None:
-    def stop(signum: int, _frame: object) -> None:
-        log.info("rank %d got signal %d, stopping", worker.settings.rank, signum)
-        worker.stopping.set()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-
-
-def serve(settings: WorkerSettings) -> int:
-    """Entry of `moe-worker serve`: HTTP first (liveness while the group forms), then the loop."""
-    from moe_worker.server import start_http_server
-
-    worker = Worker(settings)
-    install_signal_handlers(worker)
-    server = start_http_server(worker)
-    try:
-        worker.run()
-    except Exception:
-        if worker.stopping.is_set():  # peers stopping too: a broken collective is expected then
-            log.info("rank %d stopped (group closed during shutdown)", settings.rank)
-            return 0
-        log.exception("rank %d serving loop failed", settings.rank)
-        return 1
-    finally:
-        server.shutdown()
-    return 0

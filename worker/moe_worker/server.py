@@ -25,18 +25,32 @@ import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from moe_worker.plan import PlanError, parse_plan
-
-if TYPE_CHECKING:
-    from moe_worker.runtime import Worker
+from moe_worker.plan import Plan, PlanError, parse_plan
+from moe_worker.settings import WorkerSettings
 
 log = logging.getLogger("moe_worker.http")
 
 MAX_BODY = 256 * 1024 * 1024
+
+
+class ServedWorker(Protocol):
+    """What the HTTP layer needs of a rank (the runtime's `Worker` provides it)."""
+
+    settings: WorkerSettings
+
+    @property
+    def is_leader(self) -> bool: ...
+    @property
+    def registry(self) -> CollectorRegistry: ...
+    def is_ready(self) -> bool: ...
+    def current_plan(self) -> Plan | None: ...
+    def validate(self, plan: Plan) -> None: ...  # raises PlanError
+    def request_plan(self, plan: Plan, timeout: float) -> dict[str, Any] | None: ...
+    def request_forward(self, hidden: Any, timeout: float) -> list[Any] | None: ...
 
 
 def _error(message: str) -> dict[str, Any]:
@@ -46,7 +60,7 @@ def _error(message: str) -> dict[str, Any]:
 
 
 class WorkerHandler(BaseHTTPRequestHandler):
-    worker: Worker  # set on the subclass made by start_http_server
+    worker: ServedWorker  # set on the subclass made by start_http_server
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)  # never headers: no token in logs
@@ -84,7 +98,7 @@ class WorkerHandler(BaseHTTPRequestHandler):
             }
             self._json(200 if w.is_ready() else 503, payload)
         elif self.path == "/metrics":
-            self._send(200, generate_latest(w.metrics.registry), CONTENT_TYPE_LATEST)
+            self._send(200, generate_latest(w.registry), CONTENT_TYPE_LATEST)
         elif self.path == "/v1/plan":
             plan = w.current_plan()
             if plan is None:
@@ -170,7 +184,7 @@ class WorkerHandler(BaseHTTPRequestHandler):
         self._json(200, {"output": output, "planVersion": plan and plan.version})
 
 
-def start_http_server(worker: Worker) -> ThreadingHTTPServer:
+def start_http_server(worker: ServedWorker) -> ThreadingHTTPServer:
     """Serve in a daemon thread; returns the server (call .shutdown() to stop)."""
     handler = type("BoundWorkerHandler", (WorkerHandler,), {"worker": worker})
     server = ThreadingHTTPServer((worker.settings.bind_address, worker.settings.http_port), handler)

@@ -1,4 +1,4 @@
-"""Frozen configuration of one worker: the model shape and the rank's process settings.
+"""Frozen configuration of one worker: its model shape and the rank's process settings.
 
 Read from the environment the operator sets on pods (names in `moe_worker.env`); command-line flags
 override. Configuration objects hold plain values only: no process groups, tensors or clients.
@@ -13,43 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from moe_worker import env
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Shape of the MoE transformer. Defaults are a small CPU model; `seed()` gives the seed's."""
-
-    layers: int = 2
-    """Transformer blocks, each with attention and an MoE feed-forward."""
-    experts: int = 4
-    """Logical experts per layer."""
-    hidden: int = 64
-    """Model (token) dimension D."""
-    ffn_hidden: int = 128
-    """Expert MLP inner dimension F."""
-    heads: int = 4
-    """Attention heads H."""
-    head_dim: int = 16
-    """Dimension per head; heads * head_dim is the attention width."""
-    top_k: int = 2
-    """Experts each token visits."""
-    dtype: str = "float32"
-    """bfloat16 | float16 | float32."""
-
-    def __post_init__(self) -> None:
-        if self.top_k > self.experts:
-            raise ValueError(f"top_k {self.top_k} exceeds experts {self.experts}")
-        if self.dtype not in ("bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype {self.dtype!r} is not bfloat16, float16 or float32")
-
-    @classmethod
-    def seed(cls) -> ModelConfig:
-        """The seed workload: 16 layers x 16 experts, 4096 / 16384, 32 x 128 heads, top-2, bf16."""
-        return cls(16, 16, 4096, 16384, 32, 128, 2, "bfloat16")
-
-    @property
-    def expert_params(self) -> int:
-        return 2 * self.hidden * self.ffn_hidden
+from moe_worker.shape import ModelShape
 
 
 @dataclass(frozen=True)
@@ -78,7 +42,7 @@ class WorkerSettings:
     """gloo | nccl; empty picks nccl on cuda and gloo on cpu."""
     device: str = ""
     """cpu | cuda; empty picks cuda when available."""
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelShape = field(default_factory=ModelShape)
     slots_per_rank: int = 1
     """Slots per rank of the initial round-robin plan (used when no plan file exists)."""
     plan_path: str | None = None
@@ -101,37 +65,9 @@ class WorkerSettings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
-def rank_from_pod_name(pod_name: str) -> int:
-    """The StatefulSet ordinal: `moe-demo-worker-3` -> 3."""
-    suffix = pod_name.rsplit("-", 1)[-1]
-    if not suffix.isdigit():
-        raise ValueError(f"{env.POD_NAME}={pod_name!r} has no ordinal suffix")
-    return int(suffix)
-
-
 def _get(environ: Mapping[str, str], name: str) -> str | None:
     value = environ.get(name)
     return value if value not in (None, "") else None
-
-
-def model_from_env(environ: Mapping[str, str]) -> ModelConfig:
-    base = ModelConfig()
-    names = {
-        "layers": env.LAYERS,
-        "experts": env.EXPERTS_PER_LAYER,
-        "hidden": env.HIDDEN_SIZE,
-        "ffn_hidden": env.FFN_HIDDEN_SIZE,
-        "heads": env.ATTENTION_HEADS,
-        "head_dim": env.HEAD_DIM,
-        "top_k": env.TOP_K,
-    }
-    changes: dict[str, object] = {}
-    for attr, name in names.items():
-        if (value := _get(environ, name)) is not None:
-            changes[attr] = int(value)
-    if (dtype := _get(environ, env.DTYPE)) is not None:
-        changes["dtype"] = dtype
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
 def settings_from_env(environ: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -140,7 +76,10 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> WorkerSetting
     if (rank := _get(environ, env.RANK)) is not None:
         rank_value = int(rank)
     elif (pod := _get(environ, env.POD_NAME)) is not None:
-        rank_value = rank_from_pod_name(pod)
+        ordinal = env.rank_from_pod_name(pod)
+        if ordinal is None:
+            raise ValueError(f"{env.POD_NAME}={pod!r} has no ordinal suffix")
+        rank_value = ordinal
     else:
         rank_value = 0
     base = WorkerSettings()
@@ -157,7 +96,7 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> WorkerSetting
         master_port=int(_get(environ, env.MASTER_PORT) or base.master_port),
         backend=_get(environ, env.BACKEND) or "",
         device=_get(environ, env.DEVICE) or "",
-        model=model_from_env(environ),
+        model=env.shape_from_env(environ),
         slots_per_rank=int(_get(environ, env.SLOTS_PER_RANK) or 1),
         plan_path=_get(environ, env.PLAN_PATH),
         token_path=_get(environ, env.TOKEN_PATH),

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from moe_worker.model import generator_for
-from moe_worker.settings import ModelConfig, TrafficSettings
+from moe_worker.settings import TrafficSettings
+from moe_worker.shape import ModelShape
 
 
 def zipf_logit_offset(num_experts: int, exponent: float) -> Tensor | None:
@@ -27,7 +28,7 @@ class TrafficSource:
     """Deterministic batches of hidden states per (seed, rank, step)."""
 
     def __init__(
-        self, config: ModelConfig, traffic: TrafficSettings, *, rank: int, seed: int
+        self, config: ModelShape, traffic: TrafficSettings, *, rank: int, seed: int
     ) -> None:
         self.config, self.traffic, self.rank, self.seed = config, traffic, rank, seed
         self.logit_offset_E = zipf_logit_offset(config.experts, traffic.zipf)

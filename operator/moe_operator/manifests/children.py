@@ -95,7 +95,7 @@ def build_token_secret(name: str, token: str | None = None) -> dict[str, Any]:
 
 
 def _worker_env(name: str, namespace: str, spec: MoEDeploymentSpec) -> list[dict[str, Any]]:
-    model, layout = spec.model, spec.parallelism
+    layout = spec.parallelism
     values = {
         worker_env.WORLD_SIZE: layout.world_size,
         worker_env.MASTER_ADDR: master_address(name, namespace),
@@ -105,14 +105,7 @@ def _worker_env(name: str, namespace: str, spec: MoEDeploymentSpec) -> list[dict
         worker_env.EXPERT_PARALLEL: layout.expert,
         worker_env.TENSOR_PARALLEL: layout.tensor,
         worker_env.PIPELINE_PARALLEL: layout.pipeline,
-        worker_env.LAYERS: model.layers,
-        worker_env.EXPERTS_PER_LAYER: model.experts_per_layer,
-        worker_env.HIDDEN_SIZE: model.hidden_size,
-        worker_env.FFN_HIDDEN_SIZE: model.ffn_hidden_size,
-        worker_env.ATTENTION_HEADS: model.attention_heads,
-        worker_env.HEAD_DIM: model.head_dim,
-        worker_env.TOP_K: model.top_k,
-        worker_env.DTYPE: model.dtype,
+        **worker_env.shape_to_env(spec.model.to_shape()),
         worker_env.SLOTS_PER_RANK: spec.placement.slots_per_rank,
         worker_env.PLAN_PATH: f"{worker_env.PLAN_MOUNT_DIR}/{PLAN_FILE_NAME}",
         worker_env.TOKEN_PATH: f"{worker_env.TOKEN_MOUNT_DIR}/{worker_env.TOKEN_FILE_NAME}",

@@ -114,14 +114,3 @@ def layer_imbalances(
         imbalance(rank_loads(layer_slots, layer_load))
         for layer_slots, layer_load in zip(slots, expert_load, strict=True)
     )
-
-
-def moved_slots(before: LayerSlots, after: LayerSlots) -> int:
-    """Slots of one layer whose expert's weights must be brought to the rank.
-
-    A rank that keeps an expert (in any of its slots) needs no transfer for it, so this is the
-    size of the multiset difference after[r] - before[r], summed over ranks [R].
-    """
-    return sum(
-        sum((Counter(new) - Counter(old)).values()) for old, new in zip(before, after, strict=True)
-    )

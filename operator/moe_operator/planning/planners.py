@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from moe_operator.planning.gating import GatingOptions, update_bias
-from moe_operator.planning.placement import check_loads, layer_imbalances, moved_slots
+from moe_operator.planning.placement import check_loads, layer_imbalances
 from moe_operator.planning.replace import ReplaceOptions, nothing_to_replicate, replace_slots
-from moe_worker.plan import Plan, PlanError, round_robin_plan, validate_plan
+from moe_worker.plan import Plan, PlanError, plan_transfers, round_robin_plan, validate_plan
 
 AUTO, REPLACE, ROUND_ROBIN, GATING_BIAS = "Auto", "Replace", "RoundRobin", "GatingBias"
 METHODS = (AUTO, REPLACE, ROUND_ROBIN, GATING_BIAS)
@@ -239,7 +239,7 @@ def _result(
             method=method,
         )
     after = layer_imbalances(plan.slots, loads)
-    moved = sum(moved_slots(old, new) for old, new in zip(current.slots, plan.slots, strict=True))
+    moved = len(plan_transfers(current, plan))  # exactly what the workers will send
     return RebalanceResult(
         plan=plan,
         method=method,

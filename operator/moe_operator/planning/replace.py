@@ -37,10 +37,10 @@ from dataclasses import dataclass
 from moe_operator.planning.placement import (
     LayerSlots,
     imbalance,
-    moved_slots,
     rank_loads,
     replica_counts,
 )
+from moe_worker.plan import moved_experts
 
 Slots = tuple[tuple[tuple[int, ...], ...], ...]
 """slots [L][R][S]."""
@@ -297,7 +297,7 @@ def replace_layer(
     best = current
     for candidate in _candidates(current, layer_load):
         after = imbalance(rank_loads(candidate, layer_load))
-        moved = moved_slots(current, candidate)
+        moved = moved_experts(current, candidate)
         if moved == 0 or after >= before * (1 - _RELATIVE_EPSILON):
             continue
         key = (after + options.min_gain_per_move * moved, moved, after)
