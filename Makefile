@@ -21,6 +21,7 @@ system-deps:
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 test: setup system-deps lint
 	$(PYTHON) -m pytest

@@ -81,15 +81,9 @@ class ParallelismSpec(ApiModel):
 
 
 class PlacementSpec(ApiModel):
-    """How logical experts are first placed onto ranks."""
+    """Expert slots: every deployment starts from the seed's round-robin placement (expert e of
+    every layer on rank e % world) and the rebalancer re-places experts from measured load."""
 
-    strategy: Literal["RoundRobin", "LoadAware"] = Field(
-        "RoundRobin",
-        description=(
-            "RoundRobin puts expert e of every layer on rank e % world (the seed's placement); "
-            "LoadAware starts the same way and re-places experts from measured load."
-        ),
-    )
     slots_per_rank: int = Field(
         1, ge=1, le=64, description="Expert slots per rank and layer; spare slots hold replicas."
     )
@@ -203,9 +197,6 @@ class MetricsSpec(ApiModel):
     )
     prometheus_url: str = Field(
         "", description="Base URL of the Prometheus HTTP API; required when source is Prometheus."
-    )
-    scrape_interval_seconds: int = Field(
-        15, ge=1, le=3600, description="Seconds between two reads of the counters."
     )
 
 

@@ -158,6 +158,8 @@ def _write_status(
     metrics.observe_plan(namespace, name, desired.version, observed.applied_plan_version)
     if per_layer:
         metrics.observe_imbalance(namespace, name, per_layer, observed.imbalance_threshold)
+    if outcome and outcome.skipped:
+        metrics.evaluations_skipped.labels(namespace, name, outcome.skipped).inc()
     if outcome and outcome.rebalance:
         patch.status["lastRebalance"] = outcome.rebalance.model_dump(by_alias=True)
         metrics.rebalances.labels(namespace, name, outcome.rebalance.method).inc()

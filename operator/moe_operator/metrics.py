@@ -42,7 +42,7 @@ reconcile_errors = Counter(
 )
 evaluations_skipped = Counter(
     "moe_load_evaluations_skipped_total",
-    "Load evaluations skipped (partial or bad data).",
+    "Load evaluations skipped: counters unreadable (reason unreadable) or inconsistent (unusable).",
     (*_DEPLOYMENT, "reason"),
 )
 

@@ -61,6 +61,7 @@ class StepOutcome:
     layer_imbalance: tuple[float, ...]
     loads_problem: str | None = None
     handoff_problem: str | None = None
+    skipped: str | None = None  # this step's evaluation was skipped: "unreadable" | "unusable"
     rebalance: RebalanceRecord | None = None
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
 
@@ -173,6 +174,7 @@ def control_step(
         snapshot = workers.read_counters()
     except LoadReadError as error:
         outcome.loads_problem = window.last_loads_problem = str(error)
+        outcome.skipped = "unreadable"
         outcome.state, _ = detection.evaluate(
             outcome.state,
             detection.Observation(applied_version=outcome.applied_version, skip_reason=str(error)),
@@ -219,6 +221,8 @@ def _evaluate(
     if loads.usable:
         window.last_layer_imbalance = outcome.layer_imbalance = layer_imbalance
     outcome.loads_problem = window.last_loads_problem = loads.skip_reason
+    if loads.skip_reason is not None:
+        outcome.skipped = "unusable"
     observation = detection.Observation(
         layer_imbalance=layer_imbalance,
         applied_version=outcome.applied_version,

@@ -7,7 +7,6 @@ never rewritten; the plan ConfigMap is replaced only when the spec's shape inval
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +36,7 @@ class ChildrenState:
 
 
 def initial_plan(spec: MoEDeploymentSpec, version: int = 1) -> Plan:
-    """Both strategies start from the seed's round-robin; LoadAware re-places from measured load."""
+    """The seed's round-robin placement; the rebalancer re-places experts from measured load."""
     return round_robin_plan(
         spec.model.layers,
         spec.model.experts_per_layer,
@@ -127,7 +126,3 @@ def rollout_in_progress(statefulset: dict[str, Any]) -> bool:
 
 def ready_replicas(statefulset: dict[str, Any]) -> int:
     return int((statefulset.get("status") or {}).get("readyReplicas") or 0)
-
-
-def describe_plan(plan: Plan) -> str:
-    return json.dumps({"version": plan.version, "method": plan.method})

@@ -74,7 +74,6 @@ def deployment(name: str = NAME) -> dict[str, Any]:
                     "0.02",
                 ],
             },
-            "metrics": {"scrapeIntervalSeconds": 2},
         },
     }
 

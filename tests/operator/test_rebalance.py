@@ -151,6 +151,7 @@ def test_bad_load_data_never_produces_a_plan() -> None:
         outcome = _run(workers, store, plan, state, window, now)
         state = outcome.state
         assert outcome.loads_problem and "malformed" in outcome.loads_problem
+        assert outcome.skipped == "unreadable"  # counted by moe_load_evaluations_skipped_total
     assert store.written == [] and workers.posts == []
 
 
@@ -163,6 +164,7 @@ def test_counter_reset_skips_the_window() -> None:
     workers.totals = {}  # a restarted worker starts its counters from zero
     outcome = _run(workers, store, plan, state, window, now=30.0)
     assert outcome.loads_problem and "went down" in outcome.loads_problem
+    assert outcome.skipped == "unusable"
     assert store.written == []
 
 
@@ -173,6 +175,7 @@ def test_balanced_load_changes_nothing() -> None:
     for now in (10.0, 20.0, 30.0):
         outcome = _run(workers, store, plan, state, window, now)
         state = outcome.state
+        assert outcome.skipped is None
     assert store.written == [] and max(outcome.layer_imbalance) < 1.2
 
 

@@ -67,7 +67,6 @@ def demo_deployment(workers: int, zipf: float) -> dict[str, Any]:
                     "0.05",
                 ],
             },
-            "metrics": {"scrapeIntervalSeconds": 5},
         },
     }
 
