@@ -105,9 +105,11 @@ def test_valid_plans_apply_on_every_rank_without_restart(cluster: Cluster) -> No
         assert status == 200, body
         assert body["applied"] is True and body["version"] == new_version
         assert body["pauseSeconds"] >= 0
+        assert body["digest"] == parse_plan(doc).digest()
         for rank in range(cluster.world):
-            served = parse_plan(cluster.request(rank, "/v1/plan")[1])
-            assert served == parse_plan(doc)
+            answer = cluster.request(rank, "/v1/plan")[1]
+            served = parse_plan(answer)  # checks the digest it carries against the contents
+            assert served == parse_plan(doc) and answer["digest"] == served.digest()
             metrics = cluster.request(rank, "/metrics")[1]
             assert parse_metric(metrics, "moe_plan_version")[()] == new_version
         check_forward(cluster, seed=new_version)
@@ -128,6 +130,7 @@ def test_valid_plans_apply_on_every_rank_without_restart(cluster: Cluster) -> No
         ("invalid-gate-bias-length.json", 422, "gateBias[0]"),
         ("invalid-missing-version.json", 400, "version"),
         ("invalid-unknown-field.json", 400, "placement"),
+        ("invalid-digest.json", 400, "digest"),
     ],
 )
 def test_invalid_plans_are_refused_and_the_old_plan_keeps_serving(

@@ -15,6 +15,7 @@ The JSON document uses camelCase keys (`slotsPerRank`, `gateBias`) like the Kube
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,20 +75,37 @@ class Plan(BaseModel):
     def to_json(self) -> str:
         return json.dumps(self.to_document(), separators=(",", ":"))
 
+    def digest(self) -> str:
+        """SHA-256 of the canonical document: two plans with one version and different contents
+        differ here, so the operator can tell the plan it sent from any other of that version."""
+        canonical = json.dumps(self.to_document(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
     def with_version(self, version: int) -> Plan:
         return self.model_copy(update={"version": version})
 
 
 def parse_plan(document: str | bytes | dict[str, Any]) -> Plan:
-    """Parse a plan document; raise PlanError naming the offending field."""
+    """Parse a plan document; raise PlanError naming the offending field.
+
+    A document may carry its `digest` (as GET /v1/plan answers); it must then match the contents.
+    """
     try:
-        if isinstance(document, dict):
-            return Plan.model_validate(document)
-        return Plan.model_validate_json(document)
+        raw = json.loads(document) if isinstance(document, str | bytes) else dict(document)
+    except ValueError as error:
+        raise PlanError(f"plan: not JSON ({error})") from None
+    if not isinstance(raw, dict):
+        raise PlanError("plan: expected a JSON object")
+    claimed = raw.pop("digest", None)
+    try:
+        plan = Plan.model_validate(raw)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "plan"
         raise PlanError(f"{where}: {first['msg']}") from None
+    if claimed is not None and claimed != plan.digest():
+        raise PlanError("digest: does not match the plan's contents")
+    return plan
 
 
 def validate_plan(plan: Plan, *, num_layers: int, num_experts: int, world_size: int) -> None:

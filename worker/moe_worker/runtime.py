@@ -275,4 +275,9 @@ class Worker:
             moved,
             pause,
         )
-        return {"applied": True, "version": plan.version, "pauseSeconds": pause}
+        return {
+            "applied": True,
+            "version": plan.version,
+            "digest": plan.digest(),
+            "pauseSeconds": pause,
+        }

@@ -3,9 +3,11 @@
 GET  /healthz      200 {"status": "ok", "rank", "pid"} while the process lives
 GET  /readyz       200 once the group formed and the plan is loaded, else 503
 GET  /metrics      Prometheus text from this worker's own registry
-GET  /v1/plan      200 the current plan document (it carries "version"); 503 before the first plan
+GET  /v1/plan      200 the current plan document (it carries "version") and its "digest"
+                   (`Plan.digest()`); 503 before the first plan
 POST /v1/plan      leader only, `Authorization: Bearer <token file content>`:
-                   200 {"applied": true, "version", "pauseSeconds"} once every rank switched
+                   200 {"applied": true, "version", "digest", "pauseSeconds"} once every rank
+                       switched
                    400 body is not a plan document, 422 plan does not fit the model/world
                        (both {"error": message, "field": name})
                    409 {"applied": false, "reason": "stale", "version": current}: version <= current
@@ -104,7 +106,7 @@ class WorkerHandler(BaseHTTPRequestHandler):
             if plan is None:
                 self._json(503, {"error": "no plan loaded yet"})
             else:
-                self._json(200, plan.to_document())
+                self._json(200, {**plan.to_document(), "digest": plan.digest()})
         else:
             self._json(404, {"error": f"no route {self.path}"})
 
