@@ -100,6 +100,19 @@ def test_a_zero_token_step_still_calls_every_moe_layer(source: SyntheticWeights)
     assert calls == [(0, 0), (1, 0)]
 
 
+def test_gate_bias_moves_the_models_routing_per_layer(source: SyntheticWeights) -> None:
+    model, items = build_model(source), [("a", list(range(12)), 0)]
+    plain = local_experts(source)
+    run(model, plain, KVCache.for_shape(SHAPE, 32), items)
+    rare = int(plain.counts_LE[1].argmin())
+    gate_bias_LE = torch.zeros(SHAPE.layers, SHAPE.experts)
+    gate_bias_LE[1, rare] = 2.0  # more than any probability gap: every token of layer 1 visits it
+    biased = local_experts(source)
+    run(model, biased, KVCache.for_shape(SHAPE, 32), items, gate_bias_LE=gate_bias_LE)
+    assert plain.counts_LE[1, rare] < 12 and biased.counts_LE[1, rare] == 12
+    assert torch.equal(biased.counts_LE[0], plain.counts_LE[0])  # layer 0 has no bias
+
+
 def test_the_existing_local_dispatcher_runs_the_experts_too(source: SyntheticWeights) -> None:
     """The EP hook: the dispatch/combine path (all-to-all in EP) equals the local experts."""
     model, experts = build_model(source), local_experts(source)

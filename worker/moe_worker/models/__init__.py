@@ -43,6 +43,12 @@ def architecture(name: str) -> Architecture:
 
 def parse_hf_config(config: Mapping[str, Any]) -> tuple[Architecture, ModelSpec]:
     """The family named by a config.json (`architectures`, else `model_type`) and its spec."""
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "?")
+        raise UnsupportedConfig(
+            f"config.json quantization_config ({method}) is not supported: only unquantized "
+            "bfloat16 / float16 / float32 weights"
+        )
     names = [*(config.get("architectures") or []), config.get("model_type")]
     for arch in ARCHITECTURES.values():
         if any(name in arch.hf_architectures for name in names):
