@@ -1,0 +1,154 @@
+"""What every architecture shares: expert weights, routing, and the `Architecture` interface a
+family implements in its own file (config parsing, checkpoint names, expert forward, attention).
+
+The experts are never part of the model's nn.Module: each MoE layer calls an injected `MoEFn`,
+which runs them locally (`LocalExperts`) or over all-to-all (an EP engine). `MoEFn`, `Routing`
+and the combine (`weighted_sum`) are `moe_worker.model`'s, reused rather than redefined so the
+existing `Dispatcher` and any MoEFn written for the seed model work with every family.
+
+Legend: N tokens, D hidden, F expert ffn hidden, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor
+
+# One Routing type and one combine for every layout, so all of them round identically.
+from moe_worker.model import DTYPES, MoEFn, Routing, generator_for, weighted_sum
+from moe_worker.models.config import ModelSpec
+from moe_worker.shape import ModelShape
+
+if TYPE_CHECKING:
+    from moe_worker.models.layers import Attention
+
+__all__ = [
+    "DTYPES",
+    "Architecture",
+    "ExpertWeights",
+    "MoEFn",
+    "Routing",
+    "generator_for",
+    "route",
+    "weighted_sum",
+]
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """One expert: all of its matrices, in its family's order (`Architecture.expert_matrices`).
+
+    The unit a plan places and moves: `flat()` is one contiguous buffer for a single
+    point-to-point message, `from_flat()` its inverse given the family's matrix shapes.
+    """
+
+    matrices: tuple[Tensor, ...]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> ExpertWeights:
+        return ExpertWeights(tuple(m.to(device, dtype) for m in self.matrices))
+
+    def flat(self) -> Tensor:
+        return torch.cat([m.reshape(-1) for m in self.matrices])
+
+    @classmethod
+    def from_flat(cls, buffer: Tensor, shapes: Sequence[tuple[int, int]]) -> ExpertWeights:
+        sizes = [rows * cols for rows, cols in shapes]
+        if buffer.numel() != sum(sizes):
+            raise ValueError(f"expert buffer has {buffer.numel()} values, shapes need {sum(sizes)}")
+        parts = buffer.split(sizes)
+        return cls(tuple(p.view(shape) for p, shape in zip(parts, shapes, strict=True)))
+
+
+def route(
+    logits_NE: Tensor, top_k: int, *, normalize: bool = True, gate_bias_E: Tensor | None = None
+) -> Routing:
+    """Top-K of the fp32 softmax over all experts.
+
+    `gate_bias_E` moves the selection only; the weights are the unbiased probabilities of the
+    chosen experts, renormalised over the top-K when `normalize` (Mixtral; Qwen3 norm_topk_prob).
+    Weights stay fp32: the combine casts them, as transformers multiplies fp32 weights in.
+    """
+    probs_NE = torch.softmax(logits_NE.float(), dim=-1)
+    selection_NE = probs_NE if gate_bias_E is None else probs_NE + gate_bias_E.float()
+    topk_ids_NK = torch.topk(selection_NE, top_k, dim=-1).indices
+    weights_NK = torch.gather(probs_NE, 1, topk_ids_NK)
+    if normalize:
+        weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True)
+    return Routing(topk_ids_NK, weights_NK)
+
+
+class Architecture:
+    """One model family. Subclasses (one file each) fill in the class attributes and methods.
+
+    Parameter names used here are the dense module's own (`MoETransformer.state_dict()` keys);
+    `checkpoint_keys` maps them to the names a checkpoint stores them under.
+    """
+
+    name: ClassVar[str]
+    """The `ModelShape.architecture` value."""
+    hf_architectures: ClassVar[tuple[str, ...]]
+    """config.json `architectures` entries (and `model_type`) this family reads."""
+    expert_matrices: ClassVar[tuple[str, ...]]
+    """Names of one expert's matrices, in `ExpertWeights` order."""
+
+    def parse_config(self, config: Mapping[str, Any]) -> ModelSpec:
+        """A spec from a Hugging Face config.json; UnsupportedConfig for what cannot be exact."""
+        raise NotImplementedError
+
+    def to_config(self, spec: ModelSpec) -> dict[str, Any]:
+        """A config.json for `spec`, for families whose checkpoints we write (SeedMLP)."""
+        raise NotImplementedError(f"{self.name} checkpoints come from Hugging Face, not from us")
+
+    def default_spec(self, shape: ModelShape, max_context: int = 4096) -> ModelSpec:
+        """The spec of a synthetic model of `shape` (no checkpoint): the family's defaults."""
+        raise NotImplementedError
+
+    def expert_shapes(self, shape: ModelShape) -> tuple[tuple[int, int], ...]:
+        """[rows, cols] of each expert matrix, in `expert_matrices` order."""
+        raise NotImplementedError
+
+    def expert_forward(self, x_ND: Tensor, weights: ExpertWeights) -> Tensor:
+        """One expert on its tokens: [N, D] -> [N, D]."""
+        raise NotImplementedError
+
+    def attention(self, spec: ModelSpec) -> Attention:
+        """The family's attention module for one layer."""
+        raise NotImplementedError
+
+    def router_keys(self, layer: int) -> tuple[str, ...]:
+        """Checkpoint names of the layer's router (gate) weight [E, D], the first found wins."""
+        raise NotImplementedError
+
+    def checkpoint_keys(self, name: str, spec: ModelSpec) -> tuple[str, ...]:
+        """Checkpoint names a dense parameter may be stored under, the first found wins.
+
+        The Hugging Face layout: everything below `model.` except the LM head, which is the
+        embedding when tied, and the router, whose place differs by family.
+        """
+        if name == "lm_head.weight":
+            return ("model.embed_tokens.weight",) if spec.tie_word_embeddings else (name,)
+        router = re.fullmatch(r"layers\.(\d+)\.gate\.weight", name)
+        if router:
+            return self.router_keys(int(router[1]))
+        return (f"model.{name}",)
+
+    def expert_keys(self, layer: int, expert: int) -> tuple[str, ...]:
+        """Per-expert checkpoint names (the hub format), one per matrix."""
+        raise NotImplementedError
+
+    def fused_expert_keys(self, layer: int) -> tuple[str, ...] | None:
+        """Names of the layer's stacked expert tensors ([E, ...] each), if the family has them."""
+        return None
+
+    def expert_from_fused(self, slices: Sequence[Tensor]) -> ExpertWeights:
+        """One expert from its [e] slices of `fused_expert_keys`."""
+        raise NotImplementedError(f"{self.name} has no fused expert format")
+
+    def synthetic_expert_name(self, layer: int, expert: int, matrix: str) -> str:
+        """The name seeding a synthetic expert matrix (the seed model's `expert_key` scheme)."""
+        return f"layers.{layer}.experts.{expert}.{matrix}"

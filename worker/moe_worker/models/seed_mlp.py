@@ -1,0 +1,114 @@
+"""SeedMLP: the seed's own architecture as a language model.
+
+Experts are the seed's two-matrix GELU MLPs, y = gelu(x W_in^T) W_out^T (exact erf GELU, as in
+`moe_worker.model`), with the seed's router (softmax, top-K, renormalised). Around them: token
+embeddings, pre-norm blocks, a final RMSNorm and an untied LM head.
+
+Choice: the seed's attention had no position encoding; a language model with a KV cache needs
+token order, so SeedMLP gains RoPE (rotate-half layout, base 10000), the same code path as the
+Hugging Face families. Grouped-query attention follows `ModelShape.kv_heads` (None: plain MHA).
+RMSNorm epsilon 1e-6 as in the seed.
+
+Checkpoints use the Hugging Face layout so one reader serves every family: a config.json with
+`architectures: ["SeedMLPForCausalLM"]` (`to_config` writes it) and tensors
+`model.layers.{i}.mlp.gate.weight`, `model.layers.{i}.mlp.experts.{j}.w_in.weight` / `w_out`.
+Synthetic experts are seeded by the seed model's names (`layers.{i}.experts.{j}.w_in`), so a
+SeedMLP expert equals `moe_worker.model.init_expert` for the same seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from moe_worker.models.base import Architecture, ExpertWeights
+from moe_worker.models.config import (
+    ModelSpec,
+    context_length,
+    first_of,
+    rope_theta,
+    shape_from,
+    token_ids,
+)
+from moe_worker.models.layers import Attention
+from moe_worker.shape import ModelShape
+
+RMS_NORM_EPS = 1e-6
+ROPE_THETA = 10000.0
+
+
+class SeedMLP(Architecture):
+    name = "SeedMLP"
+    hf_architectures = ("SeedMLPForCausalLM", "seed_mlp")
+    expert_matrices = ("w_in", "w_out")
+
+    def parse_config(self, config: Mapping[str, Any]) -> ModelSpec:
+        hidden = int(first_of(config, "hidden_size"))
+        heads = int(first_of(config, "num_attention_heads"))
+        shape = shape_from(
+            config,
+            self.name,
+            layers=int(first_of(config, "num_hidden_layers")),
+            experts=int(first_of(config, "num_local_experts")),
+            hidden=hidden,
+            ffn_hidden=int(first_of(config, "intermediate_size")),
+            heads=heads,
+            head_dim=int(first_of(config, "head_dim", default=hidden // heads)),
+            top_k=int(first_of(config, "num_experts_per_tok")),
+            kv_heads=int(first_of(config, "num_key_value_heads", default=heads)),
+            vocab_size=int(first_of(config, "vocab_size")),
+        )
+        return ModelSpec(
+            shape=shape,
+            rms_norm_eps=float(first_of(config, "rms_norm_eps", default=RMS_NORM_EPS)),
+            rope_theta=rope_theta(config, ROPE_THETA),
+            max_context=context_length(config, None),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            eos_token_ids=token_ids(config.get("eos_token_id")),
+        )
+
+    def to_config(self, spec: ModelSpec) -> dict[str, Any]:
+        """The config.json of a SeedMLP checkpoint (read back by `parse_config`)."""
+        s = spec.shape
+        return {
+            "architectures": [self.hf_architectures[0]],
+            "model_type": self.hf_architectures[1],
+            "num_hidden_layers": s.layers,
+            "num_local_experts": s.experts,
+            "num_experts_per_tok": s.top_k,
+            "hidden_size": s.hidden,
+            "intermediate_size": s.ffn_hidden,
+            "num_attention_heads": s.heads,
+            "num_key_value_heads": s.key_value_heads,
+            "head_dim": s.head_dim,
+            "vocab_size": s.vocab_size,
+            "dtype": s.dtype,
+            "rms_norm_eps": spec.rms_norm_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": spec.rope_theta},
+            "max_position_embeddings": spec.max_context,
+            "tie_word_embeddings": spec.tie_word_embeddings,
+            "eos_token_id": list(spec.eos_token_ids) or None,
+        }
+
+    def default_spec(self, shape: ModelShape, max_context: int = 4096) -> ModelSpec:
+        return ModelSpec(shape, RMS_NORM_EPS, ROPE_THETA, max_context, norm_topk_prob=True)
+
+    def expert_shapes(self, shape: ModelShape) -> tuple[tuple[int, int], ...]:
+        return ((shape.ffn_hidden, shape.hidden), (shape.hidden, shape.ffn_hidden))
+
+    def expert_forward(self, x_ND: Tensor, weights: ExpertWeights) -> Tensor:
+        w_in_FD, w_out_DF = weights.matrices
+        return F.gelu(x_ND @ w_in_FD.T) @ w_out_DF.T
+
+    def attention(self, spec: ModelSpec) -> Attention:
+        return Attention(spec)
+
+    def router_keys(self, layer: int) -> tuple[str, ...]:
+        return (f"model.layers.{layer}.mlp.gate.weight",)
+
+    def expert_keys(self, layer: int, expert: int) -> tuple[str, ...]:
+        prefix = f"model.layers.{layer}.mlp.experts.{expert}"
+        return tuple(f"{prefix}.{m}.weight" for m in self.expert_matrices)
