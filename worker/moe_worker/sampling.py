@@ -13,44 +13,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from moe_worker.generation import SamplingParams
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request chooses tokens and when it stops (OpenAI completions semantics)."""
-
-    temperature: float = 1.0
-    """0 is greedy (argmax)."""
-    top_p: float = 1.0
-    """Keep the smallest set of most likely tokens whose probability reaches top_p."""
-    top_k: int = 0
-    """Keep the top_k most likely tokens; 0 keeps all."""
-    seed: int | None = None
-    """Seed of this request's randomness; None lets the server pick one."""
-    max_tokens: int = 16
-    """Most tokens to generate."""
-    stop_token_ids: tuple[int, ...] = ()
-    """Tokens that end the generation, besides the model's EOS ids."""
-    ignore_eos: bool = False
-    """Keep generating past the model's EOS ids."""
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+__all__ = ["SamplingParams", "filter_logits", "finish_reason", "sample"]
 
 
 def filter_logits(logits_BV: Tensor, top_k_B: Tensor, top_p_B: Tensor) -> Tensor:
