@@ -32,8 +32,9 @@ OPERATOR = [
     "moe_operator.main",
     "moe_operator.cli",
     "moe_operator.rebalance",
-    "moe_operator.local.demo",
-    "moe_operator.local.nodeagent",
+    # The local tooling (distribution moe-ep-local) neither: worker pods are separate processes.
+    "moe_local.demo",
+    "moe_local.nodeagent",
 ]
 
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 
-from moe_operator.local.cluster import LocalCluster
-from moe_operator.local.install import SYSTEM_NAMESPACE, kubectl, wait_until
-from moe_operator.local.kubeclient import KubeClient
+from moe_local.cluster import LocalCluster
+from moe_local.install import SYSTEM_NAMESPACE, kubectl, wait_until
+from moe_local.kubeclient import KubeClient
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 GROUP_PATH = "/apis/moe-ep.io/v1alpha1"

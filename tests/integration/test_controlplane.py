@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from moe_operator.local.controlplane import ControlPlane, ControlPlaneConfig, ensure_binaries
-from moe_operator.local.kubeclient import KubeClient
+from moe_local.controlplane import ControlPlane, ControlPlaneConfig, ensure_binaries
+from moe_local.kubeclient import KubeClient
 from tests.integration.kubectl import Kubectl, wait_for
 
 pytestmark = pytest.mark.integration

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
+from moe_local.cluster import LocalCluster, LocalClusterConfig, alive, stop_process
+from moe_local.controlplane import ensure_binaries
+from moe_local.kubeclient import ApiError, KubeClient
+from moe_local.podspec import pod_ip
 from moe_operator.api import MoEDeploymentSpec
-from moe_operator.local.cluster import LocalCluster, LocalClusterConfig, alive, stop_process
-from moe_operator.local.controlplane import ensure_binaries
-from moe_operator.local.kubeclient import ApiError, KubeClient
-from moe_operator.local.podspec import pod_ip
 from moe_operator.manifests import children
 from moe_worker.plan import round_robin_plan
 from tests.integration.kubectl import wait_for as shared_wait_for

@@ -1,6 +1,6 @@
 """The local node agent: a kubelet stand-in that runs pods as local processes (test/demo tooling).
 
-    python -m moe_operator.local.nodeagent --kubeconfig K --node-name moe-local --workdir D
+    python -m moe_local.nodeagent --kubeconfig K --node-name moe-local --workdir D
 
 Registers a Node with GPU capacity and keeps its Ready condition fresh, watches the pods bound to it
 and hands each to a `PodRunner` (podrunner.py: processes, volumes, status, Prometheus targets).
@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moe_operator.local.kubeclient import MERGE_PATCH, ApiError, KubeClient
-from moe_operator.local.podprocess import kill_group, now_rfc3339
-from moe_operator.local.podrunner import PodRunner
+from moe_local.kubeclient import MERGE_PATCH, ApiError, KubeClient
+from moe_local.podprocess import kill_group, now_rfc3339
+from moe_local.podrunner import PodRunner
 
-log = logging.getLogger("moe_operator.local.nodeagent")
+log = logging.getLogger("moe_local.nodeagent")
 
 KUBELET_VERSION = "v1.20.2-moe-ep-local"
 
@@ -252,7 +252,7 @@ class NodeAgent:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m moe_operator.local.nodeagent", description=__doc__.split("\n")[0]
+        prog="python -m moe_local.nodeagent", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--kubeconfig", type=Path, required=True)
     parser.add_argument("--node-name", default=AgentConfig.node_name)

@@ -29,17 +29,17 @@ from typing import Any
 
 import yaml
 
-from moe_operator.local.controlplane import (
+from moe_local.controlplane import (
     ControlPlane,
     ControlPlaneConfig,
     default_bin_dir,
     ensure_binaries,
     free_port,
 )
-from moe_operator.local.kubeclient import ApiError, KubeClient
-from moe_operator.local.prometheus import write_prometheus_config
+from moe_local.kubeclient import ApiError, KubeClient
+from moe_local.prometheus import write_prometheus_config
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 CRDS_DIR = REPO / "crds"
 STATE_VERSION = 1
 PLANE_COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
@@ -132,7 +132,7 @@ class LocalCluster:
         argv = [
             sys.executable,
             "-m",
-            "moe_operator.local.nodeagent",
+            "moe_local.nodeagent",
             "--kubeconfig",
             str(self.kubeconfig),
             "--node-name",

@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from moe_operator.local.kubeclient import MERGE_PATCH, ApiError, KubeClient
-from moe_operator.local.kubeclient import write_token_kubeconfig as _write_kubeconfig
-from moe_operator.local.podprocess import ContainerProcess, Launch, kill_group, now_rfc3339
-from moe_operator.local.podspec import (
+from moe_local.kubeclient import MERGE_PATCH, ApiError, KubeClient
+from moe_local.kubeclient import write_token_kubeconfig as _write_kubeconfig
+from moe_local.podprocess import ContainerProcess, Launch, kill_group, now_rfc3339
+from moe_local.podspec import (
     SA_MOUNT_PATH,
     Mounts,
     container_env,
@@ -33,7 +33,7 @@ from moe_operator.local.podspec import (
     resolve_cluster_names,
 )
 
-log = logging.getLogger("moe_operator.local.nodeagent")
+log = logging.getLogger("moe_local.nodeagent")
 
 DEPLOYMENT_LABEL = "moe-ep.io/deployment"
 BIN_DIR = Path(sysconfig.get_path("scripts"))
