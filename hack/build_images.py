@@ -97,21 +97,21 @@ def _yaml_scalar(text: str, path: Sequence[str]) -> str:
     raise KeyError(".".join(path))
 
 
-def image_names(chart: Path = CHART) -> dict[str, str]:
-    """{"operator" | "worker" | "worker-cuda": full image name}, from the chart alone."""
-    version = _yaml_scalar((chart / "Chart.yaml").read_text(), ["appVersion"])
-    values = (chart / "values.yaml").read_text()
-    operator = _yaml_scalar(values, ["image", "repository"])
-    worker = _yaml_scalar(values, ["workerImage", "repository"])
-    return {
-        "operator": f"{operator}:{version}",
-        "worker": f"{worker}:{version}",
-        "worker-cuda": f"{worker}:{version}{CUDA_TAG_SUFFIX}",
-    }
-
-
 def app_version(chart: Path = CHART) -> str:
     return _yaml_scalar((chart / "Chart.yaml").read_text(), ["appVersion"])
+
+
+def image_names(chart: Path = CHART) -> dict[str, str]:
+    """{"operator" | "worker" | "worker-cuda": full image name}, from the chart alone, the way
+    its templates compose them (a tag left empty is the appVersion)."""
+    values = (chart / "values.yaml").read_text()
+
+    def name(key: str) -> str:
+        tag = _yaml_scalar(values, [key, "tag"]) or app_version(chart)
+        return f"{_yaml_scalar(values, [key, 'repository'])}:{tag}"
+
+    worker = name("workerImage")
+    return {"operator": name("image"), "worker": worker, "worker-cuda": worker + CUDA_TAG_SUFFIX}
 
 
 def containerfile_default(containerfile: Path, arg: str) -> str:
@@ -200,11 +200,19 @@ def ensure_rootfs(cache: Path = CACHE) -> Path:
         log(f"rootfs: {tarball} (cached)")
         return tarball
     cache.mkdir(parents=True, exist_ok=True)
-    partial = tarball.with_suffix(".partial.tar")
+    # Written under a name of its own, renamed when complete: an interrupted or concurrent
+    # build never leaves a half tarball under the cache name.
+    partial = tarball.with_name(f"{tarball.stem}.{os.getpid()}.partial.tar")
     log(f"rootfs: mmdebstrap {SUITE} {' '.join(ROOTFS_PACKAGES)} (about a minute, once)")
     started = time.monotonic()
-    subprocess.run(["mmdebstrap", "--quiet", *MMDEBSTRAP_OPTIONS, SUITE, str(partial)], check=True)
-    partial.rename(tarball)  # only a finished tarball ever carries the cache name
+    try:
+        subprocess.run(
+            ["mmdebstrap", "--quiet", *MMDEBSTRAP_OPTIONS, SUITE, str(partial)], check=True
+        )
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.rename(tarball)
     log(f"rootfs: {tarball.stat().st_size / 1e6:.0f} MB in {time.monotonic() - started:.0f} s")
     return tarball
 

@@ -68,6 +68,14 @@ def test_names_come_from_the_chart(build_images: ModuleType) -> None:
     }
 
 
+def test_names_follow_tags_set_in_the_values(build_images: ModuleType, tmp_path: Path) -> None:
+    values = (CHART / "values.yaml").read_text()
+    (tmp_path / "Chart.yaml").write_text((CHART / "Chart.yaml").read_text())
+    (tmp_path / "values.yaml").write_text(values.replace('tag: ""', 'tag: "dev"'))
+    names = build_images.image_names(tmp_path)
+    assert names["operator"].endswith(":dev") and names["worker-cuda"].endswith(":dev-cuda")
+
+
 def test_the_chart_runs_the_images_make_images_builds(build_images: ModuleType) -> None:
     names = build_images.image_names()
     container = operator_deployment()["spec"]["template"]["spec"]["containers"][0]
