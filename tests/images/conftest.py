@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -22,3 +23,11 @@ def build_images() -> ModuleType:
         sys.modules[name] = module  # dataclasses look their module up while the class is built
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def torch_pin() -> str:
+    """The Makefile's TORCH_PIN version, the torch every worker image must carry."""
+    pin = re.search(r"^TORCH_PIN \?= torch==(\S+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert pin is not None
+    return pin.group(1)

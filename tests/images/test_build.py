@@ -12,7 +12,6 @@ machine's load, not the cache, made that difference).
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -64,12 +63,6 @@ def require_tools() -> None:
         pytest.skip(message)
 
 
-def torch_pin() -> str:
-    pin = re.search(r"^TORCH_PIN \?= torch==(\S+)$", (ROOT / "Makefile").read_text(), re.M)
-    assert pin is not None
-    return pin.group(1)
-
-
 def report_build(config: pytest.Config, output: str) -> None:
     """The build's sizes and times in the test log: what this test costs CI."""
     lines = [
@@ -88,7 +81,10 @@ def report_build(config: pytest.Config, output: str) -> None:
 
 @pytest.fixture(scope="module")
 def images(
-    build_images: ModuleType, tmp_path_factory: pytest.TempPathFactory, request: Any
+    build_images: ModuleType,
+    torch_pin: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: Any,
 ) -> Iterator[dict[str, Image]]:
     require_tools()
     storage = tmp_path_factory.mktemp("buildah")
@@ -96,7 +92,7 @@ def images(
     build_log = storage / "build.log"
     command = [sys.executable, str(ROOT / "hack" / "build_images.py"), *TARGETS]
     command += ["--root", str(buildah.root), "--runroot", str(buildah.runroot)]
-    command += ["--torch-version", torch_pin()]
+    command += ["--torch-version", torch_pin]
     try:
         with build_log.open("w") as out:
             result = subprocess.run(
@@ -175,6 +171,6 @@ print(torch.__version__)
 """
 
 
-def test_the_worker_imports_and_torch_computes(images: dict[str, Image]) -> None:
+def test_the_worker_imports_and_torch_computes(images: dict[str, Image], torch_pin: str) -> None:
     version = images["worker"].check("python", "-c", WORKER_SMOKE).strip()
-    assert version == f"{torch_pin()}+cpu"
+    assert version == f"{torch_pin}+cpu"

@@ -99,11 +99,9 @@ def test_package_version_is_the_charts_app_version(build_images: ModuleType) -> 
     assert version is not None and version.group(1) == build_images.app_version()
 
 
-def test_workers_torch_is_the_makefiles_pin(build_images: ModuleType) -> None:
-    pin = re.search(r"^TORCH_PIN \?= torch==(\S+)$", (ROOT / "Makefile").read_text(), re.M)
-    assert pin is not None
+def test_workers_torch_is_the_makefiles_pin(build_images: ModuleType, torch_pin: str) -> None:
     containerfile = IMAGES / "Containerfile.worker"
-    assert build_images.containerfile_default(containerfile, "TORCH_VERSION") == pin.group(1)
+    assert build_images.containerfile_default(containerfile, "TORCH_VERSION") == torch_pin
 
 
 @pytest.mark.parametrize("name", sorted(ENTRYPOINTS))
