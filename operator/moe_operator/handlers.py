@@ -18,6 +18,7 @@ from typing import Any
 import kopf
 
 from moe_operator import api, metrics
+from moe_operator.images import WorkerImages, with_worker_image
 from moe_operator.kube import Cluster, load_client_config
 from moe_operator.manifests import children
 from moe_operator.planning.detection import DetectionState
@@ -52,6 +53,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.networking.request_timeout = 30
     load_client_config()
     memo.cluster = Cluster()
+    memo.worker_images = WorkerImages.from_environ()
+    logging.getLogger(__name__).info("default worker images: %s", memo.worker_images)
 
 
 def _was_running(status: dict[str, Any]) -> bool:
@@ -85,6 +88,7 @@ def _sync(
     if parsed is None:
         _write_invalid(body, status, patch, [str(problem) for problem in problems], generation)
         return
+    parsed = with_worker_image(parsed, memo.worker_images)
     cluster: Cluster = memo.cluster
     adopt = functools.partial(kopf.adopt, owner=body)
     children_state = ensure_children(cluster, name, namespace, parsed, adopt=adopt)

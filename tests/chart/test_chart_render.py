@@ -157,7 +157,7 @@ def test_operator_deployment_defaults(render: Render) -> None:
     assert selector.items() <= spec["template"]["metadata"]["labels"].items()
 
     main = container(objects)
-    assert main["image"] == "ghcr.io/moe-ep/moe-ep:0.1.0"
+    assert main["image"] == "ghcr.io/moe-ep/moe-ep-operator:0.1.0"
     assert main["command"] == ["moe-operator"]
     assert main["args"] == ["--all-namespaces", "--liveness-port", "8081", "--metrics-port", "9090"]
     ports = {port["name"]: port for port in main["ports"]}
@@ -283,7 +283,33 @@ def test_custom_image_resources_and_args(render: Render) -> None:
 def test_image_digest_wins_over_tag(render: Render) -> None:
     digest = "sha256:" + "ab" * 32
     main = container(render({"image": {"tag": "dev", "digest": digest}}))
-    assert main["image"] == f"ghcr.io/moe-ep/moe-ep@{digest}"
+    assert main["image"] == f"ghcr.io/moe-ep/moe-ep-operator@{digest}"
+
+
+def worker_images(objects: list[Obj]) -> dict[str, str]:
+    env = {item["name"]: item.get("value") for item in container(objects)["env"]}
+    return {key: env[key] for key in ("MOE_WORKER_IMAGE", "MOE_WORKER_IMAGE_CUDA")}
+
+
+def test_the_operator_gets_the_default_worker_images(render: Render) -> None:
+    assert worker_images(render()) == {
+        "MOE_WORKER_IMAGE": "ghcr.io/moe-ep/moe-ep-worker:0.1.0",
+        "MOE_WORKER_IMAGE_CUDA": "ghcr.io/moe-ep/moe-ep-worker:0.1.0-cuda",
+    }
+
+
+def test_worker_images_follow_their_values_and_keep_extra_env(render: Render) -> None:
+    objects = render(
+        {
+            "workerImage": {"repository": "registry.local/worker", "tag": "dev"},
+            "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
+        }
+    )
+    assert worker_images(objects) == {
+        "MOE_WORKER_IMAGE": "registry.local/worker:dev",
+        "MOE_WORKER_IMAGE_CUDA": "registry.local/worker:dev-cuda",
+    }
+    assert {"name": "HTTPS_PROXY", "value": "http://proxy:3128"} in container(objects)["env"]
 
 
 def test_existing_service_account(render: Render) -> None:
@@ -367,6 +393,8 @@ def test_notes_render(chart: Any) -> None:
         {"replicaCount": 2},
         {"image": {"pullPolicy": "Sometimes"}},
         {"image": {"digest": "latest"}},
+        {"workerImage": {"repository": ""}},
+        {"workerImage": {"tag": "a:b"}},
         {"metricsPort": 70000},
         {"livenessPort": "8081"},
         {"watchNamespace": "Not_A_Namespace"},
