@@ -56,16 +56,18 @@ def plan_from_configmap(configmap: dict[str, Any] | None) -> Plan | None:
 
 
 def plan_fits(plan: Plan, spec: MoEDeploymentSpec) -> bool:
+    """Whether `plan` fits the spec: slots per rank may have grown up to maxSlotsPerRank."""
     try:
         validate_plan(
             plan,
             num_layers=spec.model.layers,
             num_experts=spec.model.experts_per_layer,
             world_size=spec.parallelism.world_size,
+            max_slots_per_rank=spec.placement.most_slots_per_rank,
         )
     except PlanError:
         return False
-    return plan.slots_per_rank == spec.placement.slots_per_rank
+    return plan.slots_per_rank >= spec.placement.slots_per_rank
 
 
 def plan_for_spec(current: Plan | None, spec: MoEDeploymentSpec) -> Plan | None:

@@ -83,11 +83,20 @@ def cross_field_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
         "the serving runtime is expert-parallel only: set tensor 1 and pipeline 1 "
         "(the TP x PP layout exists for `moe-worker bench` comparisons)",
     )
+    placement = spec.placement
+    most = placement.most_slots_per_rank
     need(
-        spec.rebalancing.method != "Replace" or slots > model.experts_per_layer,
+        most >= placement.slots_per_rank,
+        "placement.maxSlotsPerRank",
+        f"maxSlotsPerRank {most} is below slotsPerRank {placement.slots_per_rank}; set it to at "
+        "least slotsPerRank, or to 0 (the default: slotsPerRank)",
+    )
+    need(
+        spec.rebalancing.method != "Replace" or layout.expert * most > model.experts_per_layer,
         "rebalancing.method",
-        "Replace needs spare slots (parallelism.expert x placement.slotsPerRank > "
-        "model.expertsPerLayer); raise slotsPerRank or use GatingBias or Auto",
+        "Replace needs spare slots (parallelism.expert x placement.maxSlotsPerRank > "
+        "model.expertsPerLayer); raise placement.maxSlotsPerRank if the GPUs have memory to "
+        "spare (`moe-ep perf` prints what a slot costs), or use GatingBias or Auto",
     )
     need(
         worker.backend != "nccl" or worker.device == "cuda",

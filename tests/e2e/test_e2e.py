@@ -129,8 +129,7 @@ STREAMING = {  # every readable window makes a new plan: GatingBias always moves
     "imbalanceThreshold": 1.0,
     "consecutiveEvaluations": 1,
     "cooldownSeconds": 0,
-    "gateBiasRate": 0.02,
-    "maxGateBias": 0.5,
+    "gating": {"rate": 1.0, "maxBias": 0.5, "maxReroutedFraction": 1.0, "maxMargin": 1.0},
 }
 
 

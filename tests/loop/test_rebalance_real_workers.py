@@ -79,8 +79,8 @@ def _spec(experts: int, slots: int, method: str) -> MoEDeploymentSpec:
                 "evaluationWindowSeconds": 3,
                 "consecutiveEvaluations": 1,
                 "cooldownSeconds": 0,
-                "gateBiasRate": 0.1,
-                "maxGateBias": 0.5,
+                # the workers do not report the bias's price yet: no cap, a coarse first step
+                "gating": {"rate": 1.0, "maxBias": 0.5, "maxReroutedFraction": 1.0},
             },
         }
     )

@@ -13,8 +13,8 @@ from moe_operator.api import MoEDeploymentSpec
 from moe_operator.handoff import HandoffError, HandoffResult
 from moe_operator.loads import CounterSnapshot, LoadReadError
 from moe_operator.planning.detection import DetectionState
-from moe_operator.rebalance import Window, control_step
-from moe_operator.reconcile import initial_plan
+from moe_operator.rebalance import Window, control_step, gating_options
+from moe_operator.reconcile import initial_plan, plan_fits
 from moe_worker.plan import Plan, validate_plan
 
 SPEC = MoEDeploymentSpec.model_validate(
@@ -194,3 +194,41 @@ def test_a_plan_in_the_configmap_counts_as_issued_even_if_status_lost_it() -> No
     workers.reachable = True
     healed = _run(workers, store, written, state, window, now=31.0)
     assert workers.posts == [2] and healed.applied_version == 2
+
+
+def test_spare_memory_grows_the_slots_per_rank_and_the_plan_still_fits_the_spec() -> None:
+    # Expert 0 carries 8 of 11 units: two slots per rank cannot split it, a third one can.
+    spec = SPEC.model_copy(
+        update={"placement": SPEC.placement.model_copy(update={"slots_per_rank": 2})}
+    )
+    grown_spec = spec.model_copy(
+        update={"placement": spec.placement.model_copy(update={"max_slots_per_rank": 3})}
+    )
+    for current, most in ((spec, 2), (grown_spec, 3)):
+        plan = initial_plan(current)
+        workers, store, window = FakeWorkers(plan), Store(), Window(started_at=0.0)
+        first = control_step(current, plan, DetectionState(), window, workers, store, 10.0)
+        second = control_step(current, plan, first.state, window, workers, store, 20.0)
+        assert second.desired.slots_per_rank == most
+        if most == 3:
+            assert second.rebalance is not None and "grown 2 -> 3" in second.rebalance.note
+            assert second.rebalance.imbalance_after < second.rebalance.imbalance_before
+            assert plan_fits(second.desired, current)  # a restart keeps the grown plan
+            assert not plan_fits(second.desired, spec)  # ... unless the maximum went down
+
+
+def test_the_spec_gating_section_reaches_the_planner() -> None:
+    spec = SPEC.model_copy(
+        update={
+            "rebalancing": SPEC.rebalancing.model_copy(
+                update={
+                    "gating": SPEC.rebalancing.gating.model_copy(
+                        update={"max_margin": 0.02, "max_rerouted_fraction": 0.3, "rate": 1.5}
+                    )
+                }
+            )
+        }
+    )
+    options = gating_options(spec)
+    assert (options.max_margin, options.max_rerouted_fraction, options.rate) == (0.02, 0.3, 1.5)
+    assert (options.max_bias, options.damping) == (0.2, 0.05)  # the API's defaults
