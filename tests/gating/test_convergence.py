@@ -33,9 +33,7 @@ def fixed_logits(zipf: float, seed: int) -> torch.Tensor:
 def evaluate(plan: Plan, logits: torch.Tensor) -> tuple[list[float], float]:
     """Route under the plan: loads [E] and the rerouted fraction of top-K assignments."""
     bias = None if plan.gate_bias is None else torch.tensor(plan.gate_bias[0])
-    routing, price = route_priced(
-        logits, TOP_K, gate_bias_E=bias, max_margin=plan.gate_max_margin
-    )
+    routing, price = route_priced(logits, TOP_K, gate_bias_E=bias, max_margin=plan.gate_max_margin)
     loads = torch.bincount(routing.topk_ids_NK.flatten(), minlength=EXPERTS)
     return [float(x) for x in loads.tolist()], price.totals()[0] / (TOKENS * TOP_K)
 

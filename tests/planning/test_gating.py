@@ -36,7 +36,7 @@ def test_hot_experts_go_down_cold_ones_up_and_the_bias_stays_centred() -> None:
     assert sum(bias) == pytest.approx(0.0, abs=1e-12)  # only differences select
 
 
-def test_the_first_bias_from_zero_is_half_a_unit_step_and_a_quarter_of_the_cap() -> None:
+def test_the_first_bias_from_zero_is_half_a_unit_step_and_a_fifth_of_the_cap() -> None:
     loads = [100.0, 0.0, 0.0, 0.0]
     uncapped = GatingOptions(rate=0.4, max_bias=1.0, max_rerouted_fraction=None)
     bias = update_layer_bias([0.0] * 4, loads, uncapped)
