@@ -1,4 +1,5 @@
-"""The worker's HTTP surface (stdlib ThreadingHTTPServer; imports no torch).
+"""The worker's control routes (stdlib ThreadingHTTPServer; imports no torch), over the Backend
+port (`moe_worker.generation`). A stop-gap until `moe_worker.api` serves them.
 
 GET  /healthz      200 {"status": "ok", "rank", "pid"} while the process lives
 GET  /readyz       200 once the group formed and the plan is loaded, else 503
@@ -13,9 +14,6 @@ POST /v1/plan      leader only, `Authorization: Bearer <token file content>`:
                    409 {"applied": false, "reason": "stale", "version": current}: version <= current
                        (a resend of the current version is already applied: treat as success)
                    401 missing/wrong token, 421 not the leader, 503 not ready, 504 switch timed out
-POST /v1/forward   leader only, {"hidden": [[[...]]]} [B, T, D]
-                       -> 200 {"output": [[[...]]] [B, T, D], "planVersion"}
-                   400 bad shape, 421 not the leader, 503 not ready, 504 timed out
 """
 
 from __future__ import annotations
@@ -27,32 +25,16 @@ import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-
-from moe_worker.plan import Plan, PlanError, parse_plan
+from moe_worker.generation import Backend
+from moe_worker.plan import PlanError, parse_plan
 from moe_worker.settings import WorkerSettings
 
 log = logging.getLogger("moe_worker.http")
 
-MAX_BODY = 256 * 1024 * 1024
-
-
-class ServedWorker(Protocol):
-    """What the HTTP layer needs of a rank (the runtime's `Worker` provides it)."""
-
-    settings: WorkerSettings
-
-    @property
-    def is_leader(self) -> bool: ...
-    @property
-    def registry(self) -> CollectorRegistry: ...
-    def is_ready(self) -> bool: ...
-    def current_plan(self) -> Plan | None: ...
-    def validate(self, plan: Plan) -> None: ...  # raises PlanError
-    def request_plan(self, plan: Plan, timeout: float) -> dict[str, Any] | None: ...
-    def request_forward(self, hidden: Any, timeout: float) -> list[Any] | None: ...
+MAX_BODY = 16 * 1024 * 1024
+CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def _error(message: str) -> dict[str, Any]:
@@ -62,7 +44,8 @@ def _error(message: str) -> dict[str, Any]:
 
 
 class WorkerHandler(BaseHTTPRequestHandler):
-    worker: ServedWorker  # set on the subclass made by start_http_server
+    worker: Backend  # set on the subclass made by start_http_server
+    settings: WorkerSettings
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)  # never headers: no token in logs
@@ -90,17 +73,17 @@ class WorkerHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         w = self.worker
         if self.path == "/healthz":
-            self._json(200, {"status": "ok", "rank": w.settings.rank, "pid": os.getpid()})
+            self._json(200, {"status": "ok", "rank": w.rank, "pid": os.getpid()})
         elif self.path == "/readyz":
             plan = w.current_plan()
             payload = {
                 "ready": w.is_ready(),
-                "rank": w.settings.rank,
+                "rank": w.rank,
                 "planVersion": plan and plan.version,
             }
             self._json(200 if w.is_ready() else 503, payload)
         elif self.path == "/metrics":
-            self._send(200, generate_latest(w.registry), CONTENT_TYPE_LATEST)
+            self._send(200, w.metrics_text(), CONTENT_TYPE_METRICS)
         elif self.path == "/v1/plan":
             plan = w.current_plan()
             if plan is None:
@@ -111,7 +94,7 @@ class WorkerHandler(BaseHTTPRequestHandler):
             self._json(404, {"error": f"no route {self.path}"})
 
     def do_POST(self) -> None:
-        if self.path not in ("/v1/plan", "/v1/forward"):
+        if self.path != "/v1/plan":
             self._json(404, {"error": f"no route {self.path}"})
             return
         if not self.worker.is_leader:
@@ -119,7 +102,7 @@ class WorkerHandler(BaseHTTPRequestHandler):
                 421, {"error": "only rank 0 accepts this; send it to the leader", "leaderRank": 0}
             )
             return
-        if self.path == "/v1/plan" and not self._authorized():
+        if not self._authorized():
             self._json(
                 401, {"error": "missing or wrong bearer token"}, {"WWW-Authenticate": "Bearer"}
             )
@@ -131,14 +114,10 @@ class WorkerHandler(BaseHTTPRequestHandler):
         if length > MAX_BODY:
             self._json(413, {"error": f"body over {MAX_BODY} bytes"})
             return
-        body = self.rfile.read(length)
-        if self.path == "/v1/plan":
-            self._post_plan(body)
-        else:
-            self._post_forward(body)
+        self._post_plan(self.rfile.read(length))
 
     def _authorized(self) -> bool:
-        path = self.worker.settings.token_path
+        path = self.settings.token_path
         try:
             expected = Path(path).read_bytes().strip() if path else b""
         except OSError:
@@ -157,7 +136,7 @@ class WorkerHandler(BaseHTTPRequestHandler):
             self._json(400, _error(str(error)))
             return
         try:
-            w.validate(plan)
+            w.validate_plan(plan)
         except PlanError as error:
             self._json(422, _error(str(error)))
             return
@@ -165,33 +144,20 @@ class WorkerHandler(BaseHTTPRequestHandler):
         if current is not None and plan.version <= current.version:
             self._json(409, {"applied": False, "reason": "stale", "version": current.version})
             return
-        result = w.request_plan(plan, w.settings.switch_timeout)
+        result = w.switch_plan(plan, self.settings.switch_timeout)
         if result is None:
             self._json(504, {"applied": False, "reason": "timeout"})
         else:
             self._json(200 if result["applied"] else 409, result)
 
-    def _post_forward(self, body: bytes) -> None:
-        w = self.worker
-        try:
-            hidden = json.loads(body)["hidden"]
-            output = w.request_forward(hidden, w.settings.switch_timeout)
-        except (ValueError, KeyError, TypeError) as error:
-            self._json(400, {"error": f"{error}", "field": "hidden"})
-            return
-        if output is None:
-            self._json(504, {"error": "forward timed out"})
-            return
-        plan = w.current_plan()
-        self._json(200, {"output": output, "planVersion": plan and plan.version})
 
-
-def start_http_server(worker: ServedWorker) -> ThreadingHTTPServer:
+def start_http_server(worker: Backend, settings: WorkerSettings) -> ThreadingHTTPServer:
     """Serve in a daemon thread; returns the server (call .shutdown() to stop)."""
-    handler = type("BoundWorkerHandler", (WorkerHandler,), {"worker": worker})
-    server = ThreadingHTTPServer((worker.settings.bind_address, worker.settings.http_port), handler)
+    attrs = {"worker": worker, "settings": settings}
+    handler = type("BoundWorkerHandler", (WorkerHandler,), attrs)
+    server = ThreadingHTTPServer((settings.bind_address, settings.http_port), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="moe-http", daemon=True)
     thread.start()
-    log.info("rank %d HTTP on %s:%d", worker.settings.rank, *server.server_address[:2])
+    log.info("rank %d HTTP on %s:%d", worker.rank, *server.server_address[:2])
     return server
