@@ -7,11 +7,13 @@ TORCH_PIN ?= torch==2.13.0
 
 .PHONY: setup system-deps test lint demo bench clean
 
-$(VENV)/.installed: pyproject.toml
+# The local cluster and demo tooling is its own distribution (local/), installed beside the root.
+$(VENV)/.installed: pyproject.toml local/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q $(TORCH_PIN)
 	$(PYTHON) -m pip install -q -e '.[worker,test]'
+	$(PYTHON) -m pip install -q -e ./local
 	touch $@
 
 setup: $(VENV)/.installed

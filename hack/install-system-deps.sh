@@ -20,4 +20,4 @@ fi
 if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
   systemctl stop prometheus || true
 fi
-bash "$(dirname "$0")/../operator/moe_operator/local/build-kubernetes.sh"
+bash "$(dirname "$0")/../local/moe_local/build-kubernetes.sh"

@@ -14,8 +14,8 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     The CRDs are applied before the controllers start, so the garbage collector knows them and
     owner-reference cascades of MoEDeployments work from the first second.
     """
-    from moe_operator.local.cluster import apply_crds
-    from moe_operator.local.controlplane import ControlPlane, ControlPlaneConfig, ensure_binaries
+    from moe_local.cluster import apply_crds
+    from moe_local.controlplane import ControlPlane, ControlPlaneConfig, ensure_binaries
 
     bin_dir = ensure_binaries()
     plane = ControlPlane(

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from moe_operator.local import install
-from moe_operator.local.cluster import LocalCluster, LocalClusterConfig
-from moe_operator.local.controlplane import ensure_binaries
+from moe_local import install
+from moe_local.cluster import LocalCluster, LocalClusterConfig
+from moe_local.controlplane import ensure_binaries
 from tests.e2e.helpers import E2E, wait_for
 
 NAMESPACE = "e2e"

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from kubernetes.client import AppsV1Api, CoreV1Api, CustomObjectsApi
 
-from moe_operator.local.cluster import LocalCluster
-from moe_operator.local.install import SYSTEM_NAMESPACE, kubectl, wait_until
-from moe_operator.local.kubeclient import KubeClient
+from moe_local.cluster import LocalCluster
+from moe_local.install import SYSTEM_NAMESPACE, kubectl, wait_until
+from moe_local.kube import get_or_none
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-GROUP_PATH = "/apis/moe-ep.io/v1alpha1"
+GROUP, VERSION, PLURAL = "moe-ep.io", "v1alpha1", "moedeployments"
 ALERT = "MoEExpertLoadImbalance"
 
 
@@ -60,10 +61,15 @@ class E2E:
     world: int
     threshold: float
     prometheus_url: str
-    client: KubeClient = field(init=False)
+    core: CoreV1Api = field(init=False)
+    apps: AppsV1Api = field(init=False)
+    custom: CustomObjectsApi = field(init=False)
 
     def __post_init__(self) -> None:
-        self.client = self.cluster.client()
+        client = self.cluster.client()
+        self.core = CoreV1Api(client)
+        self.apps = AppsV1Api(client)
+        self.custom = CustomObjectsApi(client)
 
     # -- the MoEDeployment and its children ------------------------------------------------
 
@@ -80,9 +86,18 @@ class E2E:
         )
 
     def moed(self, name: str | None = None) -> dict[str, Any] | None:
-        return self.client.get(
-            f"{GROUP_PATH}/namespaces/{self.namespace}/moedeployments/{name or self.name}"
-        )
+        read = self.custom.get_namespaced_custom_object
+        return get_or_none(read, GROUP, VERSION, self.namespace, PLURAL, name or self.name)
+
+    def child(self, kind: str, name: str) -> Any | None:
+        """A child object (StatefulSet, Service, ConfigMap or Secret) in the namespace, or None."""
+        read = {
+            "StatefulSet": self.apps.read_namespaced_stateful_set,
+            "Service": self.core.read_namespaced_service,
+            "ConfigMap": self.core.read_namespaced_config_map,
+            "Secret": self.core.read_namespaced_secret,
+        }[kind]
+        return get_or_none(read, name, self.namespace)
 
     def status(self, name: str | None = None) -> dict[str, Any]:
         return (self.moed(name) or {}).get("status") or {}
@@ -94,16 +109,17 @@ class E2E:
         return {}
 
     def configmap_version(self) -> int | None:
-        cm = self.client.get(f"/api/v1/namespaces/{self.namespace}/configmaps/{self.name}-plan")
+        cm = self.child("ConfigMap", f"{self.name}-plan")
         if not cm:
             return None
-        return int(json.loads(cm["data"]["plan.json"])["version"])
+        return int(json.loads(cm.data["plan.json"])["version"])
 
     def pods(self, namespace: str | None = None, selector: str | None = None) -> list[dict]:
-        params = {"labelSelector": selector or f"moe-ep.io/deployment={self.name}"}
-        items = self.client.request(
-            "GET", f"/api/v1/namespaces/{namespace or self.namespace}/pods", params=params
-        )["items"]
+        listing = self.core.list_namespaced_pod(
+            namespace or self.namespace,
+            label_selector=selector or f"moe-ep.io/deployment={self.name}",
+        )
+        items = self.core.api_client.sanitize_for_serialization(listing.items)
         return sorted(items, key=lambda pod: pod["metadata"]["name"])
 
     def workers(self) -> dict[str, dict[str, Any]]:

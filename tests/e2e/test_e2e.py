@@ -305,11 +305,11 @@ def _current_document(e2e: E2E) -> dict[str, Any]:
 
 
 def _baseline(e2e: E2E) -> dict[str, Any]:
-    sts = e2e.client.get(f"/apis/apps/v1/namespaces/{e2e.namespace}/statefulsets/{NAME}")
+    sts = e2e.child("StatefulSet", NAME)
     assert sts is not None
     return {
         "workers": {p: (w["uid"], w["pid"], w["restarts"]) for p, w in e2e.workers().items()},
-        "statefulset": (sts["metadata"]["uid"], sts["metadata"]["generation"]),
+        "statefulset": (sts.metadata.uid, sts.metadata.generation),
         "plan": e2e.configmap_version(),
         "leader": e2e.leader_plan_version(),
     }
@@ -375,14 +375,13 @@ def test_bad_input_is_refused_or_flagged_and_the_running_deployment_is_untouched
     )
     assert "spec.placement.slotsPerRank" in condition["message"], condition
     assert e2e.status("e2e-bad-slots")["phase"] == "Failed"
-    base = f"/namespaces/{e2e.namespace}"
-    for path in (
-        f"/apis/apps/v1{base}/statefulsets/e2e-bad-slots",
-        f"/api/v1{base}/configmaps/e2e-bad-slots-plan",
-        f"/api/v1{base}/secrets/e2e-bad-slots-control",
-        f"/api/v1{base}/services/e2e-bad-slots-workers",
+    for kind, name in (
+        ("StatefulSet", "e2e-bad-slots"),
+        ("ConfigMap", "e2e-bad-slots-plan"),
+        ("Secret", "e2e-bad-slots-control"),
+        ("Service", "e2e-bad-slots-workers"),
     ):
-        assert e2e.client.get(path) is None, f"{path} created for an invalid spec"
+        assert e2e.child(kind, name) is None, f"{kind} {name} created for an invalid spec"
     e2e.kubectl("delete", "moed", "e2e-bad-slots", "-n", e2e.namespace, "--wait=true")
 
     # Fixing the running deployment's spec recovers it, still on the same pods and plan.
@@ -406,18 +405,17 @@ def test_delete_removes_every_child_and_process(e2e: E2E) -> None:
     targets_dir = e2e.cluster.workdir / "prometheus" / "targets"
     assert len(list(targets_dir.glob(f"moe-ep-workers-{e2e.namespace}-*.json"))) == e2e.world
     e2e.kubectl("delete", "moed", NAME, "-n", e2e.namespace)
-    base = f"/namespaces/{e2e.namespace}"
     children = (
-        f"/apis/apps/v1{base}/statefulsets/{NAME}",
-        f"/api/v1{base}/services/{NAME}-workers",
-        f"/api/v1{base}/configmaps/{NAME}-plan",
-        f"/api/v1{base}/secrets/{NAME}-control",
+        ("StatefulSet", NAME),
+        ("Service", f"{NAME}-workers"),
+        ("ConfigMap", f"{NAME}-plan"),
+        ("Secret", f"{NAME}-control"),
     )
 
     def all_gone() -> bool:
         return (
             e2e.moed() is None
-            and all(e2e.client.get(path) is None for path in children)
+            and all(e2e.child(kind, name) is None for kind, name in children)
             and not e2e.pods()
             and all(process_gone(pid) for pid in pids)
         )

@@ -1,4 +1,4 @@
-"""kubectl bound to one kubeconfig, for integration tests (a thin face on `local.install`)."""
+"""kubectl bound to one kubeconfig, for integration tests (a thin face on `moe_local.install`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from moe_operator.local import install
+from moe_local import install
 
 
 class Kubectl:

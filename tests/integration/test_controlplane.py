@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from moe_operator.local.controlplane import ControlPlane, ControlPlaneConfig, ensure_binaries
-from moe_operator.local.kubeclient import KubeClient
+from moe_local.controlplane import ControlPlane, ControlPlaneConfig, ensure_binaries
+from moe_local.kube import MERGE_PATCH
 from tests.integration.kubectl import Kubectl, wait_for
 
 pytestmark = pytest.mark.integration
@@ -81,17 +81,14 @@ def test_schedules_gpu_pod_and_stops_cleanly(bin_dir: Path, tmp_path: Path) -> N
         assert hooked == [plane.kubeconfig]
         kubeconfig = plane.kubeconfig
         token_secret = plane.wait_for_service_account_token("default")
-        secret = plane.api_get(f"/api/v1/namespaces/default/secrets/{token_secret}")
-        assert secret["type"] == "kubernetes.io/service-account-token"
+        secret = plane.core().read_namespaced_secret(token_secret, "default")
+        assert secret.type == "kubernetes.io/service-account-token"
 
         kubectl(kubeconfig, "create", "namespace", NAMESPACE)
         node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}}
         kubectl(kubeconfig, "create", "-f", "-", stdin=json.dumps(node))
         # Through the API, not `kubectl patch --subresource` (kubectl 1.20 has no such flag).
-        KubeClient(kubeconfig).request(
-            "PATCH", f"/api/v1/nodes/{NODE}/status", gpu_node_status(),
-            content_type="application/merge-patch+json",
-        )  # fmt: skip
+        plane.core().patch_node_status(NODE, gpu_node_status(), _content_type=MERGE_PATCH)
         # Pods are rejected until the namespace's default ServiceAccount has its token.
         plane.wait_for_service_account_token(NAMESPACE)
         kubectl(kubeconfig, "create", "-f", "-", stdin=json.dumps(gpu_pod()))

@@ -20,8 +20,8 @@ from typing import ClassVar
 import pytest
 import yaml
 
+from moe_local.controlplane import free_port
 from moe_operator.loads import LoadReadError, read_prometheus
-from moe_operator.local.controlplane import free_port
 
 pytestmark = pytest.mark.integration
 PROMETHEUS = shutil.which("prometheus")

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes.client import AppsV1Api, CoreV1Api
+from kubernetes.client.rest import ApiException
 
+from moe_local.cluster import LocalCluster, LocalClusterConfig, alive, stop_process
+from moe_local.controlplane import ensure_binaries
+from moe_local.kube import MERGE_PATCH, api_client, get_or_none
+from moe_local.podspec import pod_ip
 from moe_operator.api import MoEDeploymentSpec
-from moe_operator.local.cluster import LocalCluster, LocalClusterConfig, alive, stop_process
-from moe_operator.local.controlplane import ensure_binaries
-from moe_operator.local.kubeclient import ApiError, KubeClient
-from moe_operator.local.podspec import pod_ip
 from moe_operator.manifests import children
 from moe_worker.plan import round_robin_plan
 from tests.integration.kubectl import wait_for as shared_wait_for
@@ -58,9 +60,9 @@ def http_get(url: str) -> str:
         return response.read().decode()
 
 
-def pod_status(client: KubeClient, namespace: str, name: str) -> dict[str, Any]:
-    pod = client.get(f"/api/v1/namespaces/{namespace}/pods/{name}") or {}
-    return pod.get("status") or {}
+def pod_status(core: CoreV1Api, namespace: str, name: str) -> dict[str, Any]:
+    pod = get_or_none(core.read_namespaced_pod, name, namespace)
+    return core.api_client.sanitize_for_serialization(pod.status) if pod and pod.status else {}
 
 
 def is_ready(status: dict[str, Any]) -> bool:
@@ -91,8 +93,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 
 @pytest.fixture(scope="module")
-def client(cluster: LocalCluster) -> KubeClient:
-    return cluster.client()
+def core(cluster: LocalCluster) -> CoreV1Api:
+    return CoreV1Api(cluster.client())
 
 
 def web_pod(namespace: str) -> dict[str, Any]:
@@ -131,18 +133,16 @@ def web_pod(namespace: str) -> dict[str, Any]:
     }
 
 
-def test_pod_runs_restarts_and_goes(cluster: LocalCluster, client: KubeClient) -> None:
+def test_pod_runs_restarts_and_goes(cluster: LocalCluster, core: CoreV1Api) -> None:
     ns = "agent-pod"
     cluster.create_namespace(ns)
-    base = f"/api/v1/namespaces/{ns}"
-    client.request(
-        "POST", f"{base}/configmaps", {"metadata": {"name": "cfg"}, "data": {"hello.txt": "v1"}}
+    core.create_namespaced_config_map(
+        ns, {"metadata": {"name": "cfg"}, "data": {"hello.txt": "v1"}}
     )
-    client.request("POST", f"{base}/pods", web_pod(ns))
+    core.create_namespaced_pod(ns, web_pod(ns))
 
-    status = wait_for("web-0 Ready", lambda: is_ready(s := pod_status(client, ns, "web-0")) and s)
-    pod = client.get(f"{base}/pods/web-0")
-    assert pod["spec"]["nodeName"] == NODE
+    status = wait_for("web-0 Ready", lambda: is_ready(s := pod_status(core, ns, "web-0")) and s)
+    assert core.read_namespaced_pod("web-0", ns).spec.node_name == NODE
     assert status["phase"] == "Running"
     ip = status["podIP"]
     assert ip == pod_ip(ns, "web-0") and ip.startswith("127.")
@@ -154,8 +154,8 @@ def test_pod_runs_restarts_and_goes(cluster: LocalCluster, client: KubeClient) -
     assert env["CFG"].startswith(str(cluster.workdir / "pods")) and env["CFG"].endswith("hello.txt")
     assert http_get(f"http://{ip}:8080/file") == "v1"
     # The ServiceAccount token mount became a kubeconfig with the pod's own identity.
-    with pytest.raises(ApiError, match=f"system:serviceaccount:{ns}:default") as denied:
-        KubeClient(Path(env["KUBECONFIG"])).request("GET", f"{base}/secrets")
+    with pytest.raises(ApiException, match=f"system:serviceaccount:{ns}:default") as denied:
+        CoreV1Api(api_client(Path(env["KUBECONFIG"]))).list_namespaced_secret(ns)
     assert denied.value.status == 403
     target = cluster.workdir / "prometheus" / "targets" / f"moe-ep-workers-{ns}-web-0.json"
     document = json.loads(wait_for("file_sd target", target.is_file) and target.read_text())
@@ -167,11 +167,8 @@ def test_pod_runs_restarts_and_goes(cluster: LocalCluster, client: KubeClient) -
     ]
 
     # ConfigMap volumes follow the ConfigMap, as with a kubelet.
-    client.request(
-        "PATCH",
-        f"{base}/configmaps/cfg",
-        {"data": {"hello.txt": "v2"}},
-        content_type="application/merge-patch+json",
+    core.patch_namespaced_config_map(
+        "cfg", ns, {"data": {"hello.txt": "v2"}}, _content_type=MERGE_PATCH
     )
     wait_for("ConfigMap file refreshed", lambda: http_get(f"http://{ip}:8080/file") == "v2")
 
@@ -180,7 +177,7 @@ def test_pod_runs_restarts_and_goes(cluster: LocalCluster, client: KubeClient) -
     os.kill(first, signal.SIGKILL)
 
     def restarted() -> dict[str, Any] | None:
-        s = pod_status(client, ns, "web-0")
+        s = pod_status(core, ns, "web-0")
         restarts = s["containerStatuses"][0]["restartCount"]
         return s if restarts == 1 and is_ready(s) and container_pid(s) != first else None
 
@@ -189,13 +186,17 @@ def test_pod_runs_restarts_and_goes(cluster: LocalCluster, client: KubeClient) -
 
     # Deleting the pod stops its process, then the agent removes the object (grace period 0).
     second = container_pid(status)
-    client.request("DELETE", f"{base}/pods/web-0")
-    wait_for("pod object gone", lambda: client.get(f"{base}/pods/web-0") is None, timeout=15)
+    core.delete_namespaced_pod("web-0", ns)
+    wait_for(
+        "pod object gone",
+        lambda: get_or_none(core.read_namespaced_pod, "web-0", ns) is None,
+        timeout=15,
+    )
     assert process_gone(second)
     assert not target.exists()
 
 
-def test_moe_worker_pair_becomes_ready(cluster: LocalCluster, client: KubeClient) -> None:
+def test_moe_worker_pair_becomes_ready(cluster: LocalCluster, core: CoreV1Api) -> None:
     """The operator's own pod template (2 ranks, gloo, tiny shapes) runs and forms its group."""
     ns, name = "agent-workers", "tiny"
     cluster.create_namespace(ns)
@@ -222,41 +223,33 @@ def test_moe_worker_pair_becomes_ready(cluster: LocalCluster, client: KubeClient
         }
     )
     plan = round_robin_plan(2, 4, 2, 2)
-    base = f"/api/v1/namespaces/{ns}"
-    client.request("POST", f"{base}/services", children.build_service(name, spec))
-    client.request("POST", f"{base}/configmaps", children.build_plan_configmap(name, plan))
-    client.request("POST", f"{base}/secrets", children.build_token_secret(name))
-    client.request(
-        "POST",
-        f"/apis/apps/v1/namespaces/{ns}/statefulsets",
-        children.build_statefulset(name, ns, spec),
-    )
+    apps = AppsV1Api(core.api_client)
+    core.create_namespaced_service(ns, children.build_service(name, spec))
+    core.create_namespaced_config_map(ns, children.build_plan_configmap(name, plan))
+    core.create_namespaced_secret(ns, children.build_token_secret(name))
+    apps.create_namespaced_stateful_set(ns, children.build_statefulset(name, ns, spec))
 
     pods = [f"{name}-0", f"{name}-1"]
     wait_for(
         "both ranks Ready",
-        lambda: all(is_ready(pod_status(client, ns, pod)) for pod in pods),
+        lambda: all(is_ready(pod_status(core, ns, pod)) for pod in pods),
         timeout=60,
     )
     for pod in pods:
-        status = pod_status(client, ns, pod)
+        status = pod_status(core, ns, pod)
         assert status["containerStatuses"][0]["restartCount"] == 0
         metrics = http_get(f"http://{status['podIP']}:8080/metrics")
         assert "moe_plan_version 1.0" in metrics
     targets = sorted((cluster.workdir / "prometheus" / "targets").glob(f"*-{ns}-*.json"))
     assert [t.name for t in targets] == [f"moe-ep-workers-{ns}-{pod}.json" for pod in pods]
 
-    pids = [container_pid(pod_status(client, ns, pod)) for pod in pods]
-    client.request("DELETE", f"/apis/apps/v1/namespaces/{ns}/statefulsets/{name}")
-    wait_for(
-        "worker pods gone",
-        lambda: not client.request("GET", f"{base}/pods")["items"],
-        timeout=45,
-    )
+    pids = [container_pid(pod_status(core, ns, pod)) for pod in pods]
+    apps.delete_namespaced_stateful_set(name, ns)
+    wait_for("worker pods gone", lambda: not core.list_namespaced_pod(ns).items, timeout=45)
     assert all(process_gone(pid) for pid in pids)
 
 
-def test_down_leaves_nothing_behind(cluster: LocalCluster, client: KubeClient) -> None:
+def test_down_leaves_nothing_behind(cluster: LocalCluster, core: CoreV1Api) -> None:
     ns = "agent-down"
     cluster.create_namespace(ns)
     pod = {
@@ -266,10 +259,8 @@ def test_down_leaves_nothing_behind(cluster: LocalCluster, client: KubeClient) -
             "containers": [{"name": "main", "image": "ignored", "command": ["sleep", "600"]}],
         },
     }
-    client.request("POST", f"/api/v1/namespaces/{ns}/pods", pod)
-    status = wait_for(
-        "sleeper Ready", lambda: is_ready(s := pod_status(client, ns, "sleeper")) and s
-    )
+    core.create_namespaced_pod(ns, pod)
+    status = wait_for("sleeper Ready", lambda: is_ready(s := pod_status(core, ns, "sleeper")) and s)
     pod_pid = container_pid(status)
     state = json.loads(cluster.state_file.read_text())
     assert set(state["processes"]) == {

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from moe_operator.local.cluster import (
+from moe_local.cluster import (
     LocalCluster,
     LocalClusterConfig,
     LocalClusterError,
@@ -88,3 +88,7 @@ def _up(cluster: LocalCluster) -> int:
         + ("" if cluster.workdir == default_workdir() else f" --workdir {cluster.workdir}")
     )
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

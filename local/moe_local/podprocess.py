@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("moe_operator.local.nodeagent")
+log = logging.getLogger("moe_local.nodeagent")
 
 _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: preexec_fn must not import
 _PR_SET_PDEATHSIG = 1

@@ -28,18 +28,20 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from kubernetes.client import ApiClient, ApiextensionsV1Api, CoreV1Api
+from kubernetes.client.rest import ApiException
 
-from moe_operator.local.controlplane import (
+from moe_local.controlplane import (
     ControlPlane,
     ControlPlaneConfig,
     default_bin_dir,
     ensure_binaries,
     free_port,
 )
-from moe_operator.local.kubeclient import ApiError, KubeClient
-from moe_operator.local.prometheus import write_prometheus_config
+from moe_local.kube import API_ERRORS, api_client, get_or_none, readyz
+from moe_local.prometheus import write_prometheus_config
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 CRDS_DIR = REPO / "crds"
 STATE_VERSION = 1
 PLANE_COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
@@ -132,7 +134,7 @@ class LocalCluster:
         argv = [
             sys.executable,
             "-m",
-            "moe_operator.local.nodeagent",
+            "moe_local.nodeagent",
             "--kubeconfig",
             str(self.kubeconfig),
             "--node-name",
@@ -184,11 +186,13 @@ class LocalCluster:
         return record(proc.pid, log_path)
 
     def _wait_node_ready(self) -> None:
-        client = KubeClient(self.kubeconfig)
+        client = self.client()
+        core = CoreV1Api(client)
         agent = read_state(self.state_file)["processes"]["nodeagent"]
 
         def ready() -> bool:
-            node = client.get(f"/api/v1/nodes/{self.config.node_name}")
+            found = get_or_none(core.read_node, self.config.node_name)
+            node = client.sanitize_for_serialization(found)
             conditions = ((node or {}).get("status") or {}).get("conditions") or []
             return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
@@ -200,7 +204,7 @@ class LocalCluster:
             if not alive(proc_record):
                 tail = Path(proc_record["log"]).read_text(errors="replace").splitlines()[-20:]
                 raise LocalClusterError(f"{what}: process exited:\n" + "\n".join(tail))
-            with contextlib.suppress(ApiError, OSError):
+            with contextlib.suppress(*API_ERRORS):
                 if ready():
                     return
             time.sleep(0.2)
@@ -211,20 +215,20 @@ class LocalCluster:
         tmp.write_text(json.dumps(state, indent=2) + "\n")
         tmp.replace(self.state_file)
 
-    def client(self) -> KubeClient:
-        """An admin client of this cluster's API server."""
-        return KubeClient(self.kubeconfig)
+    def client(self) -> ApiClient:
+        """An admin client of this cluster's API server (wrap it: `CoreV1Api(client)`)."""
+        return api_client(self.kubeconfig)
 
     def create_namespace(self, name: str) -> None:
         """Create a namespace and wait for its default ServiceAccount token (1.20 admission
         rejects pods until it exists)."""
-        client = self.client()
-        with contextlib.suppress(ApiError):  # 409: already there
-            client.request("POST", "/api/v1/namespaces", {"metadata": {"name": name}})
+        core = CoreV1Api(self.client())
+        with contextlib.suppress(ApiException):  # 409: already there
+            core.create_namespace({"metadata": {"name": name}})
 
         def token_ready() -> bool:
-            sa = client.get(f"/api/v1/namespaces/{name}/serviceaccounts/default") or {}
-            return bool(sa.get("secrets"))
+            sa = get_or_none(core.read_namespaced_service_account, "default", name)
+            return bool(sa and sa.secrets)
 
         deadline = time.monotonic() + self.config.timeout_s
         while not token_ready():
@@ -268,33 +272,32 @@ class LocalCluster:
             (name, alive(r), f"pid {r['pid']}, log {r['log']}")
             for name, r in state["processes"].items()
         ]
-        client = KubeClient(Path(state["kubeconfig"]))
+        client = api_client(Path(state["kubeconfig"]))
         try:
-            ok = client.raw("/readyz", timeout=3).strip() == b"ok"
-        except (ApiError, OSError):
+            ok = readyz(client, timeout_s=3)
+        except API_ERRORS:
             ok = False
         rows.append(("apiserver /readyz", ok, state["apiserver"]))
-        rows.append(self._node_row(client, state["node"]))
+        rows.append(self._node_row(CoreV1Api(client), state["node"]))
         if state.get("prometheus"):
             url = state["prometheus"]["url"]
             rows.append(("prometheus /-/ready", _http_ok(url + "/-/ready"), url))
         return rows
 
     @staticmethod
-    def _node_row(client: KubeClient, node_name: str) -> tuple[str, bool, str]:
+    def _node_row(core: CoreV1Api, node_name: str) -> tuple[str, bool, str]:
         try:
-            node = client.get(f"/api/v1/nodes/{node_name}") or {}
-            pods = client.request(
-                "GET", "/api/v1/pods", params={"fieldSelector": f"spec.nodeName={node_name}"}
-            )
-        except (ApiError, OSError) as err:
+            found = get_or_none(core.read_node, node_name)
+            node = core.api_client.sanitize_for_serialization(found) or {}
+            pods = core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node_name}")
+        except API_ERRORS as err:
             return (f"node {node_name}", False, str(err))
         status = node.get("status") or {}
         ready = any(
             c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions") or []
         )
         gpus = (status.get("capacity") or {}).get("nvidia.com/gpu", "0")
-        return (f"node {node_name}", ready, f"{gpus} GPUs, {len(pods['items'])} pods")
+        return (f"node {node_name}", ready, f"{gpus} GPUs, {len(pods.items)} pods")
 
 
 # -- processes by record ---------------------------------------------------------------------
@@ -372,7 +375,8 @@ def read_state(path: Path) -> dict[str, Any]:
 
 def apply_crds(kubeconfig: Path) -> None:
     """Create the CRDs from crds/ (or generated from the API models) and wait until Established."""
-    client = KubeClient(kubeconfig)
+    client = api_client(kubeconfig)
+    extensions = ApiextensionsV1Api(client)
     if CRDS_DIR.is_dir():
         documents = [
             doc
@@ -384,14 +388,14 @@ def apply_crds(kubeconfig: Path) -> None:
         from moe_operator.crd import build_crd
 
         documents = [build_crd()]
-    base = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
     for crd in documents:
-        with contextlib.suppress(ApiError):  # 409: already there
-            client.request("POST", base, crd)
+        with contextlib.suppress(ApiException):  # 409: already there
+            extensions.create_custom_resource_definition(crd)
     for crd in documents:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            current = client.get(f"{base}/{crd['metadata']['name']}") or {}
+            found = get_or_none(extensions.read_custom_resource_definition, crd["metadata"]["name"])
+            current = client.sanitize_for_serialization(found) or {}
             conditions = (current.get("status") or {}).get("conditions") or []
             if any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
                 break

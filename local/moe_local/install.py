@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = ROOT / "charts" / "moe-ep"
 RELEASE = "moe-ep"
 SYSTEM_NAMESPACE = "moe-ep-system"

@@ -21,10 +21,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from moe_operator.local.kubeclient import MERGE_PATCH, ApiError, KubeClient
-from moe_operator.local.kubeclient import write_token_kubeconfig as _write_kubeconfig
-from moe_operator.local.podprocess import ContainerProcess, Launch, kill_group, now_rfc3339
-from moe_operator.local.podspec import (
+from kubernetes.client import ApiClient, CoreV1Api
+from kubernetes.client.rest import ApiException
+
+from moe_local.kube import MERGE_PATCH, get_or_none
+from moe_local.kube import write_token_kubeconfig as _write_kubeconfig
+from moe_local.podprocess import ContainerProcess, Launch, kill_group, now_rfc3339
+from moe_local.podspec import (
     SA_MOUNT_PATH,
     Mounts,
     container_env,
@@ -33,7 +36,7 @@ from moe_operator.local.podspec import (
     resolve_cluster_names,
 )
 
-log = logging.getLogger("moe_operator.local.nodeagent")
+log = logging.getLogger("moe_local.nodeagent")
 
 DEPLOYMENT_LABEL = "moe-ep.io/deployment"
 BIN_DIR = Path(sysconfig.get_path("scripts"))
@@ -67,7 +70,7 @@ class PodRunner(threading.Thread):
     def __init__(
         self,
         pod: dict[str, Any],
-        client: KubeClient,
+        client: ApiClient,
         workdir: Path,
         *,
         after: PodRunner | None = None,
@@ -83,6 +86,7 @@ class PodRunner(threading.Thread):
         self.pod_name: str = meta["name"]
         self.ip = pod_ip(self.namespace, self.pod_name)
         self.client = client
+        self.core = CoreV1Api(client)
         self.dir = workdir / "pods" / f"{self.namespace}_{self.pod_name}_{self.uid}"
         self.targets_dir = workdir / "prometheus" / "targets"
         self._after = after  # a previous pod of the same name must free the address first
@@ -188,10 +192,8 @@ class PodRunner(threading.Thread):
         # What a kubelet does once the containers are gone: the object may now disappear.
         body = {"gracePeriodSeconds": 0, "preconditions": {"uid": self.uid}}
         try:
-            self.client.request(
-                "DELETE", f"/api/v1/namespaces/{self.namespace}/pods/{self.pod_name}", body
-            )
-        except ApiError as err:
+            self.core.delete_namespaced_pod(self.pod_name, self.namespace, body=body)
+        except ApiException as err:
             if err.status not in (404, 409):
                 log.warning("deleting pod %s/%s: %s", self.namespace, self.pod_name, err)
 
@@ -232,10 +234,14 @@ class PodRunner(threading.Thread):
         self._volume_files[name] = set(files)
 
     def _lookup(self, kind: str, name: str) -> dict[str, str] | None:
-        plural = "configmaps" if kind == "configmap" else "secrets"
-        obj = self.client.get(f"/api/v1/namespaces/{self.namespace}/{plural}/{name}")
-        if obj is None:
+        if kind == "configmap":
+            read: Any = self.core.read_namespaced_config_map
+        else:
+            read = self.core.read_namespaced_secret
+        found = get_or_none(read, name, self.namespace)
+        if found is None:
             return None
+        obj = self.client.sanitize_for_serialization(found)  # base64 values, as the API sends
         if kind == "secret":
             return {k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()}
         binary = {k: base64.b64decode(v).decode() for k, v in (obj.get("binaryData") or {}).items()}
@@ -283,7 +289,7 @@ class PodRunner(threading.Thread):
         sa = self.pod["spec"].get("serviceAccountName", "default")
         _write_kubeconfig(
             path,
-            self.client.server,
+            self.client.configuration.host,
             (sa_dir / "ca.crt").read_text(),
             (sa_dir / "token").read_text().strip(),
             f"system:serviceaccount:{namespace}:{sa}",
@@ -299,14 +305,11 @@ class PodRunner(threading.Thread):
             return
         body = {"metadata": {"uid": self.uid}, "status": status}  # uid: not a same-name successor
         try:
-            self.client.request(
-                "PATCH",
-                f"/api/v1/namespaces/{self.namespace}/pods/{self.pod_name}/status",
-                body,
-                content_type=MERGE_PATCH,
+            self.core.patch_namespaced_pod_status(
+                self.pod_name, self.namespace, body, _content_type=MERGE_PATCH
             )
             self._published = status
-        except ApiError as err:
+        except ApiException as err:
             log.debug("status of %s/%s: %s", self.namespace, self.pod_name, err)
 
     def _status(self) -> dict[str, Any]:

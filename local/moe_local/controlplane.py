@@ -1,7 +1,9 @@
 """A real Kubernetes v1.20.2 control plane (etcd, apiserver, controller-manager, scheduler).
 
 Runs on 127.0.0.1 only, for integration tests and the local demo; there is no kubelet (see the local
-node agent). Stdlib only, so it can be used before any client library is configured.
+node agent). It reads the API with the official client on its own admin kubeconfig (never the
+process-wide default configuration); its /readyz probe is plain urllib, since the apiserver refuses
+connections while it starts and the client would log each of its retries.
 Facts behind the flags are in DESIGN.md, "Facts about the local control plane".
 
     with ControlPlane(ControlPlaneConfig(workdir=tmp, bin_dir=ensure_binaries())) as plane:
@@ -27,7 +29,10 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from kubernetes.client import CoreV1Api
+
+from moe_local.kube import API_ERRORS, api_client, get_or_none
 
 K8S_VERSION = "v1.20.2"
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
@@ -177,32 +182,24 @@ class ControlPlane:
 
     # -- API helpers -------------------------------------------------------------------------
 
-    def api_get(self, path: str) -> dict[str, Any] | None:
-        """GET a path as admin; None on 404."""
-        request = urllib.request.Request(
-            self.server + path, headers={"Authorization": f"Bearer {self._tokens['admin']}"}
-        )
-        try:
-            with urllib.request.urlopen(request, context=self._ssl(), timeout=5) as response:
-                return json.load(response)
-        except urllib.error.HTTPError as err:
-            if err.code == 404:
-                return None
-            raise
+    def core(self) -> CoreV1Api:
+        """The core API as admin (once start_apiserver has written the admin kubeconfig)."""
+        return CoreV1Api(api_client(self.kubeconfig))
 
     def wait_for_service_account_token(self, namespace: str, name: str = "default") -> str:
         """Return the name of the SA's token secret once the token controller has filled it.
 
         Pods using the SA are rejected by admission until then (Kubernetes 1.20 behaviour).
         """
+        core = self.core()
         found: list[str] = []
 
         def token_ready() -> bool:
-            sa = self.api_get(f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}")
-            for ref in (sa or {}).get("secrets", []):
-                secret = self.api_get(f"/api/v1/namespaces/{namespace}/secrets/{ref['name']}")
-                if secret and secret.get("data", {}).get("token"):
-                    found.append(ref["name"])
+            sa = get_or_none(core.read_namespaced_service_account, name, namespace)
+            for ref in (sa.secrets if sa else None) or []:
+                secret = get_or_none(core.read_namespaced_secret, ref.name, namespace)
+                if secret and (secret.data or {}).get("token"):
+                    found.append(ref.name)
                     return True
             return False
 
@@ -215,9 +212,8 @@ class ControlPlane:
         Lets the operator run with exactly the RBAC its chart grants, not as admin.
         """
         secret_name = self.wait_for_service_account_token(namespace, name)
-        secret = self.api_get(f"/api/v1/namespaces/{namespace}/secrets/{secret_name}")
-        assert secret is not None
-        token = base64.b64decode(secret["data"]["token"]).decode()
+        secret = self.core().read_namespaced_secret(secret_name, namespace)
+        token = base64.b64decode(secret.data["token"]).decode()
         path = self.workdir / f"kubeconfig-sa-{namespace}-{name}"
         self._write_kubeconfig(path, f"system:serviceaccount:{namespace}:{name}", token, namespace)
         return path
@@ -372,11 +368,9 @@ class ControlPlane:
         deadline = time.monotonic() + self.config.start_timeout_s
         while time.monotonic() < deadline:
             self._check_alive()
-            try:
+            with contextlib.suppress(*API_ERRORS):  # not up yet (urllib's errors are OSErrors)
                 if ready():
                     return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
             time.sleep(0.25)
         raise ControlPlaneError(f"timed out waiting for {what}; logs in {self.workdir / 'logs'}")
 

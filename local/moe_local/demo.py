@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moe_operator.local import install
-from moe_operator.local.cluster import LocalCluster, LocalClusterConfig, default_workdir
+from moe_local import install
+from moe_local.cluster import LocalCluster, LocalClusterConfig, default_workdir
 
 NAMESPACE = "demo"
 NAME = "demo"

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-PROMETHEUS_DIR = Path(__file__).resolve().parents[3] / "manifests" / "prometheus"
+PROMETHEUS_DIR = Path(__file__).resolve().parents[2] / "manifests" / "prometheus"
 
 
 def write_prometheus_config(prom_dir: Path, interval: str, alert_for: str | None) -> Path:

@@ -1,6 +1,6 @@
 """The local node agent: a kubelet stand-in that runs pods as local processes (test/demo tooling).
 
-    python -m moe_operator.local.nodeagent --kubeconfig K --node-name moe-local --workdir D
+    python -m moe_local.nodeagent --kubeconfig K --node-name moe-local --workdir D
 
 Registers a Node with GPU capacity and keeps its Ready condition fresh, watches the pods bound to it
 and hands each to a `PodRunner` (podrunner.py: processes, volumes, status, Prometheus targets).
@@ -24,11 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moe_operator.local.kubeclient import MERGE_PATCH, ApiError, KubeClient
-from moe_operator.local.podprocess import kill_group, now_rfc3339
-from moe_operator.local.podrunner import PodRunner
+from kubernetes.client import ApiClient, CoreV1Api
+from kubernetes.client.rest import ApiException
+from kubernetes.watch import Watch
 
-log = logging.getLogger("moe_operator.local.nodeagent")
+from moe_local.kube import API_ERRORS, MERGE_PATCH, api_client, get_or_none
+from moe_local.podprocess import kill_group, now_rfc3339
+from moe_local.podrunner import PodRunner
+
+log = logging.getLogger("moe_local.nodeagent")
 
 KUBELET_VERSION = "v1.20.2-moe-ep-local"
 
@@ -53,8 +57,9 @@ class AgentConfig:
 
 
 class NodeAgent:
-    def __init__(self, client: KubeClient, config: AgentConfig) -> None:
+    def __init__(self, client: ApiClient, config: AgentConfig) -> None:
         self.client = client
+        self.core = CoreV1Api(client)
         self.config = config
         self.workdir = config.workdir.resolve()
         self.stopping = threading.Event()
@@ -84,14 +89,14 @@ class NodeAgent:
                 kill_group(pid, signal.SIGKILL)
         try:
             self._post_node_status(ready=False)
-        except (ApiError, OSError) as err:
+        except API_ERRORS as err:
             log.info("could not mark node NotReady: %s", err)
 
     # -- node --------------------------------------------------------------------------------
 
     def register_node(self) -> None:
         name = self.config.node_name
-        if self.client.get(f"/api/v1/nodes/{name}") is None:
+        if get_or_none(self.core.read_node, name) is None:
             arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), "amd64")
             labels = {
                 "kubernetes.io/hostname": name,
@@ -104,7 +109,7 @@ class NodeAgent:
                 "kind": "Node",
                 "metadata": {"name": name, "labels": labels},
             }
-            self.client.request("POST", "/api/v1/nodes", node)
+            self.core.create_node(node)
         self._post_node_status(ready=True)
         log.info("node %s registered (%d GPUs)", name, self.config.gpus)
 
@@ -162,12 +167,7 @@ class NodeAgent:
                 "bootID": "",
             },
         }
-        self.client.request(
-            "PATCH",
-            f"/api/v1/nodes/{c.node_name}/status",
-            {"status": status},
-            content_type=MERGE_PATCH,
-        )
+        self.core.patch_node_status(c.node_name, {"status": status}, _content_type=MERGE_PATCH)
 
     # -- pods --------------------------------------------------------------------------------
 
@@ -175,21 +175,30 @@ class NodeAgent:
         selector = f"spec.nodeName={self.config.node_name}"
         while not self.stopping.is_set():
             try:
-                listing = self.client.request(
-                    "GET", "/api/v1/pods", params={"fieldSelector": selector}
+                listing = self.core.list_pod_for_all_namespaces(field_selector=selector)
+                self._resync(self.client.sanitize_for_serialization(listing.items))
+                events = Watch().stream(
+                    self.core.list_pod_for_all_namespaces,
+                    field_selector=selector,
+                    resource_version=listing.metadata.resource_version,
+                    timeout_seconds=30,
+                    _request_timeout=40,
                 )
-                self._resync(listing["items"])
-                version = listing["metadata"]["resourceVersion"]
-                for event in self.client.watch(
-                    "/api/v1/pods", 30, fieldSelector=selector, resourceVersion=version
-                ):
-                    if self.stopping.is_set() or event["type"] == "ERROR":
-                        break  # ERROR is usually 410 Gone: relist
-                    self._handle(event["type"], event["object"])
+                for event in events:
+                    if self.stopping.is_set():
+                        break
+                    # The pod as the API server sent it: PodRunner works on plain dicts.
+                    self._handle(event["type"], event["raw_object"])
+            except ApiException as err:
+                if err.status != 410:  # 410 Gone: the watch's version expired; just relist
+                    self._relist_after(err)
             except Exception as err:  # the watch must outlive any one bad event or response
-                if not self.stopping.is_set():
-                    log.warning("pod watch: %r; relisting", err)
-                    time.sleep(1.0)
+                self._relist_after(err)
+
+    def _relist_after(self, err: Exception) -> None:
+        if not self.stopping.is_set():
+            log.warning("pod watch: %r; relisting", err)
+            time.sleep(1.0)
 
     def _resync(self, pods: list[dict[str, Any]]) -> None:
         present = {pod["metadata"]["uid"] for pod in pods}
@@ -242,17 +251,15 @@ class NodeAgent:
         meta = pod["metadata"]
         body = {"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}}
         try:
-            self.client.request(
-                "DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}", body
-            )
-        except ApiError as err:
+            self.core.delete_namespaced_pod(meta["name"], meta["namespace"], body=body)
+        except ApiException as err:
             if err.status not in (404, 409):
                 log.warning("deleting pod %s/%s: %s", meta["namespace"], meta["name"], err)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m moe_operator.local.nodeagent", description=__doc__.split("\n")[0]
+        prog="python -m moe_local.nodeagent", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--kubeconfig", type=Path, required=True)
     parser.add_argument("--node-name", default=AgentConfig.node_name)
@@ -277,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         cpus=args.cpus,
         memory=args.memory,
     )
-    agent = NodeAgent(KubeClient(args.kubeconfig), config)
+    agent = NodeAgent(api_client(args.kubeconfig), config)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stopping.set())
     log.info("node agent pid %d, workdir %s", os.getpid(), agent.workdir)
