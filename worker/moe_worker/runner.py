@@ -62,7 +62,7 @@ class ModelRunner:
                 self.sequences[new.request_id] = _Sequence(
                     new.prompt_token_ids, new.sampling, new.seed
                 )
-            except Exception as error:
+            except Exception as error:  # one request fails, the group goes on
                 errors.append(self._fail(new.request_id, error))
         return errors
 
@@ -77,13 +77,13 @@ class ModelRunner:
                 items.append((chunk.request_id, self._new_tokens(chunk), chunk.start))
                 if chunk.sample:
                     sampled.append(chunk.request_id)
-            except Exception as error:
+            except Exception as error:  # a bug in one request: it fails alone
                 errors.append(self._fail(chunk.request_id, error))
         device = self.cache.k_LPHd.device
         try:
             batch = StepBatch.build(items, device)
             meta = self.cache.prepare(batch)
-        except Exception as error:
+        except Exception as error:  # every chunk of the step fails, not the rank
             errors += [self._fail(rid, error) for rid, _, _ in items]
             items, sampled = [], []
             batch = StepBatch.build([], device)
@@ -95,7 +95,7 @@ class ModelRunner:
             row_of = {rid: row for row, (rid, _, _) in enumerate(items)}
             try:
                 tokens = self._sample(logits_BV[[row_of[rid] for rid in sampled]], sampled)
-            except Exception as error:
+            except Exception as error:  # the tokens are lost, the group goes on
                 errors += [self._fail(rid, error) for rid in sampled]
         return StepResult(tuple(tokens), tuple(errors))
 
