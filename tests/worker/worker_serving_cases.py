@@ -24,6 +24,7 @@ from moe_worker.settings import WorkerSettings
 class Outcome:
     """Everything one request received."""
 
+    request_id: str = ""
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
     error: str | None = None
@@ -49,8 +50,8 @@ class Driver:
 
     def submit(self, prompt: tuple[int, ...], params: SamplingParams) -> Outcome:
         self._ids += 1
-        outcome = Outcome()
-        request = GenerationRequest(f"req-{self._ids}", prompt, params)
+        outcome = Outcome(f"req-{self._ids}")
+        request = GenerationRequest(outcome.request_id, prompt, params)
         self.runtime.submit(request, outcome.sink)
         return outcome
 
