@@ -1,8 +1,9 @@
 """One rank process: the weights, the serving loop and the HTTP servers wired together, with signal
 handling and the report of a fatal start-up error.
 
-The runtime (the serving loop, a `generation.Backend`) and the HTTP layer know nothing of each
-other; this module is where they meet.
+The runtime (the serving loop, a `generation.Backend`) and the HTTP layer (`moe_worker.api`) know
+nothing of each other; this module is where they meet: the control app on every rank (probes,
+metrics, plans), the OpenAI-compatible app on the leader when it has an API port.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import signal
 import sys
 from pathlib import Path
 
+from moe_worker.api import ServerHandle, create_control_app, create_openai_app, start
 from moe_worker.checkpoint import CheckpointError
 from moe_worker.loading import ShapeMismatch, open_weights
 from moe_worker.models import UnsupportedConfig
 from moe_worker.runtime import Runtime
-from moe_worker.server import start_http_server
 from moe_worker.settings import WorkerSettings
 
 log = logging.getLogger("moe_worker")
@@ -48,6 +49,17 @@ def install_signal_handlers(runtime: Runtime) -> None:
     signal.signal(signal.SIGINT, stop)
 
 
+def start_servers(runtime: Runtime, settings: WorkerSettings) -> list[ServerHandle]:
+    """The control app on every rank; the OpenAI app on the leader (api_port 0: none)."""
+    s = settings
+    control = create_control_app(runtime, token_path=s.token_path, switch_timeout=s.switch_timeout)
+    servers = [start(control, s.bind_address, s.http_port, name="control")]
+    if runtime.is_leader and s.api_port:
+        api = create_openai_app(runtime, api_keys_path=s.api_keys_path)
+        servers.append(start(api, s.bind_address, s.api_port, name="openai"))
+    return servers
+
+
 def serve(settings: WorkerSettings) -> int:
     """One rank: HTTP first (liveness while the group forms), then the serving loop."""
     try:
@@ -56,7 +68,7 @@ def serve(settings: WorkerSettings) -> int:
         return report_fatal(f"rank {settings.rank}: {error}", settings.termination_message_path)
     runtime = Runtime(settings, source)
     install_signal_handlers(runtime)
-    server = start_http_server(runtime, settings)
+    servers = start_servers(runtime, settings)
     try:
         runtime.run()
     except Exception:
@@ -66,5 +78,6 @@ def serve(settings: WorkerSettings) -> int:
         log.exception("rank %d serving loop failed", settings.rank)
         return 1
     finally:
-        server.shutdown()
+        for server in servers:
+            server.stop()
     return 0
