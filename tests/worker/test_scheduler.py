@@ -20,7 +20,7 @@ from moe_worker.generation import (
     TokenEvent,
 )
 from moe_worker.scheduler import Scheduled, Scheduler, SchedulerConfig
-from moe_worker.step import StepResult
+from moe_worker.step import StepDescriptor, StepResult
 
 EOS = 7
 
@@ -320,3 +320,15 @@ def test_every_request_ends_once_and_the_budget_never_leaks(
     group.step()  # the last releases
     assert all(group.scheduler.free_tokens(r) == (kv // 16) * 16 for r in range(world))
     assert all(rank.free_tokens == (kv // 16) * 16 for rank in group.ranks)
+
+
+def test_step_descriptors_and_results_travel_as_json_unchanged() -> None:
+    scheduler = Scheduler(config(), draw_seed=lambda: 9)
+    scheduler.add(request("a", 20, 4, top_p=0.5, stop_token_ids=(3, 4)), lambda e: None)
+    scheduler.add(request("b", 2), lambda e: None)
+    s = scheduler.schedule()
+    descriptor = StepDescriptor(4, False, ("x",), '{"version":2}', s.admit, s.chunks)
+    assert StepDescriptor.from_json(descriptor.to_json()) == descriptor
+    assert StepDescriptor.from_json(StepDescriptor(5).to_json()).idle
+    result = StepResult((("a", 5),), (("b", "KeyError: 'b'"),))
+    assert StepResult.from_json(result.to_json()) == result

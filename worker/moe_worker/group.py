@@ -58,6 +58,9 @@ def _decode(buffer: torch.Tensor) -> str:
 
 def broadcast_text(text: str | None, src: int = 0) -> str:
     """Collective: `text` of rank `src` on every rank (others pass None)."""
+    if dist.get_world_size() == 1:  # nothing to send; a world-1 group still keeps the loop
+        assert text is not None
+        return text
     device = collective_device()
     payload = _encode(text, device) if dist.get_rank() == src and text is not None else None
     size = torch.tensor([0 if payload is None else payload.numel()], device=device)
@@ -71,6 +74,8 @@ def broadcast_text(text: str | None, src: int = 0) -> str:
 def gather_text(text: str) -> list[str]:
     """Collective: every rank's `text`, in rank order (on every rank: all_gather works on every
     backend, where gather does not; the texts are small)."""
+    if dist.get_world_size() == 1:
+        return [text]
     device = collective_device()
     payload = _encode(text, device)
     world = dist.get_world_size()

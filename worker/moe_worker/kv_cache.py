@@ -197,17 +197,19 @@ class KVCache:
                 "sequences or raise kv_cache_tokens"
             )
         slots, decodes, groups = [], [], []
+        keys: dict[SeqId, Tensor] = {}  # each sequence's slots 0..end, computed once per step
         for span in batch.spans:
             end = span.position + span.length
             self.reserve(span.seq_id, end)
             self._lengths[span.seq_id] = end
-            slots.append(self._slots(span.seq_id, span.position, end))
+            keys[span.seq_id] = self._slots(span.seq_id, 0, end)
+            slots.append(keys[span.seq_id][span.position :])
             if span.length == 1:
                 decodes.append(span)
             else:
-                groups.append(self._group([span], device))
+                groups.append(self._group([span], keys, device))
         if decodes:
-            groups.append(self._group(decodes, device))
+            groups.append(self._group(decodes, keys, device))
         slots_N = torch.cat(slots) if slots else torch.zeros(0, dtype=torch.int64)
         return StepMeta(slots_N.to(device), tuple(groups))
 
@@ -225,14 +227,14 @@ class KVCache:
         positions = torch.arange(start, end)
         return table_blocks[positions // size] * size + positions % size
 
-    def _group(self, spans: list[SeqSpan], device: torch.device) -> AttentionGroup:
+    def _group(
+        self, spans: list[SeqSpan], key_slots: dict[SeqId, Tensor], device: torch.device
+    ) -> AttentionGroup:
         q = spans[0].length
         keys = max(s.position + s.length for s in spans)
         key_slots_BT = torch.zeros(len(spans), keys, dtype=torch.int64)
         for row, span in enumerate(spans):
-            key_slots_BT[row, : span.position + span.length] = self._slots(
-                span.seq_id, 0, span.position + span.length
-            )
+            key_slots_BT[row, : span.position + span.length] = key_slots[span.seq_id]
         offsets_Q = torch.arange(q)
         token_index_BQ = torch.stack([span.start + offsets_Q for span in spans])
         query_pos_BQ = torch.stack([span.position + offsets_Q for span in spans])

@@ -61,15 +61,23 @@ def rank_settings(settings: WorkerSettings, ranks: LocalRanks, local_rank: int) 
     )
 
 
+def spawn_rank(
+    settings: WorkerSettings, log_level: str = "INFO", **popen: object
+) -> subprocess.Popen[bytes]:
+    """`moe-worker serve` as one rank of `settings` (rank, ports and all, through the variables)."""
+    env = {**os.environ, **settings_to_env(settings)}
+    command = [sys.executable, "-m", "moe_worker.main", "--log-level", log_level, "serve"]
+    proc = subprocess.Popen(command, env=env, **popen)  # type: ignore[call-overload]
+    log.info("started rank %d (pid %d)", settings.rank, proc.pid)
+    return proc
+
+
 def launch(settings: WorkerSettings, ranks: LocalRanks, log_level: str = "INFO") -> int:
     """Start the local ranks and watch them; the exit code of the group."""
-    procs: list[subprocess.Popen[bytes]] = []
-    for local_rank in range(ranks.local_world):
-        child = rank_settings(settings, ranks, local_rank)
-        env = {**os.environ, **settings_to_env(child)}
-        command = [sys.executable, "-m", "moe_worker.main", "--log-level", log_level, "serve"]
-        procs.append(subprocess.Popen(command, env=env))
-        log.info("started rank %d (pid %d)", child.rank, procs[-1].pid)
+    procs = [
+        spawn_rank(rank_settings(settings, ranks, local_rank), log_level)
+        for local_rank in range(ranks.local_world)
+    ]
     return _watch(procs, ranks.rank_offset)
 
 

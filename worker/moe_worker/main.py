@@ -124,9 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
         kind = TRAFFIC_VARIABLES[attr][1]
         serve.add_argument(f"--{flag}", dest=f"traffic_{attr}", type=kind)
     add_model_flags(serve)
-    from moe_worker import bench
+    from moe_worker import bench, bench_serving
 
     bench.add_parser(sub)
+    bench_serving.add_parser(sub)
     return parser
 
 
