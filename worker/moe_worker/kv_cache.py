@@ -123,6 +123,7 @@ class KVCache:
         self.k_LPHd = torch.zeros(layers, slots, kv_heads, head_dim, dtype=dtype, device=device)
         self.v_LPHd = torch.zeros_like(self.k_LPHd)
         self._lengths: dict[SeqId, int] = {}
+        self._slot_of: dict[SeqId, Tensor] = {}  # slot of every position a table covers
 
     @classmethod
     def for_shape(
@@ -163,6 +164,7 @@ class KVCache:
     def free(self, seq_id: SeqId) -> None:
         self.blocks.free(seq_id)
         self._lengths.pop(seq_id, None)
+        self._slot_of.pop(seq_id, None)
 
     def length(self, seq_id: SeqId) -> int:
         """Tokens of `seq_id` whose K/V are cached."""
@@ -222,10 +224,16 @@ class KVCache:
         return self.k_LPHd[layer][key_slots_BT], self.v_LPHd[layer][key_slots_BT]
 
     def _slots(self, seq_id: SeqId, start: int, end: int) -> Tensor:
+        """Cache slots of positions start..end-1. A block table only grows, so the slots of
+        every position it covers are computed once and sliced afterwards."""
         size = self.blocks.block_size
-        table_blocks = torch.tensor(self.blocks.table(seq_id), dtype=torch.int64)
-        positions = torch.arange(start, end)
-        return table_blocks[positions // size] * size + positions % size
+        table = self.blocks.table(seq_id)
+        slots = self._slot_of.get(seq_id)
+        if slots is None or slots.numel() < len(table) * size:
+            blocks = torch.tensor(table, dtype=torch.int64)
+            slots = (blocks[:, None] * size + torch.arange(size)[None, :]).reshape(-1)
+            self._slot_of[seq_id] = slots
+        return slots[start:end]
 
     def _group(
         self, spans: list[SeqSpan], key_slots: dict[SeqId, Tensor], device: torch.device

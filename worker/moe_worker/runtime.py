@@ -6,8 +6,9 @@ Every step the leader (rank 0) asks its scheduler what to do and broadcasts a `S
 rank's chunks, or stop. Each rank then does the same things in the same order: free, switch
 (point-to-point expert moves), admit, one forward when any rank has work (zero tokens still join
 every all-to-all), sample; the leader gathers every rank's tokens and failures and hands events
-to the requests' sinks. With nothing to do the leader still broadcasts an idle step at least
-every `IDLE_TICK` seconds, so the group stays alive and a hung peer shows as a stall.
+to the requests' sinks (`leader.Leader` is that side: scheduler, traffic, plan-switch queue).
+With nothing to do the leader still broadcasts an idle step at least every `leader.IDLE_TICK`
+seconds, so the group stays alive and a hung peer shows as a stall.
 
 Threads: `run()` owns the process group; HTTP threads only call `submit`, `abort`, `switch_plan`
 (which queue work and wake the loop) and read state (`metrics_text`, `current_plan`, `is_live`)
@@ -18,10 +19,8 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,22 +30,16 @@ from prometheus_client import generate_latest
 
 from moe_worker import group
 from moe_worker.engine import EPEngine
-from moe_worker.generation import (
-    AdmissionError,
-    EventSink,
-    GenerationRequest,
-    ModelCard,
-    NotReady,
-    TokenEvent,
-)
+from moe_worker.generation import EventSink, GenerationRequest, ModelCard, NotReady
 from moe_worker.kv_cache import KVCache
+from moe_worker.leader import Leader
 from moe_worker.loading import model_card
 from moe_worker.metrics import WorkerMetrics
 from moe_worker.models.base import DTYPES
 from moe_worker.plan import PLAN_FILE_NAME, Plan, PlanError, parse_plan, round_robin_plan
 from moe_worker.plan import validate_plan as check_plan
 from moe_worker.runner import ModelRunner
-from moe_worker.scheduler import Delivery, Scheduler, SchedulerConfig
+from moe_worker.scheduler import SchedulerConfig
 from moe_worker.settings import WorkerSettings
 from moe_worker.step import StepDescriptor, StepResult
 from moe_worker.traffic import TrafficSource
@@ -54,8 +47,6 @@ from moe_worker.weights import WeightSource
 
 log = logging.getLogger("moe_worker")
 
-IDLE_TICK = 0.2
-"""Longest the leader waits before broadcasting an idle step (keeps collectives alive)."""
 GROUP_TIMEOUT_S = 600.0
 """How long a collective may wait for a peer before torch.distributed gives up."""
 KV_BLOCK_SIZE = 16
@@ -83,19 +74,6 @@ def read_initial_plan(settings: WorkerSettings) -> Plan:
     return round_robin_plan(m.layers, m.experts, world, slots)
 
 
-@dataclass
-class _Switch:
-    """A plan switch asked for by an HTTP thread, answered by the serving loop."""
-
-    plan: Plan
-    done: threading.Event = field(default_factory=threading.Event)
-    result: dict[str, Any] | None = None
-    taken: bool = False
-    """The loop put it in a step descriptor: it will be answered."""
-    cancelled: bool = False
-    """Its caller timed out before the loop took it: it never will."""
-
-
 class Runtime:
     """One rank: `run()` is the serving loop; the other public methods are the Backend."""
 
@@ -112,31 +90,23 @@ class Runtime:
         self._ready = False
         self._serving = False
         self._last_progress = time.monotonic()
-        self._wake = threading.Event()
-        self._switches: queue.Queue[_Switch] = queue.Queue()
-        self._switch_lock = threading.Lock()
-        self._in_flight_switch: _Switch | None = None
-        self.scheduler: Scheduler | None = None
-        self.traffic: TrafficSource | None = None
+        self.leader: Leader | None = None
         if settings.is_leader:
             s, spec = settings, source.spec
-            self.scheduler = Scheduler(
-                SchedulerConfig(
-                    world_size=s.world_size,
-                    kv_cache_tokens=s.kv_cache_tokens,
-                    max_context=spec.max_context,
-                    vocab_size=s.model.vocab_size,
-                    eos_token_ids=spec.eos_token_ids,
-                    block_size=KV_BLOCK_SIZE,
-                    max_batch_tokens=s.max_batch_tokens,
-                    max_queued_requests=s.max_queued_requests,
-                )
+            config = SchedulerConfig(
+                world_size=s.world_size,
+                kv_cache_tokens=s.kv_cache_tokens,
+                max_context=spec.max_context,
+                vocab_size=s.model.vocab_size,
+                eos_token_ids=spec.eos_token_ids,
+                block_size=KV_BLOCK_SIZE,
+                max_batch_tokens=s.max_batch_tokens,
+                max_queued_requests=s.max_queued_requests,
             )
-            self.traffic = TrafficSource(
+            traffic = TrafficSource(
                 s.traffic, vocab_size=s.model.vocab_size, world_size=s.world_size, seed=s.seed
             )
-            self.metrics.requests_waiting.set_function(lambda: self.scheduler.waiting)  # type: ignore[union-attr]
-            self.metrics.requests_running.set_function(lambda: self.scheduler.running)  # type: ignore[union-attr]
+            self.leader = Leader(config, traffic, self.metrics)
         self.metrics.kv_free_tokens.set_function(
             lambda: 0 if self.runner is None else self.runner.cache.free_tokens
         )
@@ -178,37 +148,29 @@ class Runtime:
         )
 
     def submit(self, request: GenerationRequest, on_event: EventSink) -> None:
-        if self.scheduler is None:
+        if self.leader is None:
             raise NotReady("only the leader (rank 0) serves requests")
         if not self.is_ready():
             raise NotReady("the worker group is not ready")
-        self.scheduler.add(request, on_event)
-        self._wake.set()
+        self.leader.submit(request, on_event)
 
     def abort(self, request_id: str) -> None:
-        if self.scheduler is not None:
-            self.scheduler.abort(request_id)
-            self._wake.set()
+        if self.leader is not None:
+            self.leader.abort(request_id)
 
     def switch_plan(self, plan: Plan, timeout: float) -> dict[str, Any] | None:
         """Leader: block until every rank serves `plan`; the stale answer if it is not newer."""
         current = self.current_plan()
-        if not self.is_leader or current is None or not self.is_ready():
+        if self.leader is None or current is None or not self.is_ready():
             return {"applied": False, "reason": "not ready", "version": current and current.version}
         if plan.version <= current.version:
             return {"applied": False, "reason": "stale", "version": current.version}
-        pending = _Switch(plan)
-        self._switches.put(pending)
-        self._wake.set()
-        if pending.done.wait(timeout):
-            return pending.result
-        with self._switch_lock:
-            pending.cancelled = not pending.taken
-        return None
+        return self.leader.switch(plan, timeout)
 
     def stop(self) -> None:
         self.stopping.set()
-        self._wake.set()
+        if self.leader is not None:
+            self.leader.wake()
 
     # ------------------------------------------------------------ the serving loop
 
@@ -225,8 +187,8 @@ class Runtime:
             self._load(device)
             self._serve()
         except BaseException as error:
-            if self.scheduler is not None:
-                self._deliver(self.scheduler.drain("error", f"the serving loop failed: {error}"))
+            if self.leader is not None:
+                self.leader.fail_all(f"the serving loop failed: {error}")
             raise
         finally:
             self._ready = self._serving = False
@@ -257,7 +219,11 @@ class Runtime:
     def _serve(self) -> None:
         step = 0
         while True:
-            text = self._next_step(step).to_json() if self.is_leader else None
+            text = None
+            if self.leader is not None:
+                assert self.engine is not None
+                version = self.engine.plan.version
+                text = self.leader.next_step(step, version, self.stopping.is_set()).to_json()
             descriptor = StepDescriptor.from_json(group.broadcast_text(text))
             self._last_progress = time.monotonic()
             if descriptor.stop or (self.stopping.is_set() and not self.is_leader):
@@ -272,9 +238,8 @@ class Runtime:
         self.runner.release(d.release)
         if d.plan_json is not None:
             answer = self._switch(parse_plan(d.plan_json))
-            if self._in_flight_switch is not None:
-                self._answer(self._in_flight_switch, answer)
-                self._in_flight_switch = None
+            if self.leader is not None:
+                self.leader.answer_switch(answer)
         errors = self.runner.admit(d.admit)
         result = StepResult(errors=tuple(errors))
         if d.chunks:
@@ -286,85 +251,8 @@ class Runtime:
             self.metrics.tokens.inc(self.runner.tokens_run - tokens_before)
         if d.gathers:
             texts = group.gather_text(result.to_json())
-            if self.scheduler is not None:
-                results = [StepResult.from_json(t) for t in texts]
-                self._deliver(self.scheduler.complete(results))
-
-    # ------------------------------------------------------------ leader side
-
-    def _next_step(self, step: int) -> StepDescriptor:
-        assert self.scheduler is not None
-        if self.stopping.is_set():
-            self._deliver(self.scheduler.drain("abort"))
-            return StepDescriptor(step, stop=True)
-        self._wait_for_work()
-        switch = self._in_flight_switch = self._take_switch()
-        self._top_up_traffic()
-        scheduled = self.scheduler.schedule()
-        self._deliver(list(scheduled.deliveries))
-        return StepDescriptor(
-            step,
-            release=scheduled.release,
-            plan_json=None if switch is None else switch.plan.to_json(),
-            admit=scheduled.admit,
-            chunks=scheduled.chunks,
-        )
-
-    def _wait_for_work(self) -> None:
-        assert self.scheduler is not None and self.traffic is not None
-        self._wake.clear()
-        if self.scheduler.has_work or not self._switches.empty() or self.stopping.is_set():
-            return
-        wait = IDLE_TICK
-        if self.traffic.enabled:
-            wait = min(wait, max(0.0, self.traffic.next_top_up - time.monotonic()))
-        self._wake.wait(wait)
-
-    def _take_switch(self) -> _Switch | None:
-        assert self.engine is not None
-        while True:
-            try:
-                pending = self._switches.get_nowait()
-            except queue.Empty:
-                return None
-            with self._switch_lock:
-                if pending.cancelled:
-                    continue
-                pending.taken = True
-            current = self.engine.plan.version
-            if pending.plan.version > current:
-                return pending
-            self._answer(pending, {"applied": False, "reason": "stale", "version": current})
-
-    @staticmethod
-    def _answer(pending: _Switch, result: dict[str, Any]) -> None:
-        pending.result = result
-        pending.done.set()
-
-    def _top_up_traffic(self) -> None:
-        assert self.scheduler is not None and self.traffic is not None
-        if not self.traffic.due(time.monotonic()):
-            return
-        for request in self.traffic.top_up(time.monotonic()):
-            try:
-                self.scheduler.add(request, self._traffic_sink)
-            except AdmissionError:
-                self.traffic.done(request.request_id)
-
-    def _traffic_sink(self, event: TokenEvent) -> None:
-        if event.finish_reason is not None:
-            assert self.traffic is not None
-            self.traffic.done(event.request_id)
-
-    def _deliver(self, deliveries: list[Delivery]) -> None:
-        for sink, event in deliveries:
-            self.metrics.generated_tokens.inc(len(event.token_ids))
-            if event.finish_reason is not None:
-                self.metrics.requests_finished.labels(event.finish_reason).inc()
-            try:
-                sink(event)
-            except Exception:  # a client's callback must not stop the group
-                log.exception("event sink of request %s failed", event.request_id)
+            if self.leader is not None:
+                self.leader.complete([StepResult.from_json(t) for t in texts])
 
     # ------------------------------------------------------------ every rank
 
