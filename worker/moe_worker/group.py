@@ -1,8 +1,8 @@
 """The process group of one rank: joining it, the device it computes on, and the two small
 collectives of the serving loop (the leader's step descriptor out, every rank's result in).
 
-Both carry JSON text as a uint8 tensor after its length: plain data, never pickled objects, on
-any backend (nccl moves CUDA tensors only, gloo CPU ones).
+Both carry JSON text as uint8 tensors: plain data, never pickled objects, on any backend (nccl
+moves CUDA tensors only, gloo CPU ones).
 """
 
 from __future__ import annotations
@@ -48,12 +48,34 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _encode(text: str, device: torch.device) -> torch.Tensor:
-    return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8).to(device)
+INLINE_BYTES = 16 * 1024
+"""Messages up to this size travel in ONE collective (length header + payload in a fixed-size
+buffer); a longer one (a step admitting many long prompts) takes a second for the rest. A step
+is latency-bound by its collectives, so the common case pays one, not two."""
+_HEADER = 8
 
 
-def _decode(buffer: torch.Tensor) -> str:
-    return buffer.cpu().numpy().tobytes().decode()
+def _framed(payload: bytes, device: torch.device) -> torch.Tensor:
+    """[length (8 bytes, little-endian) | payload | zeros] of INLINE_BYTES, as uint8."""
+    head = payload[: INLINE_BYTES - _HEADER]
+    frame = bytearray(INLINE_BYTES)
+    frame[:_HEADER] = len(payload).to_bytes(_HEADER, "little")
+    frame[_HEADER : _HEADER + len(head)] = head
+    return torch.frombuffer(frame, dtype=torch.uint8).to(device)
+
+
+def _unframe(frame: torch.Tensor) -> tuple[int, bytes]:
+    raw = frame.cpu().numpy().tobytes()
+    size = int.from_bytes(raw[:_HEADER], "little")
+    return size, raw[_HEADER : _HEADER + min(size, INLINE_BYTES - _HEADER)]
+
+
+def _rest(payload: bytes) -> torch.Tensor:
+    """What does not fit in the frame (maybe nothing)."""
+    rest = payload[INLINE_BYTES - _HEADER :]
+    if not rest:
+        return torch.zeros(0, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(rest), dtype=torch.uint8)
 
 
 def broadcast_text(text: str | None, src: int = 0) -> str:
@@ -62,13 +84,19 @@ def broadcast_text(text: str | None, src: int = 0) -> str:
         assert text is not None
         return text
     device = collective_device()
-    payload = _encode(text, device) if dist.get_rank() == src and text is not None else None
-    size = torch.tensor([0 if payload is None else payload.numel()], device=device)
-    dist.broadcast(size, src)
-    if payload is None:
-        payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
-    dist.broadcast(payload, src)
-    return _decode(payload)
+    payload = text.encode() if dist.get_rank() == src and text is not None else b""
+    frame = _framed(payload, device)
+    dist.broadcast(frame, src)
+    size, head = _unframe(frame)
+    if size <= len(head):
+        return head.decode()
+    rest = (
+        _rest(payload).to(device)
+        if payload
+        else torch.empty(size - len(head), dtype=torch.uint8, device=device)
+    )
+    dist.broadcast(rest, src)
+    return (head + rest.cpu().numpy().tobytes()).decode()
 
 
 def gather_text(text: str) -> list[str]:
@@ -77,13 +105,20 @@ def gather_text(text: str) -> list[str]:
     if dist.get_world_size() == 1:
         return [text]
     device = collective_device()
-    payload = _encode(text, device)
+    payload = text.encode()
     world = dist.get_world_size()
-    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([payload.numel()], dtype=torch.int64, device=device))
-    longest = max(int(s.item()) for s in sizes)
-    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
-    padded[: payload.numel()] = payload
-    buffers = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
-    dist.all_gather(buffers, padded)
-    return [_decode(b[: int(s.item())]) for b, s in zip(buffers, sizes, strict=True)]
+    frames = [torch.empty(INLINE_BYTES, dtype=torch.uint8, device=device) for _ in range(world)]
+    dist.all_gather(frames, _framed(payload, device))
+    parts = [_unframe(frame) for frame in frames]
+    longest = max(size - len(head) for size, head in parts)
+    if longest == 0:
+        return [head.decode() for _, head in parts]
+    mine = torch.zeros(longest, dtype=torch.uint8, device=device)
+    rest = _rest(payload)
+    mine[: rest.numel()] = rest.to(device)
+    tails = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
+    dist.all_gather(tails, mine)
+    return [
+        (head + tail.cpu().numpy().tobytes()[: size - len(head)]).decode()
+        for (size, head), tail in zip(parts, tails, strict=True)
+    ]

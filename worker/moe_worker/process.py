@@ -64,9 +64,9 @@ def serve(settings: WorkerSettings) -> int:
     """One rank: HTTP first (liveness while the group forms), then the serving loop."""
     try:
         source, settings = open_weights(settings)
+        runtime = Runtime(settings, source)  # the scheduler refuses impossible budgets here
     except (ShapeMismatch, CheckpointError, UnsupportedConfig, ValueError, OSError) as error:
         return report_fatal(f"rank {settings.rank}: {error}", settings.termination_message_path)
-    runtime = Runtime(settings, source)
     install_signal_handlers(runtime)
     servers = start_servers(runtime, settings)
     try:
