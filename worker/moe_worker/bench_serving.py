@@ -159,8 +159,10 @@ def serve_moe_ep(
         max_batch_tokens=256,
         max_queued_requests=max(o.concurrency) * 2,
     )
+    one_thread = {"OMP_NUM_THREADS": "1"}  # like rank 0 here and generate(): one core each
     children = [
-        spawn_rank(settings.replace(rank=r, local_rank=r), "WARNING") for r in range(1, world)
+        spawn_rank(settings.replace(rank=r, local_rank=r), "WARNING", one_thread)
+        for r in range(1, world)
     ]
     source, settings = open_weights(settings)
     runtime = Runtime(settings, source)

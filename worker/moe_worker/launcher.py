@@ -61,11 +61,20 @@ def rank_settings(settings: WorkerSettings, ranks: LocalRanks, local_rank: int) 
     )
 
 
+def threads_per_rank(local_world: int) -> int:
+    """This machine's cores shared out among its ranks (torch's default is every core per
+    process: N ranks would each spin that many OpenMP threads, ten times slower on small CPUs)."""
+    return max(1, (os.cpu_count() or 1) // local_world)
+
+
 def spawn_rank(
-    settings: WorkerSettings, log_level: str = "INFO", **popen: object
+    settings: WorkerSettings,
+    log_level: str = "INFO",
+    extra_env: dict[str, str] | None = None,
+    **popen: object,
 ) -> subprocess.Popen[bytes]:
     """`moe-worker serve` as one rank of `settings` (rank, ports and all, through the variables)."""
-    env = {**os.environ, **settings_to_env(settings)}
+    env = {**os.environ, **settings_to_env(settings), **(extra_env or {})}
     command = [sys.executable, "-m", "moe_worker.main", "--log-level", log_level, "serve"]
     proc = subprocess.Popen(command, env=env, **popen)  # type: ignore[call-overload]
     log.info("started rank %d (pid %d)", settings.rank, proc.pid)
@@ -74,8 +83,12 @@ def spawn_rank(
 
 def launch(settings: WorkerSettings, ranks: LocalRanks, log_level: str = "INFO") -> int:
     """Start the local ranks and watch them; the exit code of the group."""
+    threads: dict[str, str] = {}
+    if "OMP_NUM_THREADS" not in os.environ:
+        threads["OMP_NUM_THREADS"] = str(threads_per_rank(ranks.local_world))
+        log.info("OMP_NUM_THREADS is not set: %s threads per rank", threads["OMP_NUM_THREADS"])
     procs = [
-        spawn_rank(rank_settings(settings, ranks, local_rank), log_level)
+        spawn_rank(rank_settings(settings, ranks, local_rank), log_level, threads)
         for local_rank in range(ranks.local_world)
     ]
     return _watch(procs, ranks.rank_offset)
