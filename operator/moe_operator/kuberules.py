@@ -20,7 +20,7 @@ LABEL_VALUE_MAX = 63
 _DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _NAME_PART = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
-_C_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
 _QUANTITY = re.compile(
     r"(?P<sign>[+-]?)(?P<number>\d+\.?\d*|\.\d+)"
     r"(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?\d+)?"
@@ -75,9 +75,9 @@ def label_value(value: str) -> str | None:
 
 
 def env_name(value: str) -> str | None:
-    """Environment variable names, as a shell can export them (a C identifier)."""
-    if not _C_IDENTIFIER.fullmatch(value):
-        return "must be a C identifier: letters, digits and '_', not starting with a digit"
+    """Environment variable names: letters, digits, '_', '-' and '.', not starting with a digit."""
+    if not _ENV_NAME.fullmatch(value):
+        return "must consist of letters, digits, '_', '-' or '.', and not start with a digit"
     return None
 
 

@@ -57,8 +57,10 @@ def test_names_label_values_and_env() -> None:
     assert kuberules.dns1035_label("a" * 64)
     assert kuberules.label_value("") is None and kuberules.label_value("H100_SXM.5") is None
     assert kuberules.label_value("x" * 64) and kuberules.label_value("a b")
-    assert kuberules.env_name("OMP_NUM_THREADS") is None and kuberules.env_name("_x") is None
-    assert kuberules.env_name("A-B") and kuberules.env_name("1A") and kuberules.env_name("")
+    for name in ("OMP_NUM_THREADS", "_x", "A-B", "a.b"):  # what the API server accepts
+        assert kuberules.env_name(name) is None, name
+    for name in ("1A", "", "A B", "A=B"):
+        assert kuberules.env_name(name), name
 
 
 def test_container_resource_names() -> None:

@@ -52,8 +52,8 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
     ),
     # issue 11, item 7: what Kubernetes would refuse in the pod template
     (
-        "env name with a dash",
-        {"worker": {"extraEnv": [{"name": "MY-VAR", "value": "1"}]}},
+        "env name with a space",
+        {"worker": {"extraEnv": [{"name": "MY VAR", "value": "1"}]}},
         "worker.extraEnv[0].name",
     ),
     (
