@@ -44,7 +44,6 @@ from moe_operator.reconcile import (
     owned_pods,
     ready_replicas,
     record_notes,
-    rollout_in_progress,
     write_plan,
 )
 from moe_operator.status import Observed, compute_status, with_reconcile_error
@@ -241,7 +240,9 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
         workers=world,
         statefulset_exists=True,
         ready_workers=ready,
-        rollout_in_progress=rollout_in_progress(state.statefulset),
+        # With OnDelete the controller never marks a revision current: the group's own state
+        # (old pods, pods going, a template not yet seen) says whether a rollout is under way.
+        rollout_in_progress=restarting,
         plan_version=desired.version,
         applied_plan_version=applied,
         imbalance_threshold=parsed.rebalancing.imbalance_threshold,

@@ -299,19 +299,5 @@ def record_notes(configmap: Mapping[str, Any] | None) -> RecordNotes:
     return RecordNotes(version, issued, record if isinstance(record, dict) else None)
 
 
-def rollout_in_progress(statefulset: dict[str, Any]) -> bool:
-    status = statefulset.get("status") or {}
-    spec_replicas = (statefulset.get("spec") or {}).get("replicas", 0)
-    if status.get("observedGeneration", 0) < (statefulset.get("metadata") or {}).get(
-        "generation", 0
-    ):
-        return True
-    if status.get("updateRevision") and status.get("currentRevision") != status.get(
-        "updateRevision"
-    ):
-        return True
-    return status.get("updatedReplicas", spec_replicas) < spec_replicas
-
-
 def ready_replicas(statefulset: dict[str, Any] | None) -> int:
     return int(((statefulset or {}).get("status") or {}).get("readyReplicas") or 0)

@@ -260,7 +260,7 @@ async def test_a_forged_plan_of_the_desired_version_is_superseded(
     workers.plan = forged
 
     await eventually(lambda: workers.version == 3, what="the operator's plan issued again")
-    assert "ForeignPlan" in reasons(api)
+    await eventually(lambda: "ForeignPlan" in reasons(api), what="ForeignPlan event")
     assert workers.plan["method"] != "Forged"
     assert parse_plan(api.plan("m1")).digest() == Plan.model_validate(workers.plan).digest()
     await balanced_on(api, workers, 3)
