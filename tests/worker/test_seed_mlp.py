@@ -14,7 +14,6 @@ from moe_worker.model import init_expert
 from moe_worker.model import route as seed_route
 from moe_worker.models import ExpertWeights, MoETransformer, Routing, architecture, route
 from moe_worker.plan import round_robin_plan
-from moe_worker.settings import ModelConfig
 from moe_worker.shape import ModelShape
 from moe_worker.weights import SyntheticWeights, build_model, local_experts
 
@@ -55,7 +54,7 @@ def test_synthetic_weights_are_identical_across_constructions(source: SyntheticW
 
 def test_seed_mlp_experts_are_the_seed_models_experts() -> None:
     source = SyntheticWeights.for_shape(SHAPE, seed=5)
-    config = ModelConfig(layers=2, experts=4, hidden=32, ffn_hidden=48, heads=4, head_dim=8)
+    config = ModelShape(layers=2, experts=4, hidden=32, ffn_hidden=48, heads=4, head_dim=8)
     seed_expert = init_expert(config, 5, 1, 3)
     ours = source.expert(1, 3)
     assert torch.equal(ours.matrices[0], seed_expert.w_in_FD)

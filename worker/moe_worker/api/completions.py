@@ -1,0 +1,143 @@
+"""One completion request in flight: its choices in the backend and their tokens as they come.
+
+The serving loop calls `on_event` from its own thread; `Generation` hands each event to the
+event loop (`call_soon_threadsafe` into an `asyncio.Queue`) and never blocks that thread. The
+response owns the requests: `close()`, called however it ends (a client gone, a failure, a
+stall), aborts every choice still running; a stop string aborts its own choice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from moe_worker.api.errors import ApiError
+from moe_worker.api.text import TextStream
+from moe_worker.generation import AdmissionError, Backend, GenerationRequest, TokenEvent
+
+log = logging.getLogger("moe_worker.api")
+
+
+@dataclass
+class ChoiceState:
+    index: int
+    request_id: str
+    prompt_tokens: int
+    text: TextStream | None
+    """None without a tokenizer: the choice's text stays empty, its token ids tell all."""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one event changed in one choice."""
+
+    choice: ChoiceState
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None
+
+
+class Generation:
+    def __init__(
+        self,
+        backend: Backend,
+        requests: Sequence[GenerationRequest],
+        texts: Sequence[TextStream | None],
+        *,
+        stall_timeout: float,
+    ) -> None:
+        self.backend = backend
+        self.requests = list(requests)
+        self.stall_timeout = stall_timeout
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self.choices = {
+            r.request_id: ChoiceState(i, r.request_id, len(r.prompt_token_ids), text)
+            for i, (r, text) in enumerate(zip(requests, texts, strict=True))
+        }
+        self._submitted: list[str] = []
+
+    def submit(self) -> None:
+        """Queue every choice, or none: a refusal aborts those already queued and is raised as
+        the ApiError of its status (400, 429, 503)."""
+        try:
+            for request in self.requests:
+                self.backend.submit(request, self._on_event)
+                self._submitted.append(request.request_id)
+        except AdmissionError as error:
+            self.close()
+            raise ApiError(error.status, str(error), error.param, error.code) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _on_event(self, event: TokenEvent) -> None:
+        """Called on the serving thread: hand over, never block, never raise into the loop."""
+        # A closed event loop means the server stopped: nobody waits for the event any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    @property
+    def unfinished(self) -> list[ChoiceState]:
+        return [c for c in self.choices.values() if c.finish_reason is None]
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """Every choice's new tokens and text, in arrival order, until all choices finished."""
+        try:
+            while self.unfinished:
+                try:
+                    event = await asyncio.wait_for(self.queue.get(), self.stall_timeout)
+                except TimeoutError:
+                    raise ApiError(
+                        504, f"no token for {self.stall_timeout:g} s; the request was aborted"
+                    ) from None
+                choice = self.choices.get(event.request_id)
+                if choice is None or choice.finish_reason is not None:
+                    continue  # the tail of a choice ended by a stop string
+                yield self._apply(choice, event)
+        finally:
+            self.close()
+
+    def _apply(self, choice: ChoiceState, event: TokenEvent) -> Delta:
+        final = event.finish_reason is not None
+        choice.token_ids.extend(event.token_ids)
+        text = choice.text.push(event.token_ids, final) if choice.text is not None else ""
+        finish = event.finish_reason
+        if choice.text is not None and choice.text.stopped and finish in (None, "length"):
+            if finish is None:  # the engine would go on: the stop string is ours to enforce
+                self.backend.abort(choice.request_id)
+            finish = "stop"
+        choice.finish_reason = finish
+        choice.error = event.error
+        return Delta(choice, tuple(event.token_ids), text, finish)
+
+    def close(self) -> None:
+        """Abort every choice still running (idempotent): the response is over, however."""
+        for choice in self.unfinished:
+            if choice.request_id in self._submitted:
+                choice.finish_reason = "abort"
+                try:
+                    self.backend.abort(choice.request_id)
+                except Exception:  # abort is best effort; the request ends with its stream
+                    log.exception("abort of %s failed", choice.request_id)
+
+    @property
+    def usage(self) -> tuple[int, int]:
+        """(prompt tokens, completion tokens) over all choices."""
+        choices = self.choices.values()
+        return sum(c.prompt_tokens for c in choices), sum(len(c.token_ids) for c in choices)
+
+
+def failure(delta: Delta) -> ApiError | None:
+    """The error a choice ended with, if it did not end normally."""
+    if delta.finish_reason == "error":
+        return ApiError(500, f"generation failed: {delta.choice.error or 'engine error'}")
+    if delta.finish_reason == "abort":
+        return ApiError(503, "generation aborted: the server is stopping")
+    return None

@@ -1,0 +1,130 @@
+"""Request and response bodies of the OpenAI completions API, as pydantic models.
+
+Field names, types and defaults mirror OpenAI's API reference for `/v1/completions` and
+`/v1/models`; nullable fields accept null as the official client may send it. vLLM's extras that
+token-level clients use are here too: `top_k`, `stop_token_ids`, `ignore_eos`, and `token_ids` in
+every choice. Parameters OpenAI has and this server cannot honour are declared so that a request
+using them is refused naming the parameter (`unsupported`), not silently ignored; unknown fields
+are refused the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+TokenId = Annotated[StrictInt, Field(ge=0)]
+Prompt = StrictStr | list[TokenId] | list[StrictStr] | list[list[TokenId]]
+StopString = Annotated[StrictStr, Field(min_length=1)]
+INT64 = 2**63
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool | None = False
+    """Send one more chunk before `[DONE]`, with no choices and the request's `usage`."""
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr
+    prompt: Prompt
+    """Text, token ids, or a list of either (one choice per prompt)."""
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    """None: 16, or what the context leaves if less."""
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    n: StrictInt | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=16)] | None = None
+    """Strings that end a choice (not included in its text); they need the tokenizer."""
+    seed: Annotated[StrictInt, Field(ge=-INT64, lt=INT64)] | None = None
+    user: StrictStr | None = None
+    # OpenAI's, refused unless at their neutral value (see `unsupported`)
+    logprobs: StrictInt | None = None
+    echo: bool | None = False
+    best_of: StrictInt | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    suffix: StrictStr | None = None
+    # vLLM's extras
+    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
+    """0 or -1: no top-k cut."""
+    stop_token_ids: list[TokenId] | None = None
+    ignore_eos: bool | None = False
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(param, why) of the first parameter set to something this server cannot do."""
+        checks: list[tuple[str, bool, str]] = [
+            ("n", self.n not in (None, 1), "only n=1 is supported; send one request per sample"),
+            ("best_of", self.best_of not in (None, 1), "only best_of=1 is supported"),
+            ("logprobs", self.logprobs is not None, "logprobs are not supported"),
+            ("echo", bool(self.echo), "echo is not supported"),
+            ("suffix", self.suffix is not None, "suffix (insertion) is not supported"),
+            ("presence_penalty", bool(self.presence_penalty), "penalties are not supported"),
+            ("frequency_penalty", bool(self.frequency_penalty), "penalties are not supported"),
+            ("logit_bias", bool(self.logit_bias), "logit_bias is not supported"),
+        ]
+        for param, refused, why in checks:
+            if refused:
+                return param, why
+        return None
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    """Decoded with the checkpoint's tokenizer; "" when it ships none (see `token_ids`)."""
+    token_ids: list[int]
+    """The generated tokens (in a stream chunk: the new ones)."""
+    logprobs: None = None
+    finish_reason: str | None = None
+    """stop | length; in a stream, null until the choice's last chunk."""
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Completion(BaseModel):
+    """The response, and each stream chunk (with the new tokens only; `usage` null but in the
+    final chunk when `stream_options.include_usage`)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelEntry(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "moe-ep"
+    max_model_len: int
+    """vLLM's field: the longest prompt + completion one request may have."""
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelEntry]
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(mode="json")

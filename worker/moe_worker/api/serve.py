@@ -1,0 +1,85 @@
+"""Run an app under uvicorn in a background thread, beside the serving loop.
+
+The main thread of a worker runs torch collectives, so uvicorn gets its own thread and event loop
+and installs no signal handlers (uvicorn installs them only on the main thread); the process's
+own handlers stay in charge. The socket is bound here, before the thread starts, so a port in use
+fails the caller at once and port 0 gives a free port that `ServerHandle.port` reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import uvicorn
+from starlette.types import ASGIApp
+
+log = logging.getLogger("moe_worker.api")
+
+
+@dataclass
+class ServerHandle:
+    """A running server; `stop()` ends it (idempotent)."""
+
+    host: str
+    port: int
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            log.warning("HTTP server on port %d still stopping after %g s", self.port, timeout)
+
+
+def start(
+    app: ASGIApp,
+    host: str,
+    port: int,
+    *,
+    name: str = "http",
+    graceful_seconds: int = 5,
+    startup_timeout: float = 30.0,
+) -> ServerHandle:
+    """Serve `app` on host:port (0: any free port) from a daemon thread; returns once listening.
+
+    `graceful_seconds`: how long `stop()` lets open requests (streams) finish before closing them.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=2048)
+    bound = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        http="h11",  # one parser, the one the hostile-input tests were run against
+        loop="asyncio",
+        lifespan="off",
+        log_config=None,  # the process configures logging; uvicorn must not reconfigure it
+        access_log=False,
+        proxy_headers=False,
+        server_header=False,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=graceful_seconds,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name=f"moe-{name}", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + startup_timeout
+    while not server.started:  # uvicorn offers no event to wait on; it starts in milliseconds
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()
+            raise RuntimeError(f"{name} server on {host}:{bound} did not start")
+        time.sleep(0.01)
+    log.info("%s server listening on %s:%d", name, host, bound)
+    return ServerHandle(host, bound, server, thread)
