@@ -151,6 +151,9 @@ def _report_error(handler: str, call: Call, base: dict[str, Any], error: Excepti
     call.logger.exception("%s of %s/%s failed: %s", handler, call.namespace, call.name, message)
     try:
         kopf.warn(call.body, reason="ReconcileFailed", message=message)
+    except Exception:  # no Event: the log, the metric and the condition still say it
+        call.logger.exception("could not post the ReconcileFailed Event")
+    try:
         conditions = with_reconcile_error(
             base.get("conditions") or [], message, call.generation, _now()
         )

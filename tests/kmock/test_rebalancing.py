@@ -151,7 +151,12 @@ async def test_restart_mid_handoff_converges_to_the_durable_plan(
         {
             "status": {
                 "plan": {"version": 1, "appliedVersion": 1},
-                "detection": {"aboveCount": 0, "desiredVersion": 1, "appliedVersion": 1},
+                "detection": {
+                    "aboveCount": 0,
+                    "desiredVersion": 1,
+                    "appliedVersion": 1,
+                    "lastRebalanceAt": None,
+                },
                 "lastRebalance": None,
             }
         },
@@ -159,6 +164,11 @@ async def test_restart_mid_handoff_converges_to_the_durable_plan(
     )
     await operator.start()
     await eventually(lambda: plan_status(api).get("version") == 2, what="status from ConfigMap")
+    # What the lost status patch carried comes back from the ConfigMap too (issue 11, item 8):
+    # the last rebalance, and the time it was issued, which the cooldown counts from.
+    status = api.status("m1")
+    assert (status.get("lastRebalance") or {}).get("toVersion") == 2, status
+    assert (status.get("detection") or {}).get("lastRebalanceAt"), status
     await evaluations(workers, 3)  # a window to open and two to evaluate, leader still failing
     assert configmap_versions(api) == [1, 2], "a new plan while plan 2 was still in flight"
     assert workers.applied == []
