@@ -22,7 +22,6 @@ KIND = "MoEDeployment"
 PLURAL = "moedeployments"
 SINGULAR = "moedeployment"
 SHORT_NAMES = ("moed",)
-DEFAULT_WORKER_IMAGE = "ghcr.io/moe-ep/moe-ep:0.1.0"
 
 
 class ApiModel(BaseModel):
@@ -160,7 +159,11 @@ class EnvVar(ApiModel):
 class WorkerSpec(ApiModel):
     """The worker pods."""
 
-    image: str = Field(DEFAULT_WORKER_IMAGE, min_length=1, description="Worker container image.")
+    image: str = Field(
+        "",
+        description="Worker container image; empty means the operator's default worker image "
+        "for the device (the chart's workerImage: its CPU or its CUDA build).",
+    )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         "IfNotPresent", description="When the kubelet pulls the image."
     )

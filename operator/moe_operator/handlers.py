@@ -31,6 +31,7 @@ import kopf
 
 from moe_operator import api, metrics
 from moe_operator.group import GroupState, group_state
+from moe_operator.images import WorkerImages, with_worker_image
 from moe_operator.kube import Cluster, Conflict, load_client_config, secret_value
 from moe_operator.manifests import children
 from moe_operator.planning.detection import DetectionState
@@ -78,6 +79,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.networking.request_timeout = 30
     load_client_config()
     memo.cluster = Cluster()
+    memo.worker_images = WorkerImages.from_environ()
+    logging.getLogger(__name__).info("default worker images: %s", memo.worker_images)
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,7 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
     if parsed is None:
         _write_invalid(call, base, [str(problem) for problem in problems])
         return
+    parsed = with_worker_image(parsed, call.memo.worker_images)
     adopt = functools.partial(kopf.adopt, owner=call.body)
     owner = Owner(call.name, call.namespace, call.uid, adopt)
     cluster = call.cluster

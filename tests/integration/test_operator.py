@@ -103,6 +103,8 @@ def test_seed_sample_becomes_children_with_status(kubectl: Kubectl, operator: An
     assert owner["kind"] == "MoEDeployment" and owner["name"] == "seed-ep16"
     container = sts["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # The sample names no image: the operator's default CUDA worker, the one the chart names.
+    assert container["image"] == "ghcr.io/moe-ep/moe-ep-worker:0.1.0-cuda"
     service = kubectl.get("service", "seed-ep16-workers", "-n", NS)
     assert service and service["spec"]["clusterIP"] == "None"
     configmap = kubectl.get("configmap", "seed-ep16-plan", "-n", NS)
