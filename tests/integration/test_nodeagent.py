@@ -22,6 +22,7 @@ from moe_local.controlplane import ensure_binaries
 from moe_local.kube import MERGE_PATCH, api_client, get_or_none
 from moe_local.podspec import pod_ip
 from moe_operator.api import MoEDeploymentSpec
+from moe_operator.images import WorkerImages, with_worker_image
 from moe_operator.manifests import children
 from tests.integration.kubectl import wait_for as shared_wait_for
 
@@ -221,6 +222,7 @@ def test_moe_worker_pair_becomes_ready(cluster: LocalCluster, core: CoreV1Api) -
             },
         }
     )
+    spec = with_worker_image(spec, WorkerImages.from_environ())  # as the operator fills it in
     shape = children.plan_shape(spec)
     apps = AppsV1Api(core.api_client)
     core.create_namespaced_service(ns, children.build_service(name, spec))

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from moe_operator.api import MoEDeploymentSpec
+from moe_operator.images import WorkerImages, with_worker_image
 from moe_operator.manifests import children
 from moe_operator.validation import parse_spec
 from tests.integration.kubectl import Kubectl, wait_for
@@ -346,7 +347,8 @@ def test_validation_refuses_what_the_api_server_would(
     raw = _small(name, **changes)["spec"]
     parsed, problems = parse_spec(raw, name=name)
     assert (parsed is not None) == ours, problems
-    server, why = _server_accepts(kubectl, name, MoEDeploymentSpec.model_validate(raw))
+    spec = with_worker_image(MoEDeploymentSpec.model_validate(raw), WorkerImages.from_environ())
+    server, why = _server_accepts(kubectl, name, spec)
     assert server == ours, f"the API server says {server}: {why}"
 
 
@@ -402,11 +404,14 @@ def test_a_template_change_replaces_every_pod_once(kubectl: Kubectl, operator: A
     assert sts["spec"]["updateStrategy"]["type"] == "OnDelete"
     world = sts["spec"]["replicas"]
     before = wait_for(lambda: len(_pods(kubectl, "gang")) == world and _pods(kubectl, "gang"), 60)
+    old = {pod["metadata"]["labels"]["controller-revision-hash"] for pod in before.values()}
     _apply(kubectl, _small("gang", worker__image="example.org/worker:2"))
 
     def replaced() -> dict[str, dict[str, Any]] | None:
         sts = kubectl.get("statefulset", "gang", "-n", NS)
         revision = (sts.get("status") or {}).get("updateRevision")
+        if revision in old:  # the controller has not seen the new template yet
+            return None
         pods = _pods(kubectl, "gang")
         labels = {p["metadata"]["labels"].get("controller-revision-hash") for p in pods.values()}
         return pods if len(pods) == world and labels == {revision} else None
