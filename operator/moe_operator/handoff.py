@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from moe_worker.plan import Plan, PlanError, parse_plan
@@ -25,7 +25,9 @@ class HandoffError(RuntimeError):
 class HandoffResult:
     applied_version: int  # the version the workers now serve
     pause_seconds: float | None  # serving pause of the switch (None when nothing switched)
-    stale: bool = False  # 409: the leader serves this version or newer; ask `serving()` whose
+    # 409: the leader serves this version or newer; only `serving()`'s digest says whose. How the
+    # answer came, not what it says: results compare equal with or without it.
+    stale: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,12 @@ def serving(leader: str, *, timeout: float = 5.0) -> Served:
     if status != 200 or not isinstance(version, int) or not isinstance(digest, str):
         raise HandoffError(f"GET {leader}/v1/plan answered {status} without a version and digest")
     return Served(version, digest)
+
+
+def serving_version(leader: str, *, timeout: float = 5.0) -> int:
+    """The version alone. The operator judges by `serving()` (version and digest); this stays for
+    the worker's contract test (tests/worker/test_api_control.py) until it moves to `serving()`."""
+    return serving(leader, timeout=timeout).version
 
 
 def served_plan(leader: str, *, timeout: float = 5.0) -> Plan:
