@@ -150,12 +150,12 @@ def ensure_children(
     if found["Secret"] is None:
         apply(children.build_token_secret(name), None)
     live_pods = pods(found["StatefulSet"])
-    configmap, choice, events = _ensure_plan(
+    configmap, choice, events = ensure_plan(
         cluster, owner, spec, known, lambda: leader(live_pods), found["ConfigMap"]
     )
     if choice.write:
         changes.append(f"ConfigMap {children.plan_configmap_name(name)} plan {choice.plan.version}")
-    configmap = _prune_plan_keys(cluster, owner, spec, configmap, live_pods)
+    configmap = prune_plan_keys(cluster, owner, spec, configmap, live_pods)
     apply(children.build_service(name, spec), found["Service"])
     statefulset = apply(children.build_statefulset(name, namespace, spec), found["StatefulSet"])
     return ChildrenState(
@@ -168,7 +168,7 @@ def ensure_children(
     )
 
 
-def _ensure_plan(
+def ensure_plan(
     cluster: Cluster,
     owner: Owner,
     spec: MoEDeploymentSpec,
@@ -237,7 +237,7 @@ def write_plan(
     return cluster.patch(owner.namespace, body)
 
 
-def _prune_plan_keys(
+def prune_plan_keys(
     cluster: Cluster,
     owner: Owner,
     spec: MoEDeploymentSpec,
