@@ -94,15 +94,15 @@ class Cluster:
     def ensure(
         self, namespace: str, body: dict[str, Any], current: dict[str, Any] | None
     ) -> tuple[str, dict[str, Any]]:
-        """Create `body`, or patch `current` (as read) into it; the resourceVersion read is the
-        precondition. Returns ("created" | "updated" | "unchanged", the object as stored)."""
+        """Create `body`, or merge-patch `current` (as read) into it when a field we set differs.
+        Returns ("created" | "updated" | "unchanged", the object as stored). No resourceVersion
+        precondition: the patch sets only our fields, and controllers update these objects'
+        status all the time (the plan record, which is decided from what was read, has one)."""
         if current is None:
             return "created", self.create(namespace, body)
         if _contains(current, body):
             return "unchanged", current
-        version = (current.get("metadata") or {}).get("resourceVersion")
-        precondition = {**body, "metadata": {**body["metadata"], "resourceVersion": version}}
-        return "updated", self.patch(namespace, precondition)
+        return "updated", self.patch(namespace, body)
 
     def list_pods(self, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]:
         label_selector = ",".join(f"{key}={value}" for key, value in sorted(selector.items()))
