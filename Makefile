@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 # The CPU build of torch lies on this machine's disk; an unpinned torch may pull a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup system-deps test lint demo bench clean
+.PHONY: setup system-deps test lint demo bench images images-cuda clean
 
 # The local cluster and demo tooling is its own distribution (local/), installed beside the root.
 $(VENV)/.installed: pyproject.toml local/pyproject.toml
@@ -33,6 +33,19 @@ demo: setup system-deps
 
 bench: setup
 	$(VENV)/bin/moe-worker bench
+
+# Container images, built with buildah from a local Debian rootfs: no registry, no Docker engine.
+# Names and tags come from the chart (charts/moe-ep); docs/gpu-cluster.md, "Images".
+IMAGE_TORCH := $(patsubst torch==%,%,$(TORCH_PIN))
+
+images:
+	bash hack/install-system-deps.sh images
+	python3 hack/build_images.py operator worker --torch-version $(IMAGE_TORCH)
+
+# The CUDA worker: torch and NVIDIA's CUDA libraries from PyPI, several GB (never in CI).
+images-cuda:
+	bash hack/install-system-deps.sh images
+	python3 hack/build_images.py worker-cuda --torch-version $(IMAGE_TORCH)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from moe_operator import handoff, loads
-from moe_operator.api import MoEDeploymentSpec
+from moe_operator.api import MoEDeploymentSpec, RebalanceRecord
+from moe_operator.manifests.children import plan_shape
 from moe_operator.planning.detection import DetectionState
 from moe_operator.rebalance import Window, control_step
-from moe_operator.reconcile import initial_plan
 from moe_worker.plan import Plan
 from tests.worker.worker_harness import Cluster, parse_metric
 
@@ -44,8 +44,8 @@ class DirectWorkers:
             targets, world_size=WORLD, num_layers=model.layers, num_experts=model.experts_per_layer
         )
 
-    def serving_version(self) -> int:
-        return handoff.serving_version(self.cluster.url(0, ""))
+    def serving(self) -> handoff.Served:
+        return handoff.serving(self.cluster.url(0, ""))
 
     def post_plan(self, plan: Plan) -> handoff.HandoffResult:
         return handoff.post_plan(self.cluster.url(0, ""), plan, self.cluster.token)
@@ -55,7 +55,7 @@ class NoStore:
     def __init__(self) -> None:
         self.plans: list[Plan] = []
 
-    def write(self, plan: Plan) -> None:
+    def write(self, plan: Plan, record: RebalanceRecord | None, issued_at: float) -> None:
         self.plans.append(plan)
 
 
@@ -118,7 +118,7 @@ def _run_loop(
         cluster.wait_ready()
         pids = [proc.pid for proc in cluster.procs]
         workers, store = DirectWorkers(cluster, spec), NoStore()
-        desired, state, window = initial_plan(spec), DetectionState(), Window()
+        desired, state, window = plan_shape(spec).round_robin(1), DetectionState(), Window()
         worst: list[float] = []
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline:

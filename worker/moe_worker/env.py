@@ -77,6 +77,33 @@ DEFAULT_MASTER_PORT = 29500
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_API_PORT = 8000
 
+USER_FLAGS = frozenset(
+    {
+        "--traffic-batch",
+        "--traffic-seq-len",
+        "--zipf",
+        "--traffic-interval",
+        "--seed",
+        "--switch-timeout",
+    }
+)
+"""Flags of `moe-worker serve` a MoEDeployment may set (`spec.worker.extraArgs`), each with one
+value (`--flag value` or `--flag=value`). Every other flag overrides something the operator sets
+(model shape, world, rendezvous, plan and token files, ports): the operator refuses them, and a
+worker must not let them override the pod environment."""
+
+RESERVED_ENV_PREFIXES = ("MOE_", "PYTHON", "LD_")
+"""Environment a MoEDeployment may not set (`spec.worker.extraEnv`): the operator's own
+variables, and the interpreter's and the dynamic loader's (PYTHONPATH, LD_PRELOAD: code
+injection into a process that holds the control token)."""
+RESERVED_ENV_NAMES = frozenset({"PATH", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"})
+"""Single reserved names: the executable search path and torch.distributed's rendezvous."""
+
+
+def is_reserved_env(name: str) -> bool:
+    """Whether `name` is the operator's to set (see RESERVED_ENV_PREFIXES and _NAMES)."""
+    return name in RESERVED_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIXES)
+
 
 SHAPE_VARIABLES = {
     "architecture": ARCHITECTURE,

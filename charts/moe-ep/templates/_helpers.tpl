@@ -89,3 +89,11 @@ Operator image reference; the tag defaults to the chart's appVersion.
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
 {{- end }}
 {{- end }}
+
+{{/*
+Default worker image (CPU build) handed to the operator; the tag defaults to the chart's appVersion.
+The CUDA build is the same reference with "-cuda" appended.
+*/}}
+{{- define "moe-ep.workerImage" -}}
+{{- printf "%s:%s" .Values.workerImage.repository (.Values.workerImage.tag | default .Chart.AppVersion) }}
+{{- end }}
