@@ -75,18 +75,18 @@ def test_in_a_pod_flags_may_not_override_the_operator(tmp_path: Path) -> None:
         (["serve", "--world", "2"], "--world-size"),
         (["serve", "--checkpoint", "/elsewhere"], "--checkpoint"),
         (["serve", "--rank", "1"], "--rank"),
+        (["serve", "--kv-cache-tokens", "64"], "--kv-cache-tokens"),  # the operator's to set
     ):
         with pytest.raises(FlagRefused, match=f"{flag} may not override"):
             check_pod_flags(parser.parse_args(argv), pod)
-    # Traffic and serving knobs stay free (the demo's extraArgs), and outside pods everything is.
-    allowed = ["serve", "--traffic-batch", "2", "--zipf", "1.5", "--kv-cache-tokens", "4096"]
+    # env.USER_FLAGS stay free (the demo's extraArgs), and outside pods everything is.
+    allowed = ["serve", "--traffic-batch", "2", "--zipf", "1.5", "--seed", "3"]
     check_pod_flags(parser.parse_args(allowed), pod)
     check_pod_flags(parser.parse_args(["serve", "--token-file", "/t", "--layers", "3"]), {})
     # A flag for a variable the environment sets is refused in a pod, whoever set it.
-    with pytest.raises(FlagRefused, match="MOE_KV_CACHE_TOKENS"):
+    with pytest.raises(FlagRefused, match="MOE_TRAFFIC_ZIPF"):
         check_pod_flags(
-            parser.parse_args(["serve", "--kv-cache-tokens", "1"]),
-            {**pod, "MOE_KV_CACHE_TOKENS": "8192"},
+            parser.parse_args(["serve", "--zipf", "1"]), {**pod, "MOE_TRAFFIC_ZIPF": "1.5"}
         )
     termination = tmp_path / "termination-log"
     termination.touch()

@@ -83,6 +83,7 @@ USER_FLAGS = frozenset(
         "--traffic-seq-len",
         "--zipf",
         "--traffic-interval",
+        "--traffic-max-tokens",
         "--seed",
         "--switch-timeout",
     }
@@ -120,35 +121,6 @@ SHAPE_VARIABLES = {
 }
 """ModelShape field -> the variable carrying it."""
 _TEXT_FIELDS = ("architecture", "dtype")
-
-OPERATOR_OWNED = frozenset(
-    {
-        RANK,
-        LOCAL_RANK,
-        WORLD_SIZE,
-        MASTER_ADDR,
-        MASTER_PORT,
-        BACKEND,
-        DEVICE,
-        EXPERT_PARALLEL,
-        TENSOR_PARALLEL,
-        PIPELINE_PARALLEL,
-        *SHAPE_VARIABLES.values(),
-        SLOTS_PER_RANK,
-        CHECKPOINT,
-        PLAN_PATH,
-        TOKEN_PATH,
-        HTTP_PORT,
-        API_PORT,
-        API_KEYS_PATH,
-        BIND_ADDRESS,
-    }
-)
-"""What a pod's identity, group, model, files and ports are: in a pod the operator (or the node
-running it) decides them through the environment, and the worker refuses a command-line flag
-(`spec.worker.extraArgs`) that would change one: an extra argument must not, say, point the
-control token at another file."""
-
 
 def declared_shape_fields(environ: Mapping[str, str]) -> frozenset[str]:
     """The ModelShape fields the environment sets (a checkpoint is checked against them only)."""

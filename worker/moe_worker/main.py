@@ -77,13 +77,16 @@ class FlagRefused(ValueError):
 
 
 def check_pod_flags(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    """In a pod only `env.USER_FLAGS` may be given, and none whose variable the environment sets:
+    the rest is the operator's (identity, group, ports, model, checkpoint, plan and token)."""
     if not environ.get(env.POD_NAME):
         return
     for flag, name in _given_flags(args).items():
-        if name in env.OPERATOR_OWNED or environ.get(name):
+        if flag not in env.USER_FLAGS or environ.get(name):
+            allowed = ", ".join(sorted(env.USER_FLAGS))
             raise FlagRefused(
                 f"{flag} may not override {name} in a pod: the operator sets it through the "
-                f"environment (remove {flag} from spec.worker.extraArgs)"
+                f"environment (spec.worker.extraArgs may set only {allowed})"
             )
 
 
