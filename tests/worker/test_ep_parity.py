@@ -164,11 +164,11 @@ def served(
 def test_last_position_logits_equal_transformers(
     reference: Reference, served: tuple[int, list[dict[str, Any]]]
 ) -> None:
-    _, ranks = served
+    world, ranks = served
     ours = {int(i): torch.tensor(v) for r in ranks for i, v in r["logits"].items()}
     assert sorted(ours) == list(range(len(LOGIT_PROMPTS)))
     diffs = [float((ours[i] - reference.logits[i]).abs().max()) for i in ours]
-    print(f"max logit difference {max(diffs):.2e}")
+    print(f"{reference.path.name} world {world}: max logit difference {max(diffs):.2e}")
     assert max(diffs) < ATOL
     assert max(float(t.abs().max()) for t in reference.logits) > 1.0  # not near-zero logits
 
