@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from moe_worker.plan import MAX_PLAN_VERSION
 from moe_worker.shape import ModelShape
 
 GROUP = "moe-ep.io"
@@ -287,7 +288,9 @@ class MoEDeploymentSpec(ApiModel):
 
 
 Phase = Literal["Pending", "Deploying", "Running", "Rebalancing", "Degraded", "Failed"]
-ConditionType = Literal["Ready", "Progressing", "SpecValid", "Balanced", "Degraded", "LoadsRead"]
+ConditionType = Literal[
+    "Ready", "Progressing", "SpecValid", "ChildrenOwned", "Balanced", "Degraded", "LoadsRead"
+]
 
 
 class Condition(ApiModel):
@@ -295,7 +298,12 @@ class Condition(ApiModel):
 
     model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
 
-    type: str = Field(description="Ready, Progressing, SpecValid, Balanced, Degraded or LoadsRead.")
+    type: str = Field(
+        description=(
+            "Ready, Progressing, SpecValid, ChildrenOwned, Balanced, Degraded, LoadsRead or "
+            "Reconciled (False while the last handler run failed)."
+        )
+    )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field("", description="CamelCase reason for the last transition.")
     message: str = Field("", description="Human-readable details, naming the field and the fix.")
@@ -308,10 +316,21 @@ class PlanStatus(ApiModel):
 
     model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
 
-    version: int = Field(0, description="Version of the desired plan (in the plan ConfigMap).")
-    applied_version: int = Field(0, description="Version the workers report serving.")
+    version: int = Field(
+        0, ge=0, le=MAX_PLAN_VERSION, description="Version of the desired plan (in the ConfigMap)."
+    )
+    applied_version: int = Field(
+        0,
+        ge=0,
+        le=MAX_PLAN_VERSION,
+        description="Version the workers serve; counted only when the leader's digest is ours.",
+    )
+    digest: str = Field("", description="SHA-256 of the desired plan's document (Plan.digest()).")
     method: str = Field("", description="Planner that produced the desired plan.")
     config_map: str = Field("", description="Name of the ConfigMap holding the plan.")
+    config_map_key: str = Field(
+        "", description="Key of the desired plan in that ConfigMap (one per model shape)."
+    )
 
 
 class RebalanceRecord(ApiModel):
@@ -321,8 +340,8 @@ class RebalanceRecord(ApiModel):
 
     time: str = Field("", description="When the plan was decided (RFC 3339).")
     method: str = Field("", description="Replace or GatingBias.")
-    from_version: int = Field(0, description="Plan version before.")
-    to_version: int = Field(0, description="Plan version after.")
+    from_version: int = Field(0, ge=0, le=MAX_PLAN_VERSION, description="Plan version before.")
+    to_version: int = Field(0, ge=0, le=MAX_PLAN_VERSION, description="Plan version after.")
     imbalance_before: float = Field(0.0, description="Worst-layer imbalance before.")
     imbalance_after: float = Field(
         0.0, description="Worst-layer imbalance predicted from the same loads (Replace only)."
@@ -343,8 +362,12 @@ class DetectionStatus(ApiModel):
     model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
 
     above_count: int = Field(0, description="Evaluations in a row above the threshold.")
-    desired_version: int = Field(0, description="Newest plan version the operator issued.")
-    applied_version: int = Field(0, description="Plan version all workers serve.")
+    desired_version: int = Field(
+        0, ge=0, le=MAX_PLAN_VERSION, description="Newest plan version the operator issued."
+    )
+    applied_version: int = Field(
+        0, ge=0, le=MAX_PLAN_VERSION, description="Plan version all workers serve."
+    )
     last_rebalance_at: float | None = Field(
         None, description="When the last plan was issued (seconds since the epoch)."
     )

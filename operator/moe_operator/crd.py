@@ -110,8 +110,9 @@ def _schema_of(model: type[api.ApiModel]) -> dict[str, Any]:
 def build_crd() -> dict[str, Any]:
     """The CustomResourceDefinition as a plain dict."""
     spec_schema = _schema_of(api.MoEDeploymentSpec)
-    status_schema = _without_defaults(_schema_of(api.MoEDeploymentStatus))  # written, not defaulted
-    status_schema["x-kubernetes-preserve-unknown-fields"] = True  # room for kopf's own notes
+    # Written, not defaulted. No x-kubernetes-preserve-unknown-fields here: the API server then
+    # publishes no properties for kubectl explain, and kopf keeps its notes in annotations.
+    status_schema = _without_defaults(_schema_of(api.MoEDeploymentStatus))
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",

@@ -1,7 +1,17 @@
 """kopf handlers: thin shells. Parse the body, call the pure core, apply, write status.
 
-A bad object never raises out of a handler (that would only make kopf retry the same mistake):
-it gets SpecValid=False and phase Failed, and its children are left exactly as they were.
+Three rules hold for every handler run:
+
+- A bad object never raises out of a handler (that would only make kopf retry the same
+  mistake): it gets SpecValid=False and phase Failed, and its children are left exactly as they
+  were.
+- One writer per object: create/update/resume and the timer run in kopf's thread pool and could
+  overlap; a per-object lock (in kopf's per-object memo) serialises them, and each run starts
+  from the status the previous one wrote (kopf's body may be older).
+- No error stops an object's handling: the operator writes status itself (a status patch that
+  fails inside kopf would end the object's timer for good), and any failure is logged, counted in
+  `moe_operator_reconcile_errors_total`, posted as an Event and shown as Reconciled=False; the
+  next run starts afresh.
 """
 
 from __future__ import annotations
@@ -9,28 +19,44 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import json
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
 
 from moe_operator import api, metrics
+from moe_operator.group import GroupState, group_state
 from moe_operator.images import WorkerImages, with_worker_image
-from moe_operator.kube import Cluster, load_client_config
+from moe_operator.kube import Cluster, Conflict, load_client_config, secret_value
 from moe_operator.manifests import children
 from moe_operator.planning.detection import DetectionState
-from moe_operator.rebalance import StepOutcome, Window, control_step
-from moe_operator.reconcile import ensure_children, ready_replicas, rollout_in_progress, write_plan
-from moe_operator.status import Observed, compute_status
+from moe_operator.planning.record import Known, PlanShape
+from moe_operator.rebalance import PlanStoreConflict, StepOutcome, Window, control_step
+from moe_operator.reconcile import (
+    ChildrenState,
+    Owner,
+    delete_pods,
+    ensure_children,
+    owned_pods,
+    ready_replicas,
+    record_notes,
+    write_plan,
+)
+from moe_operator.status import Observed, compute_status, with_reconcile_error
 from moe_operator.validation import parse_spec
 from moe_operator.workers import PodWorkers
+from moe_worker import env as worker_env
 from moe_worker.plan import Plan
 
 TIMER_SECONDS = float(os.environ.get("MOE_OPERATOR_TIMER_SECONDS", "5"))
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
+LOCK_WAIT_SECONDS = 60.0  # a spec handler waits this long for the timer's run (a plan POST)
+EventList = list[tuple[str, str, str]]  # (type, reason, message)
 
 
 def _now() -> str:
@@ -57,107 +83,265 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     logging.getLogger(__name__).info("default worker images: %s", memo.worker_images)
 
 
+@dataclass(frozen=True)
+class Call:
+    """One handler run's view of its object, taken once at the start: a timer's body is a live
+    view that a newer spec may change mid-run, and the generation reported must be the one of
+    the spec acted on."""
+
+    body: kopf.Body
+    spec: dict[str, Any]
+    generation: int
+    uid: str
+    name: str
+    namespace: str
+    memo: kopf.Memo
+    logger: logging.Logger | kopf.Logger
+
+    @classmethod
+    def of(
+        cls,
+        body: kopf.Body,
+        memo: kopf.Memo,
+        logger: logging.Logger | kopf.Logger,
+    ) -> Call:
+        metadata = body.metadata
+        generation = int(metadata.get("generation") or 0)  # before the spec: never newer than it
+        return cls(
+            body=body,
+            spec=dict(body.spec),
+            generation=generation,
+            uid=str(metadata.get("uid") or ""),
+            name=str(metadata.name),
+            namespace=str(metadata.namespace),
+            memo=memo,
+            logger=logger,
+        )
+
+    @property
+    def cluster(self) -> Cluster:
+        return self.memo.cluster
+
+    def announce(self, events: EventList) -> None:
+        for kind, reason, message in events:
+            (kopf.warn if kind == "Warning" else kopf.info)(
+                self.body, reason=reason, message=message
+            )
+            self.logger.info("%s: %s", reason, message)
+
+
+def _run(handler: str, call: Call, status: dict[str, Any], *, control: bool) -> None:
+    """Serialise with the object's other handler runs; never let an error escape to kopf."""
+    lock: threading.Lock = call.memo.setdefault("lock", threading.Lock())
+    if not lock.acquire(timeout=0 if control else LOCK_WAIT_SECONDS):
+        if control:
+            return  # a spec handler is at work on this object; the next tick comes soon
+        raise kopf.TemporaryError("another handler run holds this object", delay=TIMER_SECONDS)
+    try:
+        base = call.memo.get("status") or status  # ours is newer than kopf's body
+        with metrics.reconcile_timer(handler):
+            try:
+                _sync(call, base, control=control)
+            except Exception as error:
+                _report_error(handler, call, base, error)
+    finally:
+        lock.release()
+
+
+def _report_error(handler: str, call: Call, base: dict[str, Any], error: Exception) -> None:
+    metrics.reconcile_errors.labels(handler).inc()
+    message = f"{type(error).__name__}: {str(error)[:300]}"
+    call.logger.exception("%s of %s/%s failed: %s", handler, call.namespace, call.name, message)
+    try:
+        kopf.warn(call.body, reason="ReconcileFailed", message=message)
+    except Exception:  # no Event: the log, the metric and the condition still say it
+        call.logger.exception("could not post the ReconcileFailed Event")
+    try:
+        conditions = with_reconcile_error(
+            base.get("conditions") or [], message, call.generation, _now()
+        )
+        _write(call, {"conditions": conditions})
+    except Exception:  # the API server may be the trouble; the next run tries again
+        call.logger.exception("could not report the failure of %s", handler)
+
+
+def _write(call: Call, status: dict[str, Any]) -> None:
+    """Patch status ourselves and remember it for the next run."""
+    call.memo.status = call.cluster.patch_status(call.namespace, call.name, status)
+
+
 def _was_running(status: dict[str, Any]) -> bool:
-    return status.get("phase") in ("Running", "Rebalancing", "Degraded")
+    return status.get("phase") in ("Running", "Rebalancing", "Degraded") or any(
+        item.get("type") == "Degraded" and item.get("status") == "True"
+        for item in status.get("conditions") or []
+    )
 
 
-def _write_invalid(
-    body: kopf.Body, status: dict[str, Any], patch: kopf.Patch, problems: list[str], generation: int
-) -> None:
-    observed = Observed(generation=generation, workers=0, spec_problems=tuple(problems))
-    patch.status.update(compute_status(observed, status.get("conditions") or [], _now()))
-    if status.get("phase") != "Failed" or status.get("observedGeneration") != generation:
-        kopf.warn(body, reason="InvalidSpec", message="; ".join(problems))
+def _known(status: dict[str, Any]) -> Known:
+    """Plan versions status remembers: a lost plan record never goes back past them."""
+    plan = status.get("plan") or {}
+    state = DetectionState.from_dict(status.get("detection"))
+    version = int(plan.get("version") or 0)
+    desired = max(version, state.desired_version)
+    applied = max(int(plan.get("appliedVersion") or 0), state.applied_version)
+    digest = str(plan.get("digest") or "") if version == desired else ""
+    return Known(desired_version=desired, applied_version=applied, desired_digest=digest)
 
 
-def _sync(
-    body: kopf.Body,
-    spec: kopf.Spec,
-    name: str,
-    namespace: str,
-    status: dict[str, Any],
-    patch: kopf.Patch,
-    memo: kopf.Memo,
-    logger: logging.Logger | kopf.Logger,
-    *,
-    control: bool,
-) -> None:
-    """Parse, keep the children in shape, run the balancing step if asked, write status."""
-    generation = int(body.metadata.get("generation") or 0)
-    parsed, problems = parse_spec(dict(spec))
+def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
+    """Parse, keep the children in shape, replace an outdated group, balance, write status."""
+    parsed, problems = parse_spec(call.spec, name=call.name)
     if parsed is None:
-        _write_invalid(body, status, patch, [str(problem) for problem in problems], generation)
+        _write_invalid(call, base, [str(problem) for problem in problems])
         return
-    parsed = with_worker_image(parsed, memo.worker_images)
-    cluster: Cluster = memo.cluster
-    adopt = functools.partial(kopf.adopt, owner=body)
-    children_state = ensure_children(cluster, name, namespace, parsed, adopt=adopt)
-    _announce(body, logger, [("Normal", "Reconciled", change) for change in children_state.changes])
-    ready = ready_replicas(children_state.statefulset)
-    desired = children_state.plan
-    applied = int((status.get("plan") or {}).get("appliedVersion") or 0)
-    detection_state = DetectionState.from_dict(status.get("detection"))
-    outcome = None
-    if control and ready == parsed.parallelism.world_size:
-        if "window" not in memo:
-            memo.window = Window(started_at=time.time())
+    parsed = with_worker_image(parsed, call.memo.worker_images)
+    adopt = functools.partial(kopf.adopt, owner=call.body)
+    owner = Owner(call.name, call.namespace, call.uid, adopt)
+    cluster = call.cluster
+
+    def workers(pods: list[dict[str, Any]]) -> PodWorkers:
+        return PodWorkers(pods, parsed, call.namespace, call.name, functools.partial(_token, call))
+
+    known = _known(base)
+    state = ensure_children(
+        cluster,
+        owner,
+        parsed,
+        known,
+        leader=lambda pods: workers(pods).served_plan(),
+        pods=lambda statefulset: owned_pods(cluster, call.namespace, call.name, statefulset),
+    )
+    if state.conflicts:
+        _write_conflicts(call, base, parsed, state)
+        return
+    assert state.statefulset is not None and state.plan is not None
+    call.announce([("Normal", "Reconciled", change) for change in state.changes])
+    call.announce(list(state.events))
+    group = group_state(state.statefulset, state.pods)
+    if group.stale:
+        message = group.message(parsed.parallelism.world_size)
+        deleted = delete_pods(cluster, call.namespace, group.stale)
+        call.announce([("Normal", "GroupRestart", f"deleted {deleted} pods together: {message}")])
+    detection_state, last_rebalance = _restored(base, known, state)
+    world = parsed.parallelism.world_size
+    ready = ready_replicas(state.statefulset)
+    desired, outcome = state.plan, None
+    applied = int((base.get("plan") or {}).get("appliedVersion") or 0)
+    if control and ready == world and group.settled:
+        if "window" not in call.memo:
+            call.memo.window = Window(started_at=time.time())
+        store = ConfigMapStore(cluster, owner, children.plan_shape(parsed), state.configmap)
         outcome = control_step(
-            parsed, desired, detection_state, memo.window,
-            PodWorkers(cluster, namespace, name, parsed),
-            ConfigMapStore(cluster, name, namespace, adopt), time.time(),
+            parsed, desired, detection_state, call.memo.window, workers(state.pods), store,
+            time.time(),
         )  # fmt: skip
-        _announce(body, logger, outcome.events)
+        call.announce(outcome.events)
         desired, detection_state = outcome.desired, outcome.state
         if outcome.applied_version is not None:
             applied = outcome.applied_version
+        if outcome.rebalance is not None:
+            last_rebalance = outcome.rebalance.model_dump(by_alias=True)
+    restarting = group.restarting or not group.observed
     observed = Observed(
-        generation=generation,
-        workers=parsed.parallelism.world_size,
+        generation=call.generation,
+        workers=world,
         statefulset_exists=True,
         ready_workers=ready,
-        rollout_in_progress=rollout_in_progress(children_state.statefulset),
+        # With OnDelete the controller never marks a revision current: the group's own state
+        # (old pods, pods going, a template not yet seen) says whether a rollout is under way.
+        rollout_in_progress=restarting,
         plan_version=desired.version,
         applied_plan_version=applied,
         imbalance_threshold=parsed.rebalancing.imbalance_threshold,
-        loads_problem=_loads_problem(memo.get("window"), ready, parsed.parallelism.world_size),
+        loads_problem=_loads_problem(call.memo.get("window"), ready, world, group),
         handoff_problem=outcome.handoff_problem if outcome else None,
-        was_running=_was_running(status),
+        was_running=_was_running(base),
         balance_note=_balance_note(desired),
+        group_restart=group.message(world) if restarting else None,
     )
-    _write_status(patch, status, name, namespace, observed, desired, detection_state, outcome,
-                  memo.get("window"))  # fmt: skip
+    key = children.plan_shape(parsed).key
+    _write_status(call, base, observed, desired, detection_state, outcome, last_rebalance, key)
 
 
-def _announce(
-    body: kopf.Body, logger: logging.Logger | kopf.Logger, events: list[tuple[str, str, str]]
+def _token(call: Call) -> str | None:
+    """The control token, from the deployment's own Secret only."""
+    secret = call.cluster.get("Secret", call.namespace, children.token_secret_name(call.name))
+    if not children.controlled_by(secret, call.uid):
+        return None
+    return secret_value(secret, worker_env.TOKEN_FILE_NAME)
+
+
+def _restored(
+    base: dict[str, Any], known: Known, state: ChildrenState
+) -> tuple[DetectionState, dict[str, Any] | None]:
+    """Detection state and last rebalance from status; when status lost the newest plan (the
+    operator died between writing it and patching status), from the ConfigMap's annotations."""
+    detection_state = DetectionState.from_dict(base.get("detection"))
+    last_rebalance = base.get("lastRebalance")
+    assert state.plan is not None
+    notes = record_notes(state.configmap)
+    record = notes.last_rebalance or {}
+    lost = state.plan.version > known.desired_version and notes.version == state.plan.version
+    if lost and record.get("toVersion") == state.plan.version:
+        last_rebalance = record
+        if notes.issued_at is not None:
+            detection_state = dataclasses.replace(
+                detection_state, last_rebalance_at=notes.issued_at
+            )
+    return detection_state, last_rebalance
+
+
+def _write_invalid(call: Call, base: dict[str, Any], problems: list[str]) -> None:
+    observed = Observed(generation=call.generation, workers=0, spec_problems=tuple(problems))
+    _write(call, compute_status(observed, base.get("conditions") or [], _now()))
+    if base.get("phase") != "Failed" or base.get("observedGeneration") != call.generation:
+        kopf.warn(call.body, reason="InvalidSpec", message="; ".join(problems))
+
+
+def _write_conflicts(
+    call: Call, base: dict[str, Any], spec: api.MoEDeploymentSpec, state: ChildrenState
 ) -> None:
-    for kind, reason, message in events:
-        (kopf.warn if kind == "Warning" else kopf.info)(body, reason=reason, message=message)
-        logger.info("%s: %s", reason, message)
+    observed = Observed(
+        generation=call.generation,
+        workers=spec.parallelism.world_size,
+        statefulset_exists=state.statefulset is not None,
+        ready_workers=ready_replicas(state.statefulset),
+        conflicts=state.conflicts,
+    )
+    _write(call, compute_status(observed, base.get("conditions") or [], _now()))
+    known = {item.get("message") for item in base.get("conditions") or []}
+    if "; ".join(state.conflicts) not in known:
+        call.announce([("Warning", "ChildConflict", conflict) for conflict in state.conflicts])
 
 
 def _write_status(
-    patch: kopf.Patch,
-    status: dict[str, Any],
-    name: str,
-    namespace: str,
+    call: Call,
+    base: dict[str, Any],
     observed: Observed,
     desired: Plan,
     detection_state: DetectionState,
     outcome: StepOutcome | None,
-    window: Window | None,
+    last_rebalance: dict[str, Any] | None,
+    key: str,
 ) -> None:
     """Status fields and the operator's metrics, from one set of observations."""
+    window: Window | None = call.memo.get("window")
     per_layer = window.last_layer_imbalance if window else ()
     observed = dataclasses.replace(observed, worst_imbalance=max(per_layer) if per_layer else None)
-    patch.status.update(compute_status(observed, status.get("conditions") or [], _now()))
-    patch.status["plan"] = {
+    status = compute_status(observed, base.get("conditions") or [], _now())
+    status["plan"] = {
         "version": desired.version,
         "appliedVersion": observed.applied_plan_version,
+        "digest": desired.digest(),
         "method": desired.method,
-        "configMap": children.plan_configmap_name(name),
+        "configMap": children.plan_configmap_name(call.name),
+        "configMapKey": key,
     }
-    patch.status["detection"] = detection_state.to_dict()
+    status["detection"] = detection_state.to_dict()
+    if last_rebalance is not None:
+        status["lastRebalance"] = last_rebalance
+    _write(call, status)
+    namespace, name = call.namespace, call.name
     metrics.observe_workers(namespace, name, observed.ready_workers, observed.workers)
     metrics.observe_plan(namespace, name, desired.version, observed.applied_plan_version)
     if per_layer:
@@ -165,15 +349,16 @@ def _write_status(
     if outcome and outcome.skipped:
         metrics.evaluations_skipped.labels(namespace, name, outcome.skipped).inc()
     if outcome and outcome.rebalance:
-        patch.status["lastRebalance"] = outcome.rebalance.model_dump(by_alias=True)
         metrics.rebalances.labels(namespace, name, outcome.rebalance.method).inc()
 
 
-def _loads_problem(window: Window | None, ready: int, world: int) -> str | None:
-    """Why counters were not read: workers not ready, or the last window's reason (kept by the
-    window, so the timer's runs between reads and the spec handlers all report the same)."""
+def _loads_problem(window: Window | None, ready: int, world: int, group: GroupState) -> str | None:
+    """Why counters were not read: workers not ready, a group restart, or the last window's
+    reason (kept by the window, so every run between two reads reports the same)."""
     if ready < world:
         return f"{world - ready} of {world} workers not ready; token counters not read"
+    if not group.settled:
+        return "the group restarts for a new pod template; token counters not read"
     return window.last_loads_problem if window else None
 
 
@@ -183,50 +368,46 @@ def _balance_note(plan: Plan) -> str:
     return "; gate bias active: routing differs from the model's own choice of experts"
 
 
-@dataclasses.dataclass
+@dataclass
 class ConfigMapStore:
-    cluster: Cluster
-    name: str
-    namespace: str
-    adopt: Callable[[dict[str, Any]], None]
+    """The plan's durable record for `rebalance.control_step`: the ConfigMap's key for the
+    spec's shape, written with the ConfigMap last read as the precondition."""
 
-    def write(self, plan: Plan) -> None:
-        write_plan(self.cluster, self.name, self.namespace, plan, self.adopt)
+    cluster: Cluster
+    owner: Owner
+    shape: PlanShape
+    configmap: dict[str, Any] | None
+
+    def write(self, plan: Plan, record: api.RebalanceRecord | None, issued_at: float) -> None:
+        notes = {}
+        if record is not None:
+            notes[children.LAST_REBALANCE_ANNOTATION] = json.dumps(
+                record.model_dump(by_alias=True), separators=(",", ":")
+            )
+            notes[children.ISSUED_AT_ANNOTATION] = repr(issued_at)
+        try:
+            self.configmap = write_plan(
+                self.cluster, self.owner, self.shape, plan, self.configmap, notes
+            )
+        except Conflict as error:
+            raise PlanStoreConflict(f"plan ConfigMap: {error}") from None
 
 
 @kopf.on.resume(*RESOURCE)
 @kopf.on.create(*RESOURCE)
 @kopf.on.update(*RESOURCE, field="spec")
 def reconcile(
-    body: kopf.Body,
-    spec: kopf.Spec,
-    name: str,
-    namespace: str,
-    status: kopf.Status,
-    patch: kopf.Patch,
-    memo: kopf.Memo,
-    logger: kopf.Logger,
-    **_: Any,
+    body: kopf.Body, status: kopf.Status, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
-    with metrics.reconcile_timer("reconcile"):
-        _sync(body, spec, name, namespace, dict(status), patch, memo, logger, control=False)
+    _run("reconcile", Call.of(body, memo, logger), dict(status), control=False)
 
 
 @kopf.timer(*RESOURCE, interval=TIMER_SECONDS, initial_delay=TIMER_SECONDS)
 def refresh(
-    body: kopf.Body,
-    spec: kopf.Spec,
-    name: str,
-    namespace: str,
-    status: kopf.Status,
-    patch: kopf.Patch,
-    memo: kopf.Memo,
-    logger: kopf.Logger,
-    **_: Any,
+    body: kopf.Body, status: kopf.Status, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
     """Keep children in shape (a deleted StatefulSet comes back), balance load, refresh status."""
-    with metrics.reconcile_timer("refresh"):
-        _sync(body, spec, name, namespace, dict(status), patch, memo, logger, control=True)
+    _run("refresh", Call.of(body, memo, logger), dict(status), control=True)
 
 
 @kopf.on.delete(*RESOURCE, optional=True)

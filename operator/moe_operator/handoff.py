@@ -2,6 +2,8 @@
 
 Safe to repeat: the leader ignores a plan whose version it already serves (409 "stale"), so a
 plan that may or may not have arrived is simply sent again. The token is sent, never logged.
+What the leader serves is judged by version *and* digest: a plan of the right version with other
+contents (posted by someone else) is not the operator's plan.
 """
 
 from __future__ import annotations
@@ -9,10 +11,10 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from moe_worker.plan import Plan
+from moe_worker.plan import Plan, PlanError, parse_plan
 
 
 class HandoffError(RuntimeError):
@@ -23,6 +25,17 @@ class HandoffError(RuntimeError):
 class HandoffResult:
     applied_version: int  # the version the workers now serve
     pause_seconds: float | None  # serving pause of the switch (None when nothing switched)
+    # 409: the leader serves this version or newer; only `serving()`'s digest says whose. How the
+    # answer came, not what it says: results compare equal with or without it.
+    stale: bool = field(default=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the leader serves: a version and the digest of its document (`Plan.digest()`)."""
+
+    version: int
+    digest: str
 
 
 def _request(
@@ -51,12 +64,30 @@ def _request(
     return status, document if isinstance(document, dict) else {}
 
 
-def serving_version(leader: str, *, timeout: float = 5.0) -> int:
-    """The plan version the leader serves (it switches only once every rank has)."""
+def serving(leader: str, *, timeout: float = 5.0) -> Served:
+    """The plan the leader serves (it switches only once every rank has): version and digest."""
     status, document = _request(f"{leader}/v1/plan", timeout=timeout)
-    if status != 200 or not isinstance(document.get("version"), int):
+    version, digest = document.get("version"), document.get("digest")
+    if status != 200 or not isinstance(version, int) or not isinstance(digest, str):
+        raise HandoffError(f"GET {leader}/v1/plan answered {status} without a version and digest")
+    return Served(version, digest)
+
+
+def serving_version(leader: str, *, timeout: float = 5.0) -> int:
+    """The version alone. The operator judges by `serving()` (version and digest); this stays for
+    the worker's contract test (tests/worker/test_api_control.py) until it moves to `serving()`."""
+    return serving(leader, timeout=timeout).version
+
+
+def served_plan(leader: str, *, timeout: float = 5.0) -> Plan:
+    """The whole plan the leader serves, its digest checked against its contents."""
+    status, document = _request(f"{leader}/v1/plan", timeout=timeout)
+    if status != 200:
         raise HandoffError(f"GET {leader}/v1/plan answered {status}")
-    return int(document["version"])
+    try:
+        return parse_plan(document)
+    except PlanError as error:
+        raise HandoffError(f"GET {leader}/v1/plan: {error}") from None
 
 
 def post_plan(leader: str, plan: Plan, token: str, *, timeout: float = 90.0) -> HandoffResult:
@@ -69,10 +100,14 @@ def post_plan(leader: str, plan: Plan, token: str, *, timeout: float = 90.0) -> 
         timeout=timeout,
     )
     if status == 200 and document.get("applied"):
+        if document.get("digest", plan.digest()) != plan.digest():
+            raise HandoffError(f"leader applied plan {plan.version} with another digest")
         return HandoffResult(
             int(document.get("version", plan.version)), document.get("pauseSeconds")
         )
-    if status == 409 and int(document.get("version", 0)) >= plan.version:
-        return HandoffResult(int(document["version"]), None)  # already serving it (resend)
+    if status == 409 and isinstance(document.get("version"), int):
+        # The leader serves this version or a newer one already (a resend after a lost answer,
+        # or someone else's plan): only `serving()`'s digest tells which.
+        return HandoffResult(int(document["version"]), None, stale=True)
     reason = document.get("error") or document.get("reason") or "no reason given"
     raise HandoffError(f"leader refused plan {plan.version}: HTTP {status}: {reason}")

@@ -6,12 +6,21 @@ builders produce), so nothing else in the operator depends on the client's model
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
 import kubernetes
 from kubernetes.client.rest import ApiException
 
+from moe_operator import api
+
 MERGE_PATCH = "application/merge-patch+json"
+
+
+class Conflict(RuntimeError):
+    """A write lost a race (resourceVersion or uid precondition, or the name was taken): read
+    again and decide again."""
 
 
 def load_client_config() -> None:
@@ -23,72 +32,117 @@ def load_client_config() -> None:
 
 
 class Cluster:
-    """Create-or-patch children and read what the status needs."""
+    """Read, create and patch children; write a MoEDeployment's status."""
 
     def __init__(self, api_client: kubernetes.client.ApiClient | None = None) -> None:
         self._client = api_client or kubernetes.client.ApiClient()
         self._core = kubernetes.client.CoreV1Api(self._client)
         self._apps = kubernetes.client.AppsV1Api(self._client)
+        self._custom = kubernetes.client.CustomObjectsApi(self._client)
 
-    def _plain(self, obj: Any) -> dict[str, Any]:
-        return self._client.sanitize_for_serialization(obj)
+    @staticmethod
+    def _raw(call: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The object as the API server sent it: plain JSON, no typed models (they refuse
+        objects they cannot model, such as a partial one someone else created)."""
+        response = call(*args, _preload_content=False, **kwargs)
+        return json.loads(response.data)
 
     def _calls(self, kind: str) -> tuple[Any, Any, Any]:
-        api = self._apps if kind == "StatefulSet" else self._core
+        client = self._apps if kind == "StatefulSet" else self._core
         snake = {"StatefulSet": "stateful_set", "ConfigMap": "config_map"}.get(kind, kind.lower())
         return (
-            getattr(api, f"read_namespaced_{snake}"),
-            getattr(api, f"create_namespaced_{snake}"),
-            getattr(api, f"patch_namespaced_{snake}"),
+            getattr(client, f"read_namespaced_{snake}"),
+            getattr(client, f"create_namespaced_{snake}"),
+            getattr(client, f"patch_namespaced_{snake}"),
         )
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         read, _, _ = self._calls(kind)
         try:
-            return self._plain(read(name, namespace))
+            return self._raw(read, name, namespace)
         except ApiException as error:
             if error.status == 404:
                 return None
             raise
 
     def create(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Raises Conflict when the name is taken meanwhile."""
         _, create, _ = self._calls(body["kind"])
-        return self._plain(create(namespace, body))
+        try:
+            return self._raw(create, namespace, body)
+        except ApiException as error:
+            if error.status == 409:
+                raise Conflict(f"{body['kind']} {body['metadata']['name']} exists") from None
+            raise
 
     def patch(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        """JSON merge patch: lists (containers, env) are replaced whole, as the builder wants."""
-        _, _, patch = self._calls(body["kind"])
-        return self._plain(
-            patch(body["metadata"]["name"], namespace, body, _content_type=MERGE_PATCH)
-        )
+        """JSON merge patch: lists (containers, env) are replaced whole, as the builder wants.
 
-    def create_or_patch(self, namespace: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """Returns ("created" | "updated" | "unchanged", the object as stored)."""
-        current = self.get(body["kind"], namespace, body["metadata"]["name"])
+        A `metadata.resourceVersion` in `body` is a precondition: Conflict if the object
+        changed since it was read.
+        """
+        _, _, patch = self._calls(body["kind"])
+        try:
+            return self._raw(
+                patch, body["metadata"]["name"], namespace, body, _content_type=MERGE_PATCH
+            )
+        except ApiException as error:
+            if error.status in (404, 409):
+                raise Conflict(f"{body['kind']} {body['metadata']['name']} changed") from None
+            raise
+
+    def ensure(
+        self, namespace: str, body: dict[str, Any], current: dict[str, Any] | None
+    ) -> tuple[str, dict[str, Any]]:
+        """Create `body`, or merge-patch `current` (as read) into it when a field we set differs.
+        Returns ("created" | "updated" | "unchanged", the object as stored). No resourceVersion
+        precondition: the patch sets only our fields, and controllers update these objects'
+        status all the time (the plan record, which is decided from what was read, has one)."""
         if current is None:
             return "created", self.create(namespace, body)
         if _contains(current, body):
             return "unchanged", current
         return "updated", self.patch(namespace, body)
 
-    def create_if_missing(self, namespace: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        current = self.get(body["kind"], namespace, body["metadata"]["name"])
-        if current is not None:
-            return "unchanged", current
-        return "created", self.create(namespace, body)
-
     def list_pods(self, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]:
         label_selector = ",".join(f"{key}={value}" for key, value in sorted(selector.items()))
-        pods = self._core.list_namespaced_pod(namespace, label_selector=label_selector)
-        return [self._plain(pod) for pod in pods.items]
+        pods = self._raw(self._core.list_namespaced_pod, namespace, label_selector=label_selector)
+        return list(pods.get("items") or [])
 
-    def read_secret_value(self, namespace: str, name: str, key: str) -> str | None:
-        import base64
+    def delete_pod(self, namespace: str, name: str, uid: str) -> bool:
+        """Delete one pod if it is still the one seen (uid); False if it is gone or replaced."""
+        options = kubernetes.client.V1DeleteOptions(
+            preconditions=kubernetes.client.V1Preconditions(uid=uid)
+        )
+        try:
+            self._core.delete_namespaced_pod(name, namespace, body=options)
+        except ApiException as error:
+            if error.status in (404, 409):
+                return False
+            raise
+        return True
 
-        secret = self.get("Secret", namespace, name)
-        if not secret or key not in (secret.get("data") or {}):
-            return None
-        return base64.b64decode(secret["data"][key]).decode()
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        """Merge-patch a MoEDeployment's status subresource; returns the stored status."""
+        stored = self._raw(
+            self._custom.patch_namespaced_custom_object_status,
+            api.GROUP,
+            api.VERSION,
+            namespace,
+            api.PLURAL,
+            name,
+            {"status": status},
+            _content_type=MERGE_PATCH,
+        )
+        return dict(stored.get("status") or {})
+
+
+def secret_value(secret: dict[str, Any] | None, key: str) -> str | None:
+    """A key of a Secret as read (base64 in `data`), or None."""
+    data = (secret or {}).get("data") or {}
+    if key not in data:
+        return None
+    return base64.b64decode(data[key]).decode()
 
 
 def _contains(current: Any, wanted: Any) -> bool:

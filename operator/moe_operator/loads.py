@@ -10,6 +10,7 @@ rebalance on partial data is worse than skipping one evaluation.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import urllib.parse
 import urllib.request
@@ -25,6 +26,21 @@ TOKENS_METRIC = "moe_expert_tokens_total"
 PLAN_VERSION_METRIC = "moe_plan_version"
 MAX_BODY_BYTES = 4 * 1024 * 1024
 Counters = dict[tuple[int, int], float]  # (layer, logical expert) -> tokens
+PROMETHEUS_FAILED = (
+    "prometheus: no usable answer from metrics.prometheusUrl (the operator's log says why)"
+)
+logger = logging.getLogger(__name__)
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A user-supplied URL must not lead the operator anywhere else."""
+
+    def redirect_request(self, *_: object, **__: object) -> None:
+        return None
+
+
+_PROMETHEUS_OPENER = urllib.request.build_opener(_NoRedirects())
+_DIRECT_OPENER = urllib.request.build_opener()
 
 
 class LoadReadError(RuntimeError):
@@ -80,9 +96,9 @@ def parse_exposition(
     return counters, plan_version
 
 
-def _fetch(url: str, timeout: float) -> str:
+def _fetch(url: str, timeout: float, opener: urllib.request.OpenerDirector | None = None) -> str:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with (opener or _DIRECT_OPENER).open(url, timeout=timeout) as response:
             body = response.read(MAX_BODY_BYTES + 1)
     except Exception as error:
         raise LoadReadError(f"{url}: {type(error).__name__}: {str(error)[:120]}") from None
@@ -144,16 +160,22 @@ def read_prometheus(
     num_experts: int,
     timeout: float = 5.0,
 ) -> CounterSnapshot:
-    """Instant query of the same counters through Prometheus' HTTP API."""
+    """Instant query of the same counters through Prometheus' HTTP API.
+
+    The URL is the user's: every failure to get a Prometheus answer (refused, timed out, an
+    HTTP error, a redirect, something else answering) reads the same in status, so the spec
+    cannot be used to probe what listens where; the operator's log has the detail.
+    """
     query = urllib.parse.urlencode({"query": prometheus_query(namespace, name)})
-    body = _fetch(f"{base_url.rstrip('/')}/api/v1/query?{query}", timeout)
     try:
+        body = _fetch(f"{base_url.rstrip('/')}/api/v1/query?{query}", timeout, _PROMETHEUS_OPENER)
         document = json.loads(body)
         results = document["data"]["result"] if document.get("status") == "success" else None
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (LoadReadError, ValueError, KeyError, TypeError, AttributeError) as error:
+        logger.warning("Prometheus query for %s/%s failed: %s", namespace, name, error)
         results = None
     if not isinstance(results, list):
-        raise LoadReadError("prometheus: unexpected answer to the counters query")
+        raise LoadReadError(PROMETHEUS_FAILED)
     counters: dict[int, Counters] = {}
     for item in results:
         try:

@@ -36,8 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--bind-address",
-        default="0.0.0.0",
-        help="address the health and metrics endpoints listen on",
+        default="127.0.0.1",
+        help="address the health and metrics endpoints listen on (in a pod: its IP, which the "
+        "chart passes; the loopback default keeps local runs private and apart)",
     )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
@@ -53,12 +54,13 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.bind_address)
+    host = f"[{args.bind_address}]" if ":" in args.bind_address else args.bind_address
     asyncio.run(
         kopf.operator(
             standalone=True,  # one replica; no peering resources to grant
             clusterwide=not args.namespace,
             namespaces=args.namespace,
-            liveness_endpoint=f"http://{args.bind_address}:{args.liveness_port}/healthz",
+            liveness_endpoint=f"http://{host}:{args.liveness_port}/healthz",
         )
     )
 

@@ -38,7 +38,9 @@ reconcile_seconds = Histogram(
     "moe_operator_reconcile_seconds", "Duration of one handler run.", ("handler",)
 )
 reconcile_errors = Counter(
-    "moe_operator_reconcile_errors_total", "Handler runs that raised.", ("handler",)
+    "moe_operator_reconcile_errors_total",
+    "Handler runs that failed (logged, reported in an Event and the Reconciled condition).",
+    ("handler",),
 )
 evaluations_skipped = Counter(
     "moe_load_evaluations_skipped_total",
@@ -52,9 +54,6 @@ def reconcile_timer(handler: str) -> Iterator[None]:
     started = time.perf_counter()
     try:
         yield
-    except Exception:
-        reconcile_errors.labels(handler).inc()
-        raise
     finally:
         reconcile_seconds.labels(handler).observe(time.perf_counter() - started)
 
@@ -88,6 +87,8 @@ def forget(namespace: str, name: str) -> None:
     ):
         with contextlib.suppress(KeyError):
             gauge.remove(namespace, name)
-    for labels in list(layer_imbalance._metrics):  # no public API to list label sets
-        if labels[:2] == (namespace, name):
-            layer_imbalance.remove(*labels)
+    for metric in (layer_imbalance, rebalances, evaluations_skipped):
+        for labels in list(metric._metrics):  # no public API to list label sets
+            if labels[:2] == (namespace, name):
+                with contextlib.suppress(KeyError):  # a concurrent forget got there first
+                    metric.remove(*labels)

@@ -7,6 +7,9 @@ plan's durable record (`PlanStore`) and a clock — so the kmock and unit tests 
 Ordering keeps the plan safe across failures: a new plan is written to the ConfigMap (the durable
 record) before it is posted, so an operator that dies in between re-sends it on restart; the
 leader ignores a version it already serves, so nothing is applied twice; versions only go up.
+A plan counts as applied only when the leader serves its version *and* its digest: a plan of
+that version or newer with other contents is someone else's, and the operator's desired plan is
+issued again above it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from functools import lru_cache
 from typing import Protocol
 
 from moe_operator.api import MoEDeploymentSpec, RebalanceRecord
-from moe_operator.handoff import HandoffError, HandoffResult
+from moe_operator.handoff import HandoffError, HandoffResult, Served
 from moe_operator.loads import CounterSnapshot, LoadReadError
 from moe_operator.perf import predicted_gain
 from moe_operator.perf.profiles import load_profile
@@ -28,19 +31,24 @@ from moe_operator.planning import detection
 from moe_operator.planning.gating import GatingOptions
 from moe_operator.planning.placement import imbalance
 from moe_operator.planning.planners import plan_rebalance
-from moe_worker.plan import Plan
+from moe_worker.plan import MAX_PLAN_VERSION, Plan
 
 logger = logging.getLogger(__name__)
 
 
 class Workers(Protocol):
     def read_counters(self) -> CounterSnapshot: ...  # raises LoadReadError
-    def serving_version(self) -> int: ...  # raises HandoffError
+    def serving(self) -> Served: ...  # raises HandoffError
     def post_plan(self, plan: Plan) -> HandoffResult: ...  # raises HandoffError
 
 
+class PlanStoreConflict(RuntimeError):
+    """The durable record changed since the step read it: decide again on the next step."""
+
+
 class PlanStore(Protocol):
-    def write(self, plan: Plan) -> None: ...
+    def write(self, plan: Plan, record: RebalanceRecord | None, issued_at: float) -> None:
+        """Write `plan` (and what status needs back if lost); raises PlanStoreConflict."""
 
 
 @dataclass
@@ -118,6 +126,12 @@ def _hand_off(workers: Workers, desired: Plan, applied: int | None, outcome: Ste
         return
     try:
         result = workers.post_plan(desired)
+        if result.stale:  # serves this version or newer already: ours only if the digest is
+            served = workers.serving()
+            ours = served.version == desired.version and served.digest == desired.digest()
+            if not ours:
+                raise HandoffError(f"leader serves plan {served.version}, not this one")
+            result = HandoffResult(served.version, None)
     except HandoffError as error:
         outcome.handoff_problem = str(error)
         logger.warning("plan %d not handed off yet: %s", desired.version, error)
@@ -144,13 +158,20 @@ def control_step(
     now: float,
 ) -> StepOutcome:
     """Everything the timer does for one ready deployment; never raises on worker trouble."""
+    events: list[tuple[str, str, str]] = []
     try:
-        applied: int | None = workers.serving_version()
+        served = workers.serving()
     except HandoffError as error:
-        applied = None
+        applied: int | None = None
         handoff_problem: str | None = str(error)
     else:
         handoff_problem = None
+        applied = served.version
+        if served.version >= desired.version and served.digest != desired.digest():
+            try:
+                desired = _reissue(desired, served, store, now, events)
+            except PlanStoreConflict as error:
+                applied, handoff_problem = None, str(error)  # serves no plan of ours
     # The ConfigMap is the durable record: its plan counts as issued even when the status that
     # says so was lost (the operator died between writing the plan and patching the status).
     state = dataclasses.replace(
@@ -164,6 +185,7 @@ def control_step(
         state=state,
         layer_imbalance=window.last_layer_imbalance,
         handoff_problem=handoff_problem,
+        events=events,
     )
     _hand_off(workers, desired, applied, outcome)
     rebalancing = spec.rebalancing
@@ -200,6 +222,27 @@ def gating_options(spec: MoEDeploymentSpec) -> GatingOptions:
         max_margin=gating.max_margin,
         max_rerouted_fraction=gating.max_rerouted_fraction,
     )
+
+
+def _reissue(
+    desired: Plan, served: Served, store: PlanStore, now: float, events: list[tuple[str, str, str]]
+) -> Plan:
+    """The leader serves a plan the operator did not issue (its version, or a newer one, with
+    other contents): issue the desired plan again above it, durable first."""
+    version = served.version + 1
+    if version > MAX_PLAN_VERSION:
+        raise PlanStoreConflict(f"leader serves plan {served.version}: no version left above it")
+    again = desired.with_version(version)
+    store.write(again, None, now)
+    events.append(
+        (
+            "Warning",
+            "ForeignPlan",
+            f"the leader serves plan {served.version} with digest {served.digest[:12]}, which "
+            f"the operator did not issue; issued the desired plan again as {version}",
+        )
+    )
+    return again
 
 
 def _policy(spec: MoEDeploymentSpec) -> detection.DetectionPolicy:
@@ -257,19 +300,18 @@ def _evaluate(
     if not result.changed:
         outcome.events.append(("Normal", "RebalanceNotWorthIt", result.summary()))
         return
-    new_plan = result.plan.with_version(
-        max(outcome.desired.version, outcome.state.desired_version) + 1
-    )
-    store.write(new_plan)  # durable first: a restart re-sends it, never loses it
-    previous_version, outcome.desired = outcome.desired.version, new_plan
-    outcome.state = detection.plan_issued(outcome.state, new_plan.version, now)
+    version = max(outcome.desired.version, outcome.state.desired_version) + 1
+    if version > MAX_PLAN_VERSION:
+        outcome.events.append(("Warning", "NoVersionLeft", f"plan versions end at {version - 1}"))
+        return
+    new_plan = result.plan.with_version(version)
     gain, move = predicted_effect(
         spec, result.imbalance_before, result.imbalance_after, result.slots_moved
     )
-    outcome.rebalance = RebalanceRecord(
+    record = RebalanceRecord(
         time=_iso(now),
         method=result.method,
-        from_version=previous_version,
+        from_version=outcome.desired.version,
         to_version=new_plan.version,
         imbalance_before=round(result.imbalance_before, 4),
         imbalance_after=round(result.imbalance_after, 4),
@@ -278,6 +320,13 @@ def _evaluate(
         estimated_move_seconds=round(move, 4),
         note=result.note,
     )
+    try:
+        store.write(new_plan, record, now)  # durable first: a restart re-sends it, never loses it
+    except PlanStoreConflict as error:
+        outcome.events.append(("Warning", "PlanConflict", f"{error}; deciding again next step"))
+        return
+    outcome.desired, outcome.rebalance = new_plan, record
+    outcome.state = detection.plan_issued(outcome.state, new_plan.version, now)
     outcome.events.append(
         (
             "Normal",

@@ -1,130 +1,303 @@
 """One reconciliation of a MoEDeployment's children: decide with pure code, then apply.
 
 Called from the kopf handlers (create, update, resume and the periodic timer). Children are
-created when missing and patched back into shape; the control-token Secret is created once and
-never rewritten; the plan ConfigMap is replaced only when the spec's shape invalidates the plan.
+created when missing and patched back into shape; an object under a child's name that this
+deployment does not control is never patched, deleted or trusted (its data is not read): the
+deployment is held and the conflict reported. The control-token Secret is created once and never
+rewritten. The plan ConfigMap's key for the spec's shape is written only when the record must
+change (new shape, lost or corrupted record: `planning.record.choose_plan`), always with a
+resourceVersion precondition, and keys no pod maps any more are dropped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import json
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from moe_operator.api import MoEDeploymentSpec
-from moe_operator.kube import Cluster
+from moe_operator.group import PodRef
+from moe_operator.kube import Cluster, Conflict
 from moe_operator.manifests import children
-from moe_worker.plan import (
-    PLAN_FILE_NAME,
-    Plan,
-    PlanError,
-    parse_plan,
-    round_robin_plan,
-    validate_plan,
-)
+from moe_operator.planning.record import Known, PlanChoice, PlanShape, choose_plan
+from moe_worker.plan import PLAN_FILE_NAME, Plan, PlanError, parse_plan
 
 Adopt = Callable[[dict[str, Any]], None]
+WRITE_ATTEMPTS = 3  # re-read and decide again after a lost race, then leave it to the next run
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The MoEDeployment its children belong to."""
+
+    name: str
+    namespace: str
+    uid: str
+    adopt: Adopt  # adds the controller reference (kopf.adopt), labels and namespace
 
 
 @dataclass(frozen=True)
 class ChildrenState:
-    """What the status needs from the children after a reconciliation."""
+    """What the handlers need from the children after a reconciliation."""
 
-    statefulset: dict[str, Any]
-    plan: Plan
-    changes: tuple[str, ...]  # human-readable, for Events
+    statefulset: dict[str, Any] | None
+    plan: Plan | None
+    configmap: dict[str, Any] | None = None
+    pods: list[dict[str, Any]] = field(default_factory=list)  # the StatefulSet's own pods
+    conflicts: tuple[str, ...] = ()  # children under our names that we do not control
+    changes: tuple[str, ...] = ()  # human-readable, for Events
+    events: tuple[tuple[str, str, str], ...] = ()  # (type, reason, message): how the plan changed
 
 
-def initial_plan(spec: MoEDeploymentSpec, version: int = 1) -> Plan:
-    """The seed's round-robin placement; the rebalancer re-places experts from measured load."""
-    return round_robin_plan(
-        spec.model.layers,
-        spec.model.experts_per_layer,
-        spec.parallelism.world_size,
-        spec.placement.slots_per_rank,
-        version=version,
+def plan_from_configmap(configmap: Mapping[str, Any] | None, key: str) -> tuple[Plan | None, str]:
+    """The plan under `key` (or the single-key layout's plan.json), and what is wrong if none."""
+    data = (configmap or {}).get("data") or {}
+    raw = data.get(key, data.get(PLAN_FILE_NAME))
+    if configmap is None:
+        return None, "missing"
+    if raw is None:
+        return None, f"has no key {key} (new model shape)"
+    try:
+        return parse_plan(raw), ""
+    except PlanError as error:
+        return None, f"holds an unreadable plan ({str(error)[:160]})"
+
+
+def _other_versions(configmap: Mapping[str, Any] | None, key: str) -> Iterator[int]:
+    for other, raw in ((configmap or {}).get("data") or {}).items():
+        if other != key:
+            try:
+                yield parse_plan(raw).version
+            except PlanError:
+                continue
+
+
+def keys_in_use(pods: list[dict[str, Any]]) -> set[str] | None:
+    """ConfigMap keys the pods map onto their plan file; None: some pod mounts every key."""
+    keys: set[str] = set()
+    for pod in pods:
+        for volume in (pod.get("spec") or {}).get("volumes") or []:
+            if volume.get("name") != "plan":
+                continue
+            items = (volume.get("configMap") or {}).get("items")
+            if not items:
+                return None
+            keys.update(item["key"] for item in items)
+    return keys
+
+
+def conflicts_of(owner: Owner, found: Mapping[str, dict[str, Any] | None]) -> tuple[str, ...]:
+    """Children that exist under our names without our controller reference, described with
+    the fix (the operator never adopts or deletes them itself)."""
+    return tuple(
+        f"{what} {owner.namespace}/{obj['metadata']['name']} exists and is not controlled by "
+        f"MoEDeployment {owner.name} (uid {owner.uid}); delete or rename it, or give this "
+        f"deployment another name"
+        for what, obj in found.items()
+        if obj is not None and not children.controlled_by(obj, owner.uid)
     )
 
 
-def plan_from_configmap(configmap: dict[str, Any] | None) -> Plan | None:
-    if not configmap:
-        return None
-    try:
-        return parse_plan((configmap.get("data") or {}).get(PLAN_FILE_NAME, ""))
-    except PlanError:
-        return None
-
-
-def plan_fits(plan: Plan, spec: MoEDeploymentSpec) -> bool:
-    """Whether `plan` fits the spec: slots per rank may have grown up to maxSlotsPerRank."""
-    try:
-        validate_plan(
-            plan,
-            num_layers=spec.model.layers,
-            num_experts=spec.model.experts_per_layer,
-            world_size=spec.parallelism.world_size,
-            max_slots_per_rank=spec.placement.most_slots_per_rank,
-        )
-    except PlanError:
-        return False
-    return plan.slots_per_rank >= spec.placement.slots_per_rank
-
-
-def plan_for_spec(current: Plan | None, spec: MoEDeploymentSpec) -> Plan | None:
-    """The plan to write, or None to keep the current one (it still fits the spec)."""
-    if current is None:
-        return initial_plan(spec)
-    if plan_fits(current, spec):
-        return None
-    return initial_plan(spec, version=current.version + 1)  # versions never go back
+def owned_pods(
+    cluster: Cluster, namespace: str, name: str, statefulset: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """The StatefulSet's own pods: a pod someone else made with the same labels is ignored
+    (never scraped, never sent the control token, never deleted)."""
+    if statefulset is None:
+        return []
+    uid = statefulset["metadata"]["uid"]
+    pods = cluster.list_pods(namespace, children.selector_labels(name))
+    return [pod for pod in pods if children.controlled_by(pod, uid)]
 
 
 def ensure_children(
-    cluster: Cluster, name: str, namespace: str, spec: MoEDeploymentSpec, adopt: Adopt
+    cluster: Cluster,
+    owner: Owner,
+    spec: MoEDeploymentSpec,
+    known: Known,
+    leader: Callable[[list[dict[str, Any]]], Plan | None],
+    pods: Callable[[dict[str, Any] | None], list[dict[str, Any]]],
 ) -> ChildrenState:
+    """Create or repair every child; never touch an object we do not control.
+
+    Args:
+        known: plan versions status remembers (a lost record never goes back past them).
+        leader: the plan rank 0 of these pods serves (asked only to repair the record).
+        pods: the StatefulSet's own pods, given the StatefulSet as read.
+    """
+    name, namespace = owner.name, owner.namespace
+    found = {
+        "Secret": cluster.get("Secret", namespace, children.token_secret_name(name)),
+        "ConfigMap": cluster.get("ConfigMap", namespace, children.plan_configmap_name(name)),
+        "Service": cluster.get("Service", namespace, children.service_name(name)),
+        "StatefulSet": cluster.get("StatefulSet", namespace, name),
+    }
+    conflicts = conflicts_of(owner, found)
+    if conflicts:
+        statefulset = found["StatefulSet"]
+        ours = statefulset if children.controlled_by(statefulset, owner.uid) else None
+        return ChildrenState(statefulset=ours, plan=None, conflicts=conflicts)
     changes: list[str] = []
 
-    def apply(
-        body: dict[str, Any], how: Callable[..., tuple[str, dict[str, Any]]]
-    ) -> dict[str, Any]:
-        adopt(body)
-        outcome, stored = how(namespace, body)
+    def apply(body: dict[str, Any], current: dict[str, Any] | None) -> dict[str, Any]:
+        owner.adopt(body)
+        outcome, stored = cluster.ensure(namespace, body, current)
         if outcome != "unchanged":
             changes.append(f"{body['kind']} {body['metadata']['name']} {outcome}")
         return stored
 
-    apply(children.build_token_secret(name), cluster.create_if_missing)
-    configmap = cluster.get("ConfigMap", namespace, children.plan_configmap_name(name))
-    current_plan = plan_from_configmap(configmap)
-    new_plan = plan_for_spec(current_plan, spec)
-    if new_plan is not None:
-        apply(children.build_plan_configmap(name, new_plan), cluster.create_or_patch)
-    plan = new_plan or current_plan
-    assert plan is not None
-    apply(children.build_service(name, spec), cluster.create_or_patch)
-    statefulset = apply(children.build_statefulset(name, namespace, spec), cluster.create_or_patch)
-    return ChildrenState(statefulset=statefulset, plan=plan, changes=tuple(changes))
+    if found["Secret"] is None:
+        apply(children.build_token_secret(name), None)
+    live_pods = pods(found["StatefulSet"])
+    configmap, choice, events = ensure_plan(
+        cluster, owner, spec, known, lambda: leader(live_pods), found["ConfigMap"]
+    )
+    if choice.write:
+        changes.append(f"ConfigMap {children.plan_configmap_name(name)} plan {choice.plan.version}")
+    configmap = prune_plan_keys(cluster, owner, spec, configmap, live_pods)
+    apply(children.build_service(name, spec), found["Service"])
+    statefulset = apply(children.build_statefulset(name, namespace, spec), found["StatefulSet"])
+    return ChildrenState(
+        statefulset=statefulset,
+        plan=choice.plan,
+        configmap=configmap,
+        pods=live_pods,
+        changes=tuple(changes),
+        events=events,
+    )
 
 
-def write_plan(cluster: Cluster, name: str, namespace: str, plan: Plan, adopt: Adopt) -> None:
-    body = children.build_plan_configmap(name, plan)
-    adopt(body)
-    cluster.create_or_patch(namespace, body)
+def ensure_plan(
+    cluster: Cluster,
+    owner: Owner,
+    spec: MoEDeploymentSpec,
+    known: Known,
+    leader: Callable[[], Plan | None],
+    configmap: dict[str, Any] | None,
+) -> tuple[dict[str, Any] | None, PlanChoice, tuple[tuple[str, str, str], ...]]:
+    """Choose the plan for the spec's shape and write it if the record must change; after a
+    lost race (someone wrote the ConfigMap meanwhile) read again and decide again. Returns the
+    ConfigMap as stored, the choice, and the Event that says why the record changed."""
+    shape = children.plan_shape(spec)
+    for attempt in range(WRITE_ATTEMPTS):
+        if attempt:
+            name = children.plan_configmap_name(owner.name)
+            configmap = cluster.get("ConfigMap", owner.namespace, name)
+            if configmap is not None and not children.controlled_by(configmap, owner.uid):
+                raise Conflict(f"ConfigMap {name} was replaced by one we do not control")
+        stored, problem = plan_from_configmap(configmap, shape.key)
+        choice = choose_plan(
+            shape, stored, problem or None, known, leader, _other_versions(configmap, shape.key)
+        )
+        has_key = shape.key in ((configmap or {}).get("data") or {})
+        if not choice.write and has_key:
+            return configmap, choice, ()
+        if not choice.write:  # kept from the single-key layout: copy it under its shape's key
+            choice = PlanChoice(choice.plan, write=True, reason="")
+        try:
+            written = write_plan(cluster, owner, shape, choice.plan, configmap)
+        except Conflict:
+            continue
+        return written, choice, _plan_events(choice, problem, known)
+    name = children.plan_configmap_name(owner.name)
+    raise Conflict(f"ConfigMap {name} keeps changing; deciding again next run")
 
 
-def rollout_in_progress(statefulset: dict[str, Any]) -> bool:
-    status = statefulset.get("status") or {}
-    spec_replicas = (statefulset.get("spec") or {}).get("replicas", 0)
-    if status.get("observedGeneration", 0) < (statefulset.get("metadata") or {}).get(
-        "generation", 0
-    ):
-        return True
-    if status.get("updateRevision") and status.get("currentRevision") != status.get(
-        "updateRevision"
-    ):
-        return True
-    return status.get("updatedReplicas", spec_replicas) < spec_replicas
+def _plan_events(
+    choice: PlanChoice, problem: str, known: Known
+) -> tuple[tuple[str, str, str], ...]:
+    if not choice.reason or (problem == "missing" and known.desired_version == 0):
+        return ()  # a new deployment's first plan, or a copy under the shape's key
+    if problem.startswith("has no key"):
+        return (("Normal", "PlanForShape", choice.reason),)
+    return (("Warning", "PlanRecovered", choice.reason),)
 
 
-def ready_replicas(statefulset: dict[str, Any]) -> int:
-    return int((statefulset.get("status") or {}).get("readyReplicas") or 0)
+def write_plan(
+    cluster: Cluster,
+    owner: Owner,
+    shape: PlanShape,
+    plan: Plan,
+    configmap: dict[str, Any] | None,
+    annotations: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Write `plan` under its shape's key; the ConfigMap as read is the precondition (Conflict
+    if it changed since). Returns the ConfigMap as stored."""
+    notes = {children.PLAN_VERSION_ANNOTATION: str(plan.version), **(annotations or {})}
+    body = children.build_plan_configmap(owner.name, {shape.key: plan}, notes)
+    if configmap is None:
+        owner.adopt(body)
+        return cluster.create(owner.namespace, body)
+    body["metadata"] = {
+        "name": body["metadata"]["name"],
+        "annotations": notes,
+        "resourceVersion": configmap["metadata"]["resourceVersion"],
+    }
+    return cluster.patch(owner.namespace, body)
+
+
+def prune_plan_keys(
+    cluster: Cluster,
+    owner: Owner,
+    spec: MoEDeploymentSpec,
+    configmap: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+) -> dict[str, Any] | None:
+    """Drop the plans of shapes no pod maps any more (a finished group restart's old shape)."""
+    in_use = keys_in_use(pods)
+    if configmap is None or in_use is None:
+        return configmap
+    keep = in_use | {children.plan_shape(spec).key}
+    stale = [key for key in (configmap.get("data") or {}) if key not in keep]
+    if not stale:
+        return configmap
+    body = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": configmap["metadata"]["name"],
+            "resourceVersion": configmap["metadata"]["resourceVersion"],
+        },
+        "data": dict.fromkeys(stale),  # null removes a key in a merge patch
+    }
+    try:
+        return cluster.patch(owner.namespace, body)
+    except Conflict:
+        return configmap  # someone wrote meanwhile: prune on a later run
+
+
+def delete_pods(cluster: Cluster, namespace: str, pods: tuple[PodRef, ...]) -> int:
+    """Delete pods together (uid preconditions); returns how many were still there."""
+    return sum(cluster.delete_pod(namespace, pod.name, pod.uid) for pod in pods)
+
+
+@dataclass(frozen=True)
+class RecordNotes:
+    """What the ConfigMap's annotations say about the plan under the current key."""
+
+    version: int | None = None
+    issued_at: float | None = None
+    last_rebalance: dict[str, Any] | None = field(default=None)
+
+
+def record_notes(configmap: Mapping[str, Any] | None) -> RecordNotes:
+    """The annotations written with a rebalance's plan, as far as they parse."""
+    annotations = ((configmap or {}).get("metadata") or {}).get("annotations") or {}
+    try:
+        version: int | None = int(annotations[children.PLAN_VERSION_ANNOTATION])
+    except (KeyError, ValueError):
+        version = None
+    try:
+        issued: float | None = float(annotations[children.ISSUED_AT_ANNOTATION])
+    except (KeyError, ValueError):
+        issued = None
+    try:
+        record = json.loads(annotations[children.LAST_REBALANCE_ANNOTATION])
+    except (KeyError, ValueError):
+        record = None
+    return RecordNotes(version, issued, record if isinstance(record, dict) else None)
+
+
+def ready_replicas(statefulset: dict[str, Any] | None) -> int:
+    return int(((statefulset or {}).get("status") or {}).get("readyReplicas") or 0)

@@ -30,14 +30,19 @@ class Observed:
     handoff_problem: str | None = None  # why the desired plan has not reached the workers yet
     was_running: bool = False  # the deployment has been fully ready before
     balance_note: str = ""
+    conflicts: tuple[str, ...] = ()  # objects under our children's names we do not control
+    group_restart: str | None = None  # the whole group is being replaced: what is happening
+    reconcile_error: str | None = None  # the last handler run failed: why
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _phase(observed: Observed) -> Phase:
-    if observed.spec_problems:
+    if observed.spec_problems or observed.conflicts:
         return "Failed"
     if not observed.statefulset_exists:
         return "Pending"
+    if observed.group_restart is not None:
+        return "Deploying"
     if observed.ready_workers < observed.workers:
         if observed.rollout_in_progress or not observed.was_running:
             return "Deploying"
@@ -53,38 +58,60 @@ def _condition(kind: str, ok: bool | None, reason: str, message: str) -> tuple[s
 
 
 def _conditions(observed: Observed, phase: Phase) -> list[tuple[str, str, str, str]]:
+    reconciled = _reconciled(observed)
     if observed.spec_problems:
         problems = "; ".join(observed.spec_problems)
         return [
             _condition("SpecValid", False, "InvalidSpec", problems),
             _condition("Ready", False, "InvalidSpec", "fix the spec; no workers are managed"),
             _condition("Progressing", False, "InvalidSpec", "waiting for a valid spec"),
+            reconciled,
         ]
     ready = f"{observed.ready_workers}/{observed.workers} workers ready"
+    if observed.conflicts:
+        conflicts = "; ".join(observed.conflicts)
+        return [
+            _condition("SpecValid", True, "Valid", "spec passed every rule"),
+            _condition("ChildrenOwned", False, "ChildConflict", conflicts),
+            _condition(
+                "Ready", False, "ChildConflict", f"held until the conflict is resolved; {ready}"
+            ),
+            _condition("Progressing", False, "ChildConflict", "no child is created or changed"),
+            reconciled,
+        ]
     handoff = f"; hand-off failed: {observed.handoff_problem}" if observed.handoff_problem else ""
+    serving = phase in ("Running", "Rebalancing")
+    restart = observed.group_restart
+    short = observed.was_running and not serving
     conditions = [
-        _condition("SpecValid", True, "Valid", "spec passed every cross-field rule"),
+        _condition("SpecValid", True, "Valid", "spec passed every rule"),
+        _condition("ChildrenOwned", True, "Owned", "every child is controlled by this deployment"),
         _condition(
             "Ready",
-            phase in ("Running", "Rebalancing"),
-            "AllWorkersReady" if phase in ("Running", "Rebalancing") else "WorkersNotReady",
-            ready,
+            serving,
+            "AllWorkersReady" if serving else ("GroupRestart" if restart else "WorkersNotReady"),
+            f"{ready}; {restart}" if restart else ready,
         ),
         _condition(
             "Progressing",
             phase in ("Pending", "Deploying", "Rebalancing"),
-            {"Pending": "Creating", "Deploying": "RollingOut", "Rebalancing": "ApplyingPlan"}.get(
-                phase, "Stable"
-            ),
-            f"plan {observed.applied_plan_version} applied, "
+            "GroupRestart"
+            if restart
+            else {
+                "Pending": "Creating",
+                "Deploying": "RollingOut",
+                "Rebalancing": "ApplyingPlan",
+            }.get(phase, "Stable"),
+            f"{restart}; " * bool(restart) + f"plan {observed.applied_plan_version} applied, "
             f"{observed.plan_version} desired; {ready}{handoff}",
         ),
         _condition(
             "Degraded",
-            phase == "Degraded",
-            "WorkersLost" if phase == "Degraded" else "AsExpected",
-            ready,
+            short,
+            ("GroupRestart" if restart else "WorkersLost") if short else "AsExpected",
+            f"not serving: {ready}" if short else ready,
         ),
+        reconciled,
     ]
     if observed.loads_problem:
         conditions.append(
@@ -108,6 +135,12 @@ def _conditions(observed: Observed, phase: Phase) -> list[tuple[str, str, str, s
             )
         )
     return conditions
+
+
+def _reconciled(observed: Observed) -> tuple[str, str, str, str]:
+    if observed.reconcile_error:
+        return _condition("Reconciled", False, "ReconcileError", observed.reconcile_error)
+    return _condition("Reconciled", True, "Reconciled", "the last handler run succeeded")
 
 
 def merge_conditions(
@@ -157,3 +190,16 @@ def compute_status(
             now=now,
         ),
     }
+
+
+def with_reconcile_error(
+    previous_conditions: Sequence[dict[str, Any]], error: str, generation: int, now: str
+) -> list[dict[str, Any]]:
+    """The conditions as they were, with Reconciled False saying why the handler failed."""
+    kept = [
+        (item["type"], item["status"], item.get("reason", ""), item.get("message", ""))
+        for item in previous_conditions
+        if item.get("type") != "Reconciled"
+    ]
+    current = [*kept, _condition("Reconciled", False, "ReconcileError", error)]
+    return merge_conditions(previous_conditions, current, generation=generation, now=now)

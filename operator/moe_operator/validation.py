@@ -1,20 +1,39 @@
-"""Cross-field rules the CRD's OpenAPI schema cannot express on Kubernetes 1.20 (no CEL there).
+"""Rules the CRD's OpenAPI schema cannot express on Kubernetes 1.20 (no CEL there).
 
-Pure: a spec dict in, a list of problems out, each naming the field and the fix. The schema has
-already checked types, ranges and enums when the object came through the API server; parsing
-here repeats that so the operator is safe with objects written before a schema change.
+Pure: a spec dict (and the object's name) in, a list of problems out, each naming the field and
+the fix. The schema has already checked types, ranges and enums when the object came through the
+API server; parsing here repeats that so the operator is safe with objects written before a
+schema change. Three families of rules:
+
+- cross-field: the layout, the model and the worker settings must fit together;
+- Kubernetes' own rules for what the children will carry (names, labels, env names,
+  quantities): a spec the API server would refuse for a child never gets that far;
+- bounds on products: one object within the schema's per-field limits must not make a plan
+  larger than a ConfigMap holds, nor make the operator build one (its memory is shared by every
+  deployment it manages).
 """
 
 from __future__ import annotations
 
+import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
+from moe_operator import kuberules
 from moe_operator.api import MoEDeploymentSpec
+from moe_worker import env as worker_env
 
-RESERVED_ENV_PREFIX = "MOE_"
+GPU_RESOURCE = "nvidia.com/gpu"
+NAME_MAX = 52
+"""Longest MoEDeployment name: the StatefulSet controller labels pods
+`controller-revision-hash=<name>-<hash of up to 10 characters>`, a label value (<= 63)."""
+MAX_PLAN_BYTES = 480 * 1024
+"""Largest plan document. A ConfigMap holds at most 1 MiB of data, and during a group restart
+for a new shape it holds the old shape's plan and the new one."""
+_FLOAT_BYTES = 25  # the longest JSON float ("-1.2345678901234567e-300") and its comma
 
 
 @dataclass(frozen=True)
@@ -23,31 +42,49 @@ class SpecProblem:
     message: str
 
     def __str__(self) -> str:
-        return f"spec.{self.field}: {self.message}"
+        where = self.field if self.field.startswith("metadata.") else f"spec.{self.field}"
+        return f"{where}: {self.message}"
 
 
-def parse_spec(raw: dict[str, Any]) -> tuple[MoEDeploymentSpec | None, list[SpecProblem]]:
-    """Parse and check a spec; returns the model only when there is no problem at all."""
+def parse_spec(
+    raw: dict[str, Any], name: str | None = None
+) -> tuple[MoEDeploymentSpec | None, list[SpecProblem]]:
+    """Parse and check a spec (and the object's name, when given: the children carry it);
+    returns the model only when there is no problem at all."""
+    name_problems = name_problems_of(name) if name is not None else []
     try:
         spec = MoEDeploymentSpec.model_validate(raw)
     except ValidationError as error:
-        return None, [
+        return None, name_problems + [
             SpecProblem(".".join(str(part) for part in item["loc"]), item["msg"])
             for item in error.errors()
         ]
-    problems = cross_field_problems(spec)
+    problems = name_problems + cross_field_problems(spec) + kubernetes_problems(spec)
+    problems += size_problems(spec)
     return (spec if not problems else None), problems
+
+
+def name_problems_of(name: str) -> list[SpecProblem]:
+    """The name becomes the StatefulSet's, its pods' (`<name>-<rank>`) and the Service's prefix."""
+    problem = kuberules.dns1035_label(name)
+    if problem is None and len(name) <= NAME_MAX:
+        return []
+    return [
+        SpecProblem(
+            "metadata.name",
+            f"{name[:80]!r} {problem or f'is longer than {NAME_MAX} characters'}; the children "
+            f"are named after it (Service <name>-workers, pods <name>-<rank>, the label "
+            f"controller-revision-hash=<name>-<hash>): create the deployment under a name of at "
+            f"most {NAME_MAX} lowercase letters, digits and '-', starting with a letter",
+        )
+    ]
 
 
 def cross_field_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
     """Every rule that spans fields, in the order a user would fix them."""
     model, layout, worker = spec.model, spec.parallelism, spec.worker
     problems: list[SpecProblem] = []
-
-    def need(condition: bool, field: str, message: str) -> None:
-        if not condition:
-            problems.append(SpecProblem(field, message))
-
+    need = _collector(problems)
     need(
         model.top_k <= model.experts_per_layer,
         "model.topK",
@@ -113,16 +150,204 @@ def cross_field_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
         "worker.masterPort",
         f"masterPort {worker.master_port} collides with port; choose another",
     )
-    reserved = [env.name for env in worker.extra_env if env.name.startswith(RESERVED_ENV_PREFIX)]
+    reserved = [env.name for env in worker.extra_env if worker_env.is_reserved_env(env.name)]
     need(
         not reserved,
         "worker.extraEnv",
-        f"{', '.join(reserved)} are set by the operator; remove them or use another name",
+        f"{', '.join(reserved)} are set by the operator or change what code the worker runs "
+        f"(reserved: {', '.join(worker_env.RESERVED_ENV_PREFIXES)}* and "
+        f"{', '.join(sorted(worker_env.RESERVED_ENV_NAMES))}); remove them",
     )
-    need(
-        spec.metrics.source != "Prometheus"
-        or spec.metrics.prometheus_url.startswith(("http://", "https://")),
-        "metrics.prometheusUrl",
-        "source Prometheus needs prometheusUrl, e.g. http://prometheus.monitoring:9090",
-    )
+    problems += extra_args_problems(worker.extra_args)
+    problems += prometheus_url_problems(spec)
     return problems
+
+
+def extra_args_problems(args: list[str]) -> list[SpecProblem]:
+    """Only the worker flags a user may tune, each with its value; the operator sets the rest
+    (the model shape, the world, the plan and token files), and an override of those breaks the
+    group or its security (a guessable token file, a shape that does not fit the plan)."""
+    allowed = ", ".join(sorted(worker_env.USER_FLAGS))
+    index = 0
+    while index < len(args):
+        flag, equals, _ = args[index].partition("=")
+        where = f"worker.extraArgs[{index}]"
+        if flag not in worker_env.USER_FLAGS:
+            return [
+                SpecProblem(
+                    where,
+                    f"{args[index][:60]!r} is not a flag users may set; the operator sets the "
+                    f"others from the spec. Allowed: {allowed}, each with a value",
+                )
+            ]
+        if not equals:
+            if index + 1 >= len(args) or args[index + 1].startswith("--"):
+                return [SpecProblem(where, f"{flag} needs a value: {flag} <value>")]
+            index += 1
+        index += 1
+    return []
+
+
+def prometheus_url_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
+    """The operator sends queries to this URL: http(s) to a host, nothing else (no file:, no
+    credentials in the spec, no query of the user's own)."""
+    url = spec.metrics.prometheus_url
+    if spec.metrics.source != "Prometheus" and not url:
+        return []
+    example = "e.g. http://prometheus.monitoring:9090"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        parts, port_ok = None, False
+    if (
+        parts is None
+        or not port_ok
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.username is not None
+        or parts.query
+        or parts.fragment
+    ):
+        return [
+            SpecProblem(
+                "metrics.prometheusUrl",
+                f"source Prometheus needs an http:// or https:// URL of a host, without "
+                f"credentials, query or fragment; {example}",
+            )
+        ]
+    return []
+
+
+def kubernetes_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
+    """What the API server would refuse in the StatefulSet's pod template."""
+    worker = spec.worker
+    problems: list[SpecProblem] = []
+    need = _collector(problems)
+    for index, item in enumerate(worker.extra_env):
+        problem = kuberules.env_name(item.name)
+        need(problem is None, f"worker.extraEnv[{index}].name", f"{item.name!r} {problem}")
+    for key, value in worker.node_selector.items():
+        problem = kuberules.qualified_name(key)
+        need(problem is None, "worker.nodeSelector", f"key {key!r}: {problem}")
+        problem = kuberules.label_value(value)
+        need(problem is None, f"worker.nodeSelector.{key}", f"value {value!r}: {problem}")
+    for index, toleration in enumerate(worker.tolerations):
+        where = f"worker.tolerations[{index}]"
+        if toleration.key:
+            problem = kuberules.qualified_name(toleration.key)
+            need(problem is None, f"{where}.key", f"{toleration.key!r}: {problem}")
+        problem = kuberules.label_value(toleration.value)
+        need(problem is None, f"{where}.value", f"{toleration.value!r}: {problem}")
+        need(
+            toleration.operator != "Exists" or not toleration.value,
+            f"{where}.value",
+            "must be empty when operator is Exists",
+        )
+    problems += _resource_problems(spec)
+    return problems
+
+
+def _resource_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
+    worker = spec.worker
+    problems: list[SpecProblem] = []
+    need = _collector(problems)
+    parsed: dict[str, dict[str, Any]] = {}
+    for kind, values in (
+        ("requests", worker.resources.requests),
+        ("limits", worker.resources.limits),
+    ):
+        parsed[kind] = {}
+        for key, value in values.items():
+            where = f"worker.resources.{kind}"
+            problem = kuberules.container_resource_name(key)
+            if problem is not None:
+                need(False, where, f"{key!r}: {problem}")
+                continue
+            if key == GPU_RESOURCE and worker.gpus_per_pod:
+                need(False, f"{where}.{key}", "is set from worker.gpusPerPod; remove it here")
+                continue
+            try:
+                quantity = kuberules.parse_quantity(value)
+            except ValueError as error:
+                need(False, f"{where}.{key}", str(error))
+                continue
+            need(quantity >= 0, f"{where}.{key}", f"{value!r} must not be negative")
+            if kuberules.is_extended_resource(key):
+                need(
+                    quantity.denominator == 1,
+                    f"{where}.{key}",
+                    f"{value!r}: extended resources are whole numbers",
+                )
+            parsed[kind][key] = quantity
+    requests, limits = parsed["requests"], parsed["limits"]
+    for key, request in requests.items():
+        limit = limits.get(key)
+        if kuberules.is_extended_resource(key):
+            need(
+                limit == request,
+                f"worker.resources.limits.{key}",
+                f"extended resource {key} needs a limit equal to its request",
+            )
+        elif limit is not None:
+            need(
+                request <= limit,
+                f"worker.resources.requests.{key}",
+                f"request {worker.resources.requests[key]} exceeds limit "
+                f"{worker.resources.limits[key]}",
+            )
+    return problems
+
+
+def plan_bytes_bound(spec: MoEDeploymentSpec) -> tuple[int, int]:
+    """Upper bounds of the plan document's (slot table, gate bias) bytes, without building it.
+
+    slots [L][R][S]: each entry at most the digits of E-1 and a comma, each list its brackets
+    and comma; gateBias [L][E] (only a planner that may bias routing writes it): a float each.
+    """
+    layers, experts = spec.model.layers, spec.model.experts_per_layer
+    world, slots = spec.parallelism.world_size, spec.placement.most_slots_per_rank  # grown
+    digits = len(str(max(experts - 1, 0)))
+    table = layers * world * slots * (digits + 1) + layers * world * 3 + layers * 3 + 200
+    bias = 0
+    if spec.rebalancing.method != "Replace":
+        bias = layers * experts * _FLOAT_BYTES + layers * 3 + 20
+    return table, bias
+
+
+def size_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
+    table, bias = plan_bytes_bound(spec)
+    if table + bias <= MAX_PLAN_BYTES:
+        return []
+    model, layout = spec.model, spec.parallelism
+    if table >= bias:
+        field = "parallelism.expert"
+        what = (
+            f"model.layers {model.layers} x world size {layout.world_size} x "
+            f"{spec.placement.most_slots_per_rank} slots per rank (placement.maxSlotsPerRank)"
+        )
+        fix = (
+            "lower model.layers, parallelism.expert, placement.slotsPerRank or "
+            "placement.maxSlotsPerRank"
+        )
+    else:
+        field = "model.expertsPerLayer"
+        what = (
+            f"model.layers {model.layers} x expertsPerLayer {model.experts_per_layer} gate biases"
+        )
+        fix = "lower model.layers or model.expertsPerLayer, or use rebalancing.method Replace"
+    return [
+        SpecProblem(
+            field,
+            f"the plan would hold {what}: up to {table + bias} bytes, over the {MAX_PLAN_BYTES} "
+            f"a plan ConfigMap may carry; {fix}",
+        )
+    ]
+
+
+def _collector(problems: list[SpecProblem]) -> Callable[[bool, str, str], None]:
+    def need(condition: bool, field: str, message: str) -> None:
+        if not condition:
+            problems.append(SpecProblem(field, message))
+
+    return need

@@ -3,31 +3,35 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from moe_operator import handoff, loads
 from moe_operator.api import MoEDeploymentSpec
-from moe_operator.kube import Cluster
-from moe_operator.manifests import children
 from moe_worker import env as worker_env
 from moe_worker.plan import Plan
 
 
 @dataclass
 class PodWorkers:
-    """Workers of one MoEDeployment, addressed by pod IP (as kubelets and Prometheus do)."""
+    """Workers of one MoEDeployment, addressed by pod IP (as kubelets and Prometheus do).
 
-    cluster: Cluster
+    `pods` are the StatefulSet's own pods (controller reference checked): a look-alike pod is
+    never scraped nor sent the token. The token comes from the deployment's own Secret.
+    """
+
+    pods: list[dict[str, Any]]
+    spec: MoEDeploymentSpec
     namespace: str
     name: str
-    spec: MoEDeploymentSpec
+    token: Callable[[], str | None]
 
     @functools.cached_property
     def _addresses(self) -> dict[int, str]:
-        """rank -> base URL, listed once per control step (one PodWorkers serves one step)."""
-        pods = self.cluster.list_pods(self.namespace, children.selector_labels(self.name))
+        """rank -> base URL (one PodWorkers serves one control step)."""
         addresses = {}
-        for pod in pods:
+        for pod in self.pods:
             rank = worker_env.rank_from_pod_name(pod["metadata"]["name"])
             ip = (pod.get("status") or {}).get("podIP")
             if rank is not None and ip and not pod["metadata"].get("deletionTimestamp"):
@@ -59,13 +63,18 @@ class PodWorkers:
             num_experts=model.experts_per_layer,
         )
 
-    def serving_version(self) -> int:
-        return handoff.serving_version(self._leader())
+    def serving(self) -> handoff.Served:
+        return handoff.serving(self._leader())
+
+    def served_plan(self) -> Plan | None:
+        """The leader's whole plan, or None when it cannot be had (recovery falls back)."""
+        try:
+            return handoff.served_plan(self._leader())
+        except handoff.HandoffError:
+            return None
 
     def post_plan(self, plan: Plan) -> handoff.HandoffResult:
-        token = self.cluster.read_secret_value(
-            self.namespace, children.token_secret_name(self.name), worker_env.TOKEN_FILE_NAME
-        )
+        token = self.token()
         if token is None:
             raise handoff.HandoffError("control-token Secret is missing")
         return handoff.post_plan(self._leader(), plan, token)

@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 import yaml
 
-helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed")
+from tests.requirements import require_module
+
+helm = require_module("helm_python")
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = ROOT / "charts" / "moe-ep"

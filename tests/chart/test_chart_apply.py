@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +23,9 @@ import pytest
 import yaml
 
 from tests.integration.kubectl import Kubectl
+from tests.requirements import require_module, require_tool
 
-helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed")
+helm = require_module("helm_python")
 
 pytestmark = pytest.mark.integration
 
@@ -51,8 +51,7 @@ def server_dry_run(kubeconfig: str, namespace: str, *files: Path) -> str:
 @pytest.fixture
 def namespace(kube_admin_kubeconfig: str) -> Iterator[str]:
     """A fresh namespace, deleted afterwards (with everything in it)."""
-    if shutil.which("kubectl") is None:
-        pytest.fail("kubectl not found")
+    require_tool("kubectl")
     name = f"chart-test-{secrets.token_hex(3)}"
     kubectl(kube_admin_kubeconfig, "create", "namespace", name)
     yield name

@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
-pytest.importorskip("helm_python", reason="helm-python-sdk is not installed")
+from tests.requirements import require_module
+
+require_module("helm_python")
 
 ROOT = Path(__file__).resolve().parents[2]
 GENERATED = (

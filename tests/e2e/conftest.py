@@ -9,7 +9,6 @@ the deployment, and the fixture's teardown asserts `down()` left no process behi
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +19,7 @@ from moe_local import install
 from moe_local.cluster import LocalCluster, LocalClusterConfig
 from moe_local.controlplane import ensure_binaries
 from tests.e2e.helpers import E2E, wait_for
+from tests.requirements import require_tool
 
 NAMESPACE = "e2e"
 NAME = "e2e"
@@ -78,14 +78,10 @@ def deployment(name: str = NAME) -> dict[str, Any]:
     }
 
 
-def _missing_tools() -> list[str]:
-    return [tool for tool in ("kubectl", "prometheus") if shutil.which(tool) is None]
-
-
 @pytest.fixture(scope="session")
 def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
-    if _missing_tools():
-        pytest.skip(f"missing {_missing_tools()} (see docs/local.md)")
+    for tool in ("kubectl", "prometheus"):
+        require_tool(tool)
     started = time.monotonic()
     cluster = LocalCluster(
         LocalClusterConfig(

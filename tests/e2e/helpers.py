@@ -6,10 +6,13 @@ pod addresses, the local Prometheus' HTTP API, and the node agent's files (pid a
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import signal
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -45,10 +48,61 @@ def http_get(url: str, timeout: float = 3.0) -> tuple[int, str]:
 
 
 def metric_value(text: str, name: str) -> float | None:
+    """The value of series `name` (with its labels written out, if any) in exposition text."""
     for line in text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{}"):
             return float(line.rsplit(" ", 1)[1])
     return None
+
+
+@dataclass
+class Outage:
+    """Samples the group while a change rolls out: how long no full group was ready, and how
+    often each pod name was replaced (distinct uids seen)."""
+
+    e2e: E2E
+    interval: float = 0.25
+    samples: list[tuple[float, int, dict[str, str]]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> Outage:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                workers = self.e2e.workers()
+            except Exception:  # the API server is busy: a gap in the samples, not a failure
+                workers = None
+            if workers is not None:
+                ready = sum(1 for w in workers.values() if w["ready"])
+                uids = {name: w["uid"] for name, w in workers.items()}
+                self.samples.append((time.monotonic(), ready, uids))
+            self._stop.wait(self.interval)
+
+    def seconds_without_group(self) -> float:
+        """Time between samples during which fewer than `world` workers were ready."""
+        down = 0.0
+        for (at, ready, _), (later, _, _) in itertools.pairwise(self.samples):
+            if ready < self.e2e.world:
+                down += later - at
+        return down
+
+    def replacements(self) -> dict[str, int]:
+        """pod name -> how many times it was replaced (new uids seen after the first)."""
+        seen: dict[str, set[str]] = {}
+        for _, _, uids in self.samples:
+            for name, uid in uids.items():
+                seen.setdefault(name, set()).add(uid)
+        return {name: len(uids) - 1 for name, uids in seen.items()}
 
 
 @dataclass
@@ -108,11 +162,30 @@ class E2E:
                 return item
         return {}
 
-    def configmap_version(self) -> int | None:
-        cm = self.child("ConfigMap", f"{self.name}-plan")
-        if not cm:
+    def plan_key(self, name: str | None = None) -> str | None:
+        """The plan ConfigMap's key the StatefulSet's pods map onto plan.json (its shape)."""
+        sts = self.child("StatefulSet", name or self.name)
+        if sts is None:
             return None
-        return int(json.loads(cm.data["plan.json"])["version"])
+        volume = next(v for v in sts.spec.template.spec.volumes if v.name == "plan")
+        return volume.config_map.items[0].key
+
+    def plan_document(self, name: str | None = None) -> dict[str, Any] | None:
+        """The plan under the current shape's key, or None (no ConfigMap, no key, not JSON)."""
+        cm = self.child("ConfigMap", f"{name or self.name}-plan")
+        raw = (cm.data or {}).get(self.plan_key(name) or "") if cm else None
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            return None
+
+    def configmap_version(self) -> int | None:
+        document = self.plan_document()
+        return int(document["version"]) if document else None
+
+    def leader_plan(self) -> dict[str, Any] | None:
+        code, body = http_get(self.worker_url(0, "/v1/plan"))
+        return json.loads(body) if code == 200 else None
 
     def pods(self, namespace: str | None = None, selector: str | None = None) -> list[dict]:
         listing = self.core.list_namespaced_pod(
@@ -184,6 +257,32 @@ class E2E:
         pods = self.pods(SYSTEM_NAMESPACE, "app.kubernetes.io/component=operator")
         assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
         return pods[0]
+
+    def operator_metric(self, name: str, labels: str = "") -> float | None:
+        """A sample of the operator's own /metrics (at its pod IP: it binds nothing else)."""
+        ip = (self.operator_pod().get("status") or {}).get("podIP")
+        try:
+            code, body = http_get(f"http://{ip}:9090/metrics")
+        except OSError:
+            return None
+        return metric_value(body, name + labels) if code == 200 else None
+
+    def timer_runs(self) -> float:
+        """Timer runs the operator finished (over all objects), from its own histogram."""
+        count = self.operator_metric("moe_operator_reconcile_seconds_count", '{handler="refresh"}')
+        return count or 0.0
+
+    def wait_timer_runs(self, runs: int = 4, timeout: float = 60) -> None:
+        """Wait for `runs` more timer runs: 'a few reconciliations later', without a clock."""
+        start = self.timer_runs()
+        wait_for(f"{runs} timer runs", lambda: self.timer_runs() >= start + runs, timeout)
+
+    def operator_rss_mb(self) -> float:
+        pid = wait_for("operator Ready", self.operator_pid, 30)
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS")
 
     def operator_pid(self) -> int | None:
         containers = (self.operator_pod().get("status") or {}).get("containerStatuses") or [{}]

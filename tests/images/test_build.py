@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from tests.requirements import missing, require_tool
+
 pytestmark = pytest.mark.images
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,14 +55,10 @@ class Image:
 
 
 def require_tools() -> None:
-    problems = [f"{tool} not found" for tool in ("buildah", "mmdebstrap") if not shutil.which(tool)]
+    for tool in ("buildah", "mmdebstrap"):
+        require_tool(tool)
     if os.geteuid() != 0:
-        problems.append("not root")
-    if problems:
-        message = "; ".join(problems) + " (hack/install-system-deps.sh installs the tools)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("root (buildah and mmdebstrap build the images as root)")
 
 
 def report_build(config: pytest.Config, output: str) -> None:

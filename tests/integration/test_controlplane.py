@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 from moe_local.controlplane import ControlPlane, ControlPlaneConfig, ensure_binaries
 from moe_local.kube import MERGE_PATCH
 from tests.integration.kubectl import Kubectl, wait_for
+from tests.requirements import require_tool
 
 pytestmark = pytest.mark.integration
 
@@ -68,8 +68,7 @@ def gpu_pod() -> dict:
 
 @pytest.fixture(scope="module")
 def bin_dir() -> Path:
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl not installed")
+    require_tool("kubectl")
     return ensure_binaries()
 
 

@@ -8,8 +8,6 @@ exactly the counters the ranks serve.
 from __future__ import annotations
 
 import http.server
-import os
-import shutil
 import subprocess
 import threading
 import time
@@ -22,9 +20,9 @@ import yaml
 
 from moe_local.controlplane import free_port
 from moe_operator.loads import LoadReadError, read_prometheus
+from tests.requirements import require_tool
 
 pytestmark = pytest.mark.integration
-PROMETHEUS = shutil.which("prometheus")
 
 
 class _Rank(http.server.BaseHTTPRequestHandler):
@@ -55,10 +53,7 @@ RANK_COUNTERS = {0: {(0, 0): 120.0, (0, 1): 30.0}, 1: {(0, 2): 7.0, (0, 3): 0.0}
 
 @pytest.fixture
 def prometheus(tmp_path: Path) -> Iterator[str]:
-    if PROMETHEUS is None:
-        if os.environ.get("CI"):
-            pytest.fail("prometheus is not installed (hack/install-system-deps.sh installs it)")
-        pytest.skip("prometheus is not installed")
+    executable = require_tool("prometheus")
     servers = []
     targets = []
     for rank, counters in RANK_COUNTERS.items():
@@ -80,7 +75,7 @@ def prometheus(tmp_path: Path) -> Iterator[str]:
     port = free_port()
     process = subprocess.Popen(
         [
-            PROMETHEUS,
+            executable,
             f"--config.file={tmp_path / 'prometheus.yml'}",
             f"--storage.tsdb.path={tmp_path / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",

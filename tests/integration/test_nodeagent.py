@@ -22,8 +22,8 @@ from moe_local.controlplane import ensure_binaries
 from moe_local.kube import MERGE_PATCH, api_client, get_or_none
 from moe_local.podspec import pod_ip
 from moe_operator.api import MoEDeploymentSpec
+from moe_operator.images import WorkerImages, with_worker_image
 from moe_operator.manifests import children
-from moe_worker.plan import round_robin_plan
 from tests.integration.kubectl import wait_for as shared_wait_for
 
 pytestmark = pytest.mark.integration
@@ -222,10 +222,13 @@ def test_moe_worker_pair_becomes_ready(cluster: LocalCluster, core: CoreV1Api) -
             },
         }
     )
-    plan = round_robin_plan(2, 4, 2, 2)
+    spec = with_worker_image(spec, WorkerImages.from_environ())  # as the operator fills it in
+    shape = children.plan_shape(spec)
     apps = AppsV1Api(core.api_client)
     core.create_namespaced_service(ns, children.build_service(name, spec))
-    core.create_namespaced_config_map(ns, children.build_plan_configmap(name, plan))
+    core.create_namespaced_config_map(
+        ns, children.build_plan_configmap(name, {shape.key: shape.round_robin(1)})
+    )
     core.create_namespaced_secret(ns, children.build_token_secret(name))
     apps.create_namespaced_stateful_set(ns, children.build_statefulset(name, ns, spec))
 

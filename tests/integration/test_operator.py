@@ -3,12 +3,17 @@
 Proves: the RBAC in manifests/ is sufficient; the sample becomes a StatefulSet whose 16 Pods the
 controller-manager creates; status and printer columns are filled; bad objects are refused by
 the schema or flagged SpecValid=False naming the field; fixing recovers; deletion cascades.
+Issue 11 where the real server's behaviour matters: the status schema is published; what the
+operator's validation refuses agrees with what the API server would refuse in the children; a
+plan version the CRD's int64 cannot hold never blocks status; a template change replaces the
+StatefulSet's pods once (OnDelete, the real controller), with the chart's RBAC.
 """
 
 from __future__ import annotations
 
 import base64
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +24,10 @@ from typing import Any
 import pytest
 import yaml
 
+from moe_operator.api import MoEDeploymentSpec
+from moe_operator.images import WorkerImages, with_worker_image
+from moe_operator.manifests import children
+from moe_operator.validation import parse_spec
 from tests.integration.kubectl import Kubectl, wait_for
 
 pytestmark = pytest.mark.integration
@@ -101,7 +110,7 @@ def test_seed_sample_becomes_children_with_status(kubectl: Kubectl, operator: An
     assert service and service["spec"]["clusterIP"] == "None"
     configmap = kubectl.get("configmap", "seed-ep16-plan", "-n", NS)
     assert configmap
-    plan = yaml.safe_load(configmap["data"]["plan.json"])
+    plan = yaml.safe_load(configmap["data"]["plan-L16-E16-R16-S1.json"])
     assert plan["version"] == 1 and plan["slots"][3] == [[e] for e in range(16)]
     secret = kubectl.get("secret", "seed-ep16-control", "-n", NS)
     token = base64.b64decode(secret["data"]["token"]).decode()
@@ -267,3 +276,152 @@ def test_deleting_removes_every_child(kubectl: Kubectl, operator: Any) -> None:
         60,
         "pods deleted",
     )
+
+
+# --- issue 11 ---------------------------------------------------------------------------------
+
+
+def test_status_fields_are_published(kubectl: Kubectl) -> None:
+    """`kubectl explain` reads the API server's published schema: status must be in it."""
+    status = kubectl.run("explain", "moed.status").stdout
+    for field in ("conditions", "plan", "phase", "observedGeneration", "lastRebalance"):
+        assert field in status, status
+    plan = kubectl.run("explain", "moed.status.plan").stdout
+    for field in ("appliedVersion", "digest", "configMapKey"):
+        assert field in plan, plan
+
+
+# (spec changes, name, whether the operator's validation must accept). The server's verdict on the
+# children built from the same spec must never be "refused" where ours is "accepted".
+RULE_CASES = [
+    ({}, "rules-ok", True),
+    ({}, "with.dots", False),
+    ({}, "a" * 53, False),
+    ({}, "a" * 52, True),
+    ({"worker__extraEnv": [{"name": "MY VAR", "value": "1"}]}, "rules-env", False),
+    ({"worker__extraEnv": [{"name": "MY-VAR.x", "value": "1"}]}, "rules-envok", True),
+    ({"worker__extraEnv": [{"name": "1VAR", "value": "1"}]}, "rules-env1", False),
+    ({"worker__nodeSelector": {"gpu type": "x"}}, "rules-nodekey", False),
+    ({"worker__nodeSelector": {"gpu": "h" * 64}}, "rules-nodeval", False),
+    ({"worker__nodeSelector": {"nvidia.com/gpu.product": "H100_SXM"}}, "rules-nodeok", True),
+    ({"worker__resources": {"requests": {"memory": "lots"}}}, "rules-qty", False),
+    ({"worker__resources": {"requests": {"cpu": "2"}, "limits": {"cpu": "1"}}}, "rules-lim", False),
+    ({"worker__resources": {"requests": {"gpu": "1"}}}, "rules-resname", False),
+    ({"worker__resources": {"requests": {"cpu": "250m", "memory": "1.5Gi"}}}, "rules-res", True),
+    ({"worker__tolerations": [{"key": "-bad", "operator": "Exists"}]}, "rules-taint", False),
+]
+
+
+def _server_accepts(kubectl: Kubectl, name: str, spec: MoEDeploymentSpec) -> tuple[bool, str]:
+    """Dry-run what the children and the StatefulSet controller would create."""
+    statefulset = children.build_statefulset(name, NS, spec)
+    template = statefulset["spec"]["template"]
+    last = spec.parallelism.world_size - 1
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{name}-{last}",
+            "labels": {
+                **template["metadata"]["labels"],
+                "controller-revision-hash": f"{name}-" + "b" * 10,
+                "statefulset.kubernetes.io/pod-name": f"{name}-{last}",
+            },
+        },
+        "spec": {**template["spec"], "hostname": f"{name}-{last}"},
+    }
+    documents = [children.build_service(name, spec), statefulset, pod]
+    stdin = yaml.safe_dump_all(documents)
+    result = kubectl.run(
+        "create", "--dry-run=server", "-n", NS, "-f", "-", stdin=stdin, check=False
+    )
+    return result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("changes", "name", "ours"), RULE_CASES, ids=[c[1][:20] for c in RULE_CASES]
+)
+def test_validation_refuses_what_the_api_server_would(
+    kubectl: Kubectl, changes: dict[str, Any], name: str, ours: bool
+) -> None:
+    raw = _small(name, **changes)["spec"]
+    parsed, problems = parse_spec(raw, name=name)
+    assert (parsed is not None) == ours, problems
+    spec = with_worker_image(MoEDeploymentSpec.model_validate(raw), WorkerImages.from_environ())
+    server, why = _server_accepts(kubectl, name, spec)
+    assert server == ours, f"the API server says {server}: {why}"
+
+
+def _configmap_key(kubectl: Kubectl, name: str) -> str:
+    sts = kubectl.get("statefulset", name, "-n", NS)
+    volume = next(v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == "plan")
+    return volume["configMap"]["items"][0]["key"]
+
+
+def test_a_plan_version_past_int64_never_blocks_status(kubectl: Kubectl, operator: Any) -> None:
+    """Issue 11, item 6: plan version 2^63 in the ConfigMap made every status patch fail (422:
+    int64 overflow) and kopf stopped the timer for good. Such a plan is now refused as unreadable,
+    the record repaired, and status keeps being written."""
+    _apply(kubectl, _small("huge-version"))
+    wait_for(lambda: kubectl.get("statefulset", "huge-version", "-n", NS), 30, "StatefulSet")
+    key = _configmap_key(kubectl, "huge-version")
+    configmap = kubectl.get("configmap", "huge-version-plan", "-n", NS)
+    forged = json.loads(configmap["data"][key]) | {"version": 2**63}
+    patch = json.dumps({"data": {key: json.dumps(forged)}})
+    kubectl.run("patch", "configmap", "huge-version-plan", "-n", NS, "--type=merge", "-p", patch)
+
+    def repaired() -> bool:
+        data = kubectl.get("configmap", "huge-version-plan", "-n", NS)["data"][key]
+        return json.loads(data)["version"] < 2**53
+
+    wait_for(repaired, 30, "the plan record repaired")
+    _apply(kubectl, _small("huge-version", worker__image="example.org/worker:3"))
+    wait_for(
+        lambda: _status(kubectl, "huge-version").get("observedGeneration") == 2,
+        30,
+        "status written for the new generation",
+    )
+    assert _status(kubectl, "huge-version")["plan"]["version"] == 2  # never back, never 2^63
+    assert (_condition(kubectl, "huge-version", "Reconciled") or {}).get("status") == "True"
+    # The CRD refuses what the old operator wrote: that is why versions are bounded.
+    result = kubectl.run(
+        "patch", "moed", "huge-version", "-n", NS, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": {"plan": {"version": 2**63}}}), check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+
+
+def _pods(kubectl: Kubectl, name: str) -> dict[str, dict[str, Any]]:
+    items = (kubectl.get("pods", "-n", NS, "-l", f"moe-ep.io/deployment={name}") or {})["items"]
+    return {pod["metadata"]["name"]: pod for pod in items}
+
+
+def test_a_template_change_replaces_every_pod_once(kubectl: Kubectl, operator: Any) -> None:
+    """The real StatefulSet controller with OnDelete, and the operator deleting the old pods
+    together (with its ServiceAccount's RBAC); no node runs them here, so pods stay Pending."""
+    _apply(kubectl, _small("gang"))
+    sts = wait_for(lambda: kubectl.get("statefulset", "gang", "-n", NS), 30, "StatefulSet")
+    assert sts["spec"]["updateStrategy"]["type"] == "OnDelete"
+    world = sts["spec"]["replicas"]
+    before = wait_for(lambda: len(_pods(kubectl, "gang")) == world and _pods(kubectl, "gang"), 60)
+    old = {pod["metadata"]["labels"]["controller-revision-hash"] for pod in before.values()}
+    _apply(kubectl, _small("gang", worker__image="example.org/worker:2"))
+
+    def replaced() -> dict[str, dict[str, Any]] | None:
+        sts = kubectl.get("statefulset", "gang", "-n", NS)
+        revision = (sts.get("status") or {}).get("updateRevision")
+        if revision in old:  # the controller has not seen the new template yet
+            return None
+        pods = _pods(kubectl, "gang")
+        labels = {p["metadata"]["labels"].get("controller-revision-hash") for p in pods.values()}
+        return pods if len(pods) == world and labels == {revision} else None
+
+    after = wait_for(replaced, 60, "every pod on the new revision")
+    for name, pod in after.items():
+        assert pod["metadata"]["uid"] != before[name]["metadata"]["uid"], name
+        container = pod["spec"]["containers"][0]
+        assert container["image"] == "example.org/worker:2"
+    events = kubectl.run(
+        "get", "events", "-n", NS, "--field-selector", "involvedObject.name=gang", "-o", "json"
+    ).stdout
+    assert "GroupRestart" in events

@@ -46,6 +46,7 @@ from moe_worker.plan import round_robin_plan
 async def kmock_api_server() -> AsyncIterator[ApiServer]:
     """The Kubernetes API the operator talks to (overrides kmock's own fixture of that name)."""
     async with ApiServer() as server, kmock.Server(server):
+        server.faults = []
         server.resources[MOED] = kmock.ResourceInfo(
             kind="MoEDeployment",
             singular="moedeployment",

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import copy
 import datetime
+import hashlib
 import itertools
 import json
 import os
@@ -27,12 +28,12 @@ os.environ["MOE_OPERATOR_TIMER_SECONDS"] = "0.25"  # read at import: must come f
 
 import kopf
 import kubernetes
+from prometheus_client import REGISTRY
 
 from moe_operator import handlers  # registers the handlers with kopf
-from moe_worker.plan import PlanError, parse_plan
+from moe_worker.plan import Plan, PlanError, parse_plan
 
 assert handlers.TIMER_SECONDS == 0.25, "moe_operator.handlers was imported before this conftest"
-TICKS = 4 * handlers.TIMER_SECONDS  # a few timer runs (each also takes some time)
 # The client imports its API classes lazily (~2 s, once): pay that here, not in a test's timing.
 _ = (kubernetes.client.CoreV1Api, kubernetes.client.AppsV1Api)
 
@@ -89,17 +90,50 @@ def _merge(base: Any, patch: Any) -> Any:
     return result
 
 
+@dataclass
+class Fault:
+    """Answer `status` to requests matching method, resource and name (and subresource)."""
+
+    method: str
+    resource: str
+    name: str
+    status: int
+    subresource: str | None = None
+    times: int = 1_000_000
+
+    def matches(self, request: kmock.Request) -> bool:
+        return (
+            self.times > 0
+            and request.method.value.upper() == self.method.upper()
+            and request.resource == kmock.resource(self.resource)
+            and request.name == self.name
+            and request.subresource == self.subresource
+        )
+
+
 class ApiServer(kmock.KubernetesEmulator):
-    """kmock's emulator plus the metadata an API server manages and the operator depends on."""
+    """kmock's emulator plus the metadata an API server manages and the operator depends on:
+    uids, resourceVersions (and their preconditions on patches), generations, Secrets'
+    stringData, uid preconditions on deletes."""
 
     _versions = itertools.count(1)
 
+    faults: list[Fault]  # set by the fixture: failures to inject, e.g. a status patch refused
+
     async def _handle(self, request: kmock.Request) -> Any:
+        for fault in getattr(self, "faults", []):
+            if fault.matches(request):
+                fault.times -= 1
+                raise kmock.KubernetesError(
+                    status=fault.status, reason="Injected", message="injected failure"
+                )
         if request.resource is not None and request.subresource is None:
             if request.action == kmock.action.CREATE and isinstance(request.data, dict):
                 self._on_create(request)
             elif request.action == kmock.action.UPDATE and request.name is not None:
                 self._on_update(request)
+            elif request.action == kmock.action.DELETE and request.name is not None:
+                self._on_delete(request)
         elif (
             request.resource is not None
             and request.action == kmock.action.UPDATE
@@ -127,10 +161,21 @@ class ApiServer(kmock.KubernetesEmulator):
             for key, value in body.pop("stringData").items():
                 data[key] = base64.b64encode(value.encode()).decode()
 
+    def _stored(self, request: kmock.Request) -> Any:
+        stored = self.objects._objects.get((request.resource, request.namespace, request.name))
+        return None if stored is None or stored.deleted else stored
+
+    def _on_delete(self, request: kmock.Request) -> None:
+        stored = self._stored(request)
+        wanted = ((request.data or {}) if isinstance(request.data, dict) else {}).get(
+            "preconditions"
+        ) or {}
+        if stored is not None and wanted.get("uid") not in (None, stored.raw["metadata"]["uid"]):
+            raise kmock.KubernetesError(status=409, reason="Conflict", message="uid differs")
+
     def _on_update(self, request: kmock.Request) -> None:
-        key = (request.resource, request.namespace, request.name)
-        stored = self.objects._objects.get(key)
-        if stored is None or stored.deleted:
+        stored = self._stored(request)
+        if stored is None:
             return  # the emulator answers 404
         current = copy.deepcopy(stored.raw)
         meta = current.get("metadata", {})
@@ -151,6 +196,11 @@ class ApiServer(kmock.KubernetesEmulator):
         elif isinstance(request.data, dict):
             patch_meta = request.data.setdefault("metadata", {}) or {}
             request.data["metadata"] = patch_meta
+            wanted = patch_meta.get("resourceVersion")
+            if wanted is not None and wanted != meta.get("resourceVersion"):  # a precondition
+                raise kmock.KubernetesError(
+                    status=409, reason="Conflict", message="the object has been modified"
+                )
             patch_meta["resourceVersion"] = self._next()
             spec = current.get("spec")
             if "spec" in request.data and _merge(spec, request.data["spec"]) != spec:
@@ -248,9 +298,18 @@ class Api:
                 return item
         return {}
 
+    def plan_key(self, name: str, namespace: str = NS) -> str | None:
+        """The ConfigMap key the StatefulSet's pods map onto plan.json (the spec's shape)."""
+        statefulset = self.get(STS, namespace, name)
+        if statefulset is None:
+            return None
+        volumes = statefulset["spec"]["template"]["spec"]["volumes"]
+        return next(v for v in volumes if v["name"] == "plan")["configMap"]["items"][0]["key"]
+
     def plan(self, name: str, namespace: str = NS) -> dict[str, Any] | None:
-        configmap = self.get(CM, namespace, f"{name}-plan")
-        return json.loads(configmap["data"]["plan.json"]) if configmap else None
+        configmap, key = self.get(CM, namespace, f"{name}-plan"), self.plan_key(name, namespace)
+        raw = ((configmap or {}).get("data") or {}).get(key or "")
+        return json.loads(raw) if raw else None
 
     def token(self, name: str, namespace: str = NS) -> str | None:
         secret = self.get(SECRET, namespace, f"{name}-control")
@@ -258,35 +317,92 @@ class Api:
 
     # -- what the kubelet and the StatefulSet controller would do --
 
+    def revision(self, name: str, namespace: str = NS) -> str:
+        """What the StatefulSet controller names the current template: <name>-<hash>."""
+        statefulset = self.get(STS, namespace, name)
+        assert statefulset is not None
+        template = json.dumps(statefulset["spec"]["template"], sort_keys=True)
+        return f"{name}-{hashlib.sha256(template.encode()).hexdigest()[:10]}"
+
+    def pods(self, name: str, namespace: str = NS) -> dict[str, dict[str, Any]]:
+        """The deployment's live pods by name."""
+        return {
+            obj.raw["metadata"]["name"]: copy.deepcopy(obj.raw)
+            for (resource, ns, _), obj in self.server.objects.items()
+            if resource == kmock.resource(PODS) and ns == namespace and not obj.deleted
+            if obj.raw["metadata"]["labels"].get("moe-ep.io/deployment") == name
+        }
+
     async def run_pods(self, name: str, world: int, namespace: str = NS) -> None:
-        """Pods of every rank at 127.0.0.{rank+1}, and the StatefulSet reporting them ready."""
+        """What the StatefulSet controller and the kubelets would do: pods of every missing rank
+        on the current template (owned by the StatefulSet, labelled with its revision) at
+        127.0.0.{rank+1}, and the StatefulSet's status reporting them all ready."""
+        statefulset = self.get(STS, namespace, name)
+        assert statefulset is not None
+        revision, existing = self.revision(name, namespace), self.pods(name, namespace)
         for rank in range(world):
+            if f"{name}-{rank}" in existing:
+                continue
+            template = statefulset["spec"]["template"]
             pod = {
                 "apiVersion": "v1",
                 "kind": "Pod",
                 "metadata": {
                     "name": f"{name}-{rank}",
                     "labels": {
-                        "app.kubernetes.io/name": "moe-ep-worker",
-                        "moe-ep.io/deployment": name,
+                        **template["metadata"]["labels"],
+                        "controller-revision-hash": revision,
                     },
+                    "ownerReferences": [
+                        {
+                            "apiVersion": "apps/v1",
+                            "kind": "StatefulSet",
+                            "name": name,
+                            "uid": statefulset["metadata"]["uid"],
+                            "controller": True,
+                        }
+                    ],
                 },
-                "spec": {"containers": [{"name": "worker", "image": "moe-ep"}]},
+                "spec": copy.deepcopy(template["spec"]),
                 "status": {"phase": "Running", "podIP": f"127.0.0.{rank + 1}"},
             }
             await self.create(PODS, namespace, pod)
         await self.set_ready(name, world, namespace)
 
     async def set_ready(self, name: str, ready: int, namespace: str = NS) -> None:
+        """The StatefulSet controller's status: it has seen the current template (OnDelete: pods
+        keep their revision until deleted)."""
         statefulset = self.get(STS, namespace, name)
         assert statefulset is not None
+        revision = self.revision(name, namespace)
+        revisions = [
+            pod["metadata"]["labels"].get("controller-revision-hash")
+            for pod in self.pods(name, namespace).values()
+        ]
         status = {
             "replicas": statefulset["spec"]["replicas"],
             "readyReplicas": ready,
-            "updatedReplicas": statefulset["spec"]["replicas"],
+            "updatedReplicas": revisions.count(revision),
             "observedGeneration": statefulset["metadata"]["generation"],
+            "updateRevision": revision,
+            "currentRevision": revision if set(revisions) <= {revision} else revisions[0],
         }
         await self.patch(STS, namespace, name, {"status": status}, sub="status")
+
+
+def timer_runs() -> float:
+    """How many timer runs of the operator finished (its own histogram's count)."""
+    return (
+        REGISTRY.get_sample_value("moe_operator_reconcile_seconds_count", {"handler": "refresh"})
+        or 0.0
+    )
+
+
+async def timer_ran(times: int = 3, timeout: float = 10.0) -> None:
+    """Wait until the operator's timer has run `times` more times (for every object: the count
+    is global, so wait for more runs than objects when several exist)."""
+    start = timer_runs()
+    await eventually(lambda: timer_runs() >= start + times, timeout, f"{times} timer runs")
 
 
 async def eventually(
@@ -423,7 +539,7 @@ class Workers:
         return "\n".join(lines).encode()
 
     def get_plan(self) -> dict[str, Any]:
-        return self.plan
+        return {**self.plan, "digest": Plan.model_validate(self.plan).digest()}
 
     def post_plan(self, request: kmock.Request) -> Any:
         self.posts.append(
@@ -446,7 +562,12 @@ class Workers:
             return kmock.Response(status=409, payload=payload)
         self.plan = plan.to_document()
         self.applied.append(plan.version)
-        return {"applied": True, "version": plan.version, "pauseSeconds": 0.01}
+        return {
+            "applied": True,
+            "version": plan.version,
+            "digest": plan.digest(),
+            "pauseSeconds": 0.01,
+        }
 
     async def start(self, rank: int) -> None:
         # A bare aiohttp server for kmock's handler: kmock.Server would also hook aiohttp's DNS

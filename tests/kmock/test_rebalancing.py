@@ -8,11 +8,10 @@ Experts 0 and 2 are hot and the round-robin plan puts both on rank 0, so the fir
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
-from moe_kmock import CM, MOED, NS, STS, TICKS, Api, Operator, Workers, eventually, small_spec
+from moe_kmock import CM, MOED, NS, STS, Api, Operator, Workers, eventually, small_spec, timer_ran
 
 from moe_worker.plan import parse_plan, validate_plan
 
@@ -27,8 +26,8 @@ async def deploy(api: Api, workers: Workers, name: str = "m1", **spec: Any) -> N
 
 
 def configmap_versions(api: Api, name: str = "m1") -> list[int]:
-    history = api.history(CM, NS, f"{name}-plan")
-    return [parse_plan(version["data"]["plan.json"]).version for version in history]
+    history, key = api.history(CM, NS, f"{name}-plan"), api.plan_key(name)
+    return [parse_plan(version["data"][key]).version for version in history]
 
 
 def plan_status(api: Api, name: str = "m1") -> dict[str, Any]:
@@ -48,7 +47,7 @@ async def test_timer_rebalances_and_hands_the_plan_to_the_leader(
 ) -> None:
     await api.create_moed("m1", small_spec(port=workers.port))
     await eventually(lambda: api.token("m1") and api.get(STS, NS, "m1"), what="children")
-    await asyncio.sleep(TICKS)
+    await timer_ran()
     assert len(workers.handlers[0]) == len(workers.handlers[1]) == 0  # not ready: nobody asked
     workers.token = api.token("m1")
     workers.durable = lambda: (api.plan("m1") or {}).get("version")
@@ -115,7 +114,9 @@ async def test_leader_failures_never_lose_the_plan_nor_apply_it_twice(
     assert plan_status(api) | {"method": None} == {
         "version": 2,
         "appliedVersion": 1,
+        "digest": parse_plan(api.plan("m1")).digest(),
         "configMap": "m1-plan",
+        "configMapKey": "plan-L2-E4-R2-S2.json",
         "method": None,
     }
     assert api.status("m1")["phase"] == "Rebalancing"
@@ -150,7 +151,12 @@ async def test_restart_mid_handoff_converges_to_the_durable_plan(
         {
             "status": {
                 "plan": {"version": 1, "appliedVersion": 1},
-                "detection": {"aboveCount": 0, "desiredVersion": 1, "appliedVersion": 1},
+                "detection": {
+                    "aboveCount": 0,
+                    "desiredVersion": 1,
+                    "appliedVersion": 1,
+                    "lastRebalanceAt": None,
+                },
                 "lastRebalance": None,
             }
         },
@@ -158,6 +164,11 @@ async def test_restart_mid_handoff_converges_to_the_durable_plan(
     )
     await operator.start()
     await eventually(lambda: plan_status(api).get("version") == 2, what="status from ConfigMap")
+    # What the lost status patch carried comes back from the ConfigMap too (issue 11, item 8):
+    # the last rebalance, and the time it was issued, which the cooldown counts from.
+    status = api.status("m1")
+    assert (status.get("lastRebalance") or {}).get("toVersion") == 2, status
+    assert (status.get("detection") or {}).get("lastRebalanceAt"), status
     await evaluations(workers, 3)  # a window to open and two to evaluate, leader still failing
     assert configmap_versions(api) == [1, 2], "a new plan while plan 2 was still in flight"
     assert workers.applied == []

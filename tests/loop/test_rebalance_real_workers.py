@@ -1,9 +1,11 @@
 """The operator's control step against real `moe-worker serve` processes (gloo, 4 ranks).
 
-Skewed traffic (a Zipf popularity of experts) produces imbalance; the operator's own control step
-— the code the kopf timer runs — reads the real /metrics, detects it, plans, and hands the plan to
-the real leader, which switches every rank without a restart. Once with Replace (spare slots)
-and once with GatingBias (the seed's layout: one slot per rank, as many experts as ranks).
+Skewed traffic (the workers' generated requests, whose prompt tokens follow a Zipf law over the
+vocabulary, so the model's own router sends popular tokens' experts more work) produces imbalance;
+the operator's own control step — the code the kopf timer runs — reads the real /metrics, detects
+it, plans, and hands the plan to the real leader, which switches every rank without a restart.
+Once with Replace (spare slots) and once with GatingBias (the seed's layout: one slot per rank,
+as many experts as ranks).
 Kubernetes is left out here (the pods' addresses are known); tests/e2e runs the same loop in the
 local cluster.
 """
@@ -17,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from moe_operator import handoff, loads
-from moe_operator.api import MoEDeploymentSpec
+from moe_operator.api import MoEDeploymentSpec, RebalanceRecord
+from moe_operator.manifests.children import plan_shape
 from moe_operator.planning.detection import DetectionState
 from moe_operator.rebalance import Window, control_step
-from moe_operator.reconcile import initial_plan
 from moe_worker.plan import Plan
 from tests.worker.worker_harness import Cluster, parse_metric
 
@@ -42,8 +44,8 @@ class DirectWorkers:
             targets, world_size=WORLD, num_layers=model.layers, num_experts=model.experts_per_layer
         )
 
-    def serving_version(self) -> int:
-        return handoff.serving_version(self.cluster.url(0, ""))
+    def serving(self) -> handoff.Served:
+        return handoff.serving(self.cluster.url(0, ""))
 
     def post_plan(self, plan: Plan) -> handoff.HandoffResult:
         return handoff.post_plan(self.cluster.url(0, ""), plan, self.cluster.token)
@@ -53,7 +55,7 @@ class NoStore:
     def __init__(self) -> None:
         self.plans: list[Plan] = []
 
-    def write(self, plan: Plan) -> None:
+    def write(self, plan: Plan, record: RebalanceRecord | None, issued_at: float) -> None:
         self.plans.append(plan)
 
 
@@ -79,8 +81,10 @@ def _spec(experts: int, slots: int, method: str) -> MoEDeploymentSpec:
                 "evaluationWindowSeconds": 3,
                 "consecutiveEvaluations": 1,
                 "cooldownSeconds": 0,
-                # the workers do not report the bias's price yet: no cap, a coarse first step
-                "gating": {"rate": 1.0, "maxBias": 0.5, "maxReroutedFraction": 1.0},
+                # Token-driven skew moves in chunks (one popular token is a third of the traffic),
+                # so a small first bias that at most doubles per plan; workers do not report the
+                # bias's price yet, so no cap.
+                "gating": {"rate": 0.4, "maxBias": 0.5, "maxReroutedFraction": 1.0},
             },
         }
     )
@@ -114,7 +118,7 @@ def _run_loop(
         cluster.wait_ready()
         pids = [proc.pid for proc in cluster.procs]
         workers, store = DirectWorkers(cluster, spec), NoStore()
-        desired, state, window = initial_plan(spec), DetectionState(), Window()
+        desired, state, window = plan_shape(spec).round_robin(1), DetectionState(), Window()
         worst: list[float] = []
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline:

@@ -10,13 +10,16 @@ from hypothesis import strategies as st
 
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.manifests import children
-from moe_operator.reconcile import initial_plan, plan_for_spec
 from moe_worker import env as worker_env
 from moe_worker.plan import parse_plan, validate_plan
 
 
 def _spec(**overrides: object) -> MoEDeploymentSpec:
     return MoEDeploymentSpec.model_validate(overrides)
+
+
+def initial_plan(spec: MoEDeploymentSpec):  # type: ignore[no-untyped-def]
+    return children.plan_shape(spec).round_robin(1)
 
 
 def _env(statefulset: dict) -> dict[str, str]:
@@ -81,8 +84,9 @@ def test_token_is_random_and_only_in_the_secret() -> None:
 
 def test_plan_configmap_holds_a_plan_the_workers_accept() -> None:
     spec = _spec()
-    configmap = children.build_plan_configmap("a", initial_plan(spec))
-    plan = parse_plan(configmap["data"]["plan.json"])
+    key = children.plan_shape(spec).key
+    configmap = children.build_plan_configmap("a", {key: initial_plan(spec)})
+    plan = parse_plan(configmap["data"][key])
     validate_plan(plan, num_layers=16, num_experts=16, world_size=16)
     assert plan.slots[5][3] == (3,)  # seed 5.1: expert e on rank e % world
 
@@ -108,13 +112,33 @@ def test_initial_plan_places_every_expert(
     validate_plan(plan, num_layers=layers, num_experts=experts, world_size=ranks)
 
 
-def test_plan_is_kept_when_it_fits_and_replaced_with_a_newer_version_when_not() -> None:
-    spec = _spec()
-    current = initial_plan(spec).with_version(7)
-    assert plan_for_spec(current, spec) is None
-    grown = _spec(model={"layers": 8})
-    replaced = plan_for_spec(current, grown)
-    assert replaced is not None and replaced.version == 8 and replaced.num_layers == 8
+def test_the_group_is_replaced_by_the_operator_not_rolled_pod_by_pod() -> None:
+    sts = children.build_statefulset("a", "ns", _spec())
+    assert sts["spec"]["updateStrategy"]["type"] == "OnDelete"
+    assert sts["spec"]["updateStrategy"]["rollingUpdate"] is None  # cleared on old objects
+
+
+def test_pods_read_their_own_shapes_plan() -> None:
+    """A new shape's pods map the new key; an old template's pods keep mapping the old one."""
+    small, large = _spec(), _spec(model={"layers": 8})
+    keys = []
+    for spec in (small, large):
+        pod = children.build_statefulset("a", "ns", spec)["spec"]["template"]["spec"]
+        volume = next(v for v in pod["volumes"] if v["name"] == "plan")["configMap"]
+        assert volume["name"] == "a-plan"
+        assert volume["items"] == [{"key": children.plan_shape(spec).key, "path": "plan.json"}]
+        keys.append(volume["items"][0]["key"])
+    assert keys[0] != keys[1] and "L8" in keys[1]
+
+
+def test_only_a_controller_reference_with_our_uid_makes_a_child_ours() -> None:
+    ours = {"metadata": {"ownerReferences": [{"uid": "u1", "controller": True}]}}
+    assert children.controlled_by(ours, "u1")
+    assert not children.controlled_by(ours, "u2")
+    assert not children.controlled_by({"metadata": {}}, "u1")
+    assert not children.controlled_by(None, "u1")
+    not_controller = {"metadata": {"ownerReferences": [{"uid": "u1", "controller": False}]}}
+    assert not children.controlled_by(not_controller, "u1")
 
 
 @pytest.mark.parametrize("name", ["a", "seed-ep16", "x" * 40])

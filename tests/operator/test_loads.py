@@ -9,7 +9,14 @@ from typing import ClassVar
 
 import pytest
 
-from moe_operator.loads import LoadReadError, Target, parse_exposition, read_direct
+from moe_operator.loads import (
+    PROMETHEUS_FAILED,
+    LoadReadError,
+    Target,
+    parse_exposition,
+    read_direct,
+    read_prometheus,
+)
 
 GOOD = """# HELP moe_expert_tokens_total tokens
 # TYPE moe_expert_tokens_total counter
@@ -111,3 +118,38 @@ def test_a_hanging_worker_times_out(server: str) -> None:
             num_experts=4,
             timeout=0.3,
         )
+
+
+class _Redirect(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(302)
+        self.send_header("Location", "http://127.0.0.1:1/elsewhere")
+        self.end_headers()
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_prometheus_errors_read_the_same_whatever_listens(server: str) -> None:
+    """Issue 11, item 8: the URL is the user's; refused, HTTP errors, non-Prometheus answers,
+    hangs and redirects must not tell them apart (no port probing through status)."""
+    _Handler.bodies = {"/text/api/v1/query": b"hello", "/hang/api/v1/query": b"{}"}
+    redirect = _QuietServer(("127.0.0.1", 0), _Redirect)
+    threading.Thread(target=redirect.serve_forever, daemon=True).start()
+    closed = _QuietServer(("127.0.0.1", 0), _Redirect)
+    closed_url = f"http://127.0.0.1:{closed.server_address[1]}"
+    closed.server_close()  # nothing listens there any more: connection refused
+    messages = set()
+    try:
+        for url in (
+            closed_url,
+            f"{server}/missing",
+            f"{server}/text",
+            f"http://127.0.0.1:{redirect.server_address[1]}",
+        ):
+            with pytest.raises(LoadReadError) as error:
+                read_prometheus(url, "ns", "m", world_size=1, num_layers=1, num_experts=1)
+            messages.add(str(error.value))
+    finally:
+        redirect.shutdown()
+    assert messages == {PROMETHEUS_FAILED}

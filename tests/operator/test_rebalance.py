@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moe_operator.api import MoEDeploymentSpec
-from moe_operator.handoff import HandoffError, HandoffResult
+from moe_operator.api import MoEDeploymentSpec, RebalanceRecord
+from moe_operator.handoff import HandoffError, HandoffResult, Served
 from moe_operator.loads import CounterSnapshot, LoadReadError
+from moe_operator.manifests.children import plan_shape
 from moe_operator.planning.detection import DetectionState
-from moe_operator.rebalance import Window, control_step, gating_options
-from moe_operator.reconcile import initial_plan, plan_fits
+from moe_operator.rebalance import PlanStoreConflict, Window, control_step, gating_options
 from moe_worker.plan import Plan, validate_plan
 
 SPEC = MoEDeploymentSpec.model_validate(
@@ -42,11 +42,15 @@ SPEC = MoEDeploymentSpec.model_validate(
 )
 
 
+def initial_plan(spec: MoEDeploymentSpec) -> Plan:
+    return plan_shape(spec).round_robin(1)
+
+
 @dataclass
 class FakeWorkers:
-    """Two ranks serving `serving`; rank loads follow the plan and a skewed expert popularity."""
+    """Two ranks serving `served`; rank loads follow the plan and a skewed expert popularity."""
 
-    serving: Plan
+    served: Plan
     popularity: tuple[float, ...] = (8.0, 1.0, 1.0, 1.0)
     reachable: bool = True
     garbage: bool = False
@@ -57,7 +61,7 @@ class FakeWorkers:
         if self.garbage:
             raise LoadReadError("rank 1: malformed metrics text")
         for layer in range(2):
-            places = self.serving.replicas(layer)
+            places = self.served.replicas(layer)
             for expert, share in enumerate(self.popularity):
                 for rank, _ in places[expert]:
                     counters = self.totals.setdefault(rank, {})
@@ -71,27 +75,32 @@ class FakeWorkers:
             counters={r: dict(c) for r, c in self.totals.items()}, plan_versions={}
         )
 
-    def serving_version(self) -> int:
+    def serving(self) -> Served:
         if not self.reachable:
             raise HandoffError("connection refused")
-        return self.serving.version
+        return Served(self.served.version, self.served.digest())
 
     def post_plan(self, plan: Plan) -> HandoffResult:
         if not self.reachable:
             raise HandoffError("connection refused")
-        if plan.version <= self.serving.version:
-            return HandoffResult(self.serving.version, None)
+        if plan.version <= self.served.version:
+            return HandoffResult(self.served.version, None, stale=True)
         self.posts.append(plan.version)
-        self.serving = plan
+        self.served = plan
         return HandoffResult(plan.version, 0.01)
 
 
 @dataclass
 class Store:
     written: list[Plan] = field(default_factory=list)
+    records: list[RebalanceRecord | None] = field(default_factory=list)
+    conflict: bool = False  # someone else wrote the ConfigMap since the step read it
 
-    def write(self, plan: Plan) -> None:
+    def write(self, plan: Plan, record: RebalanceRecord | None, issued_at: float) -> None:
+        if self.conflict:
+            raise PlanStoreConflict("plan ConfigMap changed")
         self.written.append(plan)
+        self.records.append(record)
 
 
 def _run(
@@ -196,6 +205,48 @@ def test_a_plan_in_the_configmap_counts_as_issued_even_if_status_lost_it() -> No
     assert workers.posts == [2] and healed.applied_version == 2
 
 
+def test_a_plan_of_the_desired_version_with_other_contents_is_not_applied() -> None:
+    """Someone posted their own plan 2 to the leader (a guessed token): the operator does not
+    count it as its plan 2; it issues its plan again as 3, durable first, and hands it off."""
+    plan = initial_plan(SPEC)
+    ours = plan.with_version(2)
+    theirs = Plan.model_validate({**ours.to_document(), "method": "Forged"})
+    workers, store = FakeWorkers(theirs), Store()
+    outcome = _run(workers, store, ours, DetectionState(), Window(started_at=0.0), now=1.0)
+    assert [p.version for p in store.written] == [3] and store.records == [None]
+    assert store.written[0].slots == ours.slots and store.written[0].method == ours.method
+    assert workers.posts == [3] and workers.served.digest() == store.written[0].digest()
+    assert outcome.desired.version == 3 and outcome.applied_version == 3
+    assert any(reason == "ForeignPlan" for _, reason, _ in outcome.events)
+
+
+def test_a_newer_foreign_plan_is_superseded_not_adopted() -> None:
+    plan = initial_plan(SPEC)
+    theirs = Plan.model_validate({**plan.with_version(9).to_document(), "method": "Forged"})
+    workers, store = FakeWorkers(theirs), Store()
+    outcome = _run(workers, store, plan, DetectionState(), Window(started_at=0.0), now=1.0)
+    assert [p.version for p in store.written] == [10] and workers.posts == [10]
+    assert outcome.applied_version == 10
+
+
+def test_a_resend_answered_stale_counts_only_if_the_leader_serves_our_digest() -> None:
+    plan = initial_plan(SPEC)
+    ours = plan.with_version(2)
+    workers = FakeWorkers(ours)
+    outcome = _run(workers, Store(), ours, DetectionState(), Window(started_at=0.0), now=1.0)
+    assert outcome.applied_version == 2 and outcome.handoff_problem is None and not workers.posts
+
+
+def test_a_lost_race_for_the_configmap_posts_nothing() -> None:
+    plan = initial_plan(SPEC)
+    workers, store, window = FakeWorkers(plan), Store(), Window(started_at=0.0)
+    state = _run(workers, store, plan, DetectionState(), window, now=10.0).state
+    store.conflict = True
+    outcome = _run(workers, store, plan, state, window, now=20.0)
+    assert outcome.rebalance is None and workers.posts == [] and outcome.desired == plan
+    assert any(reason == "PlanConflict" for _, reason, _ in outcome.events)
+
+
 def test_spare_memory_grows_the_slots_per_rank_and_the_plan_still_fits_the_spec() -> None:
     # Expert 0 carries 8 of 11 units: two slots per rank cannot split it, a third one can.
     spec = SPEC.model_copy(
@@ -213,8 +264,9 @@ def test_spare_memory_grows_the_slots_per_rank_and_the_plan_still_fits_the_spec(
         if most == 3:
             assert second.rebalance is not None and "grown 2 -> 3" in second.rebalance.note
             assert second.rebalance.imbalance_after < second.rebalance.imbalance_before
-            assert plan_fits(second.desired, current)  # a restart keeps the grown plan
-            assert not plan_fits(second.desired, spec)  # ... unless the maximum went down
+            # a restart keeps the grown plan, unless the maximum went down
+            assert plan_shape(current).problem(second.desired) is None
+            assert "exceeds the 2 slots" in (plan_shape(spec).problem(second.desired) or "")
 
 
 def test_the_spec_gating_section_reaches_the_planner() -> None:

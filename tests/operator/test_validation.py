@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_operator.validation import parse_spec
+from moe_operator.api import MoEDeploymentSpec
+from moe_operator.manifests.children import plan_shape
+from moe_operator.validation import parse_spec, plan_bytes_bound
+from moe_worker.plan import MAX_PLAN_VERSION, Plan
 
 CPU = {"worker": {"backend": "gloo", "device": "cpu", "gpusPerPod": 0}}
 
@@ -27,6 +31,93 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
         "worker.extraEnv",
     ),
     ("prometheus without url", {"metrics": {"source": "Prometheus"}}, "metrics.prometheusUrl"),
+    # issue 11, item 5: worker settings the operator owns cannot be overridden
+    ("flag the operator sets", {"worker": {"extraArgs": ["--layers", "3"]}}, "worker.extraArgs[0]"),
+    (
+        "token file override",
+        {"worker": {"extraArgs": ["--zipf", "1", "--token-file=/etc/hostname"]}},
+        "worker.extraArgs[2]",
+    ),
+    ("flag without value", {"worker": {"extraArgs": ["--zipf"]}}, "worker.extraArgs[0]"),
+    ("a bare word", {"worker": {"extraArgs": ["serve"]}}, "worker.extraArgs[0]"),
+    (
+        "interpreter path",
+        {"worker": {"extraEnv": [{"name": "PYTHONPATH", "value": "/tmp/x"}]}},
+        "worker.extraEnv",
+    ),
+    (
+        "preloaded library",
+        {"worker": {"extraEnv": [{"name": "LD_PRELOAD", "value": "/tmp/x.so"}]}},
+        "worker.extraEnv",
+    ),
+    # issue 11, item 7: what Kubernetes would refuse in the pod template
+    (
+        "env name with a space",
+        {"worker": {"extraEnv": [{"name": "MY VAR", "value": "1"}]}},
+        "worker.extraEnv[0].name",
+    ),
+    (
+        "env name with a digit first",
+        {"worker": {"extraEnv": [{"name": "1VAR", "value": "1"}]}},
+        "worker.extraEnv[0].name",
+    ),
+    (
+        "node selector key",
+        {"worker": {"nodeSelector": {"gpu type": "h100"}}},
+        "worker.nodeSelector",
+    ),
+    (
+        "node selector value",
+        {"worker": {"nodeSelector": {"gpu": "h" * 64}}},
+        "worker.nodeSelector.gpu",
+    ),
+    (
+        "taint key",
+        {"worker": {"tolerations": [{"key": "-bad", "operator": "Exists"}]}},
+        "worker.tolerations[0].key",
+    ),
+    (
+        "quantity",
+        {"worker": {"resources": {"requests": {"memory": "lots"}}}},
+        "worker.resources.requests.memory",
+    ),
+    (
+        "negative quantity",
+        {"worker": {"resources": {"limits": {"cpu": "-1"}}}},
+        "worker.resources.limits.cpu",
+    ),
+    (
+        "request above limit",
+        {"worker": {"resources": {"requests": {"cpu": "2"}, "limits": {"cpu": "1500m"}}}},
+        "worker.resources.requests.cpu",
+    ),
+    (
+        "resource name",
+        {"worker": {"resources": {"requests": {"gpu": "1"}}}},
+        "worker.resources.requests",
+    ),
+    # issue 11, item 8: the operator only ever queries http(s) hosts
+    (
+        "prometheus url scheme",
+        {"metrics": {"source": "Prometheus", "prometheusUrl": "file:///etc/passwd"}},
+        "metrics.prometheusUrl",
+    ),
+    (
+        "prometheus url credentials",
+        {"metrics": {"source": "Prometheus", "prometheusUrl": "http://u:p@prom:9090"}},
+        "metrics.prometheusUrl",
+    ),
+    # issue 11, item 3: products within per-field limits that no ConfigMap could hold
+    (
+        "oversized plan",
+        {"model": {"layers": 1024, "expertsPerLayer": 1024}, "parallelism": {"expert": 4096}},
+        "parallelism.expert",
+    ),
+    (
+        "oversized gate bias",
+        {"model": {"layers": 1024, "expertsPerLayer": 1024}, "parallelism": {"expert": 1024}},
+        "model.expertsPerLayer",
+    ),
     ("wrong type", {"model": {"layers": "many"}}, "model.layers"),
     ("unknown field", {"model": {"experts": 8}}, "model.experts"),
     (
@@ -43,6 +134,7 @@ def test_bad_specs_are_refused_naming_the_field(why: str, spec: dict[str, Any], 
     assert parsed is None
     assert field in [problem.field for problem in problems], problems
     assert all(str(problem).startswith("spec.") for problem in problems)
+    assert all(problem.message for problem in problems)
 
 
 def test_defaults_are_valid() -> None:
@@ -81,6 +173,87 @@ def test_capacity_and_topk_rules_match_arithmetic(
     parsed, problems = parse_spec(spec)
     fits = ranks * slots >= experts and top_k <= experts
     assert (parsed is not None) == fits, problems
+
+
+def test_user_flags_pass_in_both_spellings() -> None:
+    args = ["--traffic-batch", "2", "--zipf=1.5", "--seed", "7", "--switch-timeout", "30"]
+    parsed, problems = parse_spec({"worker": {"extraArgs": args}})
+    assert problems == [] and parsed is not None
+
+
+def test_a_sound_pod_template_passes() -> None:
+    worker = {
+        **CPU["worker"],
+        "extraEnv": [{"name": "OMP_NUM_THREADS", "value": "1"}, {"name": "_x1", "value": ""}],
+        "nodeSelector": {"nvidia.com/gpu.product": "H100-SXM", "zone": ""},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "resources": {
+            "requests": {"cpu": "500m", "memory": "1.5Gi", "example.com/nic": "1"},
+            "limits": {"cpu": "2", "memory": "2e9", "example.com/nic": "1"},
+        },
+    }
+    parsed, problems = parse_spec({"worker": worker})
+    assert problems == [] and parsed is not None
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [
+        ("cpu-small", True),
+        ("a" * 52, True),
+        ("a" * 53, False),  # controller-revision-hash=<name>-<10 chars> is a label value <= 63
+        ("with.dots", False),  # the Service <name>-workers must be a DNS-1035 label
+        ("9lives", False),
+        ("Upper", False),
+    ],
+)
+def test_the_name_must_fit_every_child(name: str, ok: bool) -> None:
+    parsed, problems = parse_spec({}, name=name)
+    assert (parsed is not None) == ok, problems
+    if not ok:
+        assert [str(problem).split(":")[0] for problem in problems] == ["metadata.name"]
+
+
+def test_refusing_an_oversized_spec_builds_nothing() -> None:
+    """The issue's spec: 1024 x 1024 x 4096 made the operator grow by 770 MB. Refusing it must
+    not build the plan (or anything of its size) first."""
+    spec = {"model": {"layers": 1024, "expertsPerLayer": 1024}, "parallelism": {"expert": 4096}}
+    tracemalloc.start()
+    try:
+        parsed, problems = parse_spec(spec, name="huge")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert parsed is None and problems
+    assert peak < 2 * 1024 * 1024, f"refusing took {peak} bytes"
+
+
+@settings(max_examples=60)
+@given(
+    layers=st.integers(1, 6),
+    experts=st.integers(1, 40),
+    ranks=st.integers(1, 12),
+    slots=st.integers(1, 4),
+    bias=st.lists(st.floats(-1, 1, allow_nan=False), min_size=1, max_size=5),
+)
+def test_plan_size_bound_is_an_upper_bound(
+    layers: int, experts: int, ranks: int, slots: int, bias: list[float]
+) -> None:
+    if ranks * slots < experts:
+        return
+    spec = MoEDeploymentSpec.model_validate(
+        {
+            "model": {"layers": layers, "expertsPerLayer": experts, "topK": 1},
+            "parallelism": {"expert": ranks},
+            "placement": {"slotsPerRank": slots},
+        }
+    )
+    table, gate = plan_bytes_bound(spec)
+    plan = plan_shape(spec).round_robin(MAX_PLAN_VERSION)
+    assert len(plan.to_json()) <= table
+    worst = [[-1.2345678901234567e-300, *bias][e % (len(bias) + 1)] for e in range(experts)]
+    biased = Plan.model_validate({**plan.to_document(), "gateBias": [worst] * layers})
+    assert len(biased.to_json()) <= table + gate
 
 
 def test_max_slots_per_rank_below_slots_per_rank_is_refused_with_the_fix() -> None:

@@ -43,7 +43,9 @@ def cases(draw: st.DrawFn, max_ranks: int = 6, max_slots: int = 3) -> Case:
     layers = draw(st.integers(1, 3))
     slots = tuple(draw(layer_slots(experts, ranks, slots_per_rank)) for _ in range(layers))
     plan = Plan(version=draw(st.integers(1, 50)), slotsPerRank=slots_per_rank, slots=slots)
-    load = st.one_of(st.integers(0, 10_000).map(float), st.floats(0, 1e6, allow_nan=False))
+    load = st.one_of(
+        st.integers(0, 10_000).map(float), st.floats(0, 1e6, allow_nan=False, allow_subnormal=False)
+    )
     loads = tuple(
         tuple(draw(st.lists(load, min_size=experts, max_size=experts))) for _ in range(layers)
     )

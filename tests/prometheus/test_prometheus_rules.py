@@ -6,14 +6,14 @@ missing promtool fails instead.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from tests.requirements import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "manifests" / "prometheus"
@@ -25,13 +25,7 @@ ALERTS = {"MoEExpertLoadImbalance", "MoEWorkersNotReady", "MoERebalanceStuck"}
 
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        message = "promtool not found: apt-get install prometheus"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return require_tool("promtool")
 
 
 def run(promtool: str, *args: str | Path) -> str:

@@ -27,3 +27,15 @@ def test_bench_reports_both_layouts(tmp_path: Path) -> None:
     assert result["ep"]["tokens_per_s"] > 0 and result["tppp"]["tokens_per_s"] > 0
     assert result["switch_pause_s"] > 0
     assert "EP / TPxPP" in format_table(result)
+
+
+def test_bench_serving_reports_moe_ep_and_transformers(tmp_path: Path) -> None:
+    from moe_worker.bench_serving import ServingOptions, run_serving_bench
+
+    options = ServingOptions(worlds=(1,), concurrency=(1, 2), requests=3, max_tokens=3)
+    result = run_serving_bench(options, json_path=str(tmp_path / "serving.json"))
+    systems = json.loads((tmp_path / "serving.json").read_text())["systems"]
+    assert set(systems) == {"moe-ep world 1", "transformers generate()"}
+    for figures in result["systems"].values():
+        assert set(figures) == {1, 2}
+        assert all(f["output_tokens_per_s"] > 0 and f["ttft_p50_s"] > 0 for f in figures.values())

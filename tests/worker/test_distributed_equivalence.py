@@ -1,4 +1,4 @@
-"""EP on 4 gloo ranks and the TP2 x PP2 baseline give the single-process reference's output."""
+"""EP on 4 gloo ranks and the TP2 x PP2 baseline give the single-process reference's logits."""
 
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return run_world(all_cases, 4, Path(tmp_path_factory.mktemp("ranks")))
 
 
+def test_each_rank_loads_only_the_experts_its_plan_gives_it(results: list[dict[str, Any]]) -> None:
+    for rank, r in enumerate(results):
+        assert r["loaded"] == [[0, rank], [1, rank]]
+
+
 def test_ep_round_robin_matches_reference(results: list[dict[str, Any]]) -> None:
     assert all(r["round_robin"] < TOLERANCE for r in results)
 
@@ -37,7 +42,9 @@ def test_ep_matches_reference_across_plan_switches(results: list[dict[str, Any]]
     for r in results:
         assert len(r["switch"]) == 4
         assert max(r["switch"]) < TOLERANCE
-        assert r["switch_slots"] == [1, 1]
+    # Back on round-robin, every rank holds its own expert again, received point to point.
+    assert [r["switch_held"] for r in results] == [[[rank], [rank]] for rank in range(4)]
+    assert sum(sum(r["switch_received"]) for r in results) > 0
 
 
 def test_expert_counts_equal_routed_tokens(results: list[dict[str, Any]]) -> None:

@@ -1,31 +1,24 @@
-"""Single-process properties of the model, the dispatcher, plan transfers, settings and traffic."""
+"""Single-process properties of the dispatcher, the EP engine at world 1, plan transfers, settings
+and the built-in traffic."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 
+from moe_worker.bench import ep_prefill
 from moe_worker.dispatch import LocalDispatcher, Placement
-from moe_worker.engine import EPEngine
+from moe_worker.engine import EPEngine, plan_experts
 from moe_worker.env import rank_from_pod_name
-from moe_worker.model import (
-    DenseExperts,
-    ExpertSource,
-    Routing,
-    expert_mlp,
-    init_expert,
-    reference_forward,
-    route,
-    write_checkpoint,
-)
+from moe_worker.kv_cache import KVCache, StepBatch
+from moe_worker.models import Routing, route
 from moe_worker.plan import Plan, plan_transfers, round_robin_plan
-from moe_worker.settings import TrafficSettings, settings_from_env
+from moe_worker.settings import TrafficSettings, settings_from_env, settings_to_env
 from moe_worker.shape import ModelShape
-from moe_worker.traffic import TrafficSource, zipf_logit_offset
+from moe_worker.traffic import TrafficSource
+from moe_worker.weights import SyntheticWeights, build_model, local_experts
 
-CONFIG = ModelShape(layers=2, experts=4, hidden=16, ffn_hidden=32, heads=2, head_dim=8, top_k=2)
+SHAPE = ModelShape(layers=2, experts=4, hidden=16, ffn_hidden=32, heads=2, head_dim=8, top_k=2)
 
 
 def random_routing(n: int, experts: int, k: int, seed: int = 0) -> Routing:
@@ -55,54 +48,47 @@ def test_dispatcher_counts_tokens_per_logical_expert() -> None:
     assert torch.equal(dispatcher.counts_LE[0], expected)
 
 
-def test_one_expert_moe_equals_the_dense_mlp() -> None:
-    config = ModelShape(
-        layers=1, experts=1, hidden=16, ffn_hidden=32, heads=2, head_dim=8, top_k=1
-    )
-    x_ND = torch.randn(30, 16)
-    routing = route(torch.randn(30, 1), 1)
-    dense = expert_mlp(x_ND, init_expert(config, 0, 0, 0))
-    torch.testing.assert_close(DenseExperts(ExpertSource(config, 0))(0, x_ND, routing), dense)
-    engine = EPEngine(config, round_robin_plan(1, 1, 1), rank=0)
-    torch.testing.assert_close(engine(0, x_ND, routing), dense)
+@pytest.mark.parametrize("architecture", ["SeedMLP", "Mixtral", "Qwen3MoE"])
+def test_single_rank_engine_equals_the_local_experts(architecture: str) -> None:
+    source = SyntheticWeights.for_shape(SHAPE.replace(architecture=architecture), seed=1)
+    prompts = [[1, 2, 3, 4, 5], [9], [7, 8, 7]]
+    cache = KVCache.for_shape(SHAPE, 64)
+    batch = StepBatch.build([(i, p, 0) for i, p in enumerate(prompts)])
+    experts = local_experts(source)
+    with torch.no_grad():
+        expected = build_model(source)(batch, cache, experts)
+    plan = round_robin_plan(2, 4, 1, slots_per_rank=5)  # a replica of expert 0 too
+    engine = EPEngine(source, plan, rank=0)
+    torch.testing.assert_close(ep_prefill(engine, prompts, torch.device("cpu")), expected)
+    assert torch.equal(engine.counts_LE, experts.counts_LE)
+    assert engine.held_experts() == [{0, 1, 2, 3}, {0, 1, 2, 3}]
 
 
-def test_single_rank_engine_equals_reference() -> None:
-    x = torch.randn(3, 5, 16)
-    expected, counts = reference_forward(CONFIG, x, seed=1)
-    engine = EPEngine(CONFIG, round_robin_plan(2, 4, 1, slots_per_rank=4), rank=0, seed=1)
-    torch.testing.assert_close(engine.forward(x), expected, atol=1e-5, rtol=0)
-    assert torch.equal(engine.counts_LE, counts)
+def test_a_rank_loads_only_its_plans_experts() -> None:
+    plan = Plan(version=1, slotsPerRank=2, slots=(((0, 1), (2, 3)), ((3, 3), (0, 1))))
+    assert plan_experts(plan, 0) == [(0, 0), (0, 1), (1, 3)]
+    asked: list[tuple[int, int]] = []
+    source = SyntheticWeights.for_shape(SHAPE)
+    expert = source.expert
+
+    def counting(layer: int, e: int):  # type: ignore[no-untyped-def]
+        asked.append((layer, e))
+        return expert(layer, e)
+
+    source.expert = counting  # type: ignore[method-assign]
+    engine = EPEngine(source, plan, rank=1)
+    assert sorted(asked) == [(0, 2), (0, 3), (1, 0), (1, 1)]
+    assert engine.held_experts() == [{2, 3}, {0, 1}]
 
 
 def test_gate_bias_moves_selection_but_not_the_weights() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     plain = route(logits, 2)
-    biased = route(logits, 2, torch.tensor([0.0, -1.0, 1.0, 0.0]))
+    biased = route(logits, 2, gate_bias_E=torch.tensor([0.0, -1.0, 1.0, 0.0]))
     assert plain.topk_ids_NK.tolist() == [[0, 1]]
     assert biased.topk_ids_NK.tolist() == [[2, 0]]
     p = torch.softmax(logits, -1)[0]
     torch.testing.assert_close(biased.topk_weights_NK[0], torch.stack([p[2], p[0]]) / (p[2] + p[0]))
-
-
-def test_weights_are_deterministic_per_layer_and_expert() -> None:
-    a, b = init_expert(CONFIG, 5, 1, 2), init_expert(CONFIG, 5, 1, 2)
-    assert torch.equal(a.w_in_FD, b.w_in_FD)
-    assert not torch.equal(a.w_in_FD, init_expert(CONFIG, 5, 1, 3).w_in_FD)
-    assert not torch.equal(a.w_in_FD, init_expert(CONFIG, 6, 1, 2).w_in_FD)
-
-
-def test_checkpoint_has_one_tensor_per_expert_and_loads_the_same_model(tmp_path: Path) -> None:
-    from safetensors import safe_open
-
-    path = write_checkpoint(tmp_path / "model.safetensors", CONFIG, seed=4)
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-    assert {f"layers.1.experts.{e}.w_in" for e in range(4)} <= keys
-    x = torch.randn(2, 4, 16)
-    from_init, _ = reference_forward(CONFIG, x, seed=4)
-    from_file, _ = reference_forward(CONFIG, x, seed=999, checkpoint=str(path))
-    torch.testing.assert_close(from_file, from_init)
 
 
 def test_transfers_cover_every_newly_needed_expert_once() -> None:
@@ -131,23 +117,41 @@ def test_settings_from_the_pod_environment() -> None:
             "MOE_DTYPE": "bfloat16",
             "MOE_TRAFFIC_ZIPF": "1.2",
             "MOE_PLAN_PATH": "/etc/moe-ep/plan/plan.json",
+            "MOE_KV_CACHE_TOKENS": "4096",
+            "MOE_STALL_TIMEOUT": "30",
         }
     )
     assert (s.rank, s.world_size, s.model.layers, s.model.dtype) == (3, 16, 16, "bfloat16")
     assert s.traffic.zipf == 1.2 and s.plan_path == "/etc/moe-ep/plan/plan.json"
+    assert (s.kv_cache_tokens, s.stall_timeout) == (4096, 30.0)
+    assert s.declared_shape == {"layers", "experts", "dtype"}
     assert settings_from_env({"MOE_POD_NAME": "w-3", "MOE_RANK": "5"}).rank == 5
     assert rank_from_pod_name("worker") is None
     with pytest.raises(ValueError, match="MOE_POD_NAME"):
         settings_from_env({"MOE_POD_NAME": "worker"})
+    with pytest.raises(ValueError, match="MOE_KV_CACHE_TOKENS='lots' is not a int"):
+        settings_from_env({"MOE_KV_CACHE_TOKENS": "lots"})
 
 
-def test_zipf_traffic_skews_routing_towards_low_experts() -> None:
-    assert zipf_logit_offset(4, 0.0) is None
-    offset = zipf_logit_offset(8, 1.5)
-    assert offset is not None and torch.all(offset[:-1] > offset[1:])
-    source = TrafficSource(CONFIG, TrafficSettings(batch=2, seq_len=3), rank=1, seed=0)
-    assert torch.equal(source.batch(5), source.batch(5))
-    assert not torch.equal(source.batch(5), source.batch(6))
-    logits = torch.randn(4000, 8, generator=torch.Generator().manual_seed(0))
-    skewed = torch.bincount(route(logits + offset, 2).topk_ids_NK.reshape(-1), minlength=8)
-    assert skewed[0] > 3 * skewed[7]
+def test_settings_travel_through_the_environment_unchanged() -> None:
+    s = settings_from_env({"MOE_LAYERS": "3", "MOE_CHECKPOINT": "/ckpt"}).replace(
+        rank=2, world_size=4, api_port=0, served_model_name="tiny", traffic=TrafficSettings(2, 8)
+    )
+    assert settings_from_env(settings_to_env(s)) == s
+    assert "MOE_EXPERTS_PER_LAYER" not in settings_to_env(s)  # undeclared: from the checkpoint
+
+
+def test_zipf_traffic_prompts_favour_low_token_ids() -> None:
+    traffic = TrafficSettings(batch=2, seq_len=400, zipf=1.5)
+    source = TrafficSource(traffic, vocab_size=64, world_size=2, seed=0)
+    again = TrafficSource(traffic, vocab_size=64, world_size=2, seed=0)
+    assert source.prompt() == again.prompt()
+    tokens = torch.tensor(source.prompt())
+    counts = torch.bincount(tokens, minlength=64)
+    assert counts[0] > 4 * counts[5] and int(tokens.max()) < 64
+    first = source.top_up(now=0.0)
+    assert len(first) == 4 and source.in_flight == 4 and not source.due(now=0.05)
+    source.done(first[0].request_id)
+    assert [r.request_id for r in source.top_up(now=1.0)] == ["traffic-4"]
+    uniform = TrafficSource(TrafficSettings(1, 4000), vocab_size=8, world_size=1, seed=0)
+    assert torch.bincount(torch.tensor(uniform.prompt()), minlength=8).min() > 400

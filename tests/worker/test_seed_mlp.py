@@ -10,9 +10,8 @@ import torch
 
 from moe_worker.dispatch import LocalDispatcher, Placement
 from moe_worker.kv_cache import KVCache, KVCacheFull, StepBatch
-from moe_worker.model import init_expert
-from moe_worker.model import route as seed_route
 from moe_worker.models import ExpertWeights, MoETransformer, Routing, architecture, route
+from moe_worker.models.base import generator_for
 from moe_worker.plan import round_robin_plan
 from moe_worker.shape import ModelShape
 from moe_worker.weights import SyntheticWeights, build_model, local_experts
@@ -53,12 +52,14 @@ def test_synthetic_weights_are_identical_across_constructions(source: SyntheticW
 
 
 def test_seed_mlp_experts_are_the_seed_models_experts() -> None:
+    """The retired seed model drew expert e of layer l as N(0, 1/fan_in) keyed by
+    `layers.{l}.experts.{e}.w_in`: synthetic SeedMLP experts are those same weights."""
     source = SyntheticWeights.for_shape(SHAPE, seed=5)
-    config = ModelShape(layers=2, experts=4, hidden=32, ffn_hidden=48, heads=4, head_dim=8)
-    seed_expert = init_expert(config, 5, 1, 3)
     ours = source.expert(1, 3)
-    assert torch.equal(ours.matrices[0], seed_expert.w_in_FD)
-    assert torch.equal(ours.matrices[1], seed_expert.w_out_DF)
+    w_in = torch.randn(48, 32, generator=generator_for(5, "layers.1.experts.3.w_in")) / 32**0.5
+    w_out = torch.randn(32, 48, generator=generator_for(5, "layers.1.experts.3.w_out")) / 48**0.5
+    assert torch.equal(ours.matrices[0], w_in)
+    assert torch.equal(ours.matrices[1], w_out)
 
 
 def test_kv_cache_steps_equal_a_full_recompute(source: SyntheticWeights) -> None:
@@ -153,11 +154,13 @@ def test_one_expert_moe_equals_the_expert() -> None:
     torch.testing.assert_close(y, source.arch.expert_forward(x_ND, experts.experts[0][0]))
 
 
-def test_routing_matches_the_seed_and_gate_bias_moves_selection_only() -> None:
+def test_routing_is_the_seeds_and_gate_bias_moves_selection_only() -> None:
     logits_NE = torch.randn(50, 6)
-    ours, seeds = route(logits_NE, 2), seed_route(logits_NE, 2)
-    assert torch.equal(ours.topk_ids_NK, seeds.topk_ids_NK)
-    torch.testing.assert_close(ours.topk_weights_NK, seeds.topk_weights_NK)
+    ours = route(logits_NE, 2)
+    probs_NE = torch.softmax(logits_NE, -1)
+    top_NK = probs_NE.topk(2, dim=-1)
+    assert torch.equal(ours.topk_ids_NK, top_NK.indices)
+    torch.testing.assert_close(ours.topk_weights_NK, top_NK.values / top_NK.values.sum(-1, True))
     one = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     biased = route(one, 2, gate_bias_E=torch.tensor([0.0, -1.0, 1.0, 0.0]))
     assert biased.topk_ids_NK.tolist() == [[2, 0]]

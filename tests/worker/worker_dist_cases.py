@@ -9,13 +9,17 @@ import torch
 import torch.distributed as dist
 
 from moe_worker.baseline import TPPPModel
+from moe_worker.bench import ep_prefill
 from moe_worker.engine import EPEngine
-from moe_worker.model import reference_forward
+from moe_worker.kv_cache import KVCache, StepBatch
 from moe_worker.plan import Plan, parse_plan, round_robin_plan
 from moe_worker.shape import ModelShape
+from moe_worker.weights import SyntheticWeights, build_model, local_experts
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "plans"
-CONFIG = ModelShape(layers=2, experts=4, hidden=32, ffn_hidden=64, heads=4, head_dim=8, top_k=2)
+SHAPE = ModelShape(
+    layers=2, experts=4, hidden=32, ffn_hidden=64, heads=4, head_dim=8, kv_heads=2, vocab_size=64
+)
 SEED = 7
 
 
@@ -23,20 +27,33 @@ def fixture_plan(name: str) -> Plan:
     return parse_plan((FIXTURES / name).read_text())
 
 
-def batch() -> torch.Tensor:
-    return torch.randn(8, 6, CONFIG.hidden, generator=torch.Generator().manual_seed(3))
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, SHAPE.vocab_size, (n,), generator=g).tolist() for n in (6, 1, 9, 4, 7)]
 
 
-def _gate_bias(plan: Plan) -> torch.Tensor | None:
-    return None if plan.gate_bias is None else torch.tensor(plan.gate_bias)
+def reference(source: SyntheticWeights, gate_bias: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Single-process logits of every prompt's last token [B, V] and routed counts [L, E]."""
+    model, experts = build_model(source), local_experts(source)
+    texts = prompts()
+    cache = KVCache.for_shape(SHAPE, 256)
+    batch = StepBatch.build([(i, t, 0) for i, t in enumerate(texts)])
+    bias = None if gate_bias is None else torch.tensor(gate_bias)
+    with torch.no_grad():
+        logits = model(batch, cache, experts, bias)
+    return logits, experts.counts_LE
 
 
-def _ep_error(engine: EPEngine, rank: int, world: int) -> float:
-    """Max |EP - reference| over this rank's share of the batch, under the engine's current plan."""
-    x = batch()
-    expected, _ = reference_forward(CONFIG, x, SEED, _gate_bias(engine.plan))
-    got = engine.forward(x.tensor_split(world)[rank])
-    return float((got - expected.tensor_split(world)[rank]).abs().max())
+def _share(rank: int, world: int) -> list[int]:
+    return torch.arange(len(prompts())).tensor_split(world)[rank].tolist()
+
+
+def _ep_error(engine: EPEngine, source: SyntheticWeights, rank: int, world: int) -> float:
+    """Max |EP - reference| of this rank's prompts, under the engine's current plan."""
+    expected, _ = reference(source, engine.plan.gate_bias)
+    mine = _share(rank, world)
+    got = ep_prefill(engine, [prompts()[i] for i in mine], torch.device("cpu"))
+    return float((got - expected[mine]).abs().max()) if mine else 0.0
 
 
 def _global_counts(engine: EPEngine) -> list[list[int]]:
@@ -47,36 +64,38 @@ def _global_counts(engine: EPEngine) -> list[list[int]]:
 
 def all_cases(rank: int, world: int) -> dict[str, Any]:
     """Every EP and baseline equivalence scenario, in one process group (forks are slow)."""
+    source = SyntheticWeights.for_shape(SHAPE, seed=SEED)
     results: dict[str, Any] = {}
-    _, ref_counts = reference_forward(CONFIG, batch(), SEED)
+    _, ref_counts = reference(source)
     results["reference_counts"] = ref_counts.tolist()
 
-    engine = EPEngine(CONFIG, round_robin_plan(2, 4, world), rank=rank, seed=SEED)
-    results["round_robin"] = _ep_error(engine, rank, world)
+    engine = EPEngine(source, round_robin_plan(2, 4, world), rank=rank)
+    results["loaded"] = sorted((layer, e) for layer, held in enumerate(engine.shard) for e in held)
+    results["round_robin"] = _ep_error(engine, source, rank, world)
     results["round_robin_counts"] = _global_counts(engine)
 
-    engine = EPEngine(
-        CONFIG, fixture_plan("replicated-2layer-4expert-4rank-2slots.json"), rank=rank, seed=SEED
-    )
-    results["replicated"] = _ep_error(engine, rank, world)
+    replicated = fixture_plan("replicated-2layer-4expert-4rank-2slots.json")
+    engine = EPEngine(source, replicated, rank=rank)
+    results["replicated"] = _ep_error(engine, source, rank, world)
     results["replicated_counts"] = _global_counts(engine)
     results["replicated_local_counts"] = engine.counts_LE.tolist()
 
     # Serve, switch, serve: replicas appear, experts move, gate bias arrives, back to round-robin.
-    engine = EPEngine(CONFIG, round_robin_plan(2, 4, world), rank=rank, seed=SEED)
-    errors = [_ep_error(engine, rank, world)]
+    engine = EPEngine(source, round_robin_plan(2, 4, world), rank=rank)
+    errors, received = [_ep_error(engine, source, rank, world)], []
     for plan in (
-        fixture_plan("replicated-2layer-4expert-4rank-2slots.json"),
+        replicated,
         fixture_plan("gate-bias-2layer-4expert-4rank.json"),
         round_robin_plan(2, 4, world, version=4),
     ):
-        engine.apply_plan(plan)
-        errors.append(_ep_error(engine, rank, world))
+        received.append(engine.apply_plan(plan))
+        errors.append(_ep_error(engine, source, rank, world))
     results["switch"] = errors
-    results["switch_slots"] = [len(layer) for layer in engine.shard]
+    results["switch_received"] = received
+    results["switch_held"] = [sorted(held) for held in engine.shard]
 
-    baseline = TPPPModel(CONFIG, tp=2, pp=2, seed=SEED)
-    expected, _ = reference_forward(CONFIG, batch(), SEED)
-    out = baseline.forward(batch(), micro_batches=3)
+    baseline = TPPPModel(source, tp=2, pp=2)
+    expected, _ = reference(source)
+    out = baseline.forward(prompts(), micro_batches=3)
     results["tppp"] = None if out is None else float((out - expected).abs().max())
     return results

@@ -74,7 +74,8 @@ def run_world(fn: RankFn, world: int, tmp: Path, timeout: float = 240) -> list[d
 
 
 class Cluster:
-    """`world` real `moe-worker serve` processes on 127.0.0.1, gloo, traffic off by default."""
+    """`world` real `moe-worker serve` processes on 127.0.0.1, gloo, traffic off by default; rank
+    0 serves the OpenAI-compatible API on `api_port`."""
 
     def __init__(
         self, tmp: Path, world: int, env: dict[str, str], token: str = "s3cret-token"
@@ -87,6 +88,7 @@ class Cluster:
         token_file.write_text(token + "\n")
         master_port = free_port()
         self.http_ports = [free_port() for _ in range(world)]
+        self.api_port = free_port()
         self.procs: list[subprocess.Popen[bytes]] = []
         for rank in range(world):
             rank_env = {
@@ -102,6 +104,7 @@ class Cluster:
                 "MOE_HTTP_PORT": str(self.http_ports[rank]),
                 "MOE_BIND_ADDRESS": "127.0.0.1",
                 "MOE_PLAN_PATH": str(tmp / "no-plan-mounted"),
+                "MOE_API_PORT": str(self.api_port if rank == 0 else 0),
                 **env,
             }
             log = (tmp / f"rank{rank}.log").open("wb")
@@ -116,6 +119,10 @@ class Cluster:
 
     def url(self, rank: int, path: str) -> str:
         return f"http://127.0.0.1:{self.http_ports[rank]}{path}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}/v1"
 
     def request(
         self,

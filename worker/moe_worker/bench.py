@@ -1,21 +1,27 @@
 """`moe-worker bench`: the EP layout and the TP x PP layout of the same model on the same tokens.
 
 One invocation forks `world` ranks (gloo on CPU, one thread each; nccl when there are `world`
-GPUs), times both layouts on the same global batch, a plan switch that moves every expert, and a
-plain matmul of the experts' shapes run concurrently on every rank (so it sees the same contention
-as serving). Rank 0's figures are reported.
+GPUs), times a prefill of the same prompts in both layouts (EP: each rank prefills its share of
+the prompts through the all-to-all engine; TP x PP: every rank runs all of them, split by heads /
+ffn and by layers), a plan switch that moves every expert, and plain matmuls of the experts'
+shapes run concurrently on every rank (so they see the same contention as serving). The model is
+the seed's architecture (SeedMLP, synthetic weights); `--zipf` draws prompt tokens from a Zipf law
+over the vocabulary, which skews expert load through the router. Rank 0's figures are reported;
+the JSON keys are stable (`moe-ep perf --bench-json` calibrates from them).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing
-import socket
+import random
 import statistics
 import sys
 import tempfile
 import time
 import traceback
+from bisect import bisect_right
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -26,10 +32,14 @@ import torch.distributed as dist
 
 from moe_worker.baseline import TPPPModel
 from moe_worker.engine import EPEngine
-from moe_worker.model import generator_for, torch_dtype
+from moe_worker.flags import add_model_flags, model_overrides
+from moe_worker.kv_cache import KVCache, StepBatch
+from moe_worker.launcher import free_port
+from moe_worker.models.base import DTYPES
 from moe_worker.plan import Plan, round_robin_plan
 from moe_worker.shape import ModelShape
-from moe_worker.traffic import zipf_logit_offset
+from moe_worker.traffic import zipf_cumulative
+from moe_worker.weights import SyntheticWeights
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,20 @@ def rotated_plan(plan: Plan, version: int) -> Plan:
     return Plan(version=version, slotsPerRank=plan.slots_per_rank, slots=slots, method="Rotate")
 
 
+def bench_prompts(o: BenchOptions) -> list[list[int]]:
+    """`batch` prompts of `seq_len` tokens, Zipf(`zipf`) over the vocabulary, seeded."""
+    rng = random.Random(f"bench/{o.seed}")
+    cumulative = zipf_cumulative(o.model.vocab_size, o.zipf)
+    last = len(cumulative) - 1
+    return [
+        [
+            min(bisect_right(cumulative, rng.random() * cumulative[-1]), last)
+            for _ in range(o.seq_len)
+        ]
+        for _ in range(o.batch)
+    ]
+
+
 def _timed(fn: Any, steps: int, device: torch.device) -> float:
     """Median seconds of `fn()` over `steps` runs, all ranks starting together."""
     times = []
@@ -72,21 +96,49 @@ def _timed(fn: Any, steps: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def ep_prefill(engine: EPEngine, prompts: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Collective: this rank's prompts (maybe none) through the EP engine into a fresh cache."""
+    tokens = sum(len(p) for p in prompts)
+    cache = KVCache.for_shape(
+        engine.shape, max(tokens + 16 * len(prompts), 16), dtype=engine.dtype, device=device
+    )
+    batch = StepBatch.build([(i, p, 0) for i, p in enumerate(prompts)], device)
+    return engine.forward(batch, cache, cache.prepare(batch))
+
+
+def _plain_matmuls(
+    rows: int, shapes: tuple[tuple[int, int], ...], dtype: torch.dtype, device: torch.device
+) -> Any:
+    """One expert's matmuls as plain torch.matmul: x [rows, D] times each input matrix, then the
+    last hidden [rows, F] times the output matrix (shapes: inputs [F, D], the output [D, F])."""
+    *inputs, (d, f) = shapes
+    x = torch.randn(rows, d, device=device, dtype=dtype)
+    weights_in = [torch.randn(d, f, device=device, dtype=dtype) for _ in inputs]
+    weight_out = torch.randn(f, d, device=device, dtype=dtype)
+
+    def run() -> torch.Tensor:
+        hidden = [torch.matmul(x, w) for w in weights_in]
+        return torch.matmul(hidden[-1], weight_out)
+
+    return run
+
+
 def _rank_bench(rank: int, o: BenchOptions, device: torch.device) -> dict[str, Any]:
     c = o.model
-    x_BTD = torch.randn(o.batch, o.seq_len, c.hidden, generator=generator_for(o.seed, "bench"))
-    offset = zipf_logit_offset(c.experts, o.zipf)
+    source = SyntheticWeights.for_shape(c, seed=o.seed)
+    prompts = bench_prompts(o)
     tokens = o.batch * o.seq_len
     plan = round_robin_plan(c.layers, c.experts, o.world, -(-c.experts // o.world))
-
-    engine = EPEngine(c, plan, rank=rank, device=device, seed=o.seed)
-    mine = x_BTD.tensor_split(o.world)[rank]
-    engine.forward(mine, offset)  # warm-up
+    engine = EPEngine(source, plan, rank=rank, device=device)
+    mine = [prompts[i] for i in torch.arange(o.batch).tensor_split(o.world)[rank].tolist()]
+    ep_prefill(engine, mine, device)  # warm-up
     engine.reset_timers()
-    ep_seconds = _timed(lambda: engine.forward(mine, offset), o.steps, device)
+    ep_seconds = _timed(lambda: ep_prefill(engine, mine, device), o.steps, device)
     moe_seconds, expert_seconds = engine.moe_seconds / o.steps, engine.expert_seconds / o.steps
     expert_rows = engine.expert_tokens / o.steps  # rows through this rank's experts per step
-    expert_flops = 4 * expert_rows * c.hidden * c.ffn_hidden  # two matmuls, 2 FLOPs per MAC
+    shapes = source.arch.expert_shapes(c)
+    flops_per_row = 2 * sum(r * k for r, k in shapes)  # 2 FLOPs per multiply-add
+    expert_flops = expert_rows * flops_per_row
 
     dist.barrier()
     start = time.perf_counter()
@@ -94,18 +146,15 @@ def _rank_bench(rank: int, o: BenchOptions, device: torch.device) -> dict[str, A
     dist.barrier()
     pause = time.perf_counter() - start
 
-    # The FLOPs of this rank's expert work per layer as two plain matmuls, all ranks at once.
+    # The FLOPs of this rank's expert work per layer as plain matmuls, all ranks at once.
     rows = max(1, round(expert_rows / c.layers))
-    dtype = torch_dtype(c)
-    a = torch.randn(rows, c.hidden, device=device, dtype=dtype)
-    w_in = torch.randn(c.hidden, c.ffn_hidden, device=device, dtype=dtype)
-    w_out = torch.randn(c.ffn_hidden, c.hidden, device=device, dtype=dtype)
-    matmul_seconds = _timed(lambda: torch.matmul(torch.matmul(a, w_in), w_out), o.steps + 2, device)
-    matmul_flops = 4 * rows * c.hidden * c.ffn_hidden / matmul_seconds
+    matmuls = _plain_matmuls(rows, shapes, DTYPES[c.dtype], device)
+    matmul_seconds = _timed(matmuls, o.steps + 2, device)
+    matmul_flops = rows * flops_per_row / matmul_seconds
 
-    baseline = TPPPModel(c, tp=o.tp, pp=o.pp, device=device, seed=o.seed)
-    baseline.forward(x_BTD, o.micro_batches)  # warm-up
-    tppp_seconds = _timed(lambda: baseline.forward(x_BTD, o.micro_batches), o.steps, device)
+    baseline = TPPPModel(source, tp=o.tp, pp=o.pp, device=device)
+    baseline.forward(prompts, o.micro_batches)  # warm-up
+    tppp_seconds = _timed(lambda: baseline.forward(prompts, o.micro_batches), o.steps, device)
 
     moe_flops = expert_flops / moe_seconds if moe_seconds else 0.0
     return {
@@ -151,16 +200,10 @@ def _rank_main(rank: int, o: BenchOptions, port: int, out: str, cuda: bool) -> N
         sys.exit(1)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def format_table(r: dict[str, Any]) -> str:
     m = r["model"]
     lines = [
-        f"model: {m['layers']} layers x {m['experts']} experts, "
+        f"model: {m['architecture']} {m['layers']} layers x {m['experts']} experts, "
         f"D={m['hidden']} F={m['ffn_hidden']}, "
         f"{m['heads']}x{m['head_dim']} heads, top-{m['top_k']}, {m['dtype']}; "
         f"{r['tokens_per_step']} tokens/step on {r['world']} ranks ({r['device']}), "
@@ -181,7 +224,7 @@ def format_table(r: dict[str, Any]) -> str:
 def run_bench(options: BenchOptions, json_path: str | None = None) -> dict[str, Any]:
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= options.world
     ctx = multiprocessing.get_context("spawn" if cuda else "fork")  # CUDA cannot be forked
-    port = options.port or _free_port()
+    port = options.port or free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "rank0.json")
         procs = [
@@ -199,3 +242,39 @@ def run_bench(options: BenchOptions, json_path: str | None = None) -> dict[str, 
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def add_parser(sub: Any) -> None:
+    """`moe-worker bench` and its flags."""
+    bench = sub.add_parser("bench", help="EP vs TP x PP on this machine, one invocation")
+    bench.add_argument("--json", dest="json_path", help="also write the figures to this file")
+    bench.add_argument("--world", type=int, default=4)
+    bench.add_argument("--tp", type=int, help="tensor parallel of the baseline (default world/pp)")
+    bench.add_argument("--pp", type=int, default=2, help="pipeline stages of the baseline")
+    bench.add_argument("--batch", type=int, default=8, help="sequences per step (whole world)")
+    bench.add_argument("--seq-len", type=int, default=128)
+    bench.add_argument("--steps", type=int, default=5)
+    bench.add_argument("--micro-batches", type=int, default=4)
+    bench.add_argument("--zipf", type=float, default=0.0)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--port", type=int, default=0, help="rendezvous port (0: a free one)")
+    add_model_flags(bench)
+    bench.set_defaults(run=_run_from_args)
+
+
+def _run_from_args(args: argparse.Namespace) -> int:
+    options = BenchOptions(
+        model=BenchOptions().model.replace(**model_overrides(args)),
+        world=args.world,
+        pp=args.pp,
+        tp=args.tp or max(1, args.world // args.pp),
+        batch=args.batch,
+        seq_len=args.seq_len,
+        steps=args.steps,
+        micro_batches=args.micro_batches,
+        zipf=args.zipf,
+        seed=args.seed,
+        port=args.port,
+    )
+    run_bench(options, json_path=args.json_path)
+    return 0

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe_worker.model import weighted_sum
+from moe_worker.models.base import weighted_sum
 from moe_worker.plan import Plan
 
 

@@ -15,6 +15,7 @@ from moe_worker.shape import ModelShape
 # Identity and process group.
 POD_NAME = "MOE_POD_NAME"  # the rank is the StatefulSet ordinal: the suffix after the last '-'
 RANK = "MOE_RANK"  # optional override of the rank taken from POD_NAME
+LOCAL_RANK = "MOE_LOCAL_RANK"  # index among the ranks of one machine or pod: picks its GPU
 WORLD_SIZE = "MOE_WORLD_SIZE"
 MASTER_ADDR = "MOE_MASTER_ADDR"  # DNS name of rank 0 through the headless Service
 MASTER_PORT = "MOE_MASTER_PORT"
@@ -39,8 +40,19 @@ DTYPE = "MOE_DTYPE"  # bfloat16 | float16 | float32
 KV_HEADS = "MOE_KV_HEADS"  # absent: as many as ATTENTION_HEADS
 VOCAB_SIZE = "MOE_VOCAB_SIZE"
 SLOTS_PER_RANK = "MOE_SLOTS_PER_RANK"
-CHECKPOINT = "MOE_CHECKPOINT"  # optional safetensors file; absent: deterministic init from SEED
+CHECKPOINT = "MOE_CHECKPOINT"  # a Hugging Face checkpoint directory; absent: synthetic from SEED
 SEED = "MOE_SEED"
+
+# Serving: the KV cache budget, batching, the waiting queue, the OpenAI-compatible API (leader).
+KV_CACHE_TOKENS = "MOE_KV_CACHE_TOKENS"  # KV cache budget of each rank, in tokens
+MAX_BATCH_TOKENS = "MOE_MAX_BATCH_TOKENS"  # new tokens per rank per step (chunked prefill)
+MAX_QUEUED_REQUESTS = "MOE_MAX_QUEUED_REQUESTS"  # waiting requests; beyond them HTTP 429
+API_PORT = "MOE_API_PORT"  # /v1/completions, /v1/models on rank 0; 0 disables the API
+API_KEYS_PATH = "MOE_API_KEYS_PATH"  # file of accepted API keys, one per line; absent: open
+SERVED_MODEL_NAME = "MOE_SERVED_MODEL_NAME"  # the `model` clients name; default from the weights
+STALL_TIMEOUT = "MOE_STALL_TIMEOUT"  # seconds without a step before the rank reports not live
+SWITCH_TIMEOUT = "MOE_SWITCH_TIMEOUT"  # seconds POST /v1/plan waits for every rank to switch
+TERMINATION_MESSAGE_PATH = "MOE_TERMINATION_MESSAGE_PATH"  # where a fatal error is written
 
 # Files and ports.
 PLAN_PATH = "MOE_PLAN_PATH"
@@ -50,19 +62,48 @@ BIND_ADDRESS = (
     "MOE_BIND_ADDRESS"  # default 0.0.0.0; the local node agent gives each pod its own 127.x.y.z
 )
 
-# Built-in traffic source (how imbalance is produced on purpose).
-TRAFFIC_BATCH = "MOE_TRAFFIC_BATCH"  # sequences per step per rank; 0 disables the source
-TRAFFIC_SEQ_LEN = "MOE_TRAFFIC_SEQ_LEN"
-TRAFFIC_ZIPF = (
-    "MOE_TRAFFIC_ZIPF"  # Zipf exponent of expert popularity, added as a gate logit offset
-)
-TRAFFIC_INTERVAL = "MOE_TRAFFIC_INTERVAL"  # seconds to sleep between steps
+# Built-in traffic (a benchmark knob; how imbalance is produced on purpose): generated requests.
+TRAFFIC_BATCH = "MOE_TRAFFIC_BATCH"  # requests in flight per rank; 0 disables the source
+TRAFFIC_SEQ_LEN = "MOE_TRAFFIC_SEQ_LEN"  # prompt tokens of each generated request
+TRAFFIC_ZIPF = "MOE_TRAFFIC_ZIPF"  # Zipf exponent of prompt tokens over the vocabulary
+TRAFFIC_INTERVAL = "MOE_TRAFFIC_INTERVAL"  # seconds between two top-ups of the requests in flight
+TRAFFIC_MAX_TOKENS = "MOE_TRAFFIC_MAX_TOKENS"  # tokens each generated request generates
 
 PLAN_MOUNT_DIR = "/etc/moe-ep/plan"
 TOKEN_MOUNT_DIR = "/etc/moe-ep/control"
 TOKEN_FILE_NAME = "token"
+TERMINATION_MESSAGE_FILE = "/dev/termination-log"  # Kubernetes' terminationMessagePath default
 DEFAULT_MASTER_PORT = 29500
 DEFAULT_HTTP_PORT = 8080
+DEFAULT_API_PORT = 8000
+
+USER_FLAGS = frozenset(
+    {
+        "--traffic-batch",
+        "--traffic-seq-len",
+        "--zipf",
+        "--traffic-interval",
+        "--traffic-max-tokens",
+        "--seed",
+        "--switch-timeout",
+    }
+)
+"""Flags of `moe-worker serve` a MoEDeployment may set (`spec.worker.extraArgs`), each with one
+value (`--flag value` or `--flag=value`). Every other flag overrides something the operator sets
+(model shape, world, rendezvous, plan and token files, ports): the operator refuses them, and a
+worker must not let them override the pod environment."""
+
+RESERVED_ENV_PREFIXES = ("MOE_", "PYTHON", "LD_")
+"""Environment a MoEDeployment may not set (`spec.worker.extraEnv`): the operator's own
+variables, and the interpreter's and the dynamic loader's (PYTHONPATH, LD_PRELOAD: code
+injection into a process that holds the control token)."""
+RESERVED_ENV_NAMES = frozenset({"PATH", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"})
+"""Single reserved names: the executable search path and torch.distributed's rendezvous."""
+
+
+def is_reserved_env(name: str) -> bool:
+    """Whether `name` is the operator's to set (see RESERVED_ENV_PREFIXES and _NAMES)."""
+    return name in RESERVED_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIXES)
 
 
 SHAPE_VARIABLES = {
@@ -80,6 +121,12 @@ SHAPE_VARIABLES = {
 }
 """ModelShape field -> the variable carrying it."""
 _TEXT_FIELDS = ("architecture", "dtype")
+
+def declared_shape_fields(environ: Mapping[str, str]) -> frozenset[str]:
+    """The ModelShape fields the environment sets (a checkpoint is checked against them only)."""
+    return frozenset(
+        f for f, name in SHAPE_VARIABLES.items() if environ.get(name) not in (None, "")
+    )
 
 
 def shape_to_env(shape: ModelShape) -> dict[str, str]:

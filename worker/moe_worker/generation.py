@@ -10,7 +10,7 @@ new token and once more at the end, so a callback must only hand the event over 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -54,6 +54,28 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+
+def finish_reason(
+    token_id: int,
+    generated: int,
+    params: SamplingParams,
+    eos_token_ids: Sequence[int],
+    context_tokens: int,
+    max_context: int,
+) -> FinishReason | None:
+    """ "stop" (EOS or a stop token), "length" (max_tokens or the context is full), or None.
+
+    One rule for the scheduler on the leader and the world-1 generator.
+
+    `generated` counts tokens generated so far including `token_id`; `context_tokens` is the
+    sequence's whole length (prompt + generated).
+    """
+    if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in eos_token_ids):
+        return "stop"
+    if generated >= params.max_tokens or context_tokens >= max_context:
+        return "length"
+    return None
 
 
 @dataclass(frozen=True)
@@ -135,19 +157,23 @@ class Backend(Protocol):
         """False once the serving loop stopped making progress while it should (a hung
         collective): the liveness probe fails and the group is recreated."""
         ...
+
     def metrics_text(self) -> bytes:
         """Prometheus exposition of this rank's metrics, never waiting on compute."""
         ...
+
     # generation (leader)
     def submit(self, request: GenerationRequest, on_event: EventSink) -> None:
         """Queue a request; raises AdmissionError (InvalidRequest, QueueFull, NotReady)."""
         ...
+
     def abort(self, request_id: str) -> None: ...
     # plan control (leader; GET on every rank)
     def current_plan(self) -> Plan | None: ...
     def validate_plan(self, plan: Plan) -> None:
         """Raises PlanError naming the field when `plan` does not fit this group."""
         ...
+
     def switch_plan(self, plan: Plan, timeout: float) -> dict[str, Any] | None:
         """Blocking: every rank serves `plan`, or a dict saying why not; None on timeout."""
         ...

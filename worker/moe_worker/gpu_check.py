@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
-from moe_worker.model import ExpertWeights, causal_attention, expert_mlp
+from moe_worker.models import ExpertWeights, architecture
 from moe_worker.shape import ModelShape
 
 SEED = ModelShape.seed()
@@ -27,6 +29,18 @@ HIDDEN, HEADS, HEAD_DIM, FFN = SEED.hidden, SEED.heads, SEED.head_dim, SEED.ffn_
 EXPERTS, TOP_K, LAYERS = SEED.experts, SEED.top_k, SEED.layers
 BATCH, SEQ_LEN = 128, 10_000  # the seed's batch: 128 sequences of 10,000 tokens
 SEQUENCES = BATCH // EXPERTS  # one EP rank's share (EP16, attention data-parallel)
+SEED_MLP = architecture("SeedMLP")  # the seed's two-matrix GELU experts
+
+
+def causal_attention(x_BTD: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, heads: int) -> Tensor:
+    """Projections and causal SDPA over whole sequences: [B, T, H*Hd] before the output projection
+    (a prefill's attention; RoPE is elementwise and left out of the timing)."""
+    b, t, _ = x_BTD.shape
+    q_BHTK = (x_BTD @ wq.T).view(b, t, heads, -1).transpose(1, 2)
+    k_BHTK = (x_BTD @ wk.T).view(b, t, heads, -1).transpose(1, 2)
+    v_BHTK = (x_BTD @ wv.T).view(b, t, heads, -1).transpose(1, 2)
+    o_BHTK = F.scaled_dot_product_attention(q_BHTK, k_BHTK, v_BHTK, is_causal=True)
+    return o_BHTK.transpose(1, 2).reshape(b, t, -1)
 
 
 def cuda_time(fn: Callable[[], object], warmup: int, repeats: int) -> float:
@@ -58,7 +72,7 @@ def run(warmup: int = 3, repeats: int = 10) -> dict[str, Any]:
     wq, wk, wv = (randn(width, HIDDEN, scale=HIDDEN**-0.5) for _ in range(3))
     wo = randn(HIDDEN, width, scale=width**-0.5)
     expert = ExpertWeights(
-        randn(FFN, HIDDEN, scale=HIDDEN**-0.5), randn(HIDDEN, FFN, scale=FFN**-0.5)
+        (randn(FFN, HIDDEN, scale=HIDDEN**-0.5), randn(HIDDEN, FFN, scale=FFN**-0.5))
     )
     tokens_ND = randn(n_expert, HIDDEN)
     x_ND = x_BTD.view(n_attn, HIDDEN)
@@ -68,8 +82,9 @@ def run(warmup: int = 3, repeats: int = 10) -> dict[str, Any]:
             lambda: causal_attention(x_BTD, wq, wk, wv, HEADS) @ wo.T, warmup, repeats
         )
         projections = cuda_time(lambda: [x_ND @ w.T for w in (wq, wk, wv, wo)], warmup, repeats)
-        expert_s = cuda_time(lambda: expert_mlp(tokens_ND, expert), warmup, repeats)
-        w_in_DF, w_out_FD = expert.w_in_FD.T.contiguous(), expert.w_out_DF.T.contiguous()
+        expert_s = cuda_time(lambda: SEED_MLP.expert_forward(tokens_ND, expert), warmup, repeats)
+        w_in_FD, w_out_DF = expert.matrices
+        w_in_DF, w_out_FD = w_in_FD.T.contiguous(), w_out_DF.T.contiguous()
         matmul_s = cuda_time(
             lambda: torch.matmul(torch.matmul(tokens_ND, w_in_DF), w_out_FD), warmup, repeats
         )

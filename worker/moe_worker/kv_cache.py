@@ -17,19 +17,16 @@ B sequences in a group, Q new tokens per sequence in a group, T keys per sequenc
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from moe_worker.blocks import BlockAllocator, KVCacheFull, SeqId
 from moe_worker.shape import ModelShape
 
-SeqId = Hashable
-
-
-class KVCacheFull(RuntimeError):
-    """The KV cache budget cannot hold what a sequence needs; the message says how much."""
+__all__ = ["BlockAllocator", "KVCache", "KVCacheFull", "SeqId", "StepBatch", "StepMeta"]
 
 
 @dataclass(frozen=True)
@@ -105,57 +102,6 @@ class StepMeta:
     groups: tuple[AttentionGroup, ...]
 
 
-class BlockAllocator:
-    """Block tables and the free list of one budget; no storage, so a scheduler can keep an
-    exact mirror of every rank's cache (same calls, same answers) without holding tensors."""
-
-    def __init__(self, num_blocks: int, block_size: int) -> None:
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: lowest block first
-        self._tables: dict[SeqId, list[int]] = {}
-
-    @property
-    def capacity_tokens(self) -> int:
-        return self.num_blocks * self.block_size
-
-    @property
-    def free_tokens(self) -> int:
-        return len(self._free) * self.block_size
-
-    def blocks_for(self, tokens: int) -> int:
-        return -(-tokens // self.block_size)
-
-    def missing_blocks(self, seq_id: SeqId, tokens: int) -> int:
-        """Blocks `seq_id` lacks to hold `tokens` tokens in all."""
-        return max(self.blocks_for(tokens) - len(self._tables.get(seq_id, ())), 0)
-
-    def can_reserve(self, seq_id: SeqId, tokens: int) -> bool:
-        return self.missing_blocks(seq_id, tokens) <= len(self._free)
-
-    def reserve(self, seq_id: SeqId, tokens: int) -> None:
-        """Make `seq_id` able to hold `tokens` tokens in all (admits it if new); all or nothing."""
-        missing = self.missing_blocks(seq_id, tokens)
-        if missing > len(self._free):
-            raise KVCacheFull(
-                f"KV cache full: sequence {seq_id!r} needs {tokens} tokens "
-                f"({missing} more blocks of {self.block_size}), {self.free_tokens} of "
-                f"{self.capacity_tokens} tokens are free; wait for sequences to finish or raise "
-                "kv_cache_tokens"
-            )
-        table = self._tables.setdefault(seq_id, [])
-        table.extend(self._free.pop() for _ in range(missing))
-
-    def free(self, seq_id: SeqId) -> None:
-        """Give a finished sequence's blocks back; unknown ids are ignored (idempotent)."""
-        self._free.extend(reversed(self._tables.pop(seq_id, [])))
-
-    def table(self, seq_id: SeqId) -> list[int]:
-        return self._tables[seq_id]
-
-    def __contains__(self, seq_id: SeqId) -> bool:
-        return seq_id in self._tables
-
-
 class KVCache:
     """Paged K/V storage for all layers in one budget; `blocks` says which slots a sequence owns."""
 
@@ -177,6 +123,7 @@ class KVCache:
         self.k_LPHd = torch.zeros(layers, slots, kv_heads, head_dim, dtype=dtype, device=device)
         self.v_LPHd = torch.zeros_like(self.k_LPHd)
         self._lengths: dict[SeqId, int] = {}
+        self._slot_of: dict[SeqId, Tensor] = {}  # slot of every position a table covers
 
     @classmethod
     def for_shape(
@@ -217,6 +164,7 @@ class KVCache:
     def free(self, seq_id: SeqId) -> None:
         self.blocks.free(seq_id)
         self._lengths.pop(seq_id, None)
+        self._slot_of.pop(seq_id, None)
 
     def length(self, seq_id: SeqId) -> int:
         """Tokens of `seq_id` whose K/V are cached."""
@@ -251,17 +199,19 @@ class KVCache:
                 "sequences or raise kv_cache_tokens"
             )
         slots, decodes, groups = [], [], []
+        keys: dict[SeqId, Tensor] = {}  # each sequence's slots 0..end, computed once per step
         for span in batch.spans:
             end = span.position + span.length
             self.reserve(span.seq_id, end)
             self._lengths[span.seq_id] = end
-            slots.append(self._slots(span.seq_id, span.position, end))
+            keys[span.seq_id] = self._slots(span.seq_id, 0, end)
+            slots.append(keys[span.seq_id][span.position :])
             if span.length == 1:
                 decodes.append(span)
             else:
-                groups.append(self._group([span], device))
+                groups.append(self._group([span], keys, device))
         if decodes:
-            groups.append(self._group(decodes, device))
+            groups.append(self._group(decodes, keys, device))
         slots_N = torch.cat(slots) if slots else torch.zeros(0, dtype=torch.int64)
         return StepMeta(slots_N.to(device), tuple(groups))
 
@@ -274,19 +224,25 @@ class KVCache:
         return self.k_LPHd[layer][key_slots_BT], self.v_LPHd[layer][key_slots_BT]
 
     def _slots(self, seq_id: SeqId, start: int, end: int) -> Tensor:
+        """Cache slots of positions start..end-1. A block table only grows, so the slots of
+        every position it covers are computed once and sliced afterwards."""
         size = self.blocks.block_size
-        table_blocks = torch.tensor(self.blocks.table(seq_id), dtype=torch.int64)
-        positions = torch.arange(start, end)
-        return table_blocks[positions // size] * size + positions % size
+        table = self.blocks.table(seq_id)
+        slots = self._slot_of.get(seq_id)
+        if slots is None or slots.numel() < len(table) * size:
+            blocks = torch.tensor(table, dtype=torch.int64)
+            slots = (blocks[:, None] * size + torch.arange(size)[None, :]).reshape(-1)
+            self._slot_of[seq_id] = slots
+        return slots[start:end]
 
-    def _group(self, spans: list[SeqSpan], device: torch.device) -> AttentionGroup:
+    def _group(
+        self, spans: list[SeqSpan], key_slots: dict[SeqId, Tensor], device: torch.device
+    ) -> AttentionGroup:
         q = spans[0].length
         keys = max(s.position + s.length for s in spans)
         key_slots_BT = torch.zeros(len(spans), keys, dtype=torch.int64)
         for row, span in enumerate(spans):
-            key_slots_BT[row, : span.position + span.length] = self._slots(
-                span.seq_id, 0, span.position + span.length
-            )
+            key_slots_BT[row, : span.position + span.length] = key_slots[span.seq_id]
         offsets_Q = torch.arange(q)
         token_index_BQ = torch.stack([span.start + offsets_Q for span in spans])
         query_pos_BQ = torch.stack([span.position + offsets_Q for span in spans])

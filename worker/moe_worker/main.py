@@ -1,6 +1,9 @@
-"""`moe-worker`: `serve` (default) runs one rank; `bench` compares EP with TP x PP on this machine.
+"""`moe-worker`: `serve` (default) runs one rank, or with `--world N` and no rank in the environment
+all N ranks on this machine; `bench` compares EP with TP x PP; `bench-serving` measures serving.
 
-Settings come from the environment the operator sets (`moe_worker.env`); flags override them.
+Settings come from the environment the operator sets (`moe_worker.env`); flags override them,
+except in a pod (`MOE_POD_NAME` set), where a flag may not change what the operator owns or the
+environment sets: the worker refuses to start and names the flag.
 """
 
 from __future__ import annotations
@@ -8,74 +11,105 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from moe_worker.settings import WorkerSettings, settings_from_env
-from moe_worker.shape import ModelShape
+from moe_worker import env
+from moe_worker.flags import MODEL_FLAGS, add_model_flags, model_overrides
+from moe_worker.settings import (
+    SETTING_VARIABLES,
+    TRAFFIC_VARIABLES,
+    WorkerSettings,
+    rank_from_env,
+    settings_from_env,
+)
 
-_MODEL_FLAGS = {
-    "layers": "layers",
-    "experts": "experts",
-    "hidden": "hidden",
-    "ffn_hidden": "ffn-hidden",
-    "heads": "heads",
-    "head_dim": "head-dim",
-    "top_k": "top-k",
+_SETTINGS_FLAGS: dict[str, tuple[tuple[str, ...], type]] = {
+    "world_size": (("world-size", "world"), int),
+    "master_addr": (("master-addr",), str),
+    "master_port": (("master-port",), int),
+    "backend": (("backend",), str),
+    "device": (("device",), str),
+    "plan_path": (("plan",), str),
+    "token_path": (("token-file",), str),
+    "http_port": (("http-port",), int),
+    "bind_address": (("bind",), str),
+    "seed": (("seed",), int),
+    "checkpoint": (("checkpoint",), str),
+    "slots_per_rank": (("slots-per-rank",), int),
+    "switch_timeout": (("switch-timeout",), float),
+    "kv_cache_tokens": (("kv-cache-tokens",), int),
+    "max_batch_tokens": (("max-batch-tokens",), int),
+    "max_queued_requests": (("max-queued-requests",), int),
+    "api_port": (("api-port",), int),
+    "api_keys_path": (("api-keys-file",), str),
+    "served_model_name": (("served-model-name",), str),
+    "stall_timeout": (("stall-timeout",), float),
 }
-_SETTINGS_FLAGS: dict[str, tuple[str, type]] = {
-    "rank": ("rank", int),
-    "world_size": ("world-size", int),
-    "master_addr": ("master-addr", str),
-    "master_port": ("master-port", int),
-    "backend": ("backend", str),
-    "device": ("device", str),
-    "plan_path": ("plan", str),
-    "token_path": ("token-file", str),
-    "http_port": ("http-port", int),
-    "bind_address": ("bind", str),
-    "seed": ("seed", int),
-    "checkpoint": ("checkpoint", str),
-    "slots_per_rank": ("slots-per-rank", int),
-    "switch_timeout": ("switch-timeout", float),
-}
-_TRAFFIC_FLAGS: dict[str, tuple[str, type]] = {
-    "batch": ("traffic-batch", int),
-    "seq_len": ("traffic-seq-len", int),
-    "zipf": ("zipf", float),
-    "interval": ("traffic-interval", float),
+_TRAFFIC_FLAGS: dict[str, str] = {
+    "batch": "traffic-batch",
+    "seq_len": "traffic-seq-len",
+    "zipf": "zipf",
+    "interval": "traffic-interval",
+    "max_tokens": "traffic-max-tokens",
 }
 
 
-def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    for attr, flag in _MODEL_FLAGS.items():
-        parser.add_argument(f"--{flag}", dest=f"model_{attr}", type=int)
-    parser.add_argument("--dtype", dest="model_dtype", choices=["float32", "bfloat16", "float16"])
+def _given_flags(args: argparse.Namespace) -> dict[str, str]:
+    """--flag -> the variable it would override, for every flag given."""
+    given = {}
+    if args.rank is not None:
+        given["--rank"] = env.RANK
+    for attr, (flags, _) in _SETTINGS_FLAGS.items():
+        if getattr(args, attr) is not None:
+            given[f"--{flags[0]}"] = SETTING_VARIABLES[attr][0]
+    for attr, flag in _TRAFFIC_FLAGS.items():
+        if getattr(args, f"traffic_{attr}") is not None:
+            given[f"--{flag}"] = TRAFFIC_VARIABLES[attr][0]
+    for attr in model_overrides(args):
+        given[f"--{MODEL_FLAGS.get(attr, attr).replace('_', '-')}"] = env.SHAPE_VARIABLES[attr]
+    return given
 
 
-def _model_overrides(args: argparse.Namespace, base: ModelShape) -> ModelShape:
-    changes = {
-        attr: getattr(args, f"model_{attr}")
-        for attr in [*_MODEL_FLAGS, "dtype"]
-        if getattr(args, f"model_{attr}") is not None
-    }
-    return dataclasses.replace(base, **changes)
+class FlagRefused(ValueError):
+    """A flag that would override what the operator sets on a pod."""
 
 
-def serve_settings(args: argparse.Namespace) -> WorkerSettings:
+def check_pod_flags(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    """In a pod only `env.USER_FLAGS` may be given, and none whose variable the environment sets:
+    the rest is the operator's (identity, group, ports, model, checkpoint, plan and token)."""
+    if not environ.get(env.POD_NAME):
+        return
+    for flag, name in _given_flags(args).items():
+        if flag not in env.USER_FLAGS or environ.get(name):
+            allowed = ", ".join(sorted(env.USER_FLAGS))
+            raise FlagRefused(
+                f"{flag} may not override {name} in a pod: the operator sets it through the "
+                f"environment (spec.worker.extraArgs may set only {allowed})"
+            )
+
+
+def serve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> WorkerSettings:
     """Environment first, flags on top."""
-    base = settings_from_env()
-    changes = {a: getattr(args, a) for a in _SETTINGS_FLAGS if getattr(args, a) is not None}
+    base = settings_from_env(environ)
+    changes: dict[str, object] = {
+        a: getattr(args, a) for a in _SETTINGS_FLAGS if getattr(args, a) is not None
+    }
+    if args.rank is not None:
+        changes["rank"] = args.rank
     traffic = {
         a: getattr(args, f"traffic_{a}")
         for a in _TRAFFIC_FLAGS
         if getattr(args, f"traffic_{a}") is not None
     }
+    shape = model_overrides(args)
     return dataclasses.replace(
         base,
         **changes,
-        model=_model_overrides(args, base.model),
-        traffic=dataclasses.replace(base.traffic, **traffic) if traffic else base.traffic,
+        model=base.model.replace(**shape),
+        declared_shape=base.declared_shape | frozenset(shape),
+        traffic=dataclasses.replace(base.traffic, **traffic),
     )
 
 
@@ -83,56 +117,52 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-worker", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command")
-    serve = sub.add_parser("serve", help="run one rank (settings from MOE_* env, flags override)")
-    for attr, (flag, kind) in _SETTINGS_FLAGS.items():
-        serve.add_argument(f"--{flag}", dest=attr, type=kind)
-    for attr, (flag, kind) in _TRAFFIC_FLAGS.items():
+    serve = sub.add_parser(
+        "serve", help="run one rank, or all ranks of --world N here when no rank is given"
+    )
+    serve.add_argument("--rank", type=int)
+    for attr, (flags, kind) in _SETTINGS_FLAGS.items():
+        serve.add_argument(*(f"--{f}" for f in flags), dest=attr, type=kind)
+    for attr, flag in _TRAFFIC_FLAGS.items():
+        kind = TRAFFIC_VARIABLES[attr][1]
         serve.add_argument(f"--{flag}", dest=f"traffic_{attr}", type=kind)
-    _add_model_flags(serve)
-    bench = sub.add_parser("bench", help="EP vs TP x PP on this machine, one invocation")
-    bench.add_argument("--json", dest="json_path", help="also write the figures to this file")
-    bench.add_argument("--world", type=int, default=4)
-    bench.add_argument("--tp", type=int, help="tensor parallel of the baseline (default world/pp)")
-    bench.add_argument("--pp", type=int, default=2, help="pipeline stages of the baseline")
-    bench.add_argument("--batch", type=int, default=8, help="sequences per step (whole world)")
-    bench.add_argument("--seq-len", type=int, default=128)
-    bench.add_argument("--steps", type=int, default=5)
-    bench.add_argument("--micro-batches", type=int, default=4)
-    bench.add_argument("--zipf", type=float, default=0.0)
-    bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--port", type=int, default=0, help="rendezvous port (0: a free one)")
-    _add_model_flags(bench)
+    add_model_flags(serve)
+    from moe_worker import bench, bench_serving
+
+    bench.add_parser(sub)
+    bench_serving.add_parser(sub)
     return parser
 
 
+def run_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from moe_worker.process import report_fatal, serve
+
+    try:
+        check_pod_flags(args, environ)
+        settings = serve_settings(args, environ)
+    except ValueError as error:
+        path = environ.get(env.TERMINATION_MESSAGE_PATH) or env.TERMINATION_MESSAGE_FILE
+        return report_fatal(str(error), path)
+    if args.rank is None and rank_from_env(environ) is None and settings.world_size > 1:
+        from moe_worker.launcher import LocalRanks, free_port, launch
+
+        if args.master_port is None and not environ.get(env.MASTER_PORT):
+            settings = settings.replace(master_port=free_port())
+        return launch(settings, LocalRanks(settings.world_size), args.log_level)
+    return serve(settings)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if args.command == "bench":
-        from moe_worker.bench import BenchOptions, run_bench
-
-        options = BenchOptions(
-            model=_model_overrides(args, BenchOptions().model),
-            world=args.world,
-            pp=args.pp,
-            tp=args.tp or max(1, args.world // args.pp),
-            batch=args.batch,
-            seq_len=args.seq_len,
-            steps=args.steps,
-            micro_batches=args.micro_batches,
-            zipf=args.zipf,
-            seed=args.seed,
-            port=args.port,
-        )
-        run_bench(options, json_path=args.json_path)
-        return 0
     if args.command is None:  # `moe-worker` alone means serve with the environment's settings
-        args = build_parser().parse_args(["serve"])
-    from moe_worker.process import serve
-
-    return serve(serve_settings(args))
+        args = parser.parse_args([*(sys.argv[1:] if argv is None else argv), "serve"])
+    if args.command == "serve":
+        return run_serve(args, os.environ)
+    return int(args.run(args))
 
 
 if __name__ == "__main__":

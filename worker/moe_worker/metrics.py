@@ -1,10 +1,16 @@
 """Prometheus metrics of one worker, in a per-process registry (several workers may share a process
 in tests). Expert token counts are read from the dispatcher's counter buffer at scrape time rather
-than incremented per step, so the hot path never touches prometheus-client.
+than incremented per step, so the hot path never touches prometheus-client, and a scrape never
+waits on the serving loop.
+
+`moe_expert_tokens_total{layer,expert}` has a series for every expert this rank holds under the
+plan it serves, and keeps every series it has ever exposed: the operator takes a vanished counter
+for a reset, so an expert that moves away keeps its last count instead of disappearing.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -13,32 +19,44 @@ from prometheus_client.registry import Collector
 
 EXPERT_TOKENS = "moe_expert_tokens"  # exposed as moe_expert_tokens_total{layer,expert}
 
-CountsReader = Callable[[], Sequence[Sequence[int]]]
-"""Returns counts[layer][expert]: tokens this rank processed for that logical expert."""
+CountsReader = Callable[[], Sequence[Sequence[int]] | None]
+"""counts[layer][expert]: tokens this rank processed for that logical expert; None before load."""
+HeldReader = Callable[[], Sequence[set[int]]]
+"""Per layer, the logical experts this rank holds now."""
 
 
 class ExpertTokensCollector(Collector):
-    def __init__(self, read_counts: CountsReader) -> None:
-        self.read_counts = read_counts
+    def __init__(self, read_counts: CountsReader, read_held: HeldReader) -> None:
+        self.read_counts, self.read_held = read_counts, read_held
+        self._exposed: set[tuple[int, int]] = set()
+        self._lock = threading.Lock()  # scrapes may run concurrently; never the engine's lock
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(
             EXPERT_TOKENS,
-            "Tokens this rank processed for each (layer, logical expert).",
+            "Tokens this rank processed for each (layer, logical expert) it holds or held.",
             labels=["layer", "expert"],
         )
-        for layer, row in enumerate(self.read_counts()):
-            for expert, count in enumerate(row):
-                family.add_metric([str(layer), str(expert)], count)
+        counts = self.read_counts()
+        if counts is not None:
+            held = self.read_held()
+            with self._lock:
+                for layer, row in enumerate(counts):
+                    for expert, count in enumerate(row):
+                        if count or expert in held[layer]:
+                            self._exposed.add((layer, expert))
+                series = sorted(self._exposed)
+            for layer, expert in series:
+                family.add_metric([str(layer), str(expert)], counts[layer][expert])
         yield family
 
 
 class WorkerMetrics:
-    """All metrics of one worker; the runtime updates them, the server exposes the registry."""
+    """All metrics of one worker; the runtime updates them, the HTTP layer exposes the registry."""
 
-    def __init__(self, read_counts: CountsReader) -> None:
+    def __init__(self, read_counts: CountsReader, read_held: HeldReader) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(ExpertTokensCollector(read_counts))
+        self.registry.register(ExpertTokensCollector(read_counts, read_held))
         r = self.registry
         self.plan_version = Gauge(
             "moe_plan_version", "Version of the plan being served.", registry=r
@@ -72,4 +90,26 @@ class WorkerMetrics:
             "moe_experts_moved",
             "Expert weights this rank received during plan switches.",
             registry=r,
+        )
+        self.kv_free_tokens = Gauge(
+            "moe_kv_cache_free_tokens", "Free token slots of this rank's KV cache.", registry=r
+        )
+        self.sequences = Gauge(
+            "moe_sequences_running", "Sequences whose KV cache this rank keeps.", registry=r
+        )
+        # Leader only (the scheduler and the API's view of requests).
+        self.requests_waiting = Gauge(
+            "moe_requests_waiting", "Requests waiting for a KV cache budget (leader).", registry=r
+        )
+        self.requests_running = Gauge(
+            "moe_requests_running", "Requests admitted and not finished (leader).", registry=r
+        )
+        self.requests_finished = Counter(
+            "moe_requests_finished",
+            "Requests that ended, by finish reason (leader).",
+            labelnames=["reason"],
+            registry=r,
+        )
+        self.generated_tokens = Counter(
+            "moe_generated_tokens", "Tokens generated for requests (leader).", registry=r
         )

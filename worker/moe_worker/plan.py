@@ -29,7 +29,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PLAN_FILE_NAME = "plan.json"
-"""Key of the plan in the ConfigMap, and the file name where it is mounted in a pod."""
+"""File name of the plan where it is mounted in a pod (the operator maps a ConfigMap key to it)."""
+
+MAX_PLAN_VERSION = 2**53 - 1
+"""Largest plan version: exact as a JSON number (an IEEE double) and as a Kubernetes int64, so
+every reader (the CRD's status, Prometheus gauges, JavaScript clients) sees the same number."""
 
 
 class PlanError(ValueError):
@@ -42,7 +46,9 @@ class Plan(BaseModel):
     model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")
 
     version: int = Field(
-        ge=1, description="Strictly increasing; older or equal versions are ignored."
+        ge=1,
+        le=MAX_PLAN_VERSION,
+        description="Strictly increasing; older or equal versions are ignored.",
     )
     slots_per_rank: int = Field(
         alias="slotsPerRank", ge=1, description="Expert slots per rank and layer."

@@ -1,43 +1,83 @@
-"""One rank process: the HTTP server and the serving loop wired together, with signal handling.
+"""One rank process: the weights, the serving loop and the HTTP servers wired together, with signal
+handling and the report of a fatal start-up error.
 
-The runtime (`Worker`, the serving loop) and the HTTP server (`server`, which depends only on the
-small `ServedWorker` interface) know nothing of each other; this module is where they meet.
+The runtime (the serving loop, a `generation.Backend`) and the HTTP layer (`moe_worker.api`) know
+nothing of each other; this module is where they meet: the control app on every rank (probes,
+metrics, plans), the OpenAI-compatible app on the leader when it has an API port.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
+import sys
+from pathlib import Path
 
-from moe_worker.runtime import Worker
-from moe_worker.server import start_http_server
+from moe_worker.api import ServerHandle, create_control_app, create_openai_app, start
+from moe_worker.checkpoint import CheckpointError
+from moe_worker.loading import ShapeMismatch, open_weights
+from moe_worker.models import UnsupportedConfig
+from moe_worker.runtime import Runtime
 from moe_worker.settings import WorkerSettings
 
 log = logging.getLogger("moe_worker")
 
+EXIT_CONFIG = 2
+"""Exit code of a worker refused at start-up (a checkpoint that does not fit, a bad setting)."""
+TERMINATION_MESSAGE_LIMIT = 4096  # Kubernetes keeps at most this many bytes of the message
 
-def install_signal_handlers(worker: Worker) -> None:
+
+def report_fatal(message: str, termination_message_path: str | None) -> int:
+    """Say why the worker stops: on stderr, and in the termination message file when it exists
+    (Kubernetes mounts it, and shows it in the pod's status, where the operator reads it)."""
+    print(f"moe-worker: {message}", file=sys.stderr, flush=True)
+    path = termination_message_path
+    if path and os.path.isfile(path) and os.access(path, os.W_OK):
+        with contextlib.suppress(OSError):  # reporting must not hide the error itself
+            Path(path).write_text(message[-TERMINATION_MESSAGE_LIMIT:])
+    return EXIT_CONFIG
+
+
+def install_signal_handlers(runtime: Runtime) -> None:
     def stop(signum: int, _frame: object) -> None:
-        log.info("rank %d got signal %d, stopping", worker.settings.rank, signum)
-        worker.stopping.set()
+        log.info("rank %d got signal %d, stopping", runtime.rank, signum)
+        runtime.stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
 
 
+def start_servers(runtime: Runtime, settings: WorkerSettings) -> list[ServerHandle]:
+    """The control app on every rank; the OpenAI app on the leader (api_port 0: none)."""
+    s = settings
+    control = create_control_app(runtime, token_path=s.token_path, switch_timeout=s.switch_timeout)
+    servers = [start(control, s.bind_address, s.http_port, name="control")]
+    if runtime.is_leader and s.api_port:
+        api = create_openai_app(runtime, api_keys_path=s.api_keys_path)
+        servers.append(start(api, s.bind_address, s.api_port, name="openai"))
+    return servers
+
+
 def serve(settings: WorkerSettings) -> int:
-    """Entry of `moe-worker serve`: HTTP first (liveness while the group forms), then the loop."""
-    worker = Worker(settings)
-    install_signal_handlers(worker)
-    server = start_http_server(worker)
+    """One rank: HTTP first (liveness while the group forms), then the serving loop."""
     try:
-        worker.run()
+        source, settings = open_weights(settings)
+        runtime = Runtime(settings, source)  # the scheduler refuses impossible budgets here
+    except (ShapeMismatch, CheckpointError, UnsupportedConfig, ValueError, OSError) as error:
+        return report_fatal(f"rank {settings.rank}: {error}", settings.termination_message_path)
+    install_signal_handlers(runtime)
+    servers = start_servers(runtime, settings)
+    try:
+        runtime.run()
     except Exception:
-        if worker.stopping.is_set():  # peers stopping too: a broken collective is expected then
+        if runtime.stopping.is_set():  # peers stopping too: a broken collective is expected then
             log.info("rank %d stopped (group closed during shutdown)", settings.rank)
             return 0
         log.exception("rank %d serving loop failed", settings.rank)
         return 1
     finally:
-        server.shutdown()
+        for server in servers:
+            server.stop()
     return 0

@@ -1,266 +1,268 @@
-"""The rank process: joins the process group, builds its shard, and serves in lock-step.
+"""One rank's serving loop, in lock-step with the group, and the `generation.Backend` it offers the
+HTTP layer.
 
-At every step boundary rank 0 broadcasts one `Control` to all ranks: idle, traffic step, forward
-request, new plan, or stop. Every rank therefore runs the same collectives in the same order, and a
-plan switch happens at the same step everywhere. HTTP threads never touch the process group: on
-the leader they queue a request and wait for the serving loop to answer it.
+Every step the leader (rank 0) asks its scheduler what to do and broadcasts a `StepDescriptor`
+(plain JSON): sequences to release, a plan to switch to, new sequences with their rank, every
+rank's chunks, or stop. Each rank then does the same things in the same order: free, switch
+(point-to-point expert moves), admit, one forward when any rank has work (zero tokens still join
+every all-to-all), sample; the leader gathers every rank's tokens and failures and hands events
+to the requests' sinks (`leader.Leader` is that side: scheduler, traffic, plan-switch queue).
+With nothing to do the leader still broadcasts an idle step at least every `leader.IDLE_TICK`
+seconds, so the group stays alive and a hung peer shows as a stall.
+
+Threads: `run()` owns the process group; HTTP threads only call `submit`, `abort`, `switch_plan`
+(which queue work and wake the loop) and read state (`metrics_text`, `current_plan`, `is_live`)
+without any lock the loop holds while computing.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
+import math
 import threading
 import time
-from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from prometheus_client import CollectorRegistry
+from prometheus_client import generate_latest
 
+from moe_worker import group
 from moe_worker.engine import EPEngine
+from moe_worker.generation import EventSink, GenerationRequest, ModelCard, NotReady
+from moe_worker.kv_cache import KVCache
+from moe_worker.leader import Leader
+from moe_worker.loading import model_card
 from moe_worker.metrics import WorkerMetrics
-from moe_worker.plan import (
-    PLAN_FILE_NAME,
-    Plan,
-    parse_plan,
-    plan_transfers,
-    round_robin_plan,
-    validate_plan,
-)
+from moe_worker.models.base import DTYPES
+from moe_worker.plan import PLAN_FILE_NAME, Plan, PlanError, parse_plan, round_robin_plan
+from moe_worker.plan import validate_plan as check_plan
+from moe_worker.runner import ModelRunner
+from moe_worker.scheduler import SchedulerConfig
 from moe_worker.settings import WorkerSettings
+from moe_worker.step import StepDescriptor, StepResult
 from moe_worker.traffic import TrafficSource
+from moe_worker.weights import WeightSource
 
 log = logging.getLogger("moe_worker")
 
-IDLE_TICK = 0.2
-"""Longest the leader waits before broadcasting an idle control (keeps collectives alive)."""
-
-
-@dataclass(frozen=True)
-class Control:
-    """What every rank does at the next step boundary (broadcast by rank 0)."""
-
-    kind: Literal["idle", "traffic", "forward", "plan", "stop"]
-    step: int = 0
-    plan_json: str | None = None
-    hidden_BTD: torch.Tensor | None = None  # forward requests: the whole batch, split by sequence
-
-
-@dataclass
-class Request:
-    """A leader-side request from an HTTP thread, answered by the serving loop."""
-
-    control: Control
-    done: threading.Event = field(default_factory=threading.Event)
-    result: Any = None
-
-
-def resolve_device(settings: WorkerSettings) -> tuple[torch.device, str]:
-    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda":
-        torch.cuda.set_device(settings.rank % torch.cuda.device_count())
-        device = f"cuda:{torch.cuda.current_device()}"
-    backend = settings.backend or ("nccl" if device.startswith("cuda") else "gloo")
-    return torch.device(device), backend
+GROUP_TIMEOUT_S = 600.0
+"""How long a collective may wait for a peer before torch.distributed gives up."""
+KV_BLOCK_SIZE = 16
 
 
 def read_initial_plan(settings: WorkerSettings) -> Plan:
-    """The mounted plan if there is one, else the seed's round-robin placement."""
-    m = settings.model
+    """The mounted plan if it fits this model, else (with a warning) the round-robin plan."""
+    m, world = settings.model, settings.world_size
     if settings.plan_path:
         path = Path(settings.plan_path)
         path = path / PLAN_FILE_NAME if path.is_dir() else path
         if path.is_file():
-            plan = parse_plan(path.read_text())
-            validate_plan(
-                plan, num_layers=m.layers, num_experts=m.experts, world_size=settings.world_size
-            )
-            return plan
-    slots = max(settings.slots_per_rank, -(-m.experts // settings.world_size))
-    return round_robin_plan(m.layers, m.experts, settings.world_size, slots)
+            try:
+                plan = parse_plan(path.read_text())
+                check_plan(plan, num_layers=m.layers, num_experts=m.experts, world_size=world)
+                return plan
+            except (PlanError, OSError) as error:
+                log.warning(
+                    "the mounted plan %s does not fit this model (%s); starting on the "
+                    "round-robin plan",
+                    path,
+                    error,
+                )
+    slots = max(settings.slots_per_rank, math.ceil(m.experts / world))
+    return round_robin_plan(m.layers, m.experts, world, slots)
 
 
-class Worker:
-    """One rank. `run()` is the serving loop; the other public methods are for the HTTP server."""
+class Runtime:
+    """One rank: `run()` is the serving loop; the other public methods are the Backend."""
 
-    def __init__(self, settings: WorkerSettings) -> None:
-        self.settings = settings
+    def __init__(
+        self, settings: WorkerSettings, source: WeightSource, card: ModelCard | None = None
+    ) -> None:
+        self.settings, self.source = settings, source
+        self._card = card or model_card(source, settings)
         self.engine: EPEngine | None = None
-        self.metrics = WorkerMetrics(self.expert_counts)
-        self.requests: queue.Queue[Request] = queue.Queue()
+        self.runner: ModelRunner | None = None
+        self.metrics = WorkerMetrics(self._read_counts, self._read_held)
         self.stopping = threading.Event()
         self.stopped = threading.Event()
         self._ready = False
-        self._lock = threading.Lock()  # guards counts reads against the serving thread's updates
-        self.traffic = TrafficSource(
-            settings.model, settings.traffic, rank=settings.rank, seed=settings.seed
+        self._serving = False
+        self._last_progress = time.monotonic()
+        self.leader: Leader | None = None
+        if settings.is_leader:
+            s, spec = settings, source.spec
+            config = SchedulerConfig(
+                world_size=s.world_size,
+                kv_cache_tokens=s.kv_cache_tokens,
+                max_context=spec.max_context,
+                vocab_size=s.model.vocab_size,
+                eos_token_ids=spec.eos_token_ids,
+                block_size=KV_BLOCK_SIZE,
+                max_batch_tokens=s.max_batch_tokens,
+                max_queued_requests=s.max_queued_requests,
+            )
+            traffic = TrafficSource(
+                s.traffic, vocab_size=s.model.vocab_size, world_size=s.world_size, seed=s.seed
+            )
+            self.leader = Leader(config, traffic, self.metrics)
+        self.metrics.kv_free_tokens.set_function(
+            lambda: 0 if self.runner is None else self.runner.cache.free_tokens
+        )
+        self.metrics.sequences.set_function(
+            lambda: 0 if self.runner is None else len(self.runner.sequences)
         )
 
-    # ------------------------------------------------------------ read by HTTP threads
+    # ------------------------------------------------------------ Backend: read by HTTP threads
+
+    @property
+    def rank(self) -> int:
+        return self.settings.rank
 
     @property
     def is_leader(self) -> bool:
         return self.settings.is_leader
 
     @property
-    def registry(self) -> CollectorRegistry:
-        return self.metrics.registry
+    def card(self) -> ModelCard:
+        return self._card
 
     def is_ready(self) -> bool:
         return self._ready and not self.stopping.is_set()
 
+    def is_live(self) -> bool:
+        stalled = time.monotonic() - self._last_progress > self.settings.stall_timeout
+        return not (self._serving and stalled)
+
+    def metrics_text(self) -> bytes:
+        return generate_latest(self.metrics.registry)
+
     def current_plan(self) -> Plan | None:
         return None if self.engine is None else self.engine.plan
 
-    def expert_counts(self) -> list[list[int]]:
-        if self.engine is None:
-            m = self.settings.model
-            return [[0] * m.experts for _ in range(m.layers)]
-        with self._lock:
-            return self.engine.counts_LE.tolist()
-
-    def validate(self, plan: Plan) -> None:
+    def validate_plan(self, plan: Plan) -> None:
         m = self.settings.model
-        validate_plan(
+        check_plan(
             plan, num_layers=m.layers, num_experts=m.experts, world_size=self.settings.world_size
         )
 
-    def submit(self, control: Control, timeout: float) -> Any:
-        """Leader only: run `control` at the next step boundary; None if it timed out."""
-        request = Request(control)
-        self.requests.put(request)
-        return request.result if request.done.wait(timeout) else None
+    def submit(self, request: GenerationRequest, on_event: EventSink) -> None:
+        if self.leader is None:
+            raise NotReady("only the leader (rank 0) serves requests")
+        if not self.is_ready():
+            raise NotReady("the worker group is not ready")
+        self.leader.submit(request, on_event)
 
-    def request_forward(self, hidden: Any, timeout: float) -> list[Any] | None:
-        """Leader only: run a [B, T, D] batch (nested lists) through the model; None on timeout."""
-        x_BTD = torch.tensor(hidden, dtype=torch.float32)
-        if x_BTD.dim() != 3 or x_BTD.shape[-1] != self.settings.model.hidden or x_BTD.shape[1] == 0:
-            raise ValueError(
-                f"hidden: expected [batch, tokens, {self.settings.model.hidden}] with tokens > 0, "
-                f"got {list(x_BTD.shape)}"
-            )
-        out = self.submit(Control("forward", hidden_BTD=x_BTD), timeout)
-        return None if out is None else out.float().tolist()
+    def abort(self, request_id: str) -> None:
+        if self.leader is not None:
+            self.leader.abort(request_id)
 
-    def request_plan(self, plan: Plan, timeout: float) -> dict[str, Any] | None:
-        """Leader only: switch every rank to a validated `plan`; None on timeout."""
-        return self.submit(Control("plan", plan_json=plan.to_json()), timeout)
+    def switch_plan(self, plan: Plan, timeout: float) -> dict[str, Any] | None:
+        """Leader: block until every rank serves `plan`; the stale answer if it is not newer."""
+        current = self.current_plan()
+        if self.leader is None or current is None or not self.is_ready():
+            return {"applied": False, "reason": "not ready", "version": current and current.version}
+        if plan.version <= current.version:
+            return {"applied": False, "reason": "stale", "version": current.version}
+        return self.leader.switch(plan, timeout)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.leader is not None:
+            self.leader.wake()
 
     # ------------------------------------------------------------ the serving loop
 
     def run(self) -> None:
+        """Join the group (unless already in one), load this rank's shard, serve until stopped."""
         s = self.settings
-        device, backend = resolve_device(s)
-        log.info(
-            "rank %d/%d joining %s group at %s:%d",
-            s.rank,
-            s.world_size,
-            backend,
-            s.master_addr,
-            s.master_port,
-        )
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://{s.master_addr}:{s.master_port}",
-            rank=s.rank,
-            world_size=s.world_size,
-            timeout=timedelta(minutes=10),
-        )
+        owns_group = not dist.is_initialized()
+        if owns_group:
+            device, backend = group.resolve_device(s.device, s.backend, s.local_rank)
+            group.join(backend, s.master_addr, s.master_port, s.rank, s.world_size, GROUP_TIMEOUT_S)
+        else:
+            device = torch.device(s.device or "cpu")
         try:
-            # The leader's plan wins: mounted ConfigMaps can lag by a sync period between pods.
-            plan_doc = [read_initial_plan(s).to_json() if s.is_leader else None]
-            dist.broadcast_object_list(plan_doc, src=0)
-            plan = parse_plan(plan_doc[0])
-            self.engine = EPEngine(
-                s.model, plan, rank=s.rank, device=device, seed=s.seed, checkpoint=s.checkpoint
-            )
-            dist.barrier()
-            self._ready = True
-            self.metrics.ready.set(1)
-            self.metrics.plan_version.set(plan.version)
-            log.info("rank %d ready with plan version %d", s.rank, plan.version)
+            self._load(device)
             self._serve()
+        except BaseException as error:
+            if self.leader is not None:
+                self.leader.fail_all(f"the serving loop failed: {error}")
+            raise
         finally:
-            self._ready = False
+            self._ready = self._serving = False
             self.metrics.ready.set(0)
             self.stopped.set()
-            dist.destroy_process_group()
+            if owns_group:
+                dist.destroy_process_group()
+
+    def _load(self, device: torch.device) -> None:
+        s = self.settings
+        # The leader's plan wins: mounted ConfigMaps can lag by a sync period between pods.
+        plan = parse_plan(
+            group.broadcast_text(read_initial_plan(s).to_json() if s.is_leader else None)
+        )
+        dtype = DTYPES[s.model.dtype]
+        self.engine = EPEngine(self.source, plan, rank=s.rank, device=device, dtype=dtype)
+        cache = KVCache.for_shape(
+            s.model, s.kv_cache_tokens, block_size=KV_BLOCK_SIZE, dtype=dtype, device=device
+        )
+        self.runner = ModelRunner(self.engine, cache, s.rank)
+        dist.barrier()
+        self._ready = self._serving = True
+        self._last_progress = time.monotonic()
+        self.metrics.ready.set(1)
+        self.metrics.plan_version.set(plan.version)
+        log.info("rank %d ready with plan version %d", s.rank, plan.version)
 
     def _serve(self) -> None:
         step = 0
-        next_traffic = time.monotonic()
         while True:
-            pending: Request | None = None
-            box: list[Any] = [None]
-            if self.is_leader:
-                box[0], pending = self._next_control(step, next_traffic)
-            dist.broadcast_object_list(box, src=0)
-            control: Control = box[0]
-            result = self._handle(control)
-            if pending is not None:
-                pending.result = result
-                pending.done.set()
-            if control.kind == "stop" or (self.stopping.is_set() and not self.is_leader):
+            text = None
+            if self.leader is not None:
+                assert self.engine is not None
+                version = self.engine.plan.version
+                text = self.leader.next_step(step, version, self.stopping.is_set()).to_json()
+            descriptor = StepDescriptor.from_json(group.broadcast_text(text))
+            self._last_progress = time.monotonic()
+            if descriptor.stop or (self.stopping.is_set() and not self.is_leader):
                 return
-            if control.kind == "traffic":
-                next_traffic = time.monotonic() + self.settings.traffic.interval
+            if not descriptor.idle:
+                self._execute(descriptor)
+                self._last_progress = time.monotonic()
             step += 1
 
-    def _next_control(self, step: int, next_traffic: float) -> tuple[Control, Request | None]:
-        if self.stopping.is_set():
-            return Control("stop", step), None
-        wait = IDLE_TICK
-        if self.traffic.enabled:
-            wait = min(wait, max(0.0, next_traffic - time.monotonic()))
-        try:
-            request = self.requests.get(timeout=wait)
-            c = request.control
-            return Control(c.kind, step, c.plan_json, c.hidden_BTD), request
-        except queue.Empty:
-            pass
-        if self.traffic.enabled and time.monotonic() >= next_traffic:
-            return Control("traffic", step), None
-        return Control("idle", step), None
+    def _execute(self, d: StepDescriptor) -> None:
+        assert self.runner is not None
+        self.runner.release(d.release)
+        if d.plan_json is not None:
+            answer = self._switch(parse_plan(d.plan_json))
+            if self.leader is not None:
+                self.leader.answer_switch(answer)
+        errors = self.runner.admit(d.admit)
+        result = StepResult(errors=tuple(errors))
+        if d.chunks:
+            start = time.perf_counter()
+            tokens_before = self.runner.tokens_run
+            stepped = self.runner.step(d.chunks)
+            result = StepResult(stepped.tokens, result.errors + stepped.errors)
+            self.metrics.step_latency.observe(time.perf_counter() - start)
+            self.metrics.tokens.inc(self.runner.tokens_run - tokens_before)
+        if d.gathers:
+            texts = group.gather_text(result.to_json())
+            if self.leader is not None:
+                self.leader.complete([StepResult.from_json(t) for t in texts])
 
-    def _handle(self, control: Control) -> Any:
-        if control.kind == "traffic":
-            self._step(self.traffic.batch(control.step), self.traffic.logit_offset_E)
-        elif control.kind == "forward":
-            assert control.hidden_BTD is not None
-            mine = control.hidden_BTD.tensor_split(self.settings.world_size)[self.settings.rank]
-            out = self._step(mine, None).cpu()
-            gathered: list[Any] = [None] * self.settings.world_size if self.is_leader else []
-            dist.gather_object(out, gathered if self.is_leader else None, dst=0)
-            return torch.cat(gathered) if self.is_leader else None
-        elif control.kind == "plan":
-            assert control.plan_json is not None
-            return self._switch(parse_plan(control.plan_json))
-        return None
-
-    def _step(self, x_BTD: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
-        assert self.engine is not None
-        start = time.perf_counter()
-        with self._lock:
-            out = self.engine.forward(x_BTD, offset)
-        if out.is_cuda:
-            torch.cuda.synchronize()
-        self.metrics.step_latency.observe(time.perf_counter() - start)
-        self.metrics.tokens.inc(x_BTD.shape[0] * x_BTD.shape[1])
-        return out
+    # ------------------------------------------------------------ every rank
 
     def _switch(self, plan: Plan) -> dict[str, Any]:
         assert self.engine is not None
         current = self.engine.plan.version
-        if plan.version <= current:  # re-checked here: two POSTs may race past the HTTP check
+        if plan.version <= current:  # the same answer on every rank: nobody moves anything
             return {"applied": False, "reason": "stale", "version": current}
         start = time.perf_counter()
-        moved = sum(t.dst == self.settings.rank for t in plan_transfers(self.engine.plan, plan))
-        with self._lock:
-            self.engine.apply_plan(plan)
+        moved = self.engine.apply_plan(plan)
         dist.barrier()
         pause = time.perf_counter() - start
         self.metrics.switch_pause.observe(pause)
@@ -281,3 +283,11 @@ class Worker:
             "digest": plan.digest(),
             "pauseSeconds": pause,
         }
+
+    def _read_counts(self) -> list[list[int]] | None:
+        engine = self.engine
+        return None if engine is None else engine.counts_LE.tolist()
+
+    def _read_held(self) -> list[set[int]]:
+        engine = self.engine
+        return [] if engine is None else engine.held_experts()

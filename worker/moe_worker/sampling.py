@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from moe_worker.generation import SamplingParams
+from moe_worker.generation import SamplingParams, finish_reason
 
 __all__ = ["SamplingParams", "filter_logits", "finish_reason", "sample"]
 
@@ -73,23 +73,3 @@ def _exponential(size: int, seed: int, step: int, device: torch.device) -> Tenso
     generator.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
     noise = torch.empty(size, device=device).exponential_(generator=generator)
     return noise.clamp_min(torch.finfo(noise.dtype).tiny)  # a zero draw must not divide by 0
-
-
-def finish_reason(
-    token_id: int,
-    generated: int,
-    params: SamplingParams,
-    eos_token_ids: Sequence[int],
-    context_tokens: int,
-    max_context: int,
-) -> str | None:
-    """ "stop" (EOS or a stop token), "length" (max_tokens or the context is full), or None.
-
-    `generated` counts tokens generated so far including `token_id`; `context_tokens` is the
-    sequence's whole length (prompt + generated).
-    """
-    if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in eos_token_ids):
-        return "stop"
-    if generated >= params.max_tokens or context_tokens >= max_context:
-        return "length"
-    return None

@@ -1,7 +1,9 @@
 """Frozen configuration of one worker: its model shape and the rank's process settings.
 
 Read from the environment the operator sets on pods (names in `moe_worker.env`); command-line flags
-override. Configuration objects hold plain values only: no process groups, tensors or clients.
+override, except in a pod where the operator owns the setting (`moe_worker.main`). The local
+launcher hands each rank its settings back through the same variables (`settings_to_env`).
+Configuration objects hold plain values only: no process groups, tensors or clients.
 Imports nothing beyond the standard library.
 """
 
@@ -18,16 +20,19 @@ from moe_worker.shape import ModelShape
 
 @dataclass(frozen=True)
 class TrafficSettings:
-    """The built-in traffic source: how much load each rank generates and how skewed it is."""
+    """The built-in traffic: requests the leader generates itself, a benchmark knob that also
+    produces expert imbalance on purpose (popular prompt tokens send their experts more work)."""
 
     batch: int = 0
-    """Sequences per step per rank; 0 disables the source (only /v1/forward drives steps)."""
+    """Generated requests kept in flight per rank; 0 disables the source."""
     seq_len: int = 16
-    """Tokens per sequence."""
+    """Prompt tokens of each generated request."""
     zipf: float = 0.0
-    """Zipf exponent of expert popularity, applied as a gate-logit offset; 0 is uniform."""
+    """Zipf exponent of prompt tokens over the vocabulary (token v has weight (v+1)^-zipf)."""
     interval: float = 0.1
-    """Seconds between generated steps."""
+    """Seconds between two top-ups of the requests in flight."""
+    max_tokens: int = 1
+    """Tokens each generated request generates (1: a prefill and one sampled token)."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,8 @@ class WorkerSettings:
     """Everything one rank process needs to join the group and serve."""
 
     rank: int = 0
+    local_rank: int = 0
+    """Index among the ranks of this machine or pod: picks the GPU."""
     world_size: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = env.DEFAULT_MASTER_PORT
@@ -43,19 +50,39 @@ class WorkerSettings:
     device: str = ""
     """cpu | cuda; empty picks cuda when available."""
     model: ModelShape = field(default_factory=ModelShape)
+    declared_shape: frozenset[str] = frozenset()
+    """ModelShape fields set explicitly (environment or flags); a checkpoint must agree with them,
+    and gives the others."""
     slots_per_rank: int = 1
     """Slots per rank of the initial round-robin plan (used when no plan file exists)."""
     plan_path: str | None = None
     token_path: str | None = None
     http_port: int = env.DEFAULT_HTTP_PORT
+    """Control routes of every rank: /healthz, /readyz, /metrics, /v1/plan."""
     bind_address: str = "0.0.0.0"
     traffic: TrafficSettings = field(default_factory=TrafficSettings)
     seed: int = 0
-    """Seed of the deterministic weight init (and of generated traffic)."""
+    """Seed of synthetic weights (no checkpoint) and of generated traffic."""
     checkpoint: str | None = None
-    """Safetensors file with one tensor per expert per layer; None: deterministic init."""
+    """A Hugging Face checkpoint directory; None: synthetic weights of `model`."""
     switch_timeout: float = 60.0
     """Seconds POST /v1/plan waits for every rank to switch."""
+    kv_cache_tokens: int = 8192
+    """KV cache budget of each rank, in tokens (all layers)."""
+    max_batch_tokens: int = 512
+    """New tokens one rank runs per step (decodes + prompt chunks); also its most sequences."""
+    max_queued_requests: int = 128
+    """Requests waiting for a KV budget; beyond them the API answers 429."""
+    api_port: int = env.DEFAULT_API_PORT
+    """OpenAI-compatible API of the leader; 0 serves none."""
+    api_keys_path: str | None = None
+    """File of accepted API keys, one per line; None leaves the API open."""
+    served_model_name: str | None = None
+    """The model name clients use; None: the checkpoint directory's name, or the architecture."""
+    stall_timeout: float = 120.0
+    """Seconds the serving loop may go without a step before the rank reports not live."""
+    termination_message_path: str = env.TERMINATION_MESSAGE_FILE
+    """A fatal error is written there too, when that file exists (Kubernetes mounts it)."""
 
     @property
     def is_leader(self) -> bool:
@@ -65,44 +92,98 @@ class WorkerSettings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
+SETTING_VARIABLES: dict[str, tuple[str, type]] = {
+    "world_size": (env.WORLD_SIZE, int),
+    "local_rank": (env.LOCAL_RANK, int),
+    "master_addr": (env.MASTER_ADDR, str),
+    "master_port": (env.MASTER_PORT, int),
+    "backend": (env.BACKEND, str),
+    "device": (env.DEVICE, str),
+    "slots_per_rank": (env.SLOTS_PER_RANK, int),
+    "plan_path": (env.PLAN_PATH, str),
+    "token_path": (env.TOKEN_PATH, str),
+    "http_port": (env.HTTP_PORT, int),
+    "bind_address": (env.BIND_ADDRESS, str),
+    "seed": (env.SEED, int),
+    "checkpoint": (env.CHECKPOINT, str),
+    "switch_timeout": (env.SWITCH_TIMEOUT, float),
+    "kv_cache_tokens": (env.KV_CACHE_TOKENS, int),
+    "max_batch_tokens": (env.MAX_BATCH_TOKENS, int),
+    "max_queued_requests": (env.MAX_QUEUED_REQUESTS, int),
+    "api_port": (env.API_PORT, int),
+    "api_keys_path": (env.API_KEYS_PATH, str),
+    "served_model_name": (env.SERVED_MODEL_NAME, str),
+    "stall_timeout": (env.STALL_TIMEOUT, float),
+    "termination_message_path": (env.TERMINATION_MESSAGE_PATH, str),
+}
+"""WorkerSettings field -> (variable, type), besides rank, the model shape and traffic."""
+
+TRAFFIC_VARIABLES: dict[str, tuple[str, type]] = {
+    "batch": (env.TRAFFIC_BATCH, int),
+    "seq_len": (env.TRAFFIC_SEQ_LEN, int),
+    "zipf": (env.TRAFFIC_ZIPF, float),
+    "interval": (env.TRAFFIC_INTERVAL, float),
+    "max_tokens": (env.TRAFFIC_MAX_TOKENS, int),
+}
+
+
 def _get(environ: Mapping[str, str], name: str) -> str | None:
     value = environ.get(name)
     return value if value not in (None, "") else None
 
 
-def settings_from_env(environ: Mapping[str, str] | None = None) -> WorkerSettings:
-    """Settings from the operator's pod environment; unset names keep the defaults."""
-    environ = os.environ if environ is None else environ
+def _parsed(environ: Mapping[str, str], table: Mapping[str, tuple[str, type]]) -> dict[str, object]:
+    values: dict[str, object] = {}
+    for attr, (name, kind) in table.items():
+        raw = _get(environ, name)
+        if raw is None:
+            continue
+        try:
+            values[attr] = kind(raw)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r} is not a {kind.__name__}") from None
+    return values
+
+
+def rank_from_env(environ: Mapping[str, str]) -> int | None:
+    """MOE_RANK, else the ordinal suffix of MOE_POD_NAME, else None (no rank given)."""
     if (rank := _get(environ, env.RANK)) is not None:
-        rank_value = int(rank)
-    elif (pod := _get(environ, env.POD_NAME)) is not None:
+        return int(rank)
+    if (pod := _get(environ, env.POD_NAME)) is not None:
         ordinal = env.rank_from_pod_name(pod)
         if ordinal is None:
             raise ValueError(f"{env.POD_NAME}={pod!r} has no ordinal suffix")
-        rank_value = ordinal
-    else:
-        rank_value = 0
-    base = WorkerSettings()
-    traffic = TrafficSettings(
-        batch=int(_get(environ, env.TRAFFIC_BATCH) or base.traffic.batch),
-        seq_len=int(_get(environ, env.TRAFFIC_SEQ_LEN) or base.traffic.seq_len),
-        zipf=float(_get(environ, env.TRAFFIC_ZIPF) or base.traffic.zipf),
-        interval=float(_get(environ, env.TRAFFIC_INTERVAL) or base.traffic.interval),
-    )
+        return ordinal
+    return None
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None) -> WorkerSettings:
+    """Settings from the operator's pod environment; unset names keep the defaults."""
+    environ = os.environ if environ is None else environ
     return WorkerSettings(
-        rank=rank_value,
-        world_size=int(_get(environ, env.WORLD_SIZE) or 1),
-        master_addr=_get(environ, env.MASTER_ADDR) or base.master_addr,
-        master_port=int(_get(environ, env.MASTER_PORT) or base.master_port),
-        backend=_get(environ, env.BACKEND) or "",
-        device=_get(environ, env.DEVICE) or "",
+        rank=rank_from_env(environ) or 0,
         model=env.shape_from_env(environ),
-        slots_per_rank=int(_get(environ, env.SLOTS_PER_RANK) or 1),
-        plan_path=_get(environ, env.PLAN_PATH),
-        token_path=_get(environ, env.TOKEN_PATH),
-        http_port=int(_get(environ, env.HTTP_PORT) or base.http_port),
-        bind_address=_get(environ, env.BIND_ADDRESS) or base.bind_address,
-        traffic=traffic,
-        seed=int(_get(environ, env.SEED) or 0),
-        checkpoint=_get(environ, env.CHECKPOINT),
+        declared_shape=env.declared_shape_fields(environ),
+        traffic=TrafficSettings(**_parsed(environ, TRAFFIC_VARIABLES)),  # type: ignore[arg-type]
+        **_parsed(environ, SETTING_VARIABLES),  # type: ignore[arg-type]
     )
+
+
+def settings_to_env(settings: WorkerSettings) -> dict[str, str]:
+    """The variables that give a rank process exactly `settings` (the launcher's hand-over).
+
+    Only the declared shape fields travel, so a rank still takes the others from its checkpoint.
+    """
+    values = {env.RANK: str(settings.rank)}
+    for attr, (name, _) in SETTING_VARIABLES.items():
+        value = getattr(settings, attr)
+        if value is not None:
+            values[name] = str(value)
+    for attr, (name, _) in TRAFFIC_VARIABLES.items():
+        values[name] = str(getattr(settings.traffic, attr))
+    shape = env.shape_to_env(settings.model)
+    for attr in settings.declared_shape:
+        name = env.SHAPE_VARIABLES[attr]
+        if name in shape:
+            values[name] = shape[name]
+    return values

@@ -66,7 +66,7 @@ class SyntheticWeights:
 
 
 def _normal(shape: tuple[int, ...], seed: int, name: str) -> Tensor:
-    """fan-in scaled normal, exactly as the seed model (`moe_worker.model._normal`) draws it."""
+    """fan-in scaled normal, exactly as the retired seed model drew it (same weights per seed)."""
     return torch.randn(shape, generator=generator_for(seed, name)) / math.sqrt(shape[-1])
 
 

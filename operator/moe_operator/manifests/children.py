@@ -1,21 +1,45 @@
 """Pure builders of a MoEDeployment's children, as plain dicts ready for the API server.
 
 Owner references are added at the boundary (`kopf.adopt` in the handlers), so these functions
-know nothing of the parent object beyond its name and namespace.
+know nothing of the parent object beyond its name and namespace; `controlled_by` is the check
+that an object found under a child's name is really this deployment's.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from typing import Any
 
 from moe_operator.api import MoEDeploymentSpec
+from moe_operator.planning.record import PlanShape
 from moe_worker import env as worker_env
 from moe_worker.plan import PLAN_FILE_NAME, Plan
 
 GPU_RESOURCE = "nvidia.com/gpu"
 DEPLOYMENT_LABEL = "moe-ep.io/deployment"
 CONTAINER_NAME = "worker"
+PLAN_VERSION_ANNOTATION = "moe-ep.io/plan-version"
+LAST_REBALANCE_ANNOTATION = "moe-ep.io/last-rebalance"  # JSON: the status' lastRebalance
+ISSUED_AT_ANNOTATION = "moe-ep.io/issued-at"  # seconds since the epoch: the cooldown's start
+
+
+def controlled_by(obj: Mapping[str, Any] | None, uid: str) -> bool:
+    """Whether `obj` names the object of `uid` as its controller: the only children the
+    operator patches, deletes or trusts (a same-name object it did not create is none of these)."""
+    references = ((obj or {}).get("metadata") or {}).get("ownerReferences") or []
+    return any(ref.get("controller") and ref.get("uid") == uid for ref in references)
+
+
+def plan_shape(spec: MoEDeploymentSpec) -> PlanShape:
+    """The shape the deployment's plan must fit; its key names the plan in the ConfigMap."""
+    return PlanShape(
+        layers=spec.model.layers,
+        experts=spec.model.experts_per_layer,
+        world=spec.parallelism.world_size,
+        slots_per_rank=spec.placement.slots_per_rank,
+        max_slots_per_rank=spec.placement.most_slots_per_rank,
+    )
 
 
 def worker_labels(name: str) -> dict[str, str]:
@@ -69,17 +93,21 @@ def build_service(name: str, spec: MoEDeploymentSpec) -> dict[str, Any]:
     }
 
 
-def build_plan_configmap(name: str, plan: Plan) -> dict[str, Any]:
-    """The durable record of the desired plan; mounted into pods so a restarted rank resumes it."""
+def build_plan_configmap(
+    name: str, plans: Mapping[str, Plan], annotations: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The durable record of the desired plan, one key per model shape (`PlanShape.key`);
+    mounted into pods so a restarted rank resumes it. `annotations` carry what status needs
+    back if it is lost (the last rebalance, when it was issued)."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
             "name": plan_configmap_name(name),
             "labels": worker_labels(name),
-            "annotations": {"moe-ep.io/plan-version": str(plan.version)},
+            "annotations": dict(annotations or {}),
         },
-        "data": {PLAN_FILE_NAME: plan.to_json()},
+        "data": {key: plan.to_json() for key, plan in plans.items()},
     }
 
 
@@ -130,7 +158,11 @@ def _resources(spec: MoEDeploymentSpec) -> dict[str, dict[str, str]]:
 
 
 def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dict[str, Any]:
-    """World-size worker pods started together (Parallel): the process group needs all of them."""
+    """World-size worker pods started together (Parallel): the process group needs all of them.
+
+    OnDelete: the StatefulSet controller never replaces pods one at a time on a template change
+    (a process group cannot mix templates); the operator replaces the whole group at once.
+    """
     worker = spec.worker
     http_probe = {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 5}
     container = {
@@ -156,10 +188,16 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
             {"name": "control", "mountPath": worker_env.TOKEN_MOUNT_DIR, "readOnly": True},
         ],
     }
+    # The pod maps its own shape's key onto plan.json: pods of an older template keep reading
+    # their shape's plan while a group restart brings the new shape's pods up.
+    plan_items = [{"key": plan_shape(spec).key, "path": PLAN_FILE_NAME}]
     pod_spec: dict[str, Any] = {
         "containers": [container],
         "volumes": [
-            {"name": "plan", "configMap": {"name": plan_configmap_name(name)}},
+            {
+                "name": "plan",
+                "configMap": {"name": plan_configmap_name(name), "items": plan_items},
+            },
             {"name": "control", "secret": {"secretName": token_secret_name(name)}},
         ],
         "terminationGracePeriodSeconds": 30,
@@ -179,6 +217,7 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
             "serviceName": service_name(name),
             "replicas": spec.parallelism.world_size,
             "podManagementPolicy": "Parallel",
+            "updateStrategy": {"type": "OnDelete", "rollingUpdate": None},
             "selector": {"matchLabels": selector_labels(name)},
             "template": {
                 "metadata": {

@@ -2,25 +2,23 @@
 family implements in its own file (config parsing, checkpoint names, expert forward, attention).
 
 The experts are never part of the model's nn.Module: each MoE layer calls an injected `MoEFn`,
-which runs them locally (`LocalExperts`) or over all-to-all (an EP engine). `MoEFn`, `Routing`
-and the combine (`weighted_sum`) are `moe_worker.model`'s, reused rather than redefined so the
-existing `Dispatcher` and any MoEFn written for the seed model work with every family.
+which runs them locally (`LocalExperts`) or over all-to-all (`moe_worker.engine.EPEngine`). One
+`Routing` type and one combine (`weighted_sum`) serve every layout, so all of them round alike.
 
 Legend: N tokens, D hidden, F expert ffn hidden, E experts, K top-k.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
 
-# One Routing type and one combine for every layout, so all of them round identically.
-from moe_worker.model import DTYPES, MoEFn, Routing, generator_for, weighted_sum
 from moe_worker.models.config import ModelSpec
 from moe_worker.models.routing import Reroutes, Selection, price, select
 from moe_worker.shape import ModelShape
@@ -38,8 +36,40 @@ __all__ = [
     "generator_for",
     "route",
     "route_priced",
+    "torch_dtype",
     "weighted_sum",
 ]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(shape: ModelShape) -> torch.dtype:
+    return DTYPES[shape.dtype]
+
+
+def generator_for(seed: int, name: str) -> torch.Generator:
+    """A CPU generator keyed by (seed, name); stable across processes and Python hash seeds."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The gate's decision for N tokens: which K experts each visits and with what weight."""
+
+    topk_ids_NK: Tensor
+    topk_weights_NK: Tensor
+
+
+class MoEFn(Protocol):
+    """Runs the experts of `layer`: x [N, D] and its routing -> combined output [N, D]."""
+
+    def __call__(self, layer: int, x_ND: Tensor, routing: Routing) -> Tensor: ...
+
+
+def weighted_sum(y_NKD: Tensor, weights_NK: Tensor) -> Tensor:
+    """The combine step shared by every layout, so all of them round identically."""
+    return (y_NKD * weights_NK.unsqueeze(-1).to(y_NKD.dtype)).sum(dim=1)
 
 
 @dataclass(frozen=True)

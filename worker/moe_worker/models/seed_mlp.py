@@ -1,8 +1,8 @@
 """SeedMLP: the seed's own architecture as a language model.
 
-Experts are the seed's two-matrix GELU MLPs, y = gelu(x W_in^T) W_out^T (exact erf GELU, as in
-`moe_worker.model`), with the seed's router (softmax, top-K, renormalised). Around them: token
-embeddings, pre-norm blocks, a final RMSNorm and an untied LM head.
+Experts are the seed's two-matrix GELU MLPs, y = gelu(x W_in^T) W_out^T (exact erf GELU, as the
+seed's hidden-state model had), with the seed's router (softmax, top-K, renormalised). Around
+them: token embeddings, pre-norm blocks, a final RMSNorm and an untied LM head.
 
 Choice: the seed's attention had no position encoding; a language model with a KV cache needs
 token order, so SeedMLP gains RoPE (rotate-half layout, base 10000), the same code path as the
@@ -13,7 +13,8 @@ Checkpoints use the Hugging Face layout so one reader serves every family: a con
 `architectures: ["SeedMLPForCausalLM"]` (`to_config` writes it) and tensors
 `model.layers.{i}.mlp.gate.weight`, `model.layers.{i}.mlp.experts.{j}.w_in.weight` / `w_out`.
 Synthetic experts are seeded by the seed model's names (`layers.{i}.experts.{j}.w_in`), so a
-SeedMLP expert equals `moe_worker.model.init_expert` for the same seed.
+SeedMLP expert equals the seed model's expert of the same seed (that model is retired; the names
+stay so synthetic weights do not change).
 """
 
 from __future__ import annotations

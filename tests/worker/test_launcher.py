@@ -1,0 +1,131 @@
+"""`moe-worker serve --checkpoint DIR --world 2` with no rank in the environment starts both ranks
+here (torchrun-like); a rank that dies stops the group with a non-zero exit, a signal stops it
+cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from moe_worker.checkpoint import write_checkpoint
+from moe_worker.launcher import LocalRanks, rank_settings
+from moe_worker.settings import WorkerSettings
+from moe_worker.shape import ModelShape
+from moe_worker.weights import SyntheticWeights
+
+pytestmark = pytest.mark.distributed
+
+SHAPE = ModelShape(
+    layers=2, experts=4, hidden=32, ffn_hidden=48, heads=4, head_dim=8, vocab_size=80
+)
+
+
+def two_free_ports() -> int:
+    """A port p with p and p + 1 free (the ranks' control ports)."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            base = int(a.getsockname()[1])
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", base + 1))
+                except OSError:
+                    continue
+                return base
+    raise RuntimeError("no two consecutive free ports")
+
+
+def get(port: int, path: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, {}
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def group(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], list[int]]]:
+    checkpoint = write_checkpoint(tmp_path / "ckpt", SyntheticWeights.for_shape(SHAPE, seed=1))
+    base = two_free_ports()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_")}
+    command = [
+        *(sys.executable, "-m", "moe_worker.main", "serve"),
+        *("--checkpoint", str(checkpoint), "--world", "2"),
+        *("--http-port", str(base), "--bind", "127.0.0.1", "--api-port", "0"),
+        *("--kv-cache-tokens", "256"),
+    ]
+    log = (tmp_path / "launcher.log").open("wb")
+    launcher = subprocess.Popen(
+        command, env={**env, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=log
+    )
+    try:
+        deadline = time.monotonic() + 180
+        for port in (base, base + 1):
+            while True:
+                assert launcher.poll() is None, (tmp_path / "launcher.log").read_text()
+                try:
+                    if get(port, "/readyz")[0] == 200:
+                        break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, (tmp_path / "launcher.log").read_text()
+                time.sleep(0.3)
+        pids = [get(port, "/healthz")[1]["pid"] for port in (base, base + 1)]
+        assert [get(port, "/healthz")[1]["rank"] for port in (base, base + 1)] == [0, 1]
+        yield launcher, pids
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        launcher.wait(30)
+
+
+def test_a_rank_that_dies_stops_the_group_with_a_failure(
+    group: tuple[subprocess.Popen[bytes], list[int]],
+) -> None:
+    launcher, pids = group
+    os.kill(pids[1], signal.SIGKILL)
+    assert launcher.wait(90) != 0
+    deadline = time.monotonic() + 30
+    while alive(pids[0]):
+        assert time.monotonic() < deadline, "rank 0 outlived the group"
+        time.sleep(0.2)
+
+
+def test_a_signal_stops_every_rank_cleanly(
+    group: tuple[subprocess.Popen[bytes], list[int]],
+) -> None:
+    launcher, pids = group
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(90) == 0
+    assert not any(alive(pid) for pid in pids)
+
+
+def test_local_ranks_of_a_pod_take_global_ranks_ports_and_gpus() -> None:
+    settings = WorkerSettings(http_port=8080, api_port=8000)
+    ranks = LocalRanks(local_world=4, rank_offset=8, world_size=16)
+    children = [rank_settings(settings, ranks, local) for local in range(4)]
+    assert [(c.rank, c.local_rank, c.world_size) for c in children] == [
+        (8 + i, i, 16) for i in range(4)
+    ]
+    assert [c.http_port for c in children] == [8080, 8081, 8082, 8083]
+    assert all(c.api_port == 0 for c in children)  # only global rank 0 serves the API
+    first = rank_settings(settings, LocalRanks(2), 0)
+    assert (first.rank, first.api_port, first.world_size) == (0, 8000, 2)

@@ -1,0 +1,124 @@
+"""The process group of one rank: joining it, the device it computes on, and the two small
+collectives of the serving loop (the leader's step descriptor out, every rank's result in).
+
+Both carry JSON text as uint8 tensors: plain data, never pickled objects, on any backend (nccl
+moves CUDA tensors only, gloo CPU ones).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("moe_worker.group")
+
+
+def resolve_device(device: str, backend: str, local_rank: int) -> tuple[torch.device, str]:
+    """The device and backend of a rank: cuda + nccl when a GPU is visible (one per local rank),
+    else cpu + gloo; explicit settings win."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device = f"cuda:{torch.cuda.current_device()}"
+    backend = backend or ("nccl" if device.startswith("cuda") else "gloo")
+    return torch.device(device), backend
+
+
+def join(
+    backend: str, master_addr: str, master_port: int, rank: int, world_size: int, timeout_s: float
+) -> None:
+    log.info(
+        "rank %d/%d joining %s group at %s:%d", rank, world_size, backend, master_addr, master_port
+    )
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{master_addr}:{master_port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+
+
+def collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+INLINE_BYTES = 16 * 1024
+"""Messages up to this size travel in ONE collective (length header + payload in a fixed-size
+buffer); a longer one (a step admitting many long prompts) takes a second for the rest. A step
+is latency-bound by its collectives, so the common case pays one, not two."""
+_HEADER = 8
+
+
+def _framed(payload: bytes, device: torch.device) -> torch.Tensor:
+    """[length (8 bytes, little-endian) | payload | zeros] of INLINE_BYTES, as uint8."""
+    head = payload[: INLINE_BYTES - _HEADER]
+    frame = bytearray(INLINE_BYTES)
+    frame[:_HEADER] = len(payload).to_bytes(_HEADER, "little")
+    frame[_HEADER : _HEADER + len(head)] = head
+    return torch.frombuffer(frame, dtype=torch.uint8).to(device)
+
+
+def _unframe(frame: torch.Tensor) -> tuple[int, bytes]:
+    raw = frame.cpu().numpy().tobytes()
+    size = int.from_bytes(raw[:_HEADER], "little")
+    return size, raw[_HEADER : _HEADER + min(size, INLINE_BYTES - _HEADER)]
+
+
+def _rest(payload: bytes) -> torch.Tensor:
+    """What does not fit in the frame (maybe nothing)."""
+    rest = payload[INLINE_BYTES - _HEADER :]
+    if not rest:
+        return torch.zeros(0, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(rest), dtype=torch.uint8)
+
+
+def broadcast_text(text: str | None, src: int = 0) -> str:
+    """Collective: `text` of rank `src` on every rank (others pass None)."""
+    if dist.get_world_size() == 1:  # nothing to send; a world-1 group still keeps the loop
+        assert text is not None
+        return text
+    device = collective_device()
+    payload = text.encode() if dist.get_rank() == src and text is not None else b""
+    frame = _framed(payload, device)
+    dist.broadcast(frame, src)
+    size, head = _unframe(frame)
+    if size <= len(head):
+        return head.decode()
+    rest = (
+        _rest(payload).to(device)
+        if payload
+        else torch.empty(size - len(head), dtype=torch.uint8, device=device)
+    )
+    dist.broadcast(rest, src)
+    return (head + rest.cpu().numpy().tobytes()).decode()
+
+
+def gather_text(text: str) -> list[str]:
+    """Collective: every rank's `text`, in rank order (on every rank: all_gather works on every
+    backend, where gather does not; the texts are small)."""
+    if dist.get_world_size() == 1:
+        return [text]
+    device = collective_device()
+    payload = text.encode()
+    world = dist.get_world_size()
+    frames = [torch.empty(INLINE_BYTES, dtype=torch.uint8, device=device) for _ in range(world)]
+    dist.all_gather(frames, _framed(payload, device))
+    parts = [_unframe(frame) for frame in frames]
+    longest = max(size - len(head) for size, head in parts)
+    if longest == 0:
+        return [head.decode() for _, head in parts]
+    mine = torch.zeros(longest, dtype=torch.uint8, device=device)
+    rest = _rest(payload)
+    mine[: rest.numel()] = rest.to(device)
+    tails = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
+    dist.all_gather(tails, mine)
+    return [
+        (head + tail.cpu().numpy().tobytes()[: size - len(head)]).decode()
+        for (size, head), tail in zip(parts, tails, strict=True)
+    ]
