@@ -76,7 +76,7 @@ def test_a_measured_price_above_the_cap_shrinks_the_bias_below_it() -> None:
 
 def test_a_cheap_bias_may_grow_only_up_to_the_cap() -> None:
     options = GatingOptions(max_bias=1.0, max_rerouted_fraction=0.1)
-    assert allowed_magnitude([-0.1, 0.1], 0.06, options) == pytest.approx(0.1 * 0.9 / 0.6)
+    assert allowed_magnitude([-0.1, 0.1], 0.06, options) == pytest.approx(0.1 * CAP_AIM / 0.6)
     assert allowed_magnitude([-0.1, 0.1], 0.01, options) == pytest.approx(0.2)  # growth limit
     no_cap = GatingOptions(max_rerouted_fraction=None)
     assert allowed_magnitude([-0.1, 0.1], 0.9, no_cap) == pytest.approx(0.2)
