@@ -48,7 +48,7 @@ def _recount(
     return rerouted, lost
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(scores())
 def test_a_token_whose_margin_is_not_below_max_margin_is_never_rerouted(case) -> None:
     logits, bias, top_k, margin = case
@@ -63,7 +63,7 @@ def test_a_token_whose_margin_is_not_below_max_margin_is_never_rerouted(case) ->
         assert torch.equal(chosen[confident], unbiased[confident])
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(scores())
 def test_a_rerouted_assignment_loses_less_than_max_margin(case) -> None:
     logits, bias, top_k, margin = case
@@ -76,7 +76,7 @@ def test_a_rerouted_assignment_loses_less_than_max_margin(case) -> None:
         assert (reroutes.lost_weight_N <= bound).all()
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(scores(ties=False))
 def test_the_price_equals_a_recount_from_the_scores(case) -> None:
     logits, bias, top_k, margin = case
