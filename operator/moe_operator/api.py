@@ -96,7 +96,13 @@ class VolumeSource(ApiModel):
     def kinds(self) -> dict[str, Any]:
         """Source kind -> its fields as written (camelCase), for every kind given."""
         written = self.model_dump(by_alias=True, exclude_none=True)
-        return {kind: fields for kind, fields in written.items() if fields is not None}
+        return {
+            # an empty string is "unset" in core/v1 (hostPath.type): leave it to the server
+            kind: {k: v for k, v in fields.items() if v != ""}
+            if isinstance(fields, dict)
+            else fields
+            for kind, fields in written.items()
+        }
 
 
 class CheckpointSource(ApiModel):
