@@ -245,7 +245,8 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
     restarting = group.restarting or not group.observed
     failure = None if restarting else startup_failure(state.pods)
     if failure is not None:
-        _announce_once(call, base, "Warning", failure.reason, failure.describe(world))
+        event = ("Warning", failure.reason, failure.describe(world))
+        _announce_once(call, base, event, key=failure.message)
     observed = Observed(
         generation=call.generation,
         workers=world,
@@ -270,11 +271,11 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
     _write_status(call, base, observed, desired, detection_state, outcome, last_rebalance, key)
 
 
-def _announce_once(call: Call, base: dict[str, Any], kind: str, reason: str, text: str) -> None:
-    """An Event for a condition that lasts: once, not at every timer run (its message is kept
-    in the condition the run before wrote)."""
-    if not any(text in (item.get("message") or "") for item in base.get("conditions") or []):
-        call.announce([(kind, reason, text)])
+def _announce_once(call: Call, base: dict[str, Any], event: tuple[str, str, str], key: str) -> None:
+    """An Event for a condition that lasts: once, not at every timer run. `key` is what makes
+    it news: absent from the conditions the run before wrote."""
+    if not any(key in (item.get("message") or "") for item in base.get("conditions") or []):
+        call.announce([event])
 
 
 def _token(call: Call) -> str | None:

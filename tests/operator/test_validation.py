@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import tracemalloc
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +16,7 @@ from moe_operator.manifests.children import plan_shape
 from moe_operator.validation import parse_spec, plan_bytes_bound
 from moe_worker.plan import MAX_PLAN_VERSION, Plan
 
+ROOT = Path(__file__).resolve().parents[2]
 CPU = {"worker": {"backend": "gloo", "device": "cpu", "gpusPerPod": 0}}
 
 BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
@@ -409,3 +412,12 @@ def test_plan_size_bound_is_an_upper_bound(
     worst = [[-1.2345678901234567e-300, *bias][e % (len(bias) + 1)] for e in range(experts)]
     biased = Plan.model_validate({**plan.to_document(), "gateBias": [worst] * layers})
     assert len(biased.to_json()) <= table + gate
+
+
+@pytest.mark.parametrize(
+    "sample", sorted((ROOT / "manifests" / "samples").glob("*.yaml")), ids=lambda path: path.name
+)
+def test_every_sample_passes(sample: Path) -> None:
+    document = yaml.safe_load(sample.read_text())
+    parsed, problems = parse_spec(document["spec"], name=document["metadata"]["name"])
+    assert problems == [] and parsed is not None
