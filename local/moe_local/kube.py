@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import kubernetes
 import urllib3
-from kubernetes.client import ApiClient, Configuration
+from kubernetes.client import ApiClient, Configuration, CustomObjectsApi
 from kubernetes.client.rest import ApiException
 
 T = TypeVar("T")
@@ -51,6 +51,38 @@ def get_or_none(read: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
         if err.status == 404:
             return None
         raise
+
+
+def service_endpoint(
+    client: ApiClient, namespace: str, service: str, port: str = "http"
+) -> tuple[str, int] | None:
+    """(address, port) of a ready endpoint of a Service, from its EndpointSlices: where
+    kube-proxy (which reads EndpointSlices since 1.19) would send a connection to the Service's
+    ClusterIP. The local cluster has no kube-proxy, so tools reach a Service this way, and only
+    while it has a ready endpoint. Not through the Endpoints object: its validation refuses
+    loopback addresses, and every pod address here is one (EndpointSlices take them)."""
+    custom = CustomObjectsApi(client)
+    selector = f"kubernetes.io/service-name={service}"
+    for version in ("v1", "v1beta1"):  # v1 from Kubernetes 1.21; the local 1.20 has v1beta1
+        try:
+            slices = custom.list_namespaced_custom_object(
+                "discovery.k8s.io", version, namespace, "endpointslices", label_selector=selector
+            )
+        except ApiException as err:
+            if err.status == 404:
+                continue
+            raise
+        for item in slices.get("items") or []:
+            ports = item.get("ports") or []
+            number = next((p["port"] for p in ports if p.get("name") == port), None)
+            if number is None and len(ports) == 1:
+                number = ports[0]["port"]
+            for endpoint in item.get("endpoints") or []:
+                ready = (endpoint.get("conditions") or {}).get("ready") is not False
+                if number is not None and ready and endpoint.get("addresses"):
+                    return endpoint["addresses"][0], int(number)
+        return None
+    return None
 
 
 def readyz(client: ApiClient, timeout_s: float = 3.0) -> bool:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,13 +26,66 @@ from typing import Any
 log = logging.getLogger("moe_local.nodeagent")
 
 _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: preexec_fn must not import
+_LIBC.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+]
 _PR_SET_PDEATHSIG = 1
+_CLONE_NEWNS = 0x00020000
+_MS_RDONLY, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 0x1, 0x20, 0x1000, 0x4000, 0x40000
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+MESSAGE_LIMIT = 4096  # a kubelet keeps at most this many bytes of a termination message
+LOG_FALLBACK_BYTES, LOG_FALLBACK_LINES = 2048, 80  # FallbackToLogsOnError, as a kubelet does
+
+ReadOnlyBind = tuple[str, str]  # (host path, the pod's local path that shows it read-only)
 
 
 def _die_with_parent() -> None:
     # Tied to the forking thread: the pod's runner thread outlives every process it starts.
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _mount(source: str | None, target: str, flags: int) -> None:
+    encoded = None if source is None else source.encode()
+    if _LIBC.mount(encoded, target.encode(), None, flags, None) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"mount {source} on {target}: {os.strerror(errno)}")
+
+
+def _start_in_child(binds: tuple[ReadOnlyBind, ...]) -> Callable[[], None]:
+    """What runs in the child before exec: die with the agent; show read-only hostPath mounts
+    read-only, through bind mounts in a mount namespace of the container's own (a kubelet's
+    container runtime does the same)."""
+
+    def run() -> None:
+        _die_with_parent()
+        if not binds:
+            return
+        if _LIBC.unshare(_CLONE_NEWNS) != 0:
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+        _mount(None, "/", _MS_REC | _MS_PRIVATE)  # nothing leaks back to the host
+        for source, target in binds:
+            _mount(source, target, _MS_BIND | _MS_REC)
+            _mount(None, target, _MS_REMOUNT | _MS_BIND | _MS_RDONLY)
+
+    return run
+
+
+@functools.cache
+def read_only_binds_available() -> bool:
+    """Whether this process may make mount namespaces (root with CAP_SYS_ADMIN); without, a
+    read-only hostPath mount is the host directory itself, writable (logged once)."""
+    probe = "import ctypes,os; os._exit(ctypes.CDLL(None).unshare(0x20000) != 0)"
+    try:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if done.returncode != 0:
+        log.warning("no mount namespaces here: read-only hostPath mounts stay writable")
+    return done.returncode == 0
 
 
 def now_rfc3339() -> str:
@@ -51,6 +106,8 @@ class Launch:
     cwd: Path
     ports: dict[str, int]  # container port name -> number, for probes
     ip: str
+    message_file: Path | None = None  # the local file at the container's terminationMessagePath
+    read_only_binds: tuple[ReadOnlyBind, ...] = ()
 
 
 def probe_ok(probe: dict[str, Any], launch: Launch) -> bool:
@@ -118,6 +175,7 @@ class ContainerProcess:
         self._next_liveness = 0.0
         self._ready_failures = 0
         self._live_failures = 0
+        self._log_offset = 0  # where this run's output starts in the log file
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -154,23 +212,29 @@ class ContainerProcess:
             self.waiting = ("CreateContainerConfigError", str(err))
             self._next_start = now + 2.0
             return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as out:
+            out.write(f"--- {now_rfc3339()} start #{self._starts + 1}: {launch.argv}\n".encode())
+            out.flush()
+            self._log_offset = out.tell()
+            try:
+                self.proc = subprocess.Popen(
+                    launch.argv,
+                    env=launch.env,
+                    cwd=launch.cwd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_start_in_child(launch.read_only_binds),
+                )
+            except (OSError, subprocess.SubprocessError) as err:  # a mount refused, no binary
+                self.waiting = ("RunContainerError", f"could not start: {err}")
+                self._next_start = now + 2.0
+                return
         if self._starts or self.last_terminated is not None:
             self.restart_count += 1
         self._starts += 1
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as out:
-            out.write(f"--- {now_rfc3339()} start #{self._starts}: {launch.argv}\n".encode())
-            out.flush()
-            self.proc = subprocess.Popen(
-                launch.argv,
-                env=launch.env,
-                cwd=launch.cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
         self.pid_path.write_text(str(self.proc.pid))
         self.launch, self.started_at, self.waiting = launch, now_rfc3339(), ("", "")
         self.ready, self._ready_failures, self._live_failures = False, 0, 0
@@ -212,6 +276,28 @@ class ContainerProcess:
         }
         if code < 0:
             self.last_terminated["signal"] = -code
+        message = self._termination_message(code)
+        if message:
+            self.last_terminated["message"] = message
+
+    def _termination_message(self, code: int) -> str:
+        """What the container wrote to its terminationMessagePath; with FallbackToLogsOnError
+        and a failure, its log's end when it wrote nothing (a kubelet's rules)."""
+        path = self.launch.message_file if self.launch is not None else None
+        try:
+            text = path.read_bytes()[-MESSAGE_LIMIT:] if path is not None else b""
+        except OSError:
+            text = b""
+        fallback = self.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError"
+        if not text.strip() and fallback and code != 0:
+            try:
+                with self.log_path.open("rb") as log_file:
+                    log_file.seek(self._log_offset)
+                    tail = log_file.read()[-LOG_FALLBACK_BYTES:]
+            except OSError:
+                tail = b""
+            text = b"\n".join(tail.splitlines()[-LOG_FALLBACK_LINES:])
+        return text.decode(errors="replace").strip()
 
     # -- probes ------------------------------------------------------------------------------
 

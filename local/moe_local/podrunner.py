@@ -3,6 +3,8 @@
 A `PodRunner` is a thread per pod UID. The node agent feeds it the pod object as it changes; it
 owns everything under `<workdir>/pods/<namespace>_<name>_<uid>/`:
     volumes/<volume>/...   ConfigMap/Secret files (re-synced every few seconds), emptyDirs
+    read-only/<volume>     where a container sees a readOnly hostPath mount (a read-only bind)
+    termination/<container>  the file at the container's terminationMessagePath
     kubeconfig             ServiceAccount token kubeconfig, when the SA token is mounted
     logs/<container>.log   stdout+stderr (there is no `kubectl logs` without a kubelet server)
     logs/<container>.pid   the running process, for `moe-ep local down`'s safety net
@@ -27,14 +29,24 @@ from kubernetes.client.rest import ApiException
 
 from moe_local.kube import MERGE_PATCH, get_or_none
 from moe_local.kube import write_token_kubeconfig as _write_kubeconfig
-from moe_local.podprocess import ContainerProcess, Launch, kill_group, now_rfc3339
+from moe_local.podprocess import (
+    ContainerProcess,
+    Launch,
+    ReadOnlyBind,
+    kill_group,
+    now_rfc3339,
+    read_only_binds_available,
+)
 from moe_local.podspec import (
+    DEFAULT_TERMINATION_MESSAGE_PATH,
     SA_MOUNT_PATH,
     Mounts,
     container_env,
     expand_vars,
+    host_path_problem,
     pod_ip,
     resolve_cluster_names,
+    unsupported_volume,
 )
 
 log = logging.getLogger("moe_local.nodeagent")
@@ -99,8 +111,9 @@ class PodRunner(threading.Thread):
         self._stop_reason: str | None = None  # "deleted" | "gone" | "shutdown"
         self._shutdown_grace = 5.0
         self._volume_dirs: dict[str, Path] = {}
+        self._host_paths: dict[str, Path] = {}  # hostPath volumes: name -> the host's path
         self._volume_files: dict[str, set[str]] = {}
-        self._volumes_ok = False
+        self._volume_problem: tuple[str, str] | None = ("ContainerCreating", "")
         self._kubeconfig: Path | None = None
         self._start_time = (pod.get("status") or {}).get("startTime") or now_rfc3339()
         self._transitions: dict[str, tuple[str, str]] = {}
@@ -153,11 +166,15 @@ class PodRunner(threading.Thread):
             while self._stop_reason is None:
                 now = time.monotonic()
                 if now >= next_sync:
-                    self._volumes_ok = self._sync_volumes()
+                    self._volume_problem = self._sync_volumes()
                     next_sync = now + self._volume_sync_s
-                if self._volumes_ok:
+                if self._volume_problem is None:
                     for container in self.containers:
                         container.step(lambda c=container: self._launch(c.spec))
+                else:
+                    for container in self.containers:
+                        if container.proc is None and container.last_terminated is None:
+                            container.waiting = self._volume_problem
                 self._publish_status()
                 self._write_target()
                 self._wake.wait(0.25)
@@ -201,27 +218,38 @@ class PodRunner(threading.Thread):
 
     # -- volumes and launch ------------------------------------------------------------------
 
-    def _sync_volumes(self) -> bool:
-        """Write ConfigMap/Secret files; False while a required one is missing."""
-        ok = True
+    def _sync_volumes(self) -> tuple[str, str] | None:
+        """Write ConfigMap/Secret files; (waiting reason, message) while the pod cannot start:
+        a volume kind the agent cannot provide, a required object missing, a hostPath check."""
+        problem: tuple[str, str] | None = None
         for volume in self.pod["spec"].get("volumes") or []:
             name = volume["name"]
             local = self.dir / "volumes" / name
+            refused = unsupported_volume(volume)
+            if refused is not None:
+                problem = problem or ("VolumeNotSupported", refused)
+                continue
             if "hostPath" in volume:
-                self._volume_dirs[name] = Path(volume["hostPath"]["path"])
+                failed = host_path_problem(volume["hostPath"])
+                if failed is not None:
+                    problem = problem or ("ContainerCreating", f"volume {name!r}: {failed}")
+                self._volume_dirs[name] = self._host_paths[name] = Path(volume["hostPath"]["path"])
                 continue
             self._volume_dirs[name] = local
             local.mkdir(parents=True, exist_ok=True)
             source = volume.get("configMap") or volume.get("secret")
             if source is None:
-                continue  # emptyDir (or an unsupported kind): an empty directory
+                continue  # emptyDir: an empty directory
             kind = "configmap" if "configMap" in volume else "secret"
-            data = self._lookup(kind, source.get("name") or source.get("secretName", ""))
+            source_name = source.get("name") or source.get("secretName", "")
+            data = self._lookup(kind, source_name)
             if data is None:
-                ok = ok and bool(source.get("optional"))
+                if not source.get("optional"):
+                    missing = f"volume {name!r}: {kind} {source_name} not found"
+                    problem = problem or ("ContainerCreating", missing)
                 continue
             self._write_volume(name, local, data, source.get("items"), kind)
-        return ok
+        return problem
 
     def _write_volume(
         self, name: str, local: Path, data: dict[str, str], items: Any, kind: str
@@ -249,8 +277,33 @@ class PodRunner(threading.Thread):
         binary = {k: base64.b64decode(v).decode() for k, v in (obj.get("binaryData") or {}).items()}
         return {**(obj.get("data") or {}), **binary}
 
+    def _read_only_views(self, spec: dict[str, Any]) -> tuple[dict[str, Path], list[ReadOnlyBind]]:
+        """Volume directories for this container: a hostPath mounted readOnly is seen through a
+        read-only bind of the host path onto a directory of the pod's own."""
+        dirs, binds = dict(self._volume_dirs), []
+        for mount in spec.get("volumeMounts") or []:
+            host = self._host_paths.get(mount["name"])
+            if host is None or not mount.get("readOnly") or not read_only_binds_available():
+                continue
+            view = self.dir / "read-only" / mount["name"]
+            if host.is_dir():
+                view.mkdir(parents=True, exist_ok=True)
+            else:
+                view.parent.mkdir(parents=True, exist_ok=True)
+                view.touch(exist_ok=True)
+            binds.append((str(host), str(view)))
+            dirs[mount["name"]] = view
+        return dirs, binds
+
     def _launch(self, spec: dict[str, Any]) -> Launch:
-        mounts = Mounts.of(spec, self._volume_dirs)
+        volume_dirs, binds = self._read_only_views(spec)
+        # A fresh termination message file for each start, as a kubelet gives each instance;
+        # the container finds it where it looks (env values naming the path are rewritten).
+        message_file = self.dir / "termination" / spec["name"]
+        message_file.parent.mkdir(parents=True, exist_ok=True)
+        message_file.write_bytes(b"")
+        message_path = spec.get("terminationMessagePath") or DEFAULT_TERMINATION_MESSAGE_PATH
+        mounts = Mounts.of(spec, volume_dirs, {message_path: message_file})
         pod_env = container_env(
             self.pod, spec, ip=self.ip, host_ip=self._host_ip, lookup=self._lookup
         )
@@ -282,7 +335,13 @@ class PodRunner(threading.Thread):
         cwd = Path(mounts.rewrite(working_dir)) if working_dir else self.dir
         ports = {p["name"]: p["containerPort"] for p in spec.get("ports") or [] if p.get("name")}
         return Launch(
-            argv=argv, env=env, cwd=cwd if cwd.is_dir() else self.dir, ports=ports, ip=self.ip
+            argv=argv,
+            env=env,
+            cwd=cwd if cwd.is_dir() else self.dir,
+            ports=ports,
+            ip=self.ip,
+            message_file=message_file,
+            read_only_binds=tuple(binds),
         )
 
     def _sa_kubeconfig(self, sa_dir: Path) -> Path:

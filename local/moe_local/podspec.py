@@ -63,13 +63,21 @@ class Mounts:
     paths: tuple[tuple[str, Path], ...]  # longest mountPath first, so nested mounts win
 
     @classmethod
-    def of(cls, container: dict[str, Any], volume_dirs: Mapping[str, Path]) -> Mounts:
+    def of(
+        cls,
+        container: dict[str, Any],
+        volume_dirs: Mapping[str, Path],
+        files: Mapping[str, Path] | None = None,
+    ) -> Mounts:
+        """`files`: single files the node provides at a path of the container (its
+        terminationMessagePath), mapped like mounts."""
         pairs = []
         for mount in container.get("volumeMounts") or []:
             local = volume_dirs.get(mount["name"])
             if local is not None:
                 local = local / mount["subPath"] if mount.get("subPath") else local
                 pairs.append((mount["mountPath"].rstrip("/") or "/", local))
+        pairs += [(path, local) for path, local in (files or {}).items()]
         pairs.sort(key=lambda pair: len(pair[0]), reverse=True)
         return cls(tuple(pairs))
 
@@ -153,3 +161,42 @@ def _env_value(
                 raise KeyError(f"{kind} {ref['name']} has no key {ref['key']!r}")
             return value
     return None  # resourceFieldRef: no cgroup limits here
+
+
+SUPPORTED_VOLUMES = ("configMap", "secret", "emptyDir", "hostPath")
+"""Volume sources the node agent emulates; a pod with any other waits, saying so."""
+DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+
+
+def volume_kind(volume: dict[str, Any]) -> str:
+    """The source kind of a pod volume (its one key besides the name)."""
+    return next((key for key in volume if key != "name"), "emptyDir")
+
+
+def unsupported_volume(volume: dict[str, Any]) -> str | None:
+    """Why the agent cannot provide `volume`, or None when it can."""
+    kind = volume_kind(volume)
+    if kind in SUPPORTED_VOLUMES:
+        return None
+    return (
+        f"volume {volume['name']!r}: {kind} volumes cannot be emulated by the local node agent "
+        f"(it provides {', '.join(SUPPORTED_VOLUMES)}); on the local cluster use a hostPath "
+        f"volume for data on this machine"
+    )
+
+
+def host_path_problem(source: dict[str, Any]) -> str | None:
+    """A kubelet's hostPath type check (creating what the *OrCreate types ask for)."""
+    path, kind = Path(source["path"]), source.get("type") or ""
+    if kind == "DirectoryOrCreate":
+        path.mkdir(parents=True, exist_ok=True)
+    elif kind == "FileOrCreate":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(exist_ok=True)
+    elif kind == "Directory" and not path.is_dir():
+        return f"hostPath type check failed: {path} is not a directory"
+    elif kind == "File" and not path.is_file():
+        return f"hostPath type check failed: {path} is not a file"
+    elif kind not in ("", "Directory", "File"):
+        return f"hostPath type {kind!r} is not emulated by the local node agent"
+    return None

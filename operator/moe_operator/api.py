@@ -8,11 +8,12 @@ Field names are camelCase as in every Kubernetes API; Python code reads them as 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from moe_worker import env as worker_env
 from moe_worker.plan import MAX_PLAN_VERSION
 from moe_worker.shape import ModelShape
 
@@ -32,9 +33,126 @@ class ApiModel(BaseModel):
     )
 
 
-class ModelSpec(ApiModel):
-    """Shape of the MoE transformer every worker builds."""
+class PersistentVolumeClaimSource(ApiModel):
+    """A PersistentVolumeClaim of the deployment's namespace (core/v1 persistentVolumeClaim)."""
 
+    claim_name: str = Field(
+        min_length=1, max_length=253, description="Name of the PersistentVolumeClaim."
+    )
+    read_only: bool = Field(
+        True, description="Workers mount the checkpoint read-only; false is refused."
+    )
+
+
+class HostPathSource(ApiModel):
+    """A directory of the node (core/v1 hostPath): every node that runs a worker needs it."""
+
+    path: str = Field(
+        min_length=1, max_length=4096, description="Absolute path of the directory on the node."
+    )
+    type: str = Field(
+        "",
+        max_length=64,
+        description="Directory (the kubelet checks it exists) or empty (no check). A "
+        "checkpoint is read, never created: DirectoryOrCreate and the file, socket and device "
+        "types are refused.",
+    )
+
+
+class NFSSource(ApiModel):
+    """An NFS export (core/v1 nfs)."""
+
+    server: str = Field(min_length=1, max_length=253, description="NFS server host or address.")
+    path: str = Field(min_length=1, max_length=4096, description="Path exported by the server.")
+    read_only: bool = Field(
+        True, description="Workers mount the checkpoint read-only; false is refused."
+    )
+
+
+class VolumeSource(ApiModel):
+    """Where a checkpoint lives: exactly one core/v1 volume source, written as in a pod's
+    `volumes[]` entry without its name. persistentVolumeClaim, hostPath and nfs are checked
+    here; any other source that holds data (csi, ephemeral, iscsi, cephfs, rbd, ...) is passed
+    to the pods as written. Sources that hold no checkpoint are refused: emptyDir (empty),
+    configMap, secret, downwardAPI and projected (small API objects), gitRepo (deprecated, writes).
+    """
+
+    # Every core/v1 source cannot be modelled here without copying the pod API: the known
+    # ones are typed, the others kept as written (x-kubernetes-preserve-unknown-fields).
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="allow", frozen=True
+    )
+
+    persistent_volume_claim: PersistentVolumeClaimSource | None = Field(
+        None,
+        description="A PersistentVolumeClaim holding the checkpoint (ReadOnlyMany or "
+        "ReadWriteMany when workers run on several nodes).",
+    )
+    host_path: HostPathSource | None = Field(
+        None, description="A directory on the node (single-node clusters, the local cluster)."
+    )
+    nfs: NFSSource | None = Field(None, description="An NFS export holding the checkpoint.")
+
+    def kinds(self) -> dict[str, Any]:
+        """Source kind -> its fields as written (camelCase), for every kind given."""
+        written = self.model_dump(by_alias=True, exclude_none=True)
+        return {
+            # an empty string is "unset" in core/v1 (hostPath.type): leave it to the server
+            kind: {k: v for k, v in fields.items() if v != ""}
+            if isinstance(fields, dict)
+            else fields
+            for kind, fields in written.items()
+        }
+
+
+class CheckpointSource(ApiModel):
+    """A Hugging Face checkpoint directory on a volume, mounted read-only into every worker."""
+
+    volume: VolumeSource = Field(
+        description=f"The volume holding the checkpoint, mounted read-only at "
+        f"{worker_env.CHECKPOINT_MOUNT_DIR} in every worker."
+    )
+    path: str = Field(
+        "",
+        max_length=1024,
+        description=f"The checkpoint directory (config.json, *.safetensors, optionally "
+        f"tokenizer.json and generation_config.json) inside the volume: relative to its root, "
+        f"or absolute under {worker_env.CHECKPOINT_MOUNT_DIR}; empty: the volume's root.",
+    )
+
+    def mounted_path(self) -> str:
+        """The directory as workers see it, under the mount (the path must be valid)."""
+        path, mount = self.path, worker_env.CHECKPOINT_MOUNT_DIR
+        if path == mount or path.startswith(mount + "/"):  # absolute, under the mount
+            path = path[len(mount) :]
+        parts = [part for part in path.split("/") if part not in ("", ".")]
+        return "/".join([worker_env.CHECKPOINT_MOUNT_DIR, *parts])
+
+
+class ModelSource(ApiModel):
+    """Where the weights come from."""
+
+    type: Literal["Synthetic", "Checkpoint"] = Field(
+        "Synthetic",
+        description="Synthetic: seeded random weights of the model's shape, identical on every "
+        "rank (no download, for tests and demos); Checkpoint: a Hugging Face directory on a "
+        "volume (see checkpoint).",
+    )
+    checkpoint: CheckpointSource | None = Field(
+        None, description="The checkpoint; required with type Checkpoint."
+    )
+
+
+class ModelSpec(ApiModel):
+    """The MoE transformer every worker builds. With a checkpoint, its config.json must agree
+    with every size here: a worker refuses one that does not, naming both values."""
+
+    architecture: Literal["SeedMLP", "Mixtral", "Qwen3MoE"] = Field(
+        "SeedMLP",
+        description="Model family: SeedMLP (the seed's two-matrix GELU experts), Mixtral or "
+        "Qwen3MoE (SwiGLU experts; Hugging Face checkpoints of MixtralForCausalLM and "
+        "Qwen3MoeForCausalLM).",
+    )
     layers: int = Field(
         16, ge=1, le=1024, description="Transformer layers, each with an MoE block."
     )
@@ -44,14 +162,39 @@ class ModelSpec(ApiModel):
         16384, ge=1, le=262144, description="Hidden dimension of each expert MLP."
     )
     attention_heads: int = Field(32, ge=1, le=1024, description="Attention heads per layer.")
-    head_dim: int = Field(128, ge=1, le=1024, description="Dimension of each attention head.")
+    key_value_heads: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="Key/value heads (grouped-query attention, e.g. 8 for Mixtral-8x7B); must "
+        "divide attentionHeads. 0: as many as attentionHeads.",
+    )
+    head_dim: int = Field(
+        128, ge=1, le=1024, description="Dimension of each attention head (even: RoPE)."
+    )
     top_k: int = Field(2, ge=1, le=64, description="Experts each token is routed to.")
+    vocab_size: int = Field(
+        32000, ge=1, le=4_194_304, description="Token vocabulary (embedding and LM head rows)."
+    )
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="Weight and activation precision."
+        "bfloat16",
+        description="Weight and activation precision; checkpoint weights are cast to it.",
+    )
+    served_model_name: str = Field(
+        "",
+        max_length=256,
+        description="The name clients send as `model`; empty: the checkpoint directory's "
+        "name, or the MoEDeployment's name for synthetic weights.",
+    )
+    source: ModelSource = Field(
+        default_factory=ModelSource, description="Synthetic weights or a checkpoint."
     )
 
     def to_shape(self) -> ModelShape:
-        """The shape workers build and the performance model prices (the one shared contract)."""
+        """The shape workers build and the performance model prices (the one shared contract).
+
+        Every field is declared, key/value heads included: a checkpoint must agree with all.
+        """
         return ModelShape(
             layers=self.layers,
             experts=self.experts_per_layer,
@@ -61,6 +204,9 @@ class ModelSpec(ApiModel):
             head_dim=self.head_dim,
             top_k=self.top_k,
             dtype=self.dtype,
+            architecture=self.architecture,
+            kv_heads=self.key_value_heads or self.attention_heads,
+            vocab_size=self.vocab_size,
         )
 
 
@@ -222,6 +368,24 @@ class EnvVar(ApiModel):
     value: str = Field("", description="Variable value.")
 
 
+class ApiKeysSpec(ApiModel):
+    """API keys of the OpenAI-compatible API: a Secret's key holding one key per line, mounted
+    read-only into the workers (read on every request: a rotated Secret needs no restart)."""
+
+    secret_name: str = Field(
+        "",
+        max_length=253,
+        description="Secret of the deployment's namespace holding the keys; empty: no key is "
+        "needed (the API is open to whoever reaches the Service).",
+    )
+    key: str = Field(
+        "keys",
+        min_length=1,
+        max_length=253,
+        description="Key of the Secret whose value lists the accepted keys, one per line.",
+    )
+
+
 class WorkerSpec(ApiModel):
     """The worker pods."""
 
@@ -257,6 +421,39 @@ class WorkerSpec(ApiModel):
     master_port: int = Field(
         29500, ge=1, le=65535, description="torch.distributed rendezvous port on rank 0."
     )
+    api_port: int = Field(
+        worker_env.DEFAULT_API_PORT,
+        ge=1,
+        le=65535,
+        description="Port of the OpenAI-compatible API (/v1/completions, /v1/models) on the "
+        "leader (rank 0), behind the Service <name>-api.",
+    )
+    kv_cache_tokens: int = Field(
+        8192,
+        ge=16,
+        le=1 << 30,
+        description="KV cache budget of each rank, in tokens (prompt + generated, all layers), "
+        "allocated at start: layers x 2 x keyValueHeads x headDim x dtype bytes per token. "
+        "Fits a small CPU model; on GPUs raise it to what the memory left after the weights "
+        "holds (hundreds of thousands of tokens on an 80 GB GPU).",
+    )
+    max_batch_tokens: int = Field(
+        512,
+        ge=1,
+        le=1 << 20,
+        description="New tokens each rank runs per step (decodes plus chunked prefill), also "
+        "its most running sequences. Fits a CPU; on GPUs raise it to 2048-8192 for throughput.",
+    )
+    max_queued_requests: int = Field(
+        128,
+        ge=0,
+        le=1 << 20,
+        description="Requests waiting for a KV budget on the leader; beyond them the API "
+        "answers 429. Raise it with kvCacheTokens when clients send bursts.",
+    )
+    api_keys: ApiKeysSpec = Field(
+        default_factory=ApiKeysSpec, description="Optional API keys (a Secret) for the API."
+    )
 
 
 class MetricsSpec(ApiModel):
@@ -273,7 +470,9 @@ class MetricsSpec(ApiModel):
 class MoEDeploymentSpec(ApiModel):
     """A Mixture-of-Experts model served with expert parallelism."""
 
-    model: ModelSpec = Field(default_factory=ModelSpec, description="Model shape.")
+    model: ModelSpec = Field(
+        default_factory=ModelSpec, description="The model: family, shape and weights."
+    )
     parallelism: ParallelismSpec = Field(
         default_factory=ParallelismSpec, description="Parallel layout."
     )
@@ -386,6 +585,12 @@ class MoEDeploymentStatus(ApiModel):
     ready_workers: int = Field(0, description="Worker pods ready.")
     ready: str = Field("0/0", description="readyWorkers/workers, for kubectl get.")
     imbalance: str = Field("", description="Worst-layer imbalance in the last window (max/mean).")
+    endpoint: str = Field(
+        "",
+        description="Base URL of the OpenAI-compatible API, http://<name>-api.<namespace>.svc:"
+        "<apiPort>/v1; the Service has a ready endpoint only while the whole group serves.",
+    )
+    served_model_name: str = Field("", description="The `model` name clients send.")
     plan: PlanStatus = Field(default_factory=PlanStatus, description="Desired and applied plan.")
     last_rebalance: RebalanceRecord | None = Field(None, description="The last rebalance, if any.")
     detection: DetectionStatus | None = Field(None, description="Imbalance detection state.")

@@ -42,6 +42,13 @@ _PRINTER_COLUMNS = [
         "description": "Desired plan version.",
     },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {
+        "name": "Endpoint",
+        "type": "string",
+        "jsonPath": ".status.endpoint",
+        "description": "The OpenAI-compatible API's base URL.",
+        "priority": 1,  # kubectl get -o wide
+    },
 ]
 
 
@@ -74,6 +81,12 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         required = [name for name in node.get("required", []) if name in out["properties"]]
         if required:
             out["required"] = required
+        for name in required:  # the user gives it: a default would only hide its absence
+            out["properties"][name].pop("default", None)
+        if node.get("additionalProperties") is True:
+            # A model that takes fields it does not list (a core/v1 volume source of any kind):
+            # the listed ones are checked, the others kept as written. Only there.
+            out["x-kubernetes-preserve-unknown-fields"] = True
     elif node.get("type") == "object":
         value_schema = node.get("additionalProperties") or {"type": "string"}
         out["additionalProperties"] = _structural(value_schema, defs)

@@ -30,6 +30,7 @@ from typing import Any
 import kopf
 
 from moe_operator import api, metrics
+from moe_operator.failures import startup_failure
 from moe_operator.group import GroupState, group_state
 from moe_operator.images import WorkerImages, with_worker_image
 from moe_operator.kube import Cluster, Conflict, load_client_config, secret_value
@@ -242,6 +243,10 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
         if outcome.rebalance is not None:
             last_rebalance = outcome.rebalance.model_dump(by_alias=True)
     restarting = group.restarting or not group.observed
+    failure = None if restarting else startup_failure(state.pods)
+    if failure is not None:
+        event = ("Warning", failure.reason, failure.describe(world))
+        _announce_once(call, base, event, key=failure.message)
     observed = Observed(
         generation=call.generation,
         workers=world,
@@ -258,9 +263,19 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
         was_running=_was_running(base),
         balance_note=_balance_note(desired),
         group_restart=group.message(world) if restarting else None,
+        startup_failure=failure,
+        endpoint=children.api_endpoint(call.name, call.namespace, parsed),
+        served_model_name=children.served_model_name(call.name, parsed),
     )
     key = children.plan_shape(parsed).key
     _write_status(call, base, observed, desired, detection_state, outcome, last_rebalance, key)
+
+
+def _announce_once(call: Call, base: dict[str, Any], event: tuple[str, str, str], key: str) -> None:
+    """An Event for a condition that lasts: once, not at every timer run. `key` is what makes
+    it news: absent from the conditions the run before wrote."""
+    if not any(key in (item.get("message") or "") for item in base.get("conditions") or []):
+        call.announce([event])
 
 
 def _token(call: Call) -> str | None:

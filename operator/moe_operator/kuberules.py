@@ -21,6 +21,7 @@ _DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _NAME_PART = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 _ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
+_CONFIG_KEY = re.compile(r"[-._a-zA-Z0-9]+")
 _QUANTITY = re.compile(
     r"(?P<sign>[+-]?)(?P<number>\d+\.?\d*|\.\d+)"
     r"(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?\d+)?"
@@ -78,6 +79,16 @@ def env_name(value: str) -> str | None:
     """Environment variable names: letters, digits, '_', '-' and '.', not starting with a digit."""
     if not _ENV_NAME.fullmatch(value):
         return "must consist of letters, digits, '_', '-' or '.', and not start with a digit"
+    return None
+
+
+def config_key(value: str) -> str | None:
+    """Keys of a ConfigMap or Secret (and the file names they become): letters, digits, '-',
+    '_' and '.'; <= 253; not '.' or '..'."""
+    if len(value) > DNS_SUBDOMAIN_MAX:
+        return f"must be at most {DNS_SUBDOMAIN_MAX} characters"
+    if not _CONFIG_KEY.fullmatch(value) or value in (".", ".."):
+        return "must consist of letters, digits, '-', '_' or '.' (and not be '.' or '..')"
     return None
 
 

@@ -89,11 +89,12 @@ def keys_in_use(pods: list[dict[str, Any]]) -> set[str] | None:
 
 def conflicts_of(owner: Owner, found: Mapping[str, dict[str, Any] | None]) -> tuple[str, ...]:
     """Children that exist under our names without our controller reference, described with
-    the fix (the operator never adopts or deletes them itself)."""
+    the fix (the operator never adopts or deletes them itself). `found`: "<Kind> <name>" ->
+    the object under that name, or None."""
     return tuple(
-        f"{what} {owner.namespace}/{obj['metadata']['name']} exists and is not controlled by "
-        f"MoEDeployment {owner.name} (uid {owner.uid}); delete or rename it, or give this "
-        f"deployment another name"
+        f"{what.split()[0]} {owner.namespace}/{obj['metadata']['name']} exists and is not "
+        f"controlled by MoEDeployment {owner.name} (uid {owner.uid}); delete or rename it, or "
+        f"give this deployment another name"
         for what, obj in found.items()
         if obj is not None and not children.controlled_by(obj, owner.uid)
     )
@@ -127,12 +128,14 @@ def ensure_children(
         pods: the StatefulSet's own pods, given the StatefulSet as read.
     """
     name, namespace = owner.name, owner.namespace
-    found = {
-        "Secret": cluster.get("Secret", namespace, children.token_secret_name(name)),
-        "ConfigMap": cluster.get("ConfigMap", namespace, children.plan_configmap_name(name)),
-        "Service": cluster.get("Service", namespace, children.service_name(name)),
-        "StatefulSet": cluster.get("StatefulSet", namespace, name),
+    names = {
+        "Secret": children.token_secret_name(name),
+        "ConfigMap": children.plan_configmap_name(name),
+        "Service": children.service_name(name),
+        "Service api": children.api_service_name(name),
+        "StatefulSet": name,
     }
+    found = {what: cluster.get(what.split()[0], namespace, child) for what, child in names.items()}
     conflicts = conflicts_of(owner, found)
     if conflicts:
         statefulset = found["StatefulSet"]
@@ -157,6 +160,7 @@ def ensure_children(
         changes.append(f"ConfigMap {children.plan_configmap_name(name)} plan {choice.plan.version}")
     configmap = prune_plan_keys(cluster, owner, spec, configmap, live_pods)
     apply(children.build_service(name, spec), found["Service"])
+    apply(children.build_api_service(name, spec), found["Service api"])
     statefulset = apply(children.build_statefulset(name, namespace, spec), found["StatefulSet"])
     return ChildrenState(
         statefulset=statefulset,

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moe_operator.api import Condition, Phase
+from moe_operator.failures import StartupFailure
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,17 @@ class Observed:
     conflicts: tuple[str, ...] = ()  # objects under our children's names we do not control
     group_restart: str | None = None  # the whole group is being replaced: what is happening
     reconcile_error: str | None = None  # the last handler run failed: why
+    startup_failure: StartupFailure | None = None  # workers refused to start: why
+    endpoint: str = ""  # the OpenAI-compatible API's base URL
+    served_model_name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _phase(observed: Observed) -> Phase:
     if observed.spec_problems or observed.conflicts:
         return "Failed"
+    if observed.startup_failure is not None and observed.group_restart is None:
+        return "Failed"  # restarting fails the same way: the spec or the checkpoint must change
     if not observed.statefulset_exists:
         return "Pending"
     if observed.group_restart is not None:
@@ -83,6 +89,19 @@ def _conditions(observed: Observed, phase: Phase) -> list[tuple[str, str, str, s
     serving = phase in ("Running", "Rebalancing")
     restart = observed.group_restart
     short = observed.was_running and not serving
+    failure = observed.startup_failure if restart is None else None
+    if failure is not None:
+        refusal = failure.describe(observed.workers)
+        owned = "every child is controlled by this deployment"
+        waiting = "waiting for a spec or a checkpoint the workers accept"
+        return [
+            _condition("SpecValid", True, "Valid", "spec passed every rule"),
+            _condition("ChildrenOwned", True, "Owned", owned),
+            _condition("Ready", False, failure.reason, f"{ready}; {refusal}"),
+            _condition("Progressing", False, failure.reason, waiting),
+            _condition("Degraded", short, failure.reason if short else "AsExpected", refusal),
+            reconciled,
+        ]
     conditions = [
         _condition("SpecValid", True, "Valid", "spec passed every rule"),
         _condition("ChildrenOwned", True, "Owned", "every child is controlled by this deployment"),
@@ -176,7 +195,7 @@ def compute_status(
     phase = _phase(observed)
     # "-" rather than "": kopf sends an empty string as null, which the schema refuses.
     imbalance = "-" if observed.worst_imbalance is None else f"{observed.worst_imbalance:.2f}"
-    return {
+    status = {
         "observedGeneration": observed.generation,
         "phase": phase,
         "workers": observed.workers,
@@ -190,6 +209,10 @@ def compute_status(
             now=now,
         ),
     }
+    if observed.endpoint:  # only where the children exist ("" would be sent as null)
+        status["endpoint"] = observed.endpoint
+        status["servedModelName"] = observed.served_model_name
+    return status
 
 
 def with_reconcile_error(

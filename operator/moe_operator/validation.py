@@ -73,9 +73,9 @@ def name_problems_of(name: str) -> list[SpecProblem]:
         SpecProblem(
             "metadata.name",
             f"{name[:80]!r} {problem or f'is longer than {NAME_MAX} characters'}; the children "
-            f"are named after it (Service <name>-workers, pods <name>-<rank>, the label "
-            f"controller-revision-hash=<name>-<hash>): create the deployment under a name of at "
-            f"most {NAME_MAX} lowercase letters, digits and '-', starting with a letter",
+            f"are named after it (Services <name>-workers and <name>-api, pods <name>-<rank>, "
+            f"the label controller-revision-hash=<name>-<hash>): create the deployment under a "
+            f"name of at most {NAME_MAX} lowercase letters, digits and '-', starting with a letter",
         )
     ]
 
@@ -160,7 +160,169 @@ def cross_field_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
     )
     problems += extra_args_problems(worker.extra_args)
     problems += prometheus_url_problems(spec)
+    problems += serving_problems(spec)
     return problems
+
+
+def serving_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
+    """The model the workers serve (attention layout, weights source) and the API's settings."""
+    model, worker = spec.model, spec.worker
+    problems: list[SpecProblem] = []
+    need = _collector(problems)
+    need(
+        model.key_value_heads == 0 or model.attention_heads % model.key_value_heads == 0,
+        "model.keyValueHeads",
+        f"keyValueHeads {model.key_value_heads} must divide attentionHeads "
+        f"{model.attention_heads} (each key/value head serves a whole group of query heads); "
+        f"use a divisor such as {_divisor_below(model.attention_heads, model.key_value_heads)}, "
+        f"or 0 for as many as attentionHeads",
+    )
+    need(
+        model.head_dim % 2 == 0,
+        "model.headDim",
+        f"headDim {model.head_dim} must be even: rotary position embeddings turn pairs of "
+        f"dimensions; use {model.head_dim + 1}",
+    )
+    need(
+        worker.api_port not in (worker.port, worker.master_port),
+        "worker.apiPort",
+        f"apiPort {worker.api_port} collides with port or masterPort; choose another "
+        f"(default {worker_env.DEFAULT_API_PORT})",
+    )
+    keys = worker.api_keys
+    if keys.secret_name:
+        problem = kuberules.dns1123_subdomain(keys.secret_name)
+        need(problem is None, "worker.apiKeys.secretName", f"{keys.secret_name!r} {problem}")
+    problem = kuberules.config_key(keys.key)
+    need(problem is None, "worker.apiKeys.key", f"{keys.key[:60]!r} {problem}")
+    problems += source_problems(spec)
+    return problems
+
+
+def _divisor_below(heads: int, wanted: int) -> int:
+    return max(d for d in range(1, heads + 1) if heads % d == 0 and d <= max(wanted, 1))
+
+
+REFUSED_VOLUMES = {
+    "emptyDir": "starts empty, so there is nothing to read",
+    "configMap": "holds at most 1 MiB of API data, not model weights",
+    "secret": "holds at most 1 MiB of API data, not model weights",
+    "downwardAPI": "holds the pod's own metadata, not model weights",
+    "projected": "holds API objects and tokens, not model weights",
+    "gitRepo": "is deprecated and clones into the volume (it writes)",
+}
+"""core/v1 volume sources that cannot hold a checkpoint to read, and why."""
+DATA_VOLUMES = frozenset(
+    {
+        "persistentVolumeClaim", "hostPath", "nfs", "csi", "ephemeral", "image", "iscsi",
+        "cephfs", "rbd", "glusterfs", "fc", "flexVolume", "azureFile", "azureDisk",
+        "gcePersistentDisk", "awsElasticBlockStore", "cinder", "portworxVolume", "quobyte",
+        "storageos", "vsphereVolume", "photonPersistentDisk", "scaleIO", "flocker",
+    }
+)  # fmt: skip
+"""core/v1 volume sources that hold data a worker can read a checkpoint from."""
+HOST_PATH_TYPES = ("", "Directory")
+
+
+def source_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
+    """The weights: a checkpoint only with type Checkpoint, on one volume that holds data,
+    mounted read-only, at a path inside the mount."""
+    source = spec.model.source
+    where = "model.source"
+    if source.type == "Synthetic":
+        if source.checkpoint is None:
+            return []
+        return [
+            SpecProblem(
+                f"{where}.type",
+                "a checkpoint is given but type is Synthetic; set type Checkpoint to serve it, "
+                "or remove checkpoint",
+            )
+        ]
+    if source.checkpoint is None:
+        return [
+            SpecProblem(
+                f"{where}.checkpoint",
+                "type Checkpoint needs checkpoint: {volume: <a volume source, e.g. "
+                "persistentVolumeClaim: {claimName: models}>, path: <directory in it>}",
+            )
+        ]
+    return _volume_problems(source.checkpoint.volume.kinds()) + _path_problems(
+        source.checkpoint.path
+    )
+
+
+def _volume_problems(kinds: dict[str, Any]) -> list[SpecProblem]:
+    where = "model.source.checkpoint.volume"
+    example = "e.g. persistentVolumeClaim: {claimName: models}"
+    if not kinds:
+        return [SpecProblem(where, f"name one volume source holding the checkpoint, {example}")]
+    if len(kinds) > 1:
+        return [SpecProblem(where, f"gives {len(kinds)} sources ({', '.join(kinds)}); keep one")]
+    (kind, fields), problems = next(iter(kinds.items())), []
+    need = _collector(problems)
+    if kind in REFUSED_VOLUMES:
+        return [
+            SpecProblem(
+                f"{where}.{kind}",
+                f"{kind} {REFUSED_VOLUMES[kind]}: it cannot hold a checkpoint; use a "
+                f"persistentVolumeClaim, hostPath, nfs or csi volume",
+            )
+        ]
+    if kind not in DATA_VOLUMES:
+        return [
+            SpecProblem(
+                where,
+                f"{kind[:60]!r} is not a core/v1 volume source that holds data; use one of "
+                f"{', '.join(sorted(DATA_VOLUMES))}",
+            )
+        ]
+    if not isinstance(fields, dict):
+        return [SpecProblem(f"{where}.{kind}", "must be an object, as in a pod's volumes[]")]
+    need(
+        fields.get("readOnly") is not False,
+        f"{where}.{kind}.readOnly",
+        "workers mount the checkpoint read-only; remove readOnly or set it true",
+    )
+    if kind == "persistentVolumeClaim":
+        problem = kuberules.dns1123_subdomain(fields["claimName"])
+        need(problem is None, f"{where}.{kind}.claimName", f"{fields['claimName']!r} {problem}")
+    if kind == "hostPath":
+        need(
+            fields["path"].startswith("/"),
+            f"{where}.hostPath.path",
+            f"{fields['path'][:80]!r} must be an absolute path on the node",
+        )
+        need(
+            fields.get("type", "") in HOST_PATH_TYPES,
+            f"{where}.hostPath.type",
+            f"{fields.get('type')!r}: a checkpoint is a directory that is read, never created; "
+            f"use Directory (or leave type empty)",
+        )
+    return problems
+
+
+def _path_problems(path: str) -> list[SpecProblem]:
+    where = "model.source.checkpoint.path"
+    mount = worker_env.CHECKPOINT_MOUNT_DIR
+    parts = path.split("/")
+    if ".." in parts or any(ord(char) < 32 for char in path):
+        return [
+            SpecProblem(
+                where,
+                f"{path[:80]!r} must stay inside the volume: no '..' and no control "
+                f"characters; give the directory relative to the volume's root",
+            )
+        ]
+    if path.startswith("/") and not (path == mount or path.startswith(mount + "/")):
+        return [
+            SpecProblem(
+                where,
+                f"{path[:80]!r} is outside the checkpoint's mount {mount}; give it relative to "
+                f"the volume's root ({path.lstrip('/')[:60]!r}) or under {mount}/",
+            )
+        ]
+    return []
 
 
 def extra_args_problems(args: list[str]) -> list[SpecProblem]:

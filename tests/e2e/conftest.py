@@ -2,15 +2,18 @@
 
 The real v1.20.2 control plane, the node agent (each pod a local process), Debian's Prometheus
 with the project's alert rules; the operator installed with the Helm chart (it runs as the chart's
-Deployment, with its ServiceAccount's own credentials); one MoEDeployment of 4 gloo workers with
-skewed (Zipf) traffic. The tests in test_e2e.py run in file order against it; the last one deletes
-the deployment, and the fixture's teardown asserts `down()` left no process behind.
+Deployment, with its ServiceAccount's own credentials); one MoEDeployment of 4 gloo workers
+serving a tiny Mixtral checkpoint (written here by transformers, with a tokenizer) from a
+hostPath volume, behind API keys from a Secret, with skewed (Zipf) built-in traffic. The tests in
+test_e2e.py run in file order against it; the last one deletes the deployment, and the fixture's
+teardown asserts `down()` left no process behind.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,16 +22,32 @@ from moe_local import install
 from moe_local.cluster import LocalCluster, LocalClusterConfig
 from moe_local.controlplane import ensure_binaries
 from tests.e2e.helpers import E2E, wait_for
-from tests.requirements import require_tool
+from tests.e2e.models import mixtral_spec, write_mixtral
+from tests.requirements import require_module, require_tool
 
 NAMESPACE = "e2e"
 NAME = "e2e"
 WORLD = 4
 THRESHOLD = 1.2
+VOCAB = 64
+CHECKPOINT = "e2e-mixtral"  # 2 layers, the deployment's shape
+CHECKPOINT_4_LAYERS = "e2e-mixtral-4"  # for the shape change
+API_KEY = "sk-e2e-client"
+API_KEYS_SECRET = "e2e-api-keys"
 
 
-def deployment(name: str = NAME) -> dict[str, Any]:
-    """cpu-small with 2 layers, quick windows and skewed traffic.
+def checkpoint_source(models: Path, path: str = CHECKPOINT) -> dict[str, Any]:
+    return {
+        "type": "Checkpoint",
+        "checkpoint": {
+            "volume": {"hostPath": {"path": str(models), "type": "Directory"}},
+            "path": path,
+        },
+    }
+
+
+def deployment(models: Path, name: str = NAME) -> dict[str, Any]:
+    """A tiny Mixtral from a hostPath volume, 2 layers, quick windows and skewed traffic.
 
     consecutiveEvaluations 8 keeps the imbalance above the threshold long enough (>= 24 s) for
     the alert (for: 5s here, 5 s scrape and evaluation) to fire before the rebalance; the long
@@ -39,16 +58,7 @@ def deployment(name: str = NAME) -> dict[str, Any]:
         "kind": "MoEDeployment",
         "metadata": {"name": name},
         "spec": {
-            "model": {
-                "layers": 2,
-                "expertsPerLayer": 8,
-                "hiddenSize": 32,
-                "ffnHiddenSize": 64,
-                "attentionHeads": 2,
-                "headDim": 16,
-                "topK": 2,
-                "dtype": "float32",
-            },
+            "model": {**mixtral_spec(2, VOCAB), "source": checkpoint_source(models)},
             "parallelism": {"expert": WORLD},
             "placement": {"slotsPerRank": 3},
             "rebalancing": {
@@ -62,6 +72,7 @@ def deployment(name: str = NAME) -> dict[str, Any]:
                 "gpusPerPod": 1,
                 "backend": "gloo",
                 "device": "cpu",
+                "apiKeys": {"secretName": API_KEYS_SECRET, "key": "keys"},
                 "extraEnv": [{"name": "OMP_NUM_THREADS", "value": "1"}],
                 "extraArgs": [
                     "--traffic-batch",
@@ -82,7 +93,11 @@ def deployment(name: str = NAME) -> dict[str, Any]:
 def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
     for tool in ("kubectl", "prometheus"):
         require_tool(tool)
+    require_module("transformers")  # writes the checkpoints, as a user's training job would
     started = time.monotonic()
+    models = tmp_path_factory.mktemp("models")  # the hostPath volume
+    write_mixtral(models / CHECKPOINT, layers=2, vocab_size=VOCAB, seed=0)
+    write_mixtral(models / CHECKPOINT_4_LAYERS, layers=4, vocab_size=VOCAB, seed=1)
     cluster = LocalCluster(
         LocalClusterConfig(
             workdir=tmp_path_factory.mktemp("local"),
@@ -105,8 +120,18 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
             world=WORLD,
             threshold=THRESHOLD,
             prometheus_url=state["prometheus"]["url"],
+            models=models,
+            api_key=API_KEY,
         )
-        env.apply(deployment())
+        env.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": API_KEYS_SECRET},
+                "stringData": {"keys": f"{API_KEY}\nsk-another-client\n"},
+            }
+        )
+        env.apply(deployment(models))
         wait_for("4 workers Ready", env.all_ready, timeout=120)
         print(
             f"\n[e2e] cluster, operator and {WORLD} workers up in "

@@ -1,7 +1,8 @@
 """Small helpers for the end-to-end suite: reading the local cluster the way a user would.
 
 Everything goes through the API server (admin client), the workers' own HTTP endpoints at their
-pod addresses, the local Prometheus' HTTP API, and the node agent's files (pid and log files).
+pod addresses, the `-api` Service through its EndpointSlices (there is no kube-proxy: the tests go
+where it would route), the local Prometheus' HTTP API, and the node agent's files (pid and logs).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from kubernetes.client import AppsV1Api, CoreV1Api, CustomObjectsApi
 
 from moe_local.cluster import LocalCluster
 from moe_local.install import SYSTEM_NAMESPACE, kubectl, wait_until
-from moe_local.kube import get_or_none
+from moe_local.kube import get_or_none, service_endpoint
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 GROUP, VERSION, PLURAL = "moe-ep.io", "v1alpha1", "moedeployments"
@@ -115,6 +116,8 @@ class E2E:
     world: int
     threshold: float
     prometheus_url: str
+    models: Path  # the hostPath volume holding the checkpoints
+    api_key: str
     core: CoreV1Api = field(init=False)
     apps: AppsV1Api = field(init=False)
     custom: CustomObjectsApi = field(init=False)
@@ -220,6 +223,26 @@ class E2E:
     def worker_url(self, rank: int, path: str) -> str:
         ip = self.workers()[f"{self.name}-{rank}"]["ip"]
         return f"http://{ip}:8080{path}"
+
+    def api_url(self, name: str | None = None) -> str | None:
+        """Base URL of the OpenAI-compatible API through the `<name>-api` Service: its ready
+        endpoint (the address kube-proxy would route the ClusterIP to), or None."""
+        service = f"{name or self.name}-api"
+        found = service_endpoint(self.cluster.client(), self.namespace, service)
+        return None if found is None else f"http://{found[0]}:{found[1]}/v1"
+
+    def switch_times(self, rank: int = 0) -> list[tuple[int, int, float]]:
+        """(from, to, when: seconds since the epoch) of every plan switch `rank` logged; the
+        line is written once every rank serves the new plan."""
+        pattern = re.compile(
+            rf"^(\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{{3}}) \S+ \S+: rank {rank} switched "
+            rf"plan (\d+) -> (\d+)",
+            re.MULTILINE,
+        )
+        return [
+            (int(a), int(b), time.mktime(time.strptime(at, "%Y-%m-%d %H:%M:%S")) + int(ms) / 1000)
+            for at, ms, a, b in pattern.findall(self.worker_log(rank))
+        ]
 
     def leader_plan_version(self) -> int | None:
         code, body = http_get(self.worker_url(0, "/v1/plan"))

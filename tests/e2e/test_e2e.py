@@ -16,8 +16,17 @@ import urllib.parse
 from typing import Any
 
 import pytest
+from tokenizers import Tokenizer
 
-from tests.e2e.conftest import NAME
+from moe_local.load import Completion, LoadGenerator, complete_once, zipf_prompts
+from tests.e2e.conftest import (
+    CHECKPOINT,
+    CHECKPOINT_4_LAYERS,
+    NAME,
+    VOCAB,
+    checkpoint_source,
+    deployment,
+)
 from tests.e2e.helpers import E2E, Outage, http_get, kill, process_gone, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -30,51 +39,71 @@ def _float(text: str | None) -> float | None:
         return None
 
 
+def _stream(e2e: E2E) -> LoadGenerator:
+    """Clients of the `-api` Service: 12 Zipf prompts in turn, greedy, 6 tokens each."""
+    url = wait_for("the -api Service has a ready endpoint", e2e.api_url, 60)
+    prompts = zipf_prompts(12, vocab_size=VOCAB, length=12, exponent=1.5, seed=7)
+    return LoadGenerator(url, CHECKPOINT, prompts, concurrency=4, max_tokens=6, api_key=e2e.api_key)
+
+
 def test_whole_loop(e2e: E2E) -> None:
-    """Ready -> metrics read -> imbalance detected and alerted -> plan applied live -> balanced."""
+    """Ready -> metrics read -> imbalance detected and alerted -> plan applied live -> balanced,
+    all while clients stream completions through the `-api` Service: the Replace rebalance in
+    the middle of the stream loses no request and changes no output."""
     before = wait_for("workers Ready", e2e.all_ready, 60)
     assert all(w["restarts"] == 0 for w in before.values()), before
     assert e2e.status()["plan"]["version"] == 1 and e2e.configmap_version() == 1
+    stream = _stream(e2e).start()
+    try:
+        # The operator reads the counters and finds the skewed traffic unbalanced: status says so.
+        def imbalanced() -> dict[str, Any] | None:
+            status = e2e.status()
+            value = _float(status.get("imbalance"))
+            return status if value is not None and value > e2e.threshold else None
 
-    # The operator reads the counters and finds the skewed traffic unbalanced: status says so.
-    def imbalanced() -> dict[str, Any] | None:
-        status = e2e.status()
-        value = _float(status.get("imbalance"))
-        return status if value is not None and value > e2e.threshold else None
+        status = wait_for("status.imbalance above the threshold", imbalanced, 60)
+        assert status["phase"] == "Running", status
+        assert e2e.condition("LoadsRead")["status"] == "True"
+        balanced = e2e.condition("Balanced")
+        assert balanced["status"] == "False" and balanced["reason"] == "AboveThreshold", balanced
+        assert status["plan"]["version"] == 1, "rebalanced before consecutiveEvaluations were seen"
 
-    status = wait_for("status.imbalance above the threshold", imbalanced, 60)
-    assert status["phase"] == "Running", status
-    assert e2e.condition("LoadsRead")["status"] == "True"
-    balanced = e2e.condition("Balanced")
-    assert balanced["status"] == "False" and balanced["reason"] == "AboveThreshold", balanced
-    assert status["plan"]["version"] == 1, "rebalanced before consecutiveEvaluations were seen"
+        # Prometheus fires MoEExpertLoadImbalance from the operator's gauge, before the rebalance.
+        firing = wait_for("MoEExpertLoadImbalance firing", e2e.alerts, 60, interval=1)
+        labels = firing[0]["labels"]
+        assert labels["namespace"] == e2e.namespace and labels["moedeployment"] == NAME
+        assert labels["layer"] in {"0", "1"} and labels["severity"] == "warning"
+        assert e2e.status()["plan"]["version"] == 1, "the alert must fire before the rebalance"
 
-    # Prometheus fires MoEExpertLoadImbalance from the operator's gauge, before the rebalance.
-    firing = wait_for("MoEExpertLoadImbalance firing", e2e.alerts, 60, interval=1)
-    labels = firing[0]["labels"]
-    assert labels["namespace"] == e2e.namespace and labels["moedeployment"] == NAME
-    assert labels["layer"] in {"0", "1"} and labels["severity"] == "warning"
-    assert e2e.status()["plan"]["version"] == 1, "the alert must fire before the rebalance"
+        # A new plan, applied by the workers in place: no restart, same processes.
+        def applied() -> dict[str, Any] | None:
+            plan = e2e.status().get("plan") or {}
+            ok = plan.get("version", 0) >= 2 and plan.get("appliedVersion") == plan["version"]
+            return plan if ok else None
 
-    # A new plan, applied by the workers in place: no restart, same processes.
-    def applied() -> dict[str, Any] | None:
-        plan = e2e.status().get("plan") or {}
-        ok = plan.get("version", 0) >= 2 and plan.get("appliedVersion") == plan["version"]
-        return plan if ok else None
-
-    plan = wait_for("plan >= 2 applied", applied, 90)
-    assert e2e.configmap_version() == plan["version"]
-    assert e2e.leader_plan_version() == plan["version"]
-    assert e2e.worker_plan_versions() == [float(plan["version"])] * e2e.world
-    last = e2e.status()["lastRebalance"]
-    assert last["fromVersion"] == 1 and last["toVersion"] == 2 and last["method"] == "Replace"
-    assert last["imbalanceBefore"] > e2e.threshold and last["slotsMoved"] > 0, last
-    after = e2e.workers()
-    for pod, worker in before.items():
-        assert after[pod]["uid"] == worker["uid"], f"{pod} was replaced"
-        assert after[pod]["pid"] == worker["pid"], f"{pod}'s worker process changed"
-        assert after[pod]["restarts"] == 0, f"{pod} restarted"
-    assert e2e.switches(0) == [(1, 2)], e2e.switches(0)
+        plan = wait_for("plan >= 2 applied", applied, 90)
+        assert e2e.configmap_version() == plan["version"]
+        assert e2e.leader_plan_version() == plan["version"]
+        assert e2e.worker_plan_versions() == [float(plan["version"])] * e2e.world
+        last = e2e.status()["lastRebalance"]
+        assert last["fromVersion"] == 1 and last["toVersion"] == 2 and last["method"] == "Replace"
+        assert last["imbalanceBefore"] > e2e.threshold and last["slotsMoved"] > 0, last
+        after = e2e.workers()
+        for pod, worker in before.items():
+            assert after[pod]["uid"] == worker["uid"], f"{pod} was replaced"
+            assert after[pod]["pid"] == worker["pid"], f"{pod}'s worker process changed"
+            assert after[pod]["restarts"] == 0, f"{pod} restarted"
+        assert e2e.switches(0) == [(1, 2)], e2e.switches(0)
+        ((_, _, switched_at),) = e2e.switch_times(0)
+        wait_for(
+            "answers to requests sent after the switch",
+            lambda: sum(done.started > switched_at + 1 for done in stream.results) >= 8,
+            60,
+        )
+        answers = stream.stop()
+    finally:
+        stream.stop()  # whatever failed, no client outlives the test
+    _check_stream(e2e, stream, answers, switched_at)
 
     # Measured imbalance on the new plan drops below the threshold; the alert resolves.
     def balanced_again() -> dict[str, Any] | None:
@@ -90,6 +119,104 @@ def test_whole_loop(e2e: E2E) -> None:
         interval=1,
     )
     assert e2e.status()["plan"]["version"] == plan["version"]
+
+
+def _check_stream(
+    e2e: E2E, stream: LoadGenerator, answers: list[Completion], switched_at: float
+) -> None:
+    """Every request answered in full; some in flight across the switch; each prompt's answer
+    equal to a run without a rebalance (the same prompts sent again on the new plan, alone)."""
+    failed = [done for done in answers if not done.ok or len(done.tokens) != stream.max_tokens]
+    assert failed == [], failed[:3]
+    across = [done for done in answers if done.started < switched_at < done.ended]
+    assert across, "no request was in flight while the plan switched"
+    reference = {}
+    for index in range(len(stream.prompts)):
+        status, answer = complete_once(stream.base_url, stream.body(index), e2e.api_key)
+        assert status == 200, answer
+        reference[index] = tuple(answer["choices"][0]["token_ids"])
+    differ = [(done.index, done.tokens) for done in answers if done.tokens != reference[done.index]]
+    assert differ == [], (differ[:3], reference)
+    print(
+        f"\n[e2e] stream across the Replace switch: {len(answers)} requests, all answered, "
+        f"{len(across)} in flight at the switch; outputs equal the run without a rebalance"
+    )
+
+
+def test_serves_completions_through_the_api_service(e2e: E2E) -> None:
+    """The `-api` Service routes to the leader only; status names it; token-id and text prompts
+    of the checkpoint on the hostPath volume; API keys from the Secret the spec names.
+
+    There is no kube-proxy on the local cluster: the test goes where kube-proxy would route the
+    Service's ClusterIP, the ready endpoint of its EndpointSlices (`E2E.api_url`). Not its
+    Endpoints object: the API server refuses the loopback pod addresses there."""
+    workers = wait_for("workers Ready", e2e.all_ready, 60)
+    status = e2e.status()
+    assert status["endpoint"] == f"http://{NAME}-api.{e2e.namespace}.svc:8000/v1"
+    assert status["servedModelName"] == CHECKPOINT
+    service = e2e.child("Service", f"{NAME}-api")
+    assert service is not None and service.spec.type == "ClusterIP" and service.spec.cluster_ip
+    assert service.spec.selector["statefulset.kubernetes.io/pod-name"] == f"{NAME}-0"
+    url = e2e.api_url()
+    assert url == f"http://{workers[f'{NAME}-0']['ip']}:8000/v1"  # the leader, nobody else
+
+    code, body = http_get(f"{url}/models")
+    assert code == 401, body  # keys configured: none given
+    ids = [3, 9, 4, 15, 2]
+    status_code, answer = complete_once(
+        url, {"model": CHECKPOINT, "prompt": ids, "max_tokens": 5, "ignore_eos": True},
+        "sk-another-client",  # any key of the Secret's list
+    )  # fmt: skip
+    assert status_code == 200, answer
+    (choice,) = answer["choices"]
+    assert len(choice["token_ids"]) == 5 and choice["finish_reason"] == "length"
+    assert answer["usage"] == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
+
+    tokenizer = Tokenizer.from_file(str(e2e.models / CHECKPOINT / "tokenizer.json"))
+    status_code, answer = complete_once(
+        url,
+        {"model": CHECKPOINT, "prompt": "the quick cat sat on the", "max_tokens": 4,
+         "ignore_eos": True, "temperature": 0},
+        e2e.api_key,
+    )  # fmt: skip
+    assert status_code == 200, answer
+    (choice,) = answer["choices"]
+    assert choice["text"] == tokenizer.decode(choice["token_ids"])
+    assert choice["text"].split() == [tokenizer.id_to_token(i) for i in choice["token_ids"]]
+    assert answer["usage"]["prompt_tokens"] == 6
+    wrong, _ = complete_once(url, {"model": CHECKPOINT, "prompt": [1]}, "sk-not-a-key")
+    assert wrong == 401
+
+
+def test_a_checkpoint_that_disagrees_with_the_spec_is_named_in_ready(e2e: E2E) -> None:
+    """One worker given the checkpoint with a spec of 3 layers (it has 2): it stops, and the
+    deployment's Ready condition and an Event name both values."""
+    name = "e2e-mismatch"
+    document = deployment(e2e.models, name)
+    spec = document["spec"]
+    spec["model"]["layers"] = 3
+    spec["parallelism"]["expert"] = 1
+    spec["placement"]["slotsPerRank"] = 8
+    spec["worker"]["extraArgs"] = []
+    e2e.apply(document)
+
+    def refused() -> dict[str, Any] | None:
+        condition = e2e.condition("Ready", name)
+        return condition if condition.get("reason") == "CheckpointMismatch" else None
+
+    condition = wait_for("Ready False, CheckpointMismatch", refused, 90)
+    message = condition["message"]
+    assert condition["status"] == "False" and e2e.status(name)["phase"] == "Failed"
+    assert "layers: the MoEDeployment says 3" in message, message
+    assert f"{CHECKPOINT}/config.json says 2" in message, message
+    events = json.loads(
+        e2e.kubectl(
+            "get", "events", "-n", e2e.namespace, "-o", "json",
+            f"--field-selector=involvedObject.name={name},reason=CheckpointMismatch",
+        ).stdout
+    )["items"]  # fmt: skip
+    assert len(events) == 1 and "says 3" in events[0]["message"], events
+    e2e.kubectl("delete", "moed", name, "-n", e2e.namespace, "--wait=true")
 
 
 def test_killed_worker_rejoins_on_the_current_plan(e2e: E2E) -> None:
@@ -243,7 +370,9 @@ def test_a_shape_change_restarts_the_group_once_on_a_new_plan(e2e: E2E) -> None:
     shape's plan, a version above everything before."""
     version = e2e.status()["plan"]["version"]
     old_key = e2e.plan_key()
-    outage, before = _group_change(e2e, {"model": {"layers": 4}}, "shape change")
+    # A new model of a new shape: 4 layers, from the checkpoint beside the first.
+    change = {"layers": 4, "source": checkpoint_source(e2e.models, CHECKPOINT_4_LAYERS)}
+    outage, before = _group_change(e2e, {"model": change}, "shape change")
     assert outage.replacements() == dict.fromkeys(before, 1)
     plan = e2e.status()["plan"]
     assert plan["version"] > version and plan["appliedVersion"] == plan["version"]
@@ -256,6 +385,12 @@ def test_a_shape_change_restarts_the_group_once_on_a_new_plan(e2e: E2E) -> None:
         30,
     )
     assert old_key != e2e.plan_key()
+    assert e2e.status()["servedModelName"] == CHECKPOINT_4_LAYERS
+    status, answer = complete_once(
+        e2e.api_url() or "", {"model": CHECKPOINT_4_LAYERS, "prompt": [5, 6], "max_tokens": 2},
+        e2e.api_key,
+    )  # fmt: skip
+    assert status == 200, answer
 
 
 STREAMING = {  # every readable window makes a new plan: GatingBias always moves the bias
@@ -341,7 +476,8 @@ def test_loads_read_is_not_true_while_a_worker_is_not_ready(e2e: E2E) -> None:
     victim = f"{NAME}-3"
     kill(before[victim]["pid"], signal.SIGSTOP)
     try:
-        wait_for("rank 3 NotReady", lambda: e2e.status().get("readyWorkers") == e2e.world - 1, 40)
+        # Rank 3 goes NotReady, and the leader too once its group has not stepped for 10 s.
+        wait_for("rank 3 NotReady", lambda: e2e.status().get("readyWorkers", 0) < e2e.world, 40)
         e2e.wait_timer_runs(3)  # a few timer runs with 3/4 ready
         condition = e2e.condition("LoadsRead")
         status = e2e.status()
@@ -519,6 +655,7 @@ def test_bad_input_is_refused_or_flagged_and_the_running_deployment_is_untouched
         ("ConfigMap", "e2e-bad-slots-plan"),
         ("Secret", "e2e-bad-slots-control"),
         ("Service", "e2e-bad-slots-workers"),
+        ("Service", "e2e-bad-slots-api"),
     ):
         assert e2e.child(kind, name) is None, f"{kind} {name} created for an invalid spec"
     e2e.kubectl("delete", "moed", "e2e-bad-slots", "-n", e2e.namespace, "--wait=true")
@@ -577,6 +714,7 @@ def test_hostile_pre_existing_children_are_flagged_not_adopted(e2e: E2E) -> None
     assert e2e.status(name)["phase"] == "Failed"
     e2e.wait_timer_runs(4)
     assert e2e.child("Service", f"{name}-workers") is None
+    assert e2e.child("Service", f"{name}-api") is None
     for kind, obj in zip(("ConfigMap", "Secret", "StatefulSet"), hostile, strict=True):
         current = e2e.child(kind, obj["metadata"]["name"])
         assert current.metadata.resource_version == versions[kind], f"{kind} was changed"
@@ -625,6 +763,7 @@ def test_delete_removes_every_child_and_process(e2e: E2E) -> None:
     children = (
         ("StatefulSet", NAME),
         ("Service", f"{NAME}-workers"),
+        ("Service", f"{NAME}-api"),
         ("ConfigMap", f"{NAME}-plan"),
         ("Secret", f"{NAME}-control"),
     )

@@ -253,6 +253,112 @@ def test_moe_worker_pair_becomes_ready(cluster: LocalCluster, core: CoreV1Api) -
     assert all(process_gone(pid) for pid in pids)
 
 
+# Reads $DATA/weights.txt, tries to write beside it, reports both in its termination message.
+CHECKER = """
+import os, pathlib, sys
+data = pathlib.Path(os.environ["DATA"])
+read = (data / "weights.txt").read_text()
+try:
+    (data / "new.txt").write_text("x")
+    wrote = "written"
+except OSError as error:
+    wrote = f"refused ({error.strerror})"
+pathlib.Path(os.environ["MESSAGE"]).write_text(f"read {read}; write {wrote}")
+sys.exit(2)
+"""
+
+
+def one_shot(name: str, container: dict[str, Any], volumes: list[dict[str, Any]]) -> dict:
+    return {
+        "metadata": {"name": name},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 2,
+            "containers": [{"name": "main", "image": "ignored", **container}],
+            "volumes": volumes,
+        },
+    }
+
+
+def container_state(core: CoreV1Api, ns: str, name: str) -> dict[str, Any]:
+    statuses = pod_status(core, ns, name).get("containerStatuses") or [{}]
+    return statuses[0].get("state") or {}
+
+
+def test_host_paths_read_only_mounts_and_termination_messages(
+    cluster: LocalCluster, core: CoreV1Api, tmp_path: Path
+) -> None:
+    """A readOnly hostPath mount is the host directory, read-only where the kernel allows mount
+    namespaces; what the container writes at its terminationMessagePath (found through an env
+    value naming it) comes back in its terminated state, as from a kubelet."""
+    from moe_local.podprocess import read_only_binds_available
+
+    ns = "agent-volumes"
+    cluster.create_namespace(ns)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "weights.txt").write_text("w1")
+    checker = {
+        "command": ["python", "-c", CHECKER],
+        "env": [
+            {"name": "DATA", "value": "/models"},
+            {"name": "MESSAGE", "value": "/dev/termination-log"},
+        ],
+        "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}],
+    }
+    host = {"name": "models", "hostPath": {"path": str(tmp_path / "models"), "type": "Directory"}}
+    core.create_namespaced_pod(ns, one_shot("checker", checker, [host]))
+
+    def terminated() -> dict[str, Any] | None:
+        return container_state(core, ns, "checker").get("terminated")
+
+    done = wait_for("checker terminated", terminated, timeout=60)
+    assert done["exitCode"] == 2
+    if read_only_binds_available():
+        assert done["message"] == "read w1; write refused (Read-only file system)"
+        assert not (tmp_path / "models" / "new.txt").exists()
+    else:  # no mount namespaces on this machine: the agent says so in its log
+        assert done["message"] == "read w1; write written"
+    assert pod_status(core, ns, "checker")["phase"] == "Failed"
+
+    # Nothing written to the file, FallbackToLogsOnError: the end of the log stands in.
+    crash = {
+        "command": ["python", "-c", "print('first'); raise SystemExit('boom: no weights')"],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    core.create_namespaced_pod(ns, one_shot("crasher", crash, []))
+    done = wait_for(
+        "crasher terminated",
+        lambda: container_state(core, ns, "crasher").get("terminated"),
+        timeout=60,
+    )
+    assert done["exitCode"] == 1 and done["message"] == "first\nboom: no weights"
+
+
+def test_volumes_the_agent_cannot_provide_hold_the_pod_saying_why(
+    cluster: LocalCluster, core: CoreV1Api, tmp_path: Path
+) -> None:
+    ns = "agent-refused"
+    cluster.create_namespace(ns)
+    sleeper = {"command": ["sleep", "60"]}
+    nfs = {"name": "data", "nfs": {"server": "nas.example", "path": "/export"}}
+    missing = {"name": "data", "hostPath": {"path": str(tmp_path / "absent"), "type": "Directory"}}
+    core.create_namespaced_pod(ns, one_shot("on-nfs", sleeper, [nfs]))
+    core.create_namespaced_pod(ns, one_shot("on-nothing", sleeper, [missing]))
+
+    def waiting(name: str) -> dict[str, Any] | None:
+        state = container_state(core, ns, name).get("waiting") or {}
+        return state if state.get("message") else None
+
+    refused = wait_for("on-nfs waiting with a message", lambda: waiting("on-nfs"))
+    assert refused["reason"] == "VolumeNotSupported"
+    assert "'data'" in refused["message"] and "nfs volumes cannot be emulated" in refused["message"]
+    absent = wait_for("on-nothing waiting with a message", lambda: waiting("on-nothing"))
+    assert absent["reason"] == "ContainerCreating" and "is not a directory" in absent["message"]
+    for name in ("on-nfs", "on-nothing"):
+        assert pod_status(core, ns, name)["phase"] == "Pending"
+        core.delete_namespaced_pod(name, ns)
+
+
 def test_down_leaves_nothing_behind(cluster: LocalCluster, core: CoreV1Api) -> None:
     ns = "agent-down"
     cluster.create_namespace(ns)

@@ -13,6 +13,7 @@ from moe_kmock import (
     CM,
     MOED,
     NS,
+    PODS,
     SECRET,
     STS,
     SVC,
@@ -26,7 +27,13 @@ from prometheus_client import REGISTRY
 
 from moe_worker.plan import parse_plan, validate_plan
 
-CHILDREN = [(SVC, "m1-workers"), (STS, "m1"), (CM, "m1-plan"), (SECRET, "m1-control")]
+CHILDREN = [
+    (SVC, "m1-workers"),
+    (SVC, "m1-api"),
+    (STS, "m1"),
+    (CM, "m1-plan"),
+    (SECRET, "m1-control"),
+]
 
 
 def env_of(statefulset: dict[str, Any]) -> dict[str, str]:
@@ -66,10 +73,15 @@ async def test_create_makes_children_owned_by_the_deployment(api: Api, operator:
                 "blockOwnerDeletion": True,
             }
         ], name
-        assert len(api.requests("post", resource, NS, "")) == 1, f"{resource} created twice"
+    for resource in {resource for resource, _ in CHILDREN}:
+        created = len([name for kind, name in CHILDREN if kind == resource])
+        assert len(api.requests("post", resource, NS, "")) == created, f"{resource} created twice"
 
     service = api.get(SVC, NS, "m1-workers")
     assert service["spec"]["clusterIP"] == "None"
+    api_service = api.get(SVC, NS, "m1-api")
+    assert api_service["spec"]["selector"]["statefulset.kubernetes.io/pod-name"] == "m1-0"
+    assert api_service["spec"]["ports"][0]["port"] == 8000
     statefulset = api.get(STS, NS, "m1")
     assert statefulset["spec"]["replicas"] == 2  # expert 2 x tensor 1 x pipeline 1
     assert statefulset["spec"]["podManagementPolicy"] == "Parallel"
@@ -89,6 +101,8 @@ async def test_create_makes_children_owned_by_the_deployment(api: Api, operator:
 
     status = moed["status"]
     assert status["observedGeneration"] == 1
+    assert status["endpoint"] == "http://m1-api.ns1.svc:8000/v1"
+    assert status["servedModelName"] == "m1"
     assert status["phase"] in ("Pending", "Deploying")
     assert status["plan"]["version"] == 1 and status["plan"]["configMap"] == "m1-plan"
     assert api.condition("m1", "SpecValid")["status"] == "True"
@@ -223,7 +237,7 @@ async def test_invalid_specs_fail_alone_and_recover(api: Api, operator: Operator
         for resource in (SVC, STS, CM, SECRET)
         for request in api.requests("post", resource, NS, "")
     }
-    assert created == {"m1-workers", "m1", "m1-plan", "m1-control"}  # nothing for the bad ones
+    assert created == {"m1-workers", "m1-api", "m1", "m1-plan", "m1-control"}  # none for bad ones
 
     # Fixing the spec recovers with no other step.
     await api.patch(MOED, NS, "few-slots", {"spec": {"placement": {"slotsPerRank": 2}}})
@@ -263,3 +277,53 @@ async def test_a_valid_object_turned_invalid_keeps_its_children(
     )
     assert api.status("m1")["phase"] == "Deploying"
     assert operator.running
+
+
+async def test_workers_refusing_the_checkpoint_show_in_ready_and_one_event(
+    api: Api, operator: Operator
+) -> None:
+    """The kubelet's view of workers that exit 2 naming a shape mismatch: Ready says why with
+    both values, phase Failed, one Warning Event however many timer runs see it; once they run,
+    it is gone."""
+    await api.create_moed("m1", small_spec())
+    await settled(api)
+    await api.run_pods("m1", 2)
+    await api.set_ready("m1", 0)
+    message = (
+        "rank {}: the checkpoint does not match the model shape: layers: the MoEDeployment "
+        "says 2, /models/tiny/config.json says 4"
+    )
+    for rank in (0, 1):
+        status = {
+            "containerStatuses": [
+                {
+                    "name": "worker",
+                    "ready": False,
+                    "restartCount": 3,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    "lastState": {"terminated": {"exitCode": 2, "message": message.format(rank)}},
+                }
+            ]
+        }
+        await api.patch(PODS, NS, f"m1-{rank}", {"status": status}, sub="status")
+
+    def refused() -> bool:
+        return api.condition("m1", "Ready").get("reason") == "CheckpointMismatch"
+
+    await eventually(refused, what="Ready False with CheckpointMismatch")
+    ready = api.condition("m1", "Ready")
+    assert ready["status"] == "False"
+    assert "2 of 2 workers refused to start" in ready["message"]
+    assert "the MoEDeployment says 2" in ready["message"] and "says 4" in ready["message"]
+    assert api.status("m1")["phase"] == "Failed"
+    await timer_ran(4)
+    warnings = [e for e in api.events(NS, "m1") if e["reason"] == "CheckpointMismatch"]
+    assert len(warnings) == 1 and warnings[0]["type"] == "Warning", warnings
+    assert "config.json says 4" in warnings[0]["message"]
+
+    running = {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
+    for rank in (0, 1):
+        status = {"containerStatuses": [{"name": "worker", "state": running}]}
+        await api.patch(PODS, NS, f"m1-{rank}", {"status": status}, sub="status")
+    await eventually(lambda: not refused(), what="the refusal cleared")
+    assert api.status("m1")["phase"] != "Failed"

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from moe_operator import api, crd
+from moe_worker.shape import ARCHITECTURES
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "moedeployments.moe-ep.io.yaml"
@@ -48,19 +49,60 @@ def test_every_structural_node_has_a_type() -> None:
     assert untyped == []
 
 
+def _required(spec: dict[str, Any]) -> set[str]:
+    """Paths of fields the user must give when their parent is there (no default then)."""
+    return {f"{path}.{name}" for path, node in _walk(spec) for name in node.get("required") or []}
+
+
 def test_every_optional_spec_field_has_a_default() -> None:
     spec = _version_schema()["properties"]["spec"]
     # Optional strings that default to empty have no default: absent means empty there.
+    # Optional objects with required fields (a checkpoint, a volume source) have none either:
+    # absent means not given.
+    required = _required(spec)
     without = [
         path
         for path, node in _walk(spec)
-        if path and "[]" not in path and "default" not in node and node.get("type") != "string"
+        if path
+        and "[]" not in path
+        and "default" not in node
+        and node.get("type") != "string"
+        and path not in required
+        and "required" not in node
     ]
     assert without == []
 
 
+def test_required_fields_have_no_default() -> None:
+    spec = _version_schema()["properties"]["spec"]
+    nodes = dict(_walk(spec))
+    assert [path for path in _required(spec) if "default" in nodes[path]] == []
+
+
+def test_only_the_volume_source_keeps_unknown_fields() -> None:
+    """Structural everywhere else: the API server prunes what the schema does not list."""
+    kept = [
+        path
+        for path, node in _walk(_version_schema())
+        if node.get("x-kubernetes-preserve-unknown-fields")
+    ]
+    assert kept == [".spec.model.source.checkpoint.volume"]
+
+
 def _model_defaults(model: type[api.ApiModel]) -> dict[str, Any]:
-    return model().model_dump(by_alias=True, mode="json")
+    return model().model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
+def _schema_defaults(properties: dict[str, Any]) -> dict[str, Any]:
+    """What the API server fills in: defaults, cascading into objects that default to {}."""
+    out = {}
+    for name, node in properties.items():
+        if node.get("type") == "object" and "properties" in node:
+            if node.get("default") == {}:
+                out[name] = _schema_defaults(node["properties"])
+            continue  # an optional object: absent unless given
+        out[name] = node.get("default", "")
+    return out
 
 
 @pytest.mark.parametrize(
@@ -70,6 +112,7 @@ def _model_defaults(model: type[api.ApiModel]) -> dict[str, Any]:
         ("parallelism", api.ParallelismSpec),
         ("placement", api.PlacementSpec),
         ("rebalancing", api.RebalancingSpec),
+        ("worker", api.WorkerSpec),
         ("metrics", api.MetricsSpec),
     ],
 )
@@ -78,14 +121,9 @@ def test_schema_defaults_equal_model_defaults(section: str, model: type[api.ApiM
     assert _schema_defaults(properties) == _model_defaults(model)
 
 
-def _schema_defaults(properties: dict[str, Any]) -> dict[str, Any]:
-    """What the API server fills in: a nested object's `{}` default cascades its fields'."""
-    return {
-        name: _schema_defaults(node["properties"])
-        if node.get("default") == {} and "properties" in node
-        else node.get("default", "")
-        for name, node in properties.items()
-    }
+def test_architectures_are_the_workers() -> None:
+    model = _version_schema()["properties"]["spec"]["properties"]["model"]["properties"]
+    assert tuple(model["architecture"]["enum"]) == ARCHITECTURES
 
 
 def test_schema_fields_are_exactly_the_model_fields() -> None:
@@ -133,4 +171,5 @@ def test_names_printer_columns_and_status_subresource() -> None:
         "Imbalance",
         "Plan",
         "Age",
+        "Endpoint",
     ]

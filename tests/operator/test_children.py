@@ -36,7 +36,7 @@ def test_statefulset_runs_world_size_ranks_in_parallel_with_gpus() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert container["resources"]["requests"]["nvidia.com/gpu"] == "1"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert {port["name"] for port in container["ports"]} == {"metrics", "rendezvous"}
+    assert {port["name"] for port in container["ports"]} == {"metrics", "rendezvous", "api"}
     assert all(port["protocol"] == "TCP" for port in container["ports"])
 
 
@@ -145,7 +145,160 @@ def test_only_a_controller_reference_with_our_uid_makes_a_child_ours() -> None:
 def test_child_names_are_derived_and_distinct(name: str) -> None:
     names = {
         children.service_name(name),
+        children.api_service_name(name),
         children.plan_configmap_name(name),
         children.token_secret_name(name),
     }
-    assert len(names) == 3
+    assert len(names) == 4
+
+
+def _container(spec: MoEDeploymentSpec) -> dict:
+    return children.build_statefulset("m", "ml", spec)["spec"]["template"]["spec"]["containers"][0]
+
+
+def _pod(spec: MoEDeploymentSpec) -> dict:
+    return children.build_statefulset("m", "ml", spec)["spec"]["template"]["spec"]
+
+
+HOST_CHECKPOINT = {
+    "type": "Checkpoint",
+    "checkpoint": {"volume": {"hostPath": {"path": "/srv/models"}}, "path": "mixtral-tiny"},
+}
+MIXTRAL = {
+    "architecture": "Mixtral",
+    "layers": 2,
+    "expertsPerLayer": 8,
+    "hiddenSize": 64,
+    "ffnHiddenSize": 128,
+    "attentionHeads": 4,
+    "keyValueHeads": 2,
+    "headDim": 16,
+    "vocabSize": 256,
+}
+
+
+def test_the_whole_model_shape_travels_to_the_workers() -> None:
+    """Every field a checkpoint is checked against: the workers compare what the environment
+    declares with config.json (architecture, GQA heads and vocabulary included)."""
+    spec = _spec(model=MIXTRAL)
+    env = _env(children.build_statefulset("m", "ml", spec))
+    assert worker_env.shape_from_env(env) == spec.model.to_shape()
+    assert worker_env.declared_shape_fields(env) == frozenset(worker_env.SHAPE_VARIABLES)
+    assert (env[worker_env.ARCHITECTURE], env[worker_env.KV_HEADS]) == ("Mixtral", "2")
+    assert env[worker_env.VOCAB_SIZE] == "256"
+    plain = _env(children.build_statefulset("m", "ml", _spec()))
+    assert plain[worker_env.KV_HEADS] == plain[worker_env.ATTENTION_HEADS] == "32"
+
+
+def test_serving_settings_travel_through_the_workers_variables() -> None:
+    spec = _spec(
+        worker={"apiPort": 9000, "kvCacheTokens": 65536, "maxBatchTokens": 2048,
+                "maxQueuedRequests": 7},
+    )  # fmt: skip
+    env = _env(children.build_statefulset("m", "ml", spec))
+    assert env[worker_env.API_PORT] == "9000"
+    assert env[worker_env.KV_CACHE_TOKENS] == "65536"
+    assert env[worker_env.MAX_BATCH_TOKENS] == "2048"
+    assert env[worker_env.MAX_QUEUED_REQUESTS] == "7"
+    assert env[worker_env.SERVED_MODEL_NAME] == "m"  # synthetic: the deployment's name
+    assert worker_env.CHECKPOINT not in env and worker_env.API_KEYS_PATH not in env
+    api = next(port for port in _container(spec)["ports"] if port["name"] == "api")
+    assert api == {"name": "api", "containerPort": 9000, "protocol": "TCP"}
+    assert [v["name"] for v in _pod(spec)["volumes"]] == ["plan", "control"]
+
+
+def test_worker_settings_read_back_what_the_operator_set() -> None:
+    """The operator's variables through the worker's own parser (the contract, both sides)."""
+    from moe_worker.settings import settings_from_env
+
+    spec = _spec(
+        model={**MIXTRAL, "source": HOST_CHECKPOINT},
+        worker={"kvCacheTokens": 4096, "apiKeys": {"secretName": "api-keys", "key": "list"}},
+    )
+    env = {**_env(children.build_statefulset("m", "ml", spec)), worker_env.POD_NAME: "m-3"}
+    settings = settings_from_env(env)
+    assert settings.rank == 3 and settings.model == spec.model.to_shape()
+    assert settings.checkpoint == "/models/mixtral-tiny"
+    assert settings.api_keys_path == "/etc/moe-ep/api-keys/keys"
+    assert (settings.api_port, settings.kv_cache_tokens) == (8000, 4096)
+    assert settings.served_model_name == "mixtral-tiny"
+    assert settings.termination_message_path == _container(spec)["terminationMessagePath"]
+
+
+@pytest.mark.parametrize(
+    "volume",
+    [
+        {"persistentVolumeClaim": {"claimName": "models"}},
+        {"hostPath": {"path": "/srv/models", "type": "Directory"}},
+        {"nfs": {"server": "nas", "path": "/export/models"}},
+        {"csi": {"driver": "blob.csi.azure.com", "volumeAttributes": {"containerName": "m"}}},
+    ],
+)
+def test_the_checkpoint_volume_is_the_users_source_mounted_read_only(volume: dict) -> None:
+    source = {"type": "Checkpoint", "checkpoint": {"volume": volume, "path": "/models/a/b"}}
+    spec = _spec(model={"source": source})
+    pod = _pod(spec)
+    (checkpoint,) = [v for v in pod["volumes"] if v["name"] == "checkpoint"]
+    kind = next(iter(volume))
+    assert checkpoint.keys() == {"name", kind}
+    assert checkpoint[kind].items() >= volume[kind].items()  # as written (plus readOnly)
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "checkpoint")
+    assert mount == {"name": "checkpoint", "mountPath": "/models", "readOnly": True}
+    env = _env(children.build_statefulset("m", "ml", spec))
+    assert env[worker_env.CHECKPOINT] == "/models/a/b"
+    assert env[worker_env.SERVED_MODEL_NAME] == "b"
+
+
+def test_api_keys_come_from_the_named_secret_as_a_read_only_file() -> None:
+    spec = _spec(worker={"apiKeys": {"secretName": "clients", "key": "keys.txt"}})
+    pod = _pod(spec)
+    (keys,) = [v for v in pod["volumes"] if v["name"] == "api-keys"]
+    assert keys["secret"] == {
+        "secretName": "clients",
+        "items": [{"key": "keys.txt", "path": worker_env.API_KEYS_FILE_NAME}],
+    }
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "api-keys")
+    assert mount["readOnly"] and mount["mountPath"] == worker_env.API_KEYS_MOUNT_DIR
+    env = _env(children.build_statefulset("m", "ml", spec))
+    assert (
+        env[worker_env.API_KEYS_PATH]
+        == f"{mount['mountPath']}/{keys['secret']['items'][0]['path']}"
+    )
+
+
+def test_the_api_service_routes_to_the_leader_only() -> None:
+    spec = _spec(worker={"apiPort": 8001})
+    service = children.build_api_service("m", spec)
+    assert service["metadata"]["name"] == "m-api"
+    assert service["spec"]["type"] == "ClusterIP"
+    assert "publishNotReadyAddresses" not in service["spec"]  # ready endpoints only
+    (port,) = service["spec"]["ports"]
+    assert port == {"name": "http", "port": 8001, "targetPort": "api", "protocol": "TCP"}
+    template = children.build_statefulset("m", "ml", spec)["spec"]["template"]
+    labels = {**template["metadata"]["labels"], "statefulset.kubernetes.io/pod-name": "m-0"}
+    selector = service["spec"]["selector"]
+    assert selector.items() <= labels.items()  # the leader's pod matches...
+    assert selector["statefulset.kubernetes.io/pod-name"] == "m-0"  # ...and only it
+    assert children.api_endpoint("m", "ml", spec) == "http://m-api.ml.svc:8001/v1"
+
+
+def test_a_fatal_start_up_error_reaches_the_pods_status() -> None:
+    container = _container(_spec())
+    assert container["terminationMessagePath"] == worker_env.TERMINATION_MESSAGE_FILE
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env[worker_env.TERMINATION_MESSAGE_PATH] == container["terminationMessagePath"]
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [("mixtral-8x7b", "mixtral-8x7b"), ("org/model/", "model"), ("", "m"), ("/models", "m")],
+)
+def test_the_served_model_is_named_after_the_checkpoint_directory(path: str, name: str) -> None:
+    source = {
+        "type": "Checkpoint",
+        "checkpoint": {"volume": {"hostPath": {"path": "/x"}}, "path": path},
+    }
+    assert children.served_model_name("m", _spec(model={"source": source})) == name
+    named = _spec(model={"source": source, "servedModelName": "prod-llm"})
+    assert children.served_model_name("m", named) == "prod-llm"

@@ -70,3 +70,21 @@ def test_container_resource_names() -> None:
     assert kuberules.is_extended_resource("nvidia.com/gpu")
     assert not kuberules.is_extended_resource("cpu")
     assert not kuberules.is_extended_resource("kubernetes.io/foo")
+
+
+@pytest.mark.parametrize(
+    ("key", "ok"),
+    [
+        ("keys", True),
+        ("api-keys.txt", True),
+        ("_A.b-9", True),
+        ("a/b", False),
+        ("..", False),
+        (".", False),
+        ("", False),
+        ("a b", False),
+        ("k" * 254, False),
+    ],
+)
+def test_configmap_and_secret_keys(key: str, ok: bool) -> None:
+    assert (kuberules.config_key(key) is None) == ok

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import tracemalloc
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +16,7 @@ from moe_operator.manifests.children import plan_shape
 from moe_operator.validation import parse_spec, plan_bytes_bound
 from moe_worker.plan import MAX_PLAN_VERSION, Plan
 
+ROOT = Path(__file__).resolve().parents[2]
 CPU = {"worker": {"backend": "gloo", "device": "cpu", "gpusPerPod": 0}}
 
 BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
@@ -118,6 +121,33 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
         {"model": {"layers": 1024, "expertsPerLayer": 1024}, "parallelism": {"expert": 1024}},
         "model.expertsPerLayer",
     ),
+    # serving: the model's attention layout, its weights and the API
+    ("kv heads not dividing heads", {"model": {"keyValueHeads": 5}}, "model.keyValueHeads"),
+    ("odd head dim (RoPE)", {"model": {"headDim": 15}}, "model.headDim"),
+    ("unknown architecture", {"model": {"architecture": "GPT2"}}, "model.architecture"),
+    ("api port clash", {"worker": {"apiPort": 8080}}, "worker.apiPort"),
+    ("api port on rendezvous", {"worker": {"apiPort": 29500}}, "worker.apiPort"),
+    (
+        "api keys secret name",
+        {"worker": {"apiKeys": {"secretName": "My_Keys"}}},
+        "worker.apiKeys.secretName",
+    ),
+    ("api keys key", {"worker": {"apiKeys": {"key": "a/b"}}}, "worker.apiKeys.key"),
+    (
+        "checkpoint type without one",
+        {"model": {"source": {"type": "Checkpoint"}}},
+        "model.source.checkpoint",
+    ),
+    (
+        "a checkpoint that is not served",
+        {"model": {"source": {"checkpoint": {"volume": {"hostPath": {"path": "/m"}}}}}},
+        "model.source.type",
+    ),
+    (
+        "checkpoint without a volume",
+        {"model": {"source": {"type": "Checkpoint", "checkpoint": {"path": "m"}}}},
+        "model.source.checkpoint.volume",
+    ),
     ("wrong type", {"model": {"layers": "many"}}, "model.layers"),
     ("unknown field", {"model": {"experts": 8}}, "model.experts"),
     (
@@ -126,6 +156,134 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
         "rebalancing.imbalanceThreshold",
     ),
 ]
+
+CHECKPOINT_VOLUME = "model.source.checkpoint.volume"
+BAD_CHECKPOINTS: list[tuple[str, dict[str, Any], str, str]] = [
+    ("no source", {}, "", CHECKPOINT_VOLUME),
+    (
+        "two sources",
+        {"hostPath": {"path": "/m"}, "nfs": {"server": "nas", "path": "/m"}},
+        "",
+        CHECKPOINT_VOLUME,
+    ),
+    ("emptyDir", {"emptyDir": {}}, "", f"{CHECKPOINT_VOLUME}.emptyDir"),
+    ("configMap", {"configMap": {"name": "weights"}}, "", f"{CHECKPOINT_VOLUME}.configMap"),
+    ("gitRepo", {"gitRepo": {"repository": "x"}}, "", f"{CHECKPOINT_VOLUME}.gitRepo"),
+    ("misspelt source", {"persistentVolumClaim": {"claimName": "m"}}, "", CHECKPOINT_VOLUME),
+    ("source not an object", {"csi": "driver"}, "", f"{CHECKPOINT_VOLUME}.csi"),
+    (
+        "writable claim",
+        {"persistentVolumeClaim": {"claimName": "models", "readOnly": False}},
+        "",
+        f"{CHECKPOINT_VOLUME}.persistentVolumeClaim.readOnly",
+    ),
+    (
+        "writable csi",
+        {"csi": {"driver": "x.csi.io", "readOnly": False}},
+        "",
+        f"{CHECKPOINT_VOLUME}.csi.readOnly",
+    ),
+    (
+        "claim name",
+        {"persistentVolumeClaim": {"claimName": "Models"}},
+        "",
+        f"{CHECKPOINT_VOLUME}.persistentVolumeClaim.claimName",
+    ),
+    (
+        "relative host path",
+        {"hostPath": {"path": "models"}},
+        "",
+        f"{CHECKPOINT_VOLUME}.hostPath.path",
+    ),
+    (
+        "a host path that creates",
+        {"hostPath": {"path": "/m", "type": "DirectoryOrCreate"}},
+        "",
+        f"{CHECKPOINT_VOLUME}.hostPath.type",
+    ),
+    (
+        "path out of the volume",
+        {"hostPath": {"path": "/m"}},
+        "a/../../etc",
+        "model.source.checkpoint.path",
+    ),
+    (
+        "path outside the mount",
+        {"hostPath": {"path": "/m"}},
+        "/data/mixtral",
+        "model.source.checkpoint.path",
+    ),
+    ("path with a newline", {"hostPath": {"path": "/m"}}, "a\nb", "model.source.checkpoint.path"),
+]
+
+
+def _checkpoint(volume: dict[str, Any], path: str = "") -> dict[str, Any]:
+    return {
+        "model": {"source": {"type": "Checkpoint", "checkpoint": {"volume": volume, "path": path}}}
+    }
+
+
+@pytest.mark.parametrize(
+    ("why", "volume", "path", "field"), BAD_CHECKPOINTS, ids=[case[0] for case in BAD_CHECKPOINTS]
+)
+def test_bad_checkpoints_are_refused_naming_the_field(
+    why: str, volume: dict[str, Any], path: str, field: str
+) -> None:
+    parsed, problems = parse_spec(_checkpoint(volume, path))
+    assert parsed is None
+    assert [problem.field for problem in problems] == [field], problems
+
+
+@pytest.mark.parametrize(
+    ("volume", "path", "mounted"),
+    [
+        (
+            {"persistentVolumeClaim": {"claimName": "models"}},
+            "mixtral-8x7b",
+            "/models/mixtral-8x7b",
+        ),
+        ({"hostPath": {"path": "/srv/models", "type": "Directory"}}, "", "/models"),
+        ({"nfs": {"server": "nas.lan", "path": "/export"}}, "/models/a/./b/", "/models/a/b"),
+        (
+            {"csi": {"driver": "blob.csi.azure.com", "volumeAttributes": {"x": "y"}}},
+            "models/x",
+            "/models/models/x",
+        ),
+        ({"ephemeral": {"volumeClaimTemplate": {"spec": {}}}}, "/models", "/models"),
+    ],
+)
+def test_sound_checkpoints_pass_and_resolve_inside_the_mount(
+    volume: dict[str, Any], path: str, mounted: str
+) -> None:
+    parsed, problems = parse_spec(_checkpoint(volume, path))
+    assert problems == [] and parsed is not None
+    checkpoint = parsed.model.source.checkpoint
+    assert checkpoint is not None and checkpoint.mounted_path() == mounted
+    kinds = checkpoint.volume.kinds()  # as written, plus the typed sources' defaults
+    assert kinds.keys() == volume.keys()
+    assert all(kinds[kind].items() >= fields.items() for kind, fields in volume.items())
+
+
+def test_the_kv_heads_fix_names_a_divisor() -> None:
+    _, problems = parse_spec({"model": {"attentionHeads": 32, "keyValueHeads": 6}})
+    (problem,) = problems
+    assert "such as 4" in problem.message
+
+
+def test_a_grouped_query_mixtral_passes_and_declares_every_field() -> None:
+    model = {
+        "architecture": "Mixtral",
+        "attentionHeads": 32,
+        "keyValueHeads": 8,
+        "vocabSize": 32000,
+    }
+    parsed, problems = parse_spec({"model": model})
+    assert problems == [] and parsed is not None
+    shape = parsed.model.to_shape()
+    assert (shape.architecture, shape.kv_heads, shape.vocab_size) == ("Mixtral", 8, 32000)
+    # 0 means as many as attentionHeads, and is declared so: a checkpoint must agree.
+    plain = MoEDeploymentSpec.model_validate({"model": {"attentionHeads": 4, "headDim": 16}})
+    assert plain.model.to_shape().kv_heads == 4
 
 
 @pytest.mark.parametrize(("why", "spec", "field"), BAD_SPECS, ids=[case[0] for case in BAD_SPECS])
@@ -254,6 +412,15 @@ def test_plan_size_bound_is_an_upper_bound(
     worst = [[-1.2345678901234567e-300, *bias][e % (len(bias) + 1)] for e in range(experts)]
     biased = Plan.model_validate({**plan.to_document(), "gateBias": [worst] * layers})
     assert len(biased.to_json()) <= table + gate
+
+
+@pytest.mark.parametrize(
+    "sample", sorted((ROOT / "manifests" / "samples").glob("*.yaml")), ids=lambda path: path.name
+)
+def test_every_sample_passes(sample: Path) -> None:
+    document = yaml.safe_load(sample.read_text())
+    parsed, problems = parse_spec(document["spec"], name=document["metadata"]["name"])
+    assert problems == [] and parsed is not None
 
 
 def test_max_slots_per_rank_below_slots_per_rank_is_refused_with_the_fix() -> None:

@@ -49,6 +49,10 @@ log = logging.getLogger("moe_worker")
 
 GROUP_TIMEOUT_S = 600.0
 """How long a collective may wait for a peer before torch.distributed gives up."""
+LEADER_READY_STALL_S = 10.0
+"""The leader steps at least every `leader.IDLE_TICK` (0.2 s) while the group serves; this long
+without a step, a peer hangs or is gone and the group serves nothing: the leader reports not
+ready (its pod leaves the `-api` Service) well before liveness (`stall_timeout`) restarts it."""
 KV_BLOCK_SIZE = 16
 
 
@@ -129,7 +133,10 @@ class Runtime:
         return self._card
 
     def is_ready(self) -> bool:
-        return self._ready and not self.stopping.is_set()
+        """Every rank: the group formed and loaded its plan. The leader also: the group keeps
+        stepping, so a ready leader means the whole group serves."""
+        stalled = time.monotonic() - self._last_progress > LEADER_READY_STALL_S
+        return self._ready and not self.stopping.is_set() and not (self.is_leader and stalled)
 
     def is_live(self) -> bool:
         stalled = time.monotonic() - self._last_progress > self.settings.stall_timeout

@@ -18,7 +18,9 @@ from moe_worker.plan import PLAN_FILE_NAME, Plan
 
 GPU_RESOURCE = "nvidia.com/gpu"
 DEPLOYMENT_LABEL = "moe-ep.io/deployment"
+POD_NAME_LABEL = "statefulset.kubernetes.io/pod-name"  # set by the StatefulSet controller
 CONTAINER_NAME = "worker"
+TERMINATION_MESSAGE_PATH = worker_env.TERMINATION_MESSAGE_FILE
 PLAN_VERSION_ANNOTATION = "moe-ep.io/plan-version"
 LAST_REBALANCE_ANNOTATION = "moe-ep.io/last-rebalance"  # JSON: the status' lastRebalance
 ISSUED_AT_ANNOTATION = "moe-ep.io/issued-at"  # seconds since the epoch: the cooldown's start
@@ -70,6 +72,28 @@ def token_secret_name(name: str) -> str:
     return f"{name}-control"
 
 
+def api_service_name(name: str) -> str:
+    return f"{name}-api"
+
+
+def api_endpoint(name: str, namespace: str, spec: MoEDeploymentSpec) -> str:
+    """Base URL of the OpenAI-compatible API inside the cluster (status.endpoint)."""
+    return f"http://{api_service_name(name)}.{namespace}.svc:{spec.worker.api_port}/v1"
+
+
+def served_model_name(name: str, spec: MoEDeploymentSpec) -> str:
+    """The `model` clients send: the spec's, else the checkpoint directory's name, else the
+    deployment's (synthetic weights, or a checkpoint at the volume's root)."""
+    if spec.model.served_model_name:
+        return spec.model.served_model_name
+    checkpoint = spec.model.source.checkpoint
+    if spec.model.source.type == "Checkpoint" and checkpoint is not None:
+        mounted = checkpoint.mounted_path()
+        if mounted != worker_env.CHECKPOINT_MOUNT_DIR:
+            return mounted.rsplit("/", 1)[-1]
+    return name
+
+
 def master_address(name: str, namespace: str) -> str:
     """DNS name of rank 0 through the headless Service."""
     return f"{name}-0.{service_name(name)}.{namespace}.svc"
@@ -88,6 +112,29 @@ def build_service(name: str, spec: MoEDeploymentSpec) -> dict[str, Any]:
             "ports": [
                 {"name": "metrics", "port": spec.worker.port, "protocol": "TCP"},
                 {"name": "rendezvous", "port": spec.worker.master_port, "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def build_api_service(name: str, spec: MoEDeploymentSpec) -> dict[str, Any]:
+    """The OpenAI-compatible API: rank 0 only (the leader serves it). Its one endpoint is ready
+    exactly when rank 0 is, and rank 0 turns ready only once the whole group has formed and
+    loaded its plan: the Service routes to a group that serves, or to nothing."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": api_service_name(name), "labels": worker_labels(name)},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {**selector_labels(name), POD_NAME_LABEL: f"{name}-0"},
+            "ports": [
+                {
+                    "name": "http",
+                    "port": spec.worker.api_port,
+                    "targetPort": "api",
+                    "protocol": "TCP",
+                }
             ],
         },
     }
@@ -123,8 +170,8 @@ def build_token_secret(name: str, token: str | None = None) -> dict[str, Any]:
 
 
 def _worker_env(name: str, namespace: str, spec: MoEDeploymentSpec) -> list[dict[str, Any]]:
-    layout = spec.parallelism
-    values = {
+    layout, worker = spec.parallelism, spec.worker
+    values: dict[str, object] = {
         worker_env.WORLD_SIZE: layout.world_size,
         worker_env.MASTER_ADDR: master_address(name, namespace),
         worker_env.MASTER_PORT: spec.worker.master_port,
@@ -138,7 +185,21 @@ def _worker_env(name: str, namespace: str, spec: MoEDeploymentSpec) -> list[dict
         worker_env.PLAN_PATH: f"{worker_env.PLAN_MOUNT_DIR}/{PLAN_FILE_NAME}",
         worker_env.TOKEN_PATH: f"{worker_env.TOKEN_MOUNT_DIR}/{worker_env.TOKEN_FILE_NAME}",
         worker_env.HTTP_PORT: spec.worker.port,
+        worker_env.API_PORT: worker.api_port,
+        worker_env.SERVED_MODEL_NAME: served_model_name(name, spec),
+        worker_env.KV_CACHE_TOKENS: worker.kv_cache_tokens,
+        worker_env.MAX_BATCH_TOKENS: worker.max_batch_tokens,
+        worker_env.MAX_QUEUED_REQUESTS: worker.max_queued_requests,
+        # Where the container's termination message goes (the kubelet reads it back into the
+        # pod's status; the operator shows a start-up refusal from there).
+        worker_env.TERMINATION_MESSAGE_PATH: TERMINATION_MESSAGE_PATH,
     }
+    checkpoint = spec.model.source.checkpoint
+    if spec.model.source.type == "Checkpoint" and checkpoint is not None:
+        values[worker_env.CHECKPOINT] = checkpoint.mounted_path()
+    if worker.api_keys.secret_name:
+        api_keys = f"{worker_env.API_KEYS_MOUNT_DIR}/{worker_env.API_KEYS_FILE_NAME}"
+        values[worker_env.API_KEYS_PATH] = api_keys
     pod_name = {
         "name": worker_env.POD_NAME,
         "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
@@ -155,6 +216,23 @@ def _resources(spec: MoEDeploymentSpec) -> dict[str, dict[str, str]]:
         # Extended resources must be equal in requests and limits.
         requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(spec.worker.gpus_per_pod)
     return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
+
+
+def _serving_volumes(spec: MoEDeploymentSpec) -> list[tuple[dict[str, Any], str]]:
+    """(pod volume, where the worker mounts it read-only): the checkpoint, the API keys."""
+    found = []
+    checkpoint = spec.model.source.checkpoint
+    if spec.model.source.type == "Checkpoint" and checkpoint is not None:
+        # The user's volume source as written (validation made sure it holds data and is not
+        # asked to be writable); the mount is read-only whatever the source says.
+        volume = {"name": "checkpoint", **checkpoint.volume.kinds()}
+        found.append((volume, worker_env.CHECKPOINT_MOUNT_DIR))
+    keys = spec.worker.api_keys
+    if keys.secret_name:
+        items = [{"key": keys.key, "path": worker_env.API_KEYS_FILE_NAME}]
+        volume = {"name": "api-keys", "secret": {"secretName": keys.secret_name, "items": items}}
+        found.append((volume, worker_env.API_KEYS_MOUNT_DIR))
+    return found
 
 
 def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dict[str, Any]:
@@ -175,7 +253,11 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
         "ports": [
             {"name": "metrics", "containerPort": worker.port, "protocol": "TCP"},
             {"name": "rendezvous", "containerPort": worker.master_port, "protocol": "TCP"},
+            {"name": "api", "containerPort": worker.api_port, "protocol": "TCP"},
         ],
+        "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+        # A start-up refusal writes the file; any other crash still says why (its log's end).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "readinessProbe": http_probe,
         "livenessProbe": {
             "httpGet": {"path": "/healthz", "port": "metrics"},
@@ -191,15 +273,18 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
     # The pod maps its own shape's key onto plan.json: pods of an older template keep reading
     # their shape's plan while a group restart brings the new shape's pods up.
     plan_items = [{"key": plan_shape(spec).key, "path": PLAN_FILE_NAME}]
+    volumes: list[dict[str, Any]] = [
+        {"name": "plan", "configMap": {"name": plan_configmap_name(name), "items": plan_items}},
+        {"name": "control", "secret": {"secretName": token_secret_name(name)}},
+    ]
+    for volume, mount_path in _serving_volumes(spec):
+        volumes.append(volume)
+        container["volumeMounts"].append(
+            {"name": volume["name"], "mountPath": mount_path, "readOnly": True}
+        )
     pod_spec: dict[str, Any] = {
         "containers": [container],
-        "volumes": [
-            {
-                "name": "plan",
-                "configMap": {"name": plan_configmap_name(name), "items": plan_items},
-            },
-            {"name": "control", "secret": {"secretName": token_secret_name(name)}},
-        ],
+        "volumes": volumes,
         "terminationGracePeriodSeconds": 30,
     }
     if worker.node_selector:

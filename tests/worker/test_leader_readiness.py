@@ -1,0 +1,43 @@
+"""The leader's readiness is the `-api` Service's: ready only while the whole group serves."""
+
+from __future__ import annotations
+
+import time
+
+from moe_worker import runtime
+from moe_worker.runtime import Runtime
+from moe_worker.settings import WorkerSettings
+from moe_worker.shape import ModelShape
+from moe_worker.weights import SyntheticWeights
+
+SHAPE = ModelShape(layers=1, experts=2, hidden=8, ffn_hidden=8, heads=2, head_dim=4, top_k=1)
+
+
+def serving(rank: int, since_last_step: float) -> Runtime:
+    """A rank past its group's barrier, its last step `since_last_step` seconds ago."""
+    settings = WorkerSettings(rank=rank, world_size=2, model=SHAPE)
+    rank_runtime = Runtime(settings, SyntheticWeights.for_shape(SHAPE, seed=0))
+    rank_runtime._ready = rank_runtime._serving = True  # what _load sets after the barrier
+    rank_runtime._last_progress = time.monotonic() - since_last_step
+    return rank_runtime
+
+
+def test_a_leader_whose_group_stopped_stepping_is_not_ready() -> None:
+    stalled = runtime.LEADER_READY_STALL_S + 1
+    assert serving(0, since_last_step=0.0).is_ready()
+    assert not serving(0, since_last_step=stalled).is_ready()  # a peer hangs: no step
+    assert serving(0, since_last_step=stalled).is_live()  # not yet a restart: it may heal
+    # Other ranks report their own state only: the Service follows the leader's.
+    assert serving(1, since_last_step=stalled).is_ready()
+
+
+def test_a_stalled_leader_takes_no_requests() -> None:
+    from moe_worker.generation import GenerationRequest, NotReady, SamplingParams
+
+    leader = serving(0, since_last_step=runtime.LEADER_READY_STALL_S + 1)
+    request = GenerationRequest("r", (1, 2), SamplingParams(temperature=0, max_tokens=1))
+    try:
+        leader.submit(request, lambda _event: None)
+    except NotReady:
+        return
+    raise AssertionError("a stalled group accepted a request")

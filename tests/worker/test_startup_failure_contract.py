@@ -1,0 +1,97 @@
+"""The start-up refusal contract, both sides: a worker given the operator's own pod environment
+and a checkpoint that disagrees with the spec stops with the exit code and message the operator
+reads back from the pod's status (`moe_operator.failures`) and shows, naming both values."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from moe_operator.api import MoEDeploymentSpec
+from moe_operator.failures import STARTUP_EXIT_CODE, startup_failure
+from moe_operator.manifests import children
+from moe_worker import env as worker_env
+from moe_worker.checkpoint import write_checkpoint
+from moe_worker.process import EXIT_CONFIG
+from moe_worker.shape import ModelShape
+from moe_worker.weights import SyntheticWeights
+
+CHECKPOINT_SHAPE = ModelShape(
+    layers=2, experts=4, hidden=32, ffn_hidden=48, heads=4, head_dim=8, vocab_size=80
+)
+SPEC = {  # the checkpoint's shape, but 3 layers
+    "model": {
+        "layers": 3,
+        "expertsPerLayer": 4,
+        "hiddenSize": 32,
+        "ffnHiddenSize": 48,
+        "attentionHeads": 4,
+        "headDim": 8,
+        "vocabSize": 80,
+        "dtype": "float32",
+        "source": {
+            "type": "Checkpoint",
+            "checkpoint": {"volume": {"hostPath": {"path": "/srv"}}, "path": "tiny"},
+        },
+    },
+    "parallelism": {"expert": 2},
+    "placement": {"slotsPerRank": 2},
+    "worker": {"backend": "gloo", "device": "cpu", "gpusPerPod": 0},
+}
+
+
+def test_the_exit_codes_agree() -> None:
+    assert EXIT_CONFIG == STARTUP_EXIT_CODE
+
+
+def test_a_mismatch_in_a_pod_reaches_the_operators_condition(tmp_path: Path) -> None:
+    checkpoint = write_checkpoint(
+        tmp_path / "tiny", SyntheticWeights.for_shape(CHECKPOINT_SHAPE, seed=1)
+    )
+    spec = MoEDeploymentSpec.model_validate(SPEC)
+    container = children.build_statefulset("llm", "ml", spec)["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    pod_env = {item["name"]: item.get("value", "") for item in container["env"]}
+    termination = tmp_path / "termination-log"
+    termination.touch()  # the kubelet's file at terminationMessagePath
+    assert pod_env[worker_env.CHECKPOINT] == "/models/tiny"  # where the volume is mounted
+    pod_env.update(
+        {
+            worker_env.POD_NAME: "llm-1",
+            worker_env.CHECKPOINT: str(checkpoint),
+            worker_env.TERMINATION_MESSAGE_PATH: str(termination),
+        }
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MOE_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "moe_worker.main", "serve"],
+        env={**base, **pod_env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == STARTUP_EXIT_CODE, done.stderr
+    pod = {  # what the kubelet reports while the container waits to restart
+        "metadata": {"name": "llm-1"},
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": container["name"],
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    "lastState": {
+                        "terminated": {
+                            "exitCode": done.returncode,
+                            "message": termination.read_text(),
+                        }
+                    },
+                }
+            ]
+        },
+    }
+    failure = startup_failure([pod])
+    assert failure is not None and failure.reason == "CheckpointMismatch"
+    text = failure.describe(2)
+    assert "layers: the MoEDeployment says 3" in text and "config.json says 2" in text
