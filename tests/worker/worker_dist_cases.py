@@ -70,7 +70,8 @@ def all_cases(rank: int, world: int) -> dict[str, Any]:
     results["reference_counts"] = ref_counts.tolist()
 
     engine = EPEngine(source, round_robin_plan(2, 4, world), rank=rank)
-    results["loaded"] = sorted((layer, e) for layer, held in enumerate(engine.shard) for e in held)
+    held = engine.held_experts()
+    results["loaded"] = sorted((layer, e) for layer, experts in enumerate(held) for e in experts)
     results["round_robin"] = _ep_error(engine, source, rank, world)
     results["round_robin_counts"] = _global_counts(engine)
 
@@ -92,7 +93,7 @@ def all_cases(rank: int, world: int) -> dict[str, Any]:
         errors.append(_ep_error(engine, source, rank, world))
     results["switch"] = errors
     results["switch_received"] = received
-    results["switch_held"] = [sorted(held) for held in engine.shard]
+    results["switch_held"] = [sorted(held) for held in engine.held_experts()]
 
     baseline = TPPPModel(source, tp=2, pp=2)
     expected, _ = reference(source)

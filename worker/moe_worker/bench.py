@@ -39,6 +39,7 @@ from moe_worker.models.base import DTYPES
 from moe_worker.plan import Plan, round_robin_plan
 from moe_worker.shape import ModelShape
 from moe_worker.traffic import zipf_cumulative
+from moe_worker.two_batch import last_rows, split_items
 from moe_worker.weights import SyntheticWeights
 
 
@@ -96,14 +97,25 @@ def _timed(fn: Any, steps: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def ep_prefill(engine: EPEngine, prompts: list[list[int]], device: torch.device) -> torch.Tensor:
-    """Collective: this rank's prompts (maybe none) through the EP engine into a fresh cache."""
+def ep_prefill(
+    engine: EPEngine, prompts: list[list[int]], device: torch.device, two_batch: bool = False
+) -> torch.Tensor:
+    """Collective: this rank's prompts (maybe none) through the EP engine into a fresh cache;
+    logits at each prompt's last token. `two_batch` (the same on every rank) overlaps two
+    micro-batches."""
     tokens = sum(len(p) for p in prompts)
     cache = KVCache.for_shape(
         engine.shape, max(tokens + 16 * len(prompts), 16), dtype=engine.dtype, device=device
     )
-    batch = StepBatch.build([(i, p, 0) for i, p in enumerate(prompts)], device)
-    return engine.forward(batch, cache, cache.prepare(batch))
+    items = [(i, p, 0) for i, p in enumerate(prompts)]
+    if not two_batch:
+        batch = StepBatch.build(items, device)
+        return engine.forward(batch, cache, cache.prepare(batch))
+    parts = split_items(items)
+    batches = [StepBatch.build(part, device) for part in parts]
+    metas = [cache.prepare(batch) for batch in batches]
+    logits = engine.forward_overlapped(batches, cache, metas)
+    return torch.cat(logits)[last_rows(items, parts)]
 
 
 def _plain_matmuls(
