@@ -115,11 +115,15 @@ def serve_group(
 
 
 def logits_of(prompts: list[list[int]]) -> Callable[[EPEngine, int, int], dict[str, Any]]:
-    """EP logits at each prompt's last token; rank r runs prompts r, r + world, ..."""
+    """EP logits at each prompt's last token, in one batch and as two overlapped micro-batches;
+    rank r runs prompts r, r + world, ..."""
 
     def body(engine: EPEngine, rank: int, world: int) -> dict[str, Any]:
         mine = list(range(rank, len(prompts), world))
-        got = ep_prefill(engine, [prompts[i] for i in mine], torch.device("cpu"))
-        return {"logits": {i: got[row].tolist() for row, i in enumerate(mine)}}
+        results = {}
+        for key, two_batch in (("logits", False), ("logits_two_batch", True)):
+            got = ep_prefill(engine, [prompts[i] for i in mine], torch.device("cpu"), two_batch)
+            results[key] = {i: got[row].tolist() for row, i in enumerate(mine)}
+        return results
 
     return body
