@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_worker.bench import ep_prefill
+from moe_worker.bench_ep import ep_prefill
 from moe_worker.dispatch import LocalDispatcher, Placement
 from moe_worker.engine import EPEngine, plan_experts
 from moe_worker.env import rank_from_pod_name

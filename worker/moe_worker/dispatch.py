@@ -105,22 +105,21 @@ class Pending:
     def to_host(self, *before: Tensor) -> Tensor:
         """[1 + len(before), ...] on the CPU: `before` (same shape, ready on the device before
         the collective was issued) stacked with the output."""
-        start = time.perf_counter()
         if self.output.device.type != "cuda":
-            host = torch.stack([*before, self.wait()]).cpu()
-        else:
-            side, compute = _side_stream(self.output.device), torch.cuda.current_stream()
-            with torch.cuda.stream(side):
-                if self._work is not None:
-                    self._work.wait()  # the side stream waits for the collective only
-                else:
-                    side.wait_stream(compute)  # world 1: the counts come from the compute stream
-                host = torch.stack([*before, self.output]).to("cpu", non_blocking=True)
-                copied = torch.cuda.Event()
-                copied.record(side)
-            copied.synchronize()
-            self.wait()  # and the compute stream too, for later use of the output
+            return torch.stack([*before, self.wait()]).cpu()  # wait() counts its own time
+        start = time.perf_counter()
+        side, compute = _side_stream(self.output.device), torch.cuda.current_stream()
+        with torch.cuda.stream(side):
+            if self._work is not None:
+                self._work.wait()  # the side stream waits for the collective only
+            else:
+                side.wait_stream(compute)  # world 1: the counts come from the compute stream
+            host = torch.stack([*before, self.output]).to("cpu", non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(side)
+        copied.synchronize()
         self._owner.comm_seconds += time.perf_counter() - start
+        self.wait()  # and the compute stream too (nccl: no host wait), for later use
         return host
 
 

@@ -93,9 +93,13 @@ class SlotStacks:
         write, because a slot may be the source of another one that it replaces."""
         old = self._experts[layer]
         changed = [s for s, (a, b) in enumerate(zip(old, wanted, strict=True)) if a != b]
-        sources = [self._source(layer, wanted[s], received) for s in changed]
-        copies = [tuple(m.clone() for m in src) for src in sources]
-        for slot, matrices in zip(changed, copies, strict=True):
+        sources = [
+            received[(layer, wanted[s])]
+            if (layer, wanted[s]) in received
+            else tuple(m.clone() for m in self.matrices(layer, wanted[s]))  # may be overwritten
+            for s in changed
+        ]
+        for slot, matrices in zip(changed, sources, strict=True):
             for stack, matrix in zip(self._stacks[layer], matrices, strict=True):
                 stack[slot].copy_(matrix)
 
