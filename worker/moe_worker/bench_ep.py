@@ -4,9 +4,9 @@ Each function is collective (all ranks call it at the same point) and returns ra
 figures; `bench.py` reports rank 0's. Times are medians of `steps` runs, all ranks starting
 together (a barrier before each).
 
-- `moe_path`: the MoE layer against a plain matmul of the same shapes. The token path (routing,
-  permutation, grouped GEMM, combine) is the MoE time less the time blocked in its all-to-alls;
-  both fractions are reported.
+- `moe_path`: the MoE layer against a plain matmul of the same shapes: by the serving thread's
+  CPU time (the token path itself: routing, permutation, grouped GEMM, combine; the all-to-alls'
+  waits cost no CPU), and by wall time with the all-to-alls.
 - `overlap`: step time without and with two-batch overlap on the same prompts, the exposed
   communication of the step without it, and the overlap efficiency the performance model takes
   (`moe-ep perf`): the fraction of min(compute, communication) the overlap hid.
@@ -104,40 +104,52 @@ def plain_matmuls(
 def moe_path(
     engine: EPEngine, prompts: Prompts, steps: int, device: torch.device
 ) -> dict[str, Any]:
-    """The MoE layer's achieved FLOP/s against a plain matmul of its shapes, round by round
-    (all ranks at once, so both see the same contention)."""
+    """The MoE layer's achieved FLOP/s against a plain matmul of its shapes, round by round.
+
+    By CPU time of the serving thread (`time.thread_time`): what the token path costs itself,
+    which four ranks sharing two cores (and other work on the machine) do not change; and by
+    wall time, its all-to-alls included (waiting for the other ranks counts there)."""
     c = engine.shape
     shapes = engine.arch.expert_shapes(c)
     flops_per_row = 2 * sum(r * k for r, k in shapes)  # 2 FLOPs per multiply-add
     ep_prefill(engine, prompts, device)  # warm-up, and the rows of a step
-    rows = engine.expert_tokens
-    layer_rows = max(1, round(rows / c.layers))
+    expert_flops = engine.expert_tokens * flops_per_row
+    layer_rows = max(1, round(engine.expert_tokens / c.layers))
     matmul = plain_matmuls(layer_rows, shapes, engine.dtype, device)
-    per_step: list[tuple[float, float, float]] = []
+    moe: list[tuple[float, float, float, float]] = []  # wall, cpu, comm wall, experts cpu
+    matmul_cpu: list[float] = []
 
     def prefill() -> None:
         engine.reset_timers()
         ep_prefill(engine, prompts, device)
-        per_step.append((engine.moe_seconds, engine.comm_seconds, engine.expert_seconds))
+        e = engine
+        moe.append((e.moe_seconds, e.moe_cpu_seconds, e.comm_seconds, e.expert_cpu_seconds))
 
     def matmuls() -> None:  # a step's expert FLOPs (every layer's) as plain matmuls
+        cpu = time.thread_time()
         for _ in range(c.layers):
             matmul()
+        matmul_cpu.append(time.thread_time() - cpu)
 
     times = alternate({"step": prefill, "matmul": matmuls}, steps, device)
-    expert_flops = rows * flops_per_row
-    matmul_rates = [layer_rows * c.layers * flops_per_row / t for t in times["matmul"]]
-    moe_rates = [expert_flops / moe for moe, _, _ in per_step]
-    path_rates = [expert_flops / (moe - comm) for moe, comm, _ in per_step]
+    rate = {
+        "matmul_cpu": [expert_flops / t for t in matmul_cpu],
+        "matmul_wall": [expert_flops / t for t in times["matmul"]],
+        "moe_cpu": [expert_flops / cpu for _, cpu, _, _ in moe],
+        "moe_wall": [expert_flops / wall for wall, _, _, _ in moe],
+        "experts_cpu": [expert_flops / cpu for _, _, _, cpu in moe],
+    }
+    median = {key: statistics.median(values) for key, values in rate.items()}
     return {
         "step_s": statistics.median(times["step"]),
-        "moe_layer_flops_per_s": statistics.median(moe_rates),
-        "moe_token_path_flops_per_s": statistics.median(path_rates),
-        "expert_flops_per_s": statistics.median(expert_flops / e for _, _, e in per_step),
-        "matmul_flops_per_s": statistics.median(matmul_rates),
-        "fraction": _median_ratio(path_rates, matmul_rates),
-        "fraction_with_comm": _median_ratio(moe_rates, matmul_rates),
-        "comm_seconds_per_step": statistics.median(comm for _, comm, _ in per_step),
+        "moe_layer_cpu_flops_per_s": median["moe_cpu"],
+        "moe_layer_flops_per_s": median["moe_wall"],
+        "expert_cpu_flops_per_s": median["experts_cpu"],
+        "matmul_cpu_flops_per_s": median["matmul_cpu"],
+        "matmul_flops_per_s": median["matmul_wall"],
+        "fraction": _median_ratio(rate["moe_cpu"], rate["matmul_cpu"]),
+        "fraction_with_comm": _median_ratio(rate["moe_wall"], rate["matmul_wall"]),
+        "comm_seconds_per_step": statistics.median(comm for _, _, comm, _ in moe),
         "grouped_gemm_kernel": engine.kernel,
         "kernels": _kernels(engine, layer_rows, steps, device),
     }

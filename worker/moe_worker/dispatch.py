@@ -76,6 +76,8 @@ class Placement:
         Stays on the ids' device (the tables live there): no host synchronisation."""
         n, k = topk_ids_NK.shape
         ids_A = topk_ids_NK.reshape(-1)
+        if self.replica_slots_LEM.shape[2] == 1:  # no replicas: one lookup
+            return self.replica_slots_LEM[layer, :, 0].index_select(0, ids_A)
         token_A = torch.arange(n, device=ids_A.device).repeat_interleave(k)
         pick_A = (token_A + self.rank) % self.replica_count_LE[layer][ids_A]
         return self.replica_slots_LEM[layer][ids_A, pick_A]
@@ -130,7 +132,7 @@ class Routed:
     layer: int
     num_tokens: int
     top_k: int
-    order_A: Tensor  # permutation sorting assignments by global slot
+    unorder_A: Tensor  # its inverse: where each assignment (token-major) sits in slot order
     x_AD: Tensor  # one row per assignment, in slot order
     send_counts_RS: Tensor  # assignments for each (rank, slot), on the collective device
 
@@ -141,10 +143,11 @@ class DispatchMeta:
 
     num_tokens: int
     top_k: int
-    order_A: Tensor
+    unorder_A: Tensor
     send_splits: list[int]  # rows sent to each rank
     recv_splits: list[int]  # rows received from each rank
     recv_order: Tensor  # permutation grouping received rows by local slot
+    recv_unorder: Tensor  # its inverse
     slot_sizes: tuple[int, ...]  # rows for each local slot
     slot_counts_S: Tensor  # the same on the tokens' device (grouped GEMM offsets)
 
@@ -165,14 +168,16 @@ class Dispatcher:
         n, k = topk_ids_NK.shape
         slot_A = p.slots_for(layer, topk_ids_NK)
         order_A = torch.argsort(slot_A, stable=True)
-        x_AD = x_ND[order_A // k]
+        # Gathers only (index_select), never scatters: several times faster on the CPU.
+        x_AD = x_ND.index_select(0, order_A // k)
         # scatter_add, not bincount: bincount on CUDA reads the maximum back to the host.
         counts_G = torch.zeros(
             p.world_size * p.slots_per_rank, dtype=torch.int64, device=x_ND.device
         )
         counts_G.scatter_add_(0, slot_A, torch.ones_like(slot_A))
         send_counts_RS = counts_G.view(p.world_size, p.slots_per_rank)
-        return Routed(layer, n, k, order_A, x_AD, send_counts_RS.to(self._counts_device(x_ND)))
+        counts = send_counts_RS.to(self._counts_device(x_ND))
+        return Routed(layer, n, k, _inverse(order_A), x_AD, counts)
 
     def send_counts(self, routed: Routed) -> Pending:
         recv_RS = torch.empty_like(routed.send_counts_RS)
@@ -195,13 +200,15 @@ class Dispatcher:
             .repeat(p.world_size)
             .repeat_interleave(recv_counts_RS.reshape(-1), output_size=received)
         )
+        recv_order = torch.argsort(slot_of_recv, stable=True)
         return DispatchMeta(
             num_tokens=routed.num_tokens,
             top_k=routed.top_k,
-            order_A=routed.order_A,
+            unorder_A=routed.unorder_A,
             send_splits=send_splits,
             recv_splits=recv_splits,
-            recv_order=torch.argsort(slot_of_recv, stable=True),
+            recv_order=recv_order,
+            recv_unorder=_inverse(recv_order),
             slot_sizes=tuple(slot_sizes_S.tolist()),
             slot_counts_S=recv_counts_RS.sum(0),
         )
@@ -212,19 +219,17 @@ class Dispatcher:
     @staticmethod
     def group_by_slot(recv_nD: Tensor, meta: DispatchMeta) -> Tensor:
         """Received rows [n, D], grouped by local slot (slot 0's rows first)."""
-        return recv_nD[meta.recv_order]
+        return recv_nD.index_select(0, meta.recv_order)
 
     def send_back(self, y_nD: Tensor, meta: DispatchMeta) -> Pending:
         """Expert outputs grouped by slot [n, D] back to the ranks they came from."""
-        recv_nD = torch.empty_like(y_nD)
-        recv_nD[meta.recv_order] = y_nD
+        recv_nD = y_nD.index_select(0, meta.recv_unorder)
         return self._exchange(recv_nD, meta.recv_splits, meta.send_splits)
 
     @staticmethod
     def combine_back(sent_AD: Tensor, meta: DispatchMeta, topk_weights_NK: Tensor) -> Tensor:
         """[N, D]: every assignment's output in token order, weighted by the unbiased gate."""
-        y_AD = torch.empty_like(sent_AD)
-        y_AD[meta.order_A] = sent_AD
+        y_AD = sent_AD.index_select(0, meta.unorder_A)
         y_NKD = y_AD.view(meta.num_tokens, meta.top_k, y_AD.shape[-1])  # N may be 0
         return weighted_sum(y_NKD, topk_weights_NK)
 
@@ -271,6 +276,13 @@ class LocalDispatcher(Dispatcher):
 
     def _counts_device(self, x_ND: Tensor) -> torch.device:
         return x_ND.device  # no collective: the counts stay where the tokens are
+
+
+def _inverse(order: Tensor) -> Tensor:
+    """The inverse permutation of `order`."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
 
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}

@@ -72,9 +72,7 @@ class EPEngine:
         )
         self.plan = plan
         self.gate_bias_LE = self._gate_bias(plan)
-        # Wall time (CPU clock; on CUDA without syncs it is launch time) for the benchmark.
-        self.expert_seconds = self.moe_seconds = 0.0
-        self.expert_tokens = 0
+        self.reset_timers()
 
     @property
     def counts_LE(self) -> Tensor:
@@ -115,28 +113,37 @@ class EPEngine:
         return d.combine_back(back.wait(), meta, routing.topk_weights_NK)
 
     def _experts(self, layer: int, x_nD: Tensor, meta: DispatchMeta) -> Tensor:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         groups = SlotGroups.of(meta.slot_sizes, self.kernel, meta.slot_counts_S)
         y_nD = self.arch.grouped_forward(x_nD, self.stacks.layer(layer), groups)
         self.expert_tokens += groups.rows
         self.expert_seconds += time.perf_counter() - start
+        self.expert_cpu_seconds += time.thread_time() - cpu
         return y_nD
 
     def _timed(self, steps: MoESteps) -> MoESteps:
         """`steps`, its own running time (waits included, the other micro-batch's work not)
-        added to `moe_seconds`."""
+        added to `moe_seconds`, and this thread's CPU time to `moe_cpu_seconds`."""
         while True:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             try:
                 pending = next(steps)
             except StopIteration as done:
-                self.moe_seconds += time.perf_counter() - start
+                self._add_moe_time(start, cpu)
                 return done.value  # type: ignore[no-any-return]
-            self.moe_seconds += time.perf_counter() - start
+            self._add_moe_time(start, cpu)
             yield pending
 
+    def _add_moe_time(self, start: float, cpu: float) -> None:
+        self.moe_seconds += time.perf_counter() - start
+        self.moe_cpu_seconds += time.thread_time() - cpu
+
     def reset_timers(self) -> None:
+        """The benchmark's clocks. Wall time (on CUDA without syncs: launch time), and the
+        serving thread's CPU time: what the token path itself costs, however many other
+        processes share its core."""
         self.expert_seconds = self.moe_seconds = self.dispatcher.comm_seconds = 0.0
+        self.expert_cpu_seconds = self.moe_cpu_seconds = 0.0
         self.expert_tokens = 0
 
     # ------------------------------------------------------------ a step
