@@ -55,14 +55,14 @@ class StepDescriptor:
     plan_json: str | None = None
     """A plan every rank switches to at this boundary, before the step's forward; with
     background switches, every rank starts moving its experts and the old plan keeps serving."""
+    admit: tuple[NewSequence, ...] = ()
+    chunks: tuple[Chunk, ...] = ()
     flip: int | None = None
     """Background switch: every rank's experts landed, all flip to this plan version now."""
     abandon: str | None = None
     """Background switch: a rank failed or the switch timed out (the reason); all drop it."""
     poll_switch: bool = False
     """Background switch in flight: every rank reports its transfer's state in its result."""
-    admit: tuple[NewSequence, ...] = ()
-    chunks: tuple[Chunk, ...] = ()
     two_batch: bool = False
     """Run the forward as two overlapped micro-batches (the same on every rank)."""
 
