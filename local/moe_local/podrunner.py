@@ -11,6 +11,7 @@ owns everything under `<workdir>/pods/<namespace>_<name>_<uid>/`:
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import signal
@@ -84,7 +85,8 @@ class PodRunner(threading.Thread):
         self.uid: str = meta["uid"]
         self.namespace: str = meta["namespace"]
         self.pod_name: str = meta["name"]
-        self.ip = pod_ip(self.namespace, self.pod_name)
+        self._cluster = str(workdir)  # one local cluster's pod addresses, not another's
+        self.ip = pod_ip(self.namespace, self.pod_name, self._cluster)
         self.client = client
         self.core = CoreV1Api(client)
         self.dir = workdir / "pods" / f"{self.namespace}_{self.pod_name}_{self.uid}"
@@ -262,7 +264,8 @@ class PodRunner(threading.Thread):
             # The pod network is the loopback; gloo would otherwise pick the hostname's address.
             "GLOO_SOCKET_IFNAME": "lo",
         }
-        env.update({k: mounts.rewrite(resolve_cluster_names(v)) for k, v in pod_env.items()})
+        resolve = functools.partial(resolve_cluster_names, cluster=self._cluster)
+        env.update({k: mounts.rewrite(resolve(v)) for k, v in pod_env.items()})
         env["MOE_BIND_ADDRESS"] = self.ip  # the node's fact, whatever the pod asked for
         sa_dir = mounts.local(SA_MOUNT_PATH)
         if sa_dir is not None and "KUBECONFIG" not in pod_env:
@@ -273,7 +276,7 @@ class PodRunner(threading.Thread):
         args = [expand_vars(part, env) for part in spec.get("args") or []]
         if not command:
             raise ValueError("no command: the local node cannot run an image's entrypoint")
-        argv = [mounts.rewrite(resolve_cluster_names(part)) for part in [*command, *args]]
+        argv = [mounts.rewrite(resolve(part)) for part in [*command, *args]]
         argv[0] = _executable(argv[0])
         working_dir = spec.get("workingDir")
         cwd = Path(mounts.rewrite(working_dir)) if working_dir else self.dir

@@ -28,19 +28,21 @@ _VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)|\$\$")
 DataLookup = Callable[[str, str], dict[str, str] | None]
 
 
-def pod_ip(namespace: str, name: str) -> str:
+def pod_ip(namespace: str, name: str, cluster: str = "") -> str:
     """The pod's loopback address, a pure function of its name: peers know rank 0's in advance.
 
-    127.0.x.x is left to the control plane; last octets 0 and 255 are avoided. With 16 million
-    addresses a collision among a few dozen pods is about as likely as a cosmic-ray bit flip.
+    `cluster` (the local cluster's work directory) keeps two local clusters on one machine, say
+    two test runs, from giving the same pod name the same address. 127.0.x.x is left to the
+    control plane; last octets 0 and 255 are avoided. With 16 million addresses a collision among
+    a few dozen pods is about as likely as a cosmic-ray bit flip.
     """
-    digest = hashlib.sha256(f"{namespace}/{name}".encode()).digest()
+    digest = hashlib.sha256(f"{cluster}/{namespace}/{name}".encode()).digest()
     return f"127.{1 + digest[0] % 254}.{digest[1]}.{1 + digest[2] % 254}"
 
 
-def resolve_cluster_names(text: str) -> str:
+def resolve_cluster_names(text: str, cluster: str = "") -> str:
     """Replace `<pod>.<service>.<ns>.svc` names by that pod's loopback address (no DNS here)."""
-    return _POD_DNS.sub(lambda m: pod_ip(m.group(2), m.group(1)), text)
+    return _POD_DNS.sub(lambda m: pod_ip(m.group(2), m.group(1), cluster), text)
 
 
 def expand_vars(text: str, env: Mapping[str, str]) -> str:

@@ -85,7 +85,81 @@ class PlacementSpec(ApiModel):
     every layer on rank e % world) and the rebalancer re-places experts from measured load."""
 
     slots_per_rank: int = Field(
-        1, ge=1, le=64, description="Expert slots per rank and layer; spare slots hold replicas."
+        1,
+        ge=1,
+        le=64,
+        description="Expert slots per rank and layer at start; spare slots hold replicas.",
+    )
+    max_slots_per_rank: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description=(
+            "Most expert slots per rank and layer the GPUs have memory for; 0 (the default) "
+            "means slotsPerRank. Above slotsPerRank, rebalancing (Auto, Replace) may add slots "
+            "online, replicating hot experts into them, which balances load without changing "
+            "any output; each slot costs the weights of one expert of every layer on every GPU "
+            "(`moe-ep perf` prints it). Workers refuse a plan that does not fit their memory."
+        ),
+    )
+
+    @property
+    def most_slots_per_rank(self) -> int:
+        """maxSlotsPerRank, or slotsPerRank when it is 0 (not set)."""
+        return self.max_slots_per_rank or self.slots_per_rank
+
+
+class GatingSpec(ApiModel):
+    """GatingBias: a per-layer bias on the gate probabilities for top-K selection only. It
+    changes which experts some tokens visit, so it changes outputs: it acts only on tokens whose
+    choice is close, the workers measure what it rerouted, and the operator keeps that under a
+    cap. Rebalancing uses it only where no slot can be added (see placement.maxSlotsPerRank)."""
+
+    max_margin: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Guard: the bias acts only on tokens whose K-th and (K+1)-th gate probabilities are "
+            "closer than this, and only between experts within half of it of that boundary, so "
+            "a rerouted assignment loses less than this much gate probability; confident tokens "
+            "keep the model's experts. 0 disables the bias, 1 lets it act on every token."
+        ),
+    )
+    max_rerouted_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Price cap: the largest fraction of a layer's top-K assignments the bias may send to "
+            "another expert than the model's own choice, as the workers measure it; above it the "
+            "operator shrinks that layer's bias. 1 means no cap."
+        ),
+    )
+    rate: float = Field(
+        0.5,
+        ge=0.0,
+        le=4.0,
+        description=(
+            "Step of the damped update per unit of relative load error, in units of the mean "
+            "gate probability 1/expertsPerLayer: bias += rate/E x clip(1 - load/mean, -1, 1) x "
+            "max(load/mean, 1/2), then damped, centred and bounded."
+        ),
+    )
+    max_bias: float = Field(
+        0.2,
+        ge=0.0,
+        le=1.0,
+        description="Largest absolute bias any expert may get, in gate-probability units.",
+    )
+    damping: float = Field(
+        0.05,
+        ge=0.0,
+        le=0.9,
+        description=(
+            "Fraction of the bias removed at every update: once load is balanced the bias "
+            "decays to nothing and routing is the model's own again."
+        ),
     )
 
 
@@ -96,9 +170,11 @@ class RebalancingSpec(ApiModel):
     method: Literal["Auto", "Replace", "GatingBias"] = Field(
         "Auto",
         description=(
-            "Replace re-places and replicates experts (output-preserving, needs spare slots); "
-            "GatingBias biases top-K selection (changes which experts tokens visit); Auto picks "
-            "GatingBias when no slot is spare, Replace otherwise."
+            "Replace re-places and replicates experts, adding slots up to "
+            "placement.maxSlotsPerRank (output-preserving); GatingBias biases top-K selection "
+            "(changes which experts some tokens visit, see gating); Auto uses spare memory "
+            "first: Replace wherever a slot is spare or can be added, GatingBias only where "
+            "none can."
         ),
     )
     imbalance_threshold: float = Field(
@@ -113,19 +189,9 @@ class RebalancingSpec(ApiModel):
     cooldown_seconds: int = Field(
         300, ge=0, le=86400, description="Minimum seconds between two rebalances."
     )
-    max_gate_bias: float = Field(
-        0.1,
-        ge=0.0,
-        le=1.0,
-        description=(
-            "GatingBias: largest absolute bias added to a gate probability for top-K selection."
-        ),
-    )
-    gate_bias_rate: float = Field(
-        0.01,
-        ge=0.0,
-        le=1.0,
-        description="GatingBias: bias step per rebalance (b += rate * sign(mean - load)).",
+    gating: GatingSpec = Field(
+        default_factory=GatingSpec,
+        description="GatingBias: its guard, price cap and update (used where no slot is spare).",
     )
 
 

@@ -212,6 +212,18 @@ def control_step(
     return outcome
 
 
+def gating_options(spec: MoEDeploymentSpec) -> GatingOptions:
+    """The spec's rebalancing.gating as the planner's options."""
+    gating = spec.rebalancing.gating
+    return GatingOptions(
+        rate=gating.rate,
+        max_bias=gating.max_bias,
+        damping=gating.damping,
+        max_margin=gating.max_margin,
+        max_rerouted_fraction=gating.max_rerouted_fraction,
+    )
+
+
 def _reissue(
     desired: Plan, served: Served, store: PlanStore, now: float, events: list[tuple[str, str, str]]
 ) -> Plan:
@@ -279,11 +291,11 @@ def _evaluate(
         loads.expert_load,
         world_size=spec.parallelism.world_size,
         slots_per_rank=spec.placement.slots_per_rank,
+        max_slots_per_rank=spec.placement.most_slots_per_rank,
         previous=outcome.desired,
         method=spec.rebalancing.method,
-        gating_options=GatingOptions(
-            rate=spec.rebalancing.gate_bias_rate, max_bias=spec.rebalancing.max_gate_bias
-        ),
+        gating_options=gating_options(spec),
+        rerouted_fraction=None,  # phase B: the workers' moe_gate_rerouted_total per layer
     )
     if not result.changed:
         outcome.events.append(("Normal", "RebalanceNotWorthIt", result.summary()))

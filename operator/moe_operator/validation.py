@@ -120,11 +120,20 @@ def cross_field_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
         "the serving runtime is expert-parallel only: set tensor 1 and pipeline 1 "
         "(the TP x PP layout exists for `moe-worker bench` comparisons)",
     )
+    placement = spec.placement
+    most = placement.most_slots_per_rank
     need(
-        spec.rebalancing.method != "Replace" or slots > model.experts_per_layer,
+        most >= placement.slots_per_rank,
+        "placement.maxSlotsPerRank",
+        f"maxSlotsPerRank {most} is below slotsPerRank {placement.slots_per_rank}; set it to at "
+        "least slotsPerRank, or to 0 (the default: slotsPerRank)",
+    )
+    need(
+        spec.rebalancing.method != "Replace" or layout.expert * most > model.experts_per_layer,
         "rebalancing.method",
-        "Replace needs spare slots (parallelism.expert x placement.slotsPerRank > "
-        "model.expertsPerLayer); raise slotsPerRank or use GatingBias or Auto",
+        "Replace needs spare slots (parallelism.expert x placement.maxSlotsPerRank > "
+        "model.expertsPerLayer); raise placement.maxSlotsPerRank if the GPUs have memory to "
+        "spare (`moe-ep perf` prints what a slot costs), or use GatingBias or Auto",
     )
     need(
         worker.backend != "nccl" or worker.device == "cuda",
@@ -297,7 +306,7 @@ def plan_bytes_bound(spec: MoEDeploymentSpec) -> tuple[int, int]:
     and comma; gateBias [L][E] (only a planner that may bias routing writes it): a float each.
     """
     layers, experts = spec.model.layers, spec.model.experts_per_layer
-    world, slots = spec.parallelism.world_size, spec.placement.slots_per_rank
+    world, slots = spec.parallelism.world_size, spec.placement.most_slots_per_rank  # grown
     digits = len(str(max(experts - 1, 0)))
     table = layers * world * slots * (digits + 1) + layers * world * 3 + layers * 3 + 200
     bias = 0
@@ -315,9 +324,12 @@ def size_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
         field = "parallelism.expert"
         what = (
             f"model.layers {model.layers} x world size {layout.world_size} x "
-            f"placement.slotsPerRank {spec.placement.slots_per_rank} slots"
+            f"{spec.placement.most_slots_per_rank} slots per rank (placement.maxSlotsPerRank)"
         )
-        fix = "lower model.layers, parallelism.expert or placement.slotsPerRank"
+        fix = (
+            "lower model.layers, parallelism.expert, placement.slotsPerRank or "
+            "placement.maxSlotsPerRank"
+        )
     else:
         field = "model.expertsPerLayer"
         what = (

@@ -241,9 +241,10 @@ class E2E:
         return self.cluster.workdir / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid']}"
 
     def worker_log(self, rank: int) -> str:
-        """rank's log over every pod incarnation of that name (restarts append)."""
+        """rank's log over every pod incarnation of that name, oldest first (a recreated pod has a
+        new uid, so its directory sorts anywhere by name: order by last write instead)."""
         pattern = f"pods/{self.namespace}_{self.name}-{rank}_*/logs/*.log"
-        paths = sorted(self.cluster.workdir.glob(pattern))
+        paths = sorted(self.cluster.workdir.glob(pattern), key=lambda path: path.stat().st_mtime)
         return "".join(path.read_text(errors="replace") for path in paths)
 
     def switches(self, rank: int = 0) -> list[tuple[int, int]]:

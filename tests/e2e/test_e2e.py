@@ -263,8 +263,7 @@ STREAMING = {  # every readable window makes a new plan: GatingBias always moves
     "imbalanceThreshold": 1.0,
     "consecutiveEvaluations": 1,
     "cooldownSeconds": 0,
-    "gateBiasRate": 0.02,
-    "maxGateBias": 0.5,
+    "gating": {"rate": 1.0, "maxBias": 0.5, "maxReroutedFraction": 1.0, "maxMargin": 1.0},
 }
 
 
@@ -372,6 +371,7 @@ def test_operator_killed_after_writing_a_plan_converges(e2e: E2E) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     switched_before = len(e2e.switches(0))
+    pods_before = {name: w["uid"] for name, w in e2e.workers().items()}
     try:
         pid = wait_for("operator Ready", e2e.operator_pid, 30)
         seen = e2e.configmap_version()
@@ -410,6 +410,8 @@ def test_operator_killed_after_writing_a_plan_converges(e2e: E2E) -> None:
         final = wait_for("converged on one plan", converged, 60)
         e2e.wait_timer_runs(4)  # a few timer runs later it has not moved
         assert converged() == final
+        # A restarted operator renders the same pod template: the group is never replaced.
+        assert {name: w["uid"] for name, w in e2e.workers().items()} == pods_before
     finally:
         stop.set()
         sampler.join(5)

@@ -145,11 +145,12 @@ def test_pod_runs_restarts_and_goes(cluster: LocalCluster, core: CoreV1Api) -> N
     assert core.read_namespaced_pod("web-0", ns).spec.node_name == NODE
     assert status["phase"] == "Running"
     ip = status["podIP"]
-    assert ip == pod_ip(ns, "web-0") and ip.startswith("127.")
+    assert ip == pod_ip(ns, "web-0", str(cluster.workdir)) and ip.startswith("127.")
 
     env = json.loads(http_get(f"http://{ip}:8080/env"))
     assert env["POD"] == "web-0" and env["IP"] == ip and env["MOE_BIND_ADDRESS"] == ip
-    assert env["PEER"] == f"{pod_ip(ns, 'web-1')}:29500"  # cluster DNS name -> loopback address
+    # cluster DNS name -> loopback address
+    assert env["PEER"] == f"{pod_ip(ns, 'web-1', str(cluster.workdir))}:29500"
     assert env["GREETING"] == "v1"
     assert env["CFG"].startswith(str(cluster.workdir / "pods")) and env["CFG"].endswith("hello.txt")
     assert http_get(f"http://{ip}:8080/file") == "v1"

@@ -82,9 +82,9 @@ def _spec(experts: int, slots: int, method: str) -> MoEDeploymentSpec:
                 "consecutiveEvaluations": 1,
                 "cooldownSeconds": 0,
                 # Token-driven skew moves in chunks (one popular token is a third of the traffic),
-                # so a coarse step makes the sign-based update overshoot back and forth.
-                "gateBiasRate": 0.05,
-                "maxGateBias": 0.5,
+                # so a small first bias that at most doubles per plan; workers do not report the
+                # bias's price yet, so no cap.
+                "gating": {"rate": 0.4, "maxBias": 0.5, "maxReroutedFraction": 1.0},
             },
         }
     )

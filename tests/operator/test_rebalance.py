@@ -14,7 +14,7 @@ from moe_operator.handoff import HandoffError, HandoffResult, Served
 from moe_operator.loads import CounterSnapshot, LoadReadError
 from moe_operator.manifests.children import plan_shape
 from moe_operator.planning.detection import DetectionState
-from moe_operator.rebalance import PlanStoreConflict, Window, control_step
+from moe_operator.rebalance import PlanStoreConflict, Window, control_step, gating_options
 from moe_worker.plan import Plan, validate_plan
 
 SPEC = MoEDeploymentSpec.model_validate(
@@ -245,3 +245,42 @@ def test_a_lost_race_for_the_configmap_posts_nothing() -> None:
     outcome = _run(workers, store, plan, state, window, now=20.0)
     assert outcome.rebalance is None and workers.posts == [] and outcome.desired == plan
     assert any(reason == "PlanConflict" for _, reason, _ in outcome.events)
+
+
+def test_spare_memory_grows_the_slots_per_rank_and_the_plan_still_fits_the_spec() -> None:
+    # Expert 0 carries 8 of 11 units: two slots per rank cannot split it, a third one can.
+    spec = SPEC.model_copy(
+        update={"placement": SPEC.placement.model_copy(update={"slots_per_rank": 2})}
+    )
+    grown_spec = spec.model_copy(
+        update={"placement": spec.placement.model_copy(update={"max_slots_per_rank": 3})}
+    )
+    for current, most in ((spec, 2), (grown_spec, 3)):
+        plan = initial_plan(current)
+        workers, store, window = FakeWorkers(plan), Store(), Window(started_at=0.0)
+        first = control_step(current, plan, DetectionState(), window, workers, store, 10.0)
+        second = control_step(current, plan, first.state, window, workers, store, 20.0)
+        assert second.desired.slots_per_rank == most
+        if most == 3:
+            assert second.rebalance is not None and "grown 2 -> 3" in second.rebalance.note
+            assert second.rebalance.imbalance_after < second.rebalance.imbalance_before
+            # a restart keeps the grown plan, unless the maximum went down
+            assert plan_shape(current).problem(second.desired) is None
+            assert "exceeds the 2 slots" in (plan_shape(spec).problem(second.desired) or "")
+
+
+def test_the_spec_gating_section_reaches_the_planner() -> None:
+    spec = SPEC.model_copy(
+        update={
+            "rebalancing": SPEC.rebalancing.model_copy(
+                update={
+                    "gating": SPEC.rebalancing.gating.model_copy(
+                        update={"max_margin": 0.02, "max_rerouted_fraction": 0.3, "rate": 1.5}
+                    )
+                }
+            )
+        }
+    )
+    options = gating_options(spec)
+    assert (options.max_margin, options.max_rerouted_fraction, options.rate) == (0.02, 0.3, 1.5)
+    assert (options.max_bias, options.damping) == (0.2, 0.05)  # the API's defaults

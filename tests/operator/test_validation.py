@@ -254,3 +254,39 @@ def test_plan_size_bound_is_an_upper_bound(
     worst = [[-1.2345678901234567e-300, *bias][e % (len(bias) + 1)] for e in range(experts)]
     biased = Plan.model_validate({**plan.to_document(), "gateBias": [worst] * layers})
     assert len(biased.to_json()) <= table + gate
+
+
+def test_max_slots_per_rank_below_slots_per_rank_is_refused_with_the_fix() -> None:
+    parsed, problems = parse_spec({"placement": {"slotsPerRank": 2, "maxSlotsPerRank": 1}})
+    assert parsed is None
+    (problem,) = [p for p in problems if p.field == "placement.maxSlotsPerRank"]
+    assert "below slotsPerRank 2" in problem.message and "0 (the default" in problem.message
+
+
+def test_replace_may_rely_on_slots_it_can_add() -> None:
+    refused, problems = parse_spec({"rebalancing": {"method": "Replace"}})
+    assert refused is None and "placement.maxSlotsPerRank" in problems[0].message
+    parsed, problems = parse_spec(
+        {"rebalancing": {"method": "Replace"}, "placement": {"maxSlotsPerRank": 2}}
+    )
+    assert problems == [] and parsed is not None
+    assert parsed.placement.most_slots_per_rank == 2
+
+
+@pytest.mark.parametrize(
+    ("gating", "field"),
+    [
+        ({"maxMargin": 1.5}, "rebalancing.gating.maxMargin"),
+        ({"maxReroutedFraction": -0.1}, "rebalancing.gating.maxReroutedFraction"),
+        ({"damping": 1.0}, "rebalancing.gating.damping"),
+        ({"gateBiasRate": 0.01}, "rebalancing.gating.gateBiasRate"),  # v1alpha1: moved, not kept
+    ],
+)
+def test_gating_settings_out_of_range_name_their_field(gating: dict, field: str) -> None:
+    parsed, problems = parse_spec({"rebalancing": {"gating": gating}})
+    assert parsed is None and field in [problem.field for problem in problems]
+
+
+def test_the_old_top_level_gate_bias_fields_are_refused() -> None:
+    parsed, problems = parse_spec({"rebalancing": {"maxGateBias": 0.1}})
+    assert parsed is None and problems[0].field == "rebalancing.maxGateBias"

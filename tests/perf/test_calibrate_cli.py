@@ -109,6 +109,7 @@ def test_cli_table(capsys):
         "datasheet: NVIDIA H100 SXM",
         "overlap",
         "seed claim",
+        "one more expert slot per rank: 4.3 GB per GPU",
     ):
         assert text in out
 
@@ -137,6 +138,9 @@ def test_cli_json_and_calibration(tmp_path, capsys):
     assert [p["layout"] for p in doc["predictions"]] == ["ep16", "tp8pp2"]
     assert "ep16/tp8pp2" in doc["ratios"]["decode"]
     assert doc["assumptions"]["figures"]["memory_bandwidth"]["value"] == 4.8e12
+    ep16 = doc["predictions"][0]["memory_bytes"]
+    assert ep16["per_expert_slot"] == 16 * 2 * 4096 * 16384 * 2  # bf16 experts of 16 layers
+    assert ep16["slots_per_rank"] == 1 and ep16["spare_slots"] >= 1
     assert load_profile(str(saved)).hardware.attention_efficiency == pytest.approx(400 / 989.4)
 
 

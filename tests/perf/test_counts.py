@@ -136,3 +136,19 @@ def test_parse_layout_rejects(bad):
 def test_layout_too_small_for_the_experts(seed, h100):
     with pytest.raises(ValueError, match="slots"):
         predict(seed, Workload(), Layout(ep=4, slots_per_rank=2), h100)
+
+
+def test_one_more_expert_slot_costs_one_expert_of_every_layer(seed, h100):
+    mem = memory_per_gpu(seed, Workload(), Layout(ep=16), h100)
+    assert mem.per_slot == 16 * 2 * 134_217_728 == 4_294_967_296  # the 4.3 GB
+    assert mem.slots == 1
+    grown = memory_per_gpu(seed, Workload(), Layout(ep=16, slots_per_rank=2), h100)
+    assert grown.weights - mem.weights == mem.per_slot
+    assert mem.spare_slots == int((mem.capacity - mem.total) // mem.per_slot)
+    assert grown.spare_slots == mem.spare_slots - 1
+    tp2 = memory_per_gpu(seed, Workload(), Layout(ep=8, tp=2), h100)
+    assert tp2.per_slot == mem.per_slot / 2  # each expert's FFN is split over TP
+
+
+def test_nothing_spare_when_nothing_fits(seed, h100):
+    assert memory_per_gpu(seed, Workload(seq_len=100_000), Layout(ep=16), h100).spare_slots == 0

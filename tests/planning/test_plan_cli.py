@@ -66,7 +66,9 @@ def test_previous_plan_and_gating_bias(tmp_path: Path, capsys: pytest.CaptureFix
     out, err = capsys.readouterr()
     plan = parse_plan(out)
     assert plan.version == 10 and plan.method == "GatingBias"
-    assert plan.gate_bias == ((-0.05, 0.05, 0.05, 0.05), (0.05, 0.05, 0.05, -0.05))
+    assert plan.gate_bias is not None and plan.gate_max_margin == 0.05  # the default guard
+    assert plan.gate_bias[0][0] < 0 < min(plan.gate_bias[0][1:])  # the hot expert goes down
+    assert plan.gate_bias[1][3] < 0 < min(plan.gate_bias[1][:3])
     assert "not predicted" in err and "(GatingBias)" in err and "not output-preserving" in err
 
     assert main([*argv[:6], "--method", "replace", "--previous", str(previous)]) == 0
@@ -100,7 +102,13 @@ def test_round_robin_method(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         ({"expert_load": [[1, -2]]}, [], "expert_load[0][1]: must be finite and >= 0"),
         ("{not json", [], "not JSON"),
         ({"expert_load": [[1, 2, 3]]}, [], "slotsPerRank: 2 ranks x 1 slots cannot hold 3"),
-        ({"expert_load": [[1, 2]]}, ["--rate", "-1"], "rate: must be finite and >= 0"),
+        ({"expert_load": [[1, 2]]}, ["--rate", "-1"], "rate: must be a finite number >= 0"),
+        ({"expert_load": [[1, 2]]}, ["--rerouted", "0.1,0.2"], "rerouted_fraction: has 2 layers"),
+        (
+            {"expert_load": [[1, 2]]},
+            ["--max-slots-per-rank", "0"],
+            "maxSlotsPerRank: 0 is below slotsPerRank 1",
+        ),
         ({"expert_load": [[1, 2]]}, ["--ranks", "x"], "argument --ranks: invalid int value"),
         ({"expert_load": [[1, 2]]}, ["--method", "magic"], "argument --method: invalid choice"),
     ],
@@ -130,7 +138,8 @@ def test_bad_previous_plan_and_missing_file(
     assert "--previous" in capsys.readouterr().err
     other = write(tmp_path, "other.json", round_robin_plan(1, 2, 2, 2).to_json())
     assert main([*argv, "--previous", str(other)]) == 2
-    assert "slotsPerRank: the previous plan has 2, asked for 1" in capsys.readouterr().err
+    assert "slotsPerRank: 2 exceeds the 1 slots per rank" in capsys.readouterr().err
+    assert main([*argv, "--max-slots-per-rank", "2", "--previous", str(other)]) == 0  # grown
     assert main(["--loads", str(tmp_path / "nope.json"), *argv[2:]]) == 2
     assert "cannot read" in capsys.readouterr().err
 

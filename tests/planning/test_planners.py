@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from moe_operator.planning.placement import rank_loads
 from moe_operator.planning.planners import (
     AUTO,
     GATING_BIAS,
@@ -14,7 +16,7 @@ from moe_operator.planning.planners import (
     choose_method,
     plan_rebalance,
 )
-from moe_worker.plan import round_robin_plan
+from moe_worker.plan import round_robin_plan, validate_plan
 
 from .strategies import Case, cases
 
@@ -68,11 +70,80 @@ def test_versions_increase_by_one_from_the_previous_plan() -> None:
     assert again.slots_moved == 0
 
 
-def test_replace_keeps_an_existing_gate_bias() -> None:
+def test_replace_removes_a_gate_bias_so_outputs_are_the_models_own() -> None:
+    # Nobody would update a bias left behind once Replace runs, so Replace takes it out.
     biased = plan_rebalance(SKEWED, world_size=8, slots_per_rank=1, method=GATING_BIAS).plan
+    assert biased.gate_bias is not None
     result = plan_rebalance(SKEWED, world_size=8, slots_per_rank=1, previous=biased)
     assert result.method == REPLACE and result.changed
-    assert result.plan.gate_bias == biased.gate_bias
+    assert result.plan.gate_bias is None and result.plan.gate_max_margin is None
+    assert "gate bias removed" in result.note
+
+
+def test_auto_grows_the_seed_layout_into_spare_memory_and_uses_replace() -> None:
+    result = plan_rebalance(SKEWED, world_size=4, slots_per_rank=1, max_slots_per_rank=2)
+    assert result.method == result.plan.method == REPLACE
+    assert result.plan.slots_per_rank == 2 and result.plan.gate_bias is None
+    validate_plan(result.plan, num_layers=2, num_experts=4, world_size=4, max_slots_per_rank=2)
+    assert result.imbalance_after < result.imbalance_before == 2.5
+    assert result.slots_moved > 0
+    assert "grown 1 -> 2" in result.note
+    # the grown plan is the next previous: slots stay grown, nothing more to gain
+    again = plan_rebalance(
+        SKEWED, world_size=4, slots_per_rank=1, max_slots_per_rank=2, previous=result.plan
+    )
+    assert again.plan.slots_per_rank == 2 and again.method == REPLACE
+
+
+def test_without_a_slot_to_add_auto_is_gating_bias() -> None:
+    assert choose_method(4, 4, 1, max_slots_per_rank=1) == GATING_BIAS
+    assert choose_method(4, 4, 1, max_slots_per_rank=2) == REPLACE
+    assert choose_method(4, 4, 2, max_slots_per_rank=2) == REPLACE
+    result = plan_rebalance(SKEWED, world_size=4, slots_per_rank=1, max_slots_per_rank=1)
+    assert result.method == GATING_BIAS
+
+
+def test_growth_is_refused_when_it_does_not_pay_for_its_moves() -> None:
+    balanced = [[10.0, 10.0, 10.0, 10.0]] * 2
+    result = plan_rebalance(balanced, world_size=4, slots_per_rank=1, max_slots_per_rank=3)
+    assert not result.changed and result.plan.slots_per_rank == 1
+    assert result.method == REPLACE
+
+
+def test_explicit_gating_bias_never_grows() -> None:
+    result = plan_rebalance(
+        SKEWED, world_size=4, slots_per_rank=1, max_slots_per_rank=2, method=GATING_BIAS
+    )
+    assert result.plan.slots_per_rank == 1 and result.plan.gate_bias is not None
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases(max_ranks=5, max_slots=2), st.integers(0, 2))
+def test_growing_never_loses_an_expert_nor_raises_the_max_rank_load(case: Case, extra: int) -> None:
+    most = case.slots_per_rank + extra
+    result = plan_rebalance(
+        case.loads,
+        world_size=case.ranks,
+        slots_per_rank=case.slots_per_rank,
+        previous=case.plan,
+        max_slots_per_rank=most,
+    )
+    plan = result.plan
+    validate_plan(
+        plan,
+        num_layers=case.layers,
+        num_experts=case.experts,
+        world_size=case.ranks,
+        max_slots_per_rank=most,
+    )
+    assert case.slots_per_rank <= plan.slots_per_rank <= most
+    for layer_before, layer_after, loads in zip(
+        case.plan.slots, plan.slots, case.loads, strict=True
+    ):
+        peak_before = max(rank_loads(layer_before, loads))
+        assert max(rank_loads(layer_after, loads)) <= peak_before * (1 + 1e-9)
+    if result.method == REPLACE:
+        assert plan.gate_bias is None  # output-preserving: routing is the model's own
 
 
 def test_round_robin_resets_to_the_seed_placement_without_bias() -> None:
@@ -116,6 +187,14 @@ def test_result_fields_agree_with_each_other(case: Case) -> None:
         (
             {"world_size": 4, "slots_per_rank": 2, "previous": round_robin_plan(2, 4, 4, 1)},
             "previous plan: slotsPerRank: the previous plan has 1, asked for 2",
+        ),
+        (
+            {"world_size": 4, "slots_per_rank": 1, "previous": round_robin_plan(2, 4, 4, 3)},
+            "previous plan: slotsPerRank: 3 exceeds the 1 slots per rank",
+        ),
+        (
+            {"world_size": 4, "slots_per_rank": 2, "max_slots_per_rank": 1},
+            "maxSlotsPerRank: 1 is below slotsPerRank 2",
         ),
         (
             {"world_size": 4, "slots_per_rank": 1, "previous": round_robin_plan(3, 4, 4, 1)},

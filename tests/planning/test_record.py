@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moe_operator.planning.record import Known, PlanShape, choose_plan
-from moe_worker.plan import MAX_PLAN_VERSION, Plan, PlanError
+from moe_worker.plan import MAX_PLAN_VERSION, Plan, PlanError, round_robin_plan
 
 SHAPE = PlanShape(layers=2, experts=4, world=2, slots_per_rank=3)
 
@@ -123,3 +123,12 @@ def test_the_record_never_goes_below_what_was_issued(
     assert SHAPE.problem(choice.plan) is None
     if choice.write and choice.plan not in (stored_plan, served_plan):
         assert choice.plan.version > max(desired, applied, stored or 0, served or 0)
+
+
+def test_a_plan_grown_into_spare_memory_fits_its_shape_up_to_the_maximum() -> None:
+    shape = PlanShape(layers=2, experts=4, world=4, slots_per_rank=1, max_slots_per_rank=2)
+    assert shape.problem(round_robin_plan(2, 4, 4, 2)) is None  # grown online: still ours
+    assert "exceeds the 2 slots" in (shape.problem(round_robin_plan(2, 4, 4, 3)) or "")
+    assert shape.key == PlanShape(2, 4, 4, 1).key  # the key is the starting shape's
+    fixed = PlanShape(layers=2, experts=4, world=4, slots_per_rank=2)
+    assert "the spec says 2" in (fixed.problem(round_robin_plan(2, 4, 4, 1)) or "")

@@ -9,8 +9,13 @@ Legend for shapes: L = layers, R = ranks (world size), S = slots per rank, E = l
 
     slots[l][r][k]   logical expert held by slot k of rank r in layer l          [L][R][S]
     gateBias[l][e]   bias added to expert e's gate score for selection only     [L][E]
+    gateMaxMargin    the bias acts only on tokens whose K-th and (K+1)-th gate   scalar
+                     probabilities are closer than this (`moe_worker.models.routing`)
 
 The JSON document uses camelCase keys (`slotsPerRank`, `gateBias`) like the Kubernetes API.
+`slotsPerRank` may differ from the deployment's starting value: the operator grows it online, up
+to a maximum the deployment allows (`validate_plan(..., max_slots_per_rank=)`), when ranks have
+memory to spare.
 """
 
 from __future__ import annotations
@@ -55,6 +60,18 @@ class Plan(BaseModel):
         default=None,
         alias="gateBias",
         description="gateBias[layer][expert]: added to gate scores for top-K selection only.",
+    )
+    gate_max_margin: float | None = Field(
+        default=None,
+        alias="gateMaxMargin",
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description=(
+            "The bias acts only on tokens whose K-th and (K+1)-th gate probabilities are closer "
+            "than this, and only between experts within half of it of that boundary; absent: "
+            "on every token."
+        ),
     )
     method: str = Field(default="RoundRobin", description="The planner that produced this plan.")
 
@@ -114,12 +131,26 @@ def parse_plan(document: str | bytes | dict[str, Any]) -> Plan:
     return plan
 
 
-def validate_plan(plan: Plan, *, num_layers: int, num_experts: int, world_size: int) -> None:
+def validate_plan(
+    plan: Plan,
+    *,
+    num_layers: int,
+    num_experts: int,
+    world_size: int,
+    max_slots_per_rank: int | None = None,
+) -> None:
     """Check that `plan` fits a model of `num_layers` x `num_experts` on `world_size` ranks.
 
     Raises PlanError with a message naming the field and what would fix it. Every logical expert
-    must have at least one slot in every layer, and every rank exactly `slotsPerRank` slots.
+    must have at least one slot in every layer, and every rank exactly `slotsPerRank` slots;
+    with `max_slots_per_rank`, slotsPerRank may not exceed it (the slots the ranks have memory
+    for).
     """
+    if max_slots_per_rank is not None and plan.slots_per_rank > max_slots_per_rank:
+        raise PlanError(
+            f"slotsPerRank: {plan.slots_per_rank} exceeds the {max_slots_per_rank} slots per rank "
+            "this deployment allows (placement.maxSlotsPerRank); raise it if memory allows"
+        )
     if plan.num_layers != num_layers:
         raise PlanError(f"slots: has {plan.num_layers} layers, the model has {num_layers}")
     for layer, layer_slots in enumerate(plan.slots):

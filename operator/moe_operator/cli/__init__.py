@@ -7,7 +7,8 @@ moe-ep zipf-table  imbalance before and after one Auto step under Zipf loads (fo
 
 Other distributions add sub-commands through the entry-point group `moe_ep.commands` (name: the
 sub-command, value: its module); the local tooling (`moe-ep-local`, in local/) adds
-`moe-ep local up|down|status` and `moe-ep demo`.
+`moe-ep local up|down|status`, `moe-ep demo` and `moe-ep gating-sim` (what GatingBias buys and
+costs, with the worker's router and this planner).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ COMMANDS = {
     "crd": "moe_operator.cli.crd",
     "zipf-table": "moe_operator.cli.zipf_table",
 }
-PROVIDED_ELSEWHERE = {"local": "moe-ep-local", "demo": "moe-ep-local"}
+PROVIDED_ELSEWHERE = {"local": "moe-ep-local", "demo": "moe-ep-local", "gating-sim": "moe-ep-local"}
 """Commands of other distributions, named so a missing one gets a useful message."""
 
 

@@ -6,7 +6,9 @@
 
 Layouts: 'ep16', 'tp8pp2', 'ep4tp2', with optional 's<N>' slots per rank and 'm<N>' micro-batches.
 The ratio column is first layout / last layout. With --gpu-check-json / --bench-json the profile's
-efficiencies are calibrated first (perf_calibrate documents what is read).
+efficiencies are calibrated first (perf_calibrate documents what is read). For EP layouts it also
+prints what one more expert slot per rank costs in memory and how many more fit: the choice of
+placement.maxSlotsPerRank (take the smallest over the phases you serve).
 """
 
 from __future__ import annotations

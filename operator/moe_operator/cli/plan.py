@@ -1,12 +1,14 @@
 """`moe-ep plan`: preview a rebalancing plan from a load file.
 
-    moe-ep plan --loads LOADS.json --ranks R --slots-per-rank S [--previous PLAN.json]
-                [--method auto|replace|round-robin|gating-bias] [--max-bias X --rate Y]
-                [--min-gain-per-move G]
+    moe-ep plan --loads LOADS.json --ranks R --slots-per-rank S [--max-slots-per-rank M]
+                [--previous PLAN.json] [--method auto|replace|round-robin|gating-bias]
+                [--rate Y --max-bias X --damping D --max-margin G|none
+                 --max-rerouted-fraction C|none --rerouted F0,F1,...] [--min-gain-per-move G]
 
-LOADS.json is `{"expert_load": [[...E numbers...] x L]}`. Prints the plan document the workers
-accept on stdout and a one-line summary on stderr. Exit 0 on success, 2 on bad input (the message
-names the file and field).
+LOADS.json is `{"expert_load": [[...E numbers...] x L]}`; --rerouted gives, per layer, the
+fraction of top-K assignments the current bias rerouted (the workers' measurement). Prints the
+plan document the workers accept on stdout and a one-line summary on stderr. Exit 0 on success,
+2 on bad input (the message names the file and field).
 """
 
 from __future__ import annotations
@@ -55,9 +57,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--previous", type=Path, help="the plan the workers serve (JSON)")
     parser.add_argument("--method", choices=sorted(METHOD_NAMES), default="auto")
     parser.add_argument(
+        "--max-slots-per-rank",
+        type=int,
+        help="slots per rank the ranks have memory for (default: --slots-per-rank)",
+    )
+    parser.add_argument(
         "--max-bias", type=float, default=defaults_gating.max_bias, help="GatingBias bound"
     )
-    parser.add_argument("--rate", type=float, default=defaults_gating.rate, help="GatingBias step")
+    parser.add_argument(
+        "--rate", type=float, default=defaults_gating.rate, help="GatingBias step (x 1/E)"
+    )
+    parser.add_argument(
+        "--damping", type=float, default=defaults_gating.damping, help="GatingBias leak"
+    )
+    parser.add_argument(
+        "--max-margin",
+        type=_optional_float,
+        default=defaults_gating.max_margin,
+        help="GatingBias guard: bias only tokens whose top-K choice is this close (or none)",
+    )
+    parser.add_argument(
+        "--max-rerouted-fraction",
+        type=_optional_float,
+        default=defaults_gating.max_rerouted_fraction,
+        help="GatingBias price cap (or none)",
+    )
+    parser.add_argument(
+        "--rerouted",
+        type=_fractions,
+        help="measured rerouted fraction per layer, comma-separated",
+    )
     parser.add_argument(
         "--min-gain-per-move",
         type=float,
@@ -84,7 +113,15 @@ def main(argv: list[str] | None = None) -> int:
             previous=previous,
             method=METHOD_NAMES[args.method],
             replace_options=ReplaceOptions(min_gain_per_move=args.min_gain_per_move),
-            gating_options=GatingOptions(rate=args.rate, max_bias=args.max_bias),
+            gating_options=GatingOptions(
+                rate=args.rate,
+                max_bias=args.max_bias,
+                damping=args.damping,
+                max_margin=args.max_margin,
+                max_rerouted_fraction=args.max_rerouted_fraction,
+            ),
+            max_slots_per_rank=args.max_slots_per_rank,
+            rerouted_fraction=args.rerouted,
         )
     except (InputError, PlanningError, ValueError) as error:
         print(f"moe-ep plan: error: {error}", file=sys.stderr)
@@ -92,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     print(result.plan.to_json())
     print(result.summary(), file=sys.stderr)
     return 0
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.strip().lower() == "none" else float(text)
+
+
+def _fractions(text: str) -> list[float]:
+    return [float(part) for part in text.split(",")]
 
 
 def _read_json(path: Path, what: str) -> Any:

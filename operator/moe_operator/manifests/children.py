@@ -38,6 +38,7 @@ def plan_shape(spec: MoEDeploymentSpec) -> PlanShape:
         experts=spec.model.experts_per_layer,
         world=spec.parallelism.world_size,
         slots_per_rank=spec.placement.slots_per_rank,
+        max_slots_per_rank=spec.placement.most_slots_per_rank,
     )
 
 

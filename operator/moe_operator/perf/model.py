@@ -191,15 +191,9 @@ def memory_per_gpu(
     d, tp = shape.dtype_bytes, layout.tp
     lps = math.ceil(shape.layers / layout.pp)
     imb = imbalance if layout.ep > 1 else 1.0
-    weights = (
-        lps
-        * d
-        * (
-            shape.attn_params / tp
-            + shape.hidden * shape.experts
-            + layout.slots(shape) * shape.expert_params / tp
-        )
-    )
+    per_slot = lps * d * shape.expert_params / tp  # one expert of every layer of this stage
+    weights = lps * d * (shape.attn_params / tp + shape.hidden * shape.experts)
+    weights += layout.slots(shape) * per_slot
     kv = wl.batch / layout.ep * wl.seq_len * shape.kv_bytes_per_token_layer / tp * lps
     m = layout.micro(wl.phase)
     tok = wl.batch / m / layout.ep * (wl.seq_len if wl.phase == "prefill" else 1)
@@ -211,4 +205,5 @@ def memory_per_gpu(
         buffers += 2 * routed * shape.hidden * d
     if layout.pp > 1:
         buffers += 2 * tok * shape.hidden * d
-    return Memory(weights, kv, acts, buffers, prof.hardware.memory_capacity)
+    capacity = prof.hardware.memory_capacity
+    return Memory(weights, kv, acts, buffers, capacity, per_slot, layout.slots(shape))

@@ -58,6 +58,9 @@ def prediction_dict(p: Prediction) -> dict[str, Any]:
             "total": mem.total,
             "capacity": mem.capacity,
             "fits": mem.fits,
+            "per_expert_slot": mem.per_slot,
+            "slots_per_rank": mem.slots,
+            "spare_slots": mem.spare_slots,
         },
     }
 
@@ -147,6 +150,12 @@ def format_report(preds: Sequence[Prediction], assume: Mapping[str, Any]) -> str
             f"{_gb(m.activations)}, buffers {_gb(m.buffers)})"
             + ("" if m.fits else "  DOES NOT FIT")
         )
+        if m.per_slot > 0 and p.layout.ep > 1:
+            lines.append(
+                f"    one more expert slot per rank: {_gb(m.per_slot)} GB per GPU; "
+                f"{m.spare_slots} more fit (placement.maxSlotsPerRank up to "
+                f"{m.slots + m.spare_slots})"
+            )
         for label, secs in p.breakdown:
             lines.append(f"    {label:<40}{secs * 1e3:>12.2f} ms  {secs / p.seconds:>6.1%}")
     lines += [

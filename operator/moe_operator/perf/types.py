@@ -135,6 +135,11 @@ class Memory:
     activations: float
     buffers: float
     capacity: float
+    per_slot: float = 0.0
+    """What one more expert slot per rank adds: one expert of every layer this GPU holds (the
+    price of placement.maxSlotsPerRank - slotsPerRank in memory)."""
+    slots: int = 0
+    """Expert slots per rank and layer held (counted in `weights`)."""
 
     @property
     def total(self) -> float:
@@ -143,6 +148,13 @@ class Memory:
     @property
     def fits(self) -> bool:
         return self.total <= self.capacity
+
+    @property
+    def spare_slots(self) -> int:
+        """More expert slots per rank that would still fit (0 when none, or nothing fits)."""
+        if self.per_slot <= 0 or not self.fits:
+            return 0
+        return int((self.capacity - self.total) // self.per_slot)
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,15 @@
 Methods (the MoEDeployment's `rebalancing.method`):
 
 - `RoundRobin`: the seed's placement (section 5.1) via `moe_worker.plan.round_robin_plan`; no bias.
-- `Replace`: output-preserving replication and re-packing (see `planning.replace`).
+- `Replace`: output-preserving replication and re-packing (see `planning.replace`). Where the
+  deployment allows more slots per rank than the plan has (`max_slots_per_rank`, memory the ranks
+  have to spare) it may grow the plan's slots per rank, one or more at once, when the balance
+  gained pays for the weights moved (the same price per slot moved as re-packing). A Replace plan
+  carries no gate bias: its outputs are the model's own.
 - `GatingBias`: gate-bias update on the current slots (see `planning.gating`); changes routing.
-- `Auto`: `GatingBias` when nothing can be replicated (slotsPerRank 1 and E == R, the seed's
-  layout), `Replace` otherwise.
+- `Auto`: spare memory first. `Replace` wherever a slot is spare or can be added; `GatingBias`
+  only where nothing can be replicated (slotsPerRank 1 and E == R, the seed's layout) and no
+  slot can be added.
 
 Shapes: L = layers, R = ranks, S = slots per rank, E = logical experts; expert_load is [L][E].
 A changed plan gets version previous.version + 1 (1 without a previous plan). When nothing is worth
@@ -20,13 +25,30 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from moe_operator.planning.gating import GatingOptions, update_bias
+from moe_operator.planning.gating import Bias, GatingOptions, update_bias
 from moe_operator.planning.placement import check_loads, layer_imbalances
-from moe_operator.planning.replace import ReplaceOptions, nothing_to_replicate, replace_slots
-from moe_worker.plan import Plan, PlanError, plan_transfers, round_robin_plan, validate_plan
+from moe_operator.planning.replace import (
+    ReplaceOptions,
+    grow_layer,
+    nothing_to_replicate,
+    replace_slots,
+)
+from moe_worker.plan import (
+    Plan,
+    PlanError,
+    moved_experts,
+    plan_transfers,
+    round_robin_plan,
+    validate_plan,
+)
 
 AUTO, REPLACE, ROUND_ROBIN, GATING_BIAS = "Auto", "Replace", "RoundRobin", "GatingBias"
 METHODS = (AUTO, REPLACE, ROUND_ROBIN, GATING_BIAS)
+
+NEGLIGIBLE_BIAS = 1e-4
+"""Gate-probability change below which a bias is not worth a new plan (it can only reroute
+tokens whose top-K choice is closer than twice this), and below which a decaying bias is
+removed."""
 
 
 class PlanningError(ValueError):
@@ -77,9 +99,13 @@ class RebalanceResult:
         )
 
 
-def choose_method(num_experts: int, world_size: int, slots_per_rank: int) -> str:
-    """What Auto resolves to: GatingBias for the seed's layout, Replace where slots are spare."""
-    if nothing_to_replicate(num_experts, world_size, slots_per_rank):
+def choose_method(
+    num_experts: int, world_size: int, slots_per_rank: int, max_slots_per_rank: int | None = None
+) -> str:
+    """What Auto resolves to: Replace where a slot is spare or can be added (spare memory
+    first), GatingBias only for the seed's layout with no slot to add."""
+    can_grow = max_slots_per_rank is not None and max_slots_per_rank > slots_per_rank
+    if nothing_to_replicate(num_experts, world_size, slots_per_rank) and not can_grow:
         return GATING_BIAS
     return REPLACE
 
@@ -93,17 +119,26 @@ def plan_rebalance(
     method: str = AUTO,
     replace_options: ReplaceOptions | None = None,
     gating_options: GatingOptions | None = None,
+    max_slots_per_rank: int | None = None,
+    rerouted_fraction: Sequence[float | None] | None = None,
 ) -> RebalanceResult:
     """Plan the next placement/bias from a window of loads.
 
     Args:
         expert_load: [L][E] tokens per logical expert over the window, finite and >= 0.
         world_size: R ranks.
-        slots_per_rank: S slots per rank and layer (R * S >= E).
-        previous: the plan the workers serve ([L][R][S] slots), or None for the round-robin start.
+        slots_per_rank: S slots per rank and layer the deployment starts with (R * S >= E).
+        previous: the plan the workers serve ([L][R][S'] slots, S <= S' <= max), or None for
+            the round-robin start.
         method: one of METHODS.
+        max_slots_per_rank: the most slots per rank the ranks have memory for (None: S); Replace
+            and Auto may grow the plan up to it.
+        rerouted_fraction: [L] fraction of top-K assignments the workers measured rerouted by
+            the current bias (None entries or None: unknown); GatingBias shrinks the bias of a
+            layer above `gating_options.max_rerouted_fraction`.
     Returns:
-        RebalanceResult whose plan has slots [L][R][S] and, for GatingBias, gate bias [L][E].
+        RebalanceResult whose plan has slots [L][R][S''] and, for GatingBias, gate bias [L][E]
+        and the guard's margin.
     Raises:
         PlanningError (a ValueError) naming the field when the inputs do not fit together.
     """
@@ -111,35 +146,86 @@ def plan_rebalance(
     num_layers, num_experts = len(loads), len(loads[0])
     if method not in METHODS:
         raise PlanningError(f"method: {method!r} is not one of {', '.join(METHODS)}")
-    current = _current_plan(previous, num_layers, num_experts, world_size, slots_per_rank)
-    resolved = choose_method(num_experts, world_size, slots_per_rank) if method == AUTO else method
+    max_slots = _max_slots(slots_per_rank, max_slots_per_rank)
+    current = _current_plan(
+        previous, num_layers, num_experts, world_size, slots_per_rank, max_slots
+    )
+    if method == AUTO:
+        resolved = choose_method(num_experts, world_size, current.slots_per_rank, max_slots)
+    else:
+        resolved = method
     before = layer_imbalances(current.slots, loads)
     if resolved == GATING_BIAS:
-        return _gating_bias(current, loads, before, gating_options or GatingOptions())
+        options = gating_options or GatingOptions()
+        return _gating_bias(current, loads, before, options, rerouted_fraction)
     if resolved == ROUND_ROBIN:
         target = round_robin_plan(num_layers, num_experts, world_size, slots_per_rank)
-        slots, gate_bias = target.slots, None
         note = f"the seed's placement (expert e on rank e % {world_size}), no gate bias"
         unchanged = "already the seed's placement; plan unchanged"
-    elif nothing_to_replicate(num_experts, world_size, slots_per_rank):
-        slots, gate_bias = current.slots, current.gate_bias
-        note = unchanged = (
+        return _result(current, resolved, target.slots, None, loads, before, (note, unchanged))
+    return _replace(current, loads, before, max_slots, replace_options or ReplaceOptions())
+
+
+def _max_slots(slots_per_rank: int, max_slots_per_rank: int | None) -> int:
+    if max_slots_per_rank is None:
+        return slots_per_rank
+    if max_slots_per_rank < slots_per_rank:
+        raise PlanningError(
+            f"maxSlotsPerRank: {max_slots_per_rank} is below slotsPerRank {slots_per_rank}; "
+            "set it to at least slotsPerRank"
+        )
+    return max_slots_per_rank
+
+
+def _replace(
+    current: Plan,
+    loads: tuple[tuple[float, ...], ...],
+    before: tuple[float, ...],
+    max_slots: int,
+    options: ReplaceOptions,
+) -> RebalanceResult:
+    """Replace at the current slots per rank or at any size up to `max_slots`, whichever costs
+    least in the planner's own terms: sum over layers of imbalance + price x slots moved."""
+    num_experts, world_size = len(loads[0]), current.world_size
+    best: tuple[float, int] | None = None
+    slots = current.slots
+    for size in range(current.slots_per_rank, max_slots + 1):
+        if nothing_to_replicate(num_experts, world_size, size):
+            continue  # re-placing a permutation changes no rank load
+        grown = tuple(grow_layer(layer, size) for layer in current.slots)
+        candidate = replace_slots(grown, loads, options)
+        after = layer_imbalances(candidate, loads)
+        moved = sum(
+            moved_experts(old, new) for old, new in zip(current.slots, candidate, strict=True)
+        )
+        cost = (sum(after) + options.min_gain_per_move * moved, size)
+        if best is None or cost < best:
+            best, slots = cost, candidate
+    if best is None or best[0] >= sum(before):
+        slots = current.slots  # nothing (no size) gains more than its moves cost
+    size = len(slots[0][0])
+    dropped = " gate bias removed: routing is the model's own again;" if current.gate_bias else ""
+    grew = (
+        f" slots per rank grown {current.slots_per_rank} -> {size} (memory the ranks have to "
+        "spare);"
+        if size > current.slots_per_rank
+        else ""
+    )
+    note = f"output-preserving:{grew}{dropped} experts replicated and re-placed, routing unchanged"
+    if nothing_to_replicate(num_experts, world_size, current.slots_per_rank) and size == max_slots:
+        unchanged = (
             f"nothing to replicate: slotsPerRank 1 with as many experts as ranks ({world_size}), "
             "so every placement has the same rank loads; plan unchanged (GatingBias or more "
-            "slotsPerRank can lower the imbalance)"
+            "slots per rank (placement.maxSlotsPerRank) can lower the imbalance)"
         )
+    elif max(before) <= 1.0:
+        unchanged = "already balanced; plan unchanged"
     else:
-        options = replace_options or ReplaceOptions()
-        slots = replace_slots(current.slots, loads, options)
-        gate_bias = current.gate_bias
-        note = "output-preserving: experts replicated and re-placed, routing unchanged"
         unchanged = (
-            "already balanced; plan unchanged"
-            if max(before) <= 1.0
-            else f"no placement gains {options.min_gain_per_move:g} imbalance per slot moved; "
+            f"no placement gains {options.min_gain_per_move:g} imbalance per slot moved; "
             "plan unchanged"
         )
-    return _result(current, resolved, slots, gate_bias, loads, before, (note, unchanged))
+    return _result(current, REPLACE, slots, None, loads, before, (note, unchanged))
 
 
 def _checked_loads(expert_load: Sequence[Sequence[float]]) -> tuple[tuple[float, ...], ...]:
@@ -150,7 +236,12 @@ def _checked_loads(expert_load: Sequence[Sequence[float]]) -> tuple[tuple[float,
 
 
 def _current_plan(
-    previous: Plan | None, num_layers: int, num_experts: int, world_size: int, slots_per_rank: int
+    previous: Plan | None,
+    num_layers: int,
+    num_experts: int,
+    world_size: int,
+    slots_per_rank: int,
+    max_slots: int,
 ) -> Plan:
     if world_size < 1:
         raise PlanningError(f"ranks: must be >= 1, got {world_size}")
@@ -159,13 +250,17 @@ def _current_plan(
     try:
         if previous is None:
             return round_robin_plan(num_layers, num_experts, world_size, slots_per_rank)
-        if previous.slots_per_rank != slots_per_rank:
+        if previous.slots_per_rank < slots_per_rank:
             raise PlanError(
                 f"slotsPerRank: the previous plan has {previous.slots_per_rank}, "
                 f"asked for {slots_per_rank}; start from a round-robin plan to change it"
             )
         validate_plan(
-            previous, num_layers=num_layers, num_experts=num_experts, world_size=world_size
+            previous,
+            num_layers=num_layers,
+            num_experts=num_experts,
+            world_size=world_size,
+            max_slots_per_rank=max_slots,
         )
     except PlanError as error:
         prefix = "" if previous is None else "previous plan: "
@@ -178,33 +273,51 @@ def _gating_bias(
     loads: tuple[tuple[float, ...], ...],
     before: tuple[float, ...],
     options: GatingOptions,
+    rerouted_fraction: Sequence[float | None] | None,
 ) -> RebalanceResult:
     old_bias = current.gate_bias or tuple((0.0,) * len(row) for row in loads)
-    new_bias = update_bias(old_bias, loads, options)
+    try:
+        new_bias = update_bias(old_bias, loads, options, rerouted_fraction)
+    except ValueError as error:
+        raise PlanningError(str(error)) from None
     steps = [
         n - o
         for new, old in zip(new_bias, old_bias, strict=True)
         for n, o in zip(new, old, strict=True)
     ]
     largest = max(abs(b) for row in new_bias for b in row)
+    cap = options.max_rerouted_fraction
+    over = [
+        layer
+        for layer, fraction in enumerate(rerouted_fraction or ())
+        if cap is not None and fraction is not None and fraction > cap
+    ]
+    priced = (
+        f"; bias shrunk on {len(over)} layers whose measured rerouted fraction exceeds "
+        f"{cap:g} (layers {over[:8]})"
+        if over
+        else ""
+    )
+    guard = (
+        "every token"
+        if options.max_margin is None
+        else f"tokens whose top-K choice is within {options.max_margin:g}"
+    )
     note = (
-        "changes which experts tokens visit (not output-preserving); "
+        f"changes which experts tokens visit (not output-preserving), only for {guard}; "
         f"bias lowered for {sum(s < 0 for s in steps)} and raised for {sum(s > 0 for s in steps)} "
-        f"(layer, expert) pairs, max |bias| {largest:.3g} of {options.max_bias:.3g}; "
+        f"(layer, expert) pairs, max |bias| {largest:.3g} of {options.max_bias:.3g}{priced}; "
         "imbalance after is not predicted: the next window's traffic shows it"
     )
-    changed = new_bias != old_bias
-    plan = current
-    if changed:
-        plan = Plan(
-            version=current.version + 1,
-            slotsPerRank=current.slots_per_rank,
-            slots=current.slots,
-            gateBias=new_bias,
-            method=GATING_BIAS,
+    plan = _gated_plan(current, new_bias, options.max_margin, options.damping)
+    changed = plan is not current
+    if not changed:
+        note = (
+            f"no bias moves by {NEGLIGIBLE_BIAS:g} or more (loads near the mean, biases at "
+            "their bound or price cap); plan unchanged"
         )
-    else:
-        note = "no bias can move (loads at the mean or biases at the bound); plan unchanged"
+    elif plan.gate_bias is None:
+        note = "gate bias decayed to nothing and removed: routing is the model's own again"
     return RebalanceResult(
         plan=plan,
         method=GATING_BIAS,
@@ -215,6 +328,43 @@ def _gating_bias(
         per_layer_after=before,
         note=note,
         changed=changed,
+    )
+
+
+def _gated_plan(current: Plan, new_bias: Bias, max_margin: float | None, damping: float) -> Plan:
+    """The next GatingBias plan, or `current` itself when no bias moved by NEGLIGIBLE_BIAS (no
+    plan churn from noise); a bias whose every entry fell below it is removed.
+
+    A small bias that only decays moves by damping x its size, which can be below
+    NEGLIGIBLE_BIAS long before the bias is: such a move still counts when it is at least half
+    the leak, so the decay goes on until the bias is removed instead of stalling.
+    """
+    old = current.gate_bias
+    if max(abs(b) for row in new_bias for b in row) < NEGLIGIBLE_BIAS:
+        if old is None:
+            return current
+        bias, margin = None, None
+    else:
+        bias, margin = new_bias, max_margin
+        if old is not None and margin == current.gate_max_margin:
+            threshold = NEGLIGIBLE_BIAS
+            if damping > 0:
+                scale = max(abs(b) for row in old for b in row)
+                threshold = min(threshold, damping / 2 * scale)
+            moved = max(
+                abs(n - o)
+                for new_row, old_row in zip(new_bias, old, strict=True)
+                for n, o in zip(new_row, old_row, strict=True)
+            )
+            if moved < threshold:
+                return current
+    return Plan(
+        version=current.version + 1,
+        slotsPerRank=current.slots_per_rank,
+        slots=current.slots,
+        gateBias=bias,
+        gateMaxMargin=margin,
+        method=GATING_BIAS,
     )
 
 
@@ -233,7 +383,7 @@ def _result(
     if changed:
         plan = Plan(
             version=current.version + 1,
-            slotsPerRank=current.slots_per_rank,
+            slotsPerRank=len(slots[0][0]),
             slots=slots,
             gateBias=gate_bias,
             method=method,

@@ -19,12 +19,14 @@ from moe_worker.plan import MAX_PLAN_VERSION, Plan, PlanError, round_robin_plan,
 
 @dataclass(frozen=True)
 class PlanShape:
-    """What a plan must fit: L layers x E experts on R ranks with S slots each."""
+    """What a plan must fit: L layers x E experts on R ranks with S slots each at start, grown
+    online up to `max_slots_per_rank` (0: S) where the GPUs have memory to spare."""
 
     layers: int
     experts: int
     world: int
     slots_per_rank: int
+    max_slots_per_rank: int = 0
 
     @property
     def key(self) -> str:
@@ -35,11 +37,15 @@ class PlanShape:
         """Why `plan` does not fit this shape, or None."""
         try:
             validate_plan(
-                plan, num_layers=self.layers, num_experts=self.experts, world_size=self.world
+                plan,
+                num_layers=self.layers,
+                num_experts=self.experts,
+                world_size=self.world,
+                max_slots_per_rank=max(self.slots_per_rank, self.max_slots_per_rank),
             )
         except PlanError as error:
             return str(error)
-        if plan.slots_per_rank != self.slots_per_rank:
+        if plan.slots_per_rank < self.slots_per_rank:
             return f"slotsPerRank: {plan.slots_per_rank}, the spec says {self.slots_per_rank}"
         return None
 

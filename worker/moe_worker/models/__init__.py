@@ -7,7 +7,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from moe_worker.models.base import Architecture, ExpertWeights, MoEFn, Routing, route
+from moe_worker.models.base import (
+    Architecture,
+    ExpertWeights,
+    MoEFn,
+    Routing,
+    route,
+    route_priced,
+)
 from moe_worker.models.config import ModelSpec, UnsupportedConfig
 from moe_worker.models.experts import LocalExperts
 from moe_worker.models.mixtral import Mixtral
@@ -30,6 +37,7 @@ __all__ = [
     "architecture",
     "parse_hf_config",
     "route",
+    "route_priced",
 ]
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from moe_worker.models.config import ModelSpec
+from moe_worker.models.routing import Reroutes, Selection, price, select
 from moe_worker.shape import ModelShape
 
 if TYPE_CHECKING:
@@ -31,9 +32,11 @@ __all__ = [
     "Architecture",
     "ExpertWeights",
     "MoEFn",
+    "Reroutes",
     "Routing",
     "generator_for",
     "route",
+    "route_priced",
     "torch_dtype",
     "weighted_sum",
 ]
@@ -96,21 +99,46 @@ class ExpertWeights:
 
 
 def route(
-    logits_NE: Tensor, top_k: int, *, normalize: bool = True, gate_bias_E: Tensor | None = None
+    logits_NE: Tensor,
+    top_k: int,
+    *,
+    normalize: bool = True,
+    gate_bias_E: Tensor | None = None,
+    max_margin: float | None = None,
 ) -> Routing:
     """Top-K of the fp32 softmax over all experts.
 
-    `gate_bias_E` moves the selection only; the weights are the unbiased probabilities of the
-    chosen experts, renormalised over the top-K when `normalize` (Mixtral; Qwen3 norm_topk_prob).
-    Weights stay fp32: the combine casts them, as transformers multiplies fp32 weights in.
+    `gate_bias_E` moves the selection only, and only for tokens whose K-th and (K+1)-th
+    probabilities are closer than `max_margin` (None: every token; see `models.routing`); the
+    weights are the unbiased probabilities of the chosen experts, renormalised over the top-K
+    when `normalize` (Mixtral; Qwen3 norm_topk_prob). Weights stay fp32: the combine casts them,
+    as transformers multiplies fp32 weights in.
     """
     probs_NE = torch.softmax(logits_NE.float(), dim=-1)
-    selection_NE = probs_NE if gate_bias_E is None else probs_NE + gate_bias_E.float()
-    topk_ids_NK = torch.topk(selection_NE, top_k, dim=-1).indices
-    weights_NK = torch.gather(probs_NE, 1, topk_ids_NK)
+    selection = select(probs_NE, top_k, gate_bias_E, max_margin)
+    return _weighted(probs_NE, selection, normalize)
+
+
+def route_priced(
+    logits_NE: Tensor,
+    top_k: int,
+    *,
+    normalize: bool = True,
+    gate_bias_E: Tensor | None = None,
+    max_margin: float | None = None,
+) -> tuple[Routing, Reroutes]:
+    """`route`, and what the bias cost: rerouted assignments and lost gate probability per token
+    (zeros without a bias), for the per-layer `moe_gate_rerouted_*` counters."""
+    probs_NE = torch.softmax(logits_NE.float(), dim=-1)
+    selection = select(probs_NE, top_k, gate_bias_E, max_margin)
+    return _weighted(probs_NE, selection, normalize), price(probs_NE, selection)
+
+
+def _weighted(probs_NE: Tensor, selection: Selection, normalize: bool) -> Routing:
+    weights_NK = torch.gather(probs_NE, 1, selection.topk_ids_NK)
     if normalize:
         weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True)
-    return Routing(topk_ids_NK, weights_NK)
+    return Routing(selection.topk_ids_NK, weights_NK)
 
 
 class Architecture:
