@@ -162,19 +162,35 @@ def _median_ratio(tops: list[float], bottoms: list[float]) -> float:
 
 def _kernels(engine: EPEngine, rows: int, steps: int, device: torch.device) -> dict[str, float]:
     """Layer 0's experts on `rows` rows spread evenly over its slots, per kernel (no
-    communication): what the CPU `_grouped_mm` fallback does against the loop."""
+    communication), seconds of the serving thread's CPU: what the CPU `_grouped_mm` fallback
+    does against the loop."""
     stacks = engine.stacks.layer(0)
     slots = stacks[0].shape[0]
     sizes = [len(part) for part in torch.arange(rows).tensor_split(slots)]
     x_nD = torch.randn(rows, engine.shape.hidden, dtype=engine.dtype, device=device)
+    cpu: dict[str, list[float]] = {}
     fns = {}
     for kernel in ("loop", "grouped_mm"):
         if kernel == "grouped_mm" and not grouped_mm_works(device.type, engine.dtype):
             continue
         groups = SlotGroups.of(sizes, kernel, torch.tensor(sizes, device=device))
-        fns[kernel] = lambda g=groups: engine.arch.grouped_forward(x_nD, stacks, g)
-    times = alternate(fns, steps, device)
-    return {f"{kernel}_s": statistics.median(t) for kernel, t in times.items()}
+        fns[kernel] = _cpu_timed(
+            lambda g=groups: engine.arch.grouped_forward(x_nD, stacks, g),
+            cpu.setdefault(kernel, []),
+        )
+    alternate(fns, steps, device)
+    return {f"{kernel}_cpu_s": statistics.median(t) for kernel, t in cpu.items()}
+
+
+def _cpu_timed(fn: Callable[[], object], times: list[float]) -> Callable[[], None]:
+    """`fn`, appending the serving thread's CPU seconds of each call to `times`."""
+
+    def run() -> None:
+        start = time.thread_time()
+        fn()
+        times.append(time.thread_time() - start)
+
+    return run
 
 
 def overlap(engine: EPEngine, prompts: Prompts, steps: int, device: torch.device) -> dict[str, Any]:

@@ -50,9 +50,10 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
 def choose_kernel(device: torch.device, dtype: torch.dtype, wanted: str = "auto") -> str:
     """`grouped_mm` on CUDA where it works, else `loop`; `wanted` forces one (benchmarks).
 
-    CPU takes the loop even though torch 2.13 has a `_grouped_mm` CPU fallback: measured with
-    `moe-worker bench` it was no faster than the loop here, and the loop is exactly the
-    per-expert reference.
+    CPU takes the loop although torch 2.13 has a `_grouped_mm` CPU fallback (fp32 too): at the
+    bench's shapes (2 slots x 256 rows, 256 -> 1024) both cost the same CPU time, at 16 slots of
+    32 rows the fallback saved a sixth (the loop's Python per slot), and the loop is exactly the
+    per-expert reference. `moe-worker bench` reports both (`grouped_gemm_kernels_s`).
     """
     if wanted not in ("auto", *KERNELS):
         raise ValueError(f"grouped GEMM kernel {wanted!r} is not one of auto, {', '.join(KERNELS)}")
