@@ -148,3 +148,37 @@ def test_cli_errors(capsys):
     assert perf_cli.main(["--layouts", "bogus"]) == 2
     assert perf_cli.main(["--layouts", "ep4s2"]) == 2  # 4 ranks x 2 slots < 16 experts
     assert "moe-ep perf" in capsys.readouterr().err
+
+
+def test_calibrate_takes_the_measured_overlap_efficiency(h100):
+    bench = {
+        "switch_pause_s": 0.1,
+        "switch_pause_nonblocking_s": 0.002,
+        "overlap_speedup": 1.1,
+        "overlap_efficiency": 0.4,
+        "overlap": {"comm_heavy": {"efficiency": 0.9}},
+    }
+    cal = calibrate(h100, bench=bench)
+    assert cal.profile.hardware.overlap_efficiency == pytest.approx(0.4)
+    assert cal.profile.source("overlap_efficiency").startswith("calibrated")
+    measured = dict(cal.measured)
+    assert measured["plan_switch_s"] == pytest.approx(0.1)
+    assert measured["plan_switch_nonblocking_s"] == pytest.approx(0.002)
+    none = calibrate(h100, bench={"overlap": {"bench_shape": {"efficiency": 0.0}}})
+    assert none.profile.hardware.overlap_efficiency == 0.0  # a measured zero is kept
+    assert h100.hardware.overlap_efficiency == 0.0  # bundled: none until measured
+
+
+def test_cli_uses_the_calibrated_overlap_unless_told(tmp_path, capsys):
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"overlap_efficiency": 1.0}))
+    runs = {}
+    for name, extra in (("calibrated", []), ("none", ["--overlap", "0"]), ("plain", None)):
+        args = ["--json", "--phase", "prefill"]
+        args += [] if extra is None else ["--bench-json", str(bench), *extra]
+        assert perf_cli.main(args) == 0
+        runs[name] = json.loads(capsys.readouterr().out)
+    assert runs["calibrated"]["assumptions"]["overlap"] == 1.0
+    assert runs["none"]["assumptions"]["overlap"] == 0.0
+    ep16 = {k: r["predictions"][0]["tokens_per_s"] for k, r in runs.items()}
+    assert ep16["calibrated"] > ep16["none"] == pytest.approx(ep16["plain"])

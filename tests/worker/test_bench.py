@@ -1,4 +1,5 @@
-"""`moe-worker bench` runs both layouts end to end (tiny shapes; no timing checks)."""
+"""`moe-worker bench` runs both layouts and the data path's figures end to end (tiny shapes; no
+timing checks)."""
 
 from __future__ import annotations
 
@@ -14,18 +15,27 @@ pytestmark = pytest.mark.distributed
 
 
 def test_bench_reports_both_layouts(tmp_path: Path) -> None:
+    tiny = ModelShape(layers=2, experts=4, hidden=32, ffn_hidden=64, heads=4, head_dim=8)
     options = BenchOptions(
-        model=ModelShape(layers=2, experts=4, hidden=32, ffn_hidden=64, heads=4, head_dim=8),
+        model=tiny,
         batch=4,
         seq_len=8,
         steps=1,
         micro_batches=2,
+        comm_model=tiny.replace(ffn_hidden=8),
+        comm_batch=4,
+        comm_seq_len=4,
     )
     result = run_bench(options, json_path=str(tmp_path / "bench.json"))
     assert json.loads((tmp_path / "bench.json").read_text()) == result
     assert result["ep"]["layout"] == "EP4" and result["tppp"]["layout"] == "TP2xPP2"
     assert result["ep"]["tokens_per_s"] > 0 and result["tppp"]["tokens_per_s"] > 0
-    assert result["switch_pause_s"] > 0
+    assert result["grouped_gemm_kernel"] == "loop"
+    figures = ("moe_fraction_of_matmul", "overlap_speedup", "overlap_speedup_comm_heavy")
+    assert all(result[key] > 0 for key in figures)
+    assert 0 <= result["overlap_efficiency"] <= 1
+    assert result["switch_pause_s"] > 0 and result["switch_pause_nonblocking_s"] > 0
+    assert result["steps_during_switch"] >= 1 and result["step_s_during_switch"] > 0
     assert "EP / TPxPP" in format_table(result)
 
 

@@ -1,4 +1,5 @@
-"""EP on 4 gloo ranks and the TP2 x PP2 baseline give the single-process reference's logits."""
+"""EP on 4 gloo ranks and the TP2 x PP2 baseline give the single-process reference's logits: the
+grouped path, plan switches (blocking and in the background), two-batch overlap."""
 
 from __future__ import annotations
 
@@ -45,6 +46,15 @@ def test_ep_matches_reference_across_plan_switches(results: list[dict[str, Any]]
     # Back on round-robin, every rank holds its own expert again, received point to point.
     assert [r["switch_held"] for r in results] == [[[rank], [rank]] for rank in range(4)]
     assert sum(sum(r["switch_received"]) for r in results) > 0
+
+
+def test_two_batch_overlap_and_a_background_switch_match_reference(
+    results: list[dict[str, Any]],
+) -> None:
+    for r in results:
+        assert r["two_batch"] < TOLERANCE
+        assert len(r["background"]) >= 2 and max(r["background"]) < TOLERANCE
+    assert [r["background_held"][0] for r in results] == [[0, 1], [0, 2], [0, 3], [1, 2]]
 
 
 def test_expert_counts_equal_routed_tokens(results: list[dict[str, Any]]) -> None:

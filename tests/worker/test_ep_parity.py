@@ -2,10 +2,13 @@
 Qwen3-MoE models made here with transformers' own config classes and `save_pretrained`, served by
 moe-ep at EP world 1, 2 and 4 (gloo, forked ranks, the leader driven through its Backend).
 
-Per world: last-position logits through the EP engine equal transformers' (fp32 tolerance);
-greedy generation of 20 tokens equals `generate()` token for token; the same with a Replace plan
-switch (replicas added, experts moved point to point) in the middle of generation; a batch of
-mixed-length requests (chunked prefill mixed with decodes) equals each request alone.
+Per world: last-position logits through the EP engine equal transformers' (fp32 tolerance), in
+one batch and as two overlapped micro-batches; the group serves with two-batch overlap on:
+greedy generation of 20 tokens equals `generate()` token for token; the same with a Replace
+plan switch (replicas added, one more slot per rank, experts moved in the background while
+generation goes on, then flipped) in the middle of generation; a batch of mixed-length requests
+(chunked prefill mixed with decodes, prompt chunks cut between micro-batches) equals each
+request alone.
 """
 
 from __future__ import annotations
@@ -153,7 +156,11 @@ def served(
 ) -> tuple[int, list[dict[str, Any]]]:
     world = request.param
     settings = WorkerSettings(
-        checkpoint=str(reference.path), kv_cache_tokens=256, max_batch_tokens=8
+        checkpoint=str(reference.path),
+        kv_cache_tokens=256,
+        max_batch_tokens=8,
+        two_batch_overlap=True,
+        background_switch=True,
     )
     body = functools.partial(
         serve_group, settings=settings, lead=lead, before=logits_of(LOGIT_PROMPTS)
@@ -161,14 +168,15 @@ def served(
     return world, run_world(body, world, Path(tmp_path_factory.mktemp(f"world{world}")), 600)
 
 
+@pytest.mark.parametrize("key", ["logits", "logits_two_batch"])
 def test_last_position_logits_equal_transformers(
-    reference: Reference, served: tuple[int, list[dict[str, Any]]]
+    reference: Reference, served: tuple[int, list[dict[str, Any]]], key: str
 ) -> None:
     world, ranks = served
-    ours = {int(i): torch.tensor(v) for r in ranks for i, v in r["logits"].items()}
+    ours = {int(i): torch.tensor(v) for r in ranks for i, v in r[key].items()}
     assert sorted(ours) == list(range(len(LOGIT_PROMPTS)))
     diffs = [float((ours[i] - reference.logits[i]).abs().max()) for i in ours]
-    print(f"{reference.path.name} world {world}: max logit difference {max(diffs):.2e}")
+    print(f"{reference.path.name} world {world} {key}: max logit difference {max(diffs):.2e}")
     assert max(diffs) < ATOL
     assert max(float(t.abs().max()) for t in reference.logits) > 1.0  # not near-zero logits
 
@@ -187,6 +195,7 @@ def test_a_replace_switch_mid_generation_changes_no_token(
 ) -> None:
     leader = served[1][0]
     assert leader["switch_answer"]["applied"] is True, leader["switch_answer"]
+    assert leader["switch_answer"]["mode"] == "background"
     assert all(8 <= n < 24 for n in leader["tokens_at_switch"])
     assert leader["served_after"]
     assert leader["switch"] == reference.switch

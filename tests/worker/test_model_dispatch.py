@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_worker.bench import ep_prefill
+from moe_worker.bench_ep import ep_prefill
 from moe_worker.dispatch import LocalDispatcher, Placement
 from moe_worker.engine import EPEngine, plan_experts
 from moe_worker.env import rank_from_pod_name
@@ -32,10 +32,10 @@ def test_dispatch_then_combine_with_identity_experts_returns_the_input() -> None
     dispatcher = LocalDispatcher(Placement.from_plan(plan, 0, 4), 1, 4)
     x_ND = torch.randn(50, 16)
     routing = random_routing(50, 4, 2)
-    chunks, meta = dispatcher.dispatch(0, x_ND, routing.topk_ids_NK)
-    assert sum(c.shape[0] for c in chunks) == 100
-    assert [c.shape[0] > 0 for c in (chunks[0], chunks[2], chunks[5])] == [True] * 3
-    out = dispatcher.combine(chunks, meta, routing.topk_weights_NK)
+    grouped_nD, meta = dispatcher.dispatch(0, x_ND, routing.topk_ids_NK)
+    assert grouped_nD.shape[0] == sum(meta.slot_sizes) == 100
+    assert [meta.slot_sizes[s] > 0 for s in (0, 2, 5)] == [True] * 3
+    out = dispatcher.combine(grouped_nD, meta, routing.topk_weights_NK)
     torch.testing.assert_close(out, x_ND)
 
 

@@ -121,13 +121,12 @@ def test_the_existing_local_dispatcher_runs_the_experts_too(source: SyntheticWei
     dispatcher = LocalDispatcher(Placement.from_plan(plan, 0, SHAPE.experts), 2, SHAPE.experts)
 
     def dispatched(layer: int, x_ND: torch.Tensor, routing: Routing) -> torch.Tensor:
-        chunks, meta = dispatcher.dispatch(layer, x_ND, routing.topk_ids_NK)
-        held = experts.experts[
-            layer
-        ]  # slot s of the only rank holds expert plan.slots[layer][0][s]
+        grouped_nD, meta = dispatcher.dispatch(layer, x_ND, routing.topk_ids_NK)
+        held = experts.experts[layer]  # slot s of the only rank holds plan.slots[layer][0][s]
         slots = plan.slots[layer][0]
+        chunks = grouped_nD.split(meta.slot_sizes)
         outputs = [arch.expert_forward(x, held[e]) for x, e in zip(chunks, slots, strict=True)]
-        return dispatcher.combine(outputs, meta, routing.topk_weights_NK)
+        return dispatcher.combine(torch.cat(outputs), meta, routing.topk_weights_NK)
 
     items = [("a", [5, 6, 7, 8], 0), ("b", [9], 0)]
     local = run(model, experts, KVCache.for_shape(SHAPE, 32), items)

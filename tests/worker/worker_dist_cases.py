@@ -9,11 +9,12 @@ import torch
 import torch.distributed as dist
 
 from moe_worker.baseline import TPPPModel
-from moe_worker.bench import ep_prefill
+from moe_worker.bench_ep import ep_prefill
 from moe_worker.engine import EPEngine
 from moe_worker.kv_cache import KVCache, StepBatch
 from moe_worker.plan import Plan, parse_plan, round_robin_plan
 from moe_worker.shape import ModelShape
+from moe_worker.transfer import DONE, new_transfer_group
 from moe_worker.weights import SyntheticWeights, build_model, local_experts
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "plans"
@@ -48,11 +49,13 @@ def _share(rank: int, world: int) -> list[int]:
     return torch.arange(len(prompts())).tensor_split(world)[rank].tolist()
 
 
-def _ep_error(engine: EPEngine, source: SyntheticWeights, rank: int, world: int) -> float:
+def _ep_error(
+    engine: EPEngine, source: SyntheticWeights, rank: int, world: int, two_batch: bool = False
+) -> float:
     """Max |EP - reference| of this rank's prompts, under the engine's current plan."""
     expected, _ = reference(source, engine.plan.gate_bias)
     mine = _share(rank, world)
-    got = ep_prefill(engine, [prompts()[i] for i in mine], torch.device("cpu"))
+    got = ep_prefill(engine, [prompts()[i] for i in mine], torch.device("cpu"), two_batch)
     return float((got - expected[mine]).abs().max()) if mine else 0.0
 
 
@@ -70,7 +73,8 @@ def all_cases(rank: int, world: int) -> dict[str, Any]:
     results["reference_counts"] = ref_counts.tolist()
 
     engine = EPEngine(source, round_robin_plan(2, 4, world), rank=rank)
-    results["loaded"] = sorted((layer, e) for layer, held in enumerate(engine.shard) for e in held)
+    held = engine.held_experts()
+    results["loaded"] = sorted((layer, e) for layer, experts in enumerate(held) for e in experts)
     results["round_robin"] = _ep_error(engine, source, rank, world)
     results["round_robin_counts"] = _global_counts(engine)
 
@@ -92,7 +96,23 @@ def all_cases(rank: int, world: int) -> dict[str, Any]:
         errors.append(_ep_error(engine, source, rank, world))
     results["switch"] = errors
     results["switch_received"] = received
-    results["switch_held"] = [sorted(held) for held in engine.shard]
+    results["switch_held"] = [sorted(held) for held in engine.held_experts()]
+
+    # Two-batch overlap, then a background switch: prefill keeps running on the old plan while
+    # the experts move (a group of their own), every rank flips once all of them landed.
+    results["two_batch"] = _ep_error(engine, source, rank, world, two_batch=True)
+    group = new_transfer_group(60.0)
+    transfer = engine.start_switch(replicated.with_version(5), group)
+    transfer.watch()
+    during, landed = [], torch.zeros(1, dtype=torch.int64)
+    while not landed.item():
+        during.append(_ep_error(engine, source, rank, world, two_batch=True))
+        landed[0] = transfer.status().state == DONE
+        dist.all_reduce(landed, op=dist.ReduceOp.MIN)
+    engine.flip(replicated.with_version(5), transfer)
+    results["background"] = [*during, _ep_error(engine, source, rank, world)]
+    results["background_held"] = [sorted(held) for held in engine.held_experts()]
+    dist.destroy_process_group(group)
 
     baseline = TPPPModel(source, tp=2, pp=2)
     expected, _ = reference(source)

@@ -51,8 +51,11 @@ def _rank_main(fn: RankFn, rank: int, world: int, port: int, out: str) -> None:
         sys.exit(1)
 
 
-def run_world(fn: RankFn, world: int, tmp: Path, timeout: float = 240) -> list[dict[str, Any]]:
-    """Run `fn(rank, world)` on `world` gloo ranks; returns each rank's JSON result."""
+def run_world(
+    fn: RankFn, world: int, tmp: Path, timeout: float = 240, check: bool = True
+) -> list[dict[str, Any]]:
+    """Run `fn(rank, world)` on `world` gloo ranks; returns each rank's JSON result (with
+    `check=False`, a rank that failed or died gives `{"error": ...}` instead of failing)."""
     ctx = multiprocessing.get_context("fork")
     port = free_port()
     outs = [tmp / f"rank{r}.json" for r in range(world)]
@@ -69,7 +72,7 @@ def run_world(fn: RankFn, world: int, tmp: Path, timeout: float = 240) -> list[d
             p.kill()
     results = [json.loads(o.read_text()) if o.exists() else {"error": "no result"} for o in outs]
     errors = [f"rank {r}: {res['error']}" for r, res in enumerate(results) if "error" in res]
-    assert not errors, "\n".join(errors)
+    assert not (check and errors), "\n".join(errors)
     return results
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from moe_worker.bench import ep_prefill
+from moe_worker.bench_ep import ep_prefill
 from moe_worker.engine import EPEngine
 from moe_worker.generation import GenerationRequest, SamplingParams, TokenEvent
 from moe_worker.loading import open_weights
@@ -75,11 +75,13 @@ def serve_group(
     settings: WorkerSettings,
     lead: Callable[[Driver], dict[str, Any]],
     before: Callable[[EPEngine, int, int], dict[str, Any]] | None = None,
+    expect_failure: bool = False,
 ) -> dict[str, Any]:
     """Every rank serves `settings` (checkpoint or synthetic); rank 0 also runs `lead`.
 
     `before(engine, rank, world)` runs first on every rank, collectively, on a bare EP engine of
     the same weights and initial plan (for logits, which the serving loop does not expose).
+    `expect_failure`: the serving loop is meant to fail; rank 0 reports why in `failure`.
     """
     source, settings = open_weights(settings.replace(rank=rank, world_size=world, device="cpu"))
     results: dict[str, Any] = {}
@@ -110,16 +112,23 @@ def serve_group(
     finally:
         runtime.stop()
         thread.join()
-    assert not failure, failure
+    if expect_failure:
+        results["failure"] = repr(failure[0]) if failure else None
+    else:
+        assert not failure, failure
     return results
 
 
 def logits_of(prompts: list[list[int]]) -> Callable[[EPEngine, int, int], dict[str, Any]]:
-    """EP logits at each prompt's last token; rank r runs prompts r, r + world, ..."""
+    """EP logits at each prompt's last token, in one batch and as two overlapped micro-batches;
+    rank r runs prompts r, r + world, ..."""
 
     def body(engine: EPEngine, rank: int, world: int) -> dict[str, Any]:
         mine = list(range(rank, len(prompts), world))
-        got = ep_prefill(engine, [prompts[i] for i in mine], torch.device("cpu"))
-        return {"logits": {i: got[row].tolist() for row, i in enumerate(mine)}}
+        results = {}
+        for key, two_batch in (("logits", False), ("logits_two_batch", True)):
+            got = ep_prefill(engine, [prompts[i] for i in mine], torch.device("cpu"), two_batch)
+            results[key] = {i: got[row].tolist() for row, i in enumerate(mine)}
+        return results
 
     return body

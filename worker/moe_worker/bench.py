@@ -16,13 +16,11 @@ import argparse
 import json
 import multiprocessing
 import random
-import statistics
 import sys
 import tempfile
-import time
 import traceback
 from bisect import bisect_right
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,12 +28,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moe_worker import bench_ep
 from moe_worker.baseline import TPPPModel
 from moe_worker.engine import EPEngine
 from moe_worker.flags import add_model_flags, model_overrides
-from moe_worker.kv_cache import KVCache, StepBatch
 from moe_worker.launcher import free_port
-from moe_worker.models.base import DTYPES
 from moe_worker.plan import Plan, round_robin_plan
 from moe_worker.shape import ModelShape
 from moe_worker.traffic import zipf_cumulative
@@ -60,6 +57,15 @@ class BenchOptions:
     zipf: float = 0.0
     seed: int = 0
     port: int = 0
+    comm_model: ModelShape = field(
+        default_factory=lambda: ModelShape(
+            layers=4, experts=8, hidden=256, ffn_hidden=64, heads=4, head_dim=32, top_k=2
+        )
+    )
+    """The communication-heavy shape of the overlap measurement: small experts and attention,
+    so the all-to-all is a large part of a step (its share is measured and reported)."""
+    comm_batch: int = 8
+    comm_seq_len: int = 128
 
 
 def rotated_plan(plan: Plan, version: int) -> Plan:
@@ -82,47 +88,6 @@ def bench_prompts(o: BenchOptions) -> list[list[int]]:
     ]
 
 
-def _timed(fn: Any, steps: int, device: torch.device) -> float:
-    """Median seconds of `fn()` over `steps` runs, all ranks starting together."""
-    times = []
-    for _ in range(steps):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dist.barrier()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def ep_prefill(engine: EPEngine, prompts: list[list[int]], device: torch.device) -> torch.Tensor:
-    """Collective: this rank's prompts (maybe none) through the EP engine into a fresh cache."""
-    tokens = sum(len(p) for p in prompts)
-    cache = KVCache.for_shape(
-        engine.shape, max(tokens + 16 * len(prompts), 16), dtype=engine.dtype, device=device
-    )
-    batch = StepBatch.build([(i, p, 0) for i, p in enumerate(prompts)], device)
-    return engine.forward(batch, cache, cache.prepare(batch))
-
-
-def _plain_matmuls(
-    rows: int, shapes: tuple[tuple[int, int], ...], dtype: torch.dtype, device: torch.device
-) -> Any:
-    """One expert's matmuls as plain torch.matmul: x [rows, D] times each input matrix, then the
-    last hidden [rows, F] times the output matrix (shapes: inputs [F, D], the output [D, F])."""
-    *inputs, (d, f) = shapes
-    x = torch.randn(rows, d, device=device, dtype=dtype)
-    weights_in = [torch.randn(d, f, device=device, dtype=dtype) for _ in inputs]
-    weight_out = torch.randn(f, d, device=device, dtype=dtype)
-
-    def run() -> torch.Tensor:
-        hidden = [torch.matmul(x, w) for w in weights_in]
-        return torch.matmul(hidden[-1], weight_out)
-
-    return run
-
-
 def _rank_bench(rank: int, o: BenchOptions, device: torch.device) -> dict[str, Any]:
     c = o.model
     source = SyntheticWeights.for_shape(c, seed=o.seed)
@@ -131,32 +96,22 @@ def _rank_bench(rank: int, o: BenchOptions, device: torch.device) -> dict[str, A
     plan = round_robin_plan(c.layers, c.experts, o.world, -(-c.experts // o.world))
     engine = EPEngine(source, plan, rank=rank, device=device)
     mine = [prompts[i] for i in torch.arange(o.batch).tensor_split(o.world)[rank].tolist()]
-    ep_prefill(engine, mine, device)  # warm-up
-    engine.reset_timers()
-    ep_seconds = _timed(lambda: ep_prefill(engine, mine, device), o.steps, device)
-    moe_seconds, expert_seconds = engine.moe_seconds / o.steps, engine.expert_seconds / o.steps
-    expert_rows = engine.expert_tokens / o.steps  # rows through this rank's experts per step
-    shapes = source.arch.expert_shapes(c)
-    flops_per_row = 2 * sum(r * k for r, k in shapes)  # 2 FLOPs per multiply-add
-    expert_flops = expert_rows * flops_per_row
+    path = bench_ep.moe_path(engine, mine, o.steps, device)
+    overlapped = bench_ep.overlap(engine, mine, o.steps, device)
+    decode = bench_ep.decode_steps(engine, mine, o.steps, device)
+    switched = bench_ep.switches(engine, rotated_plan(plan, 2), plan.with_version(3), mine, device)
+    del engine
 
-    dist.barrier()
-    start = time.perf_counter()
-    engine.apply_plan(rotated_plan(plan, 2))
-    dist.barrier()
-    pause = time.perf_counter() - start
-
-    # The FLOPs of this rank's expert work per layer as plain matmuls, all ranks at once.
-    rows = max(1, round(expert_rows / c.layers))
-    matmuls = _plain_matmuls(rows, shapes, DTYPES[c.dtype], device)
-    matmul_seconds = _timed(matmuls, o.steps + 2, device)
-    matmul_flops = rows * flops_per_row / matmul_seconds
+    heavy = _comm_heavy_overlap(rank, o, device)
 
     baseline = TPPPModel(source, tp=o.tp, pp=o.pp, device=device)
     baseline.forward(prompts, o.micro_batches)  # warm-up
-    tppp_seconds = _timed(lambda: baseline.forward(prompts, o.micro_batches), o.steps, device)
-
-    moe_flops = expert_flops / moe_seconds if moe_seconds else 0.0
+    tppp_seconds = bench_ep.timed(
+        lambda: baseline.forward(prompts, o.micro_batches), o.steps, device
+    )
+    ep_seconds = path["step_s"]
+    # Key order matters to `moe-ep perf --bench-json` (it takes the first match of a word):
+    # the token-path fraction and the blocking pause come first.
     return {
         "device": str(device),
         "world": o.world,
@@ -169,13 +124,43 @@ def _rank_bench(rank: int, o: BenchOptions, device: torch.device) -> dict[str, A
             "step_s": tppp_seconds,
         },
         "ratio": tppp_seconds / ep_seconds,
-        "moe_layer_flops_per_s": moe_flops,
-        "expert_flops_per_s": expert_flops / expert_seconds if expert_seconds else 0.0,
-        "matmul_flops_per_s": matmul_flops,
-        "moe_fraction_of_matmul": moe_flops / matmul_flops,
-        "switch_pause_s": pause,
+        "moe_fraction_of_matmul": path["fraction"],
+        "moe_fraction_of_matmul_with_comm": path["fraction_with_comm"],
+        "moe_layer_cpu_flops_per_s": path["moe_layer_cpu_flops_per_s"],
+        "expert_cpu_flops_per_s": path["expert_cpu_flops_per_s"],
+        "matmul_cpu_flops_per_s": path["matmul_cpu_flops_per_s"],
+        "moe_layer_flops_per_s": path["moe_layer_flops_per_s"],
+        "matmul_flops_per_s": path["matmul_flops_per_s"],
+        "moe_comm_s_per_step": path["comm_seconds_per_step"],
+        "grouped_gemm_kernel": path["grouped_gemm_kernel"],
+        "grouped_gemm_kernels_s": path["kernels"],
+        "switch_pause_s": switched["switch_pause_s"],
+        "switch_pause_nonblocking_s": switched["switch_pause_nonblocking_s"],
+        "switch_transfer_s": switched["switch_transfer_s"],
+        "step_s_during_switch": switched["step_s_during_switch"],
+        "steps_during_switch": switched["steps_during_switch"],
+        "step_s_before_switch": ep_seconds,
+        "decode_step_s": decode["step_s_without"],
+        "overlap_speedup": overlapped["speedup"],
+        "overlap_speedup_comm_heavy": heavy["speedup"],
+        "overlap_speedup_decode": decode["speedup"],
+        "overlap_efficiency": overlapped["efficiency"],
+        "overlap_efficiency_comm_heavy": heavy["efficiency"],
+        "overlap": {"bench_shape": overlapped, "comm_heavy": heavy, "decode": decode},
+        "comm_heavy_model": asdict(o.comm_model),
         "zipf": o.zipf,
     }
+
+
+def _comm_heavy_overlap(rank: int, o: BenchOptions, device: torch.device) -> dict[str, Any]:
+    """Two-batch overlap at `o.comm_model`, a shape whose all-to-all is a large part of a step."""
+    c = o.comm_model
+    source = SyntheticWeights.for_shape(c, seed=o.seed)
+    plan = round_robin_plan(c.layers, c.experts, o.world, -(-c.experts // o.world))
+    engine = EPEngine(source, plan, rank=rank, device=device)
+    prompts = bench_prompts(replace(o, model=c, batch=o.comm_batch, seq_len=o.comm_seq_len))
+    mine = [prompts[i] for i in torch.arange(o.comm_batch).tensor_split(o.world)[rank].tolist()]
+    return bench_ep.overlap(engine, mine, o.steps, device)
 
 
 def _rank_main(rank: int, o: BenchOptions, port: int, out: str, cuda: bool) -> None:
@@ -201,7 +186,7 @@ def _rank_main(rank: int, o: BenchOptions, port: int, out: str, cuda: bool) -> N
 
 
 def format_table(r: dict[str, Any]) -> str:
-    m = r["model"]
+    m, heavy = r["model"], r["overlap"]["comm_heavy"]
     lines = [
         f"model: {m['architecture']} {m['layers']} layers x {m['experts']} experts, "
         f"D={m['hidden']} F={m['ffn_hidden']}, "
@@ -212,11 +197,25 @@ def format_table(r: dict[str, Any]) -> str:
         f"{r['ep']['layout']:<12}{r['ep']['tokens_per_s']:>12.0f}{r['ep']['step_s']:>12.4f}",
         f"{r['tppp']['layout']:<12}{r['tppp']['tokens_per_s']:>12.0f}{r['tppp']['step_s']:>12.4f}",
         f"EP / TPxPP throughput ratio:          {r['ratio']:.2f}x",
-        f"MoE layer achieved FLOP/s (rank 0):   {r['moe_layer_flops_per_s'] / 1e9:.2f} GFLOP/s "
-        f"= {r['moe_fraction_of_matmul']:.0%} of a plain matmul of the same shapes "
-        f"({r['matmul_flops_per_s'] / 1e9:.2f} GFLOP/s; experts alone "
-        f"{r['expert_flops_per_s'] / 1e9:.2f})",
-        f"plan switch pause (every expert moves): {r['switch_pause_s'] * 1e3:.1f} ms",
+        f"MoE layer, CPU time (rank 0, {r['grouped_gemm_kernel']}): "
+        f"{r['moe_layer_cpu_flops_per_s'] / 1e9:.2f} GFLOP/s = "
+        f"{r['moe_fraction_of_matmul']:.0%} of a plain matmul of the same shapes "
+        f"({r['matmul_cpu_flops_per_s'] / 1e9:.2f} GFLOP/s; experts alone "
+        f"{r['expert_cpu_flops_per_s'] / 1e9:.2f})",
+        f"MoE layer, wall time with its all-to-alls: {r['moe_layer_flops_per_s'] / 1e9:.2f} "
+        f"GFLOP/s = {r['moe_fraction_of_matmul_with_comm']:.0%} of the plain matmul's "
+        f"{r['matmul_flops_per_s'] / 1e9:.2f}",
+        "two-batch overlap, step time without / with: "
+        f"prefill {r['overlap_speedup']:.2f}x (all-to-all "
+        f"{r['overlap']['bench_shape']['comm_fraction']:.0%} of a step, efficiency "
+        f"{r['overlap_efficiency']:.2f}), communication-heavy shape "
+        f"{r['overlap_speedup_comm_heavy']:.2f}x ({heavy['comm_fraction']:.0%}, "
+        f"{r['overlap_efficiency_comm_heavy']:.2f}), decode {r['overlap_speedup_decode']:.2f}x",
+        f"plan switch pause (every expert moves): blocking {r['switch_pause_s'] * 1e3:.1f} ms, "
+        f"background {r['switch_pause_nonblocking_s'] * 1e3:.2f} ms "
+        f"(decode step {r['decode_step_s'] * 1e3:.1f} ms); transfer "
+        f"{r['switch_transfer_s'] * 1e3:.1f} ms, prefill step meanwhile "
+        f"{r['step_s_during_switch']:.4f} s (before: {r['step_s_before_switch']:.4f} s)",
     ]
     return "\n".join(lines)
 

@@ -1,34 +1,44 @@
-"""One rank's expert-parallel engine: the replicated dense model, this rank's expert shard, the
-all-to-all dispatcher as the model's MoEFn, and the collective plan switch that moves experts
-rank to rank.
+"""One rank's expert-parallel engine: the replicated dense model, this rank's experts as stacked
+slot tensors, the all-to-all dispatcher as the model's MoEFn, and the plan switch.
 
-The shard holds only the experts the plan's slots give this rank, read from the weight source
-(synthetic, or a checkpoint tensor by tensor). A plan switch never re-reads them: every expert a
-rank lacks under the new plan comes point to point from a holder, exactly as
-`plan.plan_transfers` lists, as one flat buffer per expert.
+The experts are only those the plan's slots give this rank, read from the weight source
+(synthetic, or a checkpoint tensor by tensor), stacked per layer and matrix (`slots.SlotStacks`)
+and run by one grouped GEMM per matrix (`models.grouped`). A plan switch never re-reads them:
+every expert a rank lacks under the new plan comes point to point from a holder
+(`transfer.ExpertTransfer`), then `flip` copies it into the stacks. `apply_plan` does both at
+once (blocking); `start_switch` posts the messages on a group of their own and returns, the old
+plan serving until every rank is ready to flip (`moe_worker.runtime` decides when).
+
+An MoE layer is a generator (`moe_steps`) that yields right after issuing each big all-to-all,
+so `two_batch` can run another micro-batch meanwhile; `__call__` runs it straight through.
 
 Every method that communicates is collective: all ranks call it at the same step, in the same order
 (the runtime's step descriptor guarantees that). No HTTP or metrics code here.
 
-Legend: N tokens, B sequences, V vocabulary, D hidden, L layers, E experts.
+Legend: N tokens, n rows received for the local slots, B sequences, V vocabulary, D hidden,
+L layers, E experts.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Generator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe_worker.dispatch import Placement, make_dispatcher
+from moe_worker.dispatch import DispatchMeta, Pending, Placement, make_dispatcher
 from moe_worker.kv_cache import KVCache, StepBatch, StepMeta
-from moe_worker.models import ExpertWeights, Routing
-from moe_worker.plan import Plan, Transfer, plan_transfers
+from moe_worker.models import Routing
+from moe_worker.models.grouped import SlotGroups, choose_kernel
+from moe_worker.plan import Plan, plan_transfers
+from moe_worker.slots import SlotStacks
+from moe_worker.transfer import ExpertTransfer
+from moe_worker.two_batch import forward_steps, interleave, run_through
 from moe_worker.weights import WeightSource, build_model, load_experts, serving_dtype
 
-Shard = list[dict[int, ExpertWeights]]
-"""shard[layer][expert]: the weights this rank holds; two slots of one expert share them."""
+MoESteps = Generator[Pending, None, Tensor]
 
 
 def plan_experts(plan: Plan, rank: int) -> list[tuple[int, int]]:
@@ -47,53 +57,96 @@ class EPEngine:
         rank: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
+        kernel: str = "auto",
     ) -> None:
         self.arch, self.spec, self.shape = source.arch, source.spec, source.spec.shape
         self.rank, self.device = rank, torch.device(device)
         self.dtype = serving_dtype(source, dtype)
+        self.kernel = choose_kernel(self.device, self.dtype, kernel)
         self.model = build_model(source, self.device, self.dtype)
         loaded = load_experts(source, plan_experts(plan, rank), self.device, self.dtype)
-        self.shard: Shard = [{} for _ in range(self.shape.layers)]
-        for (layer, expert), weights in loaded.items():
-            self.shard[layer][expert] = weights
+        self.stacks = SlotStacks.build([slots[rank] for slots in plan.slots], loaded)
+        del loaded
         self.dispatcher = make_dispatcher(
-            Placement.from_plan(plan, rank, self.shape.experts),
-            self.shape.layers,
-            self.shape.experts,
+            self._placement(plan), self.shape.layers, self.shape.experts
         )
         self.plan = plan
         self.gate_bias_LE = self._gate_bias(plan)
-        # Wall time (CPU clock; on CUDA without syncs it is launch time) for the benchmark's FLOP/s.
-        self.expert_seconds = self.moe_seconds = 0.0
-        self.expert_tokens = 0
+        self.reset_timers()
 
     @property
     def counts_LE(self) -> Tensor:
         """Tokens this rank's experts processed per (layer, logical expert); never reset."""
         return self.dispatcher.counts_LE
 
+    @property
+    def comm_seconds(self) -> float:
+        """Time blocked on the MoE all-to-alls (exposed communication)."""
+        return self.dispatcher.comm_seconds
+
     def held_experts(self) -> list[set[int]]:
         """Per layer, the logical experts this rank holds under the plan being served."""
-        return [set(experts) for experts in self.dispatcher.placement.local_experts]
+        return self.stacks.held()
+
+    # ------------------------------------------------------------ the MoE layer
 
     def __call__(self, layer: int, x_ND: Tensor, routing: Routing) -> Tensor:
-        start = time.perf_counter()
-        chunks, meta = self.dispatcher.dispatch(layer, x_ND, routing.topk_ids_NK)
-        experts_start = time.perf_counter()
-        slots = self.dispatcher.placement.local_experts[layer]
-        outputs = [
-            self.arch.expert_forward(x_ND_s, self.shard[layer][expert])
-            for x_ND_s, expert in zip(chunks, slots, strict=True)
-        ]
-        self.expert_tokens += sum(x.shape[0] for x in chunks)
-        self.expert_seconds += time.perf_counter() - experts_start
-        y_ND = self.dispatcher.combine(outputs, meta, routing.topk_weights_NK)
+        return run_through(self.moe_steps(layer, x_ND, routing))
+
+    def moe_steps(self, layer: int, x_ND: Tensor, routing: Routing) -> MoESteps:
+        """One MoE layer; yields right after issuing each of its two big all-to-alls (tokens
+        out, outputs back) and waits for it when resumed."""
+        return self._timed(self._moe_steps(layer, x_ND, routing))
+
+    def _moe_steps(self, layer: int, x_ND: Tensor, routing: Routing) -> MoESteps:
+        d = self.dispatcher
+        routed = d.route(layer, x_ND, routing.topk_ids_NK)
+        # The counts are a few bytes and their sizes are needed at once (the layer's one host
+        # synchronisation): waited for here, so that the two big transfers are what a second
+        # micro-batch overlaps (yielding here too would leave the tokens' transfer exposed).
+        meta = d.exchange_plan(routed, d.send_counts(routed))
+        tokens = d.send_tokens(routed, meta)
+        yield tokens
+        y_nD = self._experts(layer, d.group_by_slot(tokens.wait(), meta), meta)
+        back = d.send_back(y_nD, meta)
+        yield back
+        return d.combine_back(back.wait(), meta, routing.topk_weights_NK)
+
+    def _experts(self, layer: int, x_nD: Tensor, meta: DispatchMeta) -> Tensor:
+        start, cpu = time.perf_counter(), time.thread_time()
+        groups = SlotGroups.of(meta.slot_sizes, self.kernel, meta.slot_counts_S)
+        y_nD = self.arch.grouped_forward(x_nD, self.stacks.layer(layer), groups)
+        self.expert_tokens += groups.rows
+        self.expert_seconds += time.perf_counter() - start
+        self.expert_cpu_seconds += time.thread_time() - cpu
+        return y_nD
+
+    def _timed(self, steps: MoESteps) -> MoESteps:
+        """`steps`, its own running time (waits included, the other micro-batch's work not)
+        added to `moe_seconds`, and this thread's CPU time to `moe_cpu_seconds`."""
+        while True:
+            start, cpu = time.perf_counter(), time.thread_time()
+            try:
+                pending = next(steps)
+            except StopIteration as done:
+                self._add_moe_time(start, cpu)
+                return done.value  # type: ignore[no-any-return]
+            self._add_moe_time(start, cpu)
+            yield pending
+
+    def _add_moe_time(self, start: float, cpu: float) -> None:
         self.moe_seconds += time.perf_counter() - start
-        return y_ND
+        self.moe_cpu_seconds += time.thread_time() - cpu
 
     def reset_timers(self) -> None:
-        self.expert_seconds = self.moe_seconds = 0.0
+        """The benchmark's clocks. Wall time (on CUDA without syncs: launch time), and the
+        serving thread's CPU time: what the token path itself costs, however many other
+        processes share its core."""
+        self.expert_seconds = self.moe_seconds = self.dispatcher.comm_seconds = 0.0
+        self.expert_cpu_seconds = self.moe_cpu_seconds = 0.0
         self.expert_tokens = 0
+
+    # ------------------------------------------------------------ a step
 
     @torch.no_grad()
     def forward(
@@ -110,39 +163,59 @@ class EPEngine:
         )
 
     @torch.no_grad()
+    def forward_overlapped(
+        self,
+        batches: Sequence[StepBatch],
+        cache: KVCache,
+        metas: Sequence[StepMeta],
+        *,
+        all_positions: bool = False,
+    ) -> list[Tensor]:
+        """Collective: the step's micro-batches (two-batch overlap), each prepared in order
+        before the call; the logits of each. Every rank passes the same number of them."""
+        steps = [
+            forward_steps(self.model, self.moe_steps, b, cache, m, self.gate_bias_LE, all_positions)
+            for b, m in zip(batches, metas, strict=True)
+        ]
+        return interleave(steps)
+
+    # ------------------------------------------------------------ plan switch
+
+    @torch.no_grad()
     def apply_plan(self, plan: Plan) -> int:
-        """Collective: switch to `plan`; returns how many experts this rank received."""
-        transfers = plan_transfers(self.plan, plan)
-        received = self._exchange(transfers)
-        shard: Shard = [{} for _ in range(self.shape.layers)]
-        for layer, expert in plan_experts(plan, self.rank):
-            held = self.shard[layer].get(expert)
-            shard[layer][expert] = held if held is not None else received[(layer, expert)]
-        self.shard = shard
-        self.dispatcher.placement = Placement.from_plan(plan, self.rank, self.shape.experts)
+        """Collective, blocking: switch to `plan` now; returns how many experts this rank
+        received."""
+        transfer = self.start_switch(plan, group=None)
+        transfer.wait()
+        return self.flip(plan, transfer)
+
+    def start_switch(self, plan: Plan, group: dist.ProcessGroup | None) -> ExpertTransfer:
+        """Post the messages that bring this rank the experts `plan` adds (on `group`; None: the
+        default group). The old plan keeps serving until `flip`."""
+        transfer = ExpertTransfer(
+            plan_transfers(self.plan, plan),
+            self.rank,
+            self.stacks,
+            self.arch.expert_shapes(self.shape),
+            dtype=self.dtype,
+            device=self.device,
+            group=group,
+        )
+        transfer.post()
+        return transfer
+
+    @torch.no_grad()
+    def flip(self, plan: Plan, transfer: ExpertTransfer) -> int:
+        """Serve `plan` from now on, its experts copied from `transfer`'s staging buffers (all
+        landed); returns how many experts this rank received."""
+        self.stacks.flip([slots[self.rank] for slots in plan.slots], transfer.received)
+        self.dispatcher.placement = self._placement(plan)
         self.plan = plan
         self.gate_bias_LE = self._gate_bias(plan)
-        return len(received)
+        return len(transfer.received)
 
-    def _exchange(self, transfers: list[Transfer]) -> dict[tuple[int, int], ExpertWeights]:
-        """Post every send and receive of the switch at once; sorted transfers keep the order of
-        messages between two ranks the same on both sides."""
-        shapes = self.arch.expert_shapes(self.shape)
-        numel = sum(rows * cols for rows, cols in shapes)
-        ops: list[dist.P2POp] = []
-        buffers: dict[tuple[int, int], Tensor] = {}
-        for t in transfers:
-            if t.src == self.rank:
-                flat = self.shard[t.layer][t.expert].flat()  # kept alive by the op until waited
-                ops.append(dist.P2POp(dist.isend, flat, t.dst))
-            if t.dst == self.rank:
-                buffer = torch.empty(numel, dtype=self.dtype, device=self.device)
-                buffers[(t.layer, t.expert)] = buffer
-                ops.append(dist.P2POp(dist.irecv, buffer, t.src))
-        if ops:
-            for request in dist.batch_isend_irecv(ops):
-                request.wait()
-        return {key: ExpertWeights.from_flat(b, shapes) for key, b in buffers.items()}
+    def _placement(self, plan: Plan) -> Placement:
+        return Placement.from_plan(plan, self.rank, self.shape.experts, self.device)
 
     def _gate_bias(self, plan: Plan) -> Tensor | None:
         if plan.gate_bias is None:

@@ -52,6 +52,8 @@ API_KEYS_PATH = "MOE_API_KEYS_PATH"  # file of accepted API keys, one per line; 
 SERVED_MODEL_NAME = "MOE_SERVED_MODEL_NAME"  # the `model` clients name; default from the weights
 STALL_TIMEOUT = "MOE_STALL_TIMEOUT"  # seconds without a step before the rank reports not live
 SWITCH_TIMEOUT = "MOE_SWITCH_TIMEOUT"  # seconds POST /v1/plan waits for every rank to switch
+BACKGROUND_SWITCH = "MOE_BACKGROUND_SWITCH"  # experts move while the old plan serves (default on)
+TWO_BATCH_OVERLAP = "MOE_TWO_BATCH_OVERLAP"  # two micro-batches per step, all-to-all overlapped
 TERMINATION_MESSAGE_PATH = "MOE_TERMINATION_MESSAGE_PATH"  # where a fatal error is written
 
 # Files and ports.
@@ -89,6 +91,8 @@ USER_FLAGS = frozenset(
         "--traffic-max-tokens",
         "--seed",
         "--switch-timeout",
+        "--background-switch",
+        "--two-batch-overlap",
     }
 )
 """Flags of `moe-worker serve` a MoEDeployment may set (`spec.worker.extraArgs`), each with one
@@ -124,6 +128,7 @@ SHAPE_VARIABLES = {
 }
 """ModelShape field -> the variable carrying it."""
 _TEXT_FIELDS = ("architecture", "dtype")
+
 
 def declared_shape_fields(environ: Mapping[str, str]) -> frozenset[str]:
     """The ModelShape fields the environment sets (a checkpoint is checked against them only)."""

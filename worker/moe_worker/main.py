@@ -13,7 +13,8 @@ import dataclasses
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from moe_worker import env
 from moe_worker.flags import MODEL_FLAGS, add_model_flags, model_overrides
@@ -21,11 +22,12 @@ from moe_worker.settings import (
     SETTING_VARIABLES,
     TRAFFIC_VARIABLES,
     WorkerSettings,
+    boolean,
     rank_from_env,
     settings_from_env,
 )
 
-_SETTINGS_FLAGS: dict[str, tuple[tuple[str, ...], type]] = {
+_SETTINGS_FLAGS: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
     "world_size": (("world-size", "world"), int),
     "master_addr": (("master-addr",), str),
     "master_port": (("master-port",), int),
@@ -39,6 +41,8 @@ _SETTINGS_FLAGS: dict[str, tuple[tuple[str, ...], type]] = {
     "checkpoint": (("checkpoint",), str),
     "slots_per_rank": (("slots-per-rank",), int),
     "switch_timeout": (("switch-timeout",), float),
+    "background_switch": (("background-switch",), boolean),
+    "two_batch_overlap": (("two-batch-overlap",), boolean),
     "kv_cache_tokens": (("kv-cache-tokens",), int),
     "max_batch_tokens": (("max-batch-tokens",), int),
     "max_queued_requests": (("max-queued-requests",), int),

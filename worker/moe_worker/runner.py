@@ -23,9 +23,10 @@ import torch
 
 from moe_worker.engine import EPEngine
 from moe_worker.generation import SamplingParams
-from moe_worker.kv_cache import KVCache, StepBatch
+from moe_worker.kv_cache import KVCache, StepBatch, StepMeta
 from moe_worker.sampling import sample
 from moe_worker.step import Chunk, NewSequence, StepResult
+from moe_worker.two_batch import Item, last_rows, split_items
 
 log = logging.getLogger("moe_worker.runner")
 
@@ -67,8 +68,11 @@ class ModelRunner:
         return errors
 
     @torch.no_grad()
-    def step(self, chunks: Sequence[Chunk]) -> StepResult:
-        """Collective: this rank's chunks through the model (maybe none), then sampling."""
+    def step(self, chunks: Sequence[Chunk], two_batch: bool = False) -> StepResult:
+        """Collective: this rank's chunks through the model (maybe none), then sampling.
+
+        `two_batch` (the same on every rank: the step descriptor says it) runs the tokens as two
+        micro-batches whose all-to-alls overlap the other's compute (`moe_worker.two_batch`)."""
         items, sampled, errors = [], [], []
         for chunk in chunks:
             if chunk.rank != self.rank:
@@ -79,17 +83,16 @@ class ModelRunner:
                     sampled.append(chunk.request_id)
             except Exception as error:  # a bug in one request: it fails alone
                 errors.append(self._fail(chunk.request_id, error))
-        device = self.cache.k_LPHd.device
+        parts = split_items(items) if two_batch else (items,)
         try:
-            batch = StepBatch.build(items, device)
-            meta = self.cache.prepare(batch)
+            batches, metas = self._prepare(parts)
         except Exception as error:  # every chunk of the step fails, not the rank
             errors += [self._fail(rid, error) for rid, _, _ in items]
             items, sampled = [], []
-            batch = StepBatch.build([], device)
-            meta = self.cache.prepare(batch)
-        logits_BV = self.engine.forward(batch, self.cache, meta)  # the collective part
-        self.tokens_run += batch.num_tokens
+            parts = tuple([] for _ in parts)
+            batches, metas = self._prepare(parts)
+        logits_BV = self._forward(items, parts, batches, metas)  # the collective part
+        self.tokens_run += sum(b.num_tokens for b in batches)
         tokens: list[tuple[str, int]] = []
         if sampled:
             row_of = {rid: row for row, (rid, _, _) in enumerate(items)}
@@ -98,6 +101,26 @@ class ModelRunner:
             except Exception as error:  # the tokens are lost, the group goes on
                 errors += [self._fail(rid, error) for rid in sampled]
         return StepResult(tuple(tokens), tuple(errors))
+
+    def _prepare(self, parts: Sequence[Sequence[Item]]) -> tuple[list[StepBatch], list[StepMeta]]:
+        """Each micro-batch's batch and cache layout, in order (a cut prompt's second part
+        follows its first)."""
+        device = self.cache.k_LPHd.device
+        batches = [StepBatch.build(part, device) for part in parts]
+        return batches, [self.cache.prepare(batch) for batch in batches]
+
+    def _forward(
+        self,
+        items: Sequence[Item],
+        parts: Sequence[Sequence[Item]],
+        batches: list[StepBatch],
+        metas: list[StepMeta],
+    ) -> torch.Tensor:
+        """Logits [B, V], one row per item (its last token)."""
+        if len(batches) == 1:
+            return self.engine.forward(batches[0], self.cache, metas[0])
+        logits = self.engine.forward_overlapped(batches, self.cache, metas)
+        return torch.cat(logits)[last_rows(items, parts)]
 
     def _new_tokens(self, chunk: Chunk) -> list[int]:
         seq = self.sequences.get(chunk.request_id)

@@ -42,6 +42,7 @@ from moe_worker.runner import ModelRunner
 from moe_worker.scheduler import SchedulerConfig
 from moe_worker.settings import WorkerSettings
 from moe_worker.step import StepDescriptor, StepResult
+from moe_worker.switching import BackgroundSwitcher
 from moe_worker.traffic import TrafficSource
 from moe_worker.weights import WeightSource
 
@@ -88,6 +89,7 @@ class Runtime:
         self._card = card or model_card(source, settings)
         self.engine: EPEngine | None = None
         self.runner: ModelRunner | None = None
+        self.switcher: BackgroundSwitcher | None = None
         self.metrics = WorkerMetrics(self._read_counts, self._read_held)
         self.stopping = threading.Event()
         self.stopped = threading.Event()
@@ -110,7 +112,13 @@ class Runtime:
             traffic = TrafficSource(
                 s.traffic, vocab_size=s.model.vocab_size, world_size=s.world_size, seed=s.seed
             )
-            self.leader = Leader(config, traffic, self.metrics)
+            self.leader = Leader(
+                config,
+                traffic,
+                self.metrics,
+                background_switch=s.background_switch,
+                two_batch=s.two_batch_overlap,
+            )
         self.metrics.kv_free_tokens.set_function(
             lambda: 0 if self.runner is None else self.runner.cache.free_tokens
         )
@@ -216,6 +224,7 @@ class Runtime:
             s.model, s.kv_cache_tokens, block_size=KV_BLOCK_SIZE, dtype=dtype, device=device
         )
         self.runner = ModelRunner(self.engine, cache, s.rank)
+        self.switcher = BackgroundSwitcher(self.engine, s.world_size, s.switch_timeout)
         dist.barrier()
         self._ready = self._serving = True
         self._last_progress = time.monotonic()
@@ -241,19 +250,16 @@ class Runtime:
             step += 1
 
     def _execute(self, d: StepDescriptor) -> None:
-        assert self.runner is not None
+        assert self.runner is not None and self.switcher is not None
         self.runner.release(d.release)
-        if d.plan_json is not None:
-            answer = self._switch(parse_plan(d.plan_json))
-            if self.leader is not None:
-                self.leader.answer_switch(answer)
+        self._switch_step(d)
         errors = self.runner.admit(d.admit)
-        result = StepResult(errors=tuple(errors))
+        result = StepResult(errors=tuple(errors), switch=self.switcher.state())
         if d.chunks:
             start = time.perf_counter()
             tokens_before = self.runner.tokens_run
-            stepped = self.runner.step(d.chunks)
-            result = StepResult(stepped.tokens, result.errors + stepped.errors)
+            stepped = self.runner.step(d.chunks, two_batch=d.two_batch)
+            result = StepResult(stepped.tokens, result.errors + stepped.errors, result.switch)
             self.metrics.step_latency.observe(time.perf_counter() - start)
             self.metrics.tokens.inc(self.runner.tokens_run - tokens_before)
         if d.gathers:
@@ -263,33 +269,59 @@ class Runtime:
 
     # ------------------------------------------------------------ every rank
 
-    def _switch(self, plan: Plan) -> dict[str, Any]:
+    def _switch_step(self, d: StepDescriptor) -> None:
+        """The step's part of a plan switch, before its forward: drop one, flip to one, start
+        one (background) or do one (blocking). The leader gets the answer."""
+        assert self.engine is not None and self.switcher is not None
+        answer = None
+        if d.abandon is not None:
+            answer = self.switcher.abandon(d.abandon)
+        if d.flip is not None:
+            answer = self._switched(*self.switcher.flip(d.flip), mode="background")
+        if d.plan_json is not None:
+            plan = parse_plan(d.plan_json)
+            current = self.engine.plan.version
+            if plan.version <= current:  # the same answer on every rank: nobody moves anything
+                answer = {"applied": False, "reason": "stale", "version": current}
+            elif self.settings.background_switch:
+                self.switcher.start(plan)
+            else:
+                answer = self._blocking_switch(plan)
+        if answer is not None and self.leader is not None:
+            self.leader.answer_switch(answer)
+
+    def _blocking_switch(self, plan: Plan) -> dict[str, Any]:
         assert self.engine is not None
-        current = self.engine.plan.version
-        if plan.version <= current:  # the same answer on every rank: nobody moves anything
-            return {"applied": False, "reason": "stale", "version": current}
         start = time.perf_counter()
         moved = self.engine.apply_plan(plan)
         dist.barrier()
-        pause = time.perf_counter() - start
+        return self._switched(plan, moved, time.perf_counter() - start, None, mode="blocking")
+
+    def _switched(
+        self, plan: Plan, moved: int, pause: float, transfer_s: float | None, *, mode: str
+    ) -> dict[str, Any]:
         self.metrics.switch_pause.observe(pause)
         self.metrics.last_switch_pause.set(pause)
         self.metrics.experts_moved.inc(moved)
         self.metrics.plan_version.set(plan.version)
         log.info(
-            "rank %d switched plan %d -> %d: received %d experts, serving pause %.4f s",
+            "rank %d switched to plan %d (%s): received %d experts, serving pause %.4f s",
             self.settings.rank,
-            current,
             plan.version,
+            mode,
             moved,
             pause,
         )
-        return {
+        answer = {
             "applied": True,
             "version": plan.version,
             "digest": plan.digest(),
             "pauseSeconds": pause,
+            "mode": mode,
         }
+        if transfer_s is not None:
+            answer["transferSeconds"] = transfer_s
+        return answer
 
     def _read_counts(self) -> list[list[int]] | None:
         engine = self.engine

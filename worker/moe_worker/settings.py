@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from moe_worker import env
 from moe_worker.shape import ModelShape
@@ -66,7 +67,15 @@ class WorkerSettings:
     checkpoint: str | None = None
     """A Hugging Face checkpoint directory; None: synthetic weights of `model`."""
     switch_timeout: float = 60.0
-    """Seconds POST /v1/plan waits for every rank to switch."""
+    """Seconds POST /v1/plan waits for every rank to switch; a background switch whose experts
+    have not all landed by then is abandoned (the old plan keeps serving)."""
+    background_switch: bool = True
+    """Move a new plan's experts while the old plan serves, then flip every rank at one step
+    boundary (the pause is the flip); false: stop serving while they move."""
+    two_batch_overlap: bool = False
+    """Run each step as two micro-batches, one's all-to-all in flight while the other computes
+    (`moe_worker.two_batch`). Off by default: measured slower on CPU at the bench's shapes
+    (docs/performance.md)."""
     kv_cache_tokens: int = 8192
     """KV cache budget of each rank, in tokens (all layers)."""
     max_batch_tokens: int = 512
@@ -92,7 +101,17 @@ class WorkerSettings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
-SETTING_VARIABLES: dict[str, tuple[str, type]] = {
+def boolean(text: str) -> bool:
+    """A boolean setting: 1/true/yes/on or 0/false/no/off (any case)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not a boolean")
+
+
+SETTING_VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "world_size": (env.WORLD_SIZE, int),
     "local_rank": (env.LOCAL_RANK, int),
     "master_addr": (env.MASTER_ADDR, str),
@@ -107,6 +126,8 @@ SETTING_VARIABLES: dict[str, tuple[str, type]] = {
     "seed": (env.SEED, int),
     "checkpoint": (env.CHECKPOINT, str),
     "switch_timeout": (env.SWITCH_TIMEOUT, float),
+    "background_switch": (env.BACKGROUND_SWITCH, boolean),
+    "two_batch_overlap": (env.TWO_BATCH_OVERLAP, boolean),
     "kv_cache_tokens": (env.KV_CACHE_TOKENS, int),
     "max_batch_tokens": (env.MAX_BATCH_TOKENS, int),
     "max_queued_requests": (env.MAX_QUEUED_REQUESTS, int),
@@ -118,7 +139,7 @@ SETTING_VARIABLES: dict[str, tuple[str, type]] = {
 }
 """WorkerSettings field -> (variable, type), besides rank, the model shape and traffic."""
 
-TRAFFIC_VARIABLES: dict[str, tuple[str, type]] = {
+TRAFFIC_VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "batch": (env.TRAFFIC_BATCH, int),
     "seq_len": (env.TRAFFIC_SEQ_LEN, int),
     "zipf": (env.TRAFFIC_ZIPF, float),
@@ -132,7 +153,9 @@ def _get(environ: Mapping[str, str], name: str) -> str | None:
     return value if value not in (None, "") else None
 
 
-def _parsed(environ: Mapping[str, str], table: Mapping[str, tuple[str, type]]) -> dict[str, object]:
+def _parsed(
+    environ: Mapping[str, str], table: Mapping[str, tuple[str, Callable[[str], Any]]]
+) -> dict[str, object]:
     values: dict[str, object] = {}
     for attr, (name, kind) in table.items():
         raw = _get(environ, name)

@@ -53,19 +53,29 @@ class StepDescriptor:
     release: tuple[str, ...] = ()
     """Finished, aborted or failed sequences: their ranks free them first."""
     plan_json: str | None = None
-    """A plan every rank switches to at this boundary, before the step's forward."""
+    """A plan every rank switches to at this boundary, before the step's forward; with
+    background switches, every rank starts moving its experts and the old plan keeps serving."""
     admit: tuple[NewSequence, ...] = ()
     chunks: tuple[Chunk, ...] = ()
+    flip: int | None = None
+    """Background switch: every rank's experts landed, all flip to this plan version now."""
+    abandon: str | None = None
+    """Background switch: a rank failed or the switch timed out (the reason); all drop it."""
+    poll_switch: bool = False
+    """Background switch in flight: every rank reports its transfer's state in its result."""
+    two_batch: bool = False
+    """Run the forward as two overlapped micro-batches (the same on every rank)."""
 
     @property
     def idle(self) -> bool:
         """Nothing but keeping the group alive."""
-        return not (self.stop or self.release or self.plan_json or self.admit or self.chunks)
+        switching = self.plan_json or self.flip is not None or self.abandon or self.poll_switch
+        return not (self.stop or self.release or switching or self.admit or self.chunks)
 
     @property
     def gathers(self) -> bool:
-        """Ranks answer a StepResult (tokens, or errors of admissions and chunks)."""
-        return bool(self.admit or self.chunks)
+        """Ranks answer a StepResult (tokens, errors of admissions and chunks, switch state)."""
+        return bool(self.admit or self.chunks or self.poll_switch)
 
     def to_json(self) -> str:
         # By hand: dataclasses.asdict deep-copies every field, a measurable cost per step.
@@ -74,8 +84,12 @@ class StepDescriptor:
             "stop": self.stop,
             "release": self.release,
             "plan_json": self.plan_json,
+            "flip": self.flip,
+            "abandon": self.abandon,
+            "poll_switch": self.poll_switch,
             "admit": [_new_sequence_document(new) for new in self.admit],
             "chunks": [(c.request_id, c.rank, c.start, c.length, c.sample) for c in self.chunks],
+            "two_batch": self.two_batch,
         }
         return json.dumps(document, separators=(",", ":"))
 
@@ -87,8 +101,12 @@ class StepDescriptor:
             stop=raw["stop"],
             release=tuple(raw["release"]),
             plan_json=raw["plan_json"],
+            flip=raw["flip"],
+            abandon=raw["abandon"],
+            poll_switch=raw["poll_switch"],
             admit=tuple(_new_sequence(item) for item in raw["admit"]),
             chunks=tuple(Chunk(*item) for item in raw["chunks"]),
+            two_batch=raw["two_batch"],
         )
 
 
@@ -118,13 +136,17 @@ def _new_sequence(raw: dict[str, Any]) -> NewSequence:
 
 @dataclass(frozen=True)
 class StepResult:
-    """One rank's answer: (request id, sampled token) and (request id, why it failed)."""
+    """One rank's answer: (request id, sampled token), (request id, why it failed), and the
+    state of its background switch transfer, if one is in flight."""
 
     tokens: tuple[tuple[str, int], ...] = ()
     errors: tuple[tuple[str, str], ...] = ()
+    switch: str | None = None
+    """`pending`, `done`, or `failed: <why>`."""
 
     def to_json(self) -> str:
-        return json.dumps({"tokens": self.tokens, "errors": self.errors}, separators=(",", ":"))
+        document = {"tokens": self.tokens, "errors": self.errors, "switch": self.switch}
+        return json.dumps(document, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> StepResult:
@@ -132,4 +154,5 @@ class StepResult:
         return cls(
             tokens=tuple((str(r), int(t)) for r, t in raw["tokens"]),
             errors=tuple((str(r), str(e)) for r, e in raw["errors"]),
+            switch=raw.get("switch"),
         )

@@ -1,7 +1,7 @@
 """`moe-ep perf`: predicted throughput of parallel layouts, with every assumption printed.
 
     moe-ep perf [--profile h100-sxm] [--layouts ep16,tp8pp2] [--imbalance 1.0]
-                [--phase prefill|decode|both] [--overlap 0.0] [--json]
+                [--phase prefill|decode|both] [--overlap F] [--json]
                 [--gpu-check-json FILE] [--bench-json FILE] [--save-profile FILE]
 
 Layouts: 'ep16', 'tp8pp2', 'ep4tp2', with optional 's<N>' slots per rank and 'm<N>' micro-batches.
@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--overlap",
         type=float,
-        default=0.0,
-        help="fraction of min(compute, comm) hidden per layer, 0..1 (default 0: none)",
+        help="fraction of min(compute, comm) hidden per layer, 0..1 (default: the profile's "
+        "overlap_efficiency, which --bench-json calibrates; 0 = none)",
     )
     ap.add_argument("--batch", type=int, default=Workload().batch, help="sequences")
     ap.add_argument("--seq-len", type=int, default=Workload().seq_len, help="tokens per sequence")
@@ -95,18 +95,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"moe-ep perf: {exc}", file=sys.stderr)
         return 2
+    overlap = profile.hardware.overlap_efficiency if args.overlap is None else args.overlap
     phases = ("prefill", "decode") if args.phase == "both" else (args.phase,)
     base = Workload(batch=args.batch, seq_len=args.seq_len)
     try:
         preds = [
-            predict(shape, replace(base, phase=ph), lay, profile, args.imbalance, args.overlap)
+            predict(shape, replace(base, phase=ph), lay, profile, args.imbalance, overlap)
             for ph in phases
             for lay in layouts
         ]
     except ValueError as exc:
         print(f"moe-ep perf: {exc}", file=sys.stderr)
         return 2
-    assume = assumptions(profile, shape, base, args.imbalance, args.overlap)
+    assume = assumptions(profile, shape, base, args.imbalance, overlap)
     assume["calibration_notes"] = list(notes)
     assume["measured"] = measured
     if args.json:

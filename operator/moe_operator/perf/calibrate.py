@@ -20,6 +20,9 @@ A figure it cannot find is left as it was, and the notes say so. What it reads:
 - collective bandwidth: a path with `alltoall`, `all_to_all`, `a2a`, `allreduce` or `collective` and
   `bandwidth`, `gbps`, `busbw` or `bytes_per_s` -> collective_efficiency =
   bandwidth / intra_bandwidth (`gb` in the key means x 1e9 bytes/s).
+- two-batch overlap: `overlap_efficiency` (else the first path with `overlap` and `efficiency`)
+  -> overlap_efficiency, the fraction of min(compute, comm) hidden per layer, clamped to [0, 1]
+  (0 is a measurement here, not a missing figure); `moe-ep perf` uses it unless `--overlap`.
 - tokens/s of the EP and the TP x PP layouts (a path with `tokens_per_s`, `tokens_s`, `tps` or
   `throughput`, and a word starting `ep` or `tp`/`pp`/`baseline`), and the plan-switch pause (a path
   with `switch` or `pause`; `ms` in the key means milliseconds): recorded in `measured`, for the
@@ -116,7 +119,15 @@ def _read_bench(flat: dict[str, float], measured: dict[str, float]) -> None:
                 measured.setdefault("tokens_per_s_ep", value)
         elif _has(path, "switch", "pause"):
             scale = 1e-3 if "ms" in _words(path.rsplit(".", 1)[-1]) else 1.0
-            measured.setdefault("plan_switch_s", value * scale)
+            key = "plan_switch_nonblocking_s" if "nonblocking" in path else "plan_switch_s"
+            measured.setdefault(key, value * scale)
+
+
+def _overlap_efficiency(flat: dict[str, float]) -> float | None:
+    if "overlap_efficiency" in flat:
+        return flat["overlap_efficiency"]
+    found = [v for p, v in flat.items() if "overlap" in p and "efficiency" in p]
+    return found[0] if found else None
 
 
 def calibrate(
@@ -161,6 +172,12 @@ def calibrate(
             new["collective_efficiency"] = _clamp("collective_efficiency", eff, notes)
             sources["collective_efficiency"] = "calibrated from bench collective bandwidth"
             break
+
+    overlap = _overlap_efficiency(b)
+    if overlap is not None:
+        measured["overlap_efficiency"] = overlap
+        new["overlap_efficiency"] = min(1.0, max(0.0, overlap))
+        sources["overlap_efficiency"] = "calibrated from bench two-batch overlap (CPU, gloo)"
 
     _read_bench(b, measured)
     new = {k: v for k, v in new.items() if v == v}  # drop NaN (ignored figures)

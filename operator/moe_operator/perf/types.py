@@ -75,6 +75,7 @@ class HardwareProfile:
     attention_efficiency: float = 0.5  # causal score terms (flash-attention style)
     memory_efficiency: float = 0.85  # achieved fraction of HBM bandwidth
     collective_efficiency: float = 0.8  # achieved fraction of link bandwidth by collectives
+    overlap_efficiency: float = 0.0  # fraction of min(compute, comm) two micro-batches hide
     runtime_overhead_bytes: float = 2e9  # CUDA context, allocator slack, communicator buffers
 
 

@@ -13,7 +13,8 @@ POST /v1/plan     leader only, `Authorization: Bearer <control token>`:
                       switched; 400 not a plan document; 422 does not fit the group; 409
                       {"applied": false, "reason": "stale", "version": current} when version <=
                       current; 401 token; 413 body too large; 421 not the leader; 503 not
-                      ready; 504 {"applied": false, "reason": "timeout"}
+                      ready, or {"applied": false, "reason": "transfer failed", "error"}
+                      (the old plan serves); 504 {"applied": false, "reason": "timeout"}
 POST /v1/forward  leader only, control token, when the runtime provides `forward`:
                   {"hidden": [B][T][D]} -> 200 {"output": [B][T][D], "planVersion"}
 """
@@ -97,7 +98,7 @@ def create_control_app(
         result = await asyncio.to_thread(backend.switch_plan, plan, switch_timeout)
         if result is None:
             return JSONResponse({"applied": False, "reason": "timeout"}, status_code=504)
-        return JSONResponse(result, status_code=200 if result.get("applied") else 409)
+        return JSONResponse(result, status_code=_switch_status(result))
 
     @app.post("/v1/forward")
     async def post_forward(request: Request) -> Response:
@@ -117,6 +118,15 @@ def create_control_app(
         return JSONResponse({"output": output, "planVersion": plan and plan.version})
 
     return app
+
+
+def _switch_status(result: dict[str, Any]) -> int:
+    """200 applied; 409 stale; 504 a switch abandoned at its timeout; 503 one abandoned because
+    a transfer failed (the old plan serves: try again later)."""
+    if result.get("applied"):
+        return 200
+    reason = result.get("reason")
+    return 409 if reason == "stale" else 504 if reason == "timeout" else 503
 
 
 def _leader_authorized_ready(backend: Backend, request: Request, token_path: str | None) -> None:

@@ -24,6 +24,7 @@ from moe_worker.models.routing import Reroutes, Selection, price, select
 from moe_worker.shape import ModelShape
 
 if TYPE_CHECKING:
+    from moe_worker.models.grouped import SlotGroups
     from moe_worker.models.layers import Attention
 
 __all__ = [
@@ -172,6 +173,14 @@ class Architecture:
 
     def expert_forward(self, x_ND: Tensor, weights: ExpertWeights) -> Tensor:
         """One expert on its tokens: [N, D] -> [N, D]."""
+        raise NotImplementedError
+
+    def grouped_forward(self, x_ND: Tensor, stacks: Sequence[Tensor], groups: SlotGroups) -> Tensor:
+        """Every local slot's expert on its rows at once: rows grouped by slot [N, D] -> [N, D].
+
+        `stacks` holds one tensor per `expert_matrices` entry, slot first ([S, rows, cols]);
+        slot s on its rows computes exactly what `expert_forward` does for that expert.
+        """
         raise NotImplementedError
 
     def attention(self, spec: ModelSpec) -> Attention:

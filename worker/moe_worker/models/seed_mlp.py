@@ -19,7 +19,7 @@ stay so synthetic weights do not change).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ from moe_worker.models.config import (
     shape_from,
     token_ids,
 )
+from moe_worker.models.grouped import SlotGroups
 from moe_worker.models.layers import Attention
 from moe_worker.shape import ModelShape
 
@@ -103,6 +104,10 @@ class SeedMLP(Architecture):
     def expert_forward(self, x_ND: Tensor, weights: ExpertWeights) -> Tensor:
         w_in_FD, w_out_DF = weights.matrices
         return F.gelu(x_ND @ w_in_FD.T) @ w_out_DF.T
+
+    def grouped_forward(self, x_ND: Tensor, stacks: Sequence[Tensor], groups: SlotGroups) -> Tensor:
+        w_in_SFD, w_out_SDF = stacks
+        return groups.linear(F.gelu(groups.linear(x_ND, w_in_SFD)), w_out_SDF)
 
     def attention(self, spec: ModelSpec) -> Attention:
         return Attention(spec)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moe_worker.models.base import Architecture, ExpertWeights
+from moe_worker.models.grouped import SlotGroups
 from moe_worker.shape import ModelShape
 
 
@@ -28,6 +29,11 @@ class SwiGLUArchitecture(Architecture):
     def expert_forward(self, x_ND: Tensor, weights: ExpertWeights) -> Tensor:
         gate_FD, up_FD, down_DF = weights.matrices
         return (F.silu(x_ND @ gate_FD.T) * (x_ND @ up_FD.T)) @ down_DF.T
+
+    def grouped_forward(self, x_ND: Tensor, stacks: Sequence[Tensor], groups: SlotGroups) -> Tensor:
+        gate_SFD, up_SFD, down_SDF = stacks
+        gated_NF = F.silu(groups.linear(x_ND, gate_SFD)) * groups.linear(x_ND, up_SFD)
+        return groups.linear(gated_NF, down_SDF)
 
     def fused_layer_prefix(self, layer: int) -> str:
         """Where transformers 5 keeps the layer's MoE block (`...mlp`)."""

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_worker.kv_cache import KVCache, StepBatch, StepMeta
-from moe_worker.models.base import Architecture, MoEFn, route
+from moe_worker.models.base import Architecture, MoEFn, Routing, route
 from moe_worker.models.config import ModelSpec
 from moe_worker.models.layers import RMSNorm, rope_cos_sin
 
@@ -63,18 +63,46 @@ class MoETransformer(nn.Module):
         the collective step, so that a full cache cannot fail between two all-to-alls.
         """
         meta = cache.prepare(batch) if meta is None else meta
+        x_ND, rope = self.embed(batch)
+        for index in range(len(self.layers)):
+            h_ND, r_ND, routing = self.before_experts(index, x_ND, rope, cache, meta, gate_bias_LE)
+            x_ND = h_ND + moe(index, r_ND, routing)
+        return self.logits(x_ND, batch, all_positions)
+
+    # The three pieces of `forward`, for runtimes that interleave micro-batches between the
+    # attention and the experts of a layer (`moe_worker.two_batch`); same operations, same order.
+
+    def embed(self, batch: StepBatch) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Token embeddings [N, D] and the step's rotary cos/sin."""
         x_ND = self.embed_tokens(batch.token_ids_N)
         s = self.spec.shape
         rope = rope_cos_sin(batch.positions_N, s.head_dim, self.spec.rope_theta, x_ND.dtype)
-        for index, layer in enumerate(self.layers):
-            assert isinstance(layer, DecoderLayer)
-            h_ND = x_ND + layer.self_attn(layer.input_layernorm(x_ND), rope, cache, index, meta)
-            r_ND = layer.post_attention_layernorm(h_ND)
-            bias_E = None if gate_bias_LE is None else gate_bias_LE[index]
-            routing = route(
-                layer.gate(r_ND), s.top_k, normalize=self.spec.norm_topk_prob, gate_bias_E=bias_E
-            )
-            x_ND = h_ND + moe(index, r_ND, routing)
+        return x_ND, rope
+
+    def before_experts(
+        self,
+        index: int,
+        x_ND: Tensor,
+        rope: tuple[Tensor, Tensor],
+        cache: KVCache,
+        meta: StepMeta,
+        gate_bias_LE: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Routing]:
+        """Layer `index` up to its experts: the residual stream after attention [N, D], the
+        normalised input of the experts [N, D], and the router's choice."""
+        layer = self.layers[index]
+        assert isinstance(layer, DecoderLayer)
+        h_ND = x_ND + layer.self_attn(layer.input_layernorm(x_ND), rope, cache, index, meta)
+        r_ND = layer.post_attention_layernorm(h_ND)
+        bias_E = None if gate_bias_LE is None else gate_bias_LE[index]
+        s = self.spec.shape
+        routing = route(
+            layer.gate(r_ND), s.top_k, normalize=self.spec.norm_topk_prob, gate_bias_E=bias_E
+        )
+        return h_ND, r_ND, routing
+
+    def logits(self, x_ND: Tensor, batch: StepBatch, all_positions: bool = False) -> Tensor:
+        """fp32 logits at each sequence's last new token [B, V] (every token [N, V] if asked)."""
         if not all_positions:
             x_ND = x_ND[batch.last_index_B()]
         return self.lm_head(self.norm(x_ND)).float()
