@@ -386,6 +386,126 @@ class ApiKeysSpec(ApiModel):
     )
 
 
+DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
+IMAGE_USER = 65532
+"""The images' user and group (images/Containerfile.*: USER 65532:65532)."""
+
+
+class ShmSpec(ApiModel):
+    """/dev/shm of each worker pod: a memory-backed emptyDir. NCCL's shared-memory transport,
+    its proxies and torch's inter-process tensors live there; a container runtime's default
+    (64 MiB) makes NCCL fail between the GPUs of one pod."""
+
+    size_limit: str = Field(
+        "8Gi",
+        max_length=64,
+        description="Most memory /dev/shm may hold (a quantity, e.g. 8Gi); it counts against "
+        "the pod's memory. Empty: no limit beyond the pod's.",
+    )
+
+
+class NetworkSpec(ApiModel):
+    """How ranks reach each other (NCCL between pods, gloo for the control collectives)."""
+
+    socket_interface: str = Field(
+        "",
+        max_length=256,
+        description="Network interface(s) for rank-to-rank sockets, set as NCCL_SOCKET_IFNAME "
+        "and GLOO_SOCKET_IFNAME (e.g. eth0, or ^lo,docker to exclude). Empty: NCCL picks an "
+        "interface itself and gloo uses the pod's hostname (the pod IP), which works on a "
+        "plain pod network.",
+    )
+    host_network: bool = Field(
+        False,
+        description="Run the pods in the node's network namespace (RDMA/RoCE NICs without a "
+        "CNI that exposes them). Breaks the baseline and restricted Pod Security profiles, "
+        "and the ports must be free on every node.",
+    )
+    ipc_lock: bool = Field(
+        False,
+        description="Add the IPC_LOCK capability (RDMA registers pinned memory: InfiniBand, "
+        "GPUDirect RDMA). Breaks the restricted Pod Security profile.",
+    )
+
+
+class SecuritySpec(ApiModel):
+    """The user the worker runs as (the pod's securityContext also sets runAsNonRoot,
+    seccompProfile RuntimeDefault, no privilege escalation and drops every capability)."""
+
+    run_as_user: int = Field(
+        IMAGE_USER,
+        ge=1,
+        le=2147483647,
+        description="UID of the worker process: the images' user (65532) unless your image "
+        "has another; root (0) is refused (runAsNonRoot).",
+    )
+    run_as_group: int = Field(
+        IMAGE_USER, ge=0, le=2147483647, description="GID of the worker process (also fsGroup)."
+    )
+
+
+class GangSpec(ApiModel):
+    """Gang scheduling: all world-size pods are placed together or not at all (a partial group
+    holds GPUs and never serves). The scheduler's own object (a Volcano or scheduler-plugins
+    PodGroup with minMember = world size) is created by you: docs/gpu-cluster.md shows it."""
+
+    scheduler: Literal["None", "Volcano", "Kueue", "SchedulerPlugins"] = Field(
+        "None",
+        description="None: the default scheduler places pods one by one. Volcano: "
+        "schedulerName volcano and the scheduling.k8s.io/group-name annotation. Kueue: the "
+        "kueue.x-k8s.io/queue-name label (set queueName). SchedulerPlugins: the coscheduling "
+        "plugin's scheduling.x-k8s.io/pod-group label and schedulerName "
+        "scheduler-plugins-scheduler (override with scheduling.schedulerName).",
+    )
+    group_name: str = Field(
+        "",
+        max_length=63,
+        description="Name of the pod group (Volcano, SchedulerPlugins); empty: the "
+        "MoEDeployment's name.",
+    )
+    queue_name: str = Field(
+        "",
+        max_length=63,
+        description="Queue: Kueue's LocalQueue (required with Kueue), or Volcano's queue "
+        "(empty: its default).",
+    )
+
+
+class SchedulingSpec(ApiModel):
+    """Where the pods may run, in which order, and with which scheduler."""
+
+    affinity: dict[str, Any] = Field(
+        default_factory=dict,
+        description="A core/v1 Affinity (nodeAffinity, podAffinity, podAntiAffinity), passed to "
+        "the pods as written, e.g. GPU product or NVLink domain node affinity.",
+    )
+    topology_spread_constraints: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="core/v1 TopologySpreadConstraints, passed as written; without a "
+        "labelSelector one selects this deployment's pods.",
+    )
+    priority_class_name: str = Field(
+        "", max_length=253, description="PriorityClass of the pods; empty: the cluster default."
+    )
+    scheduler_name: str = Field(
+        "",
+        max_length=253,
+        description="Scheduler of the pods; empty: the gang scheduler's (see gang), else the "
+        "cluster default.",
+    )
+    gang: GangSpec = Field(
+        default_factory=GangSpec, description="Gang-scheduling metadata for a batch scheduler."
+    )
+    pod_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra labels on the pods (another scheduler's or a policy's); the "
+        "operator's own labels win.",
+    )
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict, description="Extra annotations on the pods."
+    )
+
+
 class WorkerSpec(ApiModel):
     """The worker pods."""
 
@@ -397,7 +517,21 @@ class WorkerSpec(ApiModel):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         "IfNotPresent", description="When the kubelet pulls the image."
     )
-    gpus_per_pod: int = Field(1, ge=0, le=16, description="nvidia.com/gpu requested by each pod.")
+    gpus_per_pod: int = Field(
+        1, ge=0, le=16, description="GPUs (gpuResourceName) requested by each pod."
+    )
+    gpu_resource_name: str = Field(
+        DEFAULT_GPU_RESOURCE,
+        min_length=1,
+        max_length=253,
+        description="The extended resource a GPU is requested as: nvidia.com/gpu (NVIDIA "
+        "device plugin), amd.com/gpu (AMD), or another device plugin's name.",
+    )
+    extra_resources: dict[str, str] = Field(
+        default_factory=dict,
+        description="More extended resources per pod, each set as request and limit, e.g. "
+        "rdma/ib: '1' or nvidia.com/hostdev: '8' (RDMA NICs from a device plugin).",
+    )
     resources: ResourceRequirements = Field(
         default_factory=ResourceRequirements, description="CPU and memory of each worker."
     )
@@ -453,6 +587,17 @@ class WorkerSpec(ApiModel):
     )
     api_keys: ApiKeysSpec = Field(
         default_factory=ApiKeysSpec, description="Optional API keys (a Secret) for the API."
+    )
+    shm: ShmSpec = Field(default_factory=ShmSpec, description="/dev/shm of each pod.")
+    network: NetworkSpec = Field(
+        default_factory=NetworkSpec, description="Rank-to-rank network: interfaces, host network."
+    )
+    security: SecuritySpec = Field(
+        default_factory=SecuritySpec, description="The user and group the worker runs as."
+    )
+    scheduling: SchedulingSpec = Field(
+        default_factory=SchedulingSpec,
+        description="Affinity, spread, priority, scheduler and gang scheduling.",
     )
 
 

@@ -87,6 +87,10 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             # A model that takes fields it does not list (a core/v1 volume source of any kind):
             # the listed ones are checked, the others kept as written. Only there.
             out["x-kubernetes-preserve-unknown-fields"] = True
+    elif node.get("type") == "object" and node.get("additionalProperties") is True:
+        # A Kubernetes type kept as written (an Affinity, a TopologySpreadConstraint): the
+        # operator checks what it relies on; the API server checks the rest in the pods.
+        out["x-kubernetes-preserve-unknown-fields"] = True
     elif node.get("type") == "object":
         value_schema = node.get("additionalProperties") or {"type": "string"}
         out["additionalProperties"] = _structural(value_schema, defs)

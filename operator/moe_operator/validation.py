@@ -24,9 +24,9 @@ from pydantic import ValidationError
 
 from moe_operator import kuberules
 from moe_operator.api import MoEDeploymentSpec
+from moe_operator.manifests import podspec
 from moe_worker import env as worker_env
 
-GPU_RESOURCE = "nvidia.com/gpu"
 NAME_MAX = 52
 """Longest MoEDeployment name: the StatefulSet controller labels pods
 `controller-revision-hash=<name>-<hash of up to 10 characters>`, a label value (<= 63)."""
@@ -407,6 +407,144 @@ def kubernetes_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
             "must be empty when operator is Exists",
         )
     problems += _resource_problems(spec)
+    problems += pod_problems(spec)
+    return problems
+
+
+AFFINITY_KINDS = ("nodeAffinity", "podAffinity", "podAntiAffinity")
+SPREAD_WHEN = ("DoNotSchedule", "ScheduleAnyway")
+OPERATOR_LABEL_PREFIXES = ("app.kubernetes.io/", "moe-ep.io/", "statefulset.kubernetes.io/")
+
+
+def pod_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
+    """The NCCL-ready pod fields (manifests/podspec.py): GPU and extra resources, /dev/shm,
+    socket interfaces. hostNetwork and ipcLock are allowed: they break the restricted Pod
+    Security profile, which the API descriptions and docs/gpu-cluster.md say."""
+    worker = spec.worker
+    problems: list[SpecProblem] = []
+    need = _collector(problems)
+    gpu = worker.gpu_resource_name
+    problem = kuberules.container_resource_name(gpu)
+    need(
+        problem is None and kuberules.is_extended_resource(gpu),
+        "worker.gpuResourceName",
+        f"{gpu!r} {problem or 'is not an extended resource'}: use a device plugin's name "
+        "such as nvidia.com/gpu or amd.com/gpu",
+    )
+    for key, value in worker.extra_resources.items():
+        where = f"worker.extraResources.{key}"
+        problem = kuberules.container_resource_name(key)
+        if problem is None and not kuberules.is_extended_resource(key):
+            problem = "is not an extended resource (cpu and memory go in worker.resources)"
+        if problem is None and key == gpu:
+            problem = "is the GPU resource: set worker.gpusPerPod instead"
+        if problem is not None:
+            need(False, where, f"{key!r} {problem}")
+            continue
+        try:
+            quantity = kuberules.parse_quantity(value)
+        except ValueError as error:
+            need(False, where, str(error))
+            continue
+        need(
+            quantity > 0 and quantity.denominator == 1,
+            where,
+            f"{value!r}: an extended resource is a positive whole number",
+        )
+    if worker.shm.size_limit:
+        try:
+            size = kuberules.parse_quantity(worker.shm.size_limit)
+        except ValueError as error:
+            size = None
+            need(False, "worker.shm.sizeLimit", str(error))
+        need(
+            size is None or size > 0,
+            "worker.shm.sizeLimit",
+            f"{worker.shm.size_limit!r} must be positive; leave it empty for no limit",
+        )
+    interface = worker.network.socket_interface
+    need(
+        not any(char.isspace() for char in interface),
+        "worker.network.socketInterface",
+        f"{interface!r} has whitespace: write interfaces comma-separated, e.g. eth0,eth1 or "
+        "^lo,docker",
+    )
+    clashing = [env.name for env in worker.extra_env if env.name in podspec.SOCKET_ENV]
+    need(
+        not (interface and clashing),
+        "worker.extraEnv",
+        f"{', '.join(clashing)} are set from worker.network.socketInterface; remove them here",
+    )
+    problems += scheduling_problems(spec)
+    return problems
+
+
+def scheduling_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
+    """worker.scheduling: what the pods carry must be what the API server accepts; the free-form
+    Kubernetes types are checked as far as the operator relies on them."""
+    scheduling = spec.worker.scheduling
+    problems: list[SpecProblem] = []
+    need = _collector(problems)
+    where = "worker.scheduling"
+    unknown = [key for key in scheduling.affinity if key not in AFFINITY_KINDS]
+    need(
+        not unknown,
+        f"{where}.affinity",
+        f"{', '.join(unknown)}: not a core/v1 Affinity field ({', '.join(AFFINITY_KINDS)})",
+    )
+    for key, value in scheduling.affinity.items():
+        need(
+            key in unknown or isinstance(value, dict),
+            f"{where}.affinity.{key}",
+            "must be an object",
+        )
+    for index, constraint in enumerate(scheduling.topology_spread_constraints):
+        at = f"{where}.topologySpreadConstraints[{index}]"
+        skew = constraint.get("maxSkew")
+        need(
+            isinstance(skew, int) and not isinstance(skew, bool) and skew >= 1,
+            f"{at}.maxSkew",
+            f"{skew!r}: a whole number >= 1 is required",
+        )
+        key = constraint.get("topologyKey")
+        problem = kuberules.qualified_name(key) if isinstance(key, str) else "is required"
+        need(problem is None, f"{at}.topologyKey", f"{key!r} {problem}")
+        when = constraint.get("whenUnsatisfiable")
+        need(
+            when in SPREAD_WHEN,
+            f"{at}.whenUnsatisfiable",
+            f"{when!r}: one of {', '.join(SPREAD_WHEN)} is required",
+        )
+    for field, value in (
+        ("priorityClassName", scheduling.priority_class_name),
+        ("schedulerName", scheduling.scheduler_name),
+    ):
+        problem = kuberules.dns1123_subdomain(value) if value else None
+        need(problem is None, f"{where}.{field}", f"{value!r} {problem}")
+    gang = scheduling.gang
+    need(
+        gang.scheduler != "Kueue" or bool(gang.queue_name),
+        f"{where}.gang.queueName",
+        "Kueue admits a workload only through a LocalQueue: name it here",
+    )
+    for field, value in (("groupName", gang.group_name), ("queueName", gang.queue_name)):
+        problem = kuberules.dns1123_subdomain(value) or kuberules.label_value(value)
+        need(not value or problem is None, f"{where}.gang.{field}", f"{value!r} {problem}")
+    for field, items in (
+        ("podLabels", scheduling.pod_labels),
+        ("podAnnotations", scheduling.pod_annotations),
+    ):
+        for key, value in items.items():
+            problem = kuberules.qualified_name(key)
+            need(problem is None, f"{where}.{field}", f"key {key!r}: {problem}")
+            need(
+                not key.startswith(OPERATOR_LABEL_PREFIXES),
+                f"{where}.{field}",
+                f"{key!r} is the operator's to set; choose a key of your own domain",
+            )
+            if field == "podLabels":
+                problem = kuberules.label_value(value)
+                need(problem is None, f"{where}.{field}.{key}", f"value {value!r}: {problem}")
     return problems
 
 
@@ -426,8 +564,11 @@ def _resource_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
             if problem is not None:
                 need(False, where, f"{key!r}: {problem}")
                 continue
-            if key == GPU_RESOURCE and worker.gpus_per_pod:
+            if key == worker.gpu_resource_name and worker.gpus_per_pod:
                 need(False, f"{where}.{key}", "is set from worker.gpusPerPod; remove it here")
+                continue
+            if key in worker.extra_resources:
+                need(False, f"{where}.{key}", "is set from worker.extraResources; remove one")
                 continue
             try:
                 quantity = kuberules.parse_quantity(value)

@@ -79,14 +79,20 @@ def test_required_fields_have_no_default() -> None:
     assert [path for path in _required(spec) if "default" in nodes[path]] == []
 
 
-def test_only_the_volume_source_keeps_unknown_fields() -> None:
-    """Structural everywhere else: the API server prunes what the schema does not list."""
+def test_only_the_volume_source_and_scheduling_types_keep_unknown_fields() -> None:
+    """Structural everywhere else: the API server prunes what the schema does not list. The
+    exceptions are core/v1 types passed to the pods as written (the API server checks them
+    there): a volume source, an Affinity, TopologySpreadConstraints."""
     kept = [
         path
         for path, node in _walk(_version_schema())
         if node.get("x-kubernetes-preserve-unknown-fields")
     ]
-    assert kept == [".spec.model.source.checkpoint.volume"]
+    assert kept == [
+        ".spec.model.source.checkpoint.volume",
+        ".spec.worker.scheduling.affinity",
+        ".spec.worker.scheduling.topologySpreadConstraints[]",
+    ]
 
 
 def _model_defaults(model: type[api.ApiModel]) -> dict[str, Any]:

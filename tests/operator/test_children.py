@@ -204,7 +204,7 @@ def test_serving_settings_travel_through_the_workers_variables() -> None:
     assert worker_env.CHECKPOINT not in env and worker_env.API_KEYS_PATH not in env
     api = next(port for port in _container(spec)["ports"] if port["name"] == "api")
     assert api == {"name": "api", "containerPort": 9000, "protocol": "TCP"}
-    assert [v["name"] for v in _pod(spec)["volumes"]] == ["plan", "control"]
+    assert [v["name"] for v in _pod(spec)["volumes"]] == ["plan", "control", "dshm"]
 
 
 def test_worker_settings_read_back_what_the_operator_set() -> None:

@@ -11,12 +11,13 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
-from moe_operator.api import MoEDeploymentSpec
+from moe_operator.api import DEFAULT_GPU_RESOURCE, MoEDeploymentSpec
+from moe_operator.manifests import podspec
 from moe_operator.planning.record import PlanShape
 from moe_worker import env as worker_env
 from moe_worker.plan import PLAN_FILE_NAME, Plan
 
-GPU_RESOURCE = "nvidia.com/gpu"
+GPU_RESOURCE = DEFAULT_GPU_RESOURCE  # worker.gpuResourceName's default
 DEPLOYMENT_LABEL = "moe-ep.io/deployment"
 POD_NAME_LABEL = "statefulset.kubernetes.io/pod-name"  # set by the StatefulSet controller
 CONTAINER_NAME = "worker"
@@ -205,16 +206,17 @@ def _worker_env(name: str, namespace: str, spec: MoEDeploymentSpec) -> list[dict
         "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
     }
     fixed = [{"name": key, "value": str(value)} for key, value in values.items()]
+    network = podspec.network_env(spec)
     extra = [{"name": item.name, "value": item.value} for item in spec.worker.extra_env]
-    return [pod_name, *fixed, *extra]
+    return [pod_name, *fixed, *network, *extra]
 
 
 def _resources(spec: MoEDeploymentSpec) -> dict[str, dict[str, str]]:
     requests = dict(spec.worker.resources.requests)
     limits = dict(spec.worker.resources.limits)
-    if spec.worker.gpus_per_pod:
+    for resource, count in podspec.gpu_resources(spec).items():
         # Extended resources must be equal in requests and limits.
-        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(spec.worker.gpus_per_pod)
+        requests[resource] = limits[resource] = count
     return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
 
 
@@ -265,6 +267,7 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
             "failureThreshold": 6,
         },
         "resources": _resources(spec),
+        "securityContext": podspec.container_security_context(spec),
         "volumeMounts": [
             {"name": "plan", "mountPath": worker_env.PLAN_MOUNT_DIR, "readOnly": True},
             {"name": "control", "mountPath": worker_env.TOKEN_MOUNT_DIR, "readOnly": True},
@@ -277,6 +280,9 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
         {"name": "plan", "configMap": {"name": plan_configmap_name(name), "items": plan_items}},
         {"name": "control", "secret": {"secretName": token_secret_name(name)}},
     ]
+    shm, shm_mount = podspec.shm_volume(spec)
+    volumes.append(shm)
+    container["volumeMounts"].append(shm_mount)
     for volume, mount_path in _serving_volumes(spec):
         volumes.append(volume)
         container["volumeMounts"].append(
@@ -286,6 +292,7 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
         "containers": [container],
         "volumes": volumes,
         "terminationGracePeriodSeconds": 30,
+        **podspec.pod_fields(spec, selector_labels(name)),
     }
     if worker.node_selector:
         pod_spec["nodeSelector"] = dict(worker.node_selector)
@@ -294,10 +301,14 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
             toleration.model_dump(by_alias=True, exclude_defaults=True)
             for toleration in worker.tolerations
         ]
+    extra_labels, extra_annotations = podspec.pod_metadata(name, spec)
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": {"name": name, "labels": worker_labels(name)},
+        "metadata": {
+            "name": name,
+            "labels": {**podspec.statefulset_labels(spec), **worker_labels(name)},
+        },
         "spec": {
             "serviceName": service_name(name),
             "replicas": spec.parallelism.world_size,
@@ -306,8 +317,10 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
             "selector": {"matchLabels": selector_labels(name)},
             "template": {
                 "metadata": {
-                    "labels": worker_labels(name),
+                    # the operator's own labels and annotations win over the spec's extras
+                    "labels": {**extra_labels, **worker_labels(name)},
                     "annotations": {
+                        **extra_annotations,
                         "prometheus.io/scrape": "true",
                         "prometheus.io/port": str(worker.port),
                     },
@@ -316,3 +329,8 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
             },
         },
     }
+
+
+def build_pdb(name: str, spec: MoEDeploymentSpec, api_version: str) -> dict[str, Any]:
+    """The gang's PodDisruptionBudget (`podspec.build_pdb`) with this deployment's labels."""
+    return podspec.build_pdb(name, spec, api_version, worker_labels(name), selector_labels(name))
