@@ -14,6 +14,7 @@ import kubernetes
 from kubernetes.client.rest import ApiException
 
 from moe_operator import api
+from moe_operator.manifests import podspec
 
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -39,21 +40,67 @@ class Cluster:
         self._core = kubernetes.client.CoreV1Api(self._client)
         self._apps = kubernetes.client.AppsV1Api(self._client)
         self._custom = kubernetes.client.CustomObjectsApi(self._client)
+        self._pdb_version: str | None = None
 
     @staticmethod
     def _raw(call: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """The object as the API server sent it: plain JSON, no typed models (they refuse
         objects they cannot model, such as a partial one someone else created)."""
         response = call(*args, _preload_content=False, **kwargs)
-        return json.loads(response.data)
+        return response if isinstance(response, dict) else json.loads(response.data)
 
     def _calls(self, kind: str) -> tuple[Any, Any, Any]:
+        if kind == "PodDisruptionBudget":
+            return self._pdb_calls()
         client = self._apps if kind == "StatefulSet" else self._core
         snake = {"StatefulSet": "stateful_set", "ConfigMap": "config_map"}.get(kind, kind.lower())
         return (
             getattr(client, f"read_namespaced_{snake}"),
             getattr(client, f"create_namespaced_{snake}"),
             getattr(client, f"patch_namespaced_{snake}"),
+        )
+
+    def pdb_api_version(self) -> str:
+        """The PodDisruptionBudget version the API server serves (discovery, asked once):
+        policy/v1 from Kubernetes 1.21, policy/v1beta1 before (the local cluster's 1.20)."""
+        if self._pdb_version is None:
+            group = self._request("GET", "/apis/policy")
+            served = {item.get("groupVersion") for item in group.get("versions") or []}
+            self._pdb_version = next(
+                (version for version in podspec.PDB_API_VERSIONS if version in served), None
+            )
+            if self._pdb_version is None:
+                raise RuntimeError(f"the API server serves no PodDisruptionBudget ({served})")
+        return self._pdb_version
+
+    def _request(
+        self, method: str, path: str, body: Any = None, content_type: str = "application/json"
+    ) -> dict[str, Any]:
+        """One call by path, for what the typed client lacks (policy/v1beta1 is gone from it)."""
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        request = self._client.param_serialize(
+            method=method,
+            resource_path=path,
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self._client.call_api(*request)
+        data = response.read()
+        if not 200 <= response.status < 300:
+            raise ApiException(status=response.status, reason=response.reason, body=data)
+        return json.loads(data)
+
+    def _pdb_calls(self) -> tuple[Any, Any, Any]:
+        base = f"/apis/{self.pdb_api_version()}/namespaces/{{}}/poddisruptionbudgets"
+        return (
+            lambda name, ns, **_: self._request("GET", f"{base.format(ns)}/{name}"),
+            lambda ns, body, **_: self._request("POST", base.format(ns), body),
+            lambda name, ns, body, **_: self._request(
+                "PATCH", f"{base.format(ns)}/{name}", body, MERGE_PATCH
+            ),
         )
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:

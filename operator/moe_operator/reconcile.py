@@ -19,7 +19,7 @@ from typing import Any
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.group import PodRef
 from moe_operator.kube import Cluster, Conflict
-from moe_operator.manifests import children
+from moe_operator.manifests import children, podspec
 from moe_operator.planning.record import Known, PlanChoice, PlanShape, choose_plan
 from moe_worker.plan import PLAN_FILE_NAME, Plan, PlanError, parse_plan
 
@@ -134,6 +134,7 @@ def ensure_children(
         "Service": children.service_name(name),
         "Service api": children.api_service_name(name),
         "StatefulSet": name,
+        "PodDisruptionBudget": podspec.pdb_name(name),
     }
     found = {what: cluster.get(what.split()[0], namespace, child) for what, child in names.items()}
     conflicts = conflicts_of(owner, found)
@@ -162,6 +163,8 @@ def ensure_children(
     apply(children.build_service(name, spec), found["Service"])
     apply(children.build_api_service(name, spec), found["Service api"])
     statefulset = apply(children.build_statefulset(name, namespace, spec), found["StatefulSet"])
+    pdb = children.build_pdb(name, spec, cluster.pdb_api_version())
+    apply(pdb, found["PodDisruptionBudget"])
     return ChildrenState(
         statefulset=statefulset,
         plan=choice.plan,

@@ -28,6 +28,7 @@ from moe_kmock import (
     CM,
     EVENTS,
     MOED,
+    PDB,
     PODS,
     SECRET,
     STS,
@@ -62,6 +63,7 @@ async def kmock_api_server() -> AsyncIterator[ApiServer]:
             (CM, "ConfigMap"),
             (SECRET, "Secret"),
             (PODS, "Pod"),
+            (PDB, "PodDisruptionBudget"),
             (EVENTS, "Event"),
         ]:
             server.resources[resource] = kmock.ResourceInfo(

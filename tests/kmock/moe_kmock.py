@@ -43,6 +43,7 @@ SVC = "v1/services"
 CM = "v1/configmaps"
 SECRET = "v1/secrets"
 PODS = "v1/pods"
+PDB = "policy/v1/poddisruptionbudgets"
 EVENTS = "v1/events"
 NS = "ns1"
 

@@ -13,6 +13,7 @@ from moe_kmock import (
     CM,
     MOED,
     NS,
+    PDB,
     PODS,
     SECRET,
     STS,
@@ -33,6 +34,7 @@ CHILDREN = [
     (STS, "m1"),
     (CM, "m1-plan"),
     (SECRET, "m1-control"),
+    (PDB, "m1"),
 ]
 
 
