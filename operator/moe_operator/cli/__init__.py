@@ -3,6 +3,7 @@
 moe-ep plan        preview a rebalancing plan from per-expert loads (same document workers accept)
 moe-ep perf        performance model of a layout on a hardware profile
 moe-ep crd         print the MoEDeployment CRD generated from the API models
+moe-ep render      print the objects the operator would create for a MoEDeployment file (no cluster)
 moe-ep zipf-table  imbalance before and after one Auto step under Zipf loads (for the docs)
 
 Other distributions add sub-commands through the entry-point group `moe_ep.commands` (name: the
@@ -22,6 +23,7 @@ COMMANDS = {
     "plan": "moe_operator.cli.plan",
     "perf": "moe_operator.cli.perf",
     "crd": "moe_operator.cli.crd",
+    "render": "moe_operator.cli.render",
     "zipf-table": "moe_operator.cli.zipf_table",
 }
 PROVIDED_ELSEWHERE = {"local": "moe-ep-local", "demo": "moe-ep-local", "gating-sim": "moe-ep-local"}

@@ -1,0 +1,169 @@
+"""Every object we ship or print, checked against Kubernetes' own schemas (kubernetes-validate).
+
+- the chart, rendered by Helm's engine with its defaults and with each values file in values/;
+- the CRD, as an apiextensions.k8s.io/v1 CustomResourceDefinition;
+- what `moe-ep render` prints for every sample in manifests/samples/ (the operator's builders),
+  with the PodDisruptionBudget at the apiVersion each release serves.
+
+Versions: the local cluster's 1.20 and a current release. kubernetes-validate ships its schemas
+in the package (no network), but a release ships about nine minor versions: the pinned 1.28.0
+holds 1.20 to 1.28, and none holds both 1.20 and 1.30, so 1.28 stands for the current releases.
+Strict mode: a field the schema does not know is an error, as the API server's field validation
+is from 1.27. Custom resources (PodMonitor, ServiceMonitor, PrometheusRule) have no built-in
+schema and are skipped, by name.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from moe_operator.cli import render as render_cli
+from tests.chart.conftest import CHART_DIR, ROOT, Render
+from tests.requirements import require_module
+
+with warnings.catch_warnings():  # 1.28.0 imports pkg_resources, deprecated by setuptools
+    warnings.simplefilter("ignore")
+    kubernetes_validate = require_module("kubernetes_validate")
+
+# kubernetes-validate 1.28.0 warns about its own use of jsonschema and pkg_resources.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+
+VERSIONS = ("1.20.0", "1.28.0")
+CUSTOM_RESOURCES = {
+    "PodMonitor": "monitoring.coreos.com/v1, the Prometheus Operator's CRD",
+    "ServiceMonitor": "monitoring.coreos.com/v1, the Prometheus Operator's CRD",
+    "PrometheusRule": "monitoring.coreos.com/v1, the Prometheus Operator's CRD",
+}
+VALUES_FILES = sorted((Path(__file__).parent / "values").glob("*.yaml"))
+SAMPLES = sorted((ROOT / "manifests" / "samples").glob("*.yaml"))
+
+
+def problems_of(obj: dict[str, Any], version: str) -> list[str]:
+    """Schema errors of one object (empty: valid), each with the object's kind and name."""
+    where = f"{obj['kind']} {obj['metadata'].get('name')} @ {version}"
+    try:
+        kubernetes_validate.validate(obj, version, strict=True)
+    except kubernetes_validate.ValidationError as error:
+        path = ".".join(str(part) for part in error.path)
+        return [f"{where}: {path}: {error.message}"]
+    return []
+
+
+def checked(objects: list[dict[str, Any]], version: str) -> tuple[list[str], list[str]]:
+    """(problems, kinds checked); custom resources are skipped."""
+    problems, kinds = [], []
+    for obj in objects:
+        if obj["kind"] in CUSTOM_RESOURCES:
+            continue
+        problems += problems_of(obj, version)
+        kinds.append(obj["kind"])
+    return problems, kinds
+
+
+def test_the_validator_catches_what_the_api_server_refuses() -> None:
+    """Offline, strict, and able to fail: otherwise every test below proves nothing."""
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"},
+               "spec": {"ports": [{"port": 80, "protcol": "TCP"}]}}  # fmt: skip
+    for version in VERSIONS:
+        assert problems_of(service, version), version
+    pdb = {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": "p"},
+           "spec": {"minAvailable": 2}}  # fmt: skip
+    assert problems_of(pdb, "1.28.0") == []
+    with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+        kubernetes_validate.validate(pdb, "1.20.0", strict=True)  # policy/v1 is 1.21's
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize(
+    "values_file", [None, *VALUES_FILES], ids=["defaults", *(p.stem for p in VALUES_FILES)]
+)
+def test_every_chart_object_is_valid(
+    render: Render, values_file: Path | None, version: str
+) -> None:
+    values = yaml.safe_load(values_file.read_text()) if values_file else {}
+    problems, kinds = checked(render(values), version)
+    assert problems == []
+    assert "Deployment" in kinds
+
+
+def test_values_files_cover_the_monitoring_objects(render: Render) -> None:
+    """The custom resources skipped above are rendered by some values file (so the rest of
+    that rendering was checked with them present)."""
+    rendered = {
+        obj["kind"] for path in VALUES_FILES for obj in render(yaml.safe_load(path.read_text()))
+    }
+    assert set(CUSTOM_RESOURCES) <= rendered
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_crd_is_a_valid_custom_resource_definition(version: str) -> None:
+    for path in (ROOT / "crds" / "moedeployments.moe-ep.io.yaml", CHART_DIR / "crds" / (
+        "moedeployments.moe-ep.io.yaml"
+    )):  # fmt: skip
+        assert problems_of(yaml.safe_load(path.read_text()), version) == []
+
+
+def rendered_sample(path: Path, version: str) -> list[dict[str, Any]]:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = render_cli.main(["-f", str(path), "--kubernetes-version", version])
+    assert code == 0, f"moe-ep render -f {path.name} exited {code}"
+    return [doc for doc in yaml.safe_load_all(out.getvalue()) if doc]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("sample", SAMPLES, ids=[p.stem for p in SAMPLES])
+def test_moe_ep_render_of_every_sample_is_valid(sample: Path, version: str) -> None:
+    objects = rendered_sample(sample, version)
+    problems, kinds = checked(objects, version)
+    assert problems == []
+    assert sorted(kinds) == sorted(
+        ["Secret", "ConfigMap", "Service", "Service", "StatefulSet", "PodDisruptionBudget"]
+    )
+    pdb = next(obj for obj in objects if obj["kind"] == "PodDisruptionBudget")
+    assert pdb["apiVersion"] == ("policy/v1beta1" if version.startswith("1.20") else "policy/v1")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_new_pod_field_at_once_is_valid(tmp_path: Path, version: str) -> None:
+    """The NCCL, RDMA, scheduling and gang fields together, as the GPU walk-through sets them."""
+    document = yaml.safe_load((ROOT / "manifests" / "samples" / "seed-ep16.yaml").read_text())
+    gpu_nodes = {"key": "nvidia.com/gpu.count", "operator": "In", "values": ["8"]}
+    required = {"nodeSelectorTerms": [{"matchExpressions": [gpu_nodes]}]}
+    spread = {
+        "maxSkew": 1,
+        "topologyKey": "kubernetes.io/hostname",
+        "whenUnsatisfiable": "DoNotSchedule",
+    }
+    document["spec"]["worker"].update(
+        {
+            "gpuResourceName": "nvidia.com/gpu",
+            "extraResources": {"rdma/ib": "1"},
+            "shm": {"sizeLimit": "64Gi"},
+            "network": {"socketInterface": "eth0", "hostNetwork": True, "ipcLock": True},
+            "security": {"runAsUser": 1000, "runAsGroup": 1000},
+            "scheduling": {
+                "affinity": {
+                    "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": required}
+                },
+                "topologySpreadConstraints": [spread],
+                "priorityClassName": "inference",
+                "gang": {"scheduler": "Volcano", "queueName": "gpu"},
+                "podLabels": {"example.com/team": "ml"},
+                "podAnnotations": {"example.com/owner": "ml-platform"},
+            },
+        }
+    )
+    path = tmp_path / "all.yaml"
+    path.write_text(yaml.safe_dump(document))
+    objects = rendered_sample(path, version)
+    assert checked(objects, version)[0] == []
+    pod = next(obj for obj in objects if obj["kind"] == "StatefulSet")["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True and pod["schedulerName"] == "volcano"
