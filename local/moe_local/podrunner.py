@@ -314,12 +314,13 @@ class PodRunner(threading.Thread):
             "HOSTNAME": self.pod_name,
             "LANG": "C.UTF-8",
             "PYTHONUNBUFFERED": "1",
-            # The pod network is the loopback; gloo would otherwise pick the hostname's address.
-            "GLOO_SOCKET_IFNAME": "lo",
         }
         resolve = functools.partial(resolve_cluster_names, cluster=self._cluster)
         env.update({k: mounts.rewrite(resolve(v)) for k, v in pod_env.items()})
         env["MOE_BIND_ADDRESS"] = self.ip  # the node's fact, whatever the pod asked for
+        # The pod network is the loopback, whatever interface the pod names for a real node
+        # (spec.worker.network.socketInterface): gloo would otherwise pick the hostname's address.
+        env["GLOO_SOCKET_IFNAME"] = env["NCCL_SOCKET_IFNAME"] = "lo"
         sa_dir = mounts.local(SA_MOUNT_PATH)
         if sa_dir is not None and "KUBECONFIG" not in pod_env:
             env["KUBECONFIG"] = str(self._sa_kubeconfig(sa_dir))

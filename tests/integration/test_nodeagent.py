@@ -23,6 +23,7 @@ from moe_local.kube import MERGE_PATCH, api_client, get_or_none
 from moe_local.podspec import pod_ip
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.images import WorkerImages, with_worker_image
+from moe_operator.kube import Cluster
 from moe_operator.manifests import children
 from tests.integration.kubectl import wait_for as shared_wait_for
 
@@ -220,6 +221,9 @@ def test_moe_worker_pair_becomes_ready(cluster: LocalCluster, core: CoreV1Api) -
                 "backend": "gloo",
                 "device": "cpu",
                 "extraEnv": [{"name": "OMP_NUM_THREADS", "value": "1"}],
+                # A real node's interface: the agent keeps its pods on the loopback regardless.
+                "network": {"socketInterface": "eth0"},
+                "shm": {"sizeLimit": "1Gi"},
             },
         }
     )
@@ -232,6 +236,11 @@ def test_moe_worker_pair_becomes_ready(cluster: LocalCluster, core: CoreV1Api) -
     )
     core.create_namespaced_secret(ns, children.build_token_secret(name))
     apps.create_namespaced_stateful_set(ns, children.build_statefulset(name, ns, spec))
+    # The operator's thin shell picks the budget's version by discovery (v1beta1 on 1.20).
+    kube = Cluster(core.api_client)
+    pdb = kube.create(ns, children.build_pdb(name, spec, kube.pdb_api_version()))
+    assert pdb["apiVersion"] == "policy/v1beta1" and pdb["spec"]["minAvailable"] == 2
+    assert kube.get("PodDisruptionBudget", ns, name)["metadata"]["uid"] == pdb["metadata"]["uid"]
 
     pods = [f"{name}-0", f"{name}-1"]
     wait_for(

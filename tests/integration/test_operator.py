@@ -115,6 +115,11 @@ def test_seed_sample_becomes_children_with_status(kubectl: Kubectl, operator: An
     secret = kubectl.get("secret", "seed-ep16-control", "-n", NS)
     token = base64.b64decode(secret["data"]["token"]).decode()
     assert len(token) >= 32
+    # The gang's budget, at the version this 1.20 API server serves (found by discovery).
+    pdb = kubectl.get("poddisruptionbudget", "seed-ep16", "-n", NS)
+    assert pdb and pdb["apiVersion"] == "policy/v1beta1"
+    assert pdb["spec"]["minAvailable"] == 16
+    assert pdb["metadata"]["ownerReferences"][0]["name"] == "seed-ep16"
     pods = wait_for(
         lambda: (
             [
