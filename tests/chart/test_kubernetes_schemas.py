@@ -167,3 +167,24 @@ def test_every_new_pod_field_at_once_is_valid(tmp_path: Path, version: str) -> N
     assert checked(objects, version)[0] == []
     pod = next(obj for obj in objects if obj["kind"] == "StatefulSet")["spec"]["template"]["spec"]
     assert pod["hostNetwork"] is True and pod["schedulerName"] == "volcano"
+
+
+def walkthrough_deployment() -> str:
+    """The MoEDeployment of docs/gpu-cluster.md's walk-through, as the reader copies it."""
+    text = (ROOT / "docs" / "gpu-cluster.md").read_text()
+    blocks = [block.split("```", 1)[0] for block in text.split("```yaml\n")[1:]]
+    found = [block for block in blocks if "kind: MoEDeployment" in block]
+    assert len(found) == 1, "docs/gpu-cluster.md: expected one MoEDeployment block"
+    return found[0]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_gpu_walkthrough_deployment_renders_valid_objects(tmp_path: Path, version: str) -> None:
+    path = tmp_path / "seed-ep16-2x8.yaml"
+    path.write_text(walkthrough_deployment())
+    objects = rendered_sample(path, version)
+    assert checked(objects, version)[0] == []
+    pod = next(obj for obj in objects if obj["kind"] == "StatefulSet")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["rdma/ib"] == "1"
+    assert {"name": "NCCL_SOCKET_IFNAME", "value": "eth0"} in container["env"]
