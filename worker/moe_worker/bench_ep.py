@@ -6,7 +6,10 @@ together (a barrier before each).
 
 - `moe_path`: the MoE layer against a plain matmul of the same shapes: by the serving thread's
   CPU time (the token path itself: routing, permutation, grouped GEMM, combine; the all-to-alls'
-  waits cost no CPU), and by wall time with the all-to-alls.
+  waits cost no CPU), and by wall time with the all-to-alls. The plain matmul is the experts'
+  matrix products alone; the MoE side also runs the experts' activation (GELU, SwiGLU's
+  silu-and-multiply), so the layer is also compared with a dense FFN: one expert's own
+  `expert_forward` on all of a layer's rows at once (matmuls and activation, no routing).
 - `overlap`: step time without and with two-batch overlap on the same prompts, the exposed
   communication of the step without it, and the overlap efficiency the performance model takes
   (`moe-ep perf`): the fraction of min(compute, communication) the overlap hid.
@@ -28,6 +31,7 @@ import torch.distributed as dist
 
 from moe_worker.engine import EPEngine
 from moe_worker.kv_cache import KVCache, StepBatch
+from moe_worker.models import ExpertWeights
 from moe_worker.models.grouped import SlotGroups, grouped_mm_works
 from moe_worker.plan import Plan
 from moe_worker.transfer import DONE, new_transfer_group
@@ -101,6 +105,14 @@ def plain_matmuls(
     return run
 
 
+def dense_ffn(engine: EPEngine, rows: int, device: torch.device) -> Callable[[], torch.Tensor]:
+    """Slot 0's expert of layer 0 as a dense FFN on `rows` random rows: the family's own
+    `expert_forward`, its matmuls and activation, without routing or grouping."""
+    weights = ExpertWeights(tuple(stack[0] for stack in engine.stacks.layer(0)))
+    x_ND = torch.randn(rows, engine.shape.hidden, device=device, dtype=engine.dtype)
+    return lambda: engine.arch.expert_forward(x_ND, weights)
+
+
 def moe_path(
     engine: EPEngine, prompts: Prompts, steps: int, device: torch.device
 ) -> dict[str, Any]:
@@ -116,8 +128,10 @@ def moe_path(
     expert_flops = engine.expert_tokens * flops_per_row
     layer_rows = max(1, round(engine.expert_tokens / c.layers))
     matmul = plain_matmuls(layer_rows, shapes, engine.dtype, device)
+    ffn = dense_ffn(engine, layer_rows, device)
     moe: list[tuple[float, float, float, float]] = []  # wall, cpu, comm wall, experts cpu
     matmul_cpu: list[float] = []
+    ffn_cpu: list[float] = []
 
     def prefill() -> None:
         engine.reset_timers()
@@ -131,9 +145,16 @@ def moe_path(
             matmul()
         matmul_cpu.append(time.thread_time() - cpu)
 
-    times = alternate({"step": prefill, "matmul": matmuls}, steps, device)
+    def ffns() -> None:  # the same FLOPs as one dense FFN per layer, activation included
+        cpu = time.thread_time()
+        for _ in range(c.layers):
+            ffn()
+        ffn_cpu.append(time.thread_time() - cpu)
+
+    times = alternate({"step": prefill, "matmul": matmuls, "ffn": ffns}, steps, device)
     rate = {
         "matmul_cpu": [expert_flops / t for t in matmul_cpu],
+        "ffn_cpu": [expert_flops / t for t in ffn_cpu],
         "matmul_wall": [expert_flops / t for t in times["matmul"]],
         "moe_cpu": [expert_flops / cpu for _, cpu, _, _ in moe],
         "moe_wall": [expert_flops / wall for wall, _, _, _ in moe],
@@ -146,8 +167,11 @@ def moe_path(
         "moe_layer_flops_per_s": median["moe_wall"],
         "expert_cpu_flops_per_s": median["experts_cpu"],
         "matmul_cpu_flops_per_s": median["matmul_cpu"],
+        "dense_ffn_cpu_flops_per_s": median["ffn_cpu"],
         "matmul_flops_per_s": median["matmul_wall"],
         "fraction": _median_ratio(rate["moe_cpu"], rate["matmul_cpu"]),
+        "fraction_of_dense_ffn": _median_ratio(rate["moe_cpu"], rate["ffn_cpu"]),
+        "experts_fraction_of_dense_ffn": _median_ratio(rate["experts_cpu"], rate["ffn_cpu"]),
         "fraction_with_comm": _median_ratio(rate["moe_wall"], rate["matmul_wall"]),
         "comm_seconds_per_step": statistics.median(comm for _, _, comm, _ in moe),
         "grouped_gemm_kernel": engine.kernel,
