@@ -218,6 +218,9 @@ def format_table(r: dict[str, Any]) -> str:
         f"{r['overlap_efficiency']:.2f}), communication-heavy shape "
         f"{r['overlap_speedup_comm_heavy']:.2f}x ({heavy['comm_fraction']:.0%}, "
         f"{r['overlap_efficiency_comm_heavy']:.2f}), decode {r['overlap_speedup_decode']:.2f}x",
+        "two-batch overlap, CPU time of a step (every thread of the rank) with / without: "
+        f"prefill {r['overlap']['bench_shape']['cpu_ratio']:.2f}x, communication-heavy "
+        f"{heavy['cpu_ratio']:.2f}x, decode {r['overlap']['decode']['cpu_ratio']:.2f}x",
         f"plan switch pause (every expert moves): blocking {r['switch_pause_s'] * 1e3:.1f} ms, "
         f"background {r['switch_pause_nonblocking_s'] * 1e3:.2f} ms "
         f"(decode step {r['decode_step_s'] * 1e3:.1f} ms); transfer "
