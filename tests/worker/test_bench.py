@@ -31,8 +31,19 @@ def test_bench_reports_both_layouts(tmp_path: Path) -> None:
     assert result["ep"]["layout"] == "EP4" and result["tppp"]["layout"] == "TP2xPP2"
     assert result["ep"]["tokens_per_s"] > 0 and result["tppp"]["tokens_per_s"] > 0
     assert result["grouped_gemm_kernel"] == "loop"
-    figures = ("moe_fraction_of_matmul", "overlap_speedup", "overlap_speedup_comm_heavy")
+    figures = (
+        "moe_fraction_of_matmul",
+        "moe_fraction_of_dense_ffn",
+        "experts_fraction_of_dense_ffn",
+        "overlap_speedup",
+        "overlap_speedup_comm_heavy",
+    )
     assert all(result[key] > 0 for key in figures)
+    for shape in ("bench_shape", "comm_heavy", "decode"):  # CPU time of every thread, both ways
+        figures_of = result["overlap"][shape]
+        assert figures_of["process_cpu_s_with"] > 0 and figures_of["process_cpu_s_without"] > 0
+        ratio = figures_of["process_cpu_s_with"] / figures_of["process_cpu_s_without"]
+        assert figures_of["cpu_ratio"] == pytest.approx(ratio)
     assert 0 <= result["overlap_efficiency"] <= 1
     assert result["switch_pause_s"] > 0 and result["switch_pause_nonblocking_s"] > 0
     assert result["steps_during_switch"] >= 1 and result["step_s_during_switch"] > 0

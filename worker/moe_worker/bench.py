@@ -126,9 +126,12 @@ def _rank_bench(rank: int, o: BenchOptions, device: torch.device) -> dict[str, A
         "ratio": tppp_seconds / ep_seconds,
         "moe_fraction_of_matmul": path["fraction"],
         "moe_fraction_of_matmul_with_comm": path["fraction_with_comm"],
+        "moe_fraction_of_dense_ffn": path["fraction_of_dense_ffn"],
+        "experts_fraction_of_dense_ffn": path["experts_fraction_of_dense_ffn"],
         "moe_layer_cpu_flops_per_s": path["moe_layer_cpu_flops_per_s"],
         "expert_cpu_flops_per_s": path["expert_cpu_flops_per_s"],
         "matmul_cpu_flops_per_s": path["matmul_cpu_flops_per_s"],
+        "dense_ffn_cpu_flops_per_s": path["dense_ffn_cpu_flops_per_s"],
         "moe_layer_flops_per_s": path["moe_layer_flops_per_s"],
         "matmul_flops_per_s": path["matmul_flops_per_s"],
         "moe_comm_s_per_step": path["comm_seconds_per_step"],
@@ -202,6 +205,10 @@ def format_table(r: dict[str, Any]) -> str:
         f"{r['moe_fraction_of_matmul']:.0%} of a plain matmul of the same shapes "
         f"({r['matmul_cpu_flops_per_s'] / 1e9:.2f} GFLOP/s; experts alone "
         f"{r['expert_cpu_flops_per_s'] / 1e9:.2f})",
+        f"MoE layer, CPU time, against a dense FFN of the same FLOPs (one expert's matmuls and "
+        f"activation, {r['dense_ffn_cpu_flops_per_s'] / 1e9:.2f} GFLOP/s): "
+        f"{r['moe_fraction_of_dense_ffn']:.0%} (experts alone "
+        f"{r['experts_fraction_of_dense_ffn']:.0%})",
         f"MoE layer, wall time with its all-to-alls: {r['moe_layer_flops_per_s'] / 1e9:.2f} "
         f"GFLOP/s = {r['moe_fraction_of_matmul_with_comm']:.0%} of the plain matmul's "
         f"{r['matmul_flops_per_s'] / 1e9:.2f}",
@@ -211,6 +218,9 @@ def format_table(r: dict[str, Any]) -> str:
         f"{r['overlap_efficiency']:.2f}), communication-heavy shape "
         f"{r['overlap_speedup_comm_heavy']:.2f}x ({heavy['comm_fraction']:.0%}, "
         f"{r['overlap_efficiency_comm_heavy']:.2f}), decode {r['overlap_speedup_decode']:.2f}x",
+        "two-batch overlap, CPU time of a step (every thread of the rank) with / without: "
+        f"prefill {r['overlap']['bench_shape']['cpu_ratio']:.2f}x, communication-heavy "
+        f"{heavy['cpu_ratio']:.2f}x, decode {r['overlap']['decode']['cpu_ratio']:.2f}x",
         f"plan switch pause (every expert moves): blocking {r['switch_pause_s'] * 1e3:.1f} ms, "
         f"background {r['switch_pause_nonblocking_s'] * 1e3:.2f} ms "
         f"(decode step {r['decode_step_s'] * 1e3:.1f} ms); transfer "

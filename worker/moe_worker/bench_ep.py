@@ -6,7 +6,10 @@ together (a barrier before each).
 
 - `moe_path`: the MoE layer against a plain matmul of the same shapes: by the serving thread's
   CPU time (the token path itself: routing, permutation, grouped GEMM, combine; the all-to-alls'
-  waits cost no CPU), and by wall time with the all-to-alls.
+  waits cost no CPU), and by wall time with the all-to-alls. The plain matmul is the experts'
+  matrix products alone; the MoE side also runs the experts' activation (GELU, SwiGLU's
+  silu-and-multiply), so the layer is also compared with a dense FFN: one expert's own
+  `expert_forward` on all of a layer's rows at once (matmuls and activation, no routing).
 - `overlap`: step time without and with two-batch overlap on the same prompts, the exposed
   communication of the step without it, and the overlap efficiency the performance model takes
   (`moe-ep perf`): the fraction of min(compute, communication) the overlap hid.
@@ -28,6 +31,7 @@ import torch.distributed as dist
 
 from moe_worker.engine import EPEngine
 from moe_worker.kv_cache import KVCache, StepBatch
+from moe_worker.models import ExpertWeights
 from moe_worker.models.grouped import SlotGroups, grouped_mm_works
 from moe_worker.plan import Plan
 from moe_worker.transfer import DONE, new_transfer_group
@@ -101,6 +105,14 @@ def plain_matmuls(
     return run
 
 
+def dense_ffn(engine: EPEngine, rows: int, device: torch.device) -> Callable[[], torch.Tensor]:
+    """Slot 0's expert of layer 0 as a dense FFN on `rows` random rows: the family's own
+    `expert_forward`, its matmuls and activation, without routing or grouping."""
+    weights = ExpertWeights(tuple(stack[0] for stack in engine.stacks.layer(0)))
+    x_ND = torch.randn(rows, engine.shape.hidden, device=device, dtype=engine.dtype)
+    return lambda: engine.arch.expert_forward(x_ND, weights)
+
+
 def moe_path(
     engine: EPEngine, prompts: Prompts, steps: int, device: torch.device
 ) -> dict[str, Any]:
@@ -116,8 +128,10 @@ def moe_path(
     expert_flops = engine.expert_tokens * flops_per_row
     layer_rows = max(1, round(engine.expert_tokens / c.layers))
     matmul = plain_matmuls(layer_rows, shapes, engine.dtype, device)
+    ffn = dense_ffn(engine, layer_rows, device)
     moe: list[tuple[float, float, float, float]] = []  # wall, cpu, comm wall, experts cpu
     matmul_cpu: list[float] = []
+    ffn_cpu: list[float] = []
 
     def prefill() -> None:
         engine.reset_timers()
@@ -131,9 +145,16 @@ def moe_path(
             matmul()
         matmul_cpu.append(time.thread_time() - cpu)
 
-    times = alternate({"step": prefill, "matmul": matmuls}, steps, device)
+    def ffns() -> None:  # the same FLOPs as one dense FFN per layer, activation included
+        cpu = time.thread_time()
+        for _ in range(c.layers):
+            ffn()
+        ffn_cpu.append(time.thread_time() - cpu)
+
+    times = alternate({"step": prefill, "matmul": matmuls, "ffn": ffns}, steps, device)
     rate = {
         "matmul_cpu": [expert_flops / t for t in matmul_cpu],
+        "ffn_cpu": [expert_flops / t for t in ffn_cpu],
         "matmul_wall": [expert_flops / t for t in times["matmul"]],
         "moe_cpu": [expert_flops / cpu for _, cpu, _, _ in moe],
         "moe_wall": [expert_flops / wall for wall, _, _, _ in moe],
@@ -146,8 +167,11 @@ def moe_path(
         "moe_layer_flops_per_s": median["moe_wall"],
         "expert_cpu_flops_per_s": median["experts_cpu"],
         "matmul_cpu_flops_per_s": median["matmul_cpu"],
+        "dense_ffn_cpu_flops_per_s": median["ffn_cpu"],
         "matmul_flops_per_s": median["matmul_wall"],
         "fraction": _median_ratio(rate["moe_cpu"], rate["matmul_cpu"]),
+        "fraction_of_dense_ffn": _median_ratio(rate["moe_cpu"], rate["ffn_cpu"]),
+        "experts_fraction_of_dense_ffn": _median_ratio(rate["experts_cpu"], rate["ffn_cpu"]),
         "fraction_with_comm": _median_ratio(rate["moe_wall"], rate["matmul_wall"]),
         "comm_seconds_per_step": statistics.median(comm for _, _, comm, _ in moe),
         "grouped_gemm_kernel": engine.kernel,
@@ -199,6 +223,7 @@ def overlap(engine: EPEngine, prompts: Prompts, steps: int, device: torch.device
     ep_prefill(engine, prompts, device)
     ep_prefill(engine, prompts, device, two_batch=True)  # warm-up both
     comm: list[float] = []
+    cpu: dict[str, list[float]] = {"without": [], "with": []}
 
     def without() -> None:
         engine.reset_timers()
@@ -206,24 +231,50 @@ def overlap(engine: EPEngine, prompts: Prompts, steps: int, device: torch.device
         comm.append(engine.comm_seconds)
 
     times = alternate(
-        {"without": without, "with": lambda: ep_prefill(engine, prompts, device, True)},
+        {
+            "without": _process_cpu_timed(without, cpu["without"]),
+            "with": _process_cpu_timed(
+                lambda: ep_prefill(engine, prompts, device, True), cpu["with"]
+            ),
+        },
         steps,
         device,
     )
-    return _overlap_figures(times["without"], times["with"], comm)
+    return _overlap_figures(times["without"], times["with"], comm, cpu)
 
 
-def _overlap_figures(without: list[float], with_: list[float], comm: list[float]) -> dict[str, Any]:
+def _process_cpu_timed(fn: Callable[[], object], times: list[float]) -> Callable[[], None]:
+    """`fn`, appending the CPU seconds of the whole process (every thread: gloo's workers, which
+    copy the all-to-alls' bytes, as well as the serving thread) of each call to `times`."""
+
+    def run() -> None:
+        start = time.process_time()
+        fn()
+        times.append(time.process_time() - start)
+
+    return run
+
+
+def _overlap_figures(
+    without: list[float], with_: list[float], comm: list[float], cpu: dict[str, list[float]]
+) -> dict[str, Any]:
+    """Step times, speedup, exposed communication and efficiency; and the process CPU time of a
+    step without and with overlap: on a CPU whose cores are all busy, overlap can only win if
+    it does not add CPU work (it adds collectives and halves the GEMMs)."""
     without_s, with_s = statistics.median(without), statistics.median(with_)
     comm_s = statistics.median(comm)
     hideable = min(comm_s, without_s - comm_s)
     efficiency = (without_s - with_s) / hideable if hideable > 0 else 0.0
+    cpu_without, cpu_with = statistics.median(cpu["without"]), statistics.median(cpu["with"])
     return {
         "step_s_without": without_s,
         "step_s_with": with_s,
         "speedup": without_s / with_s,
         "comm_fraction": comm_s / without_s,
         "efficiency": min(1.0, max(0.0, efficiency)),
+        "process_cpu_s_without": cpu_without,
+        "process_cpu_s_with": cpu_with,
+        "cpu_ratio": cpu_with / cpu_without if cpu_without > 0 else 1.0,
     }
 
 
@@ -233,6 +284,7 @@ def decode_steps(
     """Decode steps (every sequence feeds one more token after its prompt) without and with
     two-batch overlap, alternating."""
     comm: list[float] = []
+    cpu: dict[str, list[float]] = {"without": [], "with": []}
 
     def without() -> None:
         engine.reset_timers()
@@ -241,8 +293,15 @@ def decode_steps(
 
     plain = _decoder(engine, prompts, steps, device, two_batch=False)
     overlapped = _decoder(engine, prompts, steps, device, two_batch=True)
-    times = alternate({"without": without, "with": overlapped}, steps, device)
-    return _overlap_figures(times["without"], times["with"], comm)
+    times = alternate(
+        {
+            "without": _process_cpu_timed(without, cpu["without"]),
+            "with": _process_cpu_timed(overlapped, cpu["with"]),
+        },
+        steps,
+        device,
+    )
+    return _overlap_figures(times["without"], times["with"], comm, cpu)
 
 
 def _decoder(

@@ -74,8 +74,9 @@ class WorkerSettings:
     boundary (the pause is the flip); false: stop serving while they move."""
     two_batch_overlap: bool = False
     """Run each step as two micro-batches, one's all-to-all in flight while the other computes
-    (`moe_worker.two_batch`). Off by default: measured slower on CPU at the bench's shapes
-    (docs/performance.md)."""
+    (`moe_worker.two_batch`). Off by default on every device: on CPU gloo's all-to-all copies
+    its bytes on the same busy cores, so overlap adds CPU work (1.1-1.6x per step) and measured
+    slower or within noise; not yet measured on GPUs (docs/performance.md, issue 13)."""
     kv_cache_tokens: int = 8192
     """KV cache budget of each rank, in tokens (all layers)."""
     max_batch_tokens: int = 512
