@@ -30,7 +30,7 @@ from torch import Tensor
 
 from moe_worker.dispatch import DispatchMeta, Pending, Placement, make_dispatcher
 from moe_worker.kv_cache import KVCache, StepBatch, StepMeta
-from moe_worker.models import Routing
+from moe_worker.models import GateBias, PriceCounters, Routing
 from moe_worker.models.grouped import SlotGroups, choose_kernel
 from moe_worker.plan import Plan, plan_transfers
 from moe_worker.slots import SlotStacks
@@ -71,7 +71,8 @@ class EPEngine:
             self._placement(plan), self.shape.layers, self.shape.experts
         )
         self.plan = plan
-        self.gate_bias_LE = self._gate_bias(plan)
+        self.price = PriceCounters(self.shape.layers, self.device)
+        self.gate = self._gate(plan)
         self.reset_timers()
 
     @property
@@ -83,6 +84,11 @@ class EPEngine:
     def comm_seconds(self) -> float:
         """Time blocked on the MoE all-to-alls (exposed communication)."""
         return self.dispatcher.comm_seconds
+
+    def reroutes(self) -> tuple[list[int], list[float]]:
+        """Per layer [L]: top-K assignments of this rank's tokens that the gate bias moved off
+        the model's own choice, and the gate probability they lost; never reset."""
+        return self.price.read()
 
     def held_experts(self) -> list[set[int]]:
         """Per layer, the logical experts this rank holds under the plan being served."""
@@ -158,9 +164,7 @@ class EPEngine:
         fails on its own rank and never between two all-to-alls. Logits [B, V] (fp32) at each
         sequence's last new token ([N, V] if `all_positions`).
         """
-        return self.model(
-            batch, cache, self, self.gate_bias_LE, meta=meta, all_positions=all_positions
-        )
+        return self.model(batch, cache, self, self.gate, meta=meta, all_positions=all_positions)
 
     @torch.no_grad()
     def forward_overlapped(
@@ -174,7 +178,7 @@ class EPEngine:
         """Collective: the step's micro-batches (two-batch overlap), each prepared in order
         before the call; the logits of each. Every rank passes the same number of them."""
         steps = [
-            forward_steps(self.model, self.moe_steps, b, cache, m, self.gate_bias_LE, all_positions)
+            forward_steps(self.model, self.moe_steps, b, cache, m, self.gate, all_positions)
             for b, m in zip(batches, metas, strict=True)
         ]
         return interleave(steps)
@@ -211,13 +215,16 @@ class EPEngine:
         self.stacks.flip([slots[self.rank] for slots in plan.slots], transfer.received)
         self.dispatcher.placement = self._placement(plan)
         self.plan = plan
-        self.gate_bias_LE = self._gate_bias(plan)
+        self.gate = self._gate(plan)
         return len(transfer.received)
 
     def _placement(self, plan: Plan) -> Placement:
         return Placement.from_plan(plan, self.rank, self.shape.experts, self.device)
 
-    def _gate_bias(self, plan: Plan) -> Tensor | None:
+    def _gate(self, plan: Plan) -> GateBias | None:
+        """The plan's bias and guard, its price counted into `price` (the same counters across
+        plans: they never reset)."""
         if plan.gate_bias is None:
             return None
-        return torch.tensor(plan.gate_bias, dtype=torch.float32, device=self.device)
+        bias_LE = torch.tensor(plan.gate_bias, dtype=torch.float32, device=self.device)
+        return GateBias(bias_LE, plan.gate_max_margin, self.price)

@@ -90,7 +90,7 @@ class Runtime:
         self.engine: EPEngine | None = None
         self.runner: ModelRunner | None = None
         self.switcher: BackgroundSwitcher | None = None
-        self.metrics = WorkerMetrics(self._read_counts, self._read_held)
+        self.metrics = WorkerMetrics(self._read_counts, self._read_held, self._read_reroutes)
         self.stopping = threading.Event()
         self.stopped = threading.Event()
         self._ready = False
@@ -326,6 +326,10 @@ class Runtime:
     def _read_counts(self) -> list[list[int]] | None:
         engine = self.engine
         return None if engine is None else engine.counts_LE.tolist()
+
+    def _read_reroutes(self) -> tuple[list[int], list[float]] | None:
+        engine = self.engine
+        return None if engine is None else engine.reroutes()
 
     def _read_held(self) -> list[set[int]]:
         engine = self.engine
