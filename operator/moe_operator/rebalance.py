@@ -22,7 +22,7 @@ from functools import lru_cache
 from typing import Protocol
 
 from moe_operator.api import MoEDeploymentSpec, RebalanceRecord
-from moe_operator.handoff import HandoffError, HandoffResult, Served
+from moe_operator.handoff import HandoffError, HandoffResult, PlanRefused, Served
 from moe_operator.loads import CounterSnapshot, LoadReadError
 from moe_operator.perf import predicted_gain
 from moe_operator.perf.profiles import load_profile
@@ -61,6 +61,7 @@ class Window:
     last_rerouted_fraction: tuple[float | None, ...] = ()
     """Per layer, the share of top-K assignments the gate bias rerouted in the last window."""
     last_loads_problem: str | None = None  # why the last read was unusable; None once one is
+    last_refusal: str | None = None  # the leader's last refusal of a plan, announced once
 
 
 @dataclass
@@ -155,7 +156,13 @@ def predicted_effect(
         return 1.0, 0.0
 
 
-def _hand_off(workers: Workers, desired: Plan, applied: int | None, outcome: StepOutcome) -> None:
+def _hand_off(
+    workers: Workers,
+    desired: Plan,
+    applied: int | None,
+    outcome: StepOutcome,
+    window: Window | None = None,
+) -> None:
     if applied is None or desired.version <= applied:
         return
     try:
@@ -169,6 +176,13 @@ def _hand_off(workers: Workers, desired: Plan, applied: int | None, outcome: Ste
     except HandoffError as error:
         outcome.handoff_problem = str(error)
         logger.warning("plan %d not handed off yet: %s", desired.version, error)
+        # A refusal of the plan itself is news once (the status keeps saying it); a leader
+        # that cannot be reached is retried quietly.
+        refusal = str(error) if isinstance(error, PlanRefused) else None
+        if refusal is not None and (window is None or window.last_refusal != refusal):
+            outcome.events.append(("Warning", "PlanRefused", refusal))
+        if window is not None:
+            window.last_refusal = refusal
         return
     outcome.applied_version = result.applied_version
     if result.pause_seconds is not None:
@@ -221,7 +235,7 @@ def control_step(
         handoff_problem=handoff_problem,
         events=events,
     )
-    _hand_off(workers, desired, applied, outcome)
+    _hand_off(workers, desired, applied, outcome, window)
     rebalancing = spec.rebalancing
     if now - window.started_at < rebalancing.evaluation_window_seconds:
         outcome.loads_problem = window.last_loads_problem  # between two reads, the last stands
@@ -414,4 +428,4 @@ def _evaluate(
             f"x{gain:.2f}, weight move ~{move:.2f}s",
         )
     )
-    _hand_off(workers, new_plan, outcome.applied_version, outcome)
+    _hand_off(workers, new_plan, outcome.applied_version, outcome, window)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moe_operator.api import MoEDeploymentSpec
-from moe_operator.handoff import HandoffResult, Served
+from moe_operator.handoff import HandoffResult, PlanRefused, Served
 from moe_operator.loads import CounterSnapshot
 from moe_operator.planning.detection import DetectionState
 from moe_operator.rebalance import StepOutcome, Window, control_step, rerouted_fractions
@@ -193,3 +193,30 @@ def test_status_shows_the_price_per_layer_and_in_the_balanced_condition() -> Non
     assert "rerouted 0.080 of top-K assignments on the worst layer" in balanced["message"]
     unmeasured = compute_status(Observed(generation=1, workers=4), [], "2026-01-01T00:00:00Z")
     assert "reroutedFraction" not in unmeasured
+
+
+@dataclass
+class RefusingWorkers(PricedWorkers):
+    """A leader that refuses every new plan, as a rank short of memory makes it (HTTP 422)."""
+
+    def post_plan(self, plan: Plan) -> HandoffResult:
+        raise PlanRefused(
+            f"leader refused plan {plan.version}: HTTP 422: slotsPerRank: plan {plan.version} "
+            "needs 4.30 GiB more on rank 2 (cuda:0), which has 1.10 GiB free; lower "
+            "placement.maxSlotsPerRank"
+        )
+
+
+def test_a_plan_the_workers_refuse_is_reported_once_and_kept_in_status() -> None:
+    deployment = spec(method="GatingBias", cooldownSeconds=0)
+    workers = RefusingWorkers(biased(0.1, version=1), popularity=(1.0,) * 4)
+    window, store = Window(started_at=0.0), Store()
+    desired = biased(0.05, version=2)  # issued, not yet served
+    state = DetectionState(applied_version=1, desired_version=2)
+    reasons = []
+    for now in (1.0, 2.0, 3.0):
+        outcome = control_step(deployment, desired, state, window, workers, store, now=now)
+        reasons += [reason for _, reason, _ in outcome.events]
+        assert outcome.handoff_problem is not None and "HTTP 422" in outcome.handoff_problem
+        assert "placement.maxSlotsPerRank" in outcome.handoff_problem
+    assert reasons == ["PlanRefused"]  # news once, not at every step

@@ -66,7 +66,13 @@ def read_initial_plan(settings: WorkerSettings) -> Plan:
         if path.is_file():
             try:
                 plan = parse_plan(path.read_text())
-                check_plan(plan, num_layers=m.layers, num_experts=m.experts, world_size=world)
+                check_plan(
+                    plan,
+                    num_layers=m.layers,
+                    num_experts=m.experts,
+                    world_size=world,
+                    max_slots_per_rank=settings.max_slots_per_rank,
+                )
                 return plan
             except (PlanError, OSError) as error:
                 log.warning(
@@ -157,10 +163,19 @@ class Runtime:
         return None if self.engine is None else self.engine.plan
 
     def validate_plan(self, plan: Plan) -> None:
-        m = self.settings.model
+        """The plan fits the model, the world, the slots per rank this group may grow to, and
+        (measured on CUDA) the leader's free memory; PlanError with the reason (HTTP 422)."""
+        s, m = self.settings, self.settings.model
         check_plan(
-            plan, num_layers=m.layers, num_experts=m.experts, world_size=self.settings.world_size
+            plan,
+            num_layers=m.layers,
+            num_experts=m.experts,
+            world_size=s.world_size,
+            max_slots_per_rank=s.max_slots_per_rank,
         )
+        engine = self.engine
+        if engine is not None and plan.version > engine.plan.version:
+            engine.check_memory(plan)
 
     def submit(self, request: GenerationRequest, on_event: EventSink) -> None:
         if self.leader is None:
