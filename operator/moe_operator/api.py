@@ -700,6 +700,23 @@ class RebalanceRecord(ApiModel):
     note: str = Field("", description="What the planner says about this plan.")
 
 
+class ReroutedStatus(ApiModel):
+    """The measured price of the gate bias in the last window: per layer, the fraction of top-K
+    assignments sent to another expert than the model's own choice (0 without a bias)."""
+
+    model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
+
+    max: float = Field(0.0, ge=0.0, le=1.0, description="The worst layer's rerouted fraction.")
+    mean: float = Field(0.0, ge=0.0, le=1.0, description="The mean over the measured layers.")
+    per_layer: list[float] = Field(
+        default_factory=list,
+        description="Rerouted fraction of each layer; -1 where some rank did not measure it.",
+    )
+    cap: float = Field(
+        0.1, ge=0.0, le=1.0, description="rebalancing.gating.maxReroutedFraction (1: no cap)."
+    )
+
+
 class DetectionStatus(ApiModel):
     """What imbalance detection remembers between evaluations (survives operator restarts)."""
 
@@ -730,6 +747,9 @@ class MoEDeploymentStatus(ApiModel):
     ready_workers: int = Field(0, description="Worker pods ready.")
     ready: str = Field("0/0", description="readyWorkers/workers, for kubectl get.")
     imbalance: str = Field("", description="Worst-layer imbalance in the last window (max/mean).")
+    rerouted_fraction: ReroutedStatus | None = Field(
+        None, description="The gate bias's measured price in the last window (GatingBias)."
+    )
     endpoint: str = Field(
         "",
         description="Base URL of the OpenAI-compatible API, http://<name>-api.<namespace>.svc:"

@@ -258,6 +258,7 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
         plan_version=desired.version,
         applied_plan_version=applied,
         imbalance_threshold=parsed.rebalancing.imbalance_threshold,
+        max_rerouted_fraction=parsed.rebalancing.gating.max_rerouted_fraction,
         loads_problem=_loads_problem(call.memo.get("window"), ready, world, group),
         handoff_problem=outcome.handoff_problem if outcome else None,
         was_running=_was_running(base),
@@ -342,7 +343,13 @@ def _write_status(
     """Status fields and the operator's metrics, from one set of observations."""
     window: Window | None = call.memo.get("window")
     per_layer = window.last_layer_imbalance if window else ()
-    observed = dataclasses.replace(observed, worst_imbalance=max(per_layer) if per_layer else None)
+    rerouted = window.last_rerouted_fraction if window else ()
+    observed = dataclasses.replace(
+        observed,
+        worst_imbalance=max(per_layer) if per_layer else None,
+        rerouted_fraction=rerouted,
+        gate_bias_active=desired.gate_bias is not None,
+    )
     status = compute_status(observed, base.get("conditions") or [], _now())
     status["plan"] = {
         "version": desired.version,
@@ -361,6 +368,7 @@ def _write_status(
     metrics.observe_plan(namespace, name, desired.version, observed.applied_plan_version)
     if per_layer:
         metrics.observe_imbalance(namespace, name, per_layer, observed.imbalance_threshold)
+    metrics.observe_rerouted(namespace, name, rerouted)
     if outcome and outcome.skipped:
         metrics.evaluations_skipped.labels(namespace, name, outcome.skipped).inc()
     if outcome and outcome.rebalance:

@@ -21,6 +21,11 @@ class HandoffError(RuntimeError):
     """The leader could not be reached or refused the plan; the message says which."""
 
 
+class PlanRefused(HandoffError):
+    """The leader refused the plan itself (HTTP 400/422: it does not fit the model, the world,
+    maxSlotsPerRank or a rank's memory): sending it again will not help; the reason says why."""
+
+
 @dataclass(frozen=True)
 class HandoffResult:
     applied_version: int  # the version the workers now serve
@@ -110,4 +115,5 @@ def post_plan(leader: str, plan: Plan, token: str, *, timeout: float = 90.0) -> 
         # or someone else's plan): only `serving()`'s digest tells which.
         return HandoffResult(int(document["version"]), None, stale=True)
     reason = document.get("error") or document.get("reason") or "no reason given"
-    raise HandoffError(f"leader refused plan {plan.version}: HTTP {status}: {reason}")
+    error = PlanRefused if status in (400, 422) else HandoffError
+    raise error(f"leader refused plan {plan.version}: HTTP {status}: {reason}")

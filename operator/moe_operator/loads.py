@@ -1,10 +1,13 @@
 """Reading per-expert token counters: from each worker's /metrics (Direct) or from Prometheus.
 
 A read returns a `CounterSnapshot` (rank -> (layer, expert) -> tokens, monotonically increasing
-counters) or raises `LoadReadError` with a reason fit for a status condition. Anything odd — a
-missing pod, a timeout, a body that is too large, malformed or hostile exposition text, a label
-out of range, a negative or non-finite value — is an error, never a partial snapshot: deciding a
-rebalance on partial data is worse than skipping one evaluation.
+counters; and rank -> layer -> top-K assignments the gate bias rerouted) or raises
+`LoadReadError` with a reason fit for a status condition. Anything odd — a missing pod, a
+timeout, a body that is too large, malformed or hostile exposition text, a label out of range, a
+negative or non-finite value — is an error, never a partial snapshot: deciding a rebalance on
+partial data is worse than skipping one evaluation. Rerouted counters that are absent (workers
+of an older image, a Prometheus without them) are no error: the price of a gate bias is then
+unknown, and the planner falls back to its growth limit.
 """
 
 from __future__ import annotations
@@ -16,16 +19,18 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from moe_worker.env import rank_from_pod_name
 
 TOKENS_METRIC = "moe_expert_tokens_total"
+REROUTED_METRIC = "moe_gate_rerouted_total"
 PLAN_VERSION_METRIC = "moe_plan_version"
 MAX_BODY_BYTES = 4 * 1024 * 1024
 Counters = dict[tuple[int, int], float]  # (layer, logical expert) -> tokens
+Rerouted = dict[int, float]  # layer -> top-K assignments the gate bias moved off the model's choice
 PROMETHEUS_FAILED = (
     "prometheus: no usable answer from metrics.prometheusUrl (the operator's log says why)"
 )
@@ -53,6 +58,8 @@ class CounterSnapshot:
 
     counters: Mapping[int, Counters]  # rank -> counters
     plan_versions: Mapping[int, int]  # rank -> plan version it serves (Direct only)
+    rerouted: Mapping[int, Rerouted] = field(default_factory=dict)
+    """rank -> its moe_gate_rerouted_total per layer; a rank or layer missing: not measured."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,21 @@ def parse_exposition(
     return counters, plan_version
 
 
+def parse_rerouted(text: str, *, num_layers: int, where: str) -> Rerouted:
+    """`moe_gate_rerouted_total` per layer from exposition text already checked by
+    `parse_exposition`; strict about every sample it reads."""
+    rerouted: Rerouted = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name != REROUTED_METRIC:
+                continue
+            if not math.isfinite(sample.value) or sample.value < 0:
+                raise LoadReadError(f"{where}: {REROUTED_METRIC} has value {sample.value}")
+            layer = _label_int(sample.labels, "layer", num_layers, where)
+            rerouted[layer] = rerouted.get(layer, 0.0) + sample.value
+    return rerouted
+
+
 def _fetch(url: str, timeout: float, opener: urllib.request.OpenerDirector | None = None) -> str:
     try:
         with (opener or _DIRECT_OPENER).open(url, timeout=timeout) as response:
@@ -132,14 +154,17 @@ def read_direct(
         bodies = list(pool.map(lambda target: _fetch(target.url, timeout), targets))
     counters: dict[int, Counters] = {}
     versions: dict[int, int] = {}
+    rerouted: dict[int, Rerouted] = {}
     for target, body in zip(targets, bodies, strict=True):
+        where = f"rank {target.rank}"
         parsed, version = parse_exposition(
-            body, num_layers=num_layers, num_experts=num_experts, where=f"rank {target.rank}"
+            body, num_layers=num_layers, num_experts=num_experts, where=where
         )
         counters[target.rank] = parsed
+        rerouted[target.rank] = parse_rerouted(body, num_layers=num_layers, where=where)
         if version is not None:
             versions[target.rank] = version
-    return CounterSnapshot(counters=counters, plan_versions=versions)
+    return CounterSnapshot(counters=counters, plan_versions=versions, rerouted=rerouted)
 
 
 def prometheus_query(namespace: str, name: str) -> str:
@@ -148,6 +173,43 @@ def prometheus_query(namespace: str, name: str) -> str:
         f'sum by (pod, layer, expert) ({TOKENS_METRIC}{{namespace="{namespace}",'
         f'pod=~"{name}-[0-9]+"}})'
     )
+
+
+def prometheus_rerouted_query(namespace: str, name: str) -> str:
+    """PromQL for the per-rank rerouted counters of one deployment."""
+    return (
+        f'sum by (pod, layer) ({REROUTED_METRIC}{{namespace="{namespace}",pod=~"{name}-[0-9]+"}})'
+    )
+
+
+def _query(base_url: str, promql: str, timeout: float) -> list[object] | None:
+    """The result list of an instant query, or None (logged) for any failure."""
+    query = urllib.parse.urlencode({"query": promql})
+    try:
+        body = _fetch(f"{base_url.rstrip('/')}/api/v1/query?{query}", timeout, _PROMETHEUS_OPENER)
+        document = json.loads(body)
+        results = document["data"]["result"] if document.get("status") == "success" else None
+    except (LoadReadError, ValueError, KeyError, TypeError, AttributeError) as error:
+        logger.warning("Prometheus query %s failed: %s", promql, error)
+        results = None
+    return results if isinstance(results, list) else None
+
+
+def _series(item: object, world_size: int) -> tuple[int, dict[str, str], float]:
+    """(rank, labels, value) of one series of an answer; LoadReadError if it is not one."""
+    try:
+        labels, value = dict(item["metric"]), float(item["value"][1])  # type: ignore[index]
+        pod = str(labels.get("pod", ""))
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise LoadReadError("prometheus: malformed series in the answer") from None
+    rank = rank_from_pod_name(pod)
+    if rank is None or rank >= world_size:
+        raise LoadReadError(
+            f"prometheus: label pod={pod[:40]!r} is not a rank in 0..{world_size - 1}"
+        )
+    if not math.isfinite(value) or value < 0:
+        raise LoadReadError(f"prometheus: rank {rank} has value {value}")
+    return rank, labels, value
 
 
 def read_prometheus(
@@ -166,30 +228,12 @@ def read_prometheus(
     HTTP error, a redirect, something else answering) reads the same in status, so the spec
     cannot be used to probe what listens where; the operator's log has the detail.
     """
-    query = urllib.parse.urlencode({"query": prometheus_query(namespace, name)})
-    try:
-        body = _fetch(f"{base_url.rstrip('/')}/api/v1/query?{query}", timeout, _PROMETHEUS_OPENER)
-        document = json.loads(body)
-        results = document["data"]["result"] if document.get("status") == "success" else None
-    except (LoadReadError, ValueError, KeyError, TypeError, AttributeError) as error:
-        logger.warning("Prometheus query for %s/%s failed: %s", namespace, name, error)
-        results = None
-    if not isinstance(results, list):
+    results = _query(base_url, prometheus_query(namespace, name), timeout)
+    if results is None:
         raise LoadReadError(PROMETHEUS_FAILED)
     counters: dict[int, Counters] = {}
     for item in results:
-        try:
-            labels, value = dict(item["metric"]), float(item["value"][1])
-            pod = str(labels.get("pod", ""))
-        except (KeyError, TypeError, ValueError, IndexError):
-            raise LoadReadError("prometheus: malformed series in the answer") from None
-        rank = rank_from_pod_name(pod)
-        if rank is None or rank >= world_size:
-            raise LoadReadError(
-                f"prometheus: label pod={pod[:40]!r} is not a rank in 0..{world_size - 1}"
-            )
-        if not math.isfinite(value) or value < 0:
-            raise LoadReadError(f"prometheus: rank {rank} has value {value}")
+        rank, labels, value = _series(item, world_size)
         key = (
             _label_int(labels, "layer", num_layers, "prometheus"),
             _label_int(labels, "expert", num_experts, "prometheus"),
@@ -198,4 +242,9 @@ def read_prometheus(
     missing = sorted(set(range(world_size)) - set(counters))
     if missing:
         raise LoadReadError(f"prometheus: no series for ranks {missing} yet")
-    return CounterSnapshot(counters=counters, plan_versions={})
+    # The price of a gate bias: unknown (not an error) when Prometheus has none of it.
+    rerouted: dict[int, Rerouted] = {}
+    for item in _query(base_url, prometheus_rerouted_query(namespace, name), timeout) or ():
+        rank, labels, value = _series(item, world_size)
+        rerouted.setdefault(rank, {})[_label_int(labels, "layer", num_layers, "prometheus")] = value
+    return CounterSnapshot(counters=counters, plan_versions={}, rerouted=rerouted)

@@ -18,6 +18,12 @@ layer_imbalance = Gauge(
     "Max rank load / mean rank load per layer in the last window.",
     (*_DEPLOYMENT, "layer"),
 )
+gate_rerouted_fraction = Gauge(
+    "moe_gate_rerouted_fraction",
+    "Per layer, the fraction of top-K assignments the gate bias sent to another expert than the "
+    "model's own choice in the last window (workers' moe_gate_rerouted_total).",
+    (*_DEPLOYMENT, "layer"),
+)
 imbalance_threshold = Gauge(
     "moe_imbalance_threshold", "The deployment's spec.rebalancing.imbalanceThreshold.", _DEPLOYMENT
 )
@@ -76,6 +82,12 @@ def observe_imbalance(
         layer_imbalance.labels(namespace, name, str(layer)).set(ratio)
 
 
+def observe_rerouted(namespace: str, name: str, per_layer: Sequence[float | None]) -> None:
+    for layer, fraction in enumerate(per_layer):
+        if fraction is not None:
+            gate_rerouted_fraction.labels(namespace, name, str(layer)).set(fraction)
+
+
 def forget(namespace: str, name: str) -> None:
     """Drop a deleted deployment's series so alerts do not fire on ghosts."""
     for gauge in (
@@ -87,7 +99,7 @@ def forget(namespace: str, name: str) -> None:
     ):
         with contextlib.suppress(KeyError):
             gauge.remove(namespace, name)
-    for metric in (layer_imbalance, rebalances, evaluations_skipped):
+    for metric in (layer_imbalance, gate_rerouted_fraction, rebalances, evaluations_skipped):
         for labels in list(metric._metrics):  # no public API to list label sets
             if labels[:2] == (namespace, name):
                 with contextlib.suppress(KeyError):  # a concurrent forget got there first

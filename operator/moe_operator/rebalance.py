@@ -22,7 +22,7 @@ from functools import lru_cache
 from typing import Protocol
 
 from moe_operator.api import MoEDeploymentSpec, RebalanceRecord
-from moe_operator.handoff import HandoffError, HandoffResult, Served
+from moe_operator.handoff import HandoffError, HandoffResult, PlanRefused, Served
 from moe_operator.loads import CounterSnapshot, LoadReadError
 from moe_operator.perf import predicted_gain
 from moe_operator.perf.profiles import load_profile
@@ -58,7 +58,10 @@ class Window:
     snapshot: CounterSnapshot | None = None
     started_at: float = 0.0
     last_layer_imbalance: tuple[float, ...] = ()
+    last_rerouted_fraction: tuple[float | None, ...] = ()
+    """Per layer, the share of top-K assignments the gate bias rerouted in the last window."""
     last_loads_problem: str | None = None  # why the last read was unusable; None once one is
+    last_refusal: str | None = None  # the leader's last refusal of a plan, announced once
 
 
 @dataclass
@@ -67,6 +70,7 @@ class StepOutcome:
     applied_version: int | None  # None: the leader could not be asked
     state: detection.DetectionState
     layer_imbalance: tuple[float, ...]
+    rerouted_fraction: tuple[float | None, ...] = ()
     loads_problem: str | None = None
     handoff_problem: str | None = None
     skipped: str | None = None  # this step's evaluation was skipped: "unreadable" | "unusable"
@@ -96,6 +100,37 @@ def rank_layer_imbalance(
     return tuple(per_layer)
 
 
+def rerouted_fractions(
+    previous: CounterSnapshot, current: CounterSnapshot, num_layers: int
+) -> tuple[float | None, ...]:
+    """Measured price of the gate bias per layer [L]: top-K assignments it rerouted over the
+    window (every rank's `moe_gate_rerouted_total`) / all top-K assignments of the layer (every
+    rank's `moe_expert_tokens_total`: each assignment is processed by exactly one slot). None
+    for a layer some rank did not count in both snapshots (a worker without the counter, or
+    restarted), or without traffic."""
+    fractions: list[float | None] = []
+    for layer in range(num_layers):
+        rerouted, tokens, known = 0.0, 0.0, True
+        for rank, counters in current.counters.items():
+            now = current.rerouted.get(rank, {}).get(layer)
+            before = previous.rerouted.get(rank, {}).get(layer)
+            known = known and now is not None and before is not None and now >= before
+            if known:
+                assert now is not None and before is not None
+                rerouted += now - before
+            old = previous.counters.get(rank, {})
+            tokens += sum(v - old.get(key, 0.0) for key, v in counters.items() if key[0] == layer)
+        fractions.append(rerouted / tokens if known and tokens > 0 else None)
+    return tuple(fractions)
+
+
+def over_cap(fractions: tuple[float | None, ...], cap: float | None) -> list[tuple[int, float]]:
+    """(layer, measured fraction) of the layers whose rerouted fraction exceeds the cap."""
+    if cap is None:
+        return []
+    return [(layer, f) for layer, f in enumerate(fractions) if f is not None and f > cap]
+
+
 def _by_source(snapshot: CounterSnapshot) -> dict[str, dict[tuple[int, int], float]]:
     return {f"rank-{rank}": dict(counters) for rank, counters in snapshot.counters.items()}
 
@@ -121,7 +156,13 @@ def predicted_effect(
         return 1.0, 0.0
 
 
-def _hand_off(workers: Workers, desired: Plan, applied: int | None, outcome: StepOutcome) -> None:
+def _hand_off(
+    workers: Workers,
+    desired: Plan,
+    applied: int | None,
+    outcome: StepOutcome,
+    window: Window | None = None,
+) -> None:
     if applied is None or desired.version <= applied:
         return
     try:
@@ -135,6 +176,13 @@ def _hand_off(workers: Workers, desired: Plan, applied: int | None, outcome: Ste
     except HandoffError as error:
         outcome.handoff_problem = str(error)
         logger.warning("plan %d not handed off yet: %s", desired.version, error)
+        # A refusal of the plan itself is news once (the status keeps saying it); a leader
+        # that cannot be reached is retried quietly.
+        refusal = str(error) if isinstance(error, PlanRefused) else None
+        if refusal is not None and (window is None or window.last_refusal != refusal):
+            outcome.events.append(("Warning", "PlanRefused", refusal))
+        if window is not None:
+            window.last_refusal = refusal
         return
     outcome.applied_version = result.applied_version
     if result.pause_seconds is not None:
@@ -187,7 +235,7 @@ def control_step(
         handoff_problem=handoff_problem,
         events=events,
     )
-    _hand_off(workers, desired, applied, outcome)
+    _hand_off(workers, desired, applied, outcome, window)
     rebalancing = spec.rebalancing
     if now - window.started_at < rebalancing.evaluation_window_seconds:
         outcome.loads_problem = window.last_loads_problem  # between two reads, the last stands
@@ -254,6 +302,32 @@ def _policy(spec: MoEDeploymentSpec) -> detection.DetectionPolicy:
     )
 
 
+def _bias_upkeep(
+    spec: MoEDeploymentSpec,
+    outcome: StepOutcome,
+    decision: detection.Decision,
+    fractions: tuple[float | None, ...],
+    now: float,
+) -> bool:
+    """Whether a gate bias the workers serve needs an update although detection holds: its
+    measured price is above the cap (shrink it now, cooldown or not), or the load is balanced
+    and the cooldown over (the damped rule lets an unneeded bias decay, so routing returns to
+    the model's own). Above the threshold detection's own rules (consecutive evaluations,
+    cooldown) decide, as for any rebalance."""
+    state, gating = outcome.state, spec.rebalancing.gating
+    if outcome.desired.gate_bias is None or state.in_flight:
+        return False
+    if decision.action != detection.Action.HOLD:
+        return False
+    if over_cap(fractions, gating.max_rerouted_fraction):
+        return True
+    worst = decision.worst_imbalance
+    if worst is None or worst > spec.rebalancing.imbalance_threshold:
+        return False
+    last = state.last_rebalance_at
+    return last is None or now - last >= spec.rebalancing.cooldown_seconds
+
+
 def _evaluate(
     spec: MoEDeploymentSpec,
     previous: CounterSnapshot,
@@ -273,8 +347,10 @@ def _evaluate(
         expected_sources=[f"rank-{rank}" for rank in range(spec.parallelism.world_size)],
     )
     layer_imbalance = rank_layer_imbalance(previous, current, model.layers) if loads.usable else ()
+    fractions = rerouted_fractions(previous, current, model.layers) if loads.usable else ()
     if loads.usable:
         window.last_layer_imbalance = outcome.layer_imbalance = layer_imbalance
+        window.last_rerouted_fraction = outcome.rerouted_fraction = fractions
     outcome.loads_problem = window.last_loads_problem = loads.skip_reason
     if loads.skip_reason is not None:
         outcome.skipped = "unusable"
@@ -284,7 +360,10 @@ def _evaluate(
         skip_reason=loads.skip_reason,
     )
     outcome.state, decision = detection.evaluate(outcome.state, observation, now, _policy(spec))
-    if decision.action != detection.Action.REBALANCE or not spec.rebalancing.enabled:
+    if not spec.rebalancing.enabled:
+        return
+    upkeep = _bias_upkeep(spec, outcome, decision, fractions, now)
+    if decision.action != detection.Action.REBALANCE and not upkeep:
         return
     assert loads.expert_load is not None
     result = plan_rebalance(
@@ -295,10 +374,11 @@ def _evaluate(
         previous=outcome.desired,
         method=spec.rebalancing.method,
         gating_options=gating_options(spec),
-        rerouted_fraction=None,  # phase B: the workers' moe_gate_rerouted_total per layer
+        rerouted_fraction=list(fractions) or None,
     )
     if not result.changed:
-        outcome.events.append(("Normal", "RebalanceNotWorthIt", result.summary()))
+        if not upkeep:  # upkeep that changes nothing is no news
+            outcome.events.append(("Normal", "RebalanceNotWorthIt", result.summary()))
         return
     version = max(outcome.desired.version, outcome.state.desired_version) + 1
     if version > MAX_PLAN_VERSION:
@@ -327,6 +407,19 @@ def _evaluate(
         return
     outcome.desired, outcome.rebalance = new_plan, record
     outcome.state = detection.plan_issued(outcome.state, new_plan.version, now)
+    cap = spec.rebalancing.gating.max_rerouted_fraction
+    capped = over_cap(fractions, cap) if new_plan.gate_bias is not None else []
+    if capped:
+        worst = max(f for _, f in capped)
+        outcome.events.append(
+            (
+                "Normal",
+                "GateBiasCapped",
+                f"the gate bias rerouted up to {worst:.3f} of top-K assignments on layers "
+                f"{[layer for layer, _ in capped][:8]}, above rebalancing.gating."
+                f"maxReroutedFraction {cap:g}: their bias shrunk in plan {new_plan.version}",
+            )
+        )
     outcome.events.append(
         (
             "Normal",
@@ -335,4 +428,4 @@ def _evaluate(
             f"x{gain:.2f}, weight move ~{move:.2f}s",
         )
     )
-    _hand_off(workers, new_plan, outcome.applied_version, outcome)
+    _hand_off(workers, new_plan, outcome.applied_version, outcome, window)

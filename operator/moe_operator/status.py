@@ -26,6 +26,9 @@ class Observed:
     plan_version: int = 0
     applied_plan_version: int = 0
     worst_imbalance: float | None = None  # None: not measured yet
+    rerouted_fraction: tuple[float | None, ...] = ()  # per layer; None: not measured there
+    max_rerouted_fraction: float = 0.1  # rebalancing.gating.maxReroutedFraction
+    gate_bias_active: bool = False  # the desired plan carries a gate bias
     imbalance_threshold: float = 1.25
     loads_problem: str | None = None  # why the last evaluation was skipped, if it was
     handoff_problem: str | None = None  # why the desired plan has not reached the workers yet
@@ -150,10 +153,36 @@ def _conditions(observed: Observed, phase: Phase) -> list[tuple[str, str, str, s
                 balanced,
                 "WithinThreshold" if balanced else "AboveThreshold",
                 f"worst layer imbalance {observed.worst_imbalance:.2f} "
-                f"(threshold {observed.imbalance_threshold:.2f}){observed.balance_note}",
+                f"(threshold {observed.imbalance_threshold:.2f}){observed.balance_note}"
+                f"{_price_note(observed)}",
             )
         )
     return conditions
+
+
+def rerouted_summary(observed: Observed) -> dict[str, Any] | None:
+    """status.reroutedFraction: max and mean over the measured layers, each layer (-1: not
+    measured); None before any layer was measured."""
+    measured = [f for f in observed.rerouted_fraction if f is not None]
+    if not measured:
+        return None
+    return {
+        "max": round(max(measured), 4),
+        "mean": round(sum(measured) / len(measured), 4),
+        "perLayer": [-1.0 if f is None else round(f, 4) for f in observed.rerouted_fraction],
+        "cap": observed.max_rerouted_fraction,
+    }
+
+
+def _price_note(observed: Observed) -> str:
+    """What the gate bias costs, for the Balanced condition while one is served."""
+    summary = rerouted_summary(observed)
+    if not observed.gate_bias_active or summary is None:
+        return ""
+    return (
+        f"; it rerouted {summary['max']:.3f} of top-K assignments on the worst layer, "
+        f"{summary['mean']:.3f} on average (cap {observed.max_rerouted_fraction:g})"
+    )
 
 
 def _reconciled(observed: Observed) -> tuple[str, str, str, str]:
@@ -209,6 +238,9 @@ def compute_status(
             now=now,
         ),
     }
+    rerouted = rerouted_summary(observed)
+    if rerouted is not None:
+        status["reroutedFraction"] = rerouted
     if observed.endpoint:  # only where the children exist ("" would be sent as null)
         status["endpoint"] = observed.endpoint
         status["servedModelName"] = observed.served_model_name

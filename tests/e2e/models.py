@@ -36,12 +36,12 @@ def write_tokenizer(path: Path, vocab_size: int) -> Path:
     return path / "tokenizer.json"
 
 
-def mixtral_spec(layers: int, vocab_size: int) -> dict[str, Any]:
+def mixtral_spec(layers: int, vocab_size: int, experts: int = 8) -> dict[str, Any]:
     """spec.model of the checkpoint `write_mixtral` makes (grouped-query attention: 1 KV head)."""
     return {
         "architecture": "Mixtral",
         "layers": layers,
-        "expertsPerLayer": 8,
+        "expertsPerLayer": experts,
         "hiddenSize": 32,
         "ffnHiddenSize": 64,
         "attentionHeads": 2,
@@ -53,13 +53,15 @@ def mixtral_spec(layers: int, vocab_size: int) -> dict[str, Any]:
     }
 
 
-def write_mixtral(path: Path, *, layers: int, vocab_size: int, seed: int = 0) -> Path:
+def write_mixtral(
+    path: Path, *, layers: int, vocab_size: int, seed: int = 0, experts: int = 8
+) -> Path:
     """A random MixtralForCausalLM of `mixtral_spec`'s shape, saved by transformers, with a
     tokenizer. A larger init than the default makes routing and greedy choices decisive."""
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    spec = mixtral_spec(layers, vocab_size)
+    spec = mixtral_spec(layers, vocab_size, experts)
     config = MixtralConfig(
         vocab_size=vocab_size,
         hidden_size=spec["hiddenSize"],

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from moe_local.controlplane import free_port
-from moe_operator.loads import LoadReadError, read_prometheus
+from moe_operator.loads import CounterSnapshot, LoadReadError, read_prometheus
 from tests.requirements import require_tool
 
 pytestmark = pytest.mark.integration
@@ -39,16 +39,21 @@ class _Rank(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _counters(values: dict[tuple[int, int], float]) -> str:
+def _counters(values: dict[tuple[int, int], float], rerouted: float) -> str:
     lines = ["# TYPE moe_expert_tokens_total counter"]
     lines += [
         f'moe_expert_tokens_total{{layer="{layer}",expert="{expert}"}} {value}'
         for (layer, expert), value in values.items()
     ]
+    lines += [
+        "# TYPE moe_gate_rerouted_total counter",
+        f'moe_gate_rerouted_total{{layer="0"}} {rerouted}',
+    ]
     return "\n".join(lines) + "\n"
 
 
 RANK_COUNTERS = {0: {(0, 0): 120.0, (0, 1): 30.0}, 1: {(0, 2): 7.0, (0, 3): 0.0}}
+RANK_REROUTED = {0: {0: 9.0}, 1: {0: 2.0}}
 
 
 @pytest.fixture
@@ -58,7 +63,7 @@ def prometheus(tmp_path: Path) -> Iterator[str]:
     targets = []
     for rank, counters in RANK_COUNTERS.items():
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Rank)
-        _Rank.bodies[server.server_address[1]] = _counters(counters)
+        _Rank.bodies[server.server_address[1]] = _counters(counters, RANK_REROUTED[rank][0])
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         targets.append(
@@ -92,21 +97,22 @@ def prometheus(tmp_path: Path) -> Iterator[str]:
             server.shutdown()
 
 
-def _both_ranks(prometheus: str) -> dict[int, dict[tuple[int, int], float]]:
+def _both_ranks(prometheus: str) -> CounterSnapshot:
     deadline = time.monotonic() + 30
     while True:
         try:
-            snapshot = read_prometheus(
+            return read_prometheus(
                 prometheus, "ml", "moe", world_size=2, num_layers=1, num_experts=4
             )
-            return dict(snapshot.counters)
         except LoadReadError:
             assert time.monotonic() < deadline, "Prometheus never returned both ranks"
             time.sleep(0.5)
 
 
 def test_prometheus_source_returns_what_the_ranks_serve(prometheus: str) -> None:
-    assert _both_ranks(prometheus) == RANK_COUNTERS
+    snapshot = _both_ranks(prometheus)
+    assert snapshot.counters == RANK_COUNTERS
+    assert snapshot.rerouted == RANK_REROUTED  # scraped together with the token counters
 
 
 def test_prometheus_source_refuses_a_missing_rank(prometheus: str) -> None:

@@ -14,6 +14,7 @@ from moe_operator.loads import (
     LoadReadError,
     Target,
     parse_exposition,
+    parse_rerouted,
     read_direct,
     read_prometheus,
 )
@@ -24,6 +25,11 @@ moe_expert_tokens_total{layer="0",expert="1"} 12.0
 moe_expert_tokens_total{layer="1",expert="3"} 5.0
 # TYPE moe_plan_version gauge
 moe_plan_version 4.0
+# TYPE moe_gate_rerouted_total counter
+moe_gate_rerouted_total{layer="0"} 3.0
+moe_gate_rerouted_total{layer="1"} 0.0
+# TYPE moe_gate_rerouted_weight_total counter
+moe_gate_rerouted_weight_total{layer="0"} 0.25
 """
 
 
@@ -80,6 +86,18 @@ def server() -> Iterator[str]:
     httpd.shutdown()
 
 
+def test_parses_the_rerouted_counters_per_layer_and_refuses_odd_ones() -> None:
+    assert parse_rerouted(GOOD, num_layers=2, where="rank 0") == {0: 3.0, 1: 0.0}
+    assert parse_rerouted(GOOD.split("# TYPE moe_gate")[0], num_layers=2, where="r") == {}
+    for text, reason in (
+        ('moe_gate_rerouted_total{layer="2"} 1\n', "layer"),
+        ('moe_gate_rerouted_total{layer="0"} -1\n', "value"),
+        ('moe_gate_rerouted_total{layer="0"} NaN\n', "value"),
+    ):
+        with pytest.raises(LoadReadError, match=reason):
+            parse_rerouted(text, num_layers=2, where="rank 0")
+
+
 def test_direct_read_needs_every_rank(server: str) -> None:
     _Handler.bodies = {"/a": GOOD.encode(), "/b": GOOD.encode(), "/big": b"#" * (5 << 20)}
     snapshot = read_direct(
@@ -90,6 +108,7 @@ def test_direct_read_needs_every_rank(server: str) -> None:
     )
     assert snapshot.counters[1] == {(0, 1): 12.0, (1, 3): 5.0}
     assert snapshot.plan_versions == {0: 4, 1: 4}
+    assert snapshot.rerouted == {0: {0: 3.0, 1: 0.0}, 1: {0: 3.0, 1: 0.0}}
     with pytest.raises(LoadReadError, match=r"ranks \[1\]"):
         read_direct([Target(0, f"{server}/a")], world_size=2, num_layers=2, num_experts=4)
     with pytest.raises(LoadReadError, match="404"):

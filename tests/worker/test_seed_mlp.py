@@ -108,7 +108,7 @@ def test_gate_bias_moves_the_models_routing_per_layer(source: SyntheticWeights) 
     gate_bias_LE = torch.zeros(SHAPE.layers, SHAPE.experts)
     gate_bias_LE[1, rare] = 2.0  # more than any probability gap: every token of layer 1 visits it
     biased = local_experts(source)
-    run(model, biased, KVCache.for_shape(SHAPE, 32), items, gate_bias_LE=gate_bias_LE)
+    run(model, biased, KVCache.for_shape(SHAPE, 32), items, gate=gate_bias_LE)
     assert plain.counts_LE[1, rare] < 12 and biased.counts_LE[1, rare] == 12
     assert torch.equal(biased.counts_LE[0], plain.counts_LE[0])  # layer 0 has no bias
 

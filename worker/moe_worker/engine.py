@@ -22,7 +22,7 @@ L layers, E experts.
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -30,15 +30,42 @@ from torch import Tensor
 
 from moe_worker.dispatch import DispatchMeta, Pending, Placement, make_dispatcher
 from moe_worker.kv_cache import KVCache, StepBatch, StepMeta
-from moe_worker.models import Routing
+from moe_worker.models import GateBias, PriceCounters, Routing
 from moe_worker.models.grouped import SlotGroups, choose_kernel
-from moe_worker.plan import Plan, plan_transfers
+from moe_worker.plan import Plan, PlanError, plan_transfers
 from moe_worker.slots import SlotStacks
 from moe_worker.transfer import ExpertTransfer
 from moe_worker.two_batch import forward_steps, interleave, run_through
 from moe_worker.weights import WeightSource, build_model, load_experts, serving_dtype
 
 MoESteps = Generator[Pending, None, Tensor]
+
+
+def switch_bytes(
+    current_slots: int, new_slots: int, layers: int, received: int, expert_bytes: int
+) -> int:
+    """Bytes a plan switch allocates on one rank beyond what it holds, at its peak: a staging
+    buffer per expert received, the slots added in every layer, and one layer's old stacks
+    alive while its new ones are filled (`SlotStacks.flip` regrows layer by layer)."""
+    added = max(0, new_slots - current_slots) * layers
+    transient = current_slots if new_slots != current_slots else 0
+    return (received + added + transient) * expert_bytes
+
+
+def cuda_free_bytes(device: torch.device) -> int | None:
+    """What the device can still give: free memory plus what torch's allocator caches unused;
+    None off CUDA (a host's memory is not measured: placement.maxSlotsPerRank bounds it)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
 
 
 def plan_experts(plan: Plan, rank: int) -> list[tuple[int, int]]:
@@ -71,7 +98,10 @@ class EPEngine:
             self._placement(plan), self.shape.layers, self.shape.experts
         )
         self.plan = plan
-        self.gate_bias_LE = self._gate_bias(plan)
+        self.free_bytes: Callable[[], int | None] = lambda: cuda_free_bytes(self.device)
+        """Memory a switch may still allocate on this rank (None: not measured)."""
+        self.price = PriceCounters(self.shape.layers, self.device)
+        self.gate = self._gate(plan)
         self.reset_timers()
 
     @property
@@ -83,6 +113,11 @@ class EPEngine:
     def comm_seconds(self) -> float:
         """Time blocked on the MoE all-to-alls (exposed communication)."""
         return self.dispatcher.comm_seconds
+
+    def reroutes(self) -> tuple[list[int], list[float]]:
+        """Per layer [L]: top-K assignments of this rank's tokens that the gate bias moved off
+        the model's own choice, and the gate probability they lost; never reset."""
+        return self.price.read()
 
     def held_experts(self) -> list[set[int]]:
         """Per layer, the logical experts this rank holds under the plan being served."""
@@ -158,9 +193,7 @@ class EPEngine:
         fails on its own rank and never between two all-to-alls. Logits [B, V] (fp32) at each
         sequence's last new token ([N, V] if `all_positions`).
         """
-        return self.model(
-            batch, cache, self, self.gate_bias_LE, meta=meta, all_positions=all_positions
-        )
+        return self.model(batch, cache, self, self.gate, meta=meta, all_positions=all_positions)
 
     @torch.no_grad()
     def forward_overlapped(
@@ -174,7 +207,7 @@ class EPEngine:
         """Collective: the step's micro-batches (two-batch overlap), each prepared in order
         before the call; the logits of each. Every rank passes the same number of them."""
         steps = [
-            forward_steps(self.model, self.moe_steps, b, cache, m, self.gate_bias_LE, all_positions)
+            forward_steps(self.model, self.moe_steps, b, cache, m, self.gate, all_positions)
             for b, m in zip(batches, metas, strict=True)
         ]
         return interleave(steps)
@@ -189,9 +222,42 @@ class EPEngine:
         transfer.wait()
         return self.flip(plan, transfer)
 
+    @property
+    def expert_bytes(self) -> int:
+        """Memory of one expert slot (all of its matrices) in the serving dtype."""
+        rows_cols = self.arch.expert_shapes(self.shape)
+        return sum(r * c for r, c in rows_cols) * torch.empty((), dtype=self.dtype).element_size()
+
+    def check_memory(self, plan: Plan) -> None:
+        """Raise PlanError, with the reason and the fix, when switching to `plan` would need
+        more memory than this rank has free (measured on CUDA; never refused elsewhere)."""
+        free = self.free_bytes()
+        if free is None:
+            return
+        transfers = plan_transfers(self.plan, plan)
+        received = sum(t.dst == self.rank for t in transfers)
+        needed = switch_bytes(
+            self.plan.slots_per_rank,
+            plan.slots_per_rank,
+            self.shape.layers,
+            received,
+            self.expert_bytes,
+        )
+        if needed > free:
+            raise PlanError(
+                f"slotsPerRank: plan {plan.version} ({plan.slots_per_rank} slots per rank, "
+                f"{received} experts to receive) needs {_size(needed)} more on rank "
+                f"{self.rank} ({self.device}), which has {_size(free)} free; lower "
+                f"placement.maxSlotsPerRank (a slot costs {_size(self.expert_bytes)} per layer; "
+                "`moe-ep perf` reports it)"
+            )
+
     def start_switch(self, plan: Plan, group: dist.ProcessGroup | None) -> ExpertTransfer:
         """Post the messages that bring this rank the experts `plan` adds (on `group`; None: the
-        default group). The old plan keeps serving until `flip`."""
+        default group). The old plan keeps serving until `flip`. Raises PlanError, before any
+        message, when the switch would not fit this rank's memory (`check_memory`); collective
+        peers then fail their transfer, and the leader abandons the switch with that reason."""
+        self.check_memory(plan)
         transfer = ExpertTransfer(
             plan_transfers(self.plan, plan),
             self.rank,
@@ -211,13 +277,16 @@ class EPEngine:
         self.stacks.flip([slots[self.rank] for slots in plan.slots], transfer.received)
         self.dispatcher.placement = self._placement(plan)
         self.plan = plan
-        self.gate_bias_LE = self._gate_bias(plan)
+        self.gate = self._gate(plan)
         return len(transfer.received)
 
     def _placement(self, plan: Plan) -> Placement:
         return Placement.from_plan(plan, self.rank, self.shape.experts, self.device)
 
-    def _gate_bias(self, plan: Plan) -> Tensor | None:
+    def _gate(self, plan: Plan) -> GateBias | None:
+        """The plan's bias and guard, its price counted into `price` (the same counters across
+        plans: they never reset)."""
         if plan.gate_bias is None:
             return None
-        return torch.tensor(plan.gate_bias, dtype=torch.float32, device=self.device)
+        bias_LE = torch.tensor(plan.gate_bias, dtype=torch.float32, device=self.device)
+        return GateBias(bias_LE, plan.gate_max_margin, self.price)

@@ -40,6 +40,7 @@ DTYPE = "MOE_DTYPE"  # bfloat16 | float16 | float32
 KV_HEADS = "MOE_KV_HEADS"  # absent: as many as ATTENTION_HEADS
 VOCAB_SIZE = "MOE_VOCAB_SIZE"
 SLOTS_PER_RANK = "MOE_SLOTS_PER_RANK"
+MAX_SLOTS_PER_RANK = "MOE_MAX_SLOTS_PER_RANK"  # placement.maxSlotsPerRank: plans may grow to it
 CHECKPOINT = "MOE_CHECKPOINT"  # a Hugging Face checkpoint directory; absent: synthetic from SEED
 SEED = "MOE_SEED"
 

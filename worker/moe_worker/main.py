@@ -40,6 +40,7 @@ _SETTINGS_FLAGS: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
     "seed": (("seed",), int),
     "checkpoint": (("checkpoint",), str),
     "slots_per_rank": (("slots-per-rank",), int),
+    "max_slots_per_rank": (("max-slots-per-rank",), int),
     "switch_timeout": (("switch-timeout",), float),
     "background_switch": (("background-switch",), boolean),
     "two_batch_overlap": (("two-batch-overlap",), boolean),

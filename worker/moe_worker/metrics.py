@@ -3,6 +3,12 @@ in tests). Expert token counts are read from the dispatcher's counter buffer at 
 than incremented per step, so the hot path never touches prometheus-client, and a scrape never
 waits on the serving loop.
 
+`moe_gate_rerouted_total{layer}` and `moe_gate_rerouted_weight_total{layer}` are the price of the
+plan's gate bias (GatingBias rebalancing): top-K assignments of this rank's tokens whose expert is
+not the model's own choice, and the gate probability they lost, read the same way from the
+engine's counters. A series per layer from the start (zero without a bias); the denominator of a
+rerouted fraction is the layer's `moe_expert_tokens_total` summed over experts and ranks.
+
 `moe_expert_tokens_total{layer,expert}` has a series for every expert this rank holds under the
 plan it serves, and keeps every series it has ever exposed: the operator takes a vanished counter
 for a reset, so an expert that moves away keeps its last count instead of disappearing.
@@ -18,11 +24,15 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 EXPERT_TOKENS = "moe_expert_tokens"  # exposed as moe_expert_tokens_total{layer,expert}
+GATE_REROUTED = "moe_gate_rerouted"  # exposed as moe_gate_rerouted_total{layer}
+GATE_REROUTED_WEIGHT = "moe_gate_rerouted_weight"  # moe_gate_rerouted_weight_total{layer}
 
 CountsReader = Callable[[], Sequence[Sequence[int]] | None]
 """counts[layer][expert]: tokens this rank processed for that logical expert; None before load."""
 HeldReader = Callable[[], Sequence[set[int]]]
 """Per layer, the logical experts this rank holds now."""
+ReroutesReader = Callable[[], tuple[Sequence[int], Sequence[float]] | None]
+"""(rerouted assignments [L], lost gate probability [L]) so far; None before load."""
 
 
 class ExpertTokensCollector(Collector):
@@ -51,12 +61,43 @@ class ExpertTokensCollector(Collector):
         yield family
 
 
+class GateReroutesCollector(Collector):
+    def __init__(self, read_reroutes: ReroutesReader) -> None:
+        self.read_reroutes = read_reroutes
+
+    def collect(self) -> Iterator[Metric]:
+        rerouted = CounterMetricFamily(
+            GATE_REROUTED,
+            "Top-K assignments of this rank's tokens that the gate bias moved off the model's "
+            "own choice, per layer.",
+            labels=["layer"],
+        )
+        weight = CounterMetricFamily(
+            GATE_REROUTED_WEIGHT,
+            "Gate probability those rerouted assignments gave up, per layer.",
+            labels=["layer"],
+        )
+        read = self.read_reroutes()
+        if read is not None:
+            for layer, (count, lost) in enumerate(zip(*read, strict=True)):
+                rerouted.add_metric([str(layer)], count)
+                weight.add_metric([str(layer)], lost)
+        yield rerouted
+        yield weight
+
+
 class WorkerMetrics:
     """All metrics of one worker; the runtime updates them, the HTTP layer exposes the registry."""
 
-    def __init__(self, read_counts: CountsReader, read_held: HeldReader) -> None:
+    def __init__(
+        self,
+        read_counts: CountsReader,
+        read_held: HeldReader,
+        read_reroutes: ReroutesReader = lambda: None,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(ExpertTokensCollector(read_counts, read_held))
+        self.registry.register(GateReroutesCollector(read_reroutes))
         r = self.registry
         self.plan_version = Gauge(
             "moe_plan_version", "Version of the plan being served.", registry=r

@@ -66,7 +66,13 @@ def read_initial_plan(settings: WorkerSettings) -> Plan:
         if path.is_file():
             try:
                 plan = parse_plan(path.read_text())
-                check_plan(plan, num_layers=m.layers, num_experts=m.experts, world_size=world)
+                check_plan(
+                    plan,
+                    num_layers=m.layers,
+                    num_experts=m.experts,
+                    world_size=world,
+                    max_slots_per_rank=settings.max_slots_per_rank,
+                )
                 return plan
             except (PlanError, OSError) as error:
                 log.warning(
@@ -90,7 +96,7 @@ class Runtime:
         self.engine: EPEngine | None = None
         self.runner: ModelRunner | None = None
         self.switcher: BackgroundSwitcher | None = None
-        self.metrics = WorkerMetrics(self._read_counts, self._read_held)
+        self.metrics = WorkerMetrics(self._read_counts, self._read_held, self._read_reroutes)
         self.stopping = threading.Event()
         self.stopped = threading.Event()
         self._ready = False
@@ -157,10 +163,19 @@ class Runtime:
         return None if self.engine is None else self.engine.plan
 
     def validate_plan(self, plan: Plan) -> None:
-        m = self.settings.model
+        """The plan fits the model, the world, the slots per rank this group may grow to, and
+        (measured on CUDA) the leader's free memory; PlanError with the reason (HTTP 422)."""
+        s, m = self.settings, self.settings.model
         check_plan(
-            plan, num_layers=m.layers, num_experts=m.experts, world_size=self.settings.world_size
+            plan,
+            num_layers=m.layers,
+            num_experts=m.experts,
+            world_size=s.world_size,
+            max_slots_per_rank=s.max_slots_per_rank,
         )
+        engine = self.engine
+        if engine is not None and plan.version > engine.plan.version:
+            engine.check_memory(plan)
 
     def submit(self, request: GenerationRequest, on_event: EventSink) -> None:
         if self.leader is None:
@@ -338,6 +353,10 @@ class Runtime:
     def _read_counts(self) -> list[list[int]] | None:
         engine = self.engine
         return None if engine is None else engine.counts_LE.tolist()
+
+    def _read_reroutes(self) -> tuple[list[int], list[float]] | None:
+        engine = self.engine
+        return None if engine is None else engine.reroutes()
 
     def _read_held(self) -> list[set[int]]:
         engine = self.engine

@@ -56,6 +56,10 @@ class WorkerSettings:
     and gives the others."""
     slots_per_rank: int = 1
     """Slots per rank of the initial round-robin plan (used when no plan file exists)."""
+    max_slots_per_rank: int | None = None
+    """The most slots per rank a plan may give this group (placement.maxSlotsPerRank: the
+    memory the user gives expert weights); a plan above it is refused with HTTP 422. None: no
+    limit but the memory a device measures free."""
     plan_path: str | None = None
     token_path: str | None = None
     http_port: int = env.DEFAULT_HTTP_PORT
@@ -120,6 +124,7 @@ SETTING_VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "backend": (env.BACKEND, str),
     "device": (env.DEVICE, str),
     "slots_per_rank": (env.SLOTS_PER_RANK, int),
+    "max_slots_per_rank": (env.MAX_SLOTS_PER_RANK, int),
     "plan_path": (env.PLAN_PATH, str),
     "token_path": (env.TOKEN_PATH, str),
     "http_port": (env.HTTP_PORT, int),

@@ -4,6 +4,8 @@
                                process group of its own), a watcher thread waits for them;
                                the old plan keeps serving
     steps k+1.. state()        pending / done / failed, reported to the leader in each result
+                               (a rank whose memory cannot hold the plan fails here, before
+                               posting anything: the switch is abandoned as "does not fit")
     step m      flip(version)  every rank reported done: copy the staging buffers into the
                                stacked slots and serve the new plan (the serving pause)
              or abandon(why)   a rank failed or the switch timed out: drop it, the old plan
@@ -105,9 +107,12 @@ class BackgroundSwitcher:
             self.group = new_transfer_group(self.timeout_s)
         self.plan = self.transfer = self.error = None
         timeout = reason.startswith("timeout")
+        # A rank that refused the plan before moving anything (`EPEngine.check_memory`): the
+        # plan itself is at fault, not the transfer, and sending it again will not help.
+        refused = f"{FAILED}: PlanError" in reason
         return {
             "applied": False,
-            "reason": "timeout" if timeout else "transfer failed",
+            "reason": "timeout" if timeout else "does not fit" if refused else "transfer failed",
             "error": reason,
             "version": self.engine.plan.version,
         }

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from torch import Tensor
 
 from moe_worker.kv_cache import KVCache, StepBatch, StepMeta
-from moe_worker.models import MoETransformer, Routing
+from moe_worker.models import GateBias, MoETransformer, Routing
 
 T = TypeVar("T")
 Item = tuple[Any, Sequence[int], int]
@@ -75,13 +75,13 @@ def forward_steps(
     batch: StepBatch,
     cache: KVCache,
     meta: StepMeta,
-    gate_bias_LE: Tensor | None,
+    gate: GateBias | None,
     all_positions: bool = False,
 ) -> Generator[Any, None, Tensor]:
     """`model.forward` of one micro-batch, yielding inside its MoE layers; returns its logits."""
     x_ND, rope = model.embed(batch)
     for index in range(len(model.layers)):
-        h_ND, r_ND, routing = model.before_experts(index, x_ND, rope, cache, meta, gate_bias_LE)
+        h_ND, r_ND, routing = model.before_experts(index, x_ND, rope, cache, meta, gate)
         x_ND = h_ND + (yield from moe_steps(index, r_ND, routing))
     return model.logits(x_ND, batch, all_positions)
 

@@ -183,6 +183,8 @@ def _worker_env(name: str, namespace: str, spec: MoEDeploymentSpec) -> list[dict
         worker_env.PIPELINE_PARALLEL: layout.pipeline,
         **worker_env.shape_to_env(spec.model.to_shape()),
         worker_env.SLOTS_PER_RANK: spec.placement.slots_per_rank,
+        # The workers refuse (HTTP 422) a plan growing past it: the memory given to experts.
+        worker_env.MAX_SLOTS_PER_RANK: spec.placement.most_slots_per_rank,
         worker_env.PLAN_PATH: f"{worker_env.PLAN_MOUNT_DIR}/{PLAN_FILE_NAME}",
         worker_env.TOKEN_PATH: f"{worker_env.TOKEN_MOUNT_DIR}/{worker_env.TOKEN_FILE_NAME}",
         worker_env.HTTP_PORT: spec.worker.port,

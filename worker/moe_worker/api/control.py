@@ -121,11 +121,14 @@ def create_control_app(
 
 
 def _switch_status(result: dict[str, Any]) -> int:
-    """200 applied; 409 stale; 504 a switch abandoned at its timeout; 503 one abandoned because
-    a transfer failed (the old plan serves: try again later)."""
+    """200 applied; 409 stale; 422 a rank cannot hold the plan (its memory; the error says how
+    much); 504 a switch abandoned at its timeout; 503 one abandoned because a transfer failed
+    (the old plan serves: try again later)."""
     if result.get("applied"):
         return 200
     reason = result.get("reason")
+    if reason == "does not fit":
+        return 422
     return 409 if reason == "stale" else 504 if reason == "timeout" else 503
 
 

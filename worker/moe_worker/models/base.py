@@ -31,7 +31,9 @@ __all__ = [
     "DTYPES",
     "Architecture",
     "ExpertWeights",
+    "GateBias",
     "MoEFn",
+    "PriceCounters",
     "Reroutes",
     "Routing",
     "generator_for",
@@ -136,6 +138,57 @@ def route_priced(
     probs_NE = torch.softmax(logits_NE.float(), dim=-1)
     selection = select(probs_NE, top_k, gate_bias_E, max_margin)
     return _weighted(probs_NE, selection, normalize), price(probs_NE, selection)
+
+
+class PriceCounters:
+    """What the gate bias cost, per layer, summed over every token this rank routed under one:
+    rerouted top-K assignments and the gate probability they lost. Never reset (they back the
+    `moe_gate_rerouted_*` counters); kept on the tokens' device, so adding to them never makes
+    the host wait, and read whole at scrape time."""
+
+    def __init__(self, num_layers: int, device: torch.device | str = "cpu") -> None:
+        self.rerouted_L = torch.zeros(num_layers, dtype=torch.int64, device=device)
+        self.lost_weight_L = torch.zeros(num_layers, dtype=torch.float64, device=device)
+
+    def add(self, layer: int, reroutes: Reroutes) -> None:
+        self.rerouted_L[layer] += reroutes.rerouted_N.sum()
+        self.lost_weight_L[layer] += reroutes.lost_weight_N.sum().double()
+
+    def read(self) -> tuple[list[int], list[float]]:
+        """(rerouted assignments [L], lost gate probability [L]) so far."""
+        return self.rerouted_L.tolist(), self.lost_weight_L.tolist()
+
+
+@dataclass(frozen=True)
+class GateBias:
+    """A plan's gate bias as the model applies it: the values, the guard, where the price goes.
+
+    A bare bias tensor (tests, the single-process generator) is the same with no guard and
+    nothing counted."""
+
+    bias_LE: Tensor
+    """[L, E] fp32, added to the gate probabilities for selection only."""
+    max_margin: float | None = None
+    """The plan's gateMaxMargin (None: the bias acts on every token)."""
+    counters: PriceCounters | None = None
+    """Where each layer's price is added (None: not counted)."""
+
+    @classmethod
+    def of(cls, gate: GateBias | Tensor | None) -> GateBias | None:
+        return cls(gate) if isinstance(gate, Tensor) else gate
+
+    def route(self, layer: int, logits_NE: Tensor, top_k: int, *, normalize: bool) -> Routing:
+        """The layer's routing under this bias; its price added to `counters`."""
+        bias_E, margin = self.bias_LE[layer], self.max_margin
+        if self.counters is None:
+            return route(
+                logits_NE, top_k, normalize=normalize, gate_bias_E=bias_E, max_margin=margin
+            )
+        routing, reroutes = route_priced(
+            logits_NE, top_k, normalize=normalize, gate_bias_E=bias_E, max_margin=margin
+        )
+        self.counters.add(layer, reroutes)
+        return routing
 
 
 def _weighted(probs_NE: Tensor, selection: Selection, normalize: bool) -> Routing:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_worker.kv_cache import KVCache, StepBatch, StepMeta
-from moe_worker.models.base import Architecture, MoEFn, Routing, route
+from moe_worker.models.base import Architecture, GateBias, MoEFn, Routing, route
 from moe_worker.models.config import ModelSpec
 from moe_worker.models.layers import RMSNorm, rope_cos_sin
 
@@ -51,7 +51,7 @@ class MoETransformer(nn.Module):
         batch: StepBatch,
         cache: KVCache,
         moe: MoEFn,
-        gate_bias_LE: Tensor | None = None,
+        gate: GateBias | Tensor | None = None,
         *,
         meta: StepMeta | None = None,
         all_positions: bool = False,
@@ -59,13 +59,14 @@ class MoETransformer(nn.Module):
         """fp32 logits at the last new token of each sequence [B, V] (every token [N, V] if
         `all_positions`). Writes the step's K/V into `cache`.
 
+        `gate`: the plan's gate bias (a bare [L, E] tensor: unguarded, uncounted), or None.
         `meta` is `cache.prepare(batch)`, done here if not given; an EP rank prepares it before
         the collective step, so that a full cache cannot fail between two all-to-alls.
         """
         meta = cache.prepare(batch) if meta is None else meta
         x_ND, rope = self.embed(batch)
         for index in range(len(self.layers)):
-            h_ND, r_ND, routing = self.before_experts(index, x_ND, rope, cache, meta, gate_bias_LE)
+            h_ND, r_ND, routing = self.before_experts(index, x_ND, rope, cache, meta, gate)
             x_ND = h_ND + moe(index, r_ND, routing)
         return self.logits(x_ND, batch, all_positions)
 
@@ -86,7 +87,7 @@ class MoETransformer(nn.Module):
         rope: tuple[Tensor, Tensor],
         cache: KVCache,
         meta: StepMeta,
-        gate_bias_LE: Tensor | None,
+        gate: GateBias | Tensor | None,
     ) -> tuple[Tensor, Tensor, Routing]:
         """Layer `index` up to its experts: the residual stream after attention [N, D], the
         normalised input of the experts [N, D], and the router's choice."""
@@ -94,11 +95,12 @@ class MoETransformer(nn.Module):
         assert isinstance(layer, DecoderLayer)
         h_ND = x_ND + layer.self_attn(layer.input_layernorm(x_ND), rope, cache, index, meta)
         r_ND = layer.post_attention_layernorm(h_ND)
-        bias_E = None if gate_bias_LE is None else gate_bias_LE[index]
-        s = self.spec.shape
-        routing = route(
-            layer.gate(r_ND), s.top_k, normalize=self.spec.norm_topk_prob, gate_bias_E=bias_E
-        )
+        logits_NE, top_k = layer.gate(r_ND), self.spec.shape.top_k
+        bias = GateBias.of(gate)
+        if bias is None:
+            routing = route(logits_NE, top_k, normalize=self.spec.norm_topk_prob)
+        else:
+            routing = bias.route(index, logits_NE, top_k, normalize=self.spec.norm_topk_prob)
         return h_ND, r_ND, routing
 
     def logits(self, x_ND: Tensor, batch: StepBatch, all_positions: bool = False) -> Tensor:
