@@ -8,6 +8,7 @@ moves CUDA tensors only, gloo CPU ones).
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 
 import torch
@@ -28,18 +29,56 @@ def resolve_device(device: str, backend: str, local_rank: int) -> tuple[torch.de
 
 
 def join(
-    backend: str, master_addr: str, master_port: int, rank: int, world_size: int, timeout_s: float
-) -> None:
+    backend: str,
+    master_addr: str,
+    master_port: int,
+    rank: int,
+    world_size: int,
+    *,
+    collective_timeout_s: float,
+    startup_timeout_s: float,
+) -> dist.Store:
+    """Join the group once every rank is there; returns its store (for `wait_for_peers`).
+
+    Two clocks: pods of one group start minutes apart (image pulls, scheduling), so joining
+    waits up to `startup_timeout_s` on the rendezvous store, and only then does the process
+    group begin, whose collectives fail after `collective_timeout_s` (a dead or hung peer: the
+    rank's loop ends, the process exits non-zero and the group is brought back whole).
+    """
     log.info(
         "rank %d/%d joining %s group at %s:%d", rank, world_size, backend, master_addr, master_port
     )
+    store = dist.TCPStore(
+        master_addr,
+        master_port,
+        world_size,
+        is_master=rank == 0,
+        timeout=timedelta(seconds=startup_timeout_s),
+        wait_for_workers=False,
+    )
+    wait_for_peers(store, "joined", world_size, startup_timeout_s)
     dist.init_process_group(
         backend,
-        init_method=f"tcp://{master_addr}:{master_port}",
+        store=store,
         rank=rank,
         world_size=world_size,
-        timeout=timedelta(seconds=timeout_s),
+        timeout=timedelta(seconds=collective_timeout_s),
     )
+    return store
+
+
+def wait_for_peers(store: dist.Store, step: str, world_size: int, timeout_s: float) -> None:
+    """Count this rank in for `step` and wait until all `world_size` are: a barrier on the
+    rendezvous store, with its own (startup) timeout instead of the collectives' one."""
+    key = f"moe-ep/{step}"
+    store.add(key, 1)
+    deadline = time.monotonic() + timeout_s
+    while (count := store.add(key, 0)) < world_size:
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{count} of {world_size} ranks reached '{step}' within {timeout_s:g} s"
+            )
+        time.sleep(0.1)
 
 
 def collective_device() -> torch.device:
