@@ -173,6 +173,7 @@ def _worker_env(name: str, namespace: str, spec: MoEDeploymentSpec) -> list[dict
     layout, worker = spec.parallelism, spec.worker
     values: dict[str, object] = {
         worker_env.WORLD_SIZE: layout.world_size,
+        worker_env.RANKS_PER_POD: worker.local_ranks(),
         worker_env.MASTER_ADDR: master_address(name, namespace),
         worker_env.MASTER_PORT: spec.worker.master_port,
         worker_env.BACKEND: spec.worker.backend,
@@ -190,6 +191,8 @@ def _worker_env(name: str, namespace: str, spec: MoEDeploymentSpec) -> list[dict
         worker_env.KV_CACHE_TOKENS: worker.kv_cache_tokens,
         worker_env.MAX_BATCH_TOKENS: worker.max_batch_tokens,
         worker_env.MAX_QUEUED_REQUESTS: worker.max_queued_requests,
+        worker_env.STALL_TIMEOUT: worker.stall_timeout_seconds,
+        worker_env.COLLECTIVE_TIMEOUT: worker.collective_timeout_seconds,
         # Where the container's termination message goes (the kubelet reads it back into the
         # pod's status; the operator shows a start-up refusal from there).
         worker_env.TERMINATION_MESSAGE_PATH: TERMINATION_MESSAGE_PATH,
@@ -236,13 +239,20 @@ def _serving_volumes(spec: MoEDeploymentSpec) -> list[tuple[dict[str, Any], str]
 
 
 def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dict[str, Any]:
-    """World-size worker pods started together (Parallel): the process group needs all of them.
+    """The group's pods (world size / ranks per pod), started together (Parallel): the process
+    group needs all of them. Pod p runs ranks p x ranksPerPod .. (p + 1) x ranksPerPod - 1.
 
     OnDelete: the StatefulSet controller never replaces pods one at a time on a template change
     (a process group cannot mix templates); the operator replaces the whole group at once.
     """
     worker = spec.worker
-    http_probe = {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 5}
+    # A pod of several ranks answers its probes by asking each rank (up to 2 s): more than the
+    # kubelet's default 1 s timeout.
+    http_probe = {
+        "httpGet": {"path": "/readyz", "port": "metrics"},
+        "periodSeconds": 5,
+        "timeoutSeconds": 5,
+    }
     container = {
         "name": CONTAINER_NAME,
         "image": worker.image,
@@ -259,10 +269,14 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
         # A start-up refusal writes the file; any other crash still says why (its log's end).
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "readinessProbe": http_probe,
+        # The worker's watchdog turns /healthz 503 after stallTimeoutSeconds without a step
+        # (a hung collective, a stopped rank): three failures 5 s apart restart the container,
+        # and the operator, seeing the restart, brings the whole group back.
         "livenessProbe": {
             "httpGet": {"path": "/healthz", "port": "metrics"},
-            "periodSeconds": 10,
-            "failureThreshold": 6,
+            "periodSeconds": 5,
+            "timeoutSeconds": 5,
+            "failureThreshold": 3,
         },
         "resources": _resources(spec),
         "volumeMounts": [
@@ -300,7 +314,7 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
         "metadata": {"name": name, "labels": worker_labels(name)},
         "spec": {
             "serviceName": service_name(name),
-            "replicas": spec.parallelism.world_size,
+            "replicas": spec.pods,
             "podManagementPolicy": "Parallel",
             "updateStrategy": {"type": "OnDelete", "rollingUpdate": None},
             "selector": {"matchLabels": selector_labels(name)},
