@@ -32,6 +32,9 @@ POLL_S = 0.2
 GRACE_S = 5.0
 """How long stopped ranks may take to exit before they are killed: a rank has nothing to save,
 and one of a broken group may be blocked in a collective, or stopped, and never exit by itself."""
+BROKEN_GRACE_S = 1.0
+"""The same once a rank died: the group is broken, its survivors block in collectives that will
+never finish, and every second here is a second before the group is brought back."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,7 @@ def _watch(procs: list[subprocess.Popen[bytes]], rank_offset: int, why: list[str
     """Until every rank exited; `why` gets what stopped the group first."""
     stopping_since: float | None = None
     first_failure: int | None = None
+    grace = GRACE_S
 
     def stop_all(signum: int = signal.SIGTERM) -> None:
         nonlocal stopping_since
@@ -187,8 +191,9 @@ def _watch(procs: list[subprocess.Popen[bytes]], rank_offset: int, why: list[str
                 return first_failure or 0
             if stopping_since is None and any(code is not None for code in codes):
                 log.error("a rank exited: stopping the others")
+                grace = BROKEN_GRACE_S
                 stop_all()
-            if stopping_since is not None and time.monotonic() - stopping_since > GRACE_S:
+            if stopping_since is not None and time.monotonic() - stopping_since > grace:
                 stop_all(signal.SIGKILL)
             time.sleep(POLL_S)
     finally:

@@ -4,10 +4,11 @@ Probes, Prometheus and the operator see a pod, not its ranks: each rank's contro
 an internal port (`env.internal_control_port`, on the pod's loopback) and this app, served by the
 pod's launcher on the pod's port (`MOE_HTTP_PORT`), answers for the pod:
 
-GET  /healthz    200 {"status": "ok", "ranks": [...]} when every rank's /healthz is 200; 503
-                 {"status": "stalled"} naming the ranks whose serving loop stopped (their own
-                 503) or that do not answer within `probe_timeout` (a stopped process): the
-                 liveness probe then restarts the pod's container, and the operator the group
+GET  /healthz    200 {"status": "ok", "ranks": [...]} when every rank's /healthz is 200 (or a
+                 rank has not started listening yet: "starting"); 503 {"status": "stalled"}
+                 naming the ranks whose serving loop stopped (their own 503) or that answered
+                 once and no longer do within `probe_timeout` ("no answer": a stopped process):
+                 the liveness probe then restarts the pod's container, and the operator the group
 GET  /readyz     200 when every rank is ready (the pod is ready when all its ranks are); 503
 GET  /metrics    every rank's series merged (each carries its `rank` label), and
                  moe_pod_rank_up{rank} 1 or 0 for each rank (0: it did not answer)
@@ -121,17 +122,29 @@ def create_pod_app(
     pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(ranks)), thread_name_prefix="moe-pod")
     leader = ranks[0]
 
+    answered: set[int] = set()  # ranks whose control app answered once: they have started
+
+    def _silent(rank: int) -> str:
+        return "no answer" if rank in answered else "starting"
+
     def ask_all(path: str) -> list[Answer]:
-        return list(pool.map(lambda rank: _get(rank.url + path, probe_timeout), ranks))
+        answers = list(pool.map(lambda rank: _get(rank.url + path, probe_timeout), ranks))
+        answered.update(r.rank for r, a in zip(ranks, answers, strict=True) if a.status)
+        return answers
 
     @app.get("/healthz")
     def healthz() -> Response:
         answers = ask_all("/healthz")
         states = [
-            {"rank": rank.rank, "status": _json(answer).get("status") or "no answer"}
+            {"rank": rank.rank, "status": _json(answer).get("status") or _silent(rank.rank)}
             for rank, answer in zip(ranks, answers, strict=True)
         ]
-        live = all(answer.status == 200 for answer in answers)
+        # A rank still importing torch does not listen yet: live. One that answered before and
+        # no longer does (stopped, or wedged so its HTTP thread starves) is not.
+        live = all(
+            answer.status == 200 or (answer.status == 0 and rank.rank not in answered)
+            for rank, answer in zip(ranks, answers, strict=True)
+        )
         body = {"status": "ok" if live else "stalled", "ranks": states, "pid": os.getpid()}
         return JSONResponse(body, status_code=200 if live else 503)
 

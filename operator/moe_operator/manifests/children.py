@@ -271,9 +271,11 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
         "readinessProbe": http_probe,
         # The worker's watchdog turns /healthz 503 after stallTimeoutSeconds without a step
         # (a hung collective, a stopped rank): three failures 5 s apart restart the container,
-        # and the operator, seeing the restart, brings the whole group back.
+        # and the operator, seeing the restart, brings the whole group back. A one-rank pod
+        # answers only once torch is imported: the initial delay covers that on a busy node.
         "livenessProbe": {
             "httpGet": {"path": "/healthz", "port": "metrics"},
+            "initialDelaySeconds": 30,
             "periodSeconds": 5,
             "timeoutSeconds": 5,
             "failureThreshold": 3,
