@@ -419,8 +419,10 @@ class WorkerSpec(ApiModel):
         ge=5,
         le=3600,
         description="A rank whose serving loop makes no progress this long while it should (a "
-        "hung collective, a stopped peer) fails its liveness probe; the operator then replaces "
-        "the whole group. Above the longest step (a long prefill on a slow device).",
+        "hung collective, a stopped peer) fails its liveness probe (5 s apart, restarted after "
+        "max(3, this / 10) failures; a pod that does not answer at all, after those alone); "
+        "the operator then replaces the whole group. Above the longest step (a long prefill "
+        "on a slow device).",
     )
     collective_timeout_seconds: int = Field(
         120,

@@ -96,6 +96,13 @@ def test_the_pod_carries_the_timeouts_and_a_liveness_probe_on_the_watchdog() -> 
     probe = container["livenessProbe"]
     assert probe["httpGet"]["path"] == "/healthz"
     assert probe["timeoutSeconds"] > 2  # the pod asks each rank, up to 2 s
+    # A pod that stops answering is restarted after about half the stall timeout, at least 3
+    # failures: a short pause that heals is not punished.
+    budget = probe["periodSeconds"] * probe["failureThreshold"]
+    assert budget == 15
+    for stall, expected in ((5, 15), (60, 30), (600, 300)):
+        probe = children.liveness_probe(stall)
+        assert probe["periodSeconds"] * probe["failureThreshold"] == expected
 
 
 def test_a_pods_metrics_are_split_by_the_rank_label() -> None:

@@ -238,6 +238,25 @@ def _serving_volumes(spec: MoEDeploymentSpec) -> list[tuple[dict[str, Any], str]
     return found
 
 
+LIVENESS_PERIOD_S = 5
+
+
+def liveness_probe(stall_timeout_s: int) -> dict[str, Any]:
+    """The worker's watchdog turns /healthz 503 once its serving loop made no step for
+    `stall_timeout_s` (a hung collective, a stopped peer); a few failures 5 s apart then restart
+    the container, and the operator, seeing the restart, brings the whole group back. A pod that
+    does not answer at all (a stopped process) is restarted after about half the stall timeout:
+    a short pause that heals (a page-in storm, a debugger) is not punished. A one-rank pod
+    answers only once torch is imported: the initial delay covers that on a busy node."""
+    return {
+        "httpGet": {"path": "/healthz", "port": "metrics"},
+        "initialDelaySeconds": 30,
+        "periodSeconds": LIVENESS_PERIOD_S,
+        "timeoutSeconds": 5,  # a pod of several ranks asks each (up to 2 s)
+        "failureThreshold": max(3, -(-stall_timeout_s // (2 * LIVENESS_PERIOD_S))),
+    }
+
+
 def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dict[str, Any]:
     """The group's pods (world size / ranks per pod), started together (Parallel): the process
     group needs all of them. Pod p runs ranks p x ranksPerPod .. (p + 1) x ranksPerPod - 1.
@@ -269,17 +288,7 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
         # A start-up refusal writes the file; any other crash still says why (its log's end).
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "readinessProbe": http_probe,
-        # The worker's watchdog turns /healthz 503 after stallTimeoutSeconds without a step
-        # (a hung collective, a stopped rank): three failures 5 s apart restart the container,
-        # and the operator, seeing the restart, brings the whole group back. A one-rank pod
-        # answers only once torch is imported: the initial delay covers that on a busy node.
-        "livenessProbe": {
-            "httpGet": {"path": "/healthz", "port": "metrics"},
-            "initialDelaySeconds": 30,
-            "periodSeconds": 5,
-            "timeoutSeconds": 5,
-            "failureThreshold": 3,
-        },
+        "livenessProbe": liveness_probe(worker.stall_timeout_seconds),
         "resources": _resources(spec),
         "volumeMounts": [
             {"name": "plan", "mountPath": worker_env.PLAN_MOUNT_DIR, "readOnly": True},
