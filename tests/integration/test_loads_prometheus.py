@@ -39,10 +39,12 @@ class _Rank(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _counters(values: dict[tuple[int, int], float]) -> str:
+def _counters(rank: int, values: dict[tuple[int, int], float]) -> str:
+    """A worker's series: every one carries its `rank` label (a pod of several ranks serves
+    them all; the query sums by it, not by pod)."""
     lines = ["# TYPE moe_expert_tokens_total counter"]
     lines += [
-        f'moe_expert_tokens_total{{layer="{layer}",expert="{expert}"}} {value}'
+        f'moe_expert_tokens_total{{rank="{rank}",layer="{layer}",expert="{expert}"}} {value}'
         for (layer, expert), value in values.items()
     ]
     return "\n".join(lines) + "\n"
@@ -58,7 +60,7 @@ def prometheus(tmp_path: Path) -> Iterator[str]:
     targets = []
     for rank, counters in RANK_COUNTERS.items():
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Rank)
-        _Rank.bodies[server.server_address[1]] = _counters(counters)
+        _Rank.bodies[server.server_address[1]] = _counters(rank, counters)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         targets.append(

@@ -8,6 +8,7 @@ moves CUDA tensors only, gloo CPU ones).
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from datetime import timedelta
 
@@ -37,6 +38,7 @@ def join(
     *,
     collective_timeout_s: float,
     startup_timeout_s: float,
+    listen_address: str = "",
 ) -> dist.Store:
     """Join the group once every rank is there; returns its store (for `wait_for_peers`).
 
@@ -55,6 +57,7 @@ def join(
         is_master=rank == 0,
         timeout=timedelta(seconds=startup_timeout_s),
         wait_for_workers=False,
+        master_listen_fd=_listener(listen_address, master_port) if rank == 0 else None,
     )
     wait_for_peers(store, "joined", world_size, startup_timeout_s)
     dist.init_process_group(
@@ -65,6 +68,23 @@ def join(
         timeout=timedelta(seconds=collective_timeout_s),
     )
     return store
+
+
+def _listener(address: str, port: int) -> int | None:
+    """A socket listening on `address` only, for rank 0's store; None (the store listens on every
+    address) for a wildcard. torch's own store would take the port on every address of the
+    machine: two local clusters' groups (pods on their own 127.x.y.z) would meet on one store."""
+    if address in ("", "0.0.0.0", "::"):
+        return None
+    listener = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((address, port))
+        listener.listen(1024)
+    except OSError:
+        listener.close()
+        raise
+    return listener.detach()  # the store owns it from here
 
 
 def wait_for_peers(store: dist.Store, step: str, world_size: int, timeout_s: float) -> None:

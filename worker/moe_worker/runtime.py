@@ -201,6 +201,7 @@ class Runtime:
                 s.world_size,
                 collective_timeout_s=s.collective_timeout,
                 startup_timeout_s=s.startup_timeout,
+                listen_address=s.bind_address,
             )
         else:
             device = torch.device(s.device or "cpu")
