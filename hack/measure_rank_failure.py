@@ -52,6 +52,7 @@ DEPLOYMENT: dict[str, Any] = {
         "placement": {"slotsPerRank": 2},
         "worker": {"gpusPerPod": 0, "ranksPerPod": PER_POD, "backend": "gloo", "device": "cpu",
                    "stallTimeoutSeconds": 5, "collectiveTimeoutSeconds": 30,
+                   "masterPort": 29611,  # apart from other local clusters' stores on 29500
                    "extraEnv": [{"name": "OMP_NUM_THREADS", "value": "1"}]},
     },
 }  # fmt: skip
@@ -131,7 +132,7 @@ def trial(m: Measure, sig: signal.Signals, timeout: float) -> dict[str, Any]:
     victim = ranks_of(before[f"{NAME}-1"]["pid"])[-1]  # global rank 3
     started = time.monotonic()
     os.kill(victim, sig)
-    degraded_at = served_at = None
+    degraded_at = replaced_at = served_at = None
     try:
         while time.monotonic() - started < timeout:
             if degraded_at is None and m.status().get("phase") == "Degraded":
@@ -139,6 +140,8 @@ def trial(m: Measure, sig: signal.Signals, timeout: float) -> dict[str, Any]:
             pods = m.pods()
             leader = pods.get(f"{NAME}-0") or {}
             new = leader.get("uid") not in (None, before[f"{NAME}-0"]["uid"])
+            if new and replaced_at is None:
+                replaced_at = time.monotonic() - started
             if new and leader.get("ip") and answers(leader["ip"]):
                 served_at = time.monotonic() - started
                 break
@@ -152,6 +155,7 @@ def trial(m: Measure, sig: signal.Signals, timeout: float) -> dict[str, Any]:
         "signal": sig.name,
         "seconds_to_serving": None if served_at is None else round(served_at, 1),
         "seconds_to_degraded_status": None if degraded_at is None else round(degraded_at, 1),
+        "seconds_to_new_pods": None if replaced_at is None else round(replaced_at, 1),
         "plan_version_before": version,
         "plan_version_after": m.leader_version(after),
         "pods_replaced": sorted(n for n, p in after.items() if p["uid"] != before[n]["uid"]),

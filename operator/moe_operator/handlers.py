@@ -220,7 +220,9 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
     call.announce(list(state.events))
     group = group_state(state.statefulset, state.pods)
     world = parsed.pods  # pods, not ranks: what the StatefulSet counts ready
-    recovering = _recovering(base, world, ready_replicas(state.statefulset), group.restarting)
+    # Every pod there, none going, and as many ready (readyReplicas may lag the deletions).
+    back = group.current >= world and not group.restarting
+    recovering = _recovering(base, world, ready_replicas(state.statefulset), back)
     gang = None if group.restarting or not group.observed else gang_failure(state.pods)
     if group.stale:
         message = group.message(world)
@@ -281,10 +283,10 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
     _write_status(call, base, observed, desired, detection_state, outcome, last_rebalance, key)
 
 
-def _recovering(base: dict[str, Any], pods: int, ready: int, restarting: bool) -> str | None:
+def _recovering(base: dict[str, Any], pods: int, ready: int, back: bool) -> str | None:
     """The failure a group brought back whole is recovering from, as the last status said it,
-    until all its pods are ready again (and the old ones gone)."""
-    if ready >= pods and not restarting:
+    until all its pods are back (the old ones gone, new ones there) and ready."""
+    if ready >= pods and back:
         return None
     for item in base.get("conditions") or []:
         if item.get("type") == "Degraded" and item.get("reason") == RECOVERING_REASON:

@@ -276,6 +276,7 @@ def test_pods_of_two_ranks_serve_and_a_failed_rank_brings_the_group_back(e2e: E2
                       "attentionHeads": 2, "headDim": 16, "topK": 2, "dtype": "float32"},
             "parallelism": {"expert": 4},
             "worker": {"gpusPerPod": 0, "ranksPerPod": 2, "backend": "gloo", "device": "cpu",
+                       "masterPort": 29517,  # as the other deployment's: stores on pod addresses
                        "stallTimeoutSeconds": 5, "collectiveTimeoutSeconds": 30,
                        "kvCacheTokens": 256,
                        "extraEnv": [{"name": "OMP_NUM_THREADS", "value": "1"}]},
