@@ -37,9 +37,10 @@ def test_a_grown_replace_plan_changes_no_output() -> None:
     one_rank = Plan(version=1, slotsPerRank=len(all_slots), slots=((all_slots,),))
     dispatcher = LocalDispatcher(Placement.from_plan(one_rank, 0, EXPERTS), 1, EXPERTS)
     x_ND = torch.randn(400, 8, generator=generator)
-    chunks, meta = dispatcher.dispatch(0, x_ND, routing.topk_ids_NK)
+    grouped_nD, meta = dispatcher.dispatch(0, x_ND, routing.topk_ids_NK)
+    chunks = grouped_nD.split(meta.slot_sizes)  # rows of each local slot, slot 0 first
     scale = {expert: float(expert + 1) for expert in range(EXPERTS)}
-    outputs = [chunk * scale[all_slots[slot]] for slot, chunk in enumerate(chunks)]
+    outputs = torch.cat([chunk * scale[all_slots[slot]] for slot, chunk in enumerate(chunks)])
     served = dispatcher.combine(outputs, meta, routing.topk_weights_NK)
     scales_NK = routing.topk_ids_NK.float() + 1  # expert e multiplies by e + 1
     dense = x_ND * (routing.topk_weights_NK * scales_NK).sum(-1, keepdim=True)

@@ -283,10 +283,11 @@ class Runtime:
         one (background) or do one (blocking). The leader gets the answer."""
         assert self.engine is not None and self.switcher is not None
         answer = None
+        previous = self.engine.plan.version
         if d.abandon is not None:
             answer = self.switcher.abandon(d.abandon)
         if d.flip is not None:
-            answer = self._switched(*self.switcher.flip(d.flip), mode="background")
+            answer = self._switched(previous, *self.switcher.flip(d.flip), mode="background")
         if d.plan_json is not None:
             plan = parse_plan(d.plan_json)
             current = self.engine.plan.version
@@ -295,27 +296,38 @@ class Runtime:
             elif self.settings.background_switch:
                 self.switcher.start(plan)
             else:
-                answer = self._blocking_switch(plan)
+                answer = self._blocking_switch(previous, plan)
         if answer is not None and self.leader is not None:
             self.leader.answer_switch(answer)
 
-    def _blocking_switch(self, plan: Plan) -> dict[str, Any]:
+    def _blocking_switch(self, previous: int, plan: Plan) -> dict[str, Any]:
         assert self.engine is not None
         start = time.perf_counter()
         moved = self.engine.apply_plan(plan)
         dist.barrier()
-        return self._switched(plan, moved, time.perf_counter() - start, None, mode="blocking")
+        return self._switched(
+            previous, plan, moved, time.perf_counter() - start, None, mode="blocking"
+        )
 
     def _switched(
-        self, plan: Plan, moved: int, pause: float, transfer_s: float | None, *, mode: str
+        self,
+        previous: int,
+        plan: Plan,
+        moved: int,
+        pause: float,
+        transfer_s: float | None,
+        *,
+        mode: str,
     ) -> dict[str, Any]:
         self.metrics.switch_pause.observe(pause)
         self.metrics.last_switch_pause.set(pause)
         self.metrics.experts_moved.inc(moved)
         self.metrics.plan_version.set(plan.version)
+        # "switched plan A -> B" is what operators grep for (and the e2e suite reads).
         log.info(
-            "rank %d switched to plan %d (%s): received %d experts, serving pause %.4f s",
+            "rank %d switched plan %d -> %d (%s): received %d experts, serving pause %.4f s",
             self.settings.rank,
+            previous,
             plan.version,
             mode,
             moved,
