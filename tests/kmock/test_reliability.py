@@ -171,7 +171,7 @@ async def test_a_restarted_worker_brings_the_whole_group_back_on_its_plan(
     assert (degraded["status"], degraded["reason"]) == ("True", "GroupRecovering"), degraded
     assert "m1-1" in degraded["message"] and "rank 1 was killed" in degraded["message"]
     assert api.status("m1")["phase"] == "Degraded"
-    assert "GroupRecovering" in reasons(api)
+    await eventually(lambda: "GroupRecovering" in reasons(api), what="a GroupRecovering Event")
     await api.set_ready("m1", 0)
     await timer_ran()
     assert api.condition("m1", "Degraded")["reason"] == "GroupRecovering"  # until it serves
