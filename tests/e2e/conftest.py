@@ -74,6 +74,9 @@ def deployment(models: Path, name: str = NAME) -> dict[str, Any]:
                 # address only took that port on every address, and such a concurrent run on
                 # the same machine would take our rendezvous.
                 "masterPort": 29517,
+                # A worker that does not answer at all is restarted after half of it: the
+                # hang tests (SIGSTOP, then SIGCONT) hold a worker for up to ~40 s.
+                "stallTimeoutSeconds": 120,
                 "backend": "gloo",
                 "device": "cpu",
                 "apiKeys": {"secretName": API_KEYS_SECRET, "key": "keys"},

@@ -96,6 +96,8 @@ def test_the_pod_carries_the_timeouts_and_a_liveness_probe_on_the_watchdog() -> 
     probe = container["livenessProbe"]
     assert probe["httpGet"]["path"] == "/healthz"
     assert probe["timeoutSeconds"] > 2  # the pod asks each rank, up to 2 s
+    one = children.build_statefulset("m", "ns", spec(16, gpusPerPod=1))
+    assert one["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["timeoutSeconds"] == 1
     # A pod that stops answering is restarted after about half the stall timeout, at least 3
     # failures: a short pause that heals is not punished.
     budget = probe["periodSeconds"] * probe["failureThreshold"]

@@ -241,7 +241,13 @@ def _serving_volumes(spec: MoEDeploymentSpec) -> list[tuple[dict[str, Any], str]
 LIVENESS_PERIOD_S = 5
 
 
-def liveness_probe(stall_timeout_s: int) -> dict[str, Any]:
+def probe_timeout_s(ranks_per_pod: int) -> int:
+    """A pod of several ranks answers a probe by asking each (up to 2 s): more than the
+    kubelet's default 1 s, which a pod of one rank keeps."""
+    return 5 if ranks_per_pod > 1 else 1
+
+
+def liveness_probe(stall_timeout_s: int, ranks_per_pod: int = 1) -> dict[str, Any]:
     """The worker's watchdog turns /healthz 503 once its serving loop made no step for
     `stall_timeout_s` (a hung collective, a stopped peer); a few failures 5 s apart then restart
     the container, and the operator, seeing the restart, brings the whole group back. A pod that
@@ -252,7 +258,7 @@ def liveness_probe(stall_timeout_s: int) -> dict[str, Any]:
         "httpGet": {"path": "/healthz", "port": "metrics"},
         "initialDelaySeconds": 30,
         "periodSeconds": LIVENESS_PERIOD_S,
-        "timeoutSeconds": 5,  # a pod of several ranks asks each (up to 2 s)
+        "timeoutSeconds": probe_timeout_s(ranks_per_pod),
         "failureThreshold": max(3, -(-stall_timeout_s // (2 * LIVENESS_PERIOD_S))),
     }
 
@@ -265,12 +271,10 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
     (a process group cannot mix templates); the operator replaces the whole group at once.
     """
     worker = spec.worker
-    # A pod of several ranks answers its probes by asking each rank (up to 2 s): more than the
-    # kubelet's default 1 s timeout.
     http_probe = {
         "httpGet": {"path": "/readyz", "port": "metrics"},
         "periodSeconds": 5,
-        "timeoutSeconds": 5,
+        "timeoutSeconds": probe_timeout_s(worker.local_ranks()),
     }
     container = {
         "name": CONTAINER_NAME,
@@ -288,7 +292,7 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
         # A start-up refusal writes the file; any other crash still says why (its log's end).
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "readinessProbe": http_probe,
-        "livenessProbe": liveness_probe(worker.stall_timeout_seconds),
+        "livenessProbe": liveness_probe(worker.stall_timeout_seconds, worker.local_ranks()),
         "resources": _resources(spec),
         "volumeMounts": [
             {"name": "plan", "mountPath": worker_env.PLAN_MOUNT_DIR, "readOnly": True},
