@@ -118,6 +118,7 @@ def launch_pod(settings: WorkerSettings, log_level: str = "INFO") -> int:
     app = create_pod_app(
         [LocalRank(c.rank, f"http://{c.control_address}:{c.http_port}") for c in children],
         proxy_timeout=settings.switch_timeout + 30.0,
+        silence_timeout=settings.stall_timeout,
     )
     log.info(
         "pod ranks %d..%d of %d; the pod answers for them on port %d",

@@ -5,9 +5,10 @@ an internal port (`env.internal_control_port`, on the pod's loopback) and this a
 pod's launcher on the pod's port (`MOE_HTTP_PORT`), answers for the pod:
 
 GET  /healthz    200 {"status": "ok", "ranks": [...]} when every rank's /healthz is 200 (or a
-                 rank has not started listening yet: "starting"); 503 {"status": "stalled"}
-                 naming the ranks whose serving loop stopped (their own 503) or that answered
-                 once and no longer do within `probe_timeout` ("no answer": a stopped process):
+                 rank has not started listening yet: "starting", or has been silent for less
+                 than the stall timeout); 503 {"status": "stalled"} naming the ranks whose
+                 serving loop stopped (their own 503) or that answered once and have not for
+                 longer than the stall timeout ("no answer": a stopped process):
                  the liveness probe then restarts the pod's container, and the operator the group
 GET  /readyz     200 when every rank is ready (the pod is ready when all its ranks are); 503
 GET  /metrics    every rank's series merged (each carries its `rank` label), and
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -106,6 +108,7 @@ def create_pod_app(
     ranks: Sequence[LocalRank],
     *,
     probe_timeout: float = 2.0,
+    silence_timeout: float = 120.0,
     proxy_timeout: float = 90.0,
     max_body: int = 64 * 1024 * 1024,
     body_timeout: float = 30.0,
@@ -113,7 +116,8 @@ def create_pod_app(
     """The pod's control app over its `ranks` (local rank 0 first).
 
     `probe_timeout`: how long each rank may take to answer a probe or a scrape (a rank that does
-    not answer is taken as stalled); `proxy_timeout`: how long a request passed to rank 0 may
+    not answer is silent; silent for longer than `silence_timeout`, the worker's stall
+    timeout, it is taken as stalled); `proxy_timeout`: how long a request passed to rank 0 may
     take (a plan switch waits for every rank of the group: the switch timeout and a margin).
     """
     app = FastAPI(title="moe-worker pod", docs_url=None, redoc_url=None, openapi_url=None)
@@ -122,14 +126,21 @@ def create_pod_app(
     pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(ranks)), thread_name_prefix="moe-pod")
     leader = ranks[0]
 
-    answered: set[int] = set()  # ranks whose control app answered once: they have started
+    last_answer: dict[int, float] = {}  # rank -> when its control app last answered anything
 
     def _silent(rank: int) -> str:
-        return "no answer" if rank in answered else "starting"
+        return "no answer" if rank in last_answer else "starting"
+
+    def _silent_too_long(rank: int) -> bool:
+        """Not listening yet: starting. Silent for a while: busy (loading on a starved CPU).
+        Silent for longer than the stall timeout: stopped or wedged, as its loop would be."""
+        since = last_answer.get(rank)
+        return since is not None and time.monotonic() - since > silence_timeout
 
     def ask_all(path: str) -> list[Answer]:
         answers = list(pool.map(lambda rank: _get(rank.url + path, probe_timeout), ranks))
-        answered.update(r.rank for r, a in zip(ranks, answers, strict=True) if a.status)
+        now = time.monotonic()
+        last_answer.update((r.rank, now) for r, a in zip(ranks, answers, strict=True) if a.status)
         return answers
 
     @app.get("/healthz")
@@ -140,9 +151,10 @@ def create_pod_app(
             for rank, answer in zip(ranks, answers, strict=True)
         ]
         # A rank still importing torch does not listen yet: live. One that answered before and
-        # no longer does (stopped, or wedged so its HTTP thread starves) is not.
+        # has not for longer than the stall timeout (stopped, or wedged so its HTTP thread
+        # starves) is not.
         live = all(
-            answer.status == 200 or (answer.status == 0 and rank.rank not in answered)
+            answer.status == 200 or (answer.status == 0 and not _silent_too_long(rank.rank))
             for rank, answer in zip(ranks, answers, strict=True)
         )
         body = {"status": "ok" if live else "stalled", "ranks": states, "pid": os.getpid()}
