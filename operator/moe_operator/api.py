@@ -211,7 +211,8 @@ class ModelSpec(ApiModel):
 
 
 class ParallelismSpec(ApiModel):
-    """Parallel layout; the world size (worker pods) is expert x tensor x pipeline."""
+    """Parallel layout; the world size (ranks, worker.ranksPerPod to a pod) is expert x tensor x
+    pipeline."""
 
     expert: int = Field(
         16, ge=1, le=4096, description="Expert-parallel degree (ranks holding experts)."
@@ -518,7 +519,38 @@ class WorkerSpec(ApiModel):
         "IfNotPresent", description="When the kubelet pulls the image."
     )
     gpus_per_pod: int = Field(
-        1, ge=0, le=16, description="GPUs (gpuResourceName) requested by each pod."
+        1,
+        ge=0,
+        le=16,
+        description="GPUs (gpuResourceName) requested by each pod; on device cuda each pod "
+        "runs one rank per GPU (see ranksPerPod): EP16 on 8-GPU nodes is two pods of 8.",
+    )
+    ranks_per_pod: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Rank processes in each pod (a local launcher starts them, as torchrun): "
+        "rank = pod ordinal x ranksPerPod + local rank, so the ranks of one node talk over "
+        "NVLink and pods over the network. 0 (default): gpusPerPod on device cuda, 1 on cpu. "
+        "parallelism.expert must be a multiple of it; the pods are expert / ranksPerPod.",
+    )
+    stall_timeout_seconds: int = Field(
+        60,
+        ge=5,
+        le=3600,
+        description="A rank whose serving loop makes no progress this long while it should (a "
+        "hung collective, a stopped peer) fails its liveness probe (5 s apart, restarted after "
+        "max(3, this / 10) failures; a pod that does not answer at all, after those alone); "
+        "the operator then replaces the whole group. Above the longest step (a long prefill "
+        "on a slow device).",
+    )
+    collective_timeout_seconds: int = Field(
+        120,
+        ge=10,
+        le=3600,
+        description="How long a collective waits for a peer before it fails "
+        "(init_process_group's timeout): a dead peer ends the group's loops, the pods exit and "
+        "the group comes back. Joining and loading wait separately, up to 30 minutes.",
     )
     gpu_resource_name: str = Field(
         DEFAULT_GPU_RESOURCE,
@@ -600,6 +632,12 @@ class WorkerSpec(ApiModel):
         description="Affinity, spread, priority, scheduler and gang scheduling.",
     )
 
+    def local_ranks(self) -> int:
+        """Ranks in each pod: ranksPerPod, or its default (a rank per GPU on cuda, 1 on cpu)."""
+        if self.ranks_per_pod:
+            return self.ranks_per_pod
+        return max(1, self.gpus_per_pod) if self.device == "cuda" else 1
+
 
 class MetricsSpec(ApiModel):
     """Where the operator reads per-expert token counters."""
@@ -629,6 +667,11 @@ class MoEDeploymentSpec(ApiModel):
     )
     worker: WorkerSpec = Field(default_factory=WorkerSpec, description="Worker pods.")
     metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Token-load source.")
+
+    @property
+    def pods(self) -> int:
+        """Worker pods (the StatefulSet's replicas): world size / ranks per pod."""
+        return self.parallelism.world_size // self.worker.local_ranks()
 
 
 Phase = Literal["Pending", "Deploying", "Running", "Rebalancing", "Degraded", "Failed"]

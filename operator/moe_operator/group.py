@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from moe_operator.failures import CONTAINER_NAME, STARTUP_EXIT_CODE
+
 REVISION_LABEL = "controller-revision-hash"
 
 
@@ -79,3 +81,82 @@ def group_state(statefulset: dict[str, Any], pods: Sequence[dict[str, Any]]) -> 
         else:
             current += 1
     return GroupState(observed, revision, tuple(stale), terminating, current)
+
+
+RECOVERING_REASON = "GroupRecovering"
+"""The Degraded condition's reason while a group brought back after a failure forms again."""
+
+
+@dataclass(frozen=True)
+class GangFailure:
+    """A rank of the group died or hung: every live pod is replaced at once.
+
+    One process group cannot take a rank back: a restarted rank cannot rejoin the survivors'
+    communicator, and they are stuck in (or failing) collectives with it. As LeaderWorkerSet's
+    RecreateGroupOnRestart, the group restarts whole: new pods, a new rendezvous, the current
+    plan from the ConfigMap.
+    """
+
+    pods: tuple[PodRef, ...]  # every live pod of the group
+    failed: tuple[str, ...]  # "<pod>: <what happened>", one per failed pod
+
+    def message(self, pods: int) -> str:
+        return (
+            f"{'; '.join(self.failed[:4])}{'; ...' if len(self.failed) > 4 else ''}: replacing "
+            f"all {len(self.pods)} pods at once (a rank cannot rejoin a running group); the "
+            f"group serves again when {pods} are ready, with the current plan"
+        )
+
+
+def _container(pod: dict[str, Any]) -> dict[str, Any] | None:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return next((item for item in statuses if item.get("name") == CONTAINER_NAME), None)
+
+
+def _last_line(text: str, limit: int = 160) -> str:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    return last if len(last) <= limit else last[: limit - 3] + "..."
+
+
+def container_failure(pod: dict[str, Any]) -> str | None:
+    """What went wrong with the pod's worker since it started: it exited (a rank died, or the
+    liveness probe killed it), or it restarted; None when it runs as first started, or when it
+    refused its configuration (restarting the group cannot help: `failures` reports that)."""
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return None
+    status = _container(pod)
+    if status is None:
+        return None
+    terminated = (status.get("state") or {}).get("terminated")
+    restarts = int(status.get("restartCount") or 0)
+    if terminated is None and restarts == 0:
+        return None
+    terminated = terminated or (status.get("lastState") or {}).get("terminated") or {}
+    if terminated.get("exitCode") == STARTUP_EXIT_CODE:
+        return None
+    what = f"exited with code {terminated['exitCode']}" if "exitCode" in terminated else "exited"
+    if terminated.get("reason") and terminated["reason"] != "Error":
+        what += f" ({terminated['reason']})"
+    if restarts:
+        what += f", restarted {restarts}x"
+    detail = _last_line(terminated.get("message") or "")
+    return what + (f": {detail}" if detail else "")
+
+
+def gang_failure(pods: Sequence[dict[str, Any]]) -> GangFailure | None:
+    """The pods to replace together when any worker of the group died or was restarted (a dead
+    rank, a liveness failure of a hung one); None while every worker runs as first started."""
+    failed = []
+    for pod in pods:
+        what = container_failure(pod)
+        if what is not None:
+            failed.append(f"{(pod.get('metadata') or {}).get('name', '')} {what}")
+    if not failed:
+        return None
+    live = tuple(
+        PodRef(meta.get("name", ""), meta.get("uid", ""))
+        for meta in ((pod.get("metadata") or {}) for pod in pods)
+        if not meta.get("deletionTimestamp")
+    )
+    return GangFailure(live, tuple(sorted(failed)))

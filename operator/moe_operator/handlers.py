@@ -31,7 +31,7 @@ import kopf
 
 from moe_operator import api, metrics
 from moe_operator.failures import startup_failure
-from moe_operator.group import GroupState, group_state
+from moe_operator.group import RECOVERING_REASON, GroupState, gang_failure, group_state
 from moe_operator.images import WorkerImages, with_worker_image
 from moe_operator.kube import Cluster, Conflict, load_client_config, secret_value
 from moe_operator.manifests import children
@@ -219,12 +219,21 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
     call.announce([("Normal", "Reconciled", change) for change in state.changes])
     call.announce(list(state.events))
     group = group_state(state.statefulset, state.pods)
+    world = parsed.pods  # pods, not ranks: what the StatefulSet counts ready
+    # Every pod there, none going, and as many ready (readyReplicas may lag the deletions).
+    back = group.current >= world and not group.restarting
+    recovering = _recovering(base, world, ready_replicas(state.statefulset), back)
+    gang = None if group.restarting or not group.observed else gang_failure(state.pods)
     if group.stale:
-        message = group.message(parsed.parallelism.world_size)
+        message = group.message(world)
         deleted = delete_pods(cluster, call.namespace, group.stale)
         call.announce([("Normal", "GroupRestart", f"deleted {deleted} pods together: {message}")])
+    elif gang is not None:
+        recovering = gang.message(world)
+        deleted = delete_pods(cluster, call.namespace, gang.pods)
+        call.announce([("Warning", RECOVERING_REASON, f"deleted {deleted} pods: {recovering}")])
+        group = dataclasses.replace(group, terminating=group.terminating + deleted)
     detection_state, last_rebalance = _restored(base, known, state)
-    world = parsed.parallelism.world_size
     ready = ready_replicas(state.statefulset)
     desired, outcome = state.plan, None
     applied = int((base.get("plan") or {}).get("appliedVersion") or 0)
@@ -242,8 +251,10 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
             applied = outcome.applied_version
         if outcome.rebalance is not None:
             last_rebalance = outcome.rebalance.model_dump(by_alias=True)
-    restarting = group.restarting or not group.observed
+    restarting = (group.restarting or not group.observed) and recovering is None
     failure = None if restarting else startup_failure(state.pods)
+    if failure is not None:
+        recovering = None  # a refusal is no failure to recover from: the spec must change
     if failure is not None:
         event = ("Warning", failure.reason, failure.describe(world))
         _announce_once(call, base, event, key=failure.message)
@@ -264,12 +275,24 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
         was_running=_was_running(base),
         balance_note=_balance_note(desired),
         group_restart=group.message(world) if restarting else None,
+        recovering=recovering,
         startup_failure=failure,
         endpoint=children.api_endpoint(call.name, call.namespace, parsed),
         served_model_name=children.served_model_name(call.name, parsed),
     )
     key = children.plan_shape(parsed).key
     _write_status(call, base, observed, desired, detection_state, outcome, last_rebalance, key)
+
+
+def _recovering(base: dict[str, Any], pods: int, ready: int, back: bool) -> str | None:
+    """The failure a group brought back whole is recovering from, as the last status said it,
+    until all its pods are back (the old ones gone, new ones there) and ready."""
+    if ready >= pods and back:
+        return None
+    for item in base.get("conditions") or []:
+        if item.get("type") == "Degraded" and item.get("reason") == RECOVERING_REASON:
+            return str(item.get("message") or "") or None
+    return None
 
 
 def _announce_once(call: Call, base: dict[str, Any], event: tuple[str, str, str], key: str) -> None:
@@ -319,7 +342,7 @@ def _write_conflicts(
 ) -> None:
     observed = Observed(
         generation=call.generation,
-        workers=spec.parallelism.world_size,
+        workers=spec.pods,
         statefulset_exists=state.statefulset is not None,
         ready_workers=ready_replicas(state.statefulset),
         conflicts=state.conflicts,

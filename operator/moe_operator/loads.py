@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from moe_worker.env import rank_from_pod_name
-
 TOKENS_METRIC = "moe_expert_tokens_total"
 REROUTED_METRIC = "moe_gate_rerouted_total"
 PLAN_VERSION_METRIC = "moe_plan_version"
+RANK_LABEL = "rank"  # on every worker series (`moe_worker.metrics.RANK_LABEL`)
 MAX_BODY_BYTES = 4 * 1024 * 1024
 Counters = dict[tuple[int, int], float]  # (layer, logical expert) -> tokens
 Rerouted = dict[int, float]  # layer -> top-K assignments the gate bias moved off the model's choice
@@ -66,8 +65,9 @@ class CounterSnapshot:
 class Target:
     """One worker to scrape."""
 
-    rank: int
+    rank: int  # the pod's first rank
     url: str  # http://<pod ip>:<port>/metrics
+    ranks: int = 1  # the pod's ranks: rank .. rank + ranks - 1, told apart by the `rank` label
 
 
 def _label_int(labels: Mapping[str, str], key: str, limit: int, where: str) -> int:
@@ -78,9 +78,11 @@ def _label_int(labels: Mapping[str, str], key: str, limit: int, where: str) -> i
 
 
 def parse_exposition(
-    text: str, *, num_layers: int, num_experts: int, where: str
+    text: str, *, num_layers: int, num_experts: int, where: str, rank: int | None = None
 ) -> tuple[Counters, int | None]:
-    """Counters and plan version from Prometheus text exposition; strict about every sample."""
+    """Counters and plan version from Prometheus text exposition; strict about every sample.
+    `rank`: only the samples of that rank (a pod of several labels each series with its
+    `rank`); samples without the label count too (a worker of one rank per pod before it)."""
     counters: Counters = {}
     plan_version: int | None = None
     try:
@@ -89,6 +91,8 @@ def parse_exposition(
         raise LoadReadError(f"{where}: malformed metrics text ({type(error).__name__})") from None
     for family in families:
         for sample in family.samples:
+            if rank is not None and sample.labels.get(RANK_LABEL, str(rank)) != str(rank):
+                continue
             if sample.name == PLAN_VERSION_METRIC:
                 plan_version = int(sample.value) if math.isfinite(sample.value) else None
             if sample.name != TOKENS_METRIC:
@@ -103,12 +107,14 @@ def parse_exposition(
     return counters, plan_version
 
 
-def parse_rerouted(text: str, *, num_layers: int, where: str) -> Rerouted:
+def parse_rerouted(text: str, *, num_layers: int, where: str, rank: int | None = None) -> Rerouted:
     """`moe_gate_rerouted_total` per layer from exposition text already checked by
-    `parse_exposition`; strict about every sample it reads."""
+    `parse_exposition`; strict about every sample it reads; `rank` as there."""
     rerouted: Rerouted = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
+            if rank is not None and sample.labels.get(RANK_LABEL, str(rank)) != str(rank):
+                continue
             if sample.name != REROUTED_METRIC:
                 continue
             if not math.isfinite(sample.value) or sample.value < 0:
@@ -140,9 +146,9 @@ def read_direct(
     num_experts: int,
     timeout: float = 3.0,
 ) -> CounterSnapshot:
-    """Scrape every rank's /metrics in parallel; all ranks or nothing."""
+    """Scrape every pod's /metrics in parallel; all ranks or nothing."""
     targets = sorted(targets, key=lambda target: target.rank)
-    ranks = [target.rank for target in targets]
+    ranks = [target.rank + local for target in targets for local in range(target.ranks)]
     if sorted(set(ranks)) != list(range(world_size)):
         missing = sorted(set(range(world_size)) - set(ranks))
         raise LoadReadError(
@@ -156,21 +162,23 @@ def read_direct(
     versions: dict[int, int] = {}
     rerouted: dict[int, Rerouted] = {}
     for target, body in zip(targets, bodies, strict=True):
-        where = f"rank {target.rank}"
-        parsed, version = parse_exposition(
-            body, num_layers=num_layers, num_experts=num_experts, where=where
-        )
-        counters[target.rank] = parsed
-        rerouted[target.rank] = parse_rerouted(body, num_layers=num_layers, where=where)
-        if version is not None:
-            versions[target.rank] = version
+        for rank in range(target.rank, target.rank + target.ranks):
+            where = f"rank {rank}"
+            parsed, version = parse_exposition(
+                body, num_layers=num_layers, num_experts=num_experts, where=where, rank=rank
+            )
+            counters[rank] = parsed
+            rerouted[rank] = parse_rerouted(body, num_layers=num_layers, where=where, rank=rank)
+            if version is not None:
+                versions[rank] = version
     return CounterSnapshot(counters=counters, plan_versions=versions, rerouted=rerouted)
 
 
 def prometheus_query(namespace: str, name: str) -> str:
-    """PromQL for the per-rank counters of one deployment (pod label from the PodMonitor)."""
+    """PromQL for the per-rank counters of one deployment (the pod label from the PodMonitor,
+    the rank label from the worker: a pod of several ranks exposes them all)."""
     return (
-        f'sum by (pod, layer, expert) ({TOKENS_METRIC}{{namespace="{namespace}",'
+        f'sum by ({RANK_LABEL}, layer, expert) ({TOKENS_METRIC}{{namespace="{namespace}",'
         f'pod=~"{name}-[0-9]+"}})'
     )
 
@@ -178,7 +186,8 @@ def prometheus_query(namespace: str, name: str) -> str:
 def prometheus_rerouted_query(namespace: str, name: str) -> str:
     """PromQL for the per-rank rerouted counters of one deployment."""
     return (
-        f'sum by (pod, layer) ({REROUTED_METRIC}{{namespace="{namespace}",pod=~"{name}-[0-9]+"}})'
+        f'sum by ({RANK_LABEL}, layer) ({REROUTED_METRIC}{{namespace="{namespace}",'
+        f'pod=~"{name}-[0-9]+"}})'
     )
 
 
@@ -196,17 +205,13 @@ def _query(base_url: str, promql: str, timeout: float) -> list[object] | None:
 
 
 def _series(item: object, world_size: int) -> tuple[int, dict[str, str], float]:
-    """(rank, labels, value) of one series of an answer; LoadReadError if it is not one."""
+    """(rank, labels, value) of one series of an answer (the rank from the workers' `rank`
+    label: a pod of several ranks exposes them all); LoadReadError if it is not one."""
     try:
         labels, value = dict(item["metric"]), float(item["value"][1])  # type: ignore[index]
-        pod = str(labels.get("pod", ""))
     except (KeyError, TypeError, ValueError, IndexError):
         raise LoadReadError("prometheus: malformed series in the answer") from None
-    rank = rank_from_pod_name(pod)
-    if rank is None or rank >= world_size:
-        raise LoadReadError(
-            f"prometheus: label pod={pod[:40]!r} is not a rank in 0..{world_size - 1}"
-        )
+    rank = _label_int(labels, RANK_LABEL, world_size, "prometheus")
     if not math.isfinite(value) or value < 0:
         raise LoadReadError(f"prometheus: rank {rank} has value {value}")
     return rank, labels, value

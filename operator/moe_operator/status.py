@@ -11,6 +11,7 @@ from typing import Any
 
 from moe_operator.api import Condition, Phase
 from moe_operator.failures import StartupFailure
+from moe_operator.group import RECOVERING_REASON as RECOVERING
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Observed:
     balance_note: str = ""
     conflicts: tuple[str, ...] = ()  # objects under our children's names we do not control
     group_restart: str | None = None  # the whole group is being replaced: what is happening
+    recovering: str | None = None  # a rank failed; the group is brought back whole: which
     reconcile_error: str | None = None  # the last handler run failed: why
     startup_failure: StartupFailure | None = None  # workers refused to start: why
     endpoint: str = ""  # the OpenAI-compatible API's base URL
@@ -50,6 +52,8 @@ def _phase(observed: Observed) -> Phase:
         return "Failed"  # restarting fails the same way: the spec or the checkpoint must change
     if not observed.statefulset_exists:
         return "Pending"
+    if observed.recovering is not None:
+        return "Degraded"
     if observed.group_restart is not None:
         return "Deploying"
     if observed.ready_workers < observed.workers:
@@ -103,6 +107,17 @@ def _conditions(observed: Observed, phase: Phase) -> list[tuple[str, str, str, s
             _condition("Ready", False, failure.reason, f"{ready}; {refusal}"),
             _condition("Progressing", False, failure.reason, waiting),
             _condition("Degraded", short, failure.reason if short else "AsExpected", refusal),
+            reconciled,
+        ]
+    if observed.recovering is not None:
+        return [
+            _condition("SpecValid", True, "Valid", "spec passed every rule"),
+            _condition(
+                "ChildrenOwned", True, "Owned", "every child is controlled by this deployment"
+            ),
+            _condition("Ready", False, RECOVERING, f"{ready}; {observed.recovering}"),
+            _condition("Progressing", True, RECOVERING, f"{ready}; the group forms again"),
+            _condition("Degraded", True, RECOVERING, observed.recovering),
             reconciled,
         ]
     conditions = [

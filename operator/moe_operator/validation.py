@@ -145,6 +145,29 @@ def cross_field_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
         "worker.gpusPerPod",
         "device cuda needs at least one GPU per pod; set gpusPerPod 1 or device cpu",
     )
+    ranks = worker.local_ranks()
+    need(
+        layout.world_size % ranks == 0,
+        "worker.ranksPerPod",
+        f"world size {layout.world_size} (parallelism.expert) is not a multiple of {ranks} ranks "
+        f"per pod (worker.ranksPerPod, by default gpusPerPod on cuda); make parallelism.expert a "
+        f"multiple of it or set ranksPerPod to a divisor of {layout.world_size}",
+    )
+    need(
+        worker.device != "cuda" or ranks <= worker.gpus_per_pod,
+        "worker.ranksPerPod",
+        f"{ranks} ranks per pod on device cuda need a GPU each, but gpusPerPod is "
+        f"{worker.gpus_per_pod}; raise gpusPerPod or set ranksPerPod 0 (one rank per GPU)",
+    )
+    internal = range(worker.port + 1, worker.port + 1 + ranks) if ranks > 1 else range(0)
+    taken = [p for p in (worker.master_port, worker.api_port) if p in internal]
+    need(
+        not taken,
+        "worker.port",
+        f"a pod of {ranks} ranks gives them ports {internal.start}..{internal.stop - 1} (port + 1 "
+        f"+ local rank), which takes {', '.join(map(str, taken))} (masterPort or apiPort); "
+        "choose ports apart",
+    )
     need(
         worker.port != worker.master_port,
         "worker.masterPort",

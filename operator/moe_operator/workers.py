@@ -29,17 +29,19 @@ class PodWorkers:
 
     @functools.cached_property
     def _addresses(self) -> dict[int, str]:
-        """rank -> base URL (one PodWorkers serves one control step)."""
+        """pod's first rank -> base URL (one PodWorkers serves one control step)."""
         addresses = {}
+        per_pod = self.spec.worker.local_ranks()
         for pod in self.pods:
-            rank = worker_env.rank_from_pod_name(pod["metadata"]["name"])
+            ordinal = worker_env.rank_from_pod_name(pod["metadata"]["name"])
             ip = (pod.get("status") or {}).get("podIP")
-            if rank is not None and ip and not pod["metadata"].get("deletionTimestamp"):
+            if ordinal is not None and ip and not pod["metadata"].get("deletionTimestamp"):
+                rank = worker_env.pod_ranks(ordinal, per_pod).start
                 addresses[rank] = f"http://{ip}:{self.spec.worker.port}"
         return addresses
 
     def _leader(self) -> str:
-        leader = self._addresses.get(0)
+        leader = self._addresses.get(0)  # pod 0 passes /v1/plan to its local rank 0: rank 0
         if leader is None:
             raise handoff.HandoffError("rank 0 has no pod address yet")
         return leader
@@ -55,7 +57,10 @@ class PodWorkers:
                 num_layers=model.layers,
                 num_experts=model.experts_per_layer,
             )
-        targets = [loads.Target(rank, f"{url}/metrics") for rank, url in self._addresses.items()]
+        per_pod = self.spec.worker.local_ranks()
+        targets = [
+            loads.Target(rank, f"{url}/metrics", per_pod) for rank, url in self._addresses.items()
+        ]
         return loads.read_direct(
             targets,
             world_size=self.spec.parallelism.world_size,

@@ -70,6 +70,13 @@ def deployment(models: Path, name: str = NAME) -> dict[str, Any]:
             },
             "worker": {
                 "gpusPerPod": 1,
+                # Not the default 29500: a worker before rank 0's store listened on its pod's
+                # address only took that port on every address, and such a concurrent run on
+                # the same machine would take our rendezvous.
+                "masterPort": 29517,
+                # A worker that does not answer at all is restarted after half of it: the
+                # hang tests (SIGSTOP, then SIGCONT) hold a worker for up to ~40 s.
+                "stallTimeoutSeconds": 120,
                 "backend": "gloo",
                 "device": "cpu",
                 "apiKeys": {"secretName": API_KEYS_SECRET, "key": "keys"},

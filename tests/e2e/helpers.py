@@ -198,10 +198,10 @@ class E2E:
         items = self.core.api_client.sanitize_for_serialization(listing.items)
         return sorted(items, key=lambda pod: pod["metadata"]["name"])
 
-    def workers(self) -> dict[str, dict[str, Any]]:
+    def workers(self, name: str | None = None) -> dict[str, dict[str, Any]]:
         """pod name -> {uid, pid, restarts, ready, ip} of the deployment's worker pods."""
         out = {}
-        for pod in self.pods():
+        for pod in self.pods(selector=f"moe-ep.io/deployment={name or self.name}"):
             status = pod.get("status") or {}
             containers = status.get("containerStatuses") or [{}]
             cid = containers[0].get("containerID") or ""
@@ -256,7 +256,9 @@ class E2E:
             except OSError:
                 versions.append(None)
                 continue
-            versions.append(metric_value(body, "moe_plan_version") if code == 200 else None)
+            versions.append(
+                metric_value(body, f'moe_plan_version{{rank="{rank}"}}') if code == 200 else None
+            )
         return versions
 
     def pod_dir(self, pod: dict[str, Any]) -> Path:
@@ -330,6 +332,13 @@ class E2E:
 
 def kill(pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
     os.kill(pid, sig)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes `pid` started (a pod's launcher: its ranks, local rank 0 first)."""
+    return sorted(
+        int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    )
 
 
 def process_gone(pid: int) -> bool:

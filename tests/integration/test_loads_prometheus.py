@@ -39,15 +39,17 @@ class _Rank(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _counters(values: dict[tuple[int, int], float], rerouted: float) -> str:
+def _counters(rank: int, values: dict[tuple[int, int], float], rerouted: float) -> str:
+    """A worker's series: every one carries its `rank` label (a pod of several ranks serves
+    them all; the queries sum by it, not by pod)."""
     lines = ["# TYPE moe_expert_tokens_total counter"]
     lines += [
-        f'moe_expert_tokens_total{{layer="{layer}",expert="{expert}"}} {value}'
+        f'moe_expert_tokens_total{{rank="{rank}",layer="{layer}",expert="{expert}"}} {value}'
         for (layer, expert), value in values.items()
     ]
     lines += [
         "# TYPE moe_gate_rerouted_total counter",
-        f'moe_gate_rerouted_total{{layer="0"}} {rerouted}',
+        f'moe_gate_rerouted_total{{rank="{rank}",layer="0"}} {rerouted}',
     ]
     return "\n".join(lines) + "\n"
 
@@ -63,7 +65,7 @@ def prometheus(tmp_path: Path) -> Iterator[str]:
     targets = []
     for rank, counters in RANK_COUNTERS.items():
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Rank)
-        _Rank.bodies[server.server_address[1]] = _counters(counters, RANK_REROUTED[rank][0])
+        _Rank.bodies[server.server_address[1]] = _counters(rank, counters, RANK_REROUTED[rank][0])
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         targets.append(

@@ -248,11 +248,11 @@ def test_moe_worker_pair_becomes_ready(cluster: LocalCluster, core: CoreV1Api) -
         lambda: all(is_ready(pod_status(core, ns, pod)) for pod in pods),
         timeout=60,
     )
-    for pod in pods:
+    for rank, pod in enumerate(pods):
         status = pod_status(core, ns, pod)
         assert status["containerStatuses"][0]["restartCount"] == 0
         metrics = http_get(f"http://{status['podIP']}:8080/metrics")
-        assert "moe_plan_version 1.0" in metrics
+        assert f'moe_plan_version{{rank="{rank}"}} 1.0' in metrics
     targets = sorted((cluster.workdir / "prometheus" / "targets").glob(f"*-{ns}-*.json"))
     assert [t.name for t in targets] == [f"moe-ep-workers-{ns}-{pod}.json" for pod in pods]
 

@@ -143,6 +143,49 @@ async def test_a_template_change_replaces_the_whole_group_once(
     assert plan_status(api)["version"] == 2 and workers.applied == [2]  # the plan is kept
 
 
+async def test_a_restarted_worker_brings_the_whole_group_back_on_its_plan(
+    api: Api, workers: Workers, operator: Operator
+) -> None:
+    """Issue 12, item 5: the kubelet restarted one worker (a rank died, or failed liveness):
+    every pod of the group is deleted once, status says Degraded naming the pod and rank until
+    the new group is ready; the plan is kept, never re-issued."""
+    await deploy(api, workers)
+    await balanced_on(api, workers, 2)
+    old = api.pods("m1")
+    restarted = {
+        "name": "worker",
+        "image": "moe-worker",
+        "imageID": "",
+        "ready": False,
+        "restartCount": 1,
+        "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
+        "lastState": {"terminated": {"exitCode": 1, "message": "rank 1 was killed by SIGKILL"}},
+    }
+    await api.patch(PODS, NS, "m1-1", {"status": {"containerStatuses": [restarted]}}, sub="status")
+    await eventually(lambda: not api.pods("m1"), what="every pod deleted")
+    await eventually(
+        lambda: api.condition("m1", "Degraded").get("reason") == "GroupRecovering",
+        what="status says the group recovers",
+    )
+    degraded = api.condition("m1", "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "GroupRecovering"), degraded
+    assert "m1-1" in degraded["message"] and "rank 1 was killed" in degraded["message"]
+    assert api.status("m1")["phase"] == "Degraded"
+    await eventually(lambda: "GroupRecovering" in reasons(api), what="a GroupRecovering Event")
+    await api.set_ready("m1", 0)
+    await timer_ran()
+    assert api.condition("m1", "Degraded")["reason"] == "GroupRecovering"  # until it serves
+
+    await api.run_pods("m1", 2)
+    await eventually(lambda: api.status("m1").get("phase") == "Running", what="Running again")
+    assert {pod["metadata"]["uid"] for pod in api.pods("m1").values()}.isdisjoint(
+        pod["metadata"]["uid"] for pod in old.values()
+    )
+    await timer_ran()
+    assert len(api.requests("delete", PODS, NS, "m1-0")) == 1  # one group restart, not more
+    assert plan_status(api)["version"] == 2 and workers.applied == [2]  # the plan is kept
+
+
 async def test_a_shape_change_gives_only_the_new_pods_the_new_plan(
     api: Api, workers: Workers, operator: Operator
 ) -> None:

@@ -138,7 +138,9 @@ def _run_loop(
         assert [proc.pid for proc in cluster.procs] == pids
         assert all(proc.poll() is None for proc in cluster.procs), "a worker restarted or died"
         versions = {
-            parse_metric(cluster.request(rank, "/metrics")[1], "moe_plan_version")[()]
+            parse_metric(cluster.request(rank, "/metrics")[1], "moe_plan_version")[
+                (("rank", str(rank)),)
+            ]
             for rank in range(WORLD)
         }
         assert versions == {float(desired.version)}, versions

@@ -108,14 +108,16 @@ def test_valid_plans_apply_on_every_rank_without_restart(cluster: Cluster) -> No
             served = parse_plan(answer)  # checks the digest it carries against the contents
             assert served == parse_plan(doc) and answer["digest"] == served.digest()
             metrics = cluster.request(rank, "/metrics")[1]
-            assert parse_metric(metrics, "moe_plan_version")[()] == new_version
+            assert parse_metric(metrics, "moe_plan_version")[(("rank", str(rank)),)] == new_version
         check_serving(cluster)
     assert pids(cluster) == started
     assert all(proc.poll() is None for proc in cluster.procs)
     metrics = cluster.request(1, "/metrics")[1]
-    assert parse_metric(metrics, "moe_plan_switch_pause_seconds_count")[()] >= 2
+    assert parse_metric(metrics, "moe_plan_switch_pause_seconds_count")[(("rank", "1"),)] >= 2
     moved = sum(
-        parse_metric(cluster.request(r, "/metrics")[1], "moe_experts_moved_total")[()]
+        parse_metric(cluster.request(r, "/metrics")[1], "moe_experts_moved_total")[
+            (("rank", str(r)),)
+        ]
         for r in range(cluster.world)
     )
     assert moved > 0

@@ -144,9 +144,9 @@ def test_stale_plans_liveness_and_metrics(leader: dict[str, Any]) -> None:
     assert leader["stale"] == {"applied": False, "reason": "stale", "version": 1}
     assert leader["live"] is True
     text = leader["metrics"]
-    assert 'moe_requests_finished_total{reason="error"} 1.0' in text
-    assert 'moe_requests_finished_total{reason="abort"} 1.0' in text
-    assert "moe_requests_waiting 0.0" in text
+    assert 'moe_requests_finished_total{rank="0",reason="error"} 1.0' in text
+    assert 'moe_requests_finished_total{rank="0",reason="abort"} 1.0' in text
+    assert 'moe_requests_waiting{rank="0"} 0.0' in text
 
 
 def test_a_rank_that_stops_stepping_is_not_live() -> None:

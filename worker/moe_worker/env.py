@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from moe_worker.shape import ModelShape
 
 # Identity and process group.
-POD_NAME = "MOE_POD_NAME"  # the rank is the StatefulSet ordinal: the suffix after the last '-'
-RANK = "MOE_RANK"  # optional override of the rank taken from POD_NAME
+POD_NAME = "MOE_POD_NAME"  # the StatefulSet ordinal is the suffix after the last '-'
+RANKS_PER_POD = "MOE_RANKS_PER_POD"  # rank processes per pod (one per GPU); absent: 1
+RANK = "MOE_RANK"  # the rank of this process; absent: the first of its pod, ordinal x RANKS_PER_POD
 LOCAL_RANK = "MOE_LOCAL_RANK"  # index among the ranks of one machine or pod: picks its GPU
 WORLD_SIZE = "MOE_WORLD_SIZE"
 MASTER_ADDR = "MOE_MASTER_ADDR"  # DNS name of rank 0 through the headless Service
@@ -52,6 +53,8 @@ API_PORT = "MOE_API_PORT"  # /v1/completions, /v1/models on rank 0; 0 disables t
 API_KEYS_PATH = "MOE_API_KEYS_PATH"  # file of accepted API keys, one per line; absent: open
 SERVED_MODEL_NAME = "MOE_SERVED_MODEL_NAME"  # the `model` clients name; default from the weights
 STALL_TIMEOUT = "MOE_STALL_TIMEOUT"  # seconds without a step before the rank reports not live
+COLLECTIVE_TIMEOUT = "MOE_COLLECTIVE_TIMEOUT"  # seconds a collective waits for a peer, then fails
+STARTUP_TIMEOUT = "MOE_STARTUP_TIMEOUT"  # seconds a rank waits for its peers to join and load
 SWITCH_TIMEOUT = "MOE_SWITCH_TIMEOUT"  # seconds POST /v1/plan waits for every rank to switch
 BACKGROUND_SWITCH = "MOE_BACKGROUND_SWITCH"  # experts move while the old plan serves (default on)
 TWO_BATCH_OVERLAP = "MOE_TWO_BATCH_OVERLAP"  # two micro-batches per step, all-to-all overlapped
@@ -64,6 +67,7 @@ HTTP_PORT = "MOE_HTTP_PORT"  # /metrics, /healthz, /readyz, /v1/plan, /v1/forwar
 BIND_ADDRESS = (
     "MOE_BIND_ADDRESS"  # default 0.0.0.0; the local node agent gives each pod its own 127.x.y.z
 )
+CONTROL_ADDRESS = "MOE_CONTROL_ADDRESS"  # a rank's control app; absent: BIND_ADDRESS (see below)
 
 # Built-in traffic (a benchmark knob; how imbalance is produced on purpose): generated requests.
 TRAFFIC_BATCH = "MOE_TRAFFIC_BATCH"  # requests in flight per rank; 0 disables the source
@@ -165,6 +169,34 @@ def shape_from_env(environ: Mapping[str, str], base: ModelShape | None = None) -
 
 
 def rank_from_pod_name(pod_name: str) -> int | None:
-    """The StatefulSet ordinal, the suffix after the last '-': `moe-demo-3` -> 3; None if none."""
+    """The StatefulSet ordinal, the suffix after the last '-': `moe-demo-3` -> 3; None if none.
+
+    It is the pod's rank when a pod runs one rank; with several, see `pod_ranks`.
+    """
     suffix = pod_name.rsplit("-", 1)[-1]
     return int(suffix) if suffix.isdigit() else None
+
+
+def pod_ranks(ordinal: int, ranks_per_pod: int) -> range:
+    """The global ranks of pod `ordinal` when every pod runs `ranks_per_pod` of them: local rank
+    r is global rank ordinal x ranks_per_pod + r (GPU r of the pod), so NCCL keeps the ranks of
+    one node, NVLink-connected, next to each other."""
+    return range(ordinal * ranks_per_pod, (ordinal + 1) * ranks_per_pod)
+
+
+def pod_of_rank(rank: int, ranks_per_pod: int) -> int:
+    """The ordinal of the pod that runs global rank `rank`."""
+    return rank // ranks_per_pod
+
+
+def internal_control_port(port: int, local_rank: int) -> int:
+    """Control port of local rank `local_rank` in a pod of several ranks. The pod's own `port`
+    (probes, /metrics, /v1/plan) is served by its launcher, which asks its ranks on these."""
+    return port + 1 + local_rank
+
+
+def internal_control_address(bind_address: str) -> str:
+    """Where the ranks of a pod of several ranks listen: the pod's loopback when the pod listens
+    on every address (a real pod: nothing outside reaches them), else the pod's own address (the
+    local node agent's pods share the host's loopback, each on its own 127.x.y.z)."""
+    return "127.0.0.1" if bind_address in ("", "0.0.0.0", "::") else bind_address

@@ -8,6 +8,8 @@ moves CUDA tensors only, gloo CPU ones).
 from __future__ import annotations
 
 import logging
+import socket
+import time
 from datetime import timedelta
 
 import torch
@@ -28,18 +30,75 @@ def resolve_device(device: str, backend: str, local_rank: int) -> tuple[torch.de
 
 
 def join(
-    backend: str, master_addr: str, master_port: int, rank: int, world_size: int, timeout_s: float
-) -> None:
+    backend: str,
+    master_addr: str,
+    master_port: int,
+    rank: int,
+    world_size: int,
+    *,
+    collective_timeout_s: float,
+    startup_timeout_s: float,
+    listen_address: str = "",
+) -> dist.Store:
+    """Join the group once every rank is there; returns its store (for `wait_for_peers`).
+
+    Two clocks: pods of one group start minutes apart (image pulls, scheduling), so joining
+    waits up to `startup_timeout_s` on the rendezvous store, and only then does the process
+    group begin, whose collectives fail after `collective_timeout_s` (a dead or hung peer: the
+    rank's loop ends, the process exits non-zero and the group is brought back whole).
+    """
     log.info(
         "rank %d/%d joining %s group at %s:%d", rank, world_size, backend, master_addr, master_port
     )
+    store = dist.TCPStore(
+        master_addr,
+        master_port,
+        world_size,
+        is_master=rank == 0,
+        timeout=timedelta(seconds=startup_timeout_s),
+        wait_for_workers=False,
+        master_listen_fd=_listener(listen_address, master_port) if rank == 0 else None,
+    )
+    wait_for_peers(store, "joined", world_size, startup_timeout_s)
     dist.init_process_group(
         backend,
-        init_method=f"tcp://{master_addr}:{master_port}",
+        store=store,
         rank=rank,
         world_size=world_size,
-        timeout=timedelta(seconds=timeout_s),
+        timeout=timedelta(seconds=collective_timeout_s),
     )
+    return store
+
+
+def _listener(address: str, port: int) -> int | None:
+    """A socket listening on `address` only, for rank 0's store; None (the store listens on every
+    address) for a wildcard. torch's own store would take the port on every address of the
+    machine: two local clusters' groups (pods on their own 127.x.y.z) would meet on one store."""
+    if address in ("", "0.0.0.0", "::"):
+        return None
+    listener = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((address, port))
+        listener.listen(1024)
+    except OSError:
+        listener.close()
+        raise
+    return listener.detach()  # the store owns it from here
+
+
+def wait_for_peers(store: dist.Store, step: str, world_size: int, timeout_s: float) -> None:
+    """Count this rank in for `step` and wait until all `world_size` are: a barrier on the
+    rendezvous store, with its own (startup) timeout instead of the collectives' one."""
+    key = f"moe-ep/{step}"
+    store.add(key, 1)
+    deadline = time.monotonic() + timeout_s
+    while (count := store.add(key, 0)) < world_size:
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{count} of {world_size} ranks reached '{step}' within {timeout_s:g} s"
+            )
+        time.sleep(0.1)
 
 
 def collective_device() -> torch.device:

@@ -24,6 +24,7 @@ from moe_worker.settings import (
     WorkerSettings,
     boolean,
     rank_from_env,
+    runs_pod_ranks,
     settings_from_env,
 )
 
@@ -51,6 +52,7 @@ _SETTINGS_FLAGS: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
     "api_keys_path": (("api-keys-file",), str),
     "served_model_name": (("served-model-name",), str),
     "stall_timeout": (("stall-timeout",), float),
+    "collective_timeout": (("collective-timeout",), float),
 }
 _TRAFFIC_FLAGS: dict[str, str] = {
     "batch": "traffic-batch",
@@ -148,6 +150,10 @@ def run_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     except ValueError as error:
         path = environ.get(env.TERMINATION_MESSAGE_PATH) or env.TERMINATION_MESSAGE_FILE
         return report_fatal(str(error), path)
+    if args.rank is None and runs_pod_ranks(environ):
+        from moe_worker.launcher import launch_pod
+
+        return launch_pod(settings, args.log_level)
     if args.rank is None and rank_from_env(environ) is None and settings.world_size > 1:
         from moe_worker.launcher import LocalRanks, free_port, launch
 

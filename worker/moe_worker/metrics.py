@@ -1,5 +1,7 @@
 """Prometheus metrics of one worker, in a per-process registry (several workers may share a process
-in tests). Expert token counts are read from the dispatcher's counter buffer at scrape time rather
+in tests). Every series carries the rank's `rank` label (`exposition`): a pod of several ranks
+answers for all of them on one port, and Prometheus and the operator tell them apart by it.
+Expert token counts are read from the dispatcher's counter buffer at scrape time rather
 than incremented per step, so the hot path never touches prometheus-client, and a scrape never
 waits on the serving loop.
 
@@ -19,13 +21,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-EXPERT_TOKENS = "moe_expert_tokens"  # exposed as moe_expert_tokens_total{layer,expert}
-GATE_REROUTED = "moe_gate_rerouted"  # exposed as moe_gate_rerouted_total{layer}
-GATE_REROUTED_WEIGHT = "moe_gate_rerouted_weight"  # moe_gate_rerouted_weight_total{layer}
+EXPERT_TOKENS = "moe_expert_tokens"  # exposed as moe_expert_tokens_total{rank,layer,expert}
+GATE_REROUTED = "moe_gate_rerouted"  # exposed as moe_gate_rerouted_total{rank,layer}
+GATE_REROUTED_WEIGHT = "moe_gate_rerouted_weight"  # moe_gate_rerouted_weight_total{rank,layer}
+RANK_LABEL = "rank"
 
 CountsReader = Callable[[], Sequence[Sequence[int]] | None]
 """counts[layer][expert]: tokens this rank processed for that logical expert; None before load."""
@@ -154,3 +157,24 @@ class WorkerMetrics:
         self.generated_tokens = Counter(
             "moe_generated_tokens", "Tokens generated for requests (leader).", registry=r
         )
+
+
+class _WithRank(Collector):
+    """A registry's metrics with `rank` added to the labels of every sample."""
+
+    def __init__(self, registry: CollectorRegistry, rank: int) -> None:
+        self.registry, self.rank = registry, str(rank)
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.registry.collect():
+            labelled = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+            labelled.samples = [
+                sample._replace(labels={RANK_LABEL: self.rank, **sample.labels})
+                for sample in metric.samples
+            ]
+            yield labelled
+
+
+def exposition(registry: CollectorRegistry, rank: int) -> bytes:
+    """Prometheus text of `registry`, every series labelled with `rank`."""
+    return generate_latest(_WithRank(registry, rank))

@@ -53,7 +53,8 @@ def start_servers(runtime: Runtime, settings: WorkerSettings) -> list[ServerHand
     """The control app on every rank; the OpenAI app on the leader (api_port 0: none)."""
     s = settings
     control = create_control_app(runtime, token_path=s.token_path, switch_timeout=s.switch_timeout)
-    servers = [start(control, s.bind_address, s.http_port, name="control")]
+    control_address = s.control_address or s.bind_address
+    servers = [start(control, control_address, s.http_port, name="control")]
     if runtime.is_leader and s.api_port:
         api = create_openai_app(runtime, api_keys_path=s.api_keys_path)
         servers.append(start(api, s.bind_address, s.api_port, name="openai"))

@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from prometheus_client import generate_latest
 
 from moe_worker import group
 from moe_worker.engine import EPEngine
@@ -34,7 +33,7 @@ from moe_worker.generation import EventSink, GenerationRequest, ModelCard, NotRe
 from moe_worker.kv_cache import KVCache
 from moe_worker.leader import Leader
 from moe_worker.loading import model_card
-from moe_worker.metrics import WorkerMetrics
+from moe_worker.metrics import WorkerMetrics, exposition
 from moe_worker.models.base import DTYPES
 from moe_worker.plan import PLAN_FILE_NAME, Plan, PlanError, parse_plan, round_robin_plan
 from moe_worker.plan import validate_plan as check_plan
@@ -48,8 +47,6 @@ from moe_worker.weights import WeightSource
 
 log = logging.getLogger("moe_worker")
 
-GROUP_TIMEOUT_S = 600.0
-"""How long a collective may wait for a peer before torch.distributed gives up."""
 LEADER_READY_STALL_S = 10.0
 """The leader steps at least every `leader.IDLE_TICK` (0.2 s) while the group serves; this long
 without a step, a peer hangs or is gone and the group serves nothing: the leader reports not
@@ -103,6 +100,7 @@ class Runtime:
         self._serving = False
         self._last_progress = time.monotonic()
         self.leader: Leader | None = None
+        self._store: dist.Store | None = None  # the rendezvous store, when run() joined a group
         if settings.is_leader:
             s, spec = settings, source.spec
             config = SchedulerConfig(
@@ -157,7 +155,7 @@ class Runtime:
         return not (self._serving and stalled)
 
     def metrics_text(self) -> bytes:
-        return generate_latest(self.metrics.registry)
+        return exposition(self.metrics.registry, self.rank)
 
     def current_plan(self) -> Plan | None:
         return None if self.engine is None else self.engine.plan
@@ -210,7 +208,16 @@ class Runtime:
         owns_group = not dist.is_initialized()
         if owns_group:
             device, backend = group.resolve_device(s.device, s.backend, s.local_rank)
-            group.join(backend, s.master_addr, s.master_port, s.rank, s.world_size, GROUP_TIMEOUT_S)
+            self._store = group.join(
+                backend,
+                s.master_addr,
+                s.master_port,
+                s.rank,
+                s.world_size,
+                collective_timeout_s=s.collective_timeout,
+                startup_timeout_s=s.startup_timeout,
+                listen_address=s.bind_address,
+            )
         else:
             device = torch.device(s.device or "cpu")
         try:
@@ -240,6 +247,8 @@ class Runtime:
         )
         self.runner = ModelRunner(self.engine, cache, s.rank)
         self.switcher = BackgroundSwitcher(self.engine, s.world_size, s.switch_timeout)
+        if self._store is not None:  # ranks load at their own pace: wait on the startup clock
+            group.wait_for_peers(self._store, "loaded", s.world_size, s.startup_timeout)
         dist.barrier()
         self._ready = self._serving = True
         self._last_progress = time.monotonic()

@@ -44,6 +44,9 @@ class WorkerSettings:
     local_rank: int = 0
     """Index among the ranks of this machine or pod: picks the GPU."""
     world_size: int = 1
+    ranks_per_pod: int = 1
+    """Rank processes in each pod (one per GPU): `moe-worker serve` in a pod of several starts
+    them all (`launcher.launch_pod`); rank = pod ordinal x ranks_per_pod + local rank."""
     master_addr: str = "127.0.0.1"
     master_port: int = env.DEFAULT_MASTER_PORT
     backend: str = ""
@@ -65,6 +68,9 @@ class WorkerSettings:
     http_port: int = env.DEFAULT_HTTP_PORT
     """Control routes of every rank: /healthz, /readyz, /metrics, /v1/plan."""
     bind_address: str = "0.0.0.0"
+    control_address: str | None = None
+    """Where the control app listens; None: bind_address. A pod's launcher keeps its ranks'
+    control apps off the pod's address (it answers for the pod there) and the API on it."""
     traffic: TrafficSettings = field(default_factory=TrafficSettings)
     seed: int = 0
     """Seed of synthetic weights (no checkpoint) and of generated traffic."""
@@ -95,6 +101,12 @@ class WorkerSettings:
     """The model name clients use; None: the checkpoint directory's name, or the architecture."""
     stall_timeout: float = 120.0
     """Seconds the serving loop may go without a step before the rank reports not live."""
+    collective_timeout: float = 120.0
+    """Seconds a collective of the serving loop waits for a peer before it fails (the process
+    group's timeout): a dead or hung peer ends the rank's loop, which exits non-zero."""
+    startup_timeout: float = 1800.0
+    """Seconds a rank waits for all its peers to join, and then to load their weights (pods
+    start minutes apart: image pulls, checkpoint reads); collectives start only after both."""
     termination_message_path: str = env.TERMINATION_MESSAGE_FILE
     """A fatal error is written there too, when that file exists (Kubernetes mounts it)."""
 
@@ -118,6 +130,7 @@ def boolean(text: str) -> bool:
 
 SETTING_VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "world_size": (env.WORLD_SIZE, int),
+    "ranks_per_pod": (env.RANKS_PER_POD, int),
     "local_rank": (env.LOCAL_RANK, int),
     "master_addr": (env.MASTER_ADDR, str),
     "master_port": (env.MASTER_PORT, int),
@@ -129,6 +142,7 @@ SETTING_VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "token_path": (env.TOKEN_PATH, str),
     "http_port": (env.HTTP_PORT, int),
     "bind_address": (env.BIND_ADDRESS, str),
+    "control_address": (env.CONTROL_ADDRESS, str),
     "seed": (env.SEED, int),
     "checkpoint": (env.CHECKPOINT, str),
     "switch_timeout": (env.SWITCH_TIMEOUT, float),
@@ -141,6 +155,8 @@ SETTING_VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "api_keys_path": (env.API_KEYS_PATH, str),
     "served_model_name": (env.SERVED_MODEL_NAME, str),
     "stall_timeout": (env.STALL_TIMEOUT, float),
+    "collective_timeout": (env.COLLECTIVE_TIMEOUT, float),
+    "startup_timeout": (env.STARTUP_TIMEOUT, float),
     "termination_message_path": (env.TERMINATION_MESSAGE_PATH, str),
 }
 """WorkerSettings field -> (variable, type), besides rank, the model shape and traffic."""
@@ -175,15 +191,32 @@ def _parsed(
 
 
 def rank_from_env(environ: Mapping[str, str]) -> int | None:
-    """MOE_RANK, else the ordinal suffix of MOE_POD_NAME, else None (no rank given)."""
+    """MOE_RANK, else the first rank of the pod MOE_POD_NAME names (its ordinal x
+    MOE_RANKS_PER_POD), else None (no rank given)."""
     if (rank := _get(environ, env.RANK)) is not None:
         return int(rank)
     if (pod := _get(environ, env.POD_NAME)) is not None:
         ordinal = env.rank_from_pod_name(pod)
         if ordinal is None:
             raise ValueError(f"{env.POD_NAME}={pod!r} has no ordinal suffix")
-        return ordinal
+        return env.pod_ranks(ordinal, ranks_per_pod_from_env(environ)).start
     return None
+
+
+def ranks_per_pod_from_env(environ: Mapping[str, str]) -> int:
+    raw = _get(environ, env.RANKS_PER_POD) or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{env.RANKS_PER_POD}={raw!r} is not a positive integer")
+    return int(raw)
+
+
+def runs_pod_ranks(environ: Mapping[str, str]) -> bool:
+    """Whether this process is a pod's launcher: in a pod of several ranks, no rank given."""
+    return (
+        _get(environ, env.POD_NAME) is not None
+        and _get(environ, env.RANK) is None
+        and ranks_per_pod_from_env(environ) > 1
+    )
 
 
 def settings_from_env(environ: Mapping[str, str] | None = None) -> WorkerSettings:

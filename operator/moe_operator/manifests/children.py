@@ -174,6 +174,7 @@ def _worker_env(name: str, namespace: str, spec: MoEDeploymentSpec) -> list[dict
     layout, worker = spec.parallelism, spec.worker
     values: dict[str, object] = {
         worker_env.WORLD_SIZE: layout.world_size,
+        worker_env.RANKS_PER_POD: worker.local_ranks(),
         worker_env.MASTER_ADDR: master_address(name, namespace),
         worker_env.MASTER_PORT: spec.worker.master_port,
         worker_env.BACKEND: spec.worker.backend,
@@ -193,6 +194,8 @@ def _worker_env(name: str, namespace: str, spec: MoEDeploymentSpec) -> list[dict
         worker_env.KV_CACHE_TOKENS: worker.kv_cache_tokens,
         worker_env.MAX_BATCH_TOKENS: worker.max_batch_tokens,
         worker_env.MAX_QUEUED_REQUESTS: worker.max_queued_requests,
+        worker_env.STALL_TIMEOUT: worker.stall_timeout_seconds,
+        worker_env.COLLECTIVE_TIMEOUT: worker.collective_timeout_seconds,
         # Where the container's termination message goes (the kubelet reads it back into the
         # pod's status; the operator shows a start-up refusal from there).
         worker_env.TERMINATION_MESSAGE_PATH: TERMINATION_MESSAGE_PATH,
@@ -239,14 +242,44 @@ def _serving_volumes(spec: MoEDeploymentSpec) -> list[tuple[dict[str, Any], str]
     return found
 
 
+LIVENESS_PERIOD_S = 5
+
+
+def probe_timeout_s(ranks_per_pod: int) -> int:
+    """A pod of several ranks answers a probe by asking each (up to 2 s): more than the
+    kubelet's default 1 s, which a pod of one rank keeps."""
+    return 5 if ranks_per_pod > 1 else 1
+
+
+def liveness_probe(stall_timeout_s: int, ranks_per_pod: int = 1) -> dict[str, Any]:
+    """The worker's watchdog turns /healthz 503 once its serving loop made no step for
+    `stall_timeout_s` (a hung collective, a stopped peer); a few failures 5 s apart then restart
+    the container, and the operator, seeing the restart, brings the whole group back. A pod that
+    does not answer at all (a stopped process) is restarted after about half the stall timeout:
+    a short pause that heals (a page-in storm, a debugger) is not punished. A one-rank pod
+    answers only once torch is imported: the initial delay covers that on a busy node."""
+    return {
+        "httpGet": {"path": "/healthz", "port": "metrics"},
+        "initialDelaySeconds": 30,
+        "periodSeconds": LIVENESS_PERIOD_S,
+        "timeoutSeconds": probe_timeout_s(ranks_per_pod),
+        "failureThreshold": max(3, -(-stall_timeout_s // (2 * LIVENESS_PERIOD_S))),
+    }
+
+
 def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dict[str, Any]:
-    """World-size worker pods started together (Parallel): the process group needs all of them.
+    """The group's pods (world size / ranks per pod), started together (Parallel): the process
+    group needs all of them. Pod p runs ranks p x ranksPerPod .. (p + 1) x ranksPerPod - 1.
 
     OnDelete: the StatefulSet controller never replaces pods one at a time on a template change
     (a process group cannot mix templates); the operator replaces the whole group at once.
     """
     worker = spec.worker
-    http_probe = {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 5}
+    http_probe = {
+        "httpGet": {"path": "/readyz", "port": "metrics"},
+        "periodSeconds": 5,
+        "timeoutSeconds": probe_timeout_s(worker.local_ranks()),
+    }
     container = {
         "name": CONTAINER_NAME,
         "image": worker.image,
@@ -263,11 +296,7 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
         # A start-up refusal writes the file; any other crash still says why (its log's end).
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "readinessProbe": http_probe,
-        "livenessProbe": {
-            "httpGet": {"path": "/healthz", "port": "metrics"},
-            "periodSeconds": 10,
-            "failureThreshold": 6,
-        },
+        "livenessProbe": liveness_probe(worker.stall_timeout_seconds, worker.local_ranks()),
         "resources": _resources(spec),
         "securityContext": podspec.container_security_context(spec),
         "volumeMounts": [
@@ -313,7 +342,7 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
         },
         "spec": {
             "serviceName": service_name(name),
-            "replicas": spec.parallelism.world_size,
+            "replicas": spec.pods,
             "podManagementPolicy": "Parallel",
             "updateStrategy": {"type": "OnDelete", "rollingUpdate": None},
             "selector": {"matchLabels": selector_labels(name)},
