@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml local/pyproject.toml
 	$(PYTHON) -m pip install -q $(TORCH_PIN)
 	$(PYTHON) -m pip install -q -e '.[worker,test]'
 	$(PYTHON) -m pip install -q -e ./local
+	# Kubernetes 1.30's schemas: a kubernetes-validate release apart (none holds 1.20 and 1.30).
+	$(PYTHON) -m pip install -q --target $(VENV)/kubernetes-validate-1.31 kubernetes-validate==1.31.0
 	touch $@
 
 setup: $(VENV)/.installed

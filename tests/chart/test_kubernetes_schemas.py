@@ -5,9 +5,10 @@
 - what `moe-ep render` prints for every sample in manifests/samples/ (the operator's builders),
   with the PodDisruptionBudget at the apiVersion each release serves.
 
-Versions: the local cluster's 1.20 and a current release. kubernetes-validate ships its schemas
-in the package (no network), but a release ships about nine minor versions: the pinned 1.28.0
-holds 1.20 to 1.28, and none holds both 1.20 and 1.30, so 1.28 stands for the current releases.
+Versions: the local cluster's 1.20, 1.28, and 1.30. kubernetes-validate ships its schemas in
+the package (no network), but a release ships about nine minor versions and none holds both 1.20
+and 1.30: the `test` extra's 1.28.0 holds 1.20 to 1.28, and `make setup` installs 1.31.0 (1.22
+to 1.31) apart, in `.venv/kubernetes-validate-1.31`, which a subprocess runs for 1.30.
 Strict mode: a field the schema does not know is an error, as the API server's field validation
 is from 1.27. Custom resources (PodMonitor, ServiceMonitor, PrometheusRule) have no built-in
 schema and are skipped, by name.
@@ -16,6 +17,10 @@ schema and are skipped, by name.
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
 import warnings
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -26,7 +31,7 @@ import yaml
 
 from moe_operator.cli import render as render_cli
 from tests.chart.conftest import CHART_DIR, ROOT, Render
-from tests.requirements import require_module
+from tests.requirements import missing, require_module
 
 with warnings.catch_warnings():  # 1.28.0 imports pkg_resources, deprecated by setuptools
     warnings.simplefilter("ignore")
@@ -35,7 +40,25 @@ with warnings.catch_warnings():  # 1.28.0 imports pkg_resources, deprecated by s
 # kubernetes-validate 1.28.0 warns about its own use of jsonschema and pkg_resources.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
-VERSIONS = ("1.20.0", "1.28.0")
+VERSIONS = ("1.20.0", "1.28.0", "1.30.0")
+# kubernetes-validate 1.31.0 and its dependencies, installed apart by `make setup`.
+SIDE_INSTALL = {"1.30.0": Path(sys.prefix) / "kubernetes-validate-1.31"}
+_SIDE_VALIDATOR = """
+import json, sys, warnings
+warnings.simplefilter("ignore")
+import kubernetes_validate as kv
+problems = []
+for obj in json.load(sys.stdin):
+    where = f"{obj['kind']} {obj['metadata'].get('name')} @ {sys.argv[1]}"
+    try:
+        kv.validate(obj, sys.argv[1], strict=True)
+    except kv.ValidationError as error:
+        path = ".".join(str(part) for part in error.path)
+        problems.append(f"{where}: {path}: {error.message}")
+    except kv.SchemaNotFoundError as error:
+        problems.append(f"{where}: {error}")
+print(json.dumps(problems))
+"""
 CUSTOM_RESOURCES = {
     "PodMonitor": "monitoring.coreos.com/v1, the Prometheus Operator's CRD",
     "ServiceMonitor": "monitoring.coreos.com/v1, the Prometheus Operator's CRD",
@@ -47,6 +70,34 @@ SAMPLES = sorted((ROOT / "manifests" / "samples").glob("*.yaml"))
 
 def problems_of(obj: dict[str, Any], version: str) -> list[str]:
     """Schema errors of one object (empty: valid), each with the object's kind and name."""
+    return all_problems([obj], version)
+
+
+def all_problems(objects: list[dict[str, Any]], version: str) -> list[str]:
+    """Schema errors of every object, by the release of kubernetes-validate holding `version`."""
+    if version in SIDE_INSTALL:
+        return _side_problems(objects, version)
+    return [problem for obj in objects for problem in _problems(obj, version)]
+
+
+def _side_problems(objects: list[dict[str, Any]], version: str) -> list[str]:
+    """One subprocess validates them all with the separately installed release."""
+    side = SIDE_INSTALL[version]
+    if not (side / "kubernetes_validate").is_dir():
+        missing(f"kubernetes-validate 1.31.0 is not installed in {side} (`make setup` does it)")
+    answer = subprocess.run(
+        [sys.executable, "-c", _SIDE_VALIDATOR, version],
+        input=json.dumps(objects),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(side)},
+        timeout=300,
+        check=True,
+    )
+    return json.loads(answer.stdout)
+
+
+def _problems(obj: dict[str, Any], version: str) -> list[str]:
     where = f"{obj['kind']} {obj['metadata'].get('name')} @ {version}"
     try:
         kubernetes_validate.validate(obj, version, strict=True)
@@ -58,13 +109,8 @@ def problems_of(obj: dict[str, Any], version: str) -> list[str]:
 
 def checked(objects: list[dict[str, Any]], version: str) -> tuple[list[str], list[str]]:
     """(problems, kinds checked); custom resources are skipped."""
-    problems, kinds = [], []
-    for obj in objects:
-        if obj["kind"] in CUSTOM_RESOURCES:
-            continue
-        problems += problems_of(obj, version)
-        kinds.append(obj["kind"])
-    return problems, kinds
+    built_in = [obj for obj in objects if obj["kind"] not in CUSTOM_RESOURCES]
+    return all_problems(built_in, version), [obj["kind"] for obj in built_in]
 
 
 def test_the_validator_catches_what_the_api_server_refuses() -> None:
@@ -75,7 +121,7 @@ def test_the_validator_catches_what_the_api_server_refuses() -> None:
         assert problems_of(service, version), version
     pdb = {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": "p"},
            "spec": {"minAvailable": 2}}  # fmt: skip
-    assert problems_of(pdb, "1.28.0") == []
+    assert problems_of(pdb, "1.28.0") == problems_of(pdb, "1.30.0") == []
     with pytest.raises(kubernetes_validate.SchemaNotFoundError):
         kubernetes_validate.validate(pdb, "1.20.0", strict=True)  # policy/v1 is 1.21's
 
