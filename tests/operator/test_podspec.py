@@ -203,7 +203,10 @@ def test_pdb_keeps_the_whole_gang(api_version: str) -> None:
     spec = _spec(GPU)
     pdb = children.build_pdb("m", spec, api_version)
     assert pdb["apiVersion"] == api_version and pdb["kind"] == "PodDisruptionBudget"
-    assert pdb["spec"]["minAvailable"] == 16  # every rank: one eviction breaks the group
+    # Every pod (EP16 = 2 pods of 8 ranks): one eviction breaks the group.
+    assert pdb["spec"]["minAvailable"] == 2
+    one_rank_pods = _spec({**GPU, "gpusPerPod": 1})
+    assert children.build_pdb("m", one_rank_pods, api_version)["spec"]["minAvailable"] == 16
     assert pdb["spec"]["selector"] == {"matchLabels": children.selector_labels("m")}
     assert pdb["metadata"]["labels"] == children.worker_labels("m")
 

@@ -145,7 +145,7 @@ def build_pdb(
     labels: dict[str, str],
     selector: dict[str, str],
 ) -> dict[str, Any]:
-    """The gang's PodDisruptionBudget: every pod must stay (minAvailable = world size), so a
+    """The gang's PodDisruptionBudget: every pod must stay (minAvailable = the pods), so a
     drain or an autoscaler never evicts one rank and breaks the whole process group; it waits
     until the deployment is deleted or moved (docs/gpu-cluster.md). `api_version`: what the API
     server serves (policy/v1 from 1.21; v1beta1 only up to 1.24)."""
@@ -159,7 +159,7 @@ def build_pdb(
         "kind": "PodDisruptionBudget",
         "metadata": {"name": pdb_name(name), "labels": dict(labels)},
         "spec": {
-            "minAvailable": spec.parallelism.world_size,
+            "minAvailable": spec.pods,  # pods, not ranks: a pod holds ranksPerPod ranks
             "selector": {"matchLabels": dict(selector)},
         },
     }
