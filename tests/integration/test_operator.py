@@ -1,8 +1,9 @@
 """The operator against a real API server, running with its own ServiceAccount's credentials.
 
 Proves: the RBAC in manifests/ is sufficient; the sample becomes a StatefulSet whose 2 Pods (8
-ranks each) the controller-manager creates; status and printer columns are filled; bad objects are refused by
-the schema or flagged SpecValid=False naming the field; fixing recovers; deletion cascades.
+ranks each) the controller-manager creates; status and printer columns are filled; bad objects
+are refused by the schema or flagged SpecValid=False naming the field; fixing recovers;
+deletion cascades.
 Issue 11 where the real server's behaviour matters: the status schema is published; what the
 operator's validation refuses agrees with what the API server would refuse in the children; a
 plan version the CRD's int64 cannot hold never blocks status; a template change replaces the
