@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moe_worker import gpu_grouped
+from moe_worker.gpu_grouped import cuda_time
 from moe_worker.models import ExpertWeights, architecture
 from moe_worker.shape import ModelShape
 
@@ -46,21 +45,6 @@ def causal_attention(x_BTD: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, heads: i
     v_BHTK = (x_BTD @ wv.T).view(b, t, heads, -1).transpose(1, 2)
     o_BHTK = F.scaled_dot_product_attention(q_BHTK, k_BHTK, v_BHTK, is_causal=True)
     return o_BHTK.transpose(1, 2).reshape(b, t, -1)
-
-
-def cuda_time(fn: Callable[[], object], warmup: int, repeats: int) -> float:
-    """Median seconds of fn() by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 def run(warmup: int = 3, repeats: int = 10) -> dict[str, Any]:
