@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never the network, even by accid
 
 import pytest
 import torch
+from hf_tiny import TINY, prompts
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 from worker_harness import run_world
 from worker_serving_cases import Driver, greedy, logits_of, replace_plan, serve_group
@@ -32,30 +33,18 @@ from moe_worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.distributed
 
-VOCAB = 256
-COMMON = {
-    "vocab_size": VOCAB,
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-    "initializer_range": 0.15,  # larger than the default, so logits and routing are decisive
-}
 ATOL = 1e-4
 NEW_TOKENS = 20
 
 
 def mixtral() -> Any:
-    config = MixtralConfig(
-        **COMMON, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2
-    )
+    config = MixtralConfig(**TINY, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)
     return MixtralForCausalLM(config)
 
 
 def qwen3() -> Any:
     config = Qwen3MoeConfig(
-        **COMMON,
+        **TINY,
         head_dim=24,
         intermediate_size=96,
         moe_intermediate_size=32,
@@ -64,11 +53,6 @@ def qwen3() -> Any:
         norm_topk_prob=True,
     )
     return Qwen3MoeForCausalLM(config)
-
-
-def prompts(*lengths: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
 LOGIT_PROMPTS = prompts(5, 17, 1, 11, seed=0)

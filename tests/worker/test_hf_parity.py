@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never the network, even by accid
 
 import pytest
 import torch
+from hf_tiny import TINY, prompts
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from moe_worker.checkpoint import HFCheckpoint
@@ -26,16 +27,6 @@ from moe_worker.kv_cache import KVCache, StepBatch, StepMeta
 from moe_worker.sampling import SamplingParams
 from moe_worker.weights import build_model, local_experts
 
-VOCAB = 256
-COMMON = {
-    "vocab_size": VOCAB,
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-    "initializer_range": 0.15,  # larger than the default, so logits and routing are decisive
-}
 ATOL = 1e-4
 
 
@@ -50,9 +41,7 @@ CASES = [
     Case(
         "mixtral",
         lambda: MixtralForCausalLM(
-            MixtralConfig(
-                **COMMON, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2
-            )
+            MixtralConfig(**TINY, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)
         ),
         {},
     ),
@@ -60,7 +49,7 @@ CASES = [
         "mixtral-fused-sharded-tied",
         lambda: MixtralForCausalLM(
             MixtralConfig(
-                **COMMON,
+                **TINY,
                 intermediate_size=32,
                 num_local_experts=8,
                 num_experts_per_tok=2,
@@ -73,7 +62,7 @@ CASES = [
         "qwen3-norm-topk",
         lambda: Qwen3MoeForCausalLM(
             Qwen3MoeConfig(
-                **COMMON,
+                **TINY,
                 head_dim=24,
                 intermediate_size=96,
                 moe_intermediate_size=32,
@@ -88,7 +77,7 @@ CASES = [
         "qwen3-raw-topk-fused",
         lambda: Qwen3MoeForCausalLM(
             Qwen3MoeConfig(
-                **COMMON,
+                **TINY,
                 head_dim=24,
                 intermediate_size=96,
                 moe_intermediate_size=32,
@@ -127,11 +116,6 @@ def loaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     path: Path = tmp_path_factory.mktemp(case.name)
     hf.save_pretrained(path, **case.save)
     return Loaded(case, hf, HFCheckpoint(path))
-
-
-def prompts(*lengths: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
 def test_the_checkpoint_is_in_the_format_the_case_says(loaded: Loaded) -> None:
