@@ -38,6 +38,19 @@ def evaluate(plan: Plan, logits: torch.Tensor) -> tuple[list[float], float]:
     return [float(x) for x in loads.tolist()], price.totals()[0] / (TOKENS * TOP_K)
 
 
+def next_bias(plan: Plan, loads: list[float], fraction: float, options: GatingOptions) -> Plan:
+    """The operator's GatingBias step on one layer's measured loads and rerouted fraction."""
+    return plan_rebalance(
+        [loads],
+        world_size=EXPERTS,
+        slots_per_rank=1,
+        previous=plan,
+        method=GATING_BIAS,
+        gating_options=options,
+        rerouted_fraction=[fraction],
+    ).plan
+
+
 def run(logits: torch.Tensor, options: GatingOptions, evaluations: int) -> list[tuple]:
     """[(imbalance, rerouted fraction, bias)] per evaluation, the first one unbiased."""
     plan = round_robin_plan(1, EXPERTS, EXPERTS, 1)
@@ -46,15 +59,7 @@ def run(logits: torch.Tensor, options: GatingOptions, evaluations: int) -> list[
         loads, fraction = evaluate(plan, logits)
         bias = plan.gate_bias[0] if plan.gate_bias else (0.0,) * EXPERTS
         history.append((imbalance(loads), fraction, bias))
-        plan = plan_rebalance(
-            [loads],
-            world_size=EXPERTS,
-            slots_per_rank=1,
-            previous=plan,
-            method=GATING_BIAS,
-            gating_options=options,
-            rerouted_fraction=[fraction],
-        ).plan
+        plan = next_bias(plan, loads, fraction, options)
     return history
 
 
@@ -101,15 +106,7 @@ def test_without_skew_a_leftover_bias_decays_to_what_the_sample_itself_needs() -
     for _ in range(40):
         loads, fraction = evaluate(plan, logits)
         imbalances.append(imbalance(loads))
-        plan = plan_rebalance(
-            [loads],
-            world_size=EXPERTS,
-            slots_per_rank=1,
-            previous=plan,
-            method=GATING_BIAS,
-            gating_options=options,
-            rerouted_fraction=[fraction],
-        ).plan
+        plan = next_bias(plan, loads, fraction, options)
         magnitudes.append(0.0 if plan.gate_bias is None else max(map(abs, plan.gate_bias[0])))
     assert max(magnitudes[-10:]) < 0.01  # from 0.05 down to a few thousandths
     assert max(imbalances[-10:]) < min(imbalances[0], 1.05)

@@ -55,6 +55,20 @@ async def balanced_on(api: Api, workers: Workers, version: int) -> None:
     )
 
 
+async def new_group_serves_the_kept_plan(
+    api: Api, workers: Workers, old: dict[str, dict[str, Any]]
+) -> None:
+    """The replaced group runs: all new pods, deleted once, on plan 2 applied once."""
+    await api.run_pods("m1", 2)
+    await eventually(lambda: api.status("m1").get("phase") == "Running", what="Running again")
+    assert {pod["metadata"]["uid"] for pod in api.pods("m1").values()}.isdisjoint(
+        pod["metadata"]["uid"] for pod in old.values()
+    )
+    await timer_ran()
+    assert len(api.requests("delete", PODS, NS, "m1-0")) == 1  # one group restart, not more
+    assert plan_status(api)["version"] == 2 and workers.applied == [2]  # the plan is kept
+
+
 def desired_versions(api: Api, name: str = "m1") -> list[int]:
     return [
         version["status"]["plan"]["version"]
@@ -133,14 +147,7 @@ async def test_a_template_change_replaces_the_whole_group_once(
     assert api.condition("m1", "Ready")["status"] == "False"
     assert api.condition("m1", "Degraded")["status"] == "True"  # nothing serves meanwhile
 
-    await api.run_pods("m1", 2)
-    await eventually(lambda: api.status("m1").get("phase") == "Running", what="Running again")
-    assert {pod["metadata"]["uid"] for pod in api.pods("m1").values()}.isdisjoint(
-        pod["metadata"]["uid"] for pod in old.values()
-    )
-    await timer_ran()
-    assert len(api.requests("delete", PODS, NS, "m1-0")) == 1  # one group restart, not more
-    assert plan_status(api)["version"] == 2 and workers.applied == [2]  # the plan is kept
+    await new_group_serves_the_kept_plan(api, workers, old)
 
 
 async def test_a_restarted_worker_brings_the_whole_group_back_on_its_plan(
@@ -176,14 +183,7 @@ async def test_a_restarted_worker_brings_the_whole_group_back_on_its_plan(
     await timer_ran()
     assert api.condition("m1", "Degraded")["reason"] == "GroupRecovering"  # until it serves
 
-    await api.run_pods("m1", 2)
-    await eventually(lambda: api.status("m1").get("phase") == "Running", what="Running again")
-    assert {pod["metadata"]["uid"] for pod in api.pods("m1").values()}.isdisjoint(
-        pod["metadata"]["uid"] for pod in old.values()
-    )
-    await timer_ran()
-    assert len(api.requests("delete", PODS, NS, "m1-0")) == 1  # one group restart, not more
-    assert plan_status(api)["version"] == 2 and workers.applied == [2]  # the plan is kept
+    await new_group_serves_the_kept_plan(api, workers, old)
 
 
 async def test_a_shape_change_gives_only_the_new_pods_the_new_plan(
