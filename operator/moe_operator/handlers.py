@@ -76,6 +76,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # The CRD is installed before the operator (chart crds/); not scanning for new CRDs and
     # namespaces spares the operator cluster-wide read access to CustomResourceDefinitions.
     settings.scanning.disabled = True
+    # A deletion waits for a running refresh to return; kopf then rechecks only after this
+    # (60 s by default), which held `kubectl delete` that long whenever a refresh was running.
+    settings.background.cancellation_polling = min(TIMER_SECONDS, 2.0)
     settings.watching.server_timeout = 120
     settings.networking.request_timeout = 30
     load_client_config()

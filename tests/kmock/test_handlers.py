@@ -7,6 +7,8 @@ in shape and refreshes status.
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 from moe_kmock import (
@@ -26,6 +28,7 @@ from moe_kmock import (
 )
 from prometheus_client import REGISTRY
 
+from moe_operator import handlers
 from moe_worker.plan import parse_plan, validate_plan
 
 CHILDREN = [
@@ -202,6 +205,31 @@ async def test_delete_is_not_blocked_and_forgets_metrics(api: Api, operator: Ope
         and request.resource.plural != "events"
         and (request.name or "").startswith("m1")
     ] == []
+    assert operator.running
+
+
+async def test_a_deletion_during_a_slow_refresh_ends_soon_after_it(
+    api: Api, operator: Operator, monkeypatch: Any
+) -> None:
+    """kopf waits for a running timer before it lets go of the finalizer, and looked again only
+    after 60 s by default: `kubectl delete` hung that long whenever a refresh was running."""
+    inside, slow = threading.Event(), 3.0
+    real_sync = handlers._sync
+
+    def slow_sync(call: handlers.Call, base: dict[str, Any], *, control: bool) -> None:
+        if control and call.name == "m1":  # and it writes nothing: no event wakes kopf early
+            inside.set()
+            time.sleep(slow)
+            return
+        real_sync(call, base, control=control)
+
+    await api.create_moed("m1", small_spec())
+    await settled(api)
+    monkeypatch.setattr(handlers, "_sync", slow_sync)
+    await eventually(inside.is_set, what="a refresh of m1 under way")
+    await api.delete(MOED, NS, "m1")
+    # The refresh returns within `slow` seconds; kopf's 60 s poll would overrun this wait.
+    await eventually(lambda: api.get(MOED, NS, "m1") is None, 6 * slow, "deletion finished")
     assert operator.running
 
 
