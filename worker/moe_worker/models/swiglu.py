@@ -32,7 +32,9 @@ class SwiGLUArchitecture(Architecture):
 
     def grouped_forward(self, x_ND: Tensor, stacks: Sequence[Tensor], groups: SlotGroups) -> Tensor:
         gate_SFD, up_SFD, down_SDF = stacks
-        gated_NF = F.silu(groups.linear(x_ND, gate_SFD)) * groups.linear(x_ND, up_SFD)
+        # In place: the same kernels as F.silu(a) * b, without two more [N, F] buffers.
+        gated_NF = F.silu(groups.linear(x_ND, gate_SFD), inplace=True)
+        gated_NF.mul_(groups.linear(x_ND, up_SFD))
         return groups.linear(gated_NF, down_SDF)
 
     def fused_layer_prefix(self, layer: int) -> str:
