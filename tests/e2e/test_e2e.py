@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 
 from moe_local.load import Completion, LoadGenerator, complete_once, zipf_prompts
+from moe_operator.group import RECOVERING_REASON as RECOVERING
 from tests.e2e.conftest import (
     CHECKPOINT,
     CHECKPOINT_4_LAYERS,
@@ -265,8 +266,9 @@ RANKS = "e2e-ranks"
 
 def test_pods_of_two_ranks_serve_and_a_failed_rank_brings_the_group_back(e2e: E2E) -> None:
     """Issue 12, items 2 and 5: 2 pods x 2 ranks (gloo): completions from global rank 0, every
-    series labelled by rank; SIGKILL of one rank process, then SIGSTOP of one (the watchdog and
-    the pod's probe see it): each time the whole group comes back on the same plan and serves."""
+    series labelled by rank; SIGKILL of one rank process: the whole group comes back on the same
+    plan and serves; then SIGSTOP of one (the pod's probe names it): the whole group is replaced
+    again, Degraded meanwhile."""
     document = {
         "apiVersion": "moe-ep.io/v1alpha1",
         "kind": "MoEDeployment",
@@ -352,7 +354,19 @@ def test_pods_of_two_ranks_serve_and_a_failed_rank_brings_the_group_back(e2e: E2
             return ranks if ranks.get(3) == "no answer" else None
 
         wait_for("pod 1 not live, naming rank 3", detected, 60)
-        comes_back(second["workers"])
+
+        # The operator brings the whole group back: Degraded while every pod is replaced. (Its
+        # ranks then start and load as after the kill above; not waited for a second time.)
+        def recovering() -> bool:
+            degraded = e2e.condition("Degraded", RANKS)
+            workers = e2e.workers(RANKS)
+            replaced = len(workers) == 2 and all(
+                workers[p]["uid"] != second["workers"][p]["uid"] for p in workers
+            )
+            flagged = (degraded.get("status"), degraded.get("reason")) == ("True", RECOVERING)
+            return flagged and replaced
+
+        wait_for("Degraded (GroupRecovering) and both pods replaced", recovering, 120)
     finally:
         with contextlib.suppress(ProcessLookupError):
             kill(victim)
