@@ -777,6 +777,19 @@ class DetectionStatus(ApiModel):
     )
 
 
+class RecoveryStatus(ApiModel):
+    """Whole-group replacements after rank failures, for their backoff (survives restarts)."""
+
+    model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
+
+    replacements: int = Field(
+        0, ge=0, description="Whole-group replacements in a row (each within 10 min of the last)."
+    )
+    last_replaced_at: float | None = Field(
+        None, description="When the last one ran (seconds since the epoch)."
+    )
+
+
 class MoEDeploymentStatus(ApiModel):
     """Observed state, written by the operator."""
 
@@ -802,4 +815,7 @@ class MoEDeploymentStatus(ApiModel):
     plan: PlanStatus = Field(default_factory=PlanStatus, description="Desired and applied plan.")
     last_rebalance: RebalanceRecord | None = Field(None, description="The last rebalance, if any.")
     detection: DetectionStatus | None = Field(None, description="Imbalance detection state.")
+    recovery: RecoveryStatus | None = Field(
+        None, description="Whole-group replacements after rank failures (their backoff)."
+    )
     conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.")

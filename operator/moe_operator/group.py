@@ -87,6 +87,53 @@ RECOVERING_REASON = "GroupRecovering"
 """The Degraded condition's reason while a group brought back after a failure forms again."""
 
 
+BACKOFF_FIRST_S = 10.0
+BACKOFF_MAX_S = 300.0
+BACKOFF_RESET_S = 600.0
+
+
+@dataclass(frozen=True)
+class ReplacementBackoff:
+    """Whole-group replacements in a row, and when the last ran (status.recovery).
+
+    The pods of a replaced group start with no restart history, so the kubelet's own
+    CrashLoopBackOff never grows for a group that keeps failing: without this the operator
+    would recreate every pod each time, forever. As the kubelet does for one container: the
+    first replacement runs at once, each further one in a row waits 10 s, 20 s, ... up to
+    5 minutes after the previous; a failure 10 minutes or more after the last replacement
+    starts the count over.
+    """
+
+    replacements: int = 0
+    last_at: float | None = None  # seconds since the epoch
+
+    @classmethod
+    def from_status(cls, recovery: dict[str, Any] | None) -> ReplacementBackoff:
+        recovery = recovery or {}
+        last = recovery.get("lastReplacedAt")
+        return cls(int(recovery.get("replacements") or 0), None if last is None else float(last))
+
+    def to_status(self) -> dict[str, Any]:
+        return {"replacements": self.replacements, "lastReplacedAt": self.last_at}
+
+    def in_a_row(self, now: float) -> int:
+        """Replacements in a row as of `now` (0 once the last is old enough)."""
+        if self.last_at is None or now - self.last_at >= BACKOFF_RESET_S:
+            return 0
+        return self.replacements
+
+    def wait_s(self, now: float) -> float:
+        """Seconds before the next whole-group replacement may run; 0: now."""
+        done = self.in_a_row(now)
+        if done == 0 or self.last_at is None:
+            return 0.0
+        delay = min(BACKOFF_FIRST_S * 2 ** (done - 1), BACKOFF_MAX_S)
+        return max(0.0, self.last_at + delay - now)
+
+    def replaced(self, now: float) -> ReplacementBackoff:
+        return ReplacementBackoff(self.in_a_row(now) + 1, now)
+
+
 @dataclass(frozen=True)
 class GangFailure:
     """A rank of the group died or hung: every live pod is replaced at once.
@@ -102,10 +149,21 @@ class GangFailure:
 
     def message(self, pods: int) -> str:
         return (
-            f"{'; '.join(self.failed[:4])}{'; ...' if len(self.failed) > 4 else ''}: replacing "
-            f"all {len(self.pods)} pods at once (a rank cannot rejoin a running group); the "
-            f"group serves again when {pods} are ready, with the current plan"
+            f"{self._what()}: replacing all {len(self.pods)} pods at once (a rank cannot rejoin "
+            f"a running group); the group serves again when {pods} are ready, with the current "
+            "plan"
         )
+
+    def held_message(self, in_a_row: int, wait_s: float) -> str:
+        """While a backoff holds the replacement back."""
+        return (
+            f"{self._what()}: the group was replaced {in_a_row} times in a row; replacing all "
+            f"{len(self.pods)} pods in {wait_s:.0f} s (backoff: 10 s doubling up to 5 min, reset "
+            "after 10 min without a replacement)"
+        )
+
+    def _what(self) -> str:
+        return f"{'; '.join(self.failed[:4])}{'; ...' if len(self.failed) > 4 else ''}"
 
 
 def _container(pod: dict[str, Any]) -> dict[str, Any] | None:

@@ -31,7 +31,13 @@ import kopf
 
 from moe_operator import api, metrics
 from moe_operator.failures import startup_failure
-from moe_operator.group import RECOVERING_REASON, GroupState, gang_failure, group_state
+from moe_operator.group import (
+    RECOVERING_REASON,
+    GroupState,
+    ReplacementBackoff,
+    gang_failure,
+    group_state,
+)
 from moe_operator.images import WorkerImages, with_worker_image
 from moe_operator.kube import Cluster, Conflict, load_client_config, secret_value
 from moe_operator.manifests import children
@@ -227,15 +233,25 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
     back = group.current >= world and not group.restarting
     recovering = _recovering(base, world, ready_replicas(state.statefulset), back)
     gang = None if group.restarting or not group.observed else gang_failure(state.pods)
+    backoff = ReplacementBackoff.from_status(base.get("recovery"))
     if group.stale:
         message = group.message(world)
         deleted = delete_pods(cluster, call.namespace, group.stale)
         call.announce([("Normal", "GroupRestart", f"deleted {deleted} pods together: {message}")])
     elif gang is not None:
-        recovering = gang.message(world)
-        deleted = delete_pods(cluster, call.namespace, gang.pods)
-        call.announce([("Warning", RECOVERING_REASON, f"deleted {deleted} pods: {recovering}")])
-        group = dataclasses.replace(group, terminating=group.terminating + deleted)
+        now = time.time()
+        wait = backoff.wait_s(now)
+        if wait > 0:
+            in_a_row = backoff.in_a_row(now)
+            recovering = gang.held_message(in_a_row, wait)
+            event = ("Warning", "GroupBackoff", recovering)
+            _announce_once(call, base, event, key=f"replaced {in_a_row} times in a row")
+        else:
+            recovering = gang.message(world)
+            deleted = delete_pods(cluster, call.namespace, gang.pods)
+            call.announce([("Warning", RECOVERING_REASON, f"deleted {deleted} pods: {recovering}")])
+            group = dataclasses.replace(group, terminating=group.terminating + deleted)
+            backoff = backoff.replaced(now)
     detection_state, last_rebalance = _restored(base, known, state)
     ready = ready_replicas(state.statefulset)
     desired, outcome = state.plan, None
@@ -284,7 +300,10 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
         served_model_name=children.served_model_name(call.name, parsed),
     )
     key = children.plan_shape(parsed).key
-    _write_status(call, base, observed, desired, detection_state, outcome, last_rebalance, key)
+    recovery = backoff.to_status() if backoff.replacements else None
+    _write_status(
+        call, base, observed, desired, detection_state, outcome, last_rebalance, key, recovery
+    )
 
 
 def _recovering(base: dict[str, Any], pods: int, ready: int, back: bool) -> str | None:
@@ -365,6 +384,7 @@ def _write_status(
     outcome: StepOutcome | None,
     last_rebalance: dict[str, Any] | None,
     key: str,
+    recovery: dict[str, Any] | None = None,
 ) -> None:
     """Status fields and the operator's metrics, from one set of observations."""
     window: Window | None = call.memo.get("window")
@@ -388,6 +408,8 @@ def _write_status(
     status["detection"] = detection_state.to_dict()
     if last_rebalance is not None:
         status["lastRebalance"] = last_rebalance
+    if recovery is not None:
+        status["recovery"] = recovery
     _write(call, status)
     namespace, name = call.namespace, call.name
     metrics.observe_workers(namespace, name, observed.ready_workers, observed.workers)

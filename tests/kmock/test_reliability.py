@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+import pytest
 from moe_kmock import (
     CM,
     MOED,
@@ -28,6 +29,7 @@ from moe_kmock import (
 )
 from prometheus_client import REGISTRY
 
+from moe_operator import group
 from moe_worker.plan import Plan, parse_plan, validate_plan
 
 
@@ -150,15 +152,8 @@ async def test_a_template_change_replaces_the_whole_group_once(
     await new_group_serves_the_kept_plan(api, workers, old)
 
 
-async def test_a_restarted_worker_brings_the_whole_group_back_on_its_plan(
-    api: Api, workers: Workers, operator: Operator
-) -> None:
-    """Issue 12, item 5: the kubelet restarted one worker (a rank died, or failed liveness):
-    every pod of the group is deleted once, status says Degraded naming the pod and rank until
-    the new group is ready; the plan is kept, never re-issued."""
-    await deploy(api, workers)
-    await balanced_on(api, workers, 2)
-    old = api.pods("m1")
+async def restart_worker(api: Api, pod: str) -> None:
+    """What the kubelet reports once it restarted the pod's worker (a rank died)."""
     restarted = {
         "name": "worker",
         "image": "moe-worker",
@@ -168,7 +163,19 @@ async def test_a_restarted_worker_brings_the_whole_group_back_on_its_plan(
         "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
         "lastState": {"terminated": {"exitCode": 1, "message": "rank 1 was killed by SIGKILL"}},
     }
-    await api.patch(PODS, NS, "m1-1", {"status": {"containerStatuses": [restarted]}}, sub="status")
+    await api.patch(PODS, NS, pod, {"status": {"containerStatuses": [restarted]}}, sub="status")
+
+
+async def test_a_restarted_worker_brings_the_whole_group_back_on_its_plan(
+    api: Api, workers: Workers, operator: Operator
+) -> None:
+    """Issue 12, item 5: the kubelet restarted one worker (a rank died, or failed liveness):
+    every pod of the group is deleted once, status says Degraded naming the pod and rank until
+    the new group is ready; the plan is kept, never re-issued."""
+    await deploy(api, workers)
+    await balanced_on(api, workers, 2)
+    old = api.pods("m1")
+    await restart_worker(api, "m1-1")
     await eventually(lambda: not api.pods("m1"), what="every pod deleted")
     await eventually(
         lambda: api.condition("m1", "Degraded").get("reason") == "GroupRecovering",
@@ -184,6 +191,39 @@ async def test_a_restarted_worker_brings_the_whole_group_back_on_its_plan(
     assert api.condition("m1", "Degraded")["reason"] == "GroupRecovering"  # until it serves
 
     await new_group_serves_the_kept_plan(api, workers, old)
+
+
+async def test_a_group_that_fails_again_is_replaced_after_a_backoff(
+    api: Api, workers: Workers, operator: Operator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replaced group's pods start with no restart history, so only the operator can slow a
+    group that keeps failing: the second replacement in a row waits (here: until the test
+    shortens the backoff), Degraded says so and one GroupBackoff Event is posted."""
+    monkeypatch.setattr(group, "BACKOFF_FIRST_S", 3600.0)
+    await deploy(api, workers)
+    await balanced_on(api, workers, 2)
+    first = api.pods("m1")
+    await restart_worker(api, "m1-1")
+    await eventually(lambda: not api.pods("m1"), what="the first replacement, at once")
+    await new_group_serves_the_kept_plan(api, workers, first)
+    assert api.status("m1")["recovery"]["replacements"] == 1
+
+    await restart_worker(api, "m1-0")
+    held = "replaced 1 times in a row"
+    await eventually(
+        lambda: held in api.condition("m1", "Degraded").get("message", ""),
+        what="Degraded names the backoff",
+    )
+    await timer_ran(4)
+    assert len(api.pods("m1")) == 2 and len(api.requests("delete", PODS, NS, "m1-0")) == 1
+    assert [e["reason"] for e in api.events(NS, "m1")].count("GroupBackoff") == 1
+    assert api.status("m1")["phase"] == "Degraded"
+
+    monkeypatch.setattr(group, "BACKOFF_FIRST_S", 0.0)  # the backoff has passed
+    await eventually(lambda: not api.pods("m1"), what="the second replacement")
+    await eventually(
+        lambda: api.status("m1")["recovery"]["replacements"] == 2, what="counted in status"
+    )
 
 
 async def test_a_shape_change_gives_only_the_new_pods_the_new_plan(

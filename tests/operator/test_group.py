@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from moe_operator.group import REVISION_LABEL, PodRef, group_state
+from moe_operator.api import RecoveryStatus
+from moe_operator.group import (
+    BACKOFF_RESET_S,
+    REVISION_LABEL,
+    GangFailure,
+    PodRef,
+    ReplacementBackoff,
+    group_state,
+)
 from moe_operator.status import Observed, compute_status
 
 NOW = "2026-01-01T00:00:00Z"
@@ -82,3 +90,41 @@ def test_a_child_conflict_fails_the_deployment_naming_the_object() -> None:
     assert conditions["ChildrenOwned"]["reason"] == "ChildConflict"
     assert "m-plan" in conditions["ChildrenOwned"]["message"]
     assert conditions["SpecValid"]["status"] == "True"
+
+
+# --- repeated whole-group replacements back off ---------------------------------------------
+
+
+def test_replacements_in_a_row_back_off_like_crash_loop_backoff() -> None:
+    """The first replacement runs at once; each further one in a row waits 10 s, doubling, at
+    most 5 minutes after the previous."""
+    backoff, now, waits = ReplacementBackoff(), 1_000_000.0, []
+    for _ in range(8):
+        waits.append(backoff.wait_s(now))
+        backoff = backoff.replaced(now)
+        now += 1  # fails again at once
+    assert waits == [0, 9, 19, 39, 79, 159, 299, 299]
+    assert backoff.replacements == 8
+
+
+def test_a_group_that_lived_ten_minutes_starts_the_count_over() -> None:
+    backoff = ReplacementBackoff(replacements=6, last_at=0.0)
+    assert backoff.wait_s(BACKOFF_RESET_S - 1) == 0  # 5 min cap passed, still counted
+    assert backoff.in_a_row(BACKOFF_RESET_S - 1) == 6
+    assert backoff.in_a_row(BACKOFF_RESET_S) == 0
+    assert backoff.replaced(BACKOFF_RESET_S) == ReplacementBackoff(1, BACKOFF_RESET_S)
+
+
+def test_backoff_survives_the_status_round_trip_and_its_schema() -> None:
+    backoff = ReplacementBackoff(3, 1_700_000_000.5)
+    recovery = backoff.to_status()
+    assert RecoveryStatus.model_validate(recovery).replacements == 3  # what the CRD accepts
+    assert ReplacementBackoff.from_status(recovery) == backoff
+    assert ReplacementBackoff.from_status(None) == ReplacementBackoff()
+
+
+def test_a_held_replacement_says_why_and_when() -> None:
+    gang = GangFailure((PodRef("m-0", "u0"), PodRef("m-1", "u1")), ("m-1 exited with code 1",))
+    message = gang.held_message(4, 37.4)
+    assert "m-1 exited with code 1" in message
+    assert "replaced 4 times in a row" in message and "in 37 s" in message
