@@ -17,6 +17,7 @@ each trial, hurts one rank process of pod 1 (a child of the pod's launcher), the
 
 "Serving again" is the first completion answered by the new group (pod 0 replaced) after the
 fault; also reported: when status first said Degraded, and the plan version before and after.
+Each trial deploys afresh, so that none waits for the backoff of replacements in a row.
 Only the API server, the pods' HTTP endpoints and /proc are used.
 """
 
@@ -90,6 +91,10 @@ class Measure:
         pods = self.pods()
         ok = len(pods) == PODS and all(p["ready"] and p["pid"] for p in pods.values())
         return pods if ok and self.status().get("phase") == "Running" else None
+
+    def gone(self) -> bool:
+        """The deployment's StatefulSet and pods are deleted."""
+        return not self.pods() and self.get("statefulset", NAME, "-n", NS) is None
 
     def leader_version(self, pods: dict[str, dict[str, Any]]) -> int | None:
         try:
@@ -178,12 +183,16 @@ def main() -> None:
         cluster.create_namespace(NS)
         install.helm_install(cluster.kubeconfig, install.operator_values(timer_seconds=1))
         install.wait_until(lambda: install.operator_ready(cluster.kubeconfig), 120, "operator")
-        m.kubectl("apply", "-n", NS, "-f", "-", stdin=json.dumps(DEPLOYMENT))
         for sig in [signal.SIGKILL, signal.SIGSTOP] * args.trials:
+            # A fresh deployment per trial: one failure's recovery, not the backoff that
+            # replacements in a row of one deployment earn (status.recovery).
+            m.kubectl("apply", "-n", NS, "-f", "-", stdin=json.dumps(DEPLOYMENT))
             try:
                 result = trial(m, sig, args.timeout)
             except Exception as error:  # a trial that cannot finish is a result too
                 result = {"signal": sig.name, "error": f"{type(error).__name__}: {error}"}
+            m.kubectl("delete", "moed", NAME, "-n", NS, "--wait=true", "--timeout=120s")
+            wait("the previous group gone", m.gone, 120)  # else the next one meets its children
             results["trials"].append(result)
             print(json.dumps(result), flush=True)
     finally:
