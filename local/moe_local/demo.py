@@ -53,9 +53,9 @@ def demo_model(workers: int) -> dict[str, Any]:
 
 def write_checkpoint(models: Path, workers: int) -> Path:
     """A Hugging Face directory of seeded SeedMLP weights of the demo's shape (no download)."""
-    from moe_worker.checkpoint import write_checkpoint as write
-    from moe_worker.shape import ModelShape
-    from moe_worker.weights import SyntheticWeights
+    from moe_contract.shape import ModelShape
+    from moe_worker.models.checkpoint import write_checkpoint as write
+    from moe_worker.models.weights import SyntheticWeights
 
     m = demo_model(workers)
     shape = ModelShape(

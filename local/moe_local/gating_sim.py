@@ -42,10 +42,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from moe_contract.plan import Plan, round_robin_plan
 from moe_operator.planning.gating import GatingOptions
 from moe_operator.planning.placement import imbalance, rank_loads
 from moe_operator.planning.planners import AUTO, GATING_BIAS, plan_rebalance
-from moe_worker.plan import Plan, round_robin_plan
 
 HIDDEN = 64
 SETTLED_WITHIN = 0.05
@@ -308,7 +308,7 @@ def _least(
 
 
 def _moved(start: Plan, end: Plan) -> int:
-    from moe_worker.plan import moved_experts
+    from moe_contract.plan import moved_experts
 
     return sum(moved_experts(a, b) for a, b in zip(start.slots, end.slots, strict=True))
 

@@ -13,9 +13,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from moe_worker import env as worker_env
-from moe_worker.plan import MAX_PLAN_VERSION
-from moe_worker.shape import ModelShape
+from moe_contract import env as worker_env
+from moe_contract.plan import MAX_PLAN_VERSION
+from moe_contract.shape import ModelShape
 
 GROUP = "moe-ep.io"
 VERSION = "v1alpha1"

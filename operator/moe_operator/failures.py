@@ -14,13 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from moe_worker.env import rank_from_pod_name
+from moe_contract.env import rank_from_pod_name
 
 STARTUP_EXIT_CODE = 2
 """`moe_worker.process.EXIT_CONFIG`: the worker refused its configuration (a contract test keeps
 the two equal)."""
 SHAPE_MISMATCH = "the checkpoint does not match the model shape"
-"""How `moe_worker.checkpoint.ShapeMismatch` starts its list of disagreeing fields."""
+"""How `moe_worker.models.checkpoint.ShapeMismatch` starts its list of disagreeing fields."""
 CONTAINER_NAME = "worker"
 MESSAGE_LIMIT = 1024  # a condition is read by people; the pod keeps the whole message
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import kopf
 
+from moe_contract import env as worker_env
+from moe_contract.plan import Plan
 from moe_operator import api, metrics
 from moe_operator.failures import startup_failure
 from moe_operator.group import (
@@ -57,8 +59,6 @@ from moe_operator.reconcile import (
 from moe_operator.status import Observed, compute_status, with_reconcile_error
 from moe_operator.validation import parse_spec
 from moe_operator.workers import PodWorkers
-from moe_worker import env as worker_env
-from moe_worker.plan import Plan
 
 TIMER_SECONDS = float(os.environ.get("MOE_OPERATOR_TIMER_SECONDS", "5"))
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)

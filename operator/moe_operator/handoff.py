@@ -14,7 +14,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from moe_worker.plan import Plan, PlanError, parse_plan
+from moe_contract.plan import Plan, PlanError, parse_plan
 
 
 class HandoffError(RuntimeError):

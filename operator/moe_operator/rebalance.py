@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Protocol
 
+from moe_contract.plan import MAX_PLAN_VERSION, Plan
 from moe_operator.api import MoEDeploymentSpec, RebalanceRecord
 from moe_operator.handoff import HandoffError, HandoffResult, PlanRefused, Served
 from moe_operator.loads import CounterSnapshot, LoadReadError
@@ -31,7 +32,6 @@ from moe_operator.planning import detection
 from moe_operator.planning.gating import GatingOptions
 from moe_operator.planning.placement import imbalance
 from moe_operator.planning.planners import plan_rebalance
-from moe_worker.plan import MAX_PLAN_VERSION, Plan
 
 logger = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from moe_contract.plan import PLAN_FILE_NAME, Plan, PlanError, parse_plan
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.group import PodRef
 from moe_operator.kube import Cluster, Conflict
 from moe_operator.manifests import children, podspec
 from moe_operator.planning.record import Known, PlanChoice, PlanShape, choose_plan
-from moe_worker.plan import PLAN_FILE_NAME, Plan, PlanError, parse_plan
 
 Adopt = Callable[[dict[str, Any]], None]
 WRITE_ATTEMPTS = 3  # re-read and decide again after a lost race, then leave it to the next run

@@ -22,10 +22,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from moe_contract import env as worker_env
 from moe_operator import kuberules
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.manifests import podspec
-from moe_worker import env as worker_env
 
 NAME_MAX = 52
 """Longest MoEDeployment name: the StatefulSet controller labels pods

@@ -7,10 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from moe_contract import env as worker_env
+from moe_contract.plan import Plan
 from moe_operator import handoff, loads
 from moe_operator.api import MoEDeploymentSpec
-from moe_worker import env as worker_env
-from moe_worker.plan import Plan
 
 
 @dataclass

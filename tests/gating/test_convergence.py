@@ -14,11 +14,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moe_contract.plan import Plan, round_robin_plan
 from moe_operator.planning.gating import GatingOptions
 from moe_operator.planning.placement import imbalance
 from moe_operator.planning.planners import GATING_BIAS, plan_rebalance
 from moe_worker.models import route_priced
-from moe_worker.plan import Plan, round_robin_plan
 
 EXPERTS, TOP_K, TOKENS = 8, 2, 4000
 

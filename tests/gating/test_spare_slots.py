@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from moe_contract.plan import Plan, validate_plan
 from moe_operator.planning.planners import REPLACE, plan_rebalance
-from moe_worker.dispatch import LocalDispatcher, Placement
+from moe_worker.ep.dispatch import LocalDispatcher, Placement
 from moe_worker.models import route
-from moe_worker.plan import Plan, validate_plan
 
 EXPERTS = RANKS = 4
 

@@ -156,7 +156,7 @@ def test_the_operator_imports_and_has_no_torch(images: dict[str, Image]) -> None
 
 WORKER_SMOKE = """
 import tempfile
-import moe_worker.main, moe_worker.runtime, torch, torch.distributed as dist
+import moe_worker.main, moe_worker.runtime.rank, torch, torch.distributed as dist
 assert torch.version.cuda is None, torch.__version__
 x = torch.ones(64, 64)
 assert float((x @ x).sum()) == 64.0**3

@@ -40,7 +40,7 @@ from moe_kmock import (
     free_port,
 )
 
-from moe_worker.plan import round_robin_plan
+from moe_contract.plan import round_robin_plan
 
 
 @pytest_asyncio.fixture(name="kmock")

@@ -30,8 +30,8 @@ import kopf
 import kubernetes
 from prometheus_client import REGISTRY
 
+from moe_contract.plan import Plan, PlanError, parse_plan
 from moe_operator import handlers  # registers the handlers with kopf
-from moe_worker.plan import Plan, PlanError, parse_plan
 
 assert handlers.TIMER_SECONDS == 0.25, "moe_operator.handlers was imported before this conftest"
 # The client imports its API classes lazily (~2 s, once): pay that here, not in a test's timing.

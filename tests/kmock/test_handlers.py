@@ -28,8 +28,8 @@ from moe_kmock import (
 )
 from prometheus_client import REGISTRY
 
+from moe_contract.plan import parse_plan, validate_plan
 from moe_operator import handlers
-from moe_worker.plan import parse_plan, validate_plan
 
 CHILDREN = [
     (SVC, "m1-workers"),

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from moe_kmock import CM, MOED, NS, STS, Api, Operator, Workers, eventually, small_spec, timer_ran
 
-from moe_worker.plan import parse_plan, validate_plan
+from moe_contract.plan import parse_plan, validate_plan
 
 
 async def deploy(api: Api, workers: Workers, name: str = "m1", **spec: Any) -> None:

@@ -29,8 +29,8 @@ from moe_kmock import (
 )
 from prometheus_client import REGISTRY
 
+from moe_contract.plan import Plan, parse_plan, validate_plan
 from moe_operator import group
-from moe_worker.plan import Plan, parse_plan, validate_plan
 
 
 async def deploy(api: Api, workers: Workers, name: str = "m1", **spec: Any) -> None:

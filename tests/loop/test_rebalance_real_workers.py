@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from moe_contract.plan import Plan
 from moe_operator import handoff, loads
 from moe_operator.api import MoEDeploymentSpec, RebalanceRecord
 from moe_operator.manifests.children import plan_shape
 from moe_operator.planning.detection import DetectionState
 from moe_operator.rebalance import Window, control_step
-from moe_worker.plan import Plan
 from tests.worker.worker_harness import Cluster, parse_metric
 
 pytestmark = pytest.mark.distributed

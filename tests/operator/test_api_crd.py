@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import yaml
 
+from moe_contract.shape import ARCHITECTURES
 from moe_operator import api, crd
-from moe_worker.shape import ARCHITECTURES
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "moedeployments.moe-ep.io.yaml"

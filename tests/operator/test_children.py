@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moe_contract import env as worker_env
+from moe_contract.plan import parse_plan, validate_plan
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.manifests import children
-from moe_worker import env as worker_env
-from moe_worker.plan import parse_plan, validate_plan
 
 
 def _spec(**overrides: object) -> MoEDeploymentSpec:

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
+from moe_contract.plan import parse_plan
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.kube import Conflict
 from moe_operator.manifests import children
 from moe_operator.planning.record import Known
 from moe_operator.reconcile import Owner, ensure_plan, keys_in_use, prune_plan_keys
-from moe_worker.plan import parse_plan
 
 SPEC = MoEDeploymentSpec.model_validate(
     {

@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
+from moe_contract import env as worker_env
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.group import RECOVERING_REASON, PodRef, gang_failure
 from moe_operator.loads import parse_exposition
 from moe_operator.manifests import children
 from moe_operator.status import Observed, compute_status
 from moe_operator.validation import cross_field_problems
-from moe_worker import env as worker_env
 from moe_worker.settings import settings_from_env
 
 NOW = "2026-01-01T00:00:00Z"

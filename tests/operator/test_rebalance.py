@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moe_contract.plan import Plan, validate_plan
 from moe_operator.api import MoEDeploymentSpec, RebalanceRecord
 from moe_operator.handoff import HandoffError, HandoffResult, Served
 from moe_operator.loads import CounterSnapshot, LoadReadError
 from moe_operator.manifests.children import plan_shape
 from moe_operator.planning.detection import DetectionState
 from moe_operator.rebalance import PlanStoreConflict, Window, control_step, gating_options
-from moe_worker.plan import Plan, validate_plan
 
 SPEC = MoEDeploymentSpec.model_validate(
     {

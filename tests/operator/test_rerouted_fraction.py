@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from moe_contract.plan import Plan, round_robin_plan
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.handoff import HandoffResult, PlanRefused, Served
 from moe_operator.loads import CounterSnapshot
 from moe_operator.planning.detection import DetectionState
 from moe_operator.rebalance import StepOutcome, Window, control_step, rerouted_fractions
 from moe_operator.status import Observed, compute_status
-from moe_worker.plan import Plan, round_robin_plan
 
 
 def spec(**rebalancing: Any) -> MoEDeploymentSpec:

@@ -11,10 +11,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moe_contract.plan import MAX_PLAN_VERSION, Plan
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.manifests.children import plan_shape
 from moe_operator.validation import parse_spec, plan_bytes_bound
-from moe_worker.plan import MAX_PLAN_VERSION, Plan
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = {"worker": {"backend": "gloo", "device": "cpu", "gpusPerPod": 0}}

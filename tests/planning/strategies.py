@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-from moe_worker.plan import Plan
+from moe_contract.plan import Plan
 
 
 @dataclass(frozen=True)

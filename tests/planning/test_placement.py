@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from moe_contract.plan import Plan, moved_experts, plan_transfers
 from moe_operator.planning.placement import (
     LoadError,
     check_loads,
@@ -16,7 +17,6 @@ from moe_operator.planning.placement import (
     rank_loads,
     replica_counts,
 )
-from moe_worker.plan import Plan, moved_experts, plan_transfers
 
 from .strategies import Case, cases
 from .strategies import layer_slots as draw_layer_slots

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from moe_contract.plan import parse_plan, round_robin_plan, validate_plan
 from moe_operator.cli.plan import main
-from moe_worker.plan import parse_plan, round_robin_plan, validate_plan
 
 SUMMARY = re.compile(
     r"^imbalance (\d+\.\d\d) -> (\d+\.\d\d|not predicted), (\d+) slots moved \((\w+)\)"

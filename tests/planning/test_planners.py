@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moe_contract.plan import round_robin_plan, validate_plan
 from moe_operator.planning.placement import rank_loads
 from moe_operator.planning.planners import (
     AUTO,
@@ -16,7 +17,6 @@ from moe_operator.planning.planners import (
     choose_method,
     plan_rebalance,
 )
-from moe_worker.plan import round_robin_plan, validate_plan
 
 from .strategies import Case, cases
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from moe_contract.plan import MAX_PLAN_VERSION, Plan, PlanError, round_robin_plan
 from moe_operator.planning.record import Known, PlanShape, choose_plan
-from moe_worker.plan import MAX_PLAN_VERSION, Plan, PlanError, round_robin_plan
 
 SHAPE = PlanShape(layers=2, experts=4, world=2, slots_per_rank=3)
 

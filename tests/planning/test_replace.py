@@ -7,6 +7,7 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moe_contract.plan import Plan, moved_experts, validate_plan
 from moe_operator.planning.placement import rank_loads
 from moe_operator.planning.planners import REPLACE, plan_rebalance
 from moe_operator.planning.replace import (
@@ -16,7 +17,6 @@ from moe_operator.planning.replace import (
     count_path,
     replace_layer,
 )
-from moe_worker.plan import Plan, moved_experts, validate_plan
 
 from .strategies import Case, cases
 

@@ -1,8 +1,9 @@
 """A scripted `Backend` for the HTTP layer's tests, and a tiny tokenizer trained on the spot.
 
-`ScriptedBackend` is a TEST DOUBLE of the serving port (`moe_worker.generation.Backend`), not a
-model and not the runtime: its tokens are a fixed function of the prompt and seed, produced on a
-thread of its own (as the serving loop would) one event per token; admission errors, readiness,
+`ScriptedBackend` is a TEST DOUBLE of the serving port
+(`moe_worker.serving.generation.Backend`), not a model and not the runtime: its tokens are a
+fixed function of the prompt and seed, produced on a thread of its own (as the serving loop
+would) one event per token; admission errors, readiness,
 liveness, a held generation and the outcome of a plan switch are set by the test. The runtime's
 own tests run the same client checks (`openai_checks`) against real worker processes.
 """
@@ -14,15 +15,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from moe_worker.generation import (
+from moe_contract.plan import Plan, round_robin_plan, validate_plan
+from moe_contract.shape import ModelShape
+from moe_worker.serving.generation import (
     AdmissionError,
     EventSink,
     GenerationRequest,
     ModelCard,
     TokenEvent,
 )
-from moe_worker.plan import Plan, round_robin_plan, validate_plan
-from moe_worker.shape import ModelShape
 
 EOS = 1
 WAIT = 30.0

@@ -17,9 +17,9 @@ from api_double import WAIT, ScriptedBackend, make_card
 from openai_checks import raw
 from worker_harness import FIXTURES
 
+from moe_contract.plan import parse_plan
 from moe_operator import handoff
 from moe_worker.api import ServerHandle, create_control_app, start
-from moe_worker.plan import parse_plan
 
 TOKEN = "s3cret-token"
 Serve = Callable[..., str]

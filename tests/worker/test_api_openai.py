@@ -23,7 +23,7 @@ from openai_checks import (
 )
 
 from moe_worker.api import ServerHandle, create_openai_app, start
-from moe_worker.generation import InvalidRequest, NotReady, QueueFull
+from moe_worker.serving.generation import InvalidRequest, NotReady, QueueFull
 
 Serve = Callable[..., ServerHandle]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from moe_worker.bench import BenchOptions, format_table, run_bench
-from moe_worker.shape import ModelShape
+from moe_contract.shape import ModelShape
+from moe_worker.bench.command import BenchOptions, format_table, run_bench
 
 pytestmark = pytest.mark.distributed
 
@@ -51,7 +51,7 @@ def test_bench_reports_both_layouts(tmp_path: Path) -> None:
 
 
 def test_bench_serving_reports_moe_ep_and_transformers(tmp_path: Path) -> None:
-    from moe_worker.bench_serving import ServingOptions, run_serving_bench
+    from moe_worker.bench.serving import ServingOptions, run_serving_bench
 
     options = ServingOptions(worlds=(1,), concurrency=(1, 2), requests=3, max_tokens=3)
     result = run_serving_bench(options, json_path=str(tmp_path / "serving.json"))

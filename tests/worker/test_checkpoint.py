@@ -19,16 +19,16 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from moe_worker import checkpoint as checkpoint_module
-from moe_worker.checkpoint import (
+from moe_contract.shape import ModelShape
+from moe_worker.models import checkpoint as checkpoint_module
+from moe_worker.models.checkpoint import (
     CheckpointError,
     HFCheckpoint,
     ShapeMismatch,
     check_shape,
     write_checkpoint,
 )
-from moe_worker.shape import ModelShape
-from moe_worker.weights import SyntheticWeights, build_model, load_experts
+from moe_worker.models.weights import SyntheticWeights, build_model, load_experts
 
 SHAPE = ModelShape(
     layers=3, experts=6, hidden=32, ffn_hidden=48, heads=4, head_dim=8, top_k=2, vocab_size=64

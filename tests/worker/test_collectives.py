@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from worker_harness import run_world
 
-from moe_worker import group
+from moe_worker.ep import group
 
 pytestmark = pytest.mark.distributed
 

@@ -8,16 +8,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_worker.bench_ep import ep_prefill
-from moe_worker.engine import EPEngine
-from moe_worker.gpu_grouped import GroupedCase, engine_case, grouped_case, uneven_sizes, wall_time
+from moe_contract.plan import Plan, round_robin_plan
+from moe_contract.shape import ModelShape
+from moe_worker.bench.data_path import ep_prefill
+from moe_worker.bench.gpu_grouped import (
+    GroupedCase,
+    engine_case,
+    grouped_case,
+    uneven_sizes,
+    wall_time,
+)
+from moe_worker.ep.engine import EPEngine
+from moe_worker.ep.slots import SlotStacks
+from moe_worker.ep.two_batch import interleave, last_rows, split_items
 from moe_worker.models import ExpertWeights
 from moe_worker.models.grouped import SlotGroups, choose_kernel, grouped_mm_works
-from moe_worker.plan import Plan, round_robin_plan
-from moe_worker.shape import ModelShape
-from moe_worker.slots import SlotStacks
-from moe_worker.two_batch import interleave, last_rows, split_items
-from moe_worker.weights import SyntheticWeights
+from moe_worker.models.weights import SyntheticWeights
 
 SHAPE = ModelShape(layers=2, experts=4, hidden=16, ffn_hidden=32, heads=2, head_dim=8, top_k=2)
 KERNELS = ["loop"] + (["grouped_mm"] if grouped_mm_works("cpu", torch.float32) else [])

@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from moe_worker.bench_ep import ep_prefill
-from moe_worker.engine import EPEngine
+from moe_contract.plan import Plan, round_robin_plan
+from moe_contract.shape import ModelShape
+from moe_worker.bench.data_path import ep_prefill
+from moe_worker.ep.engine import EPEngine
 from moe_worker.metrics import WorkerMetrics
-from moe_worker.plan import Plan, round_robin_plan
-from moe_worker.shape import ModelShape
-from moe_worker.weights import SyntheticWeights
+from moe_worker.models.weights import SyntheticWeights
 
 SHAPE = ModelShape(
     layers=2,

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from moe_worker.generator import Generator, Request
-from moe_worker.sampling import SamplingParams
-from moe_worker.shape import ModelShape
-from moe_worker.weights import SyntheticWeights
+from moe_contract.shape import ModelShape
+from moe_worker.bench.generator import Generator, Request
+from moe_worker.ep.sampling import SamplingParams
+from moe_worker.models.weights import SyntheticWeights
 
 SOURCE = SyntheticWeights.for_shape(
     ModelShape(layers=2, experts=4, hidden=32, ffn_hidden=48, heads=4, head_dim=8, vocab_size=80),

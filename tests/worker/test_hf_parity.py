@@ -21,11 +21,11 @@ import torch
 from hf_tiny import TINY, prompts
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from moe_worker.checkpoint import HFCheckpoint
-from moe_worker.generator import Generator, Request
-from moe_worker.kv_cache import KVCache, StepBatch, StepMeta
-from moe_worker.sampling import SamplingParams
-from moe_worker.weights import build_model, local_experts
+from moe_worker.bench.generator import Generator, Request
+from moe_worker.ep.sampling import SamplingParams
+from moe_worker.models.checkpoint import HFCheckpoint
+from moe_worker.models.kv_cache import KVCache, StepBatch, StepMeta
+from moe_worker.models.weights import build_model, local_experts
 
 ATOL = 1e-4
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from worker_harness import FIXTURES, Cluster, parse_metric
 
-from moe_worker.plan import parse_plan
+from moe_contract.plan import parse_plan
 
 pytestmark = pytest.mark.distributed
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from moe_worker.checkpoint import write_checkpoint
+from moe_contract.shape import ModelShape
 from moe_worker.launcher import LocalRanks, rank_settings
+from moe_worker.models.checkpoint import write_checkpoint
+from moe_worker.models.weights import SyntheticWeights
 from moe_worker.settings import WorkerSettings
-from moe_worker.shape import ModelShape
-from moe_worker.weights import SyntheticWeights
 
 pytestmark = pytest.mark.distributed
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 
-from moe_worker import runtime
-from moe_worker.runtime import Runtime
+from moe_contract.shape import ModelShape
+from moe_worker.models.weights import SyntheticWeights
+from moe_worker.runtime import rank as runtime
+from moe_worker.runtime.rank import Runtime
 from moe_worker.settings import WorkerSettings
-from moe_worker.shape import ModelShape
-from moe_worker.weights import SyntheticWeights
 
 SHAPE = ModelShape(layers=1, experts=2, hidden=8, ffn_hidden=8, heads=2, head_dim=4, top_k=1)
 
@@ -32,7 +32,7 @@ def test_a_leader_whose_group_stopped_stepping_is_not_ready() -> None:
 
 
 def test_a_stalled_leader_takes_no_requests() -> None:
-    from moe_worker.generation import GenerationRequest, NotReady, SamplingParams
+    from moe_worker.serving.generation import GenerationRequest, NotReady, SamplingParams
 
     leader = serving(0, since_last_step=runtime.LEADER_READY_STALL_S + 1)
     request = GenerationRequest("r", (1, 2), SamplingParams(temperature=0, max_tokens=1))

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from moe_contract.shape import ModelShape
 from moe_worker.models import UnsupportedConfig, architecture, parse_hf_config
-from moe_worker.shape import ModelShape
 
 # As published on the hub (fields that matter here), transformers 4.x style.
 MIXTRAL_8X7B: dict[str, Any] = {

@@ -9,11 +9,11 @@ import sys
 
 MODEL_CORE = [
     "moe_worker.models",
-    "moe_worker.kv_cache",
-    "moe_worker.weights",
-    "moe_worker.checkpoint",
-    "moe_worker.sampling",
-    "moe_worker.generator",
+    "moe_worker.models.kv_cache",
+    "moe_worker.models.weights",
+    "moe_worker.models.checkpoint",
+    "moe_worker.ep.sampling",
+    "moe_worker.bench.generator",
 ]
 
 
@@ -29,4 +29,4 @@ def test_the_model_core_imports_no_test_only_http_or_cluster_code() -> None:
     roots = {name.split(".")[0] for name in loaded}
     assert not roots & {"transformers", "tokenizers", "aiohttp", "prometheus_client", "kopf"}
     assert not roots & {"kubernetes", "kmock"}
-    assert not loaded & {"moe_worker.api", "moe_worker.metrics", "moe_worker.runtime"}
+    assert not loaded & {"moe_worker.api", "moe_worker.metrics", "moe_worker.runtime.rank"}

@@ -6,17 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_worker.bench_ep import ep_prefill
-from moe_worker.dispatch import LocalDispatcher, Placement
-from moe_worker.engine import EPEngine, plan_experts
-from moe_worker.env import rank_from_pod_name
-from moe_worker.kv_cache import KVCache, StepBatch
+from moe_contract.env import rank_from_pod_name
+from moe_contract.plan import Plan, plan_transfers, round_robin_plan
+from moe_contract.shape import ModelShape
+from moe_worker.bench.data_path import ep_prefill
+from moe_worker.ep.dispatch import LocalDispatcher, Placement
+from moe_worker.ep.engine import EPEngine, plan_experts
 from moe_worker.models import Routing, route
-from moe_worker.plan import Plan, plan_transfers, round_robin_plan
+from moe_worker.models.kv_cache import KVCache, StepBatch
+from moe_worker.models.weights import SyntheticWeights, build_model, local_experts
+from moe_worker.serving.traffic import TrafficSource
 from moe_worker.settings import TrafficSettings, settings_from_env, settings_to_env
-from moe_worker.shape import ModelShape
-from moe_worker.traffic import TrafficSource
-from moe_worker.weights import SyntheticWeights, build_model, local_experts
 
 SHAPE = ModelShape(layers=2, experts=4, hidden=16, ffn_hidden=32, heads=2, head_dim=8, top_k=2)
 

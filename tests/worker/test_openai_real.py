@@ -25,11 +25,11 @@ from openai_checks import (
 )
 from worker_harness import Cluster
 
-from moe_worker.checkpoint import HFCheckpoint, write_checkpoint
-from moe_worker.generator import Generator, Request
-from moe_worker.sampling import SamplingParams
-from moe_worker.shape import ModelShape
-from moe_worker.weights import SyntheticWeights
+from moe_contract.shape import ModelShape
+from moe_worker.bench.generator import Generator, Request
+from moe_worker.ep.sampling import SamplingParams
+from moe_worker.models.checkpoint import HFCheckpoint, write_checkpoint
+from moe_worker.models.weights import SyntheticWeights
 
 pytestmark = pytest.mark.distributed
 

@@ -22,11 +22,11 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from moe_worker import env
+from moe_contract import env
+from moe_contract.plan import round_robin_plan
+from moe_contract.shape import ModelShape
 from moe_worker.launcher import LocalRanks, pod_rank_settings
-from moe_worker.plan import round_robin_plan
 from moe_worker.settings import WorkerSettings, settings_from_env
-from moe_worker.shape import ModelShape
 from tests.worker.worker_harness import free_port
 
 pytestmark = pytest.mark.distributed

@@ -13,21 +13,21 @@ import torch
 from worker_harness import run_world
 from worker_serving_cases import Driver, greedy, serve_group
 
-from moe_worker.generation import (
+from moe_contract.plan import round_robin_plan
+from moe_contract.shape import ModelShape
+from moe_worker.bench.generator import Generator, Request
+from moe_worker.ep.runner import ModelRunner
+from moe_worker.models.weights import SyntheticWeights
+from moe_worker.runtime.rank import Runtime
+from moe_worker.serving.generation import (
     GenerationRequest,
     InvalidRequest,
     NotReady,
     QueueFull,
     SamplingParams,
 )
-from moe_worker.generator import Generator, Request
-from moe_worker.plan import round_robin_plan
-from moe_worker.runner import ModelRunner
-from moe_worker.runtime import Runtime
+from moe_worker.serving.step import Chunk
 from moe_worker.settings import WorkerSettings
-from moe_worker.shape import ModelShape
-from moe_worker.step import Chunk
-from moe_worker.weights import SyntheticWeights
 
 pytestmark = pytest.mark.distributed
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_worker.sampling import SamplingParams, filter_logits, finish_reason, sample
+from moe_worker.ep.sampling import SamplingParams, filter_logits, finish_reason, sample
 
 VOCAB = 50
 

@@ -11,16 +11,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_worker.blocks import BlockAllocator
-from moe_worker.generation import (
+from moe_worker.serving.blocks import BlockAllocator
+from moe_worker.serving.generation import (
     GenerationRequest,
     InvalidRequest,
     QueueFull,
     SamplingParams,
     TokenEvent,
 )
-from moe_worker.scheduler import Scheduled, Scheduler, SchedulerConfig
-from moe_worker.step import StepDescriptor, StepResult
+from moe_worker.serving.scheduler import Scheduled, Scheduler, SchedulerConfig
+from moe_worker.serving.step import StepDescriptor, StepResult
 
 EOS = 7
 

@@ -8,13 +8,13 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from moe_worker.dispatch import LocalDispatcher, Placement
-from moe_worker.kv_cache import KVCache, KVCacheFull, StepBatch
+from moe_contract.plan import round_robin_plan
+from moe_contract.shape import ModelShape
+from moe_worker.ep.dispatch import LocalDispatcher, Placement
 from moe_worker.models import ExpertWeights, MoETransformer, Routing, architecture, route
 from moe_worker.models.base import generator_for
-from moe_worker.plan import round_robin_plan
-from moe_worker.shape import ModelShape
-from moe_worker.weights import SyntheticWeights, build_model, local_experts
+from moe_worker.models.kv_cache import KVCache, KVCacheFull, StepBatch
+from moe_worker.models.weights import SyntheticWeights, build_model, local_experts
 
 SHAPE = ModelShape(
     layers=2, experts=4, hidden=32, ffn_hidden=48, heads=4, head_dim=8, kv_heads=2, vocab_size=96

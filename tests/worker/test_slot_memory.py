@@ -11,14 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moe_contract.plan import Plan, PlanError, round_robin_plan
+from moe_contract.shape import ModelShape
 from moe_worker.api.control import _switch_status
-from moe_worker.engine import EPEngine, switch_bytes
-from moe_worker.plan import Plan, PlanError, round_robin_plan
-from moe_worker.runtime import Runtime
+from moe_worker.ep.engine import EPEngine, switch_bytes
+from moe_worker.models.weights import SyntheticWeights
+from moe_worker.runtime.rank import Runtime
 from moe_worker.settings import WorkerSettings, settings_from_env
-from moe_worker.shape import ModelShape
-from moe_worker.switching import BackgroundSwitcher
-from moe_worker.weights import SyntheticWeights
+from moe_worker.switch.switcher import BackgroundSwitcher
 
 SHAPE = ModelShape(
     layers=2, experts=4, hidden=32, ffn_hidden=48, heads=4, head_dim=8, kv_heads=2, vocab_size=64

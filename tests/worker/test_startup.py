@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from moe_worker.checkpoint import write_checkpoint
-from moe_worker.loading import ShapeMismatch, model_card, open_weights
+from moe_contract.plan import round_robin_plan
+from moe_contract.shape import ModelShape
 from moe_worker.main import FlagRefused, build_parser, check_pod_flags, serve_settings
-from moe_worker.plan import round_robin_plan
-from moe_worker.runtime import read_initial_plan
+from moe_worker.models.checkpoint import write_checkpoint
+from moe_worker.models.weights import SyntheticWeights
+from moe_worker.runtime.loading import ShapeMismatch, model_card, open_weights
+from moe_worker.runtime.rank import read_initial_plan
 from moe_worker.settings import WorkerSettings, settings_from_env
-from moe_worker.shape import ModelShape
-from moe_worker.weights import SyntheticWeights
 
 SHAPE = ModelShape(
     layers=2, experts=4, hidden=32, ffn_hidden=48, heads=4, head_dim=8, vocab_size=80

@@ -9,14 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from moe_contract import env as worker_env
+from moe_contract.shape import ModelShape
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.failures import STARTUP_EXIT_CODE, startup_failure
 from moe_operator.manifests import children
-from moe_worker import env as worker_env
-from moe_worker.checkpoint import write_checkpoint
+from moe_worker.models.checkpoint import write_checkpoint
+from moe_worker.models.weights import SyntheticWeights
 from moe_worker.process import EXIT_CONFIG
-from moe_worker.shape import ModelShape
-from moe_worker.weights import SyntheticWeights
 
 CHECKPOINT_SHAPE = ModelShape(
     layers=2, experts=4, hidden=32, ffn_hidden=48, heads=4, head_dim=8, vocab_size=80

@@ -15,17 +15,17 @@ import pytest
 from worker_harness import run_world
 from worker_serving_cases import Driver, greedy, replace_plan, serve_group
 
-from moe_worker.engine import EPEngine
-from moe_worker.generation import GenerationRequest, SamplingParams
-from moe_worker.leader import Leader
+from moe_contract.plan import round_robin_plan
+from moe_contract.shape import ModelShape
+from moe_worker.ep.engine import EPEngine
+from moe_worker.ep.transfer import ExpertTransfer
 from moe_worker.metrics import WorkerMetrics
-from moe_worker.plan import round_robin_plan
-from moe_worker.scheduler import SchedulerConfig
+from moe_worker.serving.generation import GenerationRequest, SamplingParams
+from moe_worker.serving.leader import Leader
+from moe_worker.serving.scheduler import SchedulerConfig
+from moe_worker.serving.step import StepDescriptor, StepResult
+from moe_worker.serving.traffic import TrafficSource
 from moe_worker.settings import TrafficSettings, WorkerSettings
-from moe_worker.shape import ModelShape
-from moe_worker.step import StepDescriptor, StepResult
-from moe_worker.traffic import TrafficSource
-from moe_worker.transfer import ExpertTransfer
 
 SHAPE = ModelShape(
     layers=2, experts=4, hidden=32, ffn_hidden=48, heads=4, head_dim=8, kv_heads=2, vocab_size=80

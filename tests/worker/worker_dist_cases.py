@@ -8,14 +8,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe_worker.baseline import TPPPModel
-from moe_worker.bench_ep import ep_prefill
-from moe_worker.engine import EPEngine
-from moe_worker.kv_cache import KVCache, StepBatch
-from moe_worker.plan import Plan, parse_plan, round_robin_plan
-from moe_worker.shape import ModelShape
-from moe_worker.transfer import DONE, new_transfer_group
-from moe_worker.weights import SyntheticWeights, build_model, local_experts
+from moe_contract.plan import Plan, parse_plan, round_robin_plan
+from moe_contract.shape import ModelShape
+from moe_worker.bench.baseline import TPPPModel
+from moe_worker.bench.data_path import ep_prefill
+from moe_worker.ep.engine import EPEngine
+from moe_worker.ep.transfer import DONE, new_transfer_group
+from moe_worker.models.kv_cache import KVCache, StepBatch
+from moe_worker.models.weights import SyntheticWeights, build_model, local_experts
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "plans"
 SHAPE = ModelShape(

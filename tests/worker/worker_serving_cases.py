@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 
-from moe_worker.bench_ep import ep_prefill
-from moe_worker.engine import EPEngine
-from moe_worker.generation import GenerationRequest, SamplingParams, TokenEvent
-from moe_worker.loading import open_weights
-from moe_worker.plan import Plan, round_robin_plan
-from moe_worker.runtime import Runtime, read_initial_plan
+from moe_contract.plan import Plan, round_robin_plan
+from moe_worker.bench.data_path import ep_prefill
+from moe_worker.ep.engine import EPEngine
+from moe_worker.runtime.loading import open_weights
+from moe_worker.runtime.rank import Runtime, read_initial_plan
+from moe_worker.serving.generation import GenerationRequest, SamplingParams, TokenEvent
 from moe_worker.settings import WorkerSettings
 
 

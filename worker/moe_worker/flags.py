@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moe_worker.shape import ARCHITECTURES
+from moe_contract.shape import ARCHITECTURES
 
 MODEL_FLAGS = {
     "layers": "layers",

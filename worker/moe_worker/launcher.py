@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from moe_worker import env
+from moe_contract import env
 from moe_worker.settings import WorkerSettings, settings_to_env
 
 log = logging.getLogger("moe_worker.launcher")
@@ -110,7 +110,7 @@ def launch_pod(settings: WorkerSettings, log_level: str = "INFO") -> int:
     """The ranks of this pod (`settings.rank` is its first, `ranks_per_pod` of them) and the
     pod's control app on `settings.http_port`, until a rank exits; the exit code of the pod."""
     from moe_worker.api import start
-    from moe_worker.podserver import LocalRank, create_pod_app
+    from moe_worker.api.podserver import LocalRank, create_pod_app
     from moe_worker.process import report_fatal
 
     ranks = LocalRanks(settings.ranks_per_pod, settings.rank, settings.world_size)

@@ -1,7 +1,7 @@
 """`moe-worker`: `serve` (default) runs one rank, or with `--world N` and no rank in the environment
 all N ranks on this machine; `bench` compares EP with TP x PP; `bench-serving` measures serving.
 
-Settings come from the environment the operator sets (`moe_worker.env`); flags override them,
+Settings come from the environment the operator sets (`moe_contract.env`); flags override them,
 except in a pod (`MOE_POD_NAME` set), where a flag may not change what the operator owns or the
 environment sets: the worker refuses to start and names the flag.
 """
@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from importlib.metadata import entry_points
 from typing import Any
 
-from moe_worker import env
+from moe_contract import env
 from moe_worker.flags import MODEL_FLAGS, add_model_flags, model_overrides
 from moe_worker.settings import (
     SETTING_VARIABLES,
@@ -27,6 +29,9 @@ from moe_worker.settings import (
     runs_pod_ranks,
     settings_from_env,
 )
+
+COMMANDS_ENTRY_POINT_GROUP = "moe_worker.commands"
+"""Entry points of the sub-commands besides serve (`moe-worker bench`, `bench-serving`)."""
 
 _SETTINGS_FLAGS: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
     "world_size": (("world-size", "world"), int),
@@ -134,10 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
         kind = TRAFFIC_VARIABLES[attr][1]
         serve.add_argument(f"--{flag}", dest=f"traffic_{attr}", type=kind)
     add_model_flags(serve)
-    from moe_worker import bench, bench_serving
-
-    bench.add_parser(sub)
-    bench_serving.add_parser(sub)
+    # Benchmarks register themselves (entry points), so the serving product never imports them.
+    for point in entry_points(group=COMMANDS_ENTRY_POINT_GROUP):
+        importlib.import_module(point.value).add_parser(sub)
     return parser
 
 

@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 from moe_worker.api import ServerHandle, create_control_app, create_openai_app, start
-from moe_worker.checkpoint import CheckpointError
-from moe_worker.loading import ShapeMismatch, open_weights
 from moe_worker.models import UnsupportedConfig
-from moe_worker.runtime import Runtime
+from moe_worker.models.checkpoint import CheckpointError
+from moe_worker.runtime.loading import ShapeMismatch, open_weights
+from moe_worker.runtime.rank import Runtime
 from moe_worker.settings import WorkerSettings
 
 log = logging.getLogger("moe_worker")

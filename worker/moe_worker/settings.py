@@ -1,7 +1,7 @@
 """Frozen configuration of one worker: its model shape and the rank's process settings.
 
-Read from the environment the operator sets on pods (names in `moe_worker.env`); command-line flags
-override, except in a pod where the operator owns the setting (`moe_worker.main`). The local
+Read from the environment the operator sets on pods (names in `moe_contract.env`); command-line
+flags override, except in a pod where the operator owns the setting (`moe_worker.main`). The local
 launcher hands each rank its settings back through the same variables (`settings_to_env`).
 Configuration objects hold plain values only: no process groups, tensors or clients.
 Imports nothing beyond the standard library.
@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from moe_worker import env
-from moe_worker.shape import ModelShape
+from moe_contract import env
+from moe_contract.shape import ModelShape
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class WorkerSettings:
     boundary (the pause is the flip); false: stop serving while they move."""
     two_batch_overlap: bool = False
     """Run each step as two micro-batches, one's all-to-all in flight while the other computes
-    (`moe_worker.two_batch`). Off by default on every device: on CPU gloo's all-to-all copies
+    (`moe_worker.ep.two_batch`). Off by default on every device: on CPU gloo's all-to-all copies
     its bytes on the same busy cores, so overlap adds CPU work (1.1-1.6x per step) and measured
     slower or within noise; not yet measured on GPUs (docs/performance.md, issue 13)."""
     kv_cache_tokens: int = 8192

@@ -19,11 +19,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from moe_contract.shape import ARCHITECTURES, DTYPE_BYTES, ModelShape
 from moe_operator.perf import Workload, parse_layout, predict
 from moe_operator.perf.calibrate import calibrate
 from moe_operator.perf.profiles import load_profile, profile_to_yaml
 from moe_operator.perf.report import assumptions, format_report, report_dict
-from moe_worker.shape import ARCHITECTURES, DTYPE_BYTES, ModelShape
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=d.dtype)
     ap.add_argument("--architecture", choices=ARCHITECTURES, default=d.architecture)
     ap.add_argument(
-        "--gpu-check-json", type=Path, help="python -m moe_worker.gpu_check --json output"
+        "--gpu-check-json", type=Path, help="python -m moe_worker.bench.gpu_check --json output"
     )
     ap.add_argument("--bench-json", type=Path, help="moe-worker bench --json output")
     ap.add_argument("--save-profile", type=Path, help="write the (calibrated) profile YAML here")

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from moe_contract.plan import Plan, PlanError, parse_plan
 from moe_operator.planning.gating import GatingOptions
 from moe_operator.planning.placement import LoadError, check_loads
 from moe_operator.planning.planners import (
@@ -30,7 +31,6 @@ from moe_operator.planning.planners import (
     plan_rebalance,
 )
 from moe_operator.planning.replace import ReplaceOptions
-from moe_worker.plan import Plan, PlanError, parse_plan
 
 METHOD_NAMES = {
     "auto": AUTO,

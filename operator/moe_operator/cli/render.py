@@ -22,13 +22,13 @@ from typing import Any, TextIO
 
 import yaml
 
+from moe_contract import env as worker_env
 from moe_operator import api
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.images import WorkerImages, with_worker_image
 from moe_operator.manifests import children, podspec
 from moe_operator.planning.record import Known, choose_plan
 from moe_operator.validation import parse_spec
-from moe_worker import env as worker_env
 
 DEFAULT_KUBERNETES_VERSION = "1.30"
 EXIT_INVALID = 2

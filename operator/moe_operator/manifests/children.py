@@ -11,11 +11,11 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
+from moe_contract import env as worker_env
+from moe_contract.plan import PLAN_FILE_NAME, Plan
 from moe_operator.api import DEFAULT_GPU_RESOURCE, MoEDeploymentSpec
 from moe_operator.manifests import podspec
 from moe_operator.planning.record import PlanShape
-from moe_worker import env as worker_env
-from moe_worker.plan import PLAN_FILE_NAME, Plan
 
 GPU_RESOURCE = DEFAULT_GPU_RESOURCE  # worker.gpuResourceName's default
 DEPLOYMENT_LABEL = "moe-ep.io/deployment"

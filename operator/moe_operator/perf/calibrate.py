@@ -5,7 +5,7 @@ tolerant: it flattens a document into lower-case dotted paths of numeric leaves
 (`{"ep": {"tokens_per_s": 5}}` -> `ep.tokens_per_s = 5`) and matches words in the paths.
 A figure it cannot find is left as it was, and the notes say so. What it reads:
 
-`python -m moe_worker.gpu_check --json` (one GPU, seed shapes):
+`python -m moe_worker.bench.gpu_check --json` (one GPU, seed shapes):
 - plain matmul rate: a path with `matmul`, `cublas`, `gemm` or `dense` and a FLOP unit
   -> matmul_efficiency = rate / peak_flops (the highest such rate).
 - expert rate: a path with `expert`, `moe` or `ffn` (and no matmul word) and a FLOP unit

@@ -6,8 +6,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
+from moe_contract.shape import ModelShape
 from moe_operator.perf.types import Prediction, Profile, Workload
-from moe_worker.shape import ModelShape
 
 SEED_CLAIMS = {
     "tp8pp2": {"tokens_per_s": 120_000, "tpot_ms": 8.3},

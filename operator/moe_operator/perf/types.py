@@ -1,6 +1,6 @@
 """Frozen inputs and outputs of the performance model (see model.py for the method). PURE.
 
-The model shape is the deployment's own `moe_worker.shape.ModelShape`.
+The model shape is the deployment's own `moe_contract.shape.ModelShape`.
 
 Units: seconds, bytes, FLOPs, FLOP/s, bytes/s.
 """
@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from moe_worker.shape import ModelShape
+from moe_contract.shape import ModelShape
 
 Phase = Literal["prefill", "decode"]
 

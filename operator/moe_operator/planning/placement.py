@@ -1,6 +1,6 @@
 """Load model of a placement: per-expert token load -> per-rank load -> imbalance.
 
-Pure functions over plain sequences (stdlib only). Legend for shapes, as in `moe_worker.plan`:
+Pure functions over plain sequences (stdlib only). Legend for shapes, as in `moe_contract.plan`:
 L = layers, R = ranks (world size), S = slots per rank, E = logical experts.
 
     expert_load[l][e]   tokens routed to logical expert e of layer l over the window   [L][E]

@@ -2,7 +2,8 @@
 
 Methods (the MoEDeployment's `rebalancing.method`):
 
-- `RoundRobin`: the seed's placement (section 5.1) via `moe_worker.plan.round_robin_plan`; no bias.
+- `RoundRobin`: the seed's placement (section 5.1) via `moe_contract.plan.round_robin_plan`;
+  no bias.
 - `Replace`: output-preserving replication and re-packing (see `planning.replace`). Where the
   deployment allows more slots per rank than the plan has (`max_slots_per_rank`, memory the ranks
   have to spare) it may grow the plan's slots per rank, one or more at once, when the balance
@@ -25,6 +26,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from moe_contract.plan import (
+    Plan,
+    PlanError,
+    moved_experts,
+    plan_transfers,
+    round_robin_plan,
+    validate_plan,
+)
 from moe_operator.planning.gating import Bias, GatingOptions, update_bias
 from moe_operator.planning.placement import check_loads, layer_imbalances
 from moe_operator.planning.replace import (
@@ -32,14 +41,6 @@ from moe_operator.planning.replace import (
     grow_layer,
     nothing_to_replicate,
     replace_slots,
-)
-from moe_worker.plan import (
-    Plan,
-    PlanError,
-    moved_experts,
-    plan_transfers,
-    round_robin_plan,
-    validate_plan,
 )
 
 AUTO, REPLACE, ROUND_ROBIN, GATING_BIAS = "Auto", "Replace", "RoundRobin", "GatingBias"

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from moe_worker.plan import MAX_PLAN_VERSION, Plan, PlanError, round_robin_plan, validate_plan
+from moe_contract.plan import MAX_PLAN_VERSION, Plan, PlanError, round_robin_plan, validate_plan
 
 
 @dataclass(frozen=True)

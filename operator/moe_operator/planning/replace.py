@@ -34,13 +34,13 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from moe_contract.plan import moved_experts
 from moe_operator.planning.placement import (
     LayerSlots,
     imbalance,
     rank_loads,
     replica_counts,
 )
-from moe_worker.plan import moved_experts
 
 Slots = tuple[tuple[tuple[int, ...], ...], ...]
 """slots [L][R][S]."""

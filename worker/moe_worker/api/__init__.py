@@ -1,7 +1,7 @@
 """The worker's HTTP layer: two FastAPI apps over the serving port, run by uvicorn in a thread.
 
-It depends on `moe_worker.generation` (the `Backend` port) and `moe_worker.plan` only, never on
-torch, the runtime or the engine (an import-linter contract in pyproject.toml checks it).
+It depends on `moe_worker.serving.generation` (the `Backend` port) and `moe_contract.plan` only,
+never on torch, the runtime or the engine (an import-linter contract in pyproject.toml checks it).
 
     create_control_app(backend, *, token_path, switch_timeout=60.0, max_body=64 MiB,
                        body_timeout=30.0, forward=None) -> FastAPI

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from moe_worker.api.errors import ApiError
 from moe_worker.api.text import TextStream
-from moe_worker.generation import AdmissionError, Backend, GenerationRequest, TokenEvent
+from moe_worker.serving.generation import AdmissionError, Backend, GenerationRequest, TokenEvent
 
 log = logging.getLogger("moe_worker.api")
 

@@ -30,11 +30,11 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from moe_contract.plan import Plan, PlanError, parse_plan
 from moe_worker.api import auth
 from moe_worker.api.body import BodyLimit, read_json
 from moe_worker.api.errors import ApiError, control_body, install
-from moe_worker.generation import Backend
-from moe_worker.plan import Plan, PlanError, parse_plan
+from moe_worker.serving.generation import Backend
 
 ForwardFn = Callable[[Any, float], Any | None]
 """Blocking: (hidden [B][T][D] as nested lists, timeout) -> output of the same shape, None on

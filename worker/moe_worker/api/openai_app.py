@@ -40,7 +40,7 @@ from moe_worker.api.schemas import (
     dump,
 )
 from moe_worker.api.text import TextStream
-from moe_worker.generation import Backend, GenerationRequest, ModelCard, SamplingParams
+from moe_worker.serving.generation import Backend, GenerationRequest, ModelCard, SamplingParams
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from moe_worker.api.errors import ApiError
-from moe_worker.generation import ModelCard
+from moe_worker.serving.generation import ModelCard
 
 DEFAULT_MAX_TOKENS = 16
 """OpenAI's default for completions."""

@@ -2,7 +2,7 @@
 family implements in its own file (config parsing, checkpoint names, expert forward, attention).
 
 The experts are never part of the model's nn.Module: each MoE layer calls an injected `MoEFn`,
-which runs them locally (`LocalExperts`) or over all-to-all (`moe_worker.engine.EPEngine`). One
+which runs them locally (`LocalExperts`) or over all-to-all (`moe_worker.ep.engine.EPEngine`). One
 `Routing` type and one combine (`weighted_sum`) serve every layout, so all of them round alike.
 
 Legend: N tokens, D hidden, F expert ffn hidden, E experts, K top-k.
@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import torch
 from torch import Tensor
 
+from moe_contract.shape import ModelShape
 from moe_worker.models.config import ModelSpec
 from moe_worker.models.routing import Reroutes, Selection, price, select
-from moe_worker.shape import ModelShape
 
 if TYPE_CHECKING:
     from moe_worker.models.grouped import SlotGroups

@@ -1,7 +1,7 @@
 """What a model is, beyond its shape: the exact details one architecture needs, and the helpers that
 read them from a Hugging Face `config.json`. Torch-free.
 
-`ModelShape` (moe_worker.shape) is the contract with the operator: sizes only. `ModelSpec` adds
+`ModelShape` (moe_contract.shape) is the contract with the operator: sizes only. `ModelSpec` adds
 what the math needs and the operator does not care about (norm epsilon, RoPE base, router
 renormalisation, tied embeddings, context length, EOS ids). A family builds one from a config.json
 (`Architecture.parse_config`) or from a bare shape with its defaults (synthetic weights).
@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from moe_worker.shape import ModelShape
+from moe_contract.shape import ModelShape
 
 
 class UnsupportedConfig(ValueError):

@@ -1,6 +1,6 @@
 """Building blocks of the dense (replicated) part: RMSNorm, rotary embedding, cached attention.
 
-Attention reads and writes the paged KV cache (moe_worker.kv_cache): the step's new keys and
+Attention reads and writes the paged KV cache (moe_worker.models.kv_cache): the step's new keys and
 values go to their slots first, then each attention group runs one SDPA call against its
 sequences' cached keys, causal by position. Grouped-query attention is SDPA's `enable_gqa`.
 
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_worker.kv_cache import KVCache, StepMeta
 from moe_worker.models.config import ModelSpec
+from moe_worker.models.kv_cache import KVCache, StepMeta
 
 
 class RMSNorm(nn.Module):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from moe_contract.shape import ModelShape
 from moe_worker.models.config import (
     ModelSpec,
     context_length,
@@ -28,7 +29,6 @@ from moe_worker.models.config import (
 )
 from moe_worker.models.layers import Attention
 from moe_worker.models.swiglu import SwiGLUArchitecture
-from moe_worker.shape import ModelShape
 
 RMS_NORM_EPS = 1e-5
 ROPE_THETA = 1e6

@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import Tensor
 
+from moe_contract.shape import ModelShape
 from moe_worker.models.config import (
     ModelSpec,
     UnsupportedConfig,
@@ -35,7 +36,6 @@ from moe_worker.models.config import (
 )
 from moe_worker.models.layers import Attention, RMSNorm
 from moe_worker.models.swiglu import SwiGLUArchitecture
-from moe_worker.shape import ModelShape
 
 RMS_NORM_EPS = 1e-6
 ROPE_THETA = 10000.0

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moe_contract.shape import ModelShape
 from moe_worker.models.base import Architecture, ExpertWeights
 from moe_worker.models.config import (
     ModelSpec,
@@ -37,7 +38,6 @@ from moe_worker.models.config import (
 )
 from moe_worker.models.grouped import SlotGroups
 from moe_worker.models.layers import Attention
-from moe_worker.shape import ModelShape
 
 RMS_NORM_EPS = 1e-6
 ROPE_THETA = 10000.0

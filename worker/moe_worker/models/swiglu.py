@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
+from moe_contract.shape import ModelShape
 from moe_worker.models.base import Architecture, ExpertWeights
 from moe_worker.models.grouped import SlotGroups
-from moe_worker.shape import ModelShape
 
 
 class SwiGLUArchitecture(Architecture):

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moe_worker.kv_cache import KVCache, StepBatch, StepMeta
 from moe_worker.models.base import Architecture, GateBias, MoEFn, Routing, route
 from moe_worker.models.config import ModelSpec
+from moe_worker.models.kv_cache import KVCache, StepBatch, StepMeta
 from moe_worker.models.layers import RMSNorm, rope_cos_sin
 
 
@@ -71,7 +71,7 @@ class MoETransformer(nn.Module):
         return self.logits(x_ND, batch, all_positions)
 
     # The three pieces of `forward`, for runtimes that interleave micro-batches between the
-    # attention and the experts of a layer (`moe_worker.two_batch`); same operations, same order.
+    # attention and the experts of a layer (`moe_worker.ep.two_batch`); same operations, same order.
 
     def embed(self, batch: StepBatch) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Token embeddings [N, D] and the step's rotary cos/sin."""

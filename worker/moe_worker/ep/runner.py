@@ -1,0 +1,157 @@
+"""The model runner of one rank: how a step runs, given what the leader's scheduler decided.
+
+It keeps this rank's sequences (prompt, sampling parameters, seed, sampled tokens) and their KV
+cache, turns its chunks of a `StepDescriptor` into one `StepBatch`, runs the collective forward
+through the EP engine, and samples the sequences whose chunk ends with a token.
+
+A request that fails here (an unknown id, a position that disagrees with the cache, a full cache,
+a sampling error: bugs, all of them) fails alone: it is reported in the `StepResult` and freed,
+and the rank still joins the step's forward with its other sequences, or with zero tokens, so the
+collectives stay in step. Everything that can fail per request happens before the forward
+(`KVCache.prepare` first) or after it (sampling); the forward itself is the only collective part.
+
+Legend: B sequences in the step, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from moe_worker.ep.engine import EPEngine
+from moe_worker.ep.sampling import sample
+from moe_worker.ep.two_batch import Item, last_rows, split_items
+from moe_worker.models.kv_cache import KVCache, StepBatch, StepMeta
+from moe_worker.serving.generation import SamplingParams
+from moe_worker.serving.step import Chunk, NewSequence, StepResult
+
+log = logging.getLogger("moe_worker.ep.runner")
+
+
+@dataclass
+class _Sequence:
+    prompt: tuple[int, ...]
+    sampling: SamplingParams
+    seed: int
+    generated: list[int] = field(default_factory=list)
+
+
+class ModelRunner:
+    def __init__(self, engine: EPEngine, cache: KVCache, rank: int) -> None:
+        self.engine, self.cache, self.rank = engine, cache, rank
+        self.sequences: dict[str, _Sequence] = {}
+        self.tokens_run = 0
+        """New tokens of this rank's sequences run through the model (for metrics)."""
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        """Free finished sequences (ids of other ranks are ignored), in the leader's order."""
+        for rid in request_ids:
+            self.sequences.pop(rid, None)
+            self.cache.free(rid)  # idempotent: a failed sequence was freed when it failed
+
+    def admit(self, admitted: Sequence[NewSequence]) -> list[tuple[str, str]]:
+        """Take this rank's new sequences and reserve their KV budget; (id, error) of failures."""
+        errors = []
+        for new in admitted:
+            if new.rank != self.rank:
+                continue
+            try:
+                self.cache.reserve(new.request_id, new.reserve_tokens)
+                self.sequences[new.request_id] = _Sequence(
+                    new.prompt_token_ids, new.sampling, new.seed
+                )
+            except Exception as error:  # one request fails, the group goes on
+                errors.append(self._fail(new.request_id, error))
+        return errors
+
+    @torch.no_grad()
+    def step(self, chunks: Sequence[Chunk], two_batch: bool = False) -> StepResult:
+        """Collective: this rank's chunks through the model (maybe none), then sampling.
+
+        `two_batch` (the same on every rank: the step descriptor says it) runs the tokens as two
+        micro-batches whose all-to-alls overlap the other's compute (`moe_worker.ep.two_batch`)."""
+        items, sampled, errors = [], [], []
+        for chunk in chunks:
+            if chunk.rank != self.rank:
+                continue
+            try:
+                items.append((chunk.request_id, self._new_tokens(chunk), chunk.start))
+                if chunk.sample:
+                    sampled.append(chunk.request_id)
+            except Exception as error:  # a bug in one request: it fails alone
+                errors.append(self._fail(chunk.request_id, error))
+        parts = split_items(items) if two_batch else (items,)
+        try:
+            batches, metas = self._prepare(parts)
+        except Exception as error:  # every chunk of the step fails, not the rank
+            errors += [self._fail(rid, error) for rid, _, _ in items]
+            items, sampled = [], []
+            parts = tuple([] for _ in parts)
+            batches, metas = self._prepare(parts)
+        logits_BV = self._forward(items, parts, batches, metas)  # the collective part
+        self.tokens_run += sum(b.num_tokens for b in batches)
+        tokens: list[tuple[str, int]] = []
+        if sampled:
+            row_of = {rid: row for row, (rid, _, _) in enumerate(items)}
+            try:
+                tokens = self._sample(logits_BV[[row_of[rid] for rid in sampled]], sampled)
+            except Exception as error:  # the tokens are lost, the group goes on
+                errors += [self._fail(rid, error) for rid in sampled]
+        return StepResult(tuple(tokens), tuple(errors))
+
+    def _prepare(self, parts: Sequence[Sequence[Item]]) -> tuple[list[StepBatch], list[StepMeta]]:
+        """Each micro-batch's batch and cache layout, in order (a cut prompt's second part
+        follows its first)."""
+        device = self.cache.k_LPHd.device
+        batches = [StepBatch.build(part, device) for part in parts]
+        return batches, [self.cache.prepare(batch) for batch in batches]
+
+    def _forward(
+        self,
+        items: Sequence[Item],
+        parts: Sequence[Sequence[Item]],
+        batches: list[StepBatch],
+        metas: list[StepMeta],
+    ) -> torch.Tensor:
+        """Logits [B, V], one row per item (its last token)."""
+        if len(batches) == 1:
+            return self.engine.forward(batches[0], self.cache, metas[0])
+        logits = self.engine.forward_overlapped(batches, self.cache, metas)
+        return torch.cat(logits)[last_rows(items, parts)]
+
+    def _new_tokens(self, chunk: Chunk) -> list[int]:
+        seq = self.sequences.get(chunk.request_id)
+        if seq is None:
+            raise KeyError(f"rank {self.rank} holds no sequence {chunk.request_id!r}")
+        cached = self.cache.length(chunk.request_id)
+        if chunk.start != cached:
+            raise ValueError(
+                f"the leader runs {chunk.request_id!r} from position {chunk.start}, "
+                f"rank {self.rank} has {cached} tokens cached"
+            )
+        if chunk.start < len(seq.prompt):
+            return list(seq.prompt[chunk.start : chunk.start + chunk.length])
+        if chunk.length != 1 or not seq.generated:
+            raise ValueError(f"{chunk.request_id!r}: a decode step feeds exactly its last token")
+        return [seq.generated[-1]]
+
+    def _sample(self, logits_BV: torch.Tensor, request_ids: list[str]) -> list[tuple[str, int]]:
+        seqs = [self.sequences[rid] for rid in request_ids]
+        next_B = sample(
+            logits_BV,
+            [s.sampling for s in seqs],
+            [s.seed for s in seqs],
+            [len(s.generated) for s in seqs],
+        ).tolist()
+        for seq, token in zip(seqs, next_B, strict=True):
+            seq.generated.append(int(token))
+        return [(rid, int(t)) for rid, t in zip(request_ids, next_B, strict=True)]
+
+    def _fail(self, request_id: str, error: Exception) -> tuple[str, str]:
+        log.error("rank %d failed request %s: %s", self.rank, request_id, error)
+        self.sequences.pop(request_id, None)
+        self.cache.free(request_id)
+        return request_id, f"{type(error).__name__}: {error}"

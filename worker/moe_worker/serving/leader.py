@@ -1,0 +1,229 @@
+"""The leader's side of the serving loop: where each step's descriptor comes from, and where the
+step's outcome goes.
+
+It owns the scheduler, the built-in traffic and the queue of plan switches the HTTP threads ask
+for. `next_step` waits (at most `IDLE_TICK`) for something to do, then turns it into a
+`StepDescriptor`; `complete` hands every rank's tokens to the scheduler and the events to the
+requests' sinks; `answer_switch` wakes the HTTP thread waiting on the switch it carried. No torch
+and no process group here: the runtime does the collectives.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from moe_contract.plan import Plan
+from moe_worker.metrics import WorkerMetrics
+from moe_worker.serving.generation import AdmissionError, EventSink, GenerationRequest, TokenEvent
+from moe_worker.serving.scheduler import Delivery, Scheduler, SchedulerConfig
+from moe_worker.serving.step import Chunk, StepDescriptor, StepResult
+from moe_worker.serving.traffic import TrafficSource
+
+log = logging.getLogger("moe_worker")
+
+IDLE_TICK = 0.2
+"""Longest the leader waits before broadcasting an idle step (keeps collectives alive)."""
+POLL_TICK = 0.01
+"""Longest it waits while a background switch is in flight: each step polls every rank."""
+ANSWER_GRACE = 10.0
+"""How long past its timeout a caller waits for the answer of a switch the loop took: the loop
+abandons a background switch at its deadline and answers at the next step."""
+
+
+@dataclass
+class Switch:
+    """A plan switch asked for by an HTTP thread, answered by the serving loop."""
+
+    plan: Plan
+    done: threading.Event = field(default_factory=threading.Event)
+    result: dict[str, Any] | None = None
+    taken: bool = False
+    """The loop put it in a step descriptor: it will be answered."""
+    cancelled: bool = False
+    """Its caller timed out before the loop took it: it never will."""
+    deadline: float = float("inf")
+    """time.monotonic() after which a background switch still moving experts is abandoned."""
+
+
+@dataclass
+class _Transfers:
+    """A background switch in flight: what the ranks last reported."""
+
+    switch: Switch
+    states: list[str | None] = field(default_factory=list)
+
+
+class Leader:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        traffic: TrafficSource,
+        metrics: WorkerMetrics,
+        *,
+        background_switch: bool = False,
+        two_batch: bool = False,
+    ) -> None:
+        self.scheduler = Scheduler(config)
+        self.traffic, self.metrics = traffic, metrics
+        self.background_switch, self.two_batch = background_switch, two_batch
+        self._transfers: _Transfers | None = None
+        self._wake = threading.Event()
+        self._switches: queue.Queue[Switch] = queue.Queue()
+        self._switch_lock = threading.Lock()
+        self._in_flight: Switch | None = None
+        metrics.requests_waiting.set_function(lambda: self.scheduler.waiting)
+        metrics.requests_running.set_function(lambda: self.scheduler.running)
+
+    # ------------------------------------------------------------ HTTP threads
+
+    def submit(self, request: GenerationRequest, on_event: EventSink) -> None:
+        self.scheduler.add(request, on_event)
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+        self._wake.set()
+
+    def switch(self, plan: Plan, timeout: float) -> dict[str, Any] | None:
+        """Block until the loop switched every rank to `plan` (or found it stale); None after
+        `timeout` (a switch not yet taken then never happens)."""
+        pending = Switch(plan, deadline=time.monotonic() + timeout)
+        self._switches.put(pending)
+        self._wake.set()
+        if pending.done.wait(timeout):
+            return pending.result
+        with self._switch_lock:
+            pending.cancelled = not pending.taken
+        if pending.taken and pending.done.wait(ANSWER_GRACE):  # the loop answers it
+            return pending.result
+        return None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # ------------------------------------------------------------ the serving loop
+
+    def next_step(self, step: int, plan_version: int, stopping: bool) -> StepDescriptor:
+        if stopping:
+            self.deliver(self.scheduler.drain("abort"))
+            return StepDescriptor(step, stop=True)
+        self._wait_for_work()
+        switching = self._switch_step(plan_version)
+        self._top_up_traffic()
+        scheduled = self.scheduler.schedule()
+        self.deliver(list(scheduled.deliveries))
+        return StepDescriptor(
+            step,
+            release=scheduled.release,
+            admit=scheduled.admit,
+            chunks=scheduled.chunks,
+            two_batch=self.two_batch and _most_tokens_of_a_rank(scheduled.chunks) >= 2,
+            **switching,
+        )
+
+    def answer_switch(self, result: dict[str, Any]) -> None:
+        """The serving loop's answer to the switch in flight (applied, stale, abandoned)."""
+        if self._in_flight is not None:
+            self._answer(self._in_flight, result)
+            self._in_flight = None
+        self._transfers = None
+
+    def complete(self, results: Sequence[StepResult]) -> None:
+        if self._transfers is not None:
+            self._transfers.states = [r.switch for r in results]
+        self.deliver(self.scheduler.complete(results))
+
+    def fail_all(self, error: str) -> None:
+        """The serving loop failed: every request ends, a switch in flight is answered (the
+        group restarts as a whole, on the plan of record)."""
+        self.answer_switch({"applied": False, "reason": "group failed", "error": error})
+        self.deliver(self.scheduler.drain("error", error))
+
+    def deliver(self, deliveries: list[Delivery]) -> None:
+        for sink, event in deliveries:
+            self.metrics.generated_tokens.inc(len(event.token_ids))
+            if event.finish_reason is not None:
+                self.metrics.requests_finished.labels(event.finish_reason).inc()
+            try:
+                sink(event)
+            except Exception:  # a client's callback must not stop the group
+                log.exception("event sink of request %s failed", event.request_id)
+
+    def _switch_step(self, plan_version: int) -> dict[str, Any]:
+        """This step's part of a plan switch: start one, poll, flip, or abandon it."""
+        t = self._transfers
+        if t is None:
+            if self._in_flight is not None:
+                return {}
+            switch = self._in_flight = self._take_switch(plan_version)
+            if switch is None:
+                return {}
+            if self.background_switch:
+                self._transfers = _Transfers(switch)
+            return {"plan_json": switch.plan.to_json(), "poll_switch": self.background_switch}
+        failed = [f"rank {r}: {s}" for r, s in enumerate(t.states) if s and s.startswith("fail")]
+        if failed:
+            return {"abandon": "; ".join(failed)}
+        if t.states and all(state == "done" for state in t.states):
+            return {"flip": t.switch.plan.version}
+        if time.monotonic() > t.switch.deadline:
+            return {"abandon": "timeout: experts still moving at the switch timeout"}
+        return {"poll_switch": True}
+
+    def _wait_for_work(self) -> None:
+        self._wake.clear()
+        if self._transfers is not None:  # poll the ranks until the switch lands
+            self._wake.wait(0 if self.scheduler.has_work else POLL_TICK)
+            return
+        if self.scheduler.has_work or (self._in_flight is None and not self._switches.empty()):
+            return
+        wait = IDLE_TICK
+        if self.traffic.enabled:
+            wait = min(wait, max(0.0, self.traffic.next_top_up - time.monotonic()))
+        self._wake.wait(wait)
+
+    def _take_switch(self, plan_version: int) -> Switch | None:
+        while True:
+            try:
+                pending = self._switches.get_nowait()
+            except queue.Empty:
+                return None
+            with self._switch_lock:
+                if pending.cancelled:
+                    continue
+                pending.taken = True
+            if pending.plan.version > plan_version:
+                return pending
+            self._answer(pending, {"applied": False, "reason": "stale", "version": plan_version})
+
+    @staticmethod
+    def _answer(pending: Switch, result: dict[str, Any]) -> None:
+        pending.result = result
+        pending.done.set()
+
+    def _top_up_traffic(self) -> None:
+        if not self.traffic.due(time.monotonic()):
+            return
+        for request in self.traffic.top_up(time.monotonic()):
+            try:
+                self.scheduler.add(request, self._traffic_sink)
+            except AdmissionError:
+                self.traffic.done(request.request_id)
+
+    def _traffic_sink(self, event: TokenEvent) -> None:
+        if event.finish_reason is not None:
+            self.traffic.done(event.request_id)
+
+
+def _most_tokens_of_a_rank(chunks: Sequence[Chunk]) -> int:
+    """New tokens of the busiest rank this step: fewer than 2 leave nothing to split."""
+    tokens: dict[int, int] = {}
+    for chunk in chunks:
+        tokens[chunk.rank] = tokens.get(chunk.rank, 0) + chunk.length
+    return max(tokens.values(), default=0)

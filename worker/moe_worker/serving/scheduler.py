@@ -1,0 +1,320 @@
+"""The leader's scheduler: which requests run, on which rank, and how many of their tokens each
+step. Pure logic (no torch, no process group); the runtime calls it at every step boundary.
+
+- Admission (continuous batching): a waiting request joins at a step boundary on ONE rank (its
+  attention and KV cache stay there; experts are expert-parallel): the rank with the most free
+  KV budget that can also take another sequence. Its whole need, prompt + max_tokens, is reserved
+  at once, so a running sequence never runs out of cache and nothing is ever preempted.
+  First come, first served: while the oldest waiting request fits nowhere, younger ones wait too,
+  so a long request is never starved by a stream of short ones.
+- The budget: the scheduler keeps a mirror of every rank's `BlockAllocator` (same calls in the same
+  order as the rank's KV cache, hence the same answers), so it knows what fits without asking.
+- A step: on each rank every decoding sequence feeds its last token, then prompts are prefilled in
+  admission order, chunked, up to `max_batch_tokens` new tokens per rank. A rank keeps at most
+  `max_batch_tokens` sequences, so every decoding sequence advances every step.
+- Refusals: prompt + max_tokens beyond the context or beyond one rank's whole KV budget is an
+  `InvalidRequest` naming max_tokens; a full waiting queue (`max_queued_requests`) is `QueueFull`.
+- Finishing: EOS, a stop token or max_tokens (`generation.finish_reason`); aborts; a rank's error.
+
+Thread safety: `add` and `abort` come from HTTP threads, the rest from the serving loop; one lock
+guards the state. Events are returned with their sinks, to be delivered outside the lock.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from moe_worker.serving.blocks import BlockAllocator
+from moe_worker.serving.generation import (
+    EventSink,
+    FinishReason,
+    GenerationRequest,
+    InvalidRequest,
+    QueueFull,
+    TokenEvent,
+    finish_reason,
+)
+from moe_worker.serving.step import Chunk, NewSequence, StepResult
+
+Delivery = tuple[EventSink, TokenEvent]
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    world_size: int
+    kv_cache_tokens: int
+    """KV budget of each rank, in tokens (rounded down to whole blocks)."""
+    max_context: int
+    """Longest prompt + completion of one sequence (the model's context length)."""
+    vocab_size: int
+    eos_token_ids: tuple[int, ...] = ()
+    block_size: int = 16
+    max_batch_tokens: int = 512
+    """New tokens one rank runs per step (decodes + prompt chunks); also its most sequences."""
+    max_queued_requests: int = 128
+    """Requests waiting for admission; one more is refused with QueueFull (HTTP 429)."""
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_tokens < self.block_size:
+            raise ValueError(
+                f"kv_cache_tokens {self.kv_cache_tokens} is less than one block of "
+                f"{self.block_size} tokens"
+            )
+        if self.max_batch_tokens < 1 or self.max_queued_requests < 0 or self.world_size < 1:
+            raise ValueError("max_batch_tokens and world_size must be >= 1, the queue >= 0")
+
+
+@dataclass
+class _Sequence:
+    request: GenerationRequest
+    sink: EventSink
+    seed: int
+    reserve: int
+    rank: int = -1
+    prefilled: int = 0
+    generated: int = 0
+
+    @property
+    def prompt_left(self) -> int:
+        return len(self.request.prompt_token_ids) - self.prefilled
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    """One step's decisions: what every rank frees, admits and runs; events to deliver now."""
+
+    release: tuple[str, ...] = ()
+    admit: tuple[NewSequence, ...] = ()
+    chunks: tuple[Chunk, ...] = ()
+    deliveries: tuple[Delivery, ...] = field(default=())
+
+
+class Scheduler:
+    def __init__(
+        self, config: SchedulerConfig, draw_seed: Callable[[], int] = lambda: secrets.randbits(63)
+    ) -> None:
+        self.config, self._draw_seed = config, draw_seed
+        blocks = config.kv_cache_tokens // config.block_size
+        self.allocators = [
+            BlockAllocator(blocks, config.block_size) for _ in range(config.world_size)
+        ]
+        self._lock = threading.Lock()
+        self._waiting: deque[_Sequence] = deque()
+        self._running: dict[str, _Sequence] = {}  # admission order (dicts keep insertion order)
+        self._release: list[str] = []  # ended since the last step: ranks free them next step
+        self._aborts: list[str] = []
+        self._expected: set[str] = set()  # sequences whose sampled token the last step owes
+
+    # ------------------------------------------------------------ HTTP threads
+
+    def add(self, request: GenerationRequest, sink: EventSink) -> None:
+        """Queue `request`; InvalidRequest if it can never run, QueueFull if the queue is full."""
+        reserve = self.check(request)
+        with self._lock:
+            rid = request.request_id
+            if rid in self._running or any(s.request_id == rid for s in self._waiting):
+                raise InvalidRequest(f"request id {rid!r} is already being served")
+            if len(self._waiting) >= self.config.max_queued_requests:
+                raise QueueFull(
+                    f"{len(self._waiting)} requests are already waiting for a KV cache budget "
+                    "(max_queued_requests); retry later"
+                )
+            seed = request.sampling.seed
+            self._waiting.append(
+                _Sequence(request, sink, self._draw_seed() if seed is None else seed, reserve)
+            )
+
+    def check(self, request: GenerationRequest) -> int:
+        """The KV tokens `request` needs; InvalidRequest (naming the parameter) if it never fits."""
+        c, prompt = self.config, request.prompt_token_ids
+        if not prompt:
+            raise InvalidRequest("the prompt must have at least one token", param="prompt")
+        bad = [t for t in prompt if not 0 <= t < c.vocab_size]
+        if bad:
+            raise InvalidRequest(
+                f"prompt token ids {bad[:5]} are outside the vocabulary 0..{c.vocab_size - 1}",
+                param="prompt",
+            )
+        need = len(prompt) + request.sampling.max_tokens
+        if need > c.max_context:
+            raise InvalidRequest(
+                f"the prompt ({len(prompt)} tokens) plus max_tokens ({request.sampling.max_tokens})"
+                f" is {need} tokens, more than the model's context length of {c.max_context}; "
+                "lower max_tokens or shorten the prompt",
+                param="max_tokens",
+            )
+        capacity = self.allocators[0].capacity_tokens
+        if need > capacity:
+            raise InvalidRequest(
+                f"the prompt ({len(prompt)} tokens) plus max_tokens ({request.sampling.max_tokens})"
+                f" is {need} tokens, more than a rank's whole KV cache of {capacity} tokens; lower "
+                "max_tokens or raise kv_cache_tokens",
+                param="max_tokens",
+            )
+        return need
+
+    def abort(self, request_id: str) -> None:
+        """End `request_id` at the next step boundary (unknown or finished ids are ignored)."""
+        with self._lock:
+            self._aborts.append(request_id)
+
+    # ------------------------------------------------------------ the serving loop
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running or self._release or self._aborts)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def free_tokens(self, rank: int) -> int:
+        return self.allocators[rank].free_tokens
+
+    def schedule(self) -> Scheduled:
+        """Decide the next step: releases, admissions, and each rank's chunks."""
+        with self._lock:
+            deliveries = self._apply_aborts()
+            release = tuple(self._release)
+            for rid in release:  # the ranks free in this order before admitting: same answers
+                for allocator in self.allocators:
+                    allocator.free(rid)
+            self._release.clear()
+            admitted = self._admit()
+            chunks = self._chunks()
+            self._expected = {c.request_id for c in chunks if c.sample}
+        admit = tuple(
+            NewSequence(
+                s.request_id,
+                s.rank,
+                s.request.prompt_token_ids,
+                s.request.sampling,
+                s.seed,
+                s.reserve,
+            )
+            for s in admitted
+        )
+        return Scheduled(release, admit, chunks, tuple(deliveries))
+
+    def complete(self, results: Sequence[StepResult]) -> list[Delivery]:
+        """Take every rank's sampled tokens and failures; events for the clients."""
+        deliveries: list[Delivery] = []
+        c = self.config
+        with self._lock:
+            failed = {rid: error for result in results for rid, error in result.errors}
+            for rid, error in failed.items():
+                if rid in self._running:
+                    deliveries.append(self._end(rid, "error", error=error))
+            for result in results:
+                for rid, token in result.tokens:
+                    seq = self._running.get(rid)
+                    if seq is None or rid not in self._expected:
+                        continue
+                    self._expected.discard(rid)
+                    seq.generated += 1
+                    context = len(seq.request.prompt_token_ids) + seq.generated
+                    reason = finish_reason(
+                        token,
+                        seq.generated,
+                        seq.request.sampling,
+                        c.eos_token_ids,
+                        context,
+                        c.max_context,
+                    )
+                    deliveries.append((seq.sink, TokenEvent(rid, (token,), reason)))
+                    if reason is not None:
+                        self._running.pop(rid)
+                        self._release.append(rid)
+            for rid in sorted(self._expected & self._running.keys()):
+                deliveries.append(self._end(rid, "error", error="its rank returned no token"))
+            self._expected = set()
+        return deliveries
+
+    def drain(self, reason: FinishReason = "abort", error: str | None = None) -> list[Delivery]:
+        """End every waiting and running request (the group is stopping)."""
+        with self._lock:
+            deliveries = [
+                (s.sink, TokenEvent(s.request_id, (), reason, error)) for s in self._waiting
+            ]
+            self._waiting.clear()
+            deliveries += [self._end(rid, reason, error=error) for rid in list(self._running)]
+        return deliveries
+
+    # ------------------------------------------------------------ under the lock
+
+    def _apply_aborts(self) -> list[Delivery]:
+        deliveries = []
+        for rid in self._aborts:
+            if rid in self._running:
+                deliveries.append(self._end(rid, "abort"))
+                continue
+            for seq in self._waiting:
+                if seq.request_id == rid:
+                    self._waiting.remove(seq)
+                    deliveries.append((seq.sink, TokenEvent(rid, (), "abort")))
+                    break
+        self._aborts.clear()
+        return deliveries
+
+    def _end(self, rid: str, reason: FinishReason, error: str | None = None) -> Delivery:
+        seq = self._running.pop(rid)
+        self._release.append(rid)
+        return seq.sink, TokenEvent(rid, (), reason, error)
+
+    def _admit(self) -> list[_Sequence]:
+        admitted = []
+        while self._waiting:
+            seq = self._waiting[0]
+            rank = self._pick_rank(seq)
+            if rank is None:
+                break  # first come, first served: the younger requests wait behind it
+            self._waiting.popleft()
+            self.allocators[rank].reserve(seq.request_id, seq.reserve)
+            seq.rank = rank
+            self._running[seq.request_id] = seq
+            admitted.append(seq)
+        return admitted
+
+    def _pick_rank(self, seq: _Sequence) -> int | None:
+        per_rank = [0] * self.config.world_size
+        for running in self._running.values():
+            per_rank[running.rank] += 1
+        fits = [
+            rank
+            for rank, allocator in enumerate(self.allocators)
+            if per_rank[rank] < self.config.max_batch_tokens
+            and allocator.can_reserve(seq.request_id, seq.reserve)
+        ]
+        if not fits:
+            return None
+        return max(fits, key=lambda r: (self.allocators[r].free_tokens, -per_rank[r], -r))
+
+    def _chunks(self) -> tuple[Chunk, ...]:
+        budget = [self.config.max_batch_tokens] * self.config.world_size
+        chunks = []
+        running = list(self._running.values())
+        for seq in running:  # decodes first: one token each, always within the budget
+            if seq.prompt_left == 0:
+                position = seq.prefilled + seq.generated - 1
+                chunks.append(Chunk(seq.request_id, seq.rank, position, 1, True))
+                budget[seq.rank] -= 1
+        for seq in running:  # then prompts, oldest first, chunked to what is left
+            if seq.prompt_left and budget[seq.rank] > 0:
+                length = min(seq.prompt_left, budget[seq.rank])
+                start = seq.prefilled
+                seq.prefilled += length
+                budget[seq.rank] -= length
+                chunks.append(Chunk(seq.request_id, seq.rank, start, length, seq.prompt_left == 0))
+        return tuple(chunks)

@@ -1,0 +1,118 @@
+"""A plan switch that does not stop serving: one rank's side.
+
+    step k      start(plan)    post this rank's expert messages on the transfer group (a
+                               process group of its own), a watcher thread waits for them;
+                               the old plan keeps serving
+    steps k+1.. state()        pending / done / failed, reported to the leader in each result
+                               (a rank whose memory cannot hold the plan fails here, before
+                               posting anything: the switch is abandoned as "does not fit")
+    step m      flip(version)  every rank reported done: copy the staging buffers into the
+                               stacked slots and serve the new plan (the serving pause)
+             or abandon(why)   a rank failed or the switch timed out: drop it, the old plan
+                               keeps serving, the leader answers the operator with the reason
+
+The leader (`leader.Leader`) decides flip or abandon from every rank's state, so all ranks do
+the same at the same step boundary: never half-switched. A rank that dies mid-transfer breaks
+the whole process group (its peers' collectives fail): the group restarts as a whole, every
+rank on the plan mounted from the ConfigMap.
+
+An abandoned switch may leave messages unmatched on the transfer group, so every rank drops
+that group and forms a new one (collective, at the abandon step); what those messages may still
+touch is kept alive until the process ends (a rare failure; freeing a buffer a late message could
+write into is not safe).
+
+No HTTP or metrics code here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from moe_contract.plan import Plan
+from moe_worker.ep.engine import EPEngine
+from moe_worker.ep.transfer import (
+    DONE,
+    FAILED,
+    ExpertTransfer,
+    close_transfer_group,
+    new_transfer_group,
+)
+
+log = logging.getLogger("moe_worker.switch.switcher")
+
+
+class BackgroundSwitcher:
+    """The background plan switch of one rank's engine."""
+
+    def __init__(self, engine: EPEngine, world_size: int, timeout_s: float) -> None:
+        self.engine, self.timeout_s = engine, timeout_s
+        # Collective at start-up (every rank builds its switcher at the same point).
+        self.group = new_transfer_group(timeout_s) if world_size > 1 else None
+        self.plan: Plan | None = None
+        self.transfer: ExpertTransfer | None = None
+        self.error: str | None = None
+        self._abandoned: list[Any] = []
+
+    def start(self, plan: Plan) -> None:
+        """Post the messages that bring this rank `plan`'s new experts; never raises (a local
+        failure is reported as the state, and the leader abandons the switch)."""
+        self.plan, self.transfer, self.error = plan, None, None
+        try:
+            self.transfer = self.engine.start_switch(plan, self.group)
+            self.transfer.watch()
+        except Exception as error:
+            self.error = f"{type(error).__name__}: {error}"
+            log.error(
+                "rank %d could not start switching to plan %d: %s",
+                self.engine.rank,
+                plan.version,
+                self.error,
+            )
+
+    def state(self) -> str | None:
+        """None (no switch in flight), `pending`, `done` or `failed: <why>`."""
+        if self.plan is None:
+            return None
+        if self.error is not None:
+            return f"{FAILED}: {self.error}"
+        assert self.transfer is not None
+        status = self.transfer.status()
+        return f"{FAILED}: {status.error}" if status.state == FAILED else status.state
+
+    def flip(self, version: int) -> tuple[Plan, int, float, float | None]:
+        """Serve the plan whose experts landed: (plan, experts received, pause s, transfer s)."""
+        plan, transfer = self.plan, self.transfer
+        if plan is None or transfer is None or plan.version != version:
+            raise RuntimeError(f"flip to plan {version}, but no such switch is in flight here")
+        status = transfer.status()
+        if status.state != DONE:  # the leader flips only after every rank reported done
+            raise RuntimeError(f"flip to plan {version} with this rank's transfer {status.state}")
+        start = time.perf_counter()
+        moved = self.engine.flip(plan, transfer)
+        pause = time.perf_counter() - start
+        self.plan = self.transfer = None
+        return plan, moved, pause, status.seconds
+
+    def abandon(self, reason: str) -> dict[str, Any]:
+        """Collective: drop the switch in flight (maybe none on this rank); the answer."""
+        version = None if self.plan is None else self.plan.version
+        log.warning("rank %d abandons the switch to plan %s: %s", self.engine.rank, version, reason)
+        if self.transfer is not None:
+            self._abandoned.append(self.transfer.buffers())
+        if self.group is not None:
+            self._abandoned.append(self.group)
+            close_transfer_group(self.group)
+            self.group = new_transfer_group(self.timeout_s)
+        self.plan = self.transfer = self.error = None
+        timeout = reason.startswith("timeout")
+        # A rank that refused the plan before moving anything (`EPEngine.check_memory`): the
+        # plan itself is at fault, not the transfer, and sending it again will not help.
+        refused = f"{FAILED}: PlanError" in reason
+        return {
+            "applied": False,
+            "reason": "timeout" if timeout else "does not fit" if refused else "transfer failed",
+            "error": reason,
+            "version": self.engine.plan.version,
+        }
