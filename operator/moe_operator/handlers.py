@@ -44,7 +44,8 @@ from moe_operator.images import WorkerImages, with_worker_image
 from moe_operator.kube import Cluster, Conflict, load_client_config, secret_value
 from moe_operator.manifests import children
 from moe_operator.planning.detection import DetectionState
-from moe_operator.planning.record import Known, PlanShape
+from moe_operator.planning.ledger import LEGACY_DETECTION_FIELDS, Ledger
+from moe_operator.planning.record import PlanShape
 from moe_operator.rebalance import PlanStoreConflict, StepOutcome, Window, control_step
 from moe_operator.reconcile import (
     ChildrenState,
@@ -187,17 +188,6 @@ def _was_running(status: dict[str, Any]) -> bool:
     )
 
 
-def _known(status: dict[str, Any]) -> Known:
-    """Plan versions status remembers: a lost plan record never goes back past them."""
-    plan = status.get("plan") or {}
-    state = DetectionState.from_dict(status.get("detection"))
-    version = int(plan.get("version") or 0)
-    desired = max(version, state.desired_version)
-    applied = max(int(plan.get("appliedVersion") or 0), state.applied_version)
-    digest = str(plan.get("digest") or "") if version == desired else ""
-    return Known(desired_version=desired, applied_version=applied, desired_digest=digest)
-
-
 def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
     """Parse, keep the children in shape, replace an outdated group, balance, write status."""
     parsed, problems = parse_spec(call.spec, name=call.name)
@@ -212,7 +202,7 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
     def workers(pods: list[dict[str, Any]]) -> PodWorkers:
         return PodWorkers(pods, parsed, call.namespace, call.name, functools.partial(_token, call))
 
-    known = _known(base)
+    known = Ledger.from_status(base)  # a lost plan record never goes back past it
     state = ensure_children(
         cluster,
         owner,
@@ -254,20 +244,17 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
             backoff = backoff.replaced(now)
     detection_state, last_rebalance = _restored(base, known, state)
     ready = ready_replicas(state.statefulset)
-    desired, outcome = state.plan, None
-    applied = int((base.get("plan") or {}).get("appliedVersion") or 0)
+    desired, ledger, outcome = state.plan, known.recorded(state.plan), None
     if control and ready == world and group.settled:
         if "window" not in call.memo:
             call.memo.window = Window(started_at=time.time())
         store = ConfigMapStore(cluster, owner, children.plan_shape(parsed), state.configmap)
         outcome = control_step(
-            parsed, desired, detection_state, call.memo.window, workers(state.pods), store,
-            time.time(),
+            parsed, desired, ledger, detection_state, call.memo.window, workers(state.pods),
+            store, time.time(),
         )  # fmt: skip
         call.announce(outcome.events)
-        desired, detection_state = outcome.desired, outcome.state
-        if outcome.applied_version is not None:
-            applied = outcome.applied_version
+        desired, ledger, detection_state = outcome.desired, outcome.ledger, outcome.state
         if outcome.rebalance is not None:
             last_rebalance = outcome.rebalance.model_dump(by_alias=True)
     restarting = (group.restarting or not group.observed) and recovering is None
@@ -285,8 +272,8 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
         # With OnDelete the controller never marks a revision current: the group's own state
         # (old pods, pods going, a template not yet seen) says whether a rollout is under way.
         rollout_in_progress=restarting,
-        plan_version=desired.version,
-        applied_plan_version=applied,
+        plan_version=ledger.desired,
+        applied_plan_version=ledger.applied,
         imbalance_threshold=parsed.rebalancing.imbalance_threshold,
         max_rerouted_fraction=parsed.rebalancing.gating.max_rerouted_fraction,
         loads_problem=_loads_problem(call.memo.get("window"), ready, world, group),
@@ -302,7 +289,16 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
     key = children.plan_shape(parsed).key
     recovery = backoff.to_status() if backoff.replacements else None
     _write_status(
-        call, base, observed, desired, detection_state, outcome, last_rebalance, key, recovery
+        call,
+        base,
+        observed,
+        desired,
+        ledger,
+        detection_state,
+        outcome,
+        last_rebalance,
+        key,
+        recovery,
     )
 
 
@@ -333,7 +329,7 @@ def _token(call: Call) -> str | None:
 
 
 def _restored(
-    base: dict[str, Any], known: Known, state: ChildrenState
+    base: dict[str, Any], known: Ledger, state: ChildrenState
 ) -> tuple[DetectionState, dict[str, Any] | None]:
     """Detection state and last rebalance from status; when status lost the newest plan (the
     operator died between writing it and patching status), from the ConfigMap's annotations."""
@@ -342,7 +338,7 @@ def _restored(
     assert state.plan is not None
     notes = record_notes(state.configmap)
     record = notes.last_rebalance or {}
-    lost = state.plan.version > known.desired_version and notes.version == state.plan.version
+    lost = known.lost_in_status(state.plan.version, notes.version)
     if lost and record.get("toVersion") == state.plan.version:
         last_rebalance = record
         if notes.issued_at is not None:
@@ -380,6 +376,7 @@ def _write_status(
     base: dict[str, Any],
     observed: Observed,
     desired: Plan,
+    ledger: Ledger,
     detection_state: DetectionState,
     outcome: StepOutcome | None,
     last_rebalance: dict[str, Any] | None,
@@ -398,14 +395,18 @@ def _write_status(
     )
     status = compute_status(observed, base.get("conditions") or [], _now())
     status["plan"] = {
-        "version": desired.version,
-        "appliedVersion": observed.applied_plan_version,
-        "digest": desired.digest(),
+        "version": ledger.desired,
+        "appliedVersion": ledger.applied,
+        "digest": ledger.digest,
         "method": desired.method,
         "configMap": children.plan_configmap_name(call.name),
         "configMapKey": key,
     }
-    status["detection"] = detection_state.to_dict()
+    status["detection"] = {
+        "aboveCount": detection_state.above_count,
+        "lastRebalanceAt": detection_state.last_rebalance_at,
+        **dict.fromkeys(LEGACY_DETECTION_FIELDS),  # one copy of the versions: status.plan
+    }
     if last_rebalance is not None:
         status["lastRebalance"] = last_rebalance
     if recovery is not None:
@@ -413,7 +414,7 @@ def _write_status(
     _write(call, status)
     namespace, name = call.namespace, call.name
     metrics.observe_workers(namespace, name, observed.ready_workers, observed.workers)
-    metrics.observe_plan(namespace, name, desired.version, observed.applied_plan_version)
+    metrics.observe_plan(namespace, name, ledger.desired, ledger.applied)
     if per_layer:
         metrics.observe_imbalance(namespace, name, per_layer, observed.imbalance_threshold)
     metrics.observe_rerouted(namespace, name, rerouted)
