@@ -766,14 +766,22 @@ class DetectionStatus(ApiModel):
     model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
 
     above_count: int = Field(0, description="Evaluations in a row above the threshold.")
-    desired_version: int = Field(
-        0, ge=0, le=MAX_PLAN_VERSION, description="Newest plan version the operator issued."
-    )
-    applied_version: int = Field(
-        0, ge=0, le=MAX_PLAN_VERSION, description="Plan version all workers serve."
-    )
     last_rebalance_at: float | None = Field(
         None, description="When the last plan was issued (seconds since the epoch)."
+    )
+    desired_version: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_PLAN_VERSION,
+        description="Deprecated: plan.version holds it. Read from an older operator's status "
+        "(an upgrade keeps its versions), then removed.",
+    )
+    applied_version: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_PLAN_VERSION,
+        description="Deprecated: plan.appliedVersion holds it. Read from an older operator's "
+        "status, then removed.",
     )
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moe_contract.plan import Plan, round_robin_plan
-from moe_operator.api import MoEDeploymentSpec
+from moe_operator.api import MoEDeploymentSpec, PlanStatus
 from moe_operator.handoff import HandoffResult, PlanRefused, Served
 from moe_operator.loads import CounterSnapshot
 from moe_operator.planning.detection import DetectionState
@@ -178,8 +178,7 @@ def test_status_shows_the_price_per_layer_and_in_the_balanced_condition() -> Non
         workers=4,
         statefulset_exists=True,
         ready_workers=4,
-        plan_version=3,
-        applied_plan_version=3,
+        plan=PlanStatus(version=3, applied_version=3),
         worst_imbalance=1.1,
         rerouted_fraction=(0.08, None, 0.02),
         max_rerouted_fraction=0.1,
