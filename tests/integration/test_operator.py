@@ -396,6 +396,29 @@ def test_a_plan_version_past_int64_never_blocks_status(kubectl: Kubectl, operato
     assert result.returncode != 0
 
 
+def test_an_older_operators_version_copies_are_kept_by_the_schema_then_removed(
+    kubectl: Kubectl, operator: Any
+) -> None:
+    """Operators before the plan-version ledger kept the versions in status.detection too. The
+    schema still has those fields, or the API server would prune them before an upgraded
+    operator could read them (tests/kmock: it does, the highest copy counting); its status
+    writes then remove them, leaving one copy, status.plan."""
+    _apply(kubectl, _small("upgraded"))
+    wait_for(lambda: _status(kubectl, "upgraded").get("detection"), 30, "detection written")
+    older = {"status": {"detection": {"desiredVersion": 5, "appliedVersion": 4}}}
+    patched = kubectl.run(
+        "patch", "moed", "upgraded", "-n", NS, "--subresource=status", "--type=merge",
+        "-p", json.dumps(older), "-o", "json",
+    )  # fmt: skip
+    kept = json.loads(patched.stdout)["status"]["detection"]
+    assert (kept["desiredVersion"], kept["appliedVersion"]) == (5, 4)  # not pruned
+
+    def copies() -> set[str]:
+        return {"desiredVersion", "appliedVersion"} & set(_status(kubectl, "upgraded")["detection"])
+
+    wait_for(lambda: not copies(), 30, "the older copies removed")
+
+
 def _pods(kubectl: Kubectl, name: str) -> dict[str, dict[str, Any]]:
     items = (kubectl.get("pods", "-n", NS, "-l", f"moe-ep.io/deployment={name}") or {})["items"]
     return {pod["metadata"]["name"]: pod for pod in items}
