@@ -239,7 +239,7 @@ def control_step(
             outcome.state,
             detection.Observation(ledger=outcome.ledger, skip_reason=str(error)),
             now,
-            _policy(spec),
+            detection_policy(spec),
         )
         return outcome
     previous, window.snapshot, window.started_at = window.snapshot, snapshot, now
@@ -250,8 +250,18 @@ def control_step(
     return outcome
 
 
+def detection_policy(spec: MoEDeploymentSpec) -> detection.DetectionPolicy:
+    """The spec's rebalancing settings as detection's policy (whose defaults the API's are)."""
+    rebalancing = spec.rebalancing
+    return detection.DetectionPolicy(
+        threshold=rebalancing.imbalance_threshold,
+        consecutive=rebalancing.consecutive_evaluations,
+        cooldown_seconds=rebalancing.cooldown_seconds,
+    )
+
+
 def gating_options(spec: MoEDeploymentSpec) -> GatingOptions:
-    """The spec's rebalancing.gating as the planner's options."""
+    """The spec's rebalancing.gating as the planner's options (whose defaults the API's are)."""
     gating = spec.rebalancing.gating
     return GatingOptions(
         rate=gating.rate,
@@ -288,15 +298,6 @@ def _reissue(
         )
     )
     return again, ledger
-
-
-def _policy(spec: MoEDeploymentSpec) -> detection.DetectionPolicy:
-    rebalancing = spec.rebalancing
-    return detection.DetectionPolicy(
-        threshold=rebalancing.imbalance_threshold,
-        consecutive=rebalancing.consecutive_evaluations,
-        cooldown_seconds=rebalancing.cooldown_seconds,
-    )
 
 
 def _bias_upkeep(
@@ -354,7 +355,8 @@ def _evaluate(
     observation = detection.Observation(
         layer_imbalance=layer_imbalance, ledger=outcome.ledger, skip_reason=loads.skip_reason
     )
-    outcome.state, decision = detection.evaluate(outcome.state, observation, now, _policy(spec))
+    policy = detection_policy(spec)
+    outcome.state, decision = detection.evaluate(outcome.state, observation, now, policy)
     if not spec.rebalancing.enabled:
         return
     upkeep = _bias_upkeep(spec, outcome, decision, fractions, now)
