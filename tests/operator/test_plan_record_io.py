@@ -19,7 +19,14 @@ from moe_operator.api import MoEDeploymentSpec
 from moe_operator.kube import Conflict
 from moe_operator.manifests import children
 from moe_operator.planning.ledger import Ledger
-from moe_operator.reconcile import Owner, ensure_plan, keys_in_use, prune_plan_keys
+from moe_operator.reconcile import (
+    Owner,
+    ensure_plan,
+    keys_in_use,
+    plan_from_configmap,
+    prune_plan_keys,
+)
+from tests.plan_fixtures import FIXTURES, UNPARSABLE, VALID, plan
 
 SPEC = MoEDeploymentSpec.model_validate(
     {
@@ -163,3 +170,17 @@ def test_a_new_record_is_created_owned() -> None:
     stored, choice, _ = ensure_plan(cms, OWNER, SPEC, Ledger(), no_leader, None)
     assert choice.plan.version == 1 and children.controlled_by(stored, UID)
     assert stored["metadata"]["annotations"][children.PLAN_VERSION_ANNOTATION] == "1"
+
+
+@pytest.mark.parametrize("name", VALID)
+def test_a_shared_fixture_reads_back_from_the_configmap(name: str) -> None:
+    configmap = {"data": {KEY: (FIXTURES / name).read_text()}}
+    assert plan_from_configmap(configmap, KEY) == (plan(name), "")
+
+
+@pytest.mark.parametrize(("name", "field"), UNPARSABLE.items())
+def test_an_unparsable_shared_fixture_is_an_unreadable_record(name: str, field: str) -> None:
+    """The worker answers 400 to these; in the ConfigMap they are a record to repair."""
+    configmap = {"data": {KEY: (FIXTURES / name).read_text()}}
+    stored, problem = plan_from_configmap(configmap, KEY)
+    assert stored is None and problem.startswith("holds an unreadable plan") and field in problem

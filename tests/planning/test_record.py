@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from moe_contract.plan import MAX_PLAN_VERSION, Plan, PlanError, round_robin_plan
 from moe_operator.planning.ledger import Ledger
 from moe_operator.planning.record import PlanShape, choose_plan
+from tests.plan_fixtures import EXPERTS, INVALID, LAYERS, VALID, WORLD, plan
 
 SHAPE = PlanShape(layers=2, experts=4, world=2, slots_per_rank=3)
 
@@ -133,3 +134,31 @@ def test_a_plan_grown_into_spare_memory_fits_its_shape_up_to_the_maximum() -> No
     assert shape.key == PlanShape(2, 4, 4, 1).key  # the key is the starting shape's
     fixed = PlanShape(layers=2, experts=4, world=4, slots_per_rank=2)
     assert "the spec says 2" in (fixed.problem(round_robin_plan(2, 4, 4, 1)) or "")
+
+
+# --- the plan fixtures the worker's tests read too (tests/fixtures/plans) ----------------------
+
+
+def test_the_record_starts_from_the_shared_round_robin_fixture() -> None:
+    choice = choose_plan(PlanShape(LAYERS, EXPERTS, WORLD, 1), None, None, Ledger(), no_leader)
+    assert choice.plan == plan("round-robin-2layer-4expert-4rank.json")
+
+
+@pytest.mark.parametrize("name", VALID)
+def test_a_shared_fixture_of_the_shape_is_kept_as_the_record(name: str) -> None:
+    stored = plan(name)
+    shape = PlanShape(LAYERS, EXPERTS, WORLD, stored.slots_per_rank)
+    issued = Ledger(stored.version, stored.version, stored.digest())
+    choice = choose_plan(shape, stored, None, issued, leader_says(rebalanced(9)))
+    assert not choice.write and choice.plan == stored
+
+
+@pytest.mark.parametrize(("name", "field"), INVALID.items())
+def test_an_invalid_shared_fixture_is_never_the_record(name: str, field: str) -> None:
+    """The worker refuses these (422); the operator never keeps one as its record either, and
+    the plan that replaces it is newer than the refused one (version 10)."""
+    stored, shape = plan(name), PlanShape(LAYERS, EXPERTS, WORLD, 1)
+    assert field in (shape.problem(stored) or "")
+    choice = choose_plan(shape, stored, None, Ledger(), no_leader)
+    assert choice.write and choice.plan.version == 11 and field in choice.reason
+    assert shape.problem(choice.plan) is None
