@@ -7,7 +7,8 @@ deletion cascades.
 Issue 11 where the real server's behaviour matters: the status schema is published; what the
 operator's validation refuses agrees with what the API server would refuse in the children; a
 plan version the CRD's int64 cannot hold never blocks status; a template change replaces the
-StatefulSet's pods once (OnDelete, the real controller), with the chart's RBAC.
+StatefulSet's pods once (OnDelete, the real controller), with the chart's RBAC. An older
+operator's version copies in status survive the schema until the operator removes them.
 """
 
 from __future__ import annotations
