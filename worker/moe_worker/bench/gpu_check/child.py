@@ -1,9 +1,11 @@
 """One part of the gpu-check in a process of its own (`check.run_part` starts it): a CUDA fault,
 an out-of-memory or a hang ends this process, not the check, and the figures it recorded stay.
 
-    python -m moe_worker.bench.gpu_check.child MODULE FIGURES_JSON [--device cuda|cpu] [--tiny]
+    python -m moe_worker.bench.gpu_check.child MODULE FIGURES_JSON [--device cuda|cpu|none]
+                                                [--tiny]
 
-MODULE has `run(out, device, options)`, `GPU` and `TINY` options. The figures go to
+MODULE (or MODULE:FUNCTION) has `run(out, device, options)` and `GPU` and `TINY` options
+(`--device none` passes no device and imports no torch: the runner's own tests). The figures go to
 FIGURES_JSON as they come; how the part ended goes to FIGURES_JSON with the suffix
 `.status.json`: {"status": "ok" | "error", "error": ..., "traceback": ...}.
 """
@@ -27,19 +29,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moe_worker.bench.gpu_check.child")
     parser.add_argument("module")
     parser.add_argument("figures", type=Path)
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", choices=("cuda", "cpu", "none"), default="cuda")
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     ended: dict[str, object] = {"status": "ok"}
     try:
-        from moe_worker.bench.gpu_check.device import Device
         from moe_worker.bench.gpu_check.record import Recorder
 
-        part = importlib.import_module(args.module)
         out = Recorder(args.figures)
         out.flush()
-        part.run(out, Device(args.device), part.TINY if args.tiny else part.GPU)
+        module, _, function = args.module.partition(":")
+        part = importlib.import_module(module)
+        device = None
+        if args.device != "none":
+            from moe_worker.bench.gpu_check.device import Device
+
+            device = Device(args.device)
+        getattr(part, function or "run")(out, device, part.TINY if args.tiny else part.GPU)
     except Exception as error:
         traceback.print_exc()
         ended = {
