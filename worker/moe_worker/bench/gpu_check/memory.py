@@ -34,8 +34,8 @@ class MemoryOptions:
     shape: ModelShape
     probe_bytes: int
     tolerance_bytes: int = 64 * MIB
-    """How far the free figure may move from the probe's size (allocator rounding, other
-    processes)."""
+    """How far the free figure may move from the probe's size, and a switch's peak rise above
+    its prediction (allocator rounding, the plan's small routing tables)."""
 
 
 GPU = MemoryOptions(
@@ -72,7 +72,7 @@ def run(out: Recorder, device: Device, options: MemoryOptions = GPU) -> None:
     with torch.inference_mode():
         before = ep_prefill(engine, texts, device.torch)
     grown = world1_plan(s.layers, (*experts, 0), 2)
-    out.put("grow", switch_peak(engine, device, grown))
+    out.put("grow", switch_peak(engine, device, grown, options.tolerance_bytes))
     with torch.inference_mode():
         after = ep_prefill(engine, texts, device.torch)
     out.put("grow", "logits_max_abs_diff", float((after - before).abs().max()))
@@ -80,7 +80,7 @@ def run(out: Recorder, device: Device, options: MemoryOptions = GPU) -> None:
         "refuse", refuses_when_short(engine, device, world1_plan(s.layers, (*experts, 0, 1), 3))
     )
     permuted = world1_plan(s.layers, (*reversed(experts), 0), 4)
-    out.put("permute", switch_peak(engine, device, permuted))
+    out.put("permute", switch_peak(engine, device, permuted, options.tolerance_bytes))
     out.put("ok", _ok(out.data))
 
 
@@ -100,7 +100,9 @@ def tracks_allocation(device: Device, options: MemoryOptions) -> dict[str, objec
     }
 
 
-def switch_peak(engine: EPEngine, device: Device, plan: Plan) -> dict[str, object]:
+def switch_peak(
+    engine: EPEngine, device: Device, plan: Plan, tolerance_bytes: int
+) -> dict[str, object]:
     """Apply `plan` (blocking, world 1), the bytes predicted against the allocator's peak."""
     current = engine.plan.slots_per_rank
     predicted = switch_bytes(
@@ -119,7 +121,7 @@ def switch_peak(engine: EPEngine, device: Device, plan: Plan) -> dict[str, objec
     if peak is not None and base is not None and held is not None:
         figures["measured_peak_mib"] = (peak - base) / MIB
         figures["kept_mib"] = (held - base) / MIB
-        figures["prediction_covers_peak"] = predicted >= peak - base
+        figures["prediction_covers_peak"] = peak - base <= predicted + tolerance_bytes
     return figures
 
 

@@ -60,8 +60,9 @@ class OverlapOptions:
     seq_len: int
     rounds: int = 7
     check_shape: ModelShape = CHECK_SHAPE
-    check_atol: float = 0.1
-    """Logits of the all-to-all path against the per-expert reference (bf16 on the GPU)."""
+    check_relative: float = 0.03
+    """Logits of the all-to-all path against the per-expert reference: the largest difference
+    over the largest logit, at most this (bf16 on the GPU, both in bf16)."""
 
 
 GPU = OverlapOptions(
@@ -81,7 +82,7 @@ TINY = OverlapOptions(
     seq_len=8,
     rounds=2,
     check_shape=replace(CHECK_SHAPE, hidden=32, ffn_hidden=16, head_dim=8, dtype="float32"),
-    check_atol=1e-4,
+    check_relative=1e-5,
 )  # fmt: skip
 
 
@@ -93,8 +94,9 @@ class EmulatedLink:
     def __init__(
         self, inner: Dispatcher, device: Device, bytes_per_s: float, copy_bytes_per_s: float
     ) -> None:
-        self.__dict__.update(inner=inner, device=device, bytes_per_s=bytes_per_s)
-        self.__dict__.update(copy_bytes_per_s=copy_bytes_per_s, scratch=None)
+        own = {"inner": inner, "device": device, "bytes_per_s": bytes_per_s}
+        own |= {"copy_bytes_per_s": copy_bytes_per_s, "scratches": []}
+        self.__dict__.update(own)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -111,18 +113,27 @@ class EmulatedLink:
     def _stretched(self, pending: Pending) -> Pending:
         payload = pending.output.reshape(-1)
         nbytes = payload.numel() * payload.element_size()
-        scratch = self.__dict__["scratch"]
-        if scratch is None or scratch.numel() < payload.numel() or scratch.dtype != payload.dtype:
-            scratch = torch.empty_like(payload)
-            self.__dict__["scratch"] = scratch
+        scratch = self._scratch(payload)
         hold_s = nbytes / self.bytes_per_s - nbytes / self.copy_bytes_per_s
 
         def transfer() -> None:
-            scratch[: payload.numel()].copy_(payload)
+            scratch[: payload.numel()].copy_(payload)  # what it reads is never used
             self.device.hold(hold_s)
 
         stretched = _Stretched(pending, self.device, self.device.on_side_stream(transfer))
         return cast(Pending, stretched)  # the engine only waits for it
+
+    def _scratch(self, payload: Tensor) -> Tensor:
+        """Where the side stream writes: never freed during the run (a buffer freed while the
+        side stream still wrote into it could be handed to the compute stream)."""
+        scratches: list[Tensor] = self.__dict__["scratches"]
+        for scratch in scratches:
+            if scratch.dtype == payload.dtype and scratch.numel() >= payload.numel():
+                return scratch
+        scratches.append(
+            torch.empty(2 * payload.numel(), dtype=payload.dtype, device=payload.device)
+        )
+        return scratches[-1]
 
 
 class _Stretched:
@@ -174,7 +185,7 @@ def all_to_all_path_check(device: Device, options: OverlapOptions) -> dict[str, 
         "logits_max_abs": float(reference.abs().max()),
         "one_batch_max_abs_diff": one_diff,
         "two_batch_max_abs_diff": two_diff,
-        "ok": max(one_diff, two_diff) <= options.check_atol,
+        "ok": max(one_diff, two_diff) <= options.check_relative * float(reference.abs().max()),
     }
 
 
@@ -197,6 +208,8 @@ def measure_links(out: Recorder, device: Device, options: OverlapOptions) -> Non
     out.put("tokens_per_step", options.sequences * options.seq_len)
     out.put("transfer_mib", transfer_bytes / 2**20)
     out.put("copy_gb_per_s", copy_rate / 1e9)
+    device.hold(1e-3)  # calibrates the spinning kernel before any step is timed
+    device.sync()
     compute_s = None
     for name, rate in LINKS.items():
         if rate is not None:
