@@ -26,6 +26,11 @@ class Recorder:
             node = node.setdefault(key, {})
         node[keys[-1]] = value
         self.flush()
+        if self.path is not None:  # a part's own process: its progress goes to the log
+            print(
+                f"   {'.'.join(map(str, keys))} = {json.dumps(value, default=str)[:300]}",
+                flush=True,
+            )
 
     def flush(self) -> None:
         if self.path is None:
