@@ -65,6 +65,20 @@ def test_parts_are_chosen_by_letter_or_name() -> None:
     assert sum(p.budget_s for p in PARTS) <= check.DEADLINE_S <= 8 * 60 - 30
 
 
+def test_the_cpu_device_frees_ballast_with_its_last_reference_as_cuda_does() -> None:
+    device = Device("cpu", cpu_memory_budget=10_000)
+    ballast = device.allocate(4_000)
+    alias = ballast
+    assert device.free_bytes() == 6_000
+    del ballast
+    assert device.free_bytes() == 6_000  # still referenced
+    del alias
+    assert device.free_bytes() == 10_000
+    ran: list[int] = []
+    assert device.on_side_stream(lambda: ran.append(1)) is None and ran == [1]  # in order
+    assert device.peak() is None and device.allocated() is None  # not measured off CUDA
+
+
 def test_parity_equals_transformers(tiny_run: dict[str, dict[str, Any]]) -> None:
     figures = tiny_run["parity"]["figures"]
     assert set(figures["cases"]) == {"mixtral_float32", "qwen3_moe_float32"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -136,15 +137,17 @@ class Device:
         return self._budget - sum(self._held.values())
 
     def allocate(self, nbytes: int) -> torch.Tensor:
-        """A plain allocation of `nbytes` (ballast); on CPU it counts against the budget."""
+        """A plain allocation of `nbytes` (ballast), held until its last reference goes, as on
+        CUDA: on the CPU it counts against the budget until then."""
         ballast = torch.empty(nbytes, dtype=torch.uint8, device=self.torch)
         if not self.is_cuda:
-            self._held[id(ballast)] = nbytes
+            key = id(ballast)
+            self._held[key] = nbytes
+            weakref.finalize(ballast, self._held.pop, key, None)
         return ballast
 
-    def release(self, ballast: torch.Tensor) -> None:
-        self._held.pop(id(ballast), None)
-        del ballast
+    def trim(self) -> None:
+        """Give the allocator's cached, unused memory back to the device."""
         if self.is_cuda:
             torch.cuda.empty_cache()
 

@@ -103,8 +103,7 @@ def run(out: Recorder, device: Device, options: GroupedOptions = GPU) -> None:
             continue
         with torch.inference_mode():
             out.put("cases", case.name, measure_case(case, device, dtype, kernel, options.budget_s))
-        if device.is_cuda:
-            torch.cuda.empty_cache()
+        device.trim()
     with torch.inference_mode():
         out.put("attention", measure_attention(options.attention, device, dtype, options.budget_s))
 
