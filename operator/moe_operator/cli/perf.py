@@ -53,9 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=d.dtype)
     ap.add_argument("--architecture", choices=ARCHITECTURES, default=d.architecture)
     ap.add_argument(
-        "--gpu-check-json", type=Path, help="python -m moe_worker.bench.gpu_check --json output"
+        "--gpu-check-json",
+        type=Path,
+        help="gpu-check.json of `make gpu-check` (its calibration block is read)",
     )
-    ap.add_argument("--bench-json", type=Path, help="moe-worker bench --json output")
+    ap.add_argument(
+        "--bench-json",
+        type=Path,
+        help="moe-worker bench --json output, or gpu-check.json (MoE/matmul fraction, overlap)",
+    )
     ap.add_argument("--save-profile", type=Path, help="write the (calibrated) profile YAML here")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return ap
