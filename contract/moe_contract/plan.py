@@ -11,6 +11,8 @@ Legend for shapes: L = layers, R = ranks (world size), S = slots per rank, E = l
     gateBias[l][e]   bias added to expert e's gate score for selection only     [L][E]
     gateMaxMargin    the bias acts only on tokens whose K-th and (K+1)-th gate   scalar
                      probabilities are closer than this (`moe_worker.models.routing`)
+    ranksPerPod      ranks of one pod; the workers route tokens to replicas in    scalar
+                     their own pod where balance allows (`pod_routes`)
 
 The JSON document uses camelCase keys (`slotsPerRank`, `gateBias`) like the Kubernetes API.
 `slotsPerRank` may differ from the deployment's starting value: the operator grows it online, up
@@ -74,6 +76,16 @@ class Plan(BaseModel):
         ),
     )
     method: str = Field(default="RoundRobin", description="The planner that produced this plan.")
+    ranks_per_pod: int | None = Field(
+        default=None,
+        alias="ranksPerPod",
+        ge=1,
+        description=(
+            "Ranks of one pod (rank r in pod r // ranksPerPod): the workers keep a token in its "
+            "pod up to the share of the expert's replicas the pod holds (`pod_routes`); absent: "
+            "every expert's tokens spread over all its replicas."
+        ),
+    )
 
     @property
     def num_layers(self) -> int:
@@ -153,6 +165,11 @@ def validate_plan(
         )
     if plan.num_layers != num_layers:
         raise PlanError(f"slots: has {plan.num_layers} layers, the model has {num_layers}")
+    if plan.ranks_per_pod is not None and world_size % plan.ranks_per_pod:
+        raise PlanError(
+            f"ranksPerPod: {plan.ranks_per_pod} does not divide the world size {world_size}; "
+            "use the deployment's worker.ranksPerPod"
+        )
     for layer, layer_slots in enumerate(plan.slots):
         if len(layer_slots) != world_size:
             raise PlanError(
@@ -281,3 +298,50 @@ def plan_transfers(old: Plan, new: Plan) -> list[Transfer]:
                 sources = holders[expert]
                 transfers.append(Transfer(layer, expert, sources[rank % len(sources)], rank))
     return sorted(transfers, key=lambda t: (t.layer, t.expert, t.src, t.dst))
+
+
+# ---------------------------------------------------------------- routing by pod
+
+
+def pod_routes(
+    layer: LayerSlots, ranks_per_pod: int, pod: int
+) -> dict[int, list[tuple[int, float]]]:
+    """Where the ranks of `pod` send each expert's tokens: expert -> [(global slot, share)].
+
+    Every rank is taken to send each expert the same share of its tokens, so each of the P pods
+    sends 1 / P of expert e's tokens, and its n_p replicas (c in all) must carry n_p / c of them
+    for every replica to carry 1 / c, the even split the planner balances for. A pod keeps its
+    tokens at home up to that: the share min(1, P n_p / c) goes to its own replicas, evenly;
+    the rest to the pods whose replicas need more than their own pod sends (n_q / c > 1 / P),
+    in proportion to what they lack. So the fraction of e's tokens that leave their pod is
+    sum_p max(0, 1 / P - n_p / c), the least any routing with even replica loads allows.
+
+    Args:
+        layer: [R][S] the layer's slots (global slot of rank r, slot k: r * S + k).
+        ranks_per_pod: ranks of one pod; R must be a multiple of it.
+        pod: the sending pod.
+    Returns:
+        per expert its (global slot, share) pairs, shares summing to 1.
+    """
+    ranks, per_rank = len(layer), len(layer[0])
+    pods = ranks // ranks_per_pod
+    places: dict[int, list[list[int]]] = {}
+    for rank, rank_slots in enumerate(layer):
+        for slot, expert in enumerate(rank_slots):
+            by_pod = places.setdefault(expert, [[] for _ in range(pods)])
+            by_pod[rank // ranks_per_pod].append(rank * per_rank + slot)
+    routes: dict[int, list[tuple[int, float]]] = {}
+    for expert, by_pod in places.items():
+        count = sum(len(slots) for slots in by_pod)
+        home = min(1.0, pods * len(by_pod[pod]) / count)
+        lacking = [max(0.0, len(slots) / count - 1 / pods) for slots in by_pod]
+        total_lack = sum(lacking)
+        shares: list[tuple[int, float]] = []
+        for other, slots in enumerate(by_pod):
+            if other == pod:
+                part = home
+            else:
+                part = (1 - home) * lacking[other] / total_lack if total_lack > 0 else 0.0
+            shares += [(slot, part / len(slots)) for slot in slots if part > 0]
+        routes[expert] = shares
+    return routes
