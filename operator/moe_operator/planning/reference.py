@@ -1,4 +1,9 @@
-"""Replace: output-preserving rebalancing by replicating hot experts and re-packing slots.
+"""The reference Replace: the first, readable implementation (stdlib only), kept as the oracle.
+
+The operator plans with the vectorised `planning.replace`, which builds the same candidates over
+all layers at once with numpy (within a work budget) and chooses with a stopping rule relative to
+each layer; its tests hold it to this module: never a costlier plan by this module's own measure
+(imbalance + `min_gain_per_move` x slots moved) where it is given the same price.
 
 Pure functions over plain sequences (stdlib only), in the spirit of DeepSeek's EPLB, but aware of
 the current placement: moving a slot means copying an expert's weights to another rank, so every
