@@ -141,15 +141,28 @@ def _profile(device: str) -> Profile:
 
 
 def predicted_effect(
-    spec: MoEDeploymentSpec, before: float, after: float, moved: int
+    spec: MoEDeploymentSpec,
+    before: float,
+    after: float,
+    moved: int,
+    cross_pod: tuple[float | None, float | None] = (None, None),
 ) -> tuple[float, float]:
-    """(throughput gain, seconds to move the slots) by the performance model; (1, 0) if unknown."""
+    """(throughput gain, seconds to move the slots) by the performance model; (1, 0) if unknown.
+    `cross_pod`: the plans' predicted cross-pod fractions before and after (None: uniform)."""
     shape = spec.model.to_shape()
     layout = Layout(ep=spec.parallelism.expert, slots_per_rank=spec.placement.slots_per_rank)
     bytes_per_slot = shape.expert_params * shape.dtype_bytes
     try:
         return predicted_gain(
-            shape, layout, _profile(spec.worker.device), before, after, moved, bytes_per_slot
+            shape,
+            layout,
+            _profile(spec.worker.device),
+            before,
+            after,
+            moved,
+            bytes_per_slot,
+            cross_before=cross_pod[0],
+            cross_after=cross_pod[1],
         )
     except (ValueError, OSError, ZeroDivisionError) as error:
         logger.warning("performance model unavailable: %s", error)
@@ -375,6 +388,7 @@ def _evaluate(
         method=spec.rebalancing.method,
         gating_options=gating_options(spec),
         rerouted_fraction=list(fractions) or None,
+        ranks_per_pod=spec.worker.local_ranks(),
     )
     if not result.changed:
         if not upkeep:  # upkeep that changes nothing is no news
@@ -386,7 +400,11 @@ def _evaluate(
         return
     new_plan = result.plan.with_version(version)
     gain, move = predicted_effect(
-        spec, result.imbalance_before, result.imbalance_after, result.slots_moved
+        spec,
+        result.imbalance_before,
+        result.imbalance_after,
+        result.slots_moved,
+        (result.cross_pod_before, result.cross_pod_after),
     )
     record = RebalanceRecord(
         time=_iso(now),
