@@ -15,6 +15,11 @@ Legend for shapes: L = layers, R = ranks (world size), S = slots per rank, E = l
                      their own pod where balance allows (`pod_routes`)
 
 The JSON document uses camelCase keys (`slotsPerRank`, `gateBias`) like the Kubernetes API.
+Where it is stored (the plan ConfigMap) a large plan takes its compact form (`to_stored_json`):
+`slots` and `gateBias` as little-endian uint16 / float64 arrays in base64 with their shape,
+`{"encoding": "uint16-le-base64", "shape": [L, R, S], "data": "..."}`. It is exact (the same
+plan, the same digest) and about a third of the JSON lists at DeepSeek scale; `parse_plan`
+reads both forms. The digest and the documents sent over HTTP are always the plain form.
 `slotsPerRank` may differ from the deployment's starting value: the operator grows it online, up
 to a maximum the deployment allows (`validate_plan(..., max_slots_per_rank=)`), when ranks have
 memory to spare.
@@ -22,13 +27,17 @@ memory to spare.
 
 from __future__ import annotations
 
+import array
+import base64
 import hashlib
 import json
+import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PLAN_FILE_NAME = "plan.json"
 """File name of the plan where it is mounted in a pod (the operator maps a ConfigMap key to it)."""
@@ -36,6 +45,61 @@ PLAN_FILE_NAME = "plan.json"
 MAX_PLAN_VERSION = 2**53 - 1
 """Largest plan version: exact as a JSON number (an IEEE double) and as a Kubernetes int64, so
 every reader (the CRD's status, Prometheus gauges, JavaScript clients) sees the same number."""
+
+
+COMPACT_FROM_BYTES = 256 * 1024
+"""A plan whose plain JSON is larger goes into its ConfigMap in the compact form."""
+SLOTS_ENCODING = "uint16-le-base64"
+BIAS_ENCODING = "float64-le-base64"
+_TYPECODES = {SLOTS_ENCODING: "H", BIAS_ENCODING: "d"}
+
+
+def _flatten(nested: Any, depth: int) -> list[Any]:
+    values = list(nested)
+    for _ in range(depth - 1):
+        values = [item for row in values for item in row]
+    return values
+
+
+def _encode(encoding: str, nested: Any, depth: int) -> dict[str, Any]:
+    """`nested` (a regular table `depth` deep) as a compact array."""
+    shape, level = [], nested
+    for _ in range(depth):
+        shape.append(len(level))
+        level = level[0] if len(level) else ()
+    packed = array.array(_TYPECODES[encoding], _flatten(nested, depth))
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return {"encoding": encoding, "shape": shape, "data": base64.b64encode(packed).decode()}
+
+
+def _decode(value: dict[str, Any], encoding: str, depth: int) -> Any:
+    """The nested lists of a compact array; ValueError says what does not fit."""
+    if value.get("encoding") != encoding:
+        raise ValueError(f"encoding must be {encoding!r}, got {value.get('encoding')!r}")
+    shape = value.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) != depth
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)
+    ):
+        raise ValueError(f"shape must be {depth} positive integers, got {shape!r}")
+    try:
+        raw = base64.b64decode(str(value.get("data", "")), validate=True)
+    except ValueError:
+        raise ValueError("data is not base64") from None
+    packed = array.array(_TYPECODES[encoding])
+    if len(raw) != math.prod(shape) * packed.itemsize:
+        raise ValueError(
+            f"data holds {len(raw)} bytes, shape {shape} needs {math.prod(shape) * packed.itemsize}"
+        )
+    packed.frombytes(raw)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    nested: list[Any] = packed.tolist()
+    for size in reversed(shape[1:]):
+        nested = [nested[start : start + size] for start in range(0, len(nested), size)]
+    return nested
 
 
 class PlanError(ValueError):
@@ -109,6 +173,33 @@ class Plan(BaseModel):
 
     def to_json(self) -> str:
         return json.dumps(self.to_document(), separators=(",", ":"))
+
+    def to_compact_document(self) -> dict[str, Any]:
+        """The document with `slots` and `gateBias` as base64 arrays (see the module)."""
+        document = self.to_document()
+        document["slots"] = _encode(SLOTS_ENCODING, self.slots, 3)
+        if self.gate_bias is not None:
+            document["gateBias"] = _encode(BIAS_ENCODING, self.gate_bias, 2)
+        return document
+
+    def to_stored_json(self) -> str:
+        """What the plan ConfigMap stores: the plain JSON, or the compact form where the plain
+        one is over `COMPACT_FROM_BYTES` (only plans that large, which older workers could not
+        have been given, ever take it)."""
+        plain = self.to_json()
+        if len(plain) <= COMPACT_FROM_BYTES:
+            return plain
+        return json.dumps(self.to_compact_document(), separators=(",", ":"))
+
+    @field_validator("slots", mode="before")
+    @classmethod
+    def _decoded_slots(cls, value: Any) -> Any:
+        return _decode(value, SLOTS_ENCODING, 3) if isinstance(value, dict) else value
+
+    @field_validator("gate_bias", mode="before")
+    @classmethod
+    def _decoded_bias(cls, value: Any) -> Any:
+        return _decode(value, BIAS_ENCODING, 2) if isinstance(value, dict) else value
 
     def digest(self) -> str:
         """SHA-256 of the canonical document: two plans with one version and different contents

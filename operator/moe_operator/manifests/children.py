@@ -146,7 +146,8 @@ def build_plan_configmap(
 ) -> dict[str, Any]:
     """The durable record of the desired plan, one key per model shape (`PlanShape.key`);
     mounted into pods so a restarted rank resumes it. `annotations` carry what status needs
-    back if it is lost (the last rebalance, when it was issued)."""
+    back if it is lost (the last rebalance, when it was issued). A large plan is stored in its
+    compact form (`Plan.to_stored_json`), which the workers read as well."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -155,7 +156,7 @@ def build_plan_configmap(
             "labels": worker_labels(name),
             "annotations": dict(annotations or {}),
         },
-        "data": {key: plan.to_json() for key, plan in plans.items()},
+        "data": {key: plan.to_stored_json() for key, plan in plans.items()},
     }
 
 
