@@ -85,11 +85,23 @@ def imbalances(rank_load_BR: np.ndarray) -> np.ndarray:
 
 
 def leaving_share(slots_BRS: np.ndarray, num_experts: int, ranks_per_pod: int) -> np.ndarray:
-    """share_BE: the fraction of each expert's tokens that leave their pod (see the module)."""
-    n = _pod_counts(slots_BRS, num_experts, ranks_per_pod)
-    pods = n.shape[2]
-    counts = np.maximum(n.sum(axis=2, keepdims=True), 1)
-    return np.maximum(0.0, 1.0 / pods - n / counts).sum(axis=2)
+    """share_BE: the fraction of each expert's tokens that leave their pod (see the module).
+
+    sum_p max(0, 1/P - n_p/c) = 1 - sum over the expert's slots of min(1 / (P n), 1 / c), n the
+    replicas in the slot's pod: counted within each pod's block of ranks, never over all pods."""
+    b, r, s = slots_BRS.shape
+    pods = r // ranks_per_pod
+    block = slots_BRS.reshape(b, pods, ranks_per_pod * s)
+    same_pod = np.zeros(block.shape, dtype=np.int64)
+    for index in range(block.shape[2]):
+        same_pod += block == block[:, :, index : index + 1]
+    counts = replica_counts(slots_BRS, num_experts)
+    count_at = np.take_along_axis(counts, block.reshape(b, -1), axis=1).reshape(block.shape)
+    kept = np.minimum(1.0 / (pods * same_pod), 1.0 / count_at)
+    flat = (rows(b)[:, None] * num_experts + block.reshape(b, -1)).ravel()
+    total = np.bincount(flat, weights=kept.ravel(), minlength=b * num_experts)
+    held = counts > 0
+    return np.where(held, 1.0 - total.reshape(b, num_experts), 0.0)
 
 
 def cross_pod_fraction(

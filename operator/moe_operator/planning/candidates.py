@@ -43,6 +43,8 @@ REFINE_BUDGET = 5e6
 """Work of one refinement round (layers x S x E x N x R) up to which counts are hill-climbed."""
 CHUNK_ROWS = 4096
 """Candidate layers packed at once: bounds memory (a few arrays of rows x N entries)."""
+SCORE_ENTRIES = 1 << 20
+"""Slots of candidates scored at once (a few arrays of this many entries)."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ def build(current: np.ndarray, load: np.ndarray, pods: int | None) -> Scored:
             spread,
             _descents(np.stack([current, *spread.transpose(1, 0, 2, 3)], axis=1), load, pods),
         ]
-    slots = np.concatenate(found, axis=1)
+    slots = np.concatenate(found, axis=1).astype(np.int32)  # experts < 2**31; half the memory
     return _score(current, load, pods, slots)
 
 
@@ -103,13 +105,19 @@ def _spread_starts(
 
 
 def _score(current: np.ndarray, load: np.ndarray, pods: int | None, slots: np.ndarray) -> Scored:
+    """Imbalance and moves of every candidate, a chunk of layers at a time (bounded memory)."""
     layers, per_layer, ranks, per_rank = slots.shape
-    flat = slots.reshape(layers * per_layer, ranks, per_rank)
-    load_rows = np.repeat(load, per_layer, axis=0)
-    current_rows = np.repeat(current, per_layer, axis=0)
-    shape = (layers, per_layer)
-    after = arrays.imbalances(arrays.rank_loads(flat, load_rows)).reshape(shape)
-    moved = arrays.moved_experts(current_rows, flat).reshape(shape)
+    after = np.empty((layers, per_layer))
+    moved = np.empty((layers, per_layer), dtype=np.int64)
+    chunk = max(1, SCORE_ENTRIES // (per_layer * ranks * per_rank))
+    for start in range(0, layers, chunk):
+        part = slice(start, min(layers, start + chunk))
+        count = len(range(*part.indices(layers)))
+        flat = slots[part].reshape(count * per_layer, ranks, per_rank)
+        load_rows = np.repeat(load[part], per_layer, axis=0)
+        current_rows = np.repeat(current[part], per_layer, axis=0)
+        after[part] = arrays.imbalances(arrays.rank_loads(flat, load_rows)).reshape(count, -1)
+        moved[part] = arrays.moved_experts(current_rows, flat).reshape(count, -1)
     return Scored(current, load, pods, slots, after, moved)
 
 

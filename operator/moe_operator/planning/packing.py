@@ -152,28 +152,34 @@ def _fill(
     weights_BE: np.ndarray,
     spread: Spread | None,
 ) -> None:
-    """The fill step of `pack`, in place: LPT of the replicas `remaining` still asks for."""
-    b, _r, _s = new_BRS.shape
-    every = rows(b)
+    """The fill step of `pack`, in place: LPT of the replicas `remaining` still asks for.
+
+    Rows are taken in order of how many replicas they still place (most first), so that each
+    step works on the rows still placing: a prefix, as short as the step is late."""
     items = _items_heaviest_first(remaining_BE, weights_BE)
-    free = (new_BRS < 0).sum(axis=2)
+    order = np.argsort(-(items >= 0).sum(axis=1), kind="stable")
+    still = (items[order] >= 0).sum(axis=0)  # rows placing at each step, a prefix of `order`
+    new, loads, items = new_BRS[order], loads_BR[order], items[order]
+    weights = weights_BE[order]
+    free = (new < 0).sum(axis=2)
+    if spread is not None:
+        spread.reorder(order)
     for index in range(items.shape[1]):
-        expert = items[:, index]
-        active = expert >= 0
-        if not active.any():
-            break
-        open_ranks = free > 0
+        live = int(still[index])
+        go = rows(live)
+        expert = items[:live, index]
+        open_ranks = free[:live] > 0
         if spread is not None:
-            roomy = open_ranks & spread.room_by_rank(every, np.maximum(expert, 0))
+            roomy = open_ranks & spread.room_by_rank(go, expert)
             open_ranks = np.where(roomy.any(axis=1)[:, None], roomy, open_ranks)
-        rank = np.argmin(np.where(open_ranks, loads_BR, np.inf), axis=1)
-        go, rank, expert = every[active], rank[active], expert[active]
-        slot = np.argmax(new_BRS[go, rank] < 0, axis=1)
-        new_BRS[go, rank, slot] = expert
-        loads_BR[go, rank] += weights_BE[go, expert]
+        rank = np.argmin(np.where(open_ranks, loads[:live], np.inf), axis=1)
+        slot = np.argmax(new[go, rank] < 0, axis=1)
+        new[go, rank, slot] = expert
+        loads[go, rank] += weights[go, expert]
         free[go, rank] -= 1
         if spread is not None:
             spread.add(go, expert, rank)
+    new_BRS[order], loads_BR[order] = new, loads
 
 
 def _items_heaviest_first(remaining_BE: np.ndarray, weights_BE: np.ndarray) -> np.ndarray:

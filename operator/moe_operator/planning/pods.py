@@ -40,6 +40,10 @@ class Spread:
         pod = self.pod_of_rank[rank]
         return self.held[row, expert, pod] < self.quota[row, expert]
 
+    def reorder(self, order: np.ndarray) -> None:
+        """Rows taken in `order` from now on."""
+        self.quota, self.held = self.quota[order], self.held[order]
+
     def room_by_rank(self, row: np.ndarray, expert: np.ndarray) -> np.ndarray:
         """[B, R]: whether each rank's pod may take one more replica of `expert` [B]."""
         open_pods = self.held[row, expert] < self.quota[row, expert][:, None]  # [B, P]

@@ -20,7 +20,9 @@ from moe_operator.planning.pods import Spread
 CHECKPOINTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 """Swap counts after which the placement is kept as a candidate (and after the last swap)."""
 PARTNERS = 16
-"""A hot rank swaps with one of this many least-loaded ranks (all ranks where fewer)."""
+"""A hot rank swaps with one of this many least-loaded ranks (all ranks where fewer)..."""
+PAIRS_PER_ROW = 1024
+"""... and fewer where many slots per rank would make more slot pairs than this to weigh."""
 
 
 def swap_descent(
@@ -87,7 +89,7 @@ def _best_swaps(
     every = rows(b)
     hot = np.argmax(loads, axis=1)
     top = loads[every, hot]
-    partners = min(PARTNERS, r)
+    partners = min(PARTNERS, r, max(2, PAIRS_PER_ROW // (s * s)))
     cool = np.argpartition(loads, partners - 1, axis=1)[:, :partners] if partners < r else None
     if cool is None:
         cool = np.broadcast_to(np.arange(r), (b, r))
