@@ -37,6 +37,9 @@ class FakeRanks:
     ranks_per_pod: int
     port: int
     token: str = "token"
+    slow_pods: frozenset[int] = frozenset()
+    """Pods that take `slow_seconds` to answer /metrics (a stalled rank)."""
+    slow_seconds: float = 30.0
     scrapes: int = 0
     posted: list[Plan] = field(default_factory=list)
     _servers: list[http.server.ThreadingHTTPServer] = field(default_factory=list)
@@ -62,7 +65,8 @@ class FakeRanks:
         for ordinal in range(self.pods):
             server = http.server.ThreadingHTTPServer((pod_ip(ordinal), self.port), _handler(self))
             server.daemon_threads = True
-            threading.Thread(target=server.serve_forever, daemon=True).start()
+            serve = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+            serve.start()
             self._servers.append(server)
         return self
 
@@ -163,6 +167,8 @@ def _handler(ranks: FakeRanks) -> type[http.server.BaseHTTPRequestHandler]:
             return high * 256 + low - 1
 
         def do_GET(self) -> None:
+            if self.path == "/metrics" and self._ordinal() in ranks.slow_pods:
+                threading.Event().wait(ranks.slow_seconds)
             if self.path == "/metrics":
                 self._send(200, ranks.metrics(self._ordinal()), "text/plain; version=0.0.4")
             elif self.path == "/v1/plan" and self._ordinal() == 0:

@@ -1,17 +1,18 @@
 """`moe-ep operator-bench`: the operator's control step against many fake ranks, timed and weighed.
 
-    moe-ep operator-bench [--ranks 16,64,256] [--ranks-per-pod 8] [--layers 58] [--experts 256]
-                          [--slots-per-rank 2] [--seed 0] [--json]
+    moe-ep operator-bench [--ranks 64,128,256] [--ranks-per-pod 8] [--layers 58]
+                          [--experts 256] [--redundant 32] [--seed 0] [--json]
 
 For each world size: a DeepSeek-V3-shaped deployment (58 layers x 256 experts, top-8; pods of
---ranks-per-pod ranks) whose pods are `moe_local.fake_ranks` servers in a child process (so the
-numbers are the operator's own), serving the round-robin plan under lognormal expert loads. The
-operator's real `rebalance.control_step` runs twice, as its timer would: the first read opens the
-window, the second evaluates, plans, writes the plan ConfigMap (built as the operator builds it)
-and hands the plan to the leader. Printed per size: the step's time and its parts (counter read,
-planning, the rest), the process's peak RSS and its growth in the step, Python's peak allocation
-in the step (a second run under tracemalloc), the
-plan ConfigMap's size against Kubernetes' 1 MiB, and the predicted cross-pod fraction.
+--ranks-per-pod ranks; slots per rank for the experts and --redundant more) whose pods are
+`moe_local.fake_ranks` servers in a child process (so the numbers are the operator's own),
+serving the round-robin plan under lognormal expert loads. The operator's real
+`rebalance.control_step` runs twice, as its timer would: the first read opens the window, the
+second evaluates, plans, writes the plan ConfigMap (built as the operator builds it) and hands
+the plan to the leader. Printed per size: the step's time and its parts (counter read, planning,
+the rest), the process's peak RSS and its growth in the step, Python's peak allocation in the
+step (a second run under tracemalloc), the plan ConfigMap's size against Kubernetes' 1 MiB, and
+the predicted cross-pod fraction.
 """
 
 from __future__ import annotations
@@ -195,18 +196,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="moe-ep operator-bench", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--ranks", default="16,64,256", help="world sizes, comma-separated")
+    parser.add_argument("--ranks", default="64,128,256", help="world sizes, comma-separated")
     parser.add_argument("--ranks-per-pod", type=int, default=8)
     parser.add_argument("--layers", type=int, default=58)
     parser.add_argument("--experts", type=int, default=256)
-    parser.add_argument("--slots-per-rank", type=int, default=2)
+    parser.add_argument("--redundant", type=int, default=32, help="slots beyond one per expert")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     rows = []
     for ranks in (int(part) for part in args.ranks.split(",")):
         per_pod = min(args.ranks_per_pod, ranks)
-        slots = max(args.slots_per_rank, math.ceil(args.experts / ranks))
+        slots = math.ceil((args.experts + args.redundant) / ranks)
         shape = (ranks, per_pod, args.layers, args.experts, slots, args.seed)
         row = measure(*shape)
         row["python_peak_mib"] = measure(*shape, trace=True)["python_peak_mib"]

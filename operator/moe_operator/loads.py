@@ -162,9 +162,12 @@ def _fetch(url: str, timeout: float, opener: urllib.request.OpenerDirector | Non
 def _read_pod(
     target: Target, timeout: float, num_layers: int, num_experts: int
 ) -> dict[int, RankReading]:
-    body = _fetch(target.url, timeout)
     ranks = range(target.rank, target.rank + target.ranks)
     where = f"rank {target.rank}" if target.ranks == 1 else f"ranks {ranks.start}..{ranks.stop - 1}"
+    try:
+        body = _fetch(target.url, timeout)
+    except LoadReadError as error:
+        raise LoadReadError(f"{where}: {error}") from None
     return _reading(body, ranks, num_layers=num_layers, num_experts=num_experts, where=where)
 
 
