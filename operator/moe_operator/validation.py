@@ -377,7 +377,16 @@ def extra_args_problems(args: list[str]) -> list[SpecProblem]:
 
 def prometheus_url_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
     """The operator sends queries to this URL: http(s) to a host, nothing else (no file:, no
-    credentials in the spec, no query of the user's own)."""
+    credentials in the spec, no query of the user's own). PerLayer series leave Prometheus
+    without the per-expert counters the operator would query."""
+    if spec.metrics.expert_series == "PerLayer" and spec.metrics.source == "Prometheus":
+        return [
+            SpecProblem(
+                "metrics.expertSeries",
+                "PerLayer keeps the per-expert token counters out of Prometheus, where source "
+                "Prometheus would read them; use source Direct, or expertSeries PerRank",
+            )
+        ]
     url = spec.metrics.prometheus_url
     if spec.metrics.source != "Prometheus" and not url:
         return []
