@@ -8,10 +8,13 @@ expert's tokens; and the planner's predicted cross-pod fraction is what the rout
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 
-from moe_contract.plan import Plan, parse_plan, pod_routes
+from moe_contract.plan import Plan, PlanError, parse_plan, pod_routes, validate_plan
 from moe_operator.planning import arrays
 from moe_worker.ep.dispatch import Placement
 
@@ -82,3 +85,14 @@ def test_plan_fixture_with_pods_parses_and_keeps_its_digest_field() -> None:
     plan = parse_plan(_plan(4).to_json())
     assert plan.ranks_per_pod == 4
     assert "ranksPerPod" not in _plan(None).to_document()  # old plans' digests unchanged
+
+
+def test_the_fixtures_with_ranks_per_pod() -> None:
+    fixtures = Path(__file__).parent.parent / "fixtures" / "plans"
+    shape = {"num_layers": 2, "num_experts": 4, "world_size": 4}
+    pods = parse_plan((fixtures / "pods-2layer-4expert-4rank-2slots.json").read_text())
+    validate_plan(pods, **shape)
+    assert pods.ranks_per_pod == 2
+    broken = parse_plan((fixtures / "invalid-ranks-per-pod.json").read_text())
+    with pytest.raises(PlanError, match="ranksPerPod: 3 does not divide the world size 4"):
+        validate_plan(broken, **shape)
