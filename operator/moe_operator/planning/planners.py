@@ -156,7 +156,7 @@ def plan_rebalance(
             layer above `gating_options.max_rerouted_fraction`.
         ranks_per_pod: ranks of one pod (`worker.ranksPerPod`); a new plan carries it, the
             workers then keep tokens in their pod where balance allows, and Replace places
-            replicas so that fewer leave (at equal balance). None or R: one pod.
+            replicas so that fewer leave (at equal balance). None, 1 or R: no grouping.
     Returns:
         RebalanceResult whose plan has slots [L][R][S''] and, for GatingBias, gate bias [L][E]
         and the guard's margin.
@@ -191,8 +191,9 @@ def plan_rebalance(
 
 
 def _pods(ranks_per_pod: int | None, world_size: int) -> int | None:
-    """Ranks per pod where the world spans several pods, else None."""
-    if ranks_per_pod is None or ranks_per_pod >= world_size:
+    """Ranks per pod where the world spans several pods of several ranks, else None: pods of one
+    rank (one GPU, or CPU workers) say nothing of which ranks share a node's fast links."""
+    if ranks_per_pod is None or ranks_per_pod >= world_size or ranks_per_pod == 1:
         return None
     if ranks_per_pod < 1 or world_size % ranks_per_pod:
         raise PlanningError(
