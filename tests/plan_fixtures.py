@@ -21,6 +21,7 @@ VALID = (
     "round-robin-2layer-4expert-4rank.json",
     "replicated-2layer-4expert-4rank-2slots.json",
     "gate-bias-2layer-4expert-4rank.json",
+    "pods-2layer-4expert-4rank-2slots.json",
 )
 UNPARSABLE = {  # file -> the field `parse_plan`'s error names (the worker answers 400)
     "invalid-missing-version.json": "version",
@@ -34,6 +35,7 @@ INVALID = {  # file -> the field `validate_plan`'s error names (the worker answe
     "invalid-missing-expert.json": "slots[0]",
     "invalid-slot-count-mismatch.json": "slots[0][3]",
     "invalid-gate-bias-length.json": "gateBias[0]",
+    "invalid-ranks-per-pod.json": "ranksPerPod",
 }
 
 
