@@ -1,11 +1,18 @@
-# The two commands of the README: `make demo` (the main job on the embedded local default) and
-# `make test` (the whole suite). Both install what they need on a fresh machine.
+# The commands of the README: `make demo` (the main job on the embedded local default), `make
+# test` (the whole suite, CI's command) and `make test-fast` (the loop to run while editing). They
+# install what they need on a fresh machine.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 # The CPU build of torch lies on this machine's disk; an unpinned torch may pull a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup system-deps test lint demo bench gpu-check gpu-wheels images images-cuda clean
+# The fast tier: pure, kmock and in-process tests, no control plane, no image build, no
+# multi-process torch.distributed group; in parallel processes (pytest-xdist), the slow ones
+# handed to whichever process is free. Under 2 minutes on a 2-core machine (README, "Tests").
+FAST_TESTS := not integration and not e2e and not images and not distributed and not gpu
+FAST_WORKERS ?= 3
+
+.PHONY: setup system-deps test test-fast lint demo bench gpu-check gpu-wheels images images-cuda clean
 
 # The local cluster and demo tooling is its own distribution (local/), installed beside the root.
 $(VENV)/.installed: pyproject.toml local/pyproject.toml
@@ -29,6 +36,9 @@ lint: setup
 
 test: setup system-deps lint
 	$(PYTHON) -m pytest
+
+test-fast: setup
+	$(PYTHON) -m pytest -q -n $(FAST_WORKERS) --dist worksteal -m "$(FAST_TESTS)"
 
 demo: setup system-deps
 	$(VENV)/bin/moe-ep demo

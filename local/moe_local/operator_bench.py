@@ -39,6 +39,7 @@ from moe_operator.api import MoEDeploymentSpec, RebalanceRecord
 from moe_operator.manifests import children
 from moe_operator.planning import planners
 from moe_operator.planning.detection import DetectionState
+from moe_operator.planning.ledger import Ledger
 from moe_operator.validation import parse_spec
 from moe_operator.workers import PodWorkers
 
@@ -150,15 +151,18 @@ def measure(
         original = rebalance.plan_rebalance
         rebalance.plan_rebalance = _timed(original, plans)  # type: ignore[assignment]
         store = SizedStore(spec)
-        state, window = DetectionState(desired_version=1, applied_version=1), rebalance.Window()
+        state, window = DetectionState(), rebalance.Window()
+        ledger = Ledger(desired=1, applied=1)
         try:
-            first = rebalance.control_step(spec, plan, state, window, workers, store, 1000.0)
+            first = rebalance.control_step(
+                spec, plan, ledger, state, window, workers, store, 1000.0
+            )
             rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             if trace:
                 tracemalloc.start()
             started = time.perf_counter()
             outcome = rebalance.control_step(
-                spec, first.desired, first.state, window, workers, store, 1030.0
+                spec, first.desired, first.ledger, first.state, window, workers, store, 1030.0
             )
             step = time.perf_counter() - started
             python_peak = tracemalloc.get_traced_memory()[1] if trace else 0

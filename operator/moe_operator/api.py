@@ -16,6 +16,8 @@ from pydantic.alias_generators import to_camel
 from moe_contract import env as worker_env
 from moe_contract.plan import MAX_PLAN_VERSION
 from moe_contract.shape import ModelShape
+from moe_operator.planning.detection import DetectionPolicy
+from moe_operator.planning.gating import GatingOptions
 
 GROUP = "moe-ep.io"
 VERSION = "v1alpha1"
@@ -256,6 +258,12 @@ class PlacementSpec(ApiModel):
         return self.max_slots_per_rank or self.slots_per_rank
 
 
+# The rebalancing defaults are the planners' own (detection's policy, the gate-bias update), so
+# a spec that says nothing gets what `moe-ep plan` and the planners' tests use.
+_DETECTION = DetectionPolicy()
+_GATING = GatingOptions()
+
+
 class GatingSpec(ApiModel):
     """GatingBias: a per-layer bias on the gate probabilities for top-K selection only. It
     changes which experts some tokens visit, so it changes outputs: it acts only on tokens whose
@@ -263,7 +271,7 @@ class GatingSpec(ApiModel):
     cap. Rebalancing uses it only where no slot can be added (see placement.maxSlotsPerRank)."""
 
     max_margin: float = Field(
-        0.05,
+        _GATING.max_margin,
         ge=0.0,
         le=1.0,
         description=(
@@ -274,7 +282,7 @@ class GatingSpec(ApiModel):
         ),
     )
     max_rerouted_fraction: float = Field(
-        0.1,
+        _GATING.max_rerouted_fraction,
         ge=0.0,
         le=1.0,
         description=(
@@ -284,7 +292,7 @@ class GatingSpec(ApiModel):
         ),
     )
     rate: float = Field(
-        0.5,
+        _GATING.rate,
         ge=0.0,
         le=4.0,
         description=(
@@ -294,13 +302,13 @@ class GatingSpec(ApiModel):
         ),
     )
     max_bias: float = Field(
-        0.2,
+        _GATING.max_bias,
         ge=0.0,
         le=1.0,
         description="Largest absolute bias any expert may get, in gate-probability units.",
     )
     damping: float = Field(
-        0.05,
+        _GATING.damping,
         ge=0.0,
         le=0.9,
         description=(
@@ -325,16 +333,25 @@ class RebalancingSpec(ApiModel):
         ),
     )
     imbalance_threshold: float = Field(
-        1.25, ge=1.0, le=100.0, description="Act when max rank load / mean rank load exceeds this."
+        _DETECTION.threshold,
+        ge=1.0,
+        le=100.0,
+        description="Act when max rank load / mean rank load exceeds this.",
     )
     evaluation_window_seconds: int = Field(
         60, ge=1, le=86400, description="Seconds of token counts each evaluation looks at."
     )
     consecutive_evaluations: int = Field(
-        3, ge=1, le=100, description="Evaluations in a row above the threshold before acting."
+        _DETECTION.consecutive,
+        ge=1,
+        le=100,
+        description="Evaluations in a row above the threshold before acting.",
     )
     cooldown_seconds: int = Field(
-        300, ge=0, le=86400, description="Minimum seconds between two rebalances."
+        int(_DETECTION.cooldown_seconds),
+        ge=0,
+        le=86400,
+        description="Minimum seconds between two rebalances.",
     )
     gating: GatingSpec = Field(
         default_factory=GatingSpec,
@@ -777,14 +794,22 @@ class DetectionStatus(ApiModel):
     model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
 
     above_count: int = Field(0, description="Evaluations in a row above the threshold.")
-    desired_version: int = Field(
-        0, ge=0, le=MAX_PLAN_VERSION, description="Newest plan version the operator issued."
-    )
-    applied_version: int = Field(
-        0, ge=0, le=MAX_PLAN_VERSION, description="Plan version all workers serve."
-    )
     last_rebalance_at: float | None = Field(
         None, description="When the last plan was issued (seconds since the epoch)."
+    )
+    desired_version: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_PLAN_VERSION,
+        description="Deprecated: plan.version holds it. Read from an older operator's status "
+        "(an upgrade keeps its versions), then removed.",
+    )
+    applied_version: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_PLAN_VERSION,
+        description="Deprecated: plan.appliedVersion holds it. Read from an older operator's "
+        "status, then removed.",
     )
 
 

@@ -113,9 +113,6 @@ class ReplacementBackoff:
         last = recovery.get("lastReplacedAt")
         return cls(int(recovery.get("replacements") or 0), None if last is None else float(last))
 
-    def to_status(self) -> dict[str, Any]:
-        return {"replacements": self.replacements, "lastReplacedAt": self.last_at}
-
     def in_a_row(self, now: float) -> int:
         """Replacements in a row as of `now` (0 once the last is old enough)."""
         if self.last_at is None or now - self.last_at >= BACKOFF_RESET_S:

@@ -32,19 +32,13 @@ import kopf
 from moe_contract import env as worker_env
 from moe_contract.plan import Plan
 from moe_operator import api, metrics
-from moe_operator.failures import startup_failure
-from moe_operator.group import (
-    RECOVERING_REASON,
-    GroupState,
-    ReplacementBackoff,
-    gang_failure,
-    group_state,
-)
+from moe_operator.group import GroupState
 from moe_operator.images import WorkerImages, with_worker_image
 from moe_operator.kube import Cluster, Conflict, load_client_config, secret_value
 from moe_operator.manifests import children
 from moe_operator.planning.detection import DetectionState
-from moe_operator.planning.record import Known, PlanShape
+from moe_operator.planning.ledger import Ledger
+from moe_operator.planning.record import PlanShape
 from moe_operator.rebalance import PlanStoreConflict, StepOutcome, Window, control_step
 from moe_operator.reconcile import (
     ChildrenState,
@@ -56,7 +50,14 @@ from moe_operator.reconcile import (
     record_notes,
     write_plan,
 )
-from moe_operator.status import Observed, compute_status, with_reconcile_error
+from moe_operator.recovery import GroupAction, GroupView, decide
+from moe_operator.status import (
+    Observed,
+    compute_status,
+    plan_status,
+    read_rebalance_record,
+    reconcile_error_status,
+)
 from moe_operator.validation import parse_spec
 from moe_operator.workers import PodWorkers
 
@@ -132,6 +133,12 @@ class Call:
     def cluster(self) -> Cluster:
         return self.memo.cluster
 
+    @property
+    def owner(self) -> Owner:
+        """The owner of the children (kopf.adopt sets their controller reference)."""
+        adopt = functools.partial(kopf.adopt, owner=self.body)
+        return Owner(self.name, self.namespace, self.uid, adopt)
+
     def announce(self, events: EventList) -> None:
         for kind, reason, message in events:
             (kopf.warn if kind == "Warning" else kopf.info)(
@@ -167,10 +174,8 @@ def _report_error(handler: str, call: Call, base: dict[str, Any], error: Excepti
     except Exception:  # no Event: the log, the metric and the condition still say it
         call.logger.exception("could not post the ReconcileFailed Event")
     try:
-        conditions = with_reconcile_error(
-            base.get("conditions") or [], message, call.generation, _now()
-        )
-        _write(call, {"conditions": conditions})
+        conditions = base.get("conditions") or []
+        _write(call, reconcile_error_status(conditions, message, call.generation, _now()))
     except Exception:  # the API server may be the trouble; the next run tries again
         call.logger.exception("could not report the failure of %s", handler)
 
@@ -187,141 +192,101 @@ def _was_running(status: dict[str, Any]) -> bool:
     )
 
 
-def _known(status: dict[str, Any]) -> Known:
-    """Plan versions status remembers: a lost plan record never goes back past them."""
-    plan = status.get("plan") or {}
-    state = DetectionState.from_dict(status.get("detection"))
-    version = int(plan.get("version") or 0)
-    desired = max(version, state.desired_version)
-    applied = max(int(plan.get("appliedVersion") or 0), state.applied_version)
-    digest = str(plan.get("digest") or "") if version == desired else ""
-    return Known(desired_version=desired, applied_version=applied, desired_digest=digest)
-
-
 def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
-    """Parse, keep the children in shape, replace an outdated group, balance, write status."""
+    """Parse, ensure the children, decide about the group and apply it, balance, write status."""
     parsed, problems = parse_spec(call.spec, name=call.name)
     if parsed is None:
         _write_invalid(call, base, [str(problem) for problem in problems])
         return
     parsed = with_worker_image(parsed, call.memo.worker_images)
-    adopt = functools.partial(kopf.adopt, owner=call.body)
-    owner = Owner(call.name, call.namespace, call.uid, adopt)
-    cluster = call.cluster
-
-    def workers(pods: list[dict[str, Any]]) -> PodWorkers:
-        return PodWorkers(pods, parsed, call.namespace, call.name, functools.partial(_token, call))
-
-    known = _known(base)
-    state = ensure_children(
-        cluster,
-        owner,
-        parsed,
-        known,
-        leader=lambda pods: workers(pods).served_plan(),
-        pods=lambda statefulset: owned_pods(cluster, call.namespace, call.name, statefulset),
-    )
+    known = Ledger.from_status(base)  # a lost plan record never goes back past it
+    state = _ensure(call, parsed, known)
     if state.conflicts:
         _write_conflicts(call, base, parsed, state)
         return
     assert state.statefulset is not None and state.plan is not None
-    call.announce([("Normal", "Reconciled", change) for change in state.changes])
-    call.announce(list(state.events))
-    group = group_state(state.statefulset, state.pods)
-    world = parsed.pods  # pods, not ranks: what the StatefulSet counts ready
-    # Every pod there, none going, and as many ready (readyReplicas may lag the deletions).
-    back = group.current >= world and not group.restarting
-    recovering = _recovering(base, world, ready_replicas(state.statefulset), back)
-    gang = None if group.restarting or not group.observed else gang_failure(state.pods)
-    backoff = ReplacementBackoff.from_status(base.get("recovery"))
-    if group.stale:
-        message = group.message(world)
-        deleted = delete_pods(cluster, call.namespace, group.stale)
-        call.announce([("Normal", "GroupRestart", f"deleted {deleted} pods together: {message}")])
-    elif gang is not None:
-        now = time.time()
-        wait = backoff.wait_s(now)
-        if wait > 0:
-            in_a_row = backoff.in_a_row(now)
-            recovering = gang.held_message(in_a_row, wait)
-            event = ("Warning", "GroupBackoff", recovering)
-            _announce_once(call, base, event, key=f"replaced {in_a_row} times in a row")
-        else:
-            recovering = gang.message(world)
-            deleted = delete_pods(cluster, call.namespace, gang.pods)
-            call.announce([("Warning", RECOVERING_REASON, f"deleted {deleted} pods: {recovering}")])
-            group = dataclasses.replace(group, terminating=group.terminating + deleted)
-            backoff = backoff.replaced(now)
-    detection_state, last_rebalance = _restored(base, known, state)
     ready = ready_replicas(state.statefulset)
-    desired, outcome = state.plan, None
-    applied = int((base.get("plan") or {}).get("appliedVersion") or 0)
-    if control and ready == world and group.settled:
-        if "window" not in call.memo:
-            call.memo.window = Window(started_at=time.time())
-        store = ConfigMapStore(cluster, owner, children.plan_shape(parsed), state.configmap)
-        outcome = control_step(
-            parsed, desired, detection_state, call.memo.window, workers(state.pods), store,
-            time.time(),
-        )  # fmt: skip
-        call.announce(outcome.events)
-        desired, detection_state = outcome.desired, outcome.state
-        if outcome.applied_version is not None:
-            applied = outcome.applied_version
-        if outcome.rebalance is not None:
-            last_rebalance = outcome.rebalance.model_dump(by_alias=True)
-    restarting = (group.restarting or not group.observed) and recovering is None
-    failure = None if restarting else startup_failure(state.pods)
-    if failure is not None:
-        recovering = None  # a refusal is no failure to recover from: the spec must change
-    if failure is not None:
-        event = ("Warning", failure.reason, failure.describe(world))
-        _announce_once(call, base, event, key=failure.message)
-    observed = Observed(
-        generation=call.generation,
-        workers=world,
-        statefulset_exists=True,
-        ready_workers=ready,
-        # With OnDelete the controller never marks a revision current: the group's own state
-        # (old pods, pods going, a template not yet seen) says whether a rollout is under way.
-        rollout_in_progress=restarting,
-        plan_version=desired.version,
-        applied_plan_version=applied,
-        imbalance_threshold=parsed.rebalancing.imbalance_threshold,
-        max_rerouted_fraction=parsed.rebalancing.gating.max_rerouted_fraction,
-        loads_problem=_loads_problem(call.memo.get("window"), ready, world, group),
-        handoff_problem=outcome.handoff_problem if outcome else None,
-        was_running=_was_running(base),
-        balance_note=_balance_note(desired),
-        group_restart=group.message(world) if restarting else None,
-        recovering=recovering,
-        startup_failure=failure,
-        endpoint=children.api_endpoint(call.name, call.namespace, parsed),
-        served_model_name=children.served_model_name(call.name, parsed),
+    view = GroupView(state.statefulset, state.pods, parsed.pods, ready, base)
+    action = decide(view, time.time())
+    deleted = delete_pods(call.cluster, call.namespace, action.delete)
+    group, events = action.after_deleting(deleted)
+    call.announce(list(events))
+    standing = _standing(base, known, state)
+    if control and ready == view.world and group.settled:
+        standing = _balance(call, parsed, state, standing)
+    _write_status(call, base, parsed, view, group, action, standing)
+
+
+def _ensure(call: Call, spec: api.MoEDeploymentSpec, known: Ledger) -> ChildrenState:
+    """Create or repair the children, the plan record included; announce what changed."""
+    cluster = call.cluster
+    state = ensure_children(
+        cluster,
+        call.owner,
+        spec,
+        known,
+        leader=lambda pods: _workers(call, spec, pods).served_plan(),
+        pods=lambda statefulset: owned_pods(cluster, call.namespace, call.name, statefulset),
     )
-    key = children.plan_shape(parsed).key
-    recovery = backoff.to_status() if backoff.replacements else None
-    _write_status(
-        call, base, observed, desired, detection_state, outcome, last_rebalance, key, recovery
+    if not state.conflicts:
+        call.announce([("Normal", "Reconciled", change) for change in state.changes])
+        call.announce(list(state.events))
+    return state
+
+
+def _workers(call: Call, spec: api.MoEDeploymentSpec, pods: list[dict[str, Any]]) -> PodWorkers:
+    return PodWorkers(pods, spec, call.namespace, call.name, functools.partial(_token, call))
+
+
+@dataclass(frozen=True)
+class Standing:
+    """Where the plan stands: the record's plan, its versions, what detection remembers."""
+
+    desired: Plan
+    ledger: Ledger
+    detection: DetectionState
+    last_rebalance: api.RebalanceRecord | None
+    outcome: StepOutcome | None = None  # this run's control step, if one ran
+
+
+def _standing(base: dict[str, Any], known: Ledger, state: ChildrenState) -> Standing:
+    """The plan as the record holds it, with detection state and last rebalance from status;
+    when status lost the newest plan (the operator died between writing it and patching
+    status), those come from the ConfigMap's annotations."""
+    assert state.plan is not None
+    detection_state = DetectionState.from_dict(base.get("detection"))
+    last_rebalance = read_rebalance_record(base.get("lastRebalance"))
+    notes = record_notes(state.configmap)
+    record = read_rebalance_record(notes.last_rebalance)
+    lost = known.lost_in_status(state.plan.version, notes.version)
+    if lost and record is not None and record.to_version == state.plan.version:
+        last_rebalance = record
+        if notes.issued_at is not None:
+            detection_state = dataclasses.replace(
+                detection_state, last_rebalance_at=notes.issued_at
+            )
+    return Standing(state.plan, known.recorded(state.plan), detection_state, last_rebalance)
+
+
+def _balance(
+    call: Call, spec: api.MoEDeploymentSpec, state: ChildrenState, standing: Standing
+) -> Standing:
+    """One control step (the timer's, once every pod is ready on the current template)."""
+    if "window" not in call.memo:
+        call.memo.window = Window(started_at=time.time())
+    store = ConfigMapStore(call.cluster, call.owner, children.plan_shape(spec), state.configmap)
+    outcome = control_step(
+        spec, standing.desired, standing.ledger, standing.detection, call.memo.window,
+        _workers(call, spec, state.pods), store, time.time(),
+    )  # fmt: skip
+    call.announce(outcome.events)
+    return Standing(
+        outcome.desired,
+        outcome.ledger,
+        outcome.state,
+        outcome.rebalance or standing.last_rebalance,
+        outcome,
     )
-
-
-def _recovering(base: dict[str, Any], pods: int, ready: int, back: bool) -> str | None:
-    """The failure a group brought back whole is recovering from, as the last status said it,
-    until all its pods are back (the old ones gone, new ones there) and ready."""
-    if ready >= pods and back:
-        return None
-    for item in base.get("conditions") or []:
-        if item.get("type") == "Degraded" and item.get("reason") == RECOVERING_REASON:
-            return str(item.get("message") or "") or None
-    return None
-
-
-def _announce_once(call: Call, base: dict[str, Any], event: tuple[str, str, str], key: str) -> None:
-    """An Event for a condition that lasts: once, not at every timer run. `key` is what makes
-    it news: absent from the conditions the run before wrote."""
-    if not any(key in (item.get("message") or "") for item in base.get("conditions") or []):
-        call.announce([event])
 
 
 def _token(call: Call) -> str | None:
@@ -330,26 +295,6 @@ def _token(call: Call) -> str | None:
     if not children.controlled_by(secret, call.uid):
         return None
     return secret_value(secret, worker_env.TOKEN_FILE_NAME)
-
-
-def _restored(
-    base: dict[str, Any], known: Known, state: ChildrenState
-) -> tuple[DetectionState, dict[str, Any] | None]:
-    """Detection state and last rebalance from status; when status lost the newest plan (the
-    operator died between writing it and patching status), from the ConfigMap's annotations."""
-    detection_state = DetectionState.from_dict(base.get("detection"))
-    last_rebalance = base.get("lastRebalance")
-    assert state.plan is not None
-    notes = record_notes(state.configmap)
-    record = notes.last_rebalance or {}
-    lost = state.plan.version > known.desired_version and notes.version == state.plan.version
-    if lost and record.get("toVersion") == state.plan.version:
-        last_rebalance = record
-        if notes.issued_at is not None:
-            detection_state = dataclasses.replace(
-                detection_state, last_rebalance_at=notes.issued_at
-            )
-    return detection_state, last_rebalance
 
 
 def _write_invalid(call: Call, base: dict[str, Any], problems: list[str]) -> None:
@@ -378,42 +323,49 @@ def _write_conflicts(
 def _write_status(
     call: Call,
     base: dict[str, Any],
-    observed: Observed,
-    desired: Plan,
-    detection_state: DetectionState,
-    outcome: StepOutcome | None,
-    last_rebalance: dict[str, Any] | None,
-    key: str,
-    recovery: dict[str, Any] | None = None,
+    spec: api.MoEDeploymentSpec,
+    view: GroupView,
+    group: GroupState,
+    action: GroupAction,
+    standing: Standing,
 ) -> None:
     """Status fields and the operator's metrics, from one set of observations."""
     window: Window | None = call.memo.get("window")
     per_layer = window.last_layer_imbalance if window else ()
     rerouted = window.last_rerouted_fraction if window else ()
-    observed = dataclasses.replace(
-        observed,
+    outcome, desired, ledger = standing.outcome, standing.desired, standing.ledger
+    where = children.plan_configmap_name(call.name), children.plan_shape(spec).key
+    observed = Observed(
+        generation=call.generation,
+        workers=view.world,  # pods, not ranks: what the StatefulSet counts ready
+        statefulset_exists=True,
+        ready_workers=view.ready,
+        # With OnDelete the controller never marks a revision current: the group's own state
+        # (old pods, pods going, a template not yet seen) says whether a rollout is under way.
+        rollout_in_progress=action.restarting,
+        plan=plan_status(ledger, desired.method, *where),
         worst_imbalance=max(per_layer) if per_layer else None,
         rerouted_fraction=rerouted,
+        max_rerouted_fraction=spec.rebalancing.gating.max_rerouted_fraction,
         gate_bias_active=desired.gate_bias is not None,
+        imbalance_threshold=spec.rebalancing.imbalance_threshold,
+        loads_problem=_loads_problem(window, view.ready, view.world, group),
+        handoff_problem=outcome.handoff_problem if outcome else None,
+        was_running=_was_running(base),
+        balance_note=_balance_note(desired),
+        group_restart=group.message(view.world) if action.restarting else None,
+        recovering=action.recovering,
+        startup_failure=action.failure,
+        endpoint=children.api_endpoint(call.name, call.namespace, spec),
+        served_model_name=children.served_model_name(call.name, spec),
+        detection=standing.detection,
+        last_rebalance=standing.last_rebalance,
+        recovery=action.backoff,
     )
-    status = compute_status(observed, base.get("conditions") or [], _now())
-    status["plan"] = {
-        "version": desired.version,
-        "appliedVersion": observed.applied_plan_version,
-        "digest": desired.digest(),
-        "method": desired.method,
-        "configMap": children.plan_configmap_name(call.name),
-        "configMapKey": key,
-    }
-    status["detection"] = detection_state.to_dict()
-    if last_rebalance is not None:
-        status["lastRebalance"] = last_rebalance
-    if recovery is not None:
-        status["recovery"] = recovery
-    _write(call, status)
+    _write(call, compute_status(observed, base.get("conditions") or [], _now()))
     namespace, name = call.namespace, call.name
     metrics.observe_workers(namespace, name, observed.ready_workers, observed.workers)
-    metrics.observe_plan(namespace, name, desired.version, observed.applied_plan_version)
+    metrics.observe_plan(namespace, name, ledger.desired, ledger.applied)
     if per_layer:
         metrics.observe_imbalance(namespace, name, per_layer, observed.imbalance_threshold)
     metrics.observe_rerouted(namespace, name, rerouted)

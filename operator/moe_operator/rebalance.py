@@ -6,22 +6,20 @@ plan's durable record (`PlanStore`) and a clock — so the kmock and unit tests 
 
 Ordering keeps the plan safe across failures: a new plan is written to the ConfigMap (the durable
 record) before it is posted, so an operator that dies in between re-sends it on restart; the
-leader ignores a version it already serves, so nothing is applied twice; versions only go up.
-A plan counts as applied only when the leader serves its version *and* its digest: a plan of
-that version or newer with other contents is someone else's, and the operator's desired plan is
-issued again above it.
+leader ignores a version it already serves, so nothing is applied twice. Versions are the
+ledger's (`planning.ledger`): they only go up, and a plan of the desired version or newer with
+other contents is someone else's, so the operator's desired plan is issued again above it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Protocol
 
-from moe_contract.plan import MAX_PLAN_VERSION, Plan
+from moe_contract.plan import Plan
 from moe_operator.api import MoEDeploymentSpec, RebalanceRecord
 from moe_operator.handoff import HandoffError, HandoffResult, PlanRefused, Served
 from moe_operator.loads import CounterSnapshot, LoadReadError, layer_tokens
@@ -30,6 +28,7 @@ from moe_operator.perf.profiles import load_profile
 from moe_operator.perf.types import Layout, Profile
 from moe_operator.planning import detection
 from moe_operator.planning.gating import GatingOptions
+from moe_operator.planning.ledger import Ledger, NoVersionLeft
 from moe_operator.planning.placement import imbalance
 from moe_operator.planning.planners import plan_rebalance
 
@@ -67,7 +66,8 @@ class Window:
 @dataclass
 class StepOutcome:
     desired: Plan
-    applied_version: int | None  # None: the leader could not be asked
+    ledger: Ledger  # the plan versions after the step
+    in_contact: bool  # the leader said what it serves, a plan of ours: plans may go to it
     state: detection.DetectionState
     layer_imbalance: tuple[float, ...]
     rerouted_fraction: tuple[float | None, ...] = ()
@@ -160,21 +160,15 @@ def predicted_effect(
         return 1.0, 0.0
 
 
-def _hand_off(
-    workers: Workers,
-    desired: Plan,
-    applied: int | None,
-    outcome: StepOutcome,
-    window: Window | None = None,
-) -> None:
-    if applied is None or desired.version <= applied:
+def _hand_off(workers: Workers, desired: Plan, outcome: StepOutcome, window: Window) -> None:
+    """Post the desired plan to the leader while it is in flight; the ledger learns the answer."""
+    if not outcome.in_contact or not outcome.ledger.in_flight:
         return
     try:
         result = workers.post_plan(desired)
         if result.stale:  # serves this version or newer already: ours only if the digest is
             served = workers.serving()
-            ours = served.version == desired.version and served.digest == desired.digest()
-            if not ours:
+            if not outcome.ledger.is_ours(served.version, served.digest):
                 raise HandoffError(f"leader serves plan {served.version}, not this one")
             result = HandoffResult(served.version, None)
     except HandoffError as error:
@@ -183,12 +177,11 @@ def _hand_off(
         # A refusal of the plan itself is news once (the status keeps saying it); a leader
         # that cannot be reached is retried quietly.
         refusal = str(error) if isinstance(error, PlanRefused) else None
-        if refusal is not None and (window is None or window.last_refusal != refusal):
+        if refusal is not None and window.last_refusal != refusal:
             outcome.events.append(("Warning", "PlanRefused", refusal))
-        if window is not None:
-            window.last_refusal = refusal
+        window.last_refusal = refusal
         return
-    outcome.applied_version = result.applied_version
+    outcome.ledger = outcome.ledger.serving(result.applied_version)
     if result.pause_seconds is not None:
         outcome.events.append(
             (
@@ -203,43 +196,40 @@ def _hand_off(
 def control_step(
     spec: MoEDeploymentSpec,
     desired: Plan,
+    ledger: Ledger,
     state: detection.DetectionState,
     window: Window,
     workers: Workers,
     store: PlanStore,
     now: float,
 ) -> StepOutcome:
-    """Everything the timer does for one ready deployment; never raises on worker trouble."""
+    """Everything the timer does for one ready deployment; never raises on worker trouble.
+
+    Args:
+        desired: the plan of the durable record (the ConfigMap's).
+        ledger: the versions status remembers; `desired` counts as issued even when the status
+            that says so was lost (the operator died between writing it and patching status).
+    """
     events: list[tuple[str, str, str]] = []
+    ledger = ledger.recorded(desired)
+    in_contact, handoff_problem = True, None
     try:
         served = workers.serving()
-    except HandoffError as error:
-        applied: int | None = None
-        handoff_problem: str | None = str(error)
-    else:
-        handoff_problem = None
-        applied = served.version
-        if served.version >= desired.version and served.digest != desired.digest():
-            try:
-                desired = _reissue(desired, served, store, now, events)
-            except PlanStoreConflict as error:
-                applied, handoff_problem = None, str(error)  # serves no plan of ours
-    # The ConfigMap is the durable record: its plan counts as issued even when the status that
-    # says so was lost (the operator died between writing the plan and patching the status).
-    state = dataclasses.replace(
-        state,
-        applied_version=state.applied_version if applied is None else applied,
-        desired_version=max(state.desired_version, desired.version),
-    )
+        if ledger.foreign(served.version, served.digest):
+            desired, ledger = _reissue(desired, ledger, served, store, now, events)
+        ledger = ledger.serving(served.version)
+    except (HandoffError, PlanStoreConflict) as error:  # unreachable, or serves no plan of ours
+        in_contact, handoff_problem = False, str(error)
     outcome = StepOutcome(
         desired=desired,
-        applied_version=applied,
+        ledger=ledger,
+        in_contact=in_contact,
         state=state,
         layer_imbalance=window.last_layer_imbalance,
         handoff_problem=handoff_problem,
         events=events,
     )
-    _hand_off(workers, desired, applied, outcome, window)
+    _hand_off(workers, desired, outcome, window)
     rebalancing = spec.rebalancing
     if now - window.started_at < rebalancing.evaluation_window_seconds:
         outcome.loads_problem = window.last_loads_problem  # between two reads, the last stands
@@ -251,9 +241,9 @@ def control_step(
         outcome.skipped = "unreadable"
         outcome.state, _ = detection.evaluate(
             outcome.state,
-            detection.Observation(applied_version=outcome.applied_version, skip_reason=str(error)),
+            detection.Observation(ledger=outcome.ledger, skip_reason=str(error)),
             now,
-            _policy(spec),
+            detection_policy(spec),
         )
         return outcome
     previous, window.snapshot, window.started_at = window.snapshot, snapshot, now
@@ -264,8 +254,18 @@ def control_step(
     return outcome
 
 
+def detection_policy(spec: MoEDeploymentSpec) -> detection.DetectionPolicy:
+    """The spec's rebalancing settings as detection's policy (whose defaults the API's are)."""
+    rebalancing = spec.rebalancing
+    return detection.DetectionPolicy(
+        threshold=rebalancing.imbalance_threshold,
+        consecutive=rebalancing.consecutive_evaluations,
+        cooldown_seconds=rebalancing.cooldown_seconds,
+    )
+
+
 def gating_options(spec: MoEDeploymentSpec) -> GatingOptions:
-    """The spec's rebalancing.gating as the planner's options."""
+    """The spec's rebalancing.gating as the planner's options (whose defaults the API's are)."""
     gating = spec.rebalancing.gating
     return GatingOptions(
         rate=gating.rate,
@@ -277,33 +277,31 @@ def gating_options(spec: MoEDeploymentSpec) -> GatingOptions:
 
 
 def _reissue(
-    desired: Plan, served: Served, store: PlanStore, now: float, events: list[tuple[str, str, str]]
-) -> Plan:
+    desired: Plan,
+    ledger: Ledger,
+    served: Served,
+    store: PlanStore,
+    now: float,
+    events: list[tuple[str, str, str]],
+) -> tuple[Plan, Ledger]:
     """The leader serves a plan the operator did not issue (its version, or a newer one, with
     other contents): issue the desired plan again above it, durable first."""
-    version = served.version + 1
-    if version > MAX_PLAN_VERSION:
-        raise PlanStoreConflict(f"leader serves plan {served.version}: no version left above it")
-    again = desired.with_version(version)
+    try:
+        again, ledger = ledger.issue(desired, above=served.version)
+    except NoVersionLeft:
+        raise PlanStoreConflict(
+            f"leader serves plan {served.version}: no version left above it"
+        ) from None
     store.write(again, None, now)
     events.append(
         (
             "Warning",
             "ForeignPlan",
             f"the leader serves plan {served.version} with digest {served.digest[:12]}, which "
-            f"the operator did not issue; issued the desired plan again as {version}",
+            f"the operator did not issue; issued the desired plan again as {again.version}",
         )
     )
-    return again
-
-
-def _policy(spec: MoEDeploymentSpec) -> detection.DetectionPolicy:
-    rebalancing = spec.rebalancing
-    return detection.DetectionPolicy(
-        threshold=rebalancing.imbalance_threshold,
-        consecutive=rebalancing.consecutive_evaluations,
-        cooldown_seconds=rebalancing.cooldown_seconds,
-    )
+    return again, ledger
 
 
 def _bias_upkeep(
@@ -319,7 +317,7 @@ def _bias_upkeep(
     the model's own). Above the threshold detection's own rules (consecutive evaluations,
     cooldown) decide, as for any rebalance."""
     state, gating = outcome.state, spec.rebalancing.gating
-    if outcome.desired.gate_bias is None or state.in_flight:
+    if outcome.desired.gate_bias is None or outcome.ledger.in_flight:
         return False
     if decision.action != detection.Action.HOLD:
         return False
@@ -359,11 +357,10 @@ def _evaluate(
     if loads.skip_reason is not None:
         outcome.skipped = "unusable"
     observation = detection.Observation(
-        layer_imbalance=layer_imbalance,
-        applied_version=outcome.applied_version,
-        skip_reason=loads.skip_reason,
+        layer_imbalance=layer_imbalance, ledger=outcome.ledger, skip_reason=loads.skip_reason
     )
-    outcome.state, decision = detection.evaluate(outcome.state, observation, now, _policy(spec))
+    policy = detection_policy(spec)
+    outcome.state, decision = detection.evaluate(outcome.state, observation, now, policy)
     if not spec.rebalancing.enabled:
         return
     upkeep = _bias_upkeep(spec, outcome, decision, fractions, now)
@@ -385,11 +382,11 @@ def _evaluate(
         if not upkeep:  # upkeep that changes nothing is no news
             outcome.events.append(("Normal", "RebalanceNotWorthIt", result.summary()))
         return
-    version = max(outcome.desired.version, outcome.state.desired_version) + 1
-    if version > MAX_PLAN_VERSION:
-        outcome.events.append(("Warning", "NoVersionLeft", f"plan versions end at {version - 1}"))
+    try:
+        new_plan, ledger = outcome.ledger.issue(result.plan)
+    except NoVersionLeft as error:
+        outcome.events.append(("Warning", "NoVersionLeft", f"plan versions end at {error.last}"))
         return
-    new_plan = result.plan.with_version(version)
     gain, move = predicted_effect(
         spec,
         result.imbalance_before,
@@ -414,8 +411,8 @@ def _evaluate(
     except PlanStoreConflict as error:
         outcome.events.append(("Warning", "PlanConflict", f"{error}; deciding again next step"))
         return
-    outcome.desired, outcome.rebalance = new_plan, record
-    outcome.state = detection.plan_issued(outcome.state, new_plan.version, now)
+    outcome.desired, outcome.ledger, outcome.rebalance = new_plan, ledger, record
+    outcome.state = detection.plan_issued(outcome.state, now)
     cap = spec.rebalancing.gating.max_rerouted_fraction
     capped = over_cap(fractions, cap) if new_plan.gate_bias is not None else []
     if capped:
@@ -437,4 +434,4 @@ def _evaluate(
             f"x{gain:.2f}, weight move ~{move:.2f}s",
         )
     )
-    _hand_off(workers, new_plan, outcome.applied_version, outcome, window)
+    _hand_off(workers, new_plan, outcome, window)

@@ -21,7 +21,8 @@ from moe_operator.api import MoEDeploymentSpec
 from moe_operator.group import PodRef
 from moe_operator.kube import Cluster, Conflict
 from moe_operator.manifests import children, podspec
-from moe_operator.planning.record import Known, PlanChoice, PlanShape, choose_plan
+from moe_operator.planning.ledger import Ledger
+from moe_operator.planning.record import PlanChoice, PlanShape, choose_plan
 
 Adopt = Callable[[dict[str, Any]], None]
 WRITE_ATTEMPTS = 3  # re-read and decide again after a lost race, then leave it to the next run
@@ -116,14 +117,14 @@ def ensure_children(
     cluster: Cluster,
     owner: Owner,
     spec: MoEDeploymentSpec,
-    known: Known,
+    ledger: Ledger,
     leader: Callable[[list[dict[str, Any]]], Plan | None],
     pods: Callable[[dict[str, Any] | None], list[dict[str, Any]]],
 ) -> ChildrenState:
     """Create or repair every child; never touch an object we do not control.
 
     Args:
-        known: plan versions status remembers (a lost record never goes back past them).
+        ledger: plan versions status remembers (a lost record never goes back past them).
         leader: the plan rank 0 of these pods serves (asked only to repair the record).
         pods: the StatefulSet's own pods, given the StatefulSet as read.
     """
@@ -155,7 +156,7 @@ def ensure_children(
         apply(children.build_token_secret(name), None)
     live_pods = pods(found["StatefulSet"])
     configmap, choice, events = ensure_plan(
-        cluster, owner, spec, known, lambda: leader(live_pods), found["ConfigMap"]
+        cluster, owner, spec, ledger, lambda: leader(live_pods), found["ConfigMap"]
     )
     if choice.write:
         changes.append(f"ConfigMap {children.plan_configmap_name(name)} plan {choice.plan.version}")
@@ -179,7 +180,7 @@ def ensure_plan(
     cluster: Cluster,
     owner: Owner,
     spec: MoEDeploymentSpec,
-    known: Known,
+    ledger: Ledger,
     leader: Callable[[], Plan | None],
     configmap: dict[str, Any] | None,
 ) -> tuple[dict[str, Any] | None, PlanChoice, tuple[tuple[str, str, str], ...]]:
@@ -195,7 +196,7 @@ def ensure_plan(
                 raise Conflict(f"ConfigMap {name} was replaced by one we do not control")
         stored, problem = plan_from_configmap(configmap, shape.key)
         choice = choose_plan(
-            shape, stored, problem or None, known, leader, _other_versions(configmap, shape.key)
+            shape, stored, problem or None, ledger, leader, _other_versions(configmap, shape.key)
         )
         has_key = shape.key in ((configmap or {}).get("data") or {})
         if not choice.write and has_key:
@@ -206,15 +207,15 @@ def ensure_plan(
             written = write_plan(cluster, owner, shape, choice.plan, configmap)
         except Conflict:
             continue
-        return written, choice, _plan_events(choice, problem, known)
+        return written, choice, _plan_events(choice, problem, ledger)
     name = children.plan_configmap_name(owner.name)
     raise Conflict(f"ConfigMap {name} keeps changing; deciding again next run")
 
 
 def _plan_events(
-    choice: PlanChoice, problem: str, known: Known
+    choice: PlanChoice, problem: str, ledger: Ledger
 ) -> tuple[tuple[str, str, str], ...]:
-    if not choice.reason or (problem == "missing" and known.desired_version == 0):
+    if not choice.reason or (problem == "missing" and ledger.desired == 0):
         return ()  # a new deployment's first plan, or a copy under the shape's key
     if problem.startswith("has no key"):
         return (("Normal", "PlanForShape", choice.reason),)

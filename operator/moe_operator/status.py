@@ -1,17 +1,36 @@
-"""Pure status computation: what the operator observed -> phase and standard conditions.
+"""Pure status computation: what the operator observed -> a MoEDeployment's status.
 
-All of a MoEDeployment's status logic lives here, so it is tested without any server.
+All of a MoEDeployment's status logic lives here, so it is tested without any server. Status is
+built as the API's own models (`api.MoEDeploymentStatus` and its parts, which the CRD's schema
+is generated from), so a status the API server would refuse fails here, naming the field; the
+patch sent is their camelCase dump of what this run sets (`status_patch`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from moe_operator.api import Condition, Phase
+from pydantic import ValidationError
+
+from moe_operator.api import (
+    ApiModel,
+    Condition,
+    DetectionStatus,
+    MoEDeploymentStatus,
+    Phase,
+    PlanStatus,
+    RebalanceRecord,
+    RecoveryStatus,
+    ReroutedStatus,
+)
 from moe_operator.failures import StartupFailure
 from moe_operator.group import RECOVERING_REASON as RECOVERING
+from moe_operator.group import ReplacementBackoff
+from moe_operator.planning.detection import DetectionPolicy, DetectionState
+from moe_operator.planning.gating import GatingOptions
+from moe_operator.planning.ledger import LEGACY_DETECTION_FIELDS, Ledger
 
 
 @dataclass(frozen=True)
@@ -24,13 +43,12 @@ class Observed:
     statefulset_exists: bool = False
     ready_workers: int = 0
     rollout_in_progress: bool = False
-    plan_version: int = 0
-    applied_plan_version: int = 0
+    plan: PlanStatus | None = None  # the desired and the applied plan; None: not known here
     worst_imbalance: float | None = None  # None: not measured yet
     rerouted_fraction: tuple[float | None, ...] = ()  # per layer; None: not measured there
-    max_rerouted_fraction: float = 0.1  # rebalancing.gating.maxReroutedFraction
+    max_rerouted_fraction: float | None = GatingOptions.max_rerouted_fraction
     gate_bias_active: bool = False  # the desired plan carries a gate bias
-    imbalance_threshold: float = 1.25
+    imbalance_threshold: float = DetectionPolicy.threshold
     loads_problem: str | None = None  # why the last evaluation was skipped, if it was
     handoff_problem: str | None = None  # why the desired plan has not reached the workers yet
     was_running: bool = False  # the deployment has been fully ready before
@@ -42,7 +60,9 @@ class Observed:
     startup_failure: StartupFailure | None = None  # workers refused to start: why
     endpoint: str = ""  # the OpenAI-compatible API's base URL
     served_model_name: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    detection: DetectionState | None = None  # what detection remembers
+    last_rebalance: RebalanceRecord | None = None
+    recovery: ReplacementBackoff | None = None  # whole-group replacements in a row
 
 
 def _phase(observed: Observed) -> Phase:
@@ -60,7 +80,8 @@ def _phase(observed: Observed) -> Phase:
         if observed.rollout_in_progress or not observed.was_running:
             return "Deploying"
         return "Degraded"
-    if observed.plan_version > observed.applied_plan_version:
+    plan = observed.plan or PlanStatus()
+    if plan.version > plan.applied_version:
         return "Rebalancing"
     return "Running"
 
@@ -120,6 +141,7 @@ def _conditions(observed: Observed, phase: Phase) -> list[tuple[str, str, str, s
             _condition("Degraded", True, RECOVERING, observed.recovering),
             reconciled,
         ]
+    plan = observed.plan or PlanStatus()
     conditions = [
         _condition("SpecValid", True, "Valid", "spec passed every rule"),
         _condition("ChildrenOwned", True, "Owned", "every child is controlled by this deployment"),
@@ -139,8 +161,8 @@ def _conditions(observed: Observed, phase: Phase) -> list[tuple[str, str, str, s
                 "Deploying": "RollingOut",
                 "Rebalancing": "ApplyingPlan",
             }.get(phase, "Stable"),
-            f"{restart}; " * bool(restart) + f"plan {observed.applied_plan_version} applied, "
-            f"{observed.plan_version} desired; {ready}{handoff}",
+            f"{restart}; " * bool(restart) + f"plan {plan.applied_version} applied, "
+            f"{plan.version} desired; {ready}{handoff}",
         ),
         _condition(
             "Degraded",
@@ -175,18 +197,19 @@ def _conditions(observed: Observed, phase: Phase) -> list[tuple[str, str, str, s
     return conditions
 
 
-def rerouted_summary(observed: Observed) -> dict[str, Any] | None:
+def rerouted_summary(observed: Observed) -> ReroutedStatus | None:
     """status.reroutedFraction: max and mean over the measured layers, each layer (-1: not
     measured); None before any layer was measured."""
     measured = [f for f in observed.rerouted_fraction if f is not None]
     if not measured:
         return None
-    return {
-        "max": round(max(measured), 4),
-        "mean": round(sum(measured) / len(measured), 4),
-        "perLayer": [-1.0 if f is None else round(f, 4) for f in observed.rerouted_fraction],
-        "cap": observed.max_rerouted_fraction,
-    }
+    cap = observed.max_rerouted_fraction
+    return ReroutedStatus(
+        max=round(max(measured), 4),
+        mean=round(sum(measured) / len(measured), 4),
+        per_layer=[-1.0 if f is None else round(f, 4) for f in observed.rerouted_fraction],
+        cap=1.0 if cap is None else cap,
+    )
 
 
 def _price_note(observed: Observed) -> str:
@@ -195,8 +218,8 @@ def _price_note(observed: Observed) -> str:
     if not observed.gate_bias_active or summary is None:
         return ""
     return (
-        f"; it rerouted {summary['max']:.3f} of top-K assignments on the worst layer, "
-        f"{summary['mean']:.3f} on average (cap {observed.max_rerouted_fraction:g})"
+        f"; it rerouted {summary.max:.3f} of top-K assignments on the worst layer, "
+        f"{summary.mean:.3f} on average (cap {summary.cap:g})"
     )
 
 
@@ -207,12 +230,12 @@ def _reconciled(observed: Observed) -> tuple[str, str, str, str]:
 
 
 def merge_conditions(
-    previous: Sequence[dict[str, Any]],
+    previous: Sequence[Mapping[str, Any]],
     current: Sequence[tuple[str, str, str, str]],
     *,
     generation: int,
     now: str,
-) -> list[dict[str, Any]]:
+) -> list[Condition]:
     """Keep lastTransitionTime of conditions whose status did not change (Kubernetes convention)."""
     before = {item.get("type"): item for item in previous}
     merged = []
@@ -222,54 +245,109 @@ def merge_conditions(
         merged.append(
             Condition(
                 type=kind,
-                status=status,
+                status=status,  # type: ignore[arg-type]  # "True" | "False" | "Unknown"
                 reason=reason,
                 message=message,
                 last_transition_time=now if changed else old.get("lastTransitionTime", now),
                 observed_generation=generation,
-            ).model_dump(by_alias=True)
+            )
         )
     return merged
 
 
-def compute_status(
-    observed: Observed, previous_conditions: Sequence[dict[str, Any]], now: str
-) -> dict[str, Any]:
-    """The status fields to patch (plan and lastRebalance are written by the rebalancer)."""
+def plan_status(ledger: Ledger, method: str, config_map: str, key: str) -> PlanStatus:
+    """status.plan: the one copy of the plan versions (the ledger's), and where the plan is."""
+    return PlanStatus(
+        version=ledger.desired,
+        applied_version=ledger.applied,
+        digest=ledger.digest,
+        method=method,
+        config_map=config_map,
+        config_map_key=key,
+    )
+
+
+def detection_status(state: DetectionState) -> DetectionStatus:
+    """status.detection; the version copies an older operator kept there are removed."""
+    legacy: dict[str, Any] = {field: None for field in LEGACY_DETECTION_FIELDS}
+    return DetectionStatus.model_validate(
+        {"aboveCount": state.above_count, "lastRebalanceAt": state.last_rebalance_at, **legacy}
+    )
+
+
+def recovery_status(backoff: ReplacementBackoff) -> RecoveryStatus:
+    return RecoveryStatus(replacements=backoff.replacements, last_replaced_at=backoff.last_at)
+
+
+def read_rebalance_record(data: Any) -> RebalanceRecord | None:
+    """A last-rebalance record read back (status, or the ConfigMap's annotation); None when it
+    is not one (someone edited it): it is then left as it stands, never rewritten wrong."""
+    if isinstance(data, RebalanceRecord) or data is None:
+        return data
+    try:
+        return RebalanceRecord.model_validate(data)
+    except ValidationError:
+        return None
+
+
+def build_status(
+    observed: Observed, previous_conditions: Sequence[Mapping[str, Any]], now: str
+) -> MoEDeploymentStatus:
+    """The status fields this run knows, as the API's model (unset fields are left alone)."""
     phase = _phase(observed)
     # "-" rather than "": kopf sends an empty string as null, which the schema refuses.
     imbalance = "-" if observed.worst_imbalance is None else f"{observed.worst_imbalance:.2f}"
-    status = {
-        "observedGeneration": observed.generation,
+    conditions = merge_conditions(
+        previous_conditions, _conditions(observed, phase), generation=observed.generation, now=now
+    )
+    fields: dict[str, Any] = {
+        "observed_generation": observed.generation,
         "phase": phase,
         "workers": observed.workers,
-        "readyWorkers": observed.ready_workers,
+        "ready_workers": observed.ready_workers,
         "ready": f"{observed.ready_workers}/{observed.workers}",
         "imbalance": imbalance,
-        "conditions": merge_conditions(
-            previous_conditions,
-            _conditions(observed, phase),
-            generation=observed.generation,
-            now=now,
-        ),
+        "conditions": conditions,
     }
     rerouted = rerouted_summary(observed)
     if rerouted is not None:
-        status["reroutedFraction"] = rerouted
+        fields["rerouted_fraction"] = rerouted
     if observed.endpoint:  # only where the children exist ("" would be sent as null)
-        status["endpoint"] = observed.endpoint
-        status["servedModelName"] = observed.served_model_name
-    return status
+        fields["endpoint"] = observed.endpoint
+        fields["served_model_name"] = observed.served_model_name
+    if observed.plan is not None:
+        fields["plan"] = observed.plan
+    if observed.detection is not None:
+        fields["detection"] = detection_status(observed.detection)
+    if observed.last_rebalance is not None:
+        fields["last_rebalance"] = observed.last_rebalance
+    if observed.recovery is not None and observed.recovery.replacements:
+        fields["recovery"] = recovery_status(observed.recovery)
+    return MoEDeploymentStatus(**fields)
 
 
-def with_reconcile_error(
-    previous_conditions: Sequence[dict[str, Any]], error: str, generation: int, now: str
-) -> list[dict[str, Any]]:
-    """The conditions as they were, with Reconciled False saying why the handler failed."""
+def status_patch(status: ApiModel) -> dict[str, Any]:
+    """The merge patch of the status (or of a part): the fields set, camelCase (None removes)."""
+    return status.model_dump(by_alias=True, exclude_unset=True, mode="json")
+
+
+def compute_status(
+    observed: Observed, previous_conditions: Sequence[Mapping[str, Any]], now: str
+) -> dict[str, Any]:
+    """The status patch of one run: `build_status`, as sent."""
+    return status_patch(build_status(observed, previous_conditions, now))
+
+
+def reconcile_error_status(
+    previous_conditions: Sequence[Mapping[str, Any]], error: str, generation: int, now: str
+) -> dict[str, Any]:
+    """The patch of a failed handler run: the conditions as they were, with Reconciled False
+    saying why."""
     kept = [
         (item["type"], item["status"], item.get("reason", ""), item.get("message", ""))
         for item in previous_conditions
         if item.get("type") != "Reconciled"
     ]
     current = [*kept, _condition("Reconciled", False, "ReconcileError", error)]
-    return merge_conditions(previous_conditions, current, generation=generation, now=now)
+    conditions = merge_conditions(previous_conditions, current, generation=generation, now=now)
+    return status_patch(MoEDeploymentStatus(conditions=conditions))

@@ -7,7 +7,8 @@ deletion cascades.
 Issue 11 where the real server's behaviour matters: the status schema is published; what the
 operator's validation refuses agrees with what the API server would refuse in the children; a
 plan version the CRD's int64 cannot hold never blocks status; a template change replaces the
-StatefulSet's pods once (OnDelete, the real controller), with the chart's RBAC.
+StatefulSet's pods once (OnDelete, the real controller), with the chart's RBAC. An older
+operator's version copies in status survive the schema until the operator removes them.
 """
 
 from __future__ import annotations
@@ -394,6 +395,29 @@ def test_a_plan_version_past_int64_never_blocks_status(kubectl: Kubectl, operato
         "-p", json.dumps({"status": {"plan": {"version": 2**63}}}), check=False,
     )  # fmt: skip
     assert result.returncode != 0
+
+
+def test_an_older_operators_version_copies_are_kept_by_the_schema_then_removed(
+    kubectl: Kubectl, operator: Any
+) -> None:
+    """Operators before the plan-version ledger kept the versions in status.detection too. The
+    schema still has those fields, or the API server would prune them before an upgraded
+    operator could read them (tests/kmock: it does, the highest copy counting); its status
+    writes then remove them, leaving one copy, status.plan."""
+    _apply(kubectl, _small("upgraded"))
+    wait_for(lambda: _status(kubectl, "upgraded").get("detection"), 30, "detection written")
+    older = {"status": {"detection": {"desiredVersion": 5, "appliedVersion": 4}}}
+    patched = kubectl.run(
+        "patch", "moed", "upgraded", "-n", NS, "--subresource=status", "--type=merge",
+        "-p", json.dumps(older), "-o", "json",
+    )  # fmt: skip
+    kept = json.loads(patched.stdout)["status"]["detection"]
+    assert (kept["desiredVersion"], kept["appliedVersion"]) == (5, 4)  # not pruned
+
+    def copies() -> set[str]:
+        return {"desiredVersion", "appliedVersion"} & set(_status(kubectl, "upgraded")["detection"])
+
+    wait_for(lambda: not copies(), 30, "the older copies removed")
 
 
 def _pods(kubectl: Kubectl, name: str) -> dict[str, dict[str, Any]]:

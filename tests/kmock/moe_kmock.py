@@ -32,6 +32,7 @@ from prometheus_client import REGISTRY
 
 from moe_contract.plan import Plan, PlanError, parse_plan
 from moe_operator import handlers  # registers the handlers with kopf
+from moe_operator.api import MoEDeploymentStatus
 
 assert handlers.TIMER_SECONDS == 0.25, "moe_operator.handlers was imported before this conftest"
 # The client imports its API classes lazily (~2 s, once): pay that here, not in a test's timing.
@@ -291,7 +292,10 @@ class Api:
         return obj
 
     def status(self, name: str, namespace: str = NS) -> dict[str, Any]:
-        return self.moed(name, namespace).get("status") or {}
+        """The object's status, which must be one the API's model (the CRD's source) accepts."""
+        status = self.moed(name, namespace).get("status") or {}
+        MoEDeploymentStatus.model_validate(status)
+        return status
 
     def condition(self, name: str, kind: str, namespace: str = NS) -> dict[str, Any]:
         for item in self.status(name, namespace).get("conditions") or []:

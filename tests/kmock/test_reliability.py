@@ -118,6 +118,44 @@ async def test_a_deleted_or_corrupted_plan_configmap_is_restored_never_rolled_ba
     assert versions == sorted(versions), f"status plan version went back: {versions}"
 
 
+async def test_an_operator_upgrade_keeps_the_versions_of_a_running_deployment(
+    api: Api, workers: Workers, operator: Operator
+) -> None:
+    """Operators before the ledger kept copies of the versions in status.detection: the new one
+    reads them (the highest copy counts, so no version is issued twice), keeps what runs, and
+    leaves one copy, status.plan."""
+    await deploy(api, workers)
+    await balanced_on(api, workers, 2)
+    await operator.stop()
+    posts = len(workers.posts)
+    older = {"aboveCount": 0, "desiredVersion": 2, "appliedVersion": 2, "lastRebalanceAt": 1.0}
+    await api.patch(MOED, NS, "m1", {"status": {"detection": older}}, sub="status")
+    await operator.start()
+    await eventually(lambda: not legacy_copies(api), what="one copy of the versions")
+    await timer_ran()
+    status = api.status("m1")
+    assert status["plan"]["version"] == status["plan"]["appliedVersion"] == 2
+    assert workers.applied == [2] and len(workers.posts) == posts  # nothing issued nor resent
+
+    # Copies that disagree (this one says plan 5 was issued), and the record lost: a new plan
+    # above the highest, not the leader's plan 2 restored.
+    await operator.stop()
+    await api.delete(CM, NS, "m1-plan")
+    ahead = {**older, "desiredVersion": 5}
+    await api.patch(MOED, NS, "m1", {"status": {"detection": ahead}}, sub="status")
+    since = len(desired_versions(api))
+    await operator.start()
+    await eventually(lambda: api.plan("m1") is not None, what="ConfigMap recreated")
+    assert parse_plan(api.plan("m1")).version == 6
+    await eventually(lambda: 6 in workers.applied, what="plan 6 applied")
+    assert min(desired_versions(api)[since:]) == 6 and not legacy_copies(api)
+
+
+def legacy_copies(api: Api, name: str = "m1") -> dict[str, Any]:
+    detection = api.status(name).get("detection") or {}
+    return {key: detection[key] for key in ("desiredVersion", "appliedVersion") if key in detection}
+
+
 # --- item 2: the group updates as one ---------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ from moe_operator import handoff, loads
 from moe_operator.api import MoEDeploymentSpec, RebalanceRecord
 from moe_operator.manifests.children import plan_shape
 from moe_operator.planning.detection import DetectionState
+from moe_operator.planning.ledger import Ledger
 from moe_operator.rebalance import Window, control_step
 from tests.worker.worker_harness import Cluster, parse_metric
 
@@ -119,18 +120,21 @@ def _run_loop(
         pids = [proc.pid for proc in cluster.procs]
         workers, store = DirectWorkers(cluster, spec), NoStore()
         desired, state, window = plan_shape(spec).round_robin(1), DetectionState(), Window()
+        ledger = Ledger()
         worst: list[float] = []
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline:
             opened = window.started_at
-            outcome = control_step(spec, desired, state, window, workers, store, time.time())
-            desired, state = outcome.desired, outcome.state
+            outcome = control_step(
+                spec, desired, ledger, state, window, workers, store, time.time()
+            )
+            desired, ledger, state = outcome.desired, outcome.ledger, outcome.state
             evaluated = window.started_at != opened and outcome.loads_problem is None
             if evaluated and outcome.layer_imbalance:  # a fresh, usable window was measured
                 worst.append(max(outcome.layer_imbalance))
             if (
                 len(store.plans) >= rebalances
-                and outcome.applied_version == desired.version
+                and not outcome.ledger.in_flight
                 and len(worst) > rebalances + 1
             ):
                 break

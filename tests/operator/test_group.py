@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from moe_operator.api import RecoveryStatus
 from moe_operator.group import (
     BACKOFF_RESET_S,
     REVISION_LABEL,
@@ -13,7 +12,7 @@ from moe_operator.group import (
     ReplacementBackoff,
     group_state,
 )
-from moe_operator.status import Observed, compute_status
+from moe_operator.status import Observed, compute_status, recovery_status, status_patch
 
 NOW = "2026-01-01T00:00:00Z"
 
@@ -117,8 +116,8 @@ def test_a_group_that_lived_ten_minutes_starts_the_count_over() -> None:
 
 def test_backoff_survives_the_status_round_trip_and_its_schema() -> None:
     backoff = ReplacementBackoff(3, 1_700_000_000.5)
-    recovery = backoff.to_status()
-    assert RecoveryStatus.model_validate(recovery).replacements == 3  # what the CRD accepts
+    recovery = status_patch(recovery_status(backoff))  # the API's model: what the CRD accepts
+    assert recovery == {"replacements": 3, "lastReplacedAt": 1_700_000_000.5}
     assert ReplacementBackoff.from_status(recovery) == backoff
     assert ReplacementBackoff.from_status(None) == ReplacementBackoff()
 

@@ -18,8 +18,15 @@ from moe_contract.plan import parse_plan
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.kube import Conflict
 from moe_operator.manifests import children
-from moe_operator.planning.record import Known
-from moe_operator.reconcile import Owner, ensure_plan, keys_in_use, prune_plan_keys
+from moe_operator.planning.ledger import Ledger
+from moe_operator.reconcile import (
+    Owner,
+    ensure_plan,
+    keys_in_use,
+    plan_from_configmap,
+    prune_plan_keys,
+)
+from tests.plan_fixtures import FIXTURES, UNPARSABLE, VALID, plan
 
 SPEC = MoEDeploymentSpec.model_validate(
     {
@@ -118,7 +125,7 @@ def test_a_lost_race_is_decided_again_on_what_won() -> None:
         {"uid": UID, "controller": True}]}, "data": {KEY: "{not json"}}  # fmt: skip
     cms.objects["m-plan"] = copy.deepcopy(configmap)
     cms.before_write.append(someone_else)
-    stored, choice, _ = ensure_plan(cms, OWNER, SPEC, Known(3, 3, ""), no_leader, configmap)
+    stored, choice, _ = ensure_plan(cms, OWNER, SPEC, Ledger(3, 3, ""), no_leader, configmap)
     assert choice.plan.version == 7 and not choice.write
     assert stored_plan(cms)["version"] == 7 and parse_plan(stored["data"][KEY]).version == 7
 
@@ -134,7 +141,7 @@ def test_a_record_that_keeps_changing_is_left_to_the_next_run() -> None:
 
     cms.before_write.extend([churn] * 3)
     with pytest.raises(Conflict, match="keeps changing"):
-        ensure_plan(cms, OWNER, SPEC, Known(3, 3, ""), no_leader, configmap)
+        ensure_plan(cms, OWNER, SPEC, Ledger(3, 3, ""), no_leader, configmap)
 
 
 def test_the_single_key_layout_is_copied_under_its_shape_key() -> None:
@@ -146,7 +153,7 @@ def test_the_single_key_layout_is_copied_under_its_shape_key() -> None:
     configmap = {"metadata": {"name": "m-plan", "resourceVersion": "0", "ownerReferences": [
         {"uid": UID, "controller": True}]}, "data": {"plan.json": plan.to_json()}}  # fmt: skip
     cms.objects["m-plan"] = copy.deepcopy(configmap)
-    stored, choice, events = ensure_plan(cms, OWNER, SPEC, Known(4, 4, ""), no_leader, configmap)
+    stored, choice, events = ensure_plan(cms, OWNER, SPEC, Ledger(4, 4, ""), no_leader, configmap)
     assert choice.plan == plan and events == ()
     assert stored["data"] == {"plan.json": plan.to_json(), KEY: plan.to_json()}
     old_pod = {"spec": {"volumes": [{"name": "plan", "configMap": {"name": "m-plan"}}]}}
@@ -160,6 +167,20 @@ def test_the_single_key_layout_is_copied_under_its_shape_key() -> None:
 
 def test_a_new_record_is_created_owned() -> None:
     cms = ConfigMaps()
-    stored, choice, _ = ensure_plan(cms, OWNER, SPEC, Known(), no_leader, None)
+    stored, choice, _ = ensure_plan(cms, OWNER, SPEC, Ledger(), no_leader, None)
     assert choice.plan.version == 1 and children.controlled_by(stored, UID)
     assert stored["metadata"]["annotations"][children.PLAN_VERSION_ANNOTATION] == "1"
+
+
+@pytest.mark.parametrize("name", VALID)
+def test_a_shared_fixture_reads_back_from_the_configmap(name: str) -> None:
+    configmap = {"data": {KEY: (FIXTURES / name).read_text()}}
+    assert plan_from_configmap(configmap, KEY) == (plan(name), "")
+
+
+@pytest.mark.parametrize(("name", "field"), UNPARSABLE.items())
+def test_an_unparsable_shared_fixture_is_an_unreadable_record(name: str, field: str) -> None:
+    """The worker answers 400 to these; in the ConfigMap they are a record to repair."""
+    configmap = {"data": {KEY: (FIXTURES / name).read_text()}}
+    stored, problem = plan_from_configmap(configmap, KEY)
+    assert stored is None and problem.startswith("holds an unreadable plan") and field in problem

@@ -15,6 +15,7 @@ from moe_operator.handoff import HandoffError, HandoffResult, Served
 from moe_operator.loads import CounterSnapshot, LoadReadError
 from moe_operator.manifests.children import plan_shape
 from moe_operator.planning.detection import DetectionState
+from moe_operator.planning.ledger import Ledger
 from moe_operator.rebalance import PlanStoreConflict, Window, control_step, gating_options
 
 SPEC = MoEDeploymentSpec.model_validate(
@@ -110,8 +111,9 @@ def _run(
     state: DetectionState,
     window: Window,
     now: float,
+    ledger: Ledger | None = None,
 ):  # type: ignore[no-untyped-def]
-    return control_step(SPEC, desired, state, window, workers, store, now)
+    return control_step(SPEC, desired, ledger or Ledger(), state, window, workers, store, now)
 
 
 def test_skewed_load_yields_a_new_plan_written_before_it_is_posted() -> None:
@@ -122,7 +124,7 @@ def test_skewed_load_yields_a_new_plan_written_before_it_is_posted() -> None:
     second = _run(workers, store, plan, first.state, window, now=20.0)
     assert second.rebalance is not None
     assert [p.version for p in store.written] == [2] and workers.posts == [2]
-    assert second.applied_version == 2 and second.desired.version == 2
+    assert second.ledger.applied == 2 and second.desired.version == 2
     validate_plan(second.desired, num_layers=2, num_experts=4, world_size=2)
     assert second.rebalance.imbalance_after < second.rebalance.imbalance_before
     assert any(reason == "Rebalanced" for _, reason, _ in second.events)
@@ -131,14 +133,15 @@ def test_skewed_load_yields_a_new_plan_written_before_it_is_posted() -> None:
 def test_unreachable_leader_keeps_the_plan_and_retries_without_a_new_version() -> None:
     plan = initial_plan(SPEC)
     workers, store, window = FakeWorkers(plan), Store(), Window(started_at=0.0)
-    state = _run(workers, store, plan, DetectionState(), window, now=10.0).state
+    first = _run(workers, store, plan, DetectionState(), window, now=10.0)
     workers.reachable = False
-    down = _run(workers, store, plan, state, window, now=20.0)
+    down = _run(workers, store, plan, first.state, window, now=20.0, ledger=first.ledger)
     assert [p.version for p in store.written] == [2]  # decided and recorded durably
-    assert workers.posts == [] and down.applied_version is None and down.handoff_problem
+    assert workers.posts == [] and not down.in_contact and down.handoff_problem
+    assert down.ledger == Ledger(2, 1, down.desired.digest())  # the last answer stands
     workers.reachable = True
-    healed = _run(workers, store, down.desired, down.state, window, now=21.0)
-    assert workers.posts == [2] and healed.applied_version == 2
+    healed = _run(workers, store, down.desired, down.state, window, now=21.0, ledger=down.ledger)
+    assert workers.posts == [2] and healed.ledger.applied == 2
     assert [p.version for p in store.written] == [2]  # no second plan for the same decision
 
 
@@ -147,9 +150,9 @@ def test_restarted_operator_converges_to_the_durable_plan() -> None:
     workers = FakeWorkers(plan)
     pending = plan.with_version(2)  # written to the ConfigMap, never posted: the operator died
     outcome = _run(workers, Store(), pending, DetectionState(), Window(started_at=0.0), now=1.0)
-    assert workers.posts == [2] and outcome.applied_version == 2
+    assert workers.posts == [2] and outcome.ledger.applied == 2
     again = _run(workers, Store(), pending, outcome.state, Window(started_at=0.0), now=2.0)
-    assert workers.posts == [2] and again.applied_version == 2  # resent never re-applied
+    assert workers.posts == [2] and again.ledger.applied == 2  # resent never re-applied
 
 
 def test_bad_load_data_never_produces_a_plan() -> None:
@@ -194,15 +197,16 @@ def test_a_plan_in_the_configmap_counts_as_issued_even_if_status_lost_it() -> No
     plan = initial_plan(SPEC)
     workers, store = FakeWorkers(plan, reachable=False), Store()
     written = plan.with_version(2)  # the ConfigMap's plan; detection state still says version 1
-    stale = DetectionState(desired_version=1, applied_version=1)
-    window, state = Window(started_at=0.0), stale
+    stale = Ledger(desired=1, applied=1, digest=plan.digest())  # status before v2 was written
+    window, state, ledger = Window(started_at=0.0), DetectionState(), stale
     for now in (10.0, 20.0, 30.0):
-        outcome = _run(workers, store, written, state, window, now)
-        state = outcome.state
+        outcome = _run(workers, store, written, state, window, now, ledger)
+        state, ledger = outcome.state, outcome.ledger
+        assert ledger.in_flight and ledger.desired == 2
     assert store.written == [] and outcome.desired.version == 2
     workers.reachable = True
-    healed = _run(workers, store, written, state, window, now=31.0)
-    assert workers.posts == [2] and healed.applied_version == 2
+    healed = _run(workers, store, written, state, window, now=31.0, ledger=ledger)
+    assert workers.posts == [2] and healed.ledger.applied == 2
 
 
 def test_a_plan_of_the_desired_version_with_other_contents_is_not_applied() -> None:
@@ -216,7 +220,7 @@ def test_a_plan_of_the_desired_version_with_other_contents_is_not_applied() -> N
     assert [p.version for p in store.written] == [3] and store.records == [None]
     assert store.written[0].slots == ours.slots and store.written[0].method == ours.method
     assert workers.posts == [3] and workers.served.digest() == store.written[0].digest()
-    assert outcome.desired.version == 3 and outcome.applied_version == 3
+    assert outcome.desired.version == 3 and outcome.ledger.applied == 3
     assert any(reason == "ForeignPlan" for _, reason, _ in outcome.events)
 
 
@@ -226,7 +230,7 @@ def test_a_newer_foreign_plan_is_superseded_not_adopted() -> None:
     workers, store = FakeWorkers(theirs), Store()
     outcome = _run(workers, store, plan, DetectionState(), Window(started_at=0.0), now=1.0)
     assert [p.version for p in store.written] == [10] and workers.posts == [10]
-    assert outcome.applied_version == 10
+    assert outcome.ledger.applied == 10
 
 
 def test_a_resend_answered_stale_counts_only_if_the_leader_serves_our_digest() -> None:
@@ -234,7 +238,7 @@ def test_a_resend_answered_stale_counts_only_if_the_leader_serves_our_digest() -
     ours = plan.with_version(2)
     workers = FakeWorkers(ours)
     outcome = _run(workers, Store(), ours, DetectionState(), Window(started_at=0.0), now=1.0)
-    assert outcome.applied_version == 2 and outcome.handoff_problem is None and not workers.posts
+    assert outcome.ledger.applied == 2 and outcome.handoff_problem is None and not workers.posts
 
 
 def test_a_lost_race_for_the_configmap_posts_nothing() -> None:
@@ -258,8 +262,9 @@ def test_spare_memory_grows_the_slots_per_rank_and_the_plan_still_fits_the_spec(
     for current, most in ((spec, 2), (grown_spec, 3)):
         plan = initial_plan(current)
         workers, store, window = FakeWorkers(plan), Store(), Window(started_at=0.0)
-        first = control_step(current, plan, DetectionState(), window, workers, store, 10.0)
-        second = control_step(current, plan, first.state, window, workers, store, 20.0)
+        step = (window, workers, store)
+        first = control_step(current, plan, Ledger(), DetectionState(), *step, 10.0)
+        second = control_step(current, plan, first.ledger, first.state, *step, 20.0)
         assert second.desired.slots_per_rank == most
         if most == 3:
             assert second.rebalance is not None and "grown 2 -> 3" in second.rebalance.note

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moe_contract.plan import Plan, round_robin_plan
-from moe_operator.api import MoEDeploymentSpec
+from moe_operator.api import MoEDeploymentSpec, PlanStatus
 from moe_operator.handoff import HandoffResult, PlanRefused, Served
 from moe_operator.loads import CounterSnapshot
 from moe_operator.planning.detection import DetectionState
+from moe_operator.planning.ledger import Ledger
 from moe_operator.rebalance import StepOutcome, Window, control_step, rerouted_fractions
 from moe_operator.status import Observed, compute_status
 
@@ -101,12 +102,14 @@ class Store:
 
 
 def evaluate_twice(
-    deployment: MoEDeploymentSpec, workers: PricedWorkers, state: DetectionState
+    deployment: MoEDeploymentSpec, workers: PricedWorkers, state: DetectionState | None = None
 ) -> StepOutcome:
-    """Open a window, then evaluate it (the served plan is the desired one)."""
-    window, store = Window(started_at=0.0), Store()
-    control_step(deployment, workers.served, state, window, workers, store, now=10.0)
-    return control_step(deployment, workers.served, state, window, workers, store, now=20.0)
+    """Open a window, then evaluate it (the served plan is the desired one, applied)."""
+    window, store, served = Window(started_at=0.0), Store(), workers.served
+    ledger = Ledger(served.version, served.version, served.digest())
+    state = state or DetectionState()
+    control_step(deployment, served, ledger, state, window, workers, store, now=10.0)
+    return control_step(deployment, served, ledger, state, window, workers, store, now=20.0)
 
 
 def magnitude(plan: Plan) -> float:
@@ -138,7 +141,7 @@ def test_a_bias_above_the_price_cap_shrinks_at_once_with_an_event() -> None:
     # Detection holds (the streak rule wants 5 evaluations); the cap does not wait for it.
     deployment = spec(consecutiveEvaluations=5, cooldownSeconds=3600, method="GatingBias")
     workers = PricedWorkers(biased(0.1), popularity=(3.0, 1.0, 1.0, 1.0))  # 0.4 rerouted
-    outcome = evaluate_twice(deployment, workers, DetectionState(applied_version=2))
+    outcome = evaluate_twice(deployment, workers)
     assert outcome.rerouted_fraction == (0.4, 0.4)
     assert [plan.version for plan in workers.posts] == [3]
     assert magnitude(workers.posts[0]) < magnitude(biased(0.1)) * 0.5  # aimed under the cap
@@ -150,7 +153,7 @@ def test_a_bias_above_the_price_cap_shrinks_at_once_with_an_event() -> None:
 def test_under_the_cap_and_above_the_threshold_detection_decides_as_before() -> None:
     deployment = spec(consecutiveEvaluations=5, cooldownSeconds=0, method="GatingBias")
     workers = PricedWorkers(biased(0.01), popularity=(3.0, 1.0, 1.0, 1.0))  # 0.04 rerouted
-    outcome = evaluate_twice(deployment, workers, DetectionState(applied_version=2))
+    outcome = evaluate_twice(deployment, workers)
     assert outcome.rerouted_fraction == (0.04, 0.04)
     assert workers.posts == [] and outcome.events == []  # 1 of 5 evaluations: hold
 
@@ -158,14 +161,14 @@ def test_under_the_cap_and_above_the_threshold_detection_decides_as_before() -> 
 def test_a_bias_on_balanced_load_keeps_being_updated_and_decays() -> None:
     deployment = spec(cooldownSeconds=0, method="GatingBias")
     workers = PricedWorkers(biased(0.1), popularity=(1.0, 1.0, 1.0, 1.0), price_per_bias=0.5)
-    outcome = evaluate_twice(deployment, workers, DetectionState(applied_version=2))
+    outcome = evaluate_twice(deployment, workers)
     assert [plan.version for plan in workers.posts] == [3]
     assert magnitude(workers.posts[0]) < magnitude(biased(0.1))  # the leak, nothing to push
     assert "RebalanceNotWorthIt" not in {reason for _, reason, _ in outcome.events}
     # Within the cooldown a balanced bias is left alone.
     calm = spec(cooldownSeconds=3600, method="GatingBias")
     workers = PricedWorkers(biased(0.1), popularity=(1.0, 1.0, 1.0, 1.0), price_per_bias=0.5)
-    evaluate_twice(calm, workers, DetectionState(applied_version=2, last_rebalance_at=5.0))
+    evaluate_twice(calm, workers, DetectionState(last_rebalance_at=5.0))
     assert workers.posts == []
 
 
@@ -175,8 +178,7 @@ def test_status_shows_the_price_per_layer_and_in_the_balanced_condition() -> Non
         workers=4,
         statefulset_exists=True,
         ready_workers=4,
-        plan_version=3,
-        applied_plan_version=3,
+        plan=PlanStatus(version=3, applied_version=3),
         worst_imbalance=1.1,
         rerouted_fraction=(0.08, None, 0.02),
         max_rerouted_fraction=0.1,
@@ -212,10 +214,10 @@ def test_a_plan_the_workers_refuse_is_reported_once_and_kept_in_status() -> None
     workers = RefusingWorkers(biased(0.1, version=1), popularity=(1.0,) * 4)
     window, store = Window(started_at=0.0), Store()
     desired = biased(0.05, version=2)  # issued, not yet served
-    state = DetectionState(applied_version=1, desired_version=2)
+    state, ledger = DetectionState(), Ledger(desired=2, applied=1, digest=desired.digest())
     reasons = []
     for now in (1.0, 2.0, 3.0):
-        outcome = control_step(deployment, desired, state, window, workers, store, now=now)
+        outcome = control_step(deployment, desired, ledger, state, window, workers, store, now)
         reasons += [reason for _, reason, _ in outcome.events]
         assert outcome.handoff_problem is not None and "HTTP 422" in outcome.handoff_problem
         assert "placement.maxSlotsPerRank" in outcome.handoff_problem

@@ -25,6 +25,7 @@ from moe_operator import rebalance
 from moe_operator.api import MoEDeploymentSpec, RebalanceRecord
 from moe_operator.manifests import children
 from moe_operator.planning.detection import DetectionState
+from moe_operator.planning.ledger import Ledger
 from moe_operator.validation import parse_spec
 from moe_operator.workers import PodWorkers
 
@@ -95,10 +96,12 @@ def _step(fake: FakeRanks, spec: MoEDeploymentSpec, timeout: float) -> tuple[Any
     workers = PodWorkers(fake.pod_objects("deepseek"), spec, "ns", "deepseek", lambda: fake.token)
     workers.read_timeout = timeout
     store, window = Store(spec), rebalance.Window()
-    state = DetectionState(desired_version=1, applied_version=1)
-    first = rebalance.control_step(spec, fake.plan, state, window, workers, store, 1000.0)
+    state, ledger = DetectionState(), Ledger(desired=1, applied=1)
+    first = rebalance.control_step(spec, fake.plan, ledger, state, window, workers, store, 1000.0)
     later = 1000.0 + spec.rebalancing.evaluation_window_seconds
-    second = rebalance.control_step(spec, first.desired, first.state, window, workers, store, later)
+    second = rebalance.control_step(
+        spec, first.desired, first.ledger, first.state, window, workers, store, later
+    )
     return first, second, store
 
 
@@ -112,7 +115,7 @@ def test_one_step_reads_256_ranks_plans_and_hands_off(
     assert second.rebalance.imbalance_after < second.rebalance.imbalance_before / 2
     assert [plan.version for plan in fake.posted] == [2]  # the leader switched to the new plan
     assert fake.posted[0].ranks_per_pod == PER_POD
-    assert second.applied_version == 2 and second.desired.version == 2
+    assert second.ledger.applied == 2 and second.desired.version == 2
     # every rank was read, each pod once per read: 2 reads x 32 pods
     assert fake.scrapes == 2 * RANKS // PER_POD
     configmap = json.dumps(store.configmap, separators=(",", ":"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from moe_operator.api import PlanStatus
 from moe_operator.status import Observed, compute_status
 
 NOW, LATER = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
@@ -29,16 +30,12 @@ def test_phase_follows_readiness_and_plan() -> None:
         == "Degraded"
     )
     running = compute_status(
-        Observed(**base, ready_workers=4, plan_version=2, applied_plan_version=2), [], NOW
+        Observed(**base, ready_workers=4, plan=PlanStatus(version=2, applied_version=2)), [], NOW
     )
     assert running["phase"] == "Running" and running["ready"] == "4/4"
     assert _conditions(running)["Ready"]["status"] == "True"
-    assert (
-        compute_status(
-            Observed(**base, ready_workers=4, plan_version=3, applied_plan_version=2), [], NOW
-        )["phase"]
-        == "Rebalancing"
-    )
+    pending = Observed(**base, ready_workers=4, plan=PlanStatus(version=3, applied_version=2))
+    assert compute_status(pending, [], NOW)["phase"] == "Rebalancing"
 
 
 def test_balanced_condition_compares_with_the_threshold() -> None:
@@ -86,8 +83,7 @@ def test_a_failed_hand_off_is_named_in_progressing() -> None:
             workers=4,
             statefulset_exists=True,
             ready_workers=4,
-            plan_version=3,
-            applied_plan_version=2,
+            plan=PlanStatus(version=3, applied_version=2),
             handoff_problem="POST http://10.0.0.1:8080/v1/plan: connection refused",
         ),
         [],

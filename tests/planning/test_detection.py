@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,6 +15,7 @@ from moe_operator.planning.detection import (
     evaluate,
     plan_issued,
 )
+from moe_operator.planning.ledger import Ledger
 
 POLICY = DetectionPolicy(threshold=1.5, consecutive=3, cooldown_seconds=600)
 HIGH, LOW = Observation((1.1, 2.0)), Observation((1.1, 1.2))
@@ -71,25 +70,25 @@ def test_a_skipped_evaluation_is_never_acted_on_and_restarts_the_streak() -> Non
 
 def test_no_new_plan_while_one_is_in_flight() -> None:
     state, _ = run([HIGH, HIGH, HIGH])
-    state = plan_issued(state, version=2, now=180.0)
-    assert state.in_flight
+    state = plan_issued(state, now=180.0)
+    in_flight = Ledger(desired=2, applied=1)
     later = 10_000.0  # far past the cooldown
     for index in range(5):  # workers keep serving version 1
         state, decision = evaluate(
-            state, Observation((3.0,), applied_version=1), later + index, POLICY
+            state, Observation((3.0,), ledger=in_flight), later + index, POLICY
         )
         assert decision.action == Action.HOLD
         assert "plan version 2 in flight (workers serve version 1)" in decision.reason
     assert state.above_count == 0
-    state, actions = run([Observation((3.0,), applied_version=2), HIGH, HIGH], state, later + 10)
-    assert not state.in_flight
+    applied = Observation((3.0,), ledger=in_flight.serving(2))
+    state, actions = run([applied, HIGH, HIGH], state, later + 10)
     assert actions == [Action.HOLD, Action.HOLD, Action.REBALANCE]
 
 
 def test_cooldown_after_the_last_rebalance() -> None:
     state, _ = run([HIGH, HIGH, HIGH])
-    state = plan_issued(state, version=2, now=120.0)
-    applied = Observation((1.1, 2.0), applied_version=2)
+    state = plan_issued(state, now=120.0)
+    applied = Observation((1.1, 2.0), ledger=Ledger(desired=2, applied=2))
     # evaluations at 180, 240, ... : the streak completes at 300 but the cooldown ends at 720
     state, actions = run([applied] * 8, state, start=180.0)
     assert actions == [Action.HOLD] * 8
@@ -99,19 +98,17 @@ def test_cooldown_after_the_last_rebalance() -> None:
     assert decision.action == Action.REBALANCE
 
 
-def test_state_survives_json_and_an_operator_restart() -> None:
+def test_state_reads_back_from_status_and_a_fresh_status() -> None:
     state, _ = run([HIGH, HIGH])
-    state = plan_issued(state, version=4, now=12.5)
-    restored = DetectionState.from_dict(json.loads(json.dumps(state.to_dict())))
-    assert restored == state
+    assert DetectionState.from_dict({"aboveCount": 2, "lastRebalanceAt": None}) == state
+    issued = plan_issued(state, now=12.5)
+    assert issued == DetectionState(above_count=0, last_rebalance_at=12.5)
+    assert DetectionState.from_dict({"aboveCount": 0, "lastRebalanceAt": 12.5}) == issued
     assert DetectionState.from_dict(None) == DetectionState()
     assert DetectionState.from_dict({}) == DetectionState()
-    # a restarted operator that lost its state learns the served version from the workers
-    state, _ = evaluate(DetectionState(), Observation((1.0,), applied_version=5), 0.0, POLICY)
-    assert (state.desired_version, state.applied_version) == (5, 5)
-    assert not state.in_flight
-    with pytest.raises(ValueError, match="not newer"):
-        plan_issued(state, version=5, now=0.0)
+    # an older operator's status also held versions there: they are the ledger's now
+    legacy = {"aboveCount": 1, "desiredVersion": 5, "appliedVersion": 5, "lastRebalanceAt": 3.0}
+    assert DetectionState.from_dict(legacy) == DetectionState(1, 3.0)
 
 
 @pytest.mark.parametrize(
@@ -141,18 +138,18 @@ def test_rebalance_only_after_enough_usable_evidence_outside_cooldown_and_flight
 ) -> None:
     """Model of the operator: every Rebalance issues a plan; 'apply' is the workers catching up."""
     policy = DetectionPolicy(threshold=1.5, consecutive=consecutive, cooldown_seconds=cooldown)
-    state, served, recent = DetectionState(), 0, []
+    state, ledger, recent = DetectionState(), Ledger(), []
     issued_at: float | None = None
     for index, (kind, worst) in enumerate(history):
         now = index * 60.0
         if kind == "apply":
-            served = state.desired_version
-            observation = Observation((1.0,), applied_version=served)
+            ledger = ledger.serving(ledger.desired)
+            observation = Observation((1.0,), ledger=ledger)
         elif kind == "skip":
-            observation = Observation(skip_reason="counter reset", applied_version=served)
+            observation = Observation(skip_reason="counter reset", ledger=ledger)
         else:
-            observation = Observation((1.0, worst), applied_version=served)
-        in_flight_before = state.desired_version > served
+            observation = Observation((1.0, worst), ledger=ledger)
+        in_flight_before = ledger.in_flight
         state, decision = evaluate(state, observation, now, policy)
         recent.append(None if kind == "skip" or in_flight_before else worst)
         if decision.action == Action.REBALANCE:
@@ -161,7 +158,8 @@ def test_rebalance_only_after_enough_usable_evidence_outside_cooldown_and_flight
             assert all(value is not None and value > 1.5 for value in window)
             assert not in_flight_before
             assert issued_at is None or now - issued_at >= cooldown
-            state = plan_issued(state, state.desired_version + 1, now)
+            ledger = Ledger(ledger.next_version(), ledger.applied)
+            state = plan_issued(state, now)
             issued_at, recent = now, []
         if kind == "skip":
             assert decision.action == Action.SKIP or in_flight_before

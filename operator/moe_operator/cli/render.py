@@ -27,7 +27,8 @@ from moe_operator import api
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.images import WorkerImages, with_worker_image
 from moe_operator.manifests import children, podspec
-from moe_operator.planning.record import Known, choose_plan
+from moe_operator.planning.ledger import Ledger
+from moe_operator.planning.record import choose_plan
 from moe_operator.validation import parse_spec
 
 DEFAULT_KUBERNETES_VERSION = "1.30"
@@ -88,7 +89,7 @@ def build_children(
     """The operator's children of a new deployment, from its builders (reconcile.ensure_children
     creates these, in this order)."""
     shape = children.plan_shape(spec)
-    first = choose_plan(shape, None, None, Known(), lambda: None).plan
+    first = choose_plan(shape, None, None, Ledger(), lambda: None).plan
     notes = {children.PLAN_VERSION_ANNOTATION: str(first.version)}
     secret = children.build_token_secret(name, token="unused")
     del secret["stringData"]  # the operator generates the token; never print one

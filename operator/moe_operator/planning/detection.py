@@ -2,7 +2,8 @@
 
 The operator evaluates every window: it turns two counter snapshots into a load matrix
 (`counter_deltas`), computes imbalance per layer on the current plan, and calls `evaluate`. The
-state lives in the MoEDeployment's status (`to_dict` / `from_dict`, JSON-ready camelCase keys).
+state lives in the MoEDeployment's status (status.detection, read back by `from_dict`); plan
+versions are the ledger's (`ledger.Ledger`), which the observation carries.
 
 Rules, in order:
 
@@ -26,6 +27,8 @@ from dataclasses import dataclass, field
 from dataclasses import replace as _replace
 from enum import StrEnum
 from typing import Any
+
+from moe_operator.planning.ledger import Ledger
 
 CounterKey = tuple[int, int]
 """(layer, logical expert) of a `moe_expert_tokens_total` counter."""
@@ -58,38 +61,20 @@ class DetectionPolicy:
 
 @dataclass(frozen=True)
 class DetectionState:
-    """What detection remembers between evaluations; stored in status as `to_dict()`."""
+    """What detection remembers between evaluations; stored in status.detection."""
 
     above_count: int = 0
     """Consecutive usable evaluations with the worst layer above the threshold."""
-    desired_version: int = 0
-    """Newest plan version the operator has issued (0: none yet)."""
-    applied_version: int = 0
-    """Plan version all workers report serving (0: unknown)."""
     last_rebalance_at: float | None = None
     """When the last plan was issued, seconds since the epoch; None if never."""
 
-    @property
-    def in_flight(self) -> bool:
-        return self.desired_version > self.applied_version
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "aboveCount": self.above_count,
-            "desiredVersion": self.desired_version,
-            "appliedVersion": self.applied_version,
-            "lastRebalanceAt": self.last_rebalance_at,
-        }
-
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> DetectionState:
-        """Read `to_dict()` output back; missing keys (a fresh status) take the defaults."""
+        """Read status.detection back; missing keys (a fresh status) take the defaults."""
         data = data or {}
         last = data.get("lastRebalanceAt")
         return cls(
             above_count=int(data.get("aboveCount", 0)),
-            desired_version=int(data.get("desiredVersion", 0)),
-            applied_version=int(data.get("appliedVersion", 0)),
             last_rebalance_at=None if last is None else float(last),
         )
 
@@ -100,8 +85,8 @@ class Observation:
 
     layer_imbalance: tuple[float, ...] = ()
     """Imbalance per layer [L] on the current plan; empty when the window was not usable."""
-    applied_version: int | None = None
-    """Plan version the workers report serving (the lowest over ranks); None if unknown."""
+    ledger: Ledger = field(default_factory=Ledger)
+    """Plan versions: issued, and served by the workers (as last reported)."""
     skip_reason: str | None = None
     """Why the window's data cannot be used (from `counter_deltas`), or None."""
 
@@ -128,17 +113,9 @@ def evaluate(
     state: DetectionState, observation: Observation, now: float, policy: DetectionPolicy
 ) -> tuple[DetectionState, Decision]:
     """One evaluation: the next state and what to do (see the module docstring for the rules)."""
-    applied = state.applied_version
-    if observation.applied_version is not None:
-        applied = observation.applied_version
-    state = _replace(
-        state, applied_version=applied, desired_version=max(state.desired_version, applied)
-    )
-    if state.in_flight:
-        reason = (
-            f"plan version {state.desired_version} in flight "
-            f"(workers serve version {state.applied_version})"
-        )
+    ledger = observation.ledger
+    if ledger.in_flight:
+        reason = f"plan version {ledger.desired} in flight (workers serve version {ledger.applied})"
         return _replace(state, above_count=0), Decision(Action.HOLD, reason)
     if observation.skip_reason is not None or not observation.layer_imbalance:
         reason = observation.skip_reason or "no load data in this window"
@@ -165,11 +142,10 @@ def evaluate(
     return _replace(state, above_count=0), Decision(Action.REBALANCE, reason, worst_layer, worst)
 
 
-def plan_issued(state: DetectionState, version: int, now: float) -> DetectionState:
-    """Record that plan `version` was handed to the workers at `now` (starts the cooldown)."""
-    if version <= state.desired_version:
-        raise ValueError(f"version: {version} is not newer than {state.desired_version}")
-    return _replace(state, desired_version=version, last_rebalance_at=now, above_count=0)
+def plan_issued(state: DetectionState, now: float) -> DetectionState:
+    """Record that a plan was issued at `now` (starts the cooldown; its version is the
+    ledger's, `Ledger.issue`)."""
+    return _replace(state, last_rebalance_at=now, above_count=0)
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 Pure. The ConfigMap is the record workers start from, so it must never go back: a plan version
 the operator once issued is never issued again with other contents, and a lost or corrupted
-record never rolls the group back to the round-robin start. What the operator remembers (status,
-detection state) and what the leader serves tell it how far versions have gone.
+record never rolls the group back to the round-robin start. What the operator remembers (the
+`ledger.Ledger` read from status) and what the leader serves tell it how far versions have gone.
 
 One key per model shape (`PlanShape.key`): during a group restart for a new shape the old pods
 keep reading the old shape's plan and only the new pods read the new one.
@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from moe_contract.plan import MAX_PLAN_VERSION, Plan, PlanError, round_robin_plan, validate_plan
+from moe_contract.plan import Plan, PlanError, round_robin_plan, validate_plan
+from moe_operator.planning.ledger import Ledger
 
 
 @dataclass(frozen=True)
@@ -56,22 +57,6 @@ class PlanShape:
 
 
 @dataclass(frozen=True)
-class Known:
-    """Plan versions the operator remembers (status and detection state; 0 when unknown)."""
-
-    desired_version: int = 0
-    applied_version: int = 0
-    desired_digest: str = ""  # empty: status from before digests were kept
-
-    def vouches_for(self, plan: Plan) -> bool:
-        """Whether `plan` may be the record: at least as new as what was issued, and if it is
-        the very version issued, the very contents (a digest recorded in status says so)."""
-        if plan.version != self.desired_version:
-            return plan.version > self.desired_version
-        return not self.desired_digest or plan.digest() == self.desired_digest
-
-
-@dataclass(frozen=True)
 class PlanChoice:
     plan: Plan
     write: bool  # the ConfigMap key must be (re)written with `plan`
@@ -82,7 +67,7 @@ def choose_plan(
     shape: PlanShape,
     stored: Plan | None,
     stored_problem: str | None,
-    known: Known,
+    ledger: Ledger,
     leader: Callable[[], Plan | None],
     other_versions: Iterable[int] = (),
 ) -> PlanChoice:
@@ -90,7 +75,7 @@ def choose_plan(
 
     Args:
         stored: the plan under that key (None: missing or unparsable, see stored_problem).
-        known: versions (and the desired digest) status remembers.
+        ledger: versions (and the desired digest) status remembers.
         leader: the plan rank 0 serves, asked only when the record cannot be trusted; None when
             it cannot be reached.
         other_versions: versions seen elsewhere (the ConfigMap's other keys).
@@ -102,27 +87,24 @@ def choose_plan(
     if stored is not None:
         stored_problem = shape.problem(stored) or (
             None
-            if known.vouches_for(stored)
+            if ledger.vouches_for(stored)
             else f"holds version {stored.version}, older than the plan issued "
-            f"({known.desired_version}) or with other contents"
+            f"({ledger.desired}) or with other contents"
         )
         if stored_problem is None:
             return PlanChoice(stored, write=False, reason="")
-    if stored_problem is None and known.desired_version == 0:
+    if stored_problem is None and ledger.desired == 0:
         return PlanChoice(shape.round_robin(1), write=True, reason="round-robin plan 1 created")
     served = leader()
-    if served is not None and shape.problem(served) is None and known.vouches_for(served):
+    if served is not None and shape.problem(served) is None and ledger.vouches_for(served):
         return PlanChoice(
             served,
             write=True,
             reason=f"plan ConfigMap {stored_problem or 'missing'}: restored plan "
             f"{served.version} from the leader, which serves it",
         )
-    versions = [known.desired_version, known.applied_version, *other_versions]
-    versions += [plan.version for plan in (stored, served) if plan is not None]
-    version = max(versions) + 1
-    if version > MAX_PLAN_VERSION:
-        raise PlanError(f"version: no version left after {max(versions)}; recreate the object")
+    seen = [plan.version for plan in (stored, served) if plan is not None]
+    version = ledger.next_version(*other_versions, *seen)  # raises NoVersionLeft, a PlanError
     return PlanChoice(
         shape.round_robin(version),
         write=True,
