@@ -63,7 +63,7 @@ TERMINATION_MESSAGE_PATH = "MOE_TERMINATION_MESSAGE_PATH"  # where a fatal error
 # Files and ports.
 PLAN_PATH = "MOE_PLAN_PATH"
 TOKEN_PATH = "MOE_TOKEN_PATH"
-HTTP_PORT = "MOE_HTTP_PORT"  # /metrics, /healthz, /readyz, /v1/plan, /v1/forward
+HTTP_PORT = "MOE_HTTP_PORT"  # /metrics, /healthz, /readyz, /v1/plan
 BIND_ADDRESS = (
     "MOE_BIND_ADDRESS"  # default 0.0.0.0; the local node agent gives each pod its own 127.x.y.z
 )

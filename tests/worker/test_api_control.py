@@ -225,27 +225,6 @@ def test_the_operator_handoff_speaks_this_contract(url: str) -> None:
     assert handoff.serving_version(url) == 2
 
 
-def test_forward_is_authenticated_and_optional(serve: Serve, backend: ScriptedBackend) -> None:
-    def forward(hidden: Any, timeout: float) -> Any:
-        if not (isinstance(hidden, list) and hidden and isinstance(hidden[0], list)):
-            raise ValueError("expected [batch][tokens][hidden]")
-        return None if hidden == [[[0.0]]] else hidden
-
-    url = serve(backend, forward=forward)
-    x = [[[1.0, 2.0]]]
-    assert raw(url, "/v1/forward", {"hidden": x}, api_key=TOKEN) == (
-        200,
-        {"output": x, "planVersion": 1},
-    )
-    assert raw(url, "/v1/forward", {"hidden": x})[0] == 401
-    status, body = raw(url, "/v1/forward", {"hidden": 3}, api_key=TOKEN)
-    assert status == 400 and body["field"] == "hidden"
-    assert raw(url, "/v1/forward", {"x": 1}, api_key=TOKEN)[1]["field"] == "hidden"
-    assert raw(url, "/v1/forward", {"hidden": [[[0.0]]]}, api_key=TOKEN)[0] == 504
-    without = serve(ScriptedBackend(make_card()))
-    assert raw(without, "/v1/forward", {"hidden": x}, api_key=TOKEN)[0] == 404
-
-
 def test_unknown_routes_and_methods(url: str) -> None:
     status, body = raw(url, "/nowhere")
     assert status == 404 and body == {"error": "no route GET /nowhere", "field": None}
