@@ -18,6 +18,7 @@ from openai_checks import raw
 from worker_harness import FIXTURES
 
 from moe_contract.plan import parse_plan
+from moe_contract.switch import STALE, SwitchAnswer
 from moe_operator import handoff
 from moe_worker.api import ServerHandle, create_control_app, start
 
@@ -192,8 +193,8 @@ def test_switch_timeout_is_a_504_and_refusal_a_409(serve: Serve, backend: Script
     doc = {**document("round-robin-2layer-4expert-4rank.json"), "version": 2}
     assert post_plan(url, doc) == (504, {"applied": False, "reason": "timeout"})
     assert backend.switch_timeouts == [7.5]
-    backend.switch_outcome = {"applied": False, "reason": "stale", "version": 5}
-    assert post_plan(url, doc) == (409, backend.switch_outcome)
+    backend.switch_outcome = SwitchAnswer.refused(STALE, version=5)
+    assert post_plan(url, doc) == (409, {"applied": False, "reason": "stale", "version": 5})
 
 
 def test_probes_answer_while_a_switch_blocks(url: str, backend: ScriptedBackend) -> None:

@@ -121,7 +121,7 @@ def lead(driver: Driver) -> dict[str, Any]:
     experts = driver.runtime.settings.model.experts
     new_plan = replace_plan(plan, plan.version + 1, experts)
     answer = driver.runtime.switch_plan(new_plan, timeout=120)
-    results["switch_answer"] = answer
+    results["switch_answer"] = answer.to_document()
     results["tokens_at_switch"] = [len(o.tokens) for o in running]
     for outcome in running:
         assert outcome.done.wait(300)

@@ -83,7 +83,7 @@ def lead(driver: Driver) -> dict[str, Any]:
 
     plan = runtime.current_plan()
     assert plan is not None
-    results["stale"] = runtime.switch_plan(plan, timeout=30)
+    results["stale"] = runtime.switch_plan(plan, timeout=30).to_document()
     results["live"] = runtime.is_live()
     results["metrics"] = runtime.metrics_text().decode()
     return results
@@ -168,4 +168,4 @@ def test_non_leaders_refuse_generation() -> None:
     with pytest.raises(NotReady, match="leader"):
         runtime.submit(GenerationRequest("a", (1,)), lambda e: None)
     answer = runtime.switch_plan(round_robin_plan(2, 4, 2, 2, version=5), 1.0)
-    assert answer is not None and answer["applied"] is False
+    assert not answer.applied and answer.reason == "not ready"

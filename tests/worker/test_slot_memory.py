@@ -13,7 +13,6 @@ import torch
 
 from moe_contract.plan import Plan, PlanError, round_robin_plan
 from moe_contract.shape import ModelShape
-from moe_worker.api.control import _switch_status
 from moe_worker.ep.engine import EPEngine, switch_bytes
 from moe_worker.models.weights import SyntheticWeights
 from moe_worker.runtime.rank import Runtime
@@ -73,6 +72,7 @@ def test_a_switch_a_rank_could_not_start_for_memory_is_answered_422() -> None:
     state = switcher.state()
     assert state is not None and state.startswith("failed: PlanError: slotsPerRank")
     answer = switcher.abandon(f"rank 0: {state}")  # what the leader sends every rank
-    assert answer["reason"] == "does not fit" and "B free" in answer["error"]
-    assert _switch_status(answer) == 422
-    assert _switch_status({"applied": False, "reason": "transfer failed"}) == 503
+    assert answer.reason == "does not fit" and answer.error and "B free" in answer.error
+    assert answer.http_status == 422
+    failed = switcher.abandon("rank 0: failed: RuntimeError: peer gone")  # worth another try
+    assert (failed.reason, failed.http_status) == ("transfer failed", 503)

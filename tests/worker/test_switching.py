@@ -17,6 +17,7 @@ from worker_serving_cases import Driver, greedy, replace_plan, serve_group
 
 from moe_contract.plan import round_robin_plan
 from moe_contract.shape import ModelShape
+from moe_contract.switch import BACKGROUND, BLOCKING, TIMEOUT, TRANSFER_FAILED, SwitchAnswer
 from moe_worker.ep.engine import EPEngine
 from moe_worker.ep.transfer import ExpertTransfer
 from moe_worker.metrics import WorkerMetrics
@@ -69,9 +70,10 @@ def test_the_leader_flips_only_once_every_rank_is_done() -> None:
     assert step(lead, 1, "pending", "done").poll_switch
     flip = step(lead, 2, "done", "done")
     assert flip.flip == 2 and flip.plan_json is None and not flip.poll_switch
-    lead.answer_switch({"applied": True, "version": 2})
+    applied = SwitchAnswer.switched(round_robin_plan(2, 4, 2, 2, version=2), 0.1, BACKGROUND)
+    lead.answer_switch(applied)
     thread.join(5)
-    assert answers == [{"applied": True, "version": 2}]
+    assert answers == [applied]
     assert step(lead, 3).idle
 
 
@@ -81,18 +83,23 @@ def test_the_leader_abandons_a_failed_or_late_switch() -> None:
     step(lead, 0)
     abandon = step(lead, 1, "pending", "failed: RuntimeError: peer gone")
     assert abandon.abandon == "rank 1: failed: RuntimeError: peer gone" and abandon.flip is None
-    lead.answer_switch({"applied": False, "reason": "transfer failed"})
+    lead.answer_switch(SwitchAnswer.refused(TRANSFER_FAILED))
     thread.join(5)
-    assert answers[0]["reason"] == "transfer failed"
+    assert answers[0].reason == "transfer failed"
 
     thread, answers = asked(lead, 3, timeout=0.05)  # experts still moving at the timeout
     step(lead, 2)
     thread.join(0.2)
     late = step(lead, 3, "done", "pending")
     assert late.abandon is not None and late.abandon.startswith("timeout")
-    lead.answer_switch({"applied": False, "reason": "timeout"})
+    lead.answer_switch(SwitchAnswer.refused(TIMEOUT, version=1, error=late.abandon))
     thread.join(5)
-    assert answers == [{"applied": False, "reason": "timeout"}]
+    assert answers[0].to_document() == {
+        "applied": False,
+        "reason": "timeout",
+        "version": 1,
+        "error": "timeout: experts still moving at the switch timeout",
+    }
 
 
 def test_a_blocking_leader_switches_in_one_step_and_two_batches_need_two_tokens() -> None:
@@ -100,7 +107,9 @@ def test_a_blocking_leader_switches_in_one_step_and_two_batches_need_two_tokens(
     thread, _ = asked(lead, 2, timeout=30)
     d = step(lead, 0)
     assert d.plan_json is not None and not d.poll_switch
-    lead.answer_switch({"applied": True})
+    lead.answer_switch(
+        SwitchAnswer.switched(round_robin_plan(2, 4, 2, 2, version=2), 0.1, BLOCKING)
+    )
     thread.join(5)
     request = GenerationRequest("a", (1, 2, 3, 4, 5), SamplingParams(temperature=0, max_tokens=3))
     lead.submit(request, lambda event: None)
@@ -125,13 +134,14 @@ def lead_through_failures(driver: Driver) -> dict[str, Any]:
         "before": [o.tokens for o in driver.run([greedy(p, 6) for p in PROMPTS])]
     }
     running = [driver.submit(*greedy(p, 16)) for p in PROMPTS]  # served through the failures
-    results["failed"] = runtime.switch_plan(replace_plan(plan, 2, SHAPE.experts), 30)
-    results["timed_out"] = runtime.switch_plan(replace_plan(plan, 3, SHAPE.experts), 1.0)
+    results["failed"] = runtime.switch_plan(replace_plan(plan, 2, SHAPE.experts), 30).to_document()
+    timed_out = runtime.switch_plan(replace_plan(plan, 3, SHAPE.experts), 1.0)
+    results["timed_out"] = timed_out.to_document()
     for outcome in running:
         assert outcome.done.wait(120)
     results["during"] = [(o.tokens, o.finish) for o in running]
     results["version_after_failures"] = runtime.current_plan().version  # type: ignore[union-attr]
-    results["applied"] = runtime.switch_plan(replace_plan(plan, 4, SHAPE.experts), 60)
+    results["applied"] = runtime.switch_plan(replace_plan(plan, 4, SHAPE.experts), 60).to_document()
     results["after"] = [o.tokens for o in driver.run([greedy(p, 6) for p in PROMPTS])]
     results["alone"] = [driver.run([greedy(p, 16)])[0].tokens for p in PROMPTS]
     return results
@@ -190,7 +200,7 @@ def lead_until_killed(driver: Driver) -> dict[str, Any]:
     answer = runtime.switch_plan(replace_plan(plan, 2, SHAPE.experts), 60)
     assert running.done.wait(120)
     return {
-        "answer": answer,
+        "answer": answer.to_document(),
         "version": runtime.current_plan().version,  # type: ignore[union-attr]
         "running": running.finish,
     }

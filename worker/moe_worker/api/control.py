@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
 
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from moe_contract.plan import Plan, PlanError, parse_plan
+from moe_contract.switch import STALE, SwitchAnswer
 from moe_worker.api import auth
 from moe_worker.api.body import BodyLimit
 from moe_worker.api.errors import ApiError, control_body, install
@@ -84,27 +84,12 @@ def create_control_app(
             raise _plan_error(422, error) from None
         current = backend.current_plan()
         if current is not None and plan.version <= current.version:
-            stale = {"applied": False, "reason": "stale", "version": current.version}
-            return JSONResponse(stale, status_code=409)
-        # Blocking until every rank switched: off the event loop, so probes keep answering.
-        result = await asyncio.to_thread(backend.switch_plan, plan, switch_timeout)
-        if result is None:
-            return JSONResponse({"applied": False, "reason": "timeout"}, status_code=504)
-        return JSONResponse(result, status_code=_switch_status(result))
+            answer = SwitchAnswer.refused(STALE, version=current.version)
+        else:  # blocking until every rank switched: off the event loop, so probes keep answering
+            answer = await asyncio.to_thread(backend.switch_plan, plan, switch_timeout)
+        return JSONResponse(answer.to_document(), status_code=answer.http_status)
 
     return app
-
-
-def _switch_status(result: dict[str, Any]) -> int:
-    """200 applied; 409 stale; 422 a rank cannot hold the plan (its memory; the error says how
-    much); 504 a switch abandoned at its timeout; 503 one abandoned because a transfer failed
-    (the old plan serves: try again later)."""
-    if result.get("applied"):
-        return 200
-    reason = result.get("reason")
-    if reason == "does not fit":
-        return 422
-    return 409 if reason == "stale" else 504 if reason == "timeout" else 503
 
 
 def _leader_authorized_ready(backend: Backend, request: Request, token_path: str | None) -> None:

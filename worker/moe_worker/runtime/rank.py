@@ -22,13 +22,13 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from moe_contract.plan import PLAN_FILE_NAME, Plan, PlanError, parse_plan, round_robin_plan
 from moe_contract.plan import validate_plan as check_plan
+from moe_contract.switch import BACKGROUND, BLOCKING, NOT_READY, STALE, SwitchAnswer
 from moe_worker.ep import group
 from moe_worker.ep.engine import EPEngine
 from moe_worker.ep.runner import ModelRunner
@@ -186,13 +186,13 @@ class Runtime:
         if self.leader is not None:
             self.leader.abort(request_id)
 
-    def switch_plan(self, plan: Plan, timeout: float) -> dict[str, Any] | None:
+    def switch_plan(self, plan: Plan, timeout: float) -> SwitchAnswer:
         """Leader: block until every rank serves `plan`; the stale answer if it is not newer."""
         current = self.current_plan()
         if self.leader is None or current is None or not self.is_ready():
-            return {"applied": False, "reason": "not ready", "version": current and current.version}
+            return SwitchAnswer.refused(NOT_READY, version=current and current.version)
         if plan.version <= current.version:
-            return {"applied": False, "reason": "stale", "version": current.version}
+            return SwitchAnswer.refused(STALE, version=current.version)
         return self.leader.switch(plan, timeout)
 
     def stop(self) -> None:
@@ -302,12 +302,12 @@ class Runtime:
         if d.abandon is not None:
             answer = self.switcher.abandon(d.abandon)
         if d.flip is not None:
-            answer = self._switched(previous, *self.switcher.flip(d.flip), mode="background")
+            answer = self._switched(previous, *self.switcher.flip(d.flip), mode=BACKGROUND)
         if d.plan_json is not None:
             plan = parse_plan(d.plan_json)
             current = self.engine.plan.version
             if plan.version <= current:  # the same answer on every rank: nobody moves anything
-                answer = {"applied": False, "reason": "stale", "version": current}
+                answer = SwitchAnswer.refused(STALE, version=current)
             elif self.settings.background_switch:
                 self.switcher.start(plan)
             else:
@@ -315,13 +315,13 @@ class Runtime:
         if answer is not None and self.leader is not None:
             self.leader.answer_switch(answer)
 
-    def _blocking_switch(self, previous: int, plan: Plan) -> dict[str, Any]:
+    def _blocking_switch(self, previous: int, plan: Plan) -> SwitchAnswer:
         assert self.engine is not None
         start = time.perf_counter()
         moved = self.engine.apply_plan(plan)
         dist.barrier()
         return self._switched(
-            previous, plan, moved, time.perf_counter() - start, None, mode="blocking"
+            previous, plan, moved, time.perf_counter() - start, None, mode=BLOCKING
         )
 
     def _switched(
@@ -333,7 +333,7 @@ class Runtime:
         transfer_s: float | None,
         *,
         mode: str,
-    ) -> dict[str, Any]:
+    ) -> SwitchAnswer:
         self.metrics.switch_pause.observe(pause)
         self.metrics.last_switch_pause.set(pause)
         self.metrics.experts_moved.inc(moved)
@@ -348,16 +348,7 @@ class Runtime:
             moved,
             pause,
         )
-        answer = {
-            "applied": True,
-            "version": plan.version,
-            "digest": plan.digest(),
-            "pauseSeconds": pause,
-            "mode": mode,
-        }
-        if transfer_s is not None:
-            answer["transferSeconds"] = transfer_s
-        return answer
+        return SwitchAnswer.switched(plan, pause, mode, transfer_s)
 
     def _read_counts(self) -> list[list[int]] | None:
         engine = self.engine

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moe_contract.plan import Plan
+from moe_contract.switch import GROUP_FAILED, STALE, TIMEOUT, SwitchAnswer
 from moe_worker.metrics import WorkerMetrics
 from moe_worker.serving.generation import AdmissionError, EventSink, GenerationRequest, TokenEvent
 from moe_worker.serving.scheduler import Delivery, Scheduler, SchedulerConfig
@@ -42,7 +43,7 @@ class Switch:
 
     plan: Plan
     done: threading.Event = field(default_factory=threading.Event)
-    result: dict[str, Any] | None = None
+    answer: SwitchAnswer | None = None
     taken: bool = False
     """The loop put it in a step descriptor: it will be answered."""
     cancelled: bool = False
@@ -90,19 +91,18 @@ class Leader:
         self.scheduler.abort(request_id)
         self._wake.set()
 
-    def switch(self, plan: Plan, timeout: float) -> dict[str, Any] | None:
-        """Block until the loop switched every rank to `plan` (or found it stale); None after
-        `timeout` (a switch not yet taken then never happens)."""
+    def switch(self, plan: Plan, timeout: float) -> SwitchAnswer:
+        """Block until the loop switched every rank to `plan` (or found it stale); `timeout`
+        after `timeout` seconds (a switch not yet taken then never happens)."""
         pending = Switch(plan, deadline=time.monotonic() + timeout)
         self._switches.put(pending)
         self._wake.set()
-        if pending.done.wait(timeout):
-            return pending.result
-        with self._switch_lock:
-            pending.cancelled = not pending.taken
-        if pending.taken and pending.done.wait(ANSWER_GRACE):  # the loop answers it
-            return pending.result
-        return None
+        if not pending.done.wait(timeout):
+            with self._switch_lock:
+                pending.cancelled = not pending.taken
+            if pending.taken:  # the loop answers it
+                pending.done.wait(ANSWER_GRACE)
+        return pending.answer or SwitchAnswer.refused(TIMEOUT)
 
     def wake(self) -> None:
         self._wake.set()
@@ -127,10 +127,10 @@ class Leader:
             **switching,
         )
 
-    def answer_switch(self, result: dict[str, Any]) -> None:
+    def answer_switch(self, answer: SwitchAnswer) -> None:
         """The serving loop's answer to the switch in flight (applied, stale, abandoned)."""
         if self._in_flight is not None:
-            self._answer(self._in_flight, result)
+            self._answer(self._in_flight, answer)
             self._in_flight = None
         self._transfers = None
 
@@ -142,7 +142,7 @@ class Leader:
     def fail_all(self, error: str) -> None:
         """The serving loop failed: every request ends, a switch in flight is answered (the
         group restarts as a whole, on the plan of record)."""
-        self.answer_switch({"applied": False, "reason": "group failed", "error": error})
+        self.answer_switch(SwitchAnswer.refused(GROUP_FAILED, error=error))
         self.deliver(self.scheduler.drain("error", error))
 
     def deliver(self, deliveries: list[Delivery]) -> None:
@@ -200,11 +200,11 @@ class Leader:
                 pending.taken = True
             if pending.plan.version > plan_version:
                 return pending
-            self._answer(pending, {"applied": False, "reason": "stale", "version": plan_version})
+            self._answer(pending, SwitchAnswer.refused(STALE, version=plan_version))
 
     @staticmethod
-    def _answer(pending: Switch, result: dict[str, Any]) -> None:
-        pending.result = result
+    def _answer(pending: Switch, answer: SwitchAnswer) -> None:
+        pending.answer = answer
         pending.done.set()
 
     def _top_up_traffic(self) -> None:

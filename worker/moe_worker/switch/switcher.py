@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 from moe_contract.plan import Plan
+from moe_contract.switch import DOES_NOT_FIT, TIMEOUT, TRANSFER_FAILED, SwitchAnswer
 from moe_worker.ep.engine import EPEngine
 from moe_worker.ep.transfer import (
     DONE,
@@ -95,7 +96,7 @@ class BackgroundSwitcher:
         self.plan = self.transfer = None
         return plan, moved, pause, status.seconds
 
-    def abandon(self, reason: str) -> dict[str, Any]:
+    def abandon(self, reason: str) -> SwitchAnswer:
         """Collective: drop the switch in flight (maybe none on this rank); the answer."""
         version = None if self.plan is None else self.plan.version
         log.warning("rank %d abandons the switch to plan %s: %s", self.engine.rank, version, reason)
@@ -106,13 +107,10 @@ class BackgroundSwitcher:
             close_transfer_group(self.group)
             self.group = new_transfer_group(self.timeout_s)
         self.plan = self.transfer = self.error = None
-        timeout = reason.startswith("timeout")
         # A rank that refused the plan before moving anything (`EPEngine.check_memory`): the
         # plan itself is at fault, not the transfer, and sending it again will not help.
         refused = f"{FAILED}: PlanError" in reason
-        return {
-            "applied": False,
-            "reason": "timeout" if timeout else "does not fit" if refused else "transfer failed",
-            "error": reason,
-            "version": self.engine.plan.version,
-        }
+        why = TIMEOUT if reason.startswith("timeout") else DOES_NOT_FIT if refused else None
+        return SwitchAnswer.refused(
+            why or TRANSFER_FAILED, version=self.engine.plan.version, error=reason
+        )
