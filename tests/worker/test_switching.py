@@ -24,7 +24,7 @@ from moe_worker.metrics import WorkerMetrics
 from moe_worker.serving.generation import GenerationRequest, SamplingParams
 from moe_worker.serving.leader import Leader
 from moe_worker.serving.scheduler import SchedulerConfig
-from moe_worker.serving.step import StepDescriptor, StepResult
+from moe_worker.serving.step import StepDescriptor, StepResult, SwitchCommand
 from moe_worker.serving.traffic import TrafficSource
 from moe_worker.settings import TrafficSettings, WorkerSettings
 
@@ -62,14 +62,21 @@ def step(lead: Leader, number: int, *states: str | None) -> StepDescriptor:
     return lead.next_step(number, 1, stopping=False)
 
 
+def late_command() -> SwitchCommand:
+    return SwitchCommand.abandon("timeout: experts still moving at the switch timeout")
+
+
 def test_the_leader_flips_only_once_every_rank_is_done() -> None:
     lead = leader(background_switch=True)
     thread, answers = asked(lead, 2, timeout=30)
     first = step(lead, 0)
-    assert first.plan_json is not None and first.poll_switch and first.gathers
-    assert step(lead, 1, "pending", "done").poll_switch
+    assert first.switch == SwitchCommand.start(
+        round_robin_plan(2, 4, 2, 2, version=2), background=True
+    )
+    assert first.switch.reports and first.gathers
+    assert step(lead, 1, "pending", "done").switch == SwitchCommand.poll()
     flip = step(lead, 2, "done", "done")
-    assert flip.flip == 2 and flip.plan_json is None and not flip.poll_switch
+    assert flip.switch == SwitchCommand.flip(2) and not flip.switch.reports
     applied = SwitchAnswer.switched(round_robin_plan(2, 4, 2, 2, version=2), 0.1, BACKGROUND)
     lead.answer_switch(applied)
     thread.join(5)
@@ -82,7 +89,7 @@ def test_the_leader_abandons_a_failed_or_late_switch() -> None:
     thread, answers = asked(lead, 2, timeout=30)
     step(lead, 0)
     abandon = step(lead, 1, "pending", "failed: RuntimeError: peer gone")
-    assert abandon.abandon == "rank 1: failed: RuntimeError: peer gone" and abandon.flip is None
+    assert abandon.switch == SwitchCommand.abandon("rank 1: failed: RuntimeError: peer gone")
     lead.answer_switch(SwitchAnswer.refused(TRANSFER_FAILED))
     thread.join(5)
     assert answers[0].reason == "transfer failed"
@@ -91,8 +98,9 @@ def test_the_leader_abandons_a_failed_or_late_switch() -> None:
     step(lead, 2)
     thread.join(0.2)
     late = step(lead, 3, "done", "pending")
-    assert late.abandon is not None and late.abandon.startswith("timeout")
-    lead.answer_switch(SwitchAnswer.refused(TIMEOUT, version=1, error=late.abandon))
+    assert late.switch is not None and late.switch.action == "abandon"
+    assert late.switch.reason is not None and late.switch.reason.startswith("timeout")
+    lead.answer_switch(SwitchAnswer.refused(TIMEOUT, version=1, error=late.switch.reason))
     thread.join(5)
     assert answers[0].to_document() == {
         "applied": False,
@@ -106,7 +114,8 @@ def test_a_blocking_leader_switches_in_one_step_and_two_batches_need_two_tokens(
     lead = leader(background_switch=False, two_batch=True)
     thread, _ = asked(lead, 2, timeout=30)
     d = step(lead, 0)
-    assert d.plan_json is not None and not d.poll_switch
+    assert d.switch is not None and d.switch.action == "start" and not d.switch.background
+    assert not d.switch.reports and not d.gathers
     lead.answer_switch(
         SwitchAnswer.switched(round_robin_plan(2, 4, 2, 2, version=2), 0.1, BLOCKING)
     )
@@ -119,8 +128,9 @@ def test_a_blocking_leader_switches_in_one_step_and_two_batches_need_two_tokens(
     lead.complete([StepResult(tokens=(("a", 7),)) if r == rank else StepResult() for r in (0, 1)])
     decode = step(lead, 2)
     assert [c.length for c in decode.chunks] == [1] and not decode.two_batch  # nothing to split
-    again = StepDescriptor.from_json(StepDescriptor(3, flip=3, two_batch=True).to_json())
-    assert (again.flip, again.two_batch, again.abandon) == (3, True, None)
+    for command in (d.switch, SwitchCommand.poll(), SwitchCommand.flip(3), late_command()):
+        sent = StepDescriptor(3, switch=command, two_batch=True)
+        assert StepDescriptor.from_json(sent.to_json()) == sent
 
 
 # ------------------------------------------------------------ two real ranks

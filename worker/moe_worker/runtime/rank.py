@@ -40,7 +40,7 @@ from moe_worker.runtime.loading import model_card
 from moe_worker.serving.generation import EventSink, GenerationRequest, ModelCard, NotReady
 from moe_worker.serving.leader import Leader
 from moe_worker.serving.scheduler import SchedulerConfig
-from moe_worker.serving.step import StepDescriptor, StepResult
+from moe_worker.serving.step import StepDescriptor, StepResult, SwitchCommand
 from moe_worker.serving.traffic import TrafficSource
 from moe_worker.settings import WorkerSettings
 from moe_worker.switch.switcher import BackgroundSwitcher
@@ -276,7 +276,8 @@ class Runtime:
     def _execute(self, d: StepDescriptor) -> None:
         assert self.runner is not None and self.switcher is not None
         self.runner.release(d.release)
-        self._switch_step(d)
+        if d.switch is not None:
+            self._switch_step(d.switch)
         errors = self.runner.admit(d.admit)
         result = StepResult(errors=tuple(errors), switch=self.switcher.state())
         if d.chunks:
@@ -293,22 +294,21 @@ class Runtime:
 
     # ------------------------------------------------------------ every rank
 
-    def _switch_step(self, d: StepDescriptor) -> None:
+    def _switch_step(self, command: SwitchCommand) -> None:
         """The step's part of a plan switch, before its forward: drop one, flip to one, start
         one (background) or do one (blocking). The leader gets the answer."""
         assert self.engine is not None and self.switcher is not None
         answer = None
         previous = self.engine.plan.version
-        if d.abandon is not None:
-            answer = self.switcher.abandon(d.abandon)
-        if d.flip is not None:
-            answer = self._switched(previous, *self.switcher.flip(d.flip), mode=BACKGROUND)
-        if d.plan_json is not None:
-            plan = parse_plan(d.plan_json)
-            current = self.engine.plan.version
-            if plan.version <= current:  # the same answer on every rank: nobody moves anything
-                answer = SwitchAnswer.refused(STALE, version=current)
-            elif self.settings.background_switch:
+        if command.action == "abandon":
+            answer = self.switcher.abandon(command.reason or "")
+        elif command.action == "flip" and command.version is not None:
+            answer = self._switched(previous, *self.switcher.flip(command.version), mode=BACKGROUND)
+        elif command.action == "start" and command.plan is not None:
+            plan = command.plan
+            if plan.version <= previous:  # the same answer on every rank: nobody moves anything
+                answer = SwitchAnswer.refused(STALE, version=previous)
+            elif command.background:
                 self.switcher.start(plan)
             else:
                 answer = self._blocking_switch(previous, plan)

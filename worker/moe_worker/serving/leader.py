@@ -16,14 +16,13 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from moe_contract.plan import Plan
 from moe_contract.switch import GROUP_FAILED, STALE, TIMEOUT, SwitchAnswer
 from moe_worker.metrics import WorkerMetrics
 from moe_worker.serving.generation import AdmissionError, EventSink, GenerationRequest, TokenEvent
 from moe_worker.serving.scheduler import Delivery, Scheduler, SchedulerConfig
-from moe_worker.serving.step import Chunk, StepDescriptor, StepResult
+from moe_worker.serving.step import Chunk, StepDescriptor, StepResult, SwitchCommand
 from moe_worker.serving.traffic import TrafficSource
 
 log = logging.getLogger("moe_worker")
@@ -114,7 +113,7 @@ class Leader:
             self.deliver(self.scheduler.drain("abort"))
             return StepDescriptor(step, stop=True)
         self._wait_for_work()
-        switching = self._switch_step(plan_version)
+        switch = self._switch_command(plan_version)
         self._top_up_traffic()
         scheduled = self.scheduler.schedule()
         self.deliver(list(scheduled.deliveries))
@@ -123,8 +122,8 @@ class Leader:
             release=scheduled.release,
             admit=scheduled.admit,
             chunks=scheduled.chunks,
+            switch=switch,
             two_batch=self.two_batch and _most_tokens_of_a_rank(scheduled.chunks) >= 2,
-            **switching,
         )
 
     def answer_switch(self, answer: SwitchAnswer) -> None:
@@ -155,26 +154,26 @@ class Leader:
             except Exception:  # a client's callback must not stop the group
                 log.exception("event sink of request %s failed", event.request_id)
 
-    def _switch_step(self, plan_version: int) -> dict[str, Any]:
+    def _switch_command(self, plan_version: int) -> SwitchCommand | None:
         """This step's part of a plan switch: start one, poll, flip, or abandon it."""
         t = self._transfers
         if t is None:
             if self._in_flight is not None:
-                return {}
+                return None
             switch = self._in_flight = self._take_switch(plan_version)
             if switch is None:
-                return {}
+                return None
             if self.background_switch:
                 self._transfers = _Transfers(switch)
-            return {"plan_json": switch.plan.to_json(), "poll_switch": self.background_switch}
+            return SwitchCommand.start(switch.plan, background=self.background_switch)
         failed = [f"rank {r}: {s}" for r, s in enumerate(t.states) if s and s.startswith("fail")]
         if failed:
-            return {"abandon": "; ".join(failed)}
+            return SwitchCommand.abandon("; ".join(failed))
         if t.states and all(state == "done" for state in t.states):
-            return {"flip": t.switch.plan.version}
+            return SwitchCommand.flip(t.switch.plan.version)
         if time.monotonic() > t.switch.deadline:
-            return {"abandon": "timeout: experts still moving at the switch timeout"}
-        return {"poll_switch": True}
+            return SwitchCommand.abandon("timeout: experts still moving at the switch timeout")
+        return SwitchCommand.poll()
 
     def _wait_for_work(self) -> None:
         self._wake.clear()
