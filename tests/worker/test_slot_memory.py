@@ -13,10 +13,11 @@ import torch
 
 from moe_contract.plan import Plan, PlanError, round_robin_plan
 from moe_contract.shape import ModelShape
-from moe_worker.ep.engine import EPEngine, switch_bytes
+from moe_worker.ep.engine import EPEngine
 from moe_worker.models.weights import SyntheticWeights
 from moe_worker.runtime.rank import Runtime
 from moe_worker.settings import WorkerSettings, settings_from_env
+from moe_worker.switch.mover import ExpertMover, switch_bytes
 from moe_worker.switch.switcher import BackgroundSwitcher
 
 SHAPE = ModelShape(
@@ -40,16 +41,16 @@ def test_switch_bytes_count_staging_added_slots_and_one_layer_rebuilt() -> None:
 def test_a_rank_without_the_memory_refuses_the_plan_with_the_fix() -> None:
     engine = EPEngine(SOURCE, round_robin_plan(SHAPE.layers, SHAPE.experts, 1, 4), rank=0)
     assert engine.expert_bytes == 2 * 32 * 48 * 4  # SeedMLP: two fp32 matrices
-    engine.free_bytes = lambda: engine.expert_bytes  # one slot: the switch needs four
+    mover = ExpertMover(engine, free_bytes=lambda: engine.expert_bytes)  # one slot; needs four
     with pytest.raises(PlanError) as refused:
-        engine.start_switch(grown(), group=None)
+        mover.start(grown(), group=None)
     message = str(refused.value)
     assert message.startswith("slotsPerRank: plan 2 (5 slots per rank")
     assert "placement.maxSlotsPerRank" in message and "moe-ep perf" in message
     assert engine.stacks.experts(0) == (0, 1, 2, 3)  # nothing changed
     # The peak: a fifth slot in both layers, and one layer's old four slots until regrown.
-    engine.free_bytes = lambda: 6 * engine.expert_bytes
-    assert engine.apply_plan(grown()) == 0  # a local copy: nothing travels at world 1
+    mover.free_bytes = lambda: 6 * engine.expert_bytes
+    assert mover.apply(grown()) == 0  # a local copy: nothing travels at world 1
     assert engine.stacks.experts(1) == (0, 1, 2, 3, 0)
     assert torch.equal(engine.stacks.layer(1)[0][4], engine.stacks.layer(1)[0][0])
 
@@ -66,8 +67,7 @@ def test_the_leader_refuses_a_plan_above_max_slots_per_rank() -> None:
 
 def test_a_switch_a_rank_could_not_start_for_memory_is_answered_422() -> None:
     engine = EPEngine(SOURCE, round_robin_plan(SHAPE.layers, SHAPE.experts, 1, 4), rank=0)
-    engine.free_bytes = lambda: 0
-    switcher = BackgroundSwitcher(engine, world_size=1, timeout_s=10.0)
+    switcher = BackgroundSwitcher(ExpertMover(engine, lambda: 0), world_size=1, timeout_s=10.0)
     switcher.start(grown())
     state = switcher.state()
     assert state is not None and state.startswith("failed: PlanError: slotsPerRank")

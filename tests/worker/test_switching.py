@@ -18,8 +18,6 @@ from worker_serving_cases import Driver, greedy, replace_plan, serve_group
 from moe_contract.plan import round_robin_plan
 from moe_contract.shape import ModelShape
 from moe_contract.switch import BACKGROUND, BLOCKING, TIMEOUT, TRANSFER_FAILED, SwitchAnswer
-from moe_worker.ep.engine import EPEngine
-from moe_worker.ep.transfer import ExpertTransfer
 from moe_worker.metrics import WorkerMetrics
 from moe_worker.serving.generation import GenerationRequest, SamplingParams
 from moe_worker.serving.leader import Leader
@@ -27,6 +25,8 @@ from moe_worker.serving.scheduler import SchedulerConfig
 from moe_worker.serving.step import StepDescriptor, StepResult, SwitchCommand
 from moe_worker.serving.traffic import TrafficSource
 from moe_worker.settings import TrafficSettings, WorkerSettings
+from moe_worker.switch.mover import ExpertMover
+from moe_worker.switch.transfer import ExpertTransfer
 
 SHAPE = ModelShape(
     layers=2, experts=4, hidden=32, ffn_hidden=48, heads=4, head_dim=8, kv_heads=2, vocab_size=80
@@ -160,9 +160,9 @@ def lead_through_failures(driver: Driver) -> dict[str, Any]:
 def flaky_rank(rank: int, world: int) -> dict[str, Any]:
     """Rank 1 fails to start switch 2 and never posts the messages of switch 3."""
     flipped: list[int] = []
-    start, flip = EPEngine.start_switch, EPEngine.flip
+    start, flip = ExpertMover.start, ExpertMover.flip
 
-    def start_switch(self: EPEngine, plan: Any, group: Any) -> ExpertTransfer:
+    def start_switch(self: ExpertMover, plan: Any, group: Any) -> ExpertTransfer:
         if rank == 1 and plan.version == 2:
             raise RuntimeError("injected transfer failure")
         if rank == 1 and plan.version == 3:  # nothing posted: rank 0 waits for its experts
@@ -173,12 +173,12 @@ def flaky_rank(rank: int, world: int) -> dict[str, Any]:
                 ExpertTransfer.post = post  # type: ignore[method-assign]
         return start(self, plan, group)
 
-    def recorded_flip(self: EPEngine, plan: Any, transfer: ExpertTransfer) -> int:
+    def recorded_flip(self: ExpertMover, plan: Any, transfer: ExpertTransfer) -> int:
         flipped.append(plan.version)
         return flip(self, plan, transfer)
 
-    EPEngine.start_switch = start_switch  # type: ignore[method-assign]  (this forked rank only)
-    EPEngine.flip = recorded_flip  # type: ignore[method-assign]
+    ExpertMover.start = start_switch  # type: ignore[method-assign]  (this forked rank only)
+    ExpertMover.flip = recorded_flip  # type: ignore[method-assign]
     results = serve_group(rank, world, SETTINGS, lead_through_failures)
     return {**results, "flipped": flipped}
 
@@ -219,20 +219,20 @@ def lead_until_killed(driver: Driver) -> dict[str, Any]:
 def dying_rank(rank: int, world: int) -> dict[str, Any]:
     """Rank 1 dies right after posting its messages of the switch."""
     flipped: list[int] = []
-    start, flip = EPEngine.start_switch, EPEngine.flip
+    start, flip = ExpertMover.start, ExpertMover.flip
 
-    def start_switch(self: EPEngine, plan: Any, group: Any) -> ExpertTransfer:
+    def start_switch(self: ExpertMover, plan: Any, group: Any) -> ExpertTransfer:
         transfer = start(self, plan, group)
         if rank == 1:
             os._exit(17)
         return transfer
 
-    def recorded_flip(self: EPEngine, plan: Any, transfer: ExpertTransfer) -> int:
+    def recorded_flip(self: ExpertMover, plan: Any, transfer: ExpertTransfer) -> int:
         flipped.append(plan.version)
         return flip(self, plan, transfer)
 
-    EPEngine.start_switch = start_switch  # type: ignore[method-assign]
-    EPEngine.flip = recorded_flip  # type: ignore[method-assign]
+    ExpertMover.start = start_switch  # type: ignore[method-assign]
+    ExpertMover.flip = recorded_flip  # type: ignore[method-assign]
     results = serve_group(rank, world, SETTINGS, lead_until_killed, expect_failure=True)
     return {**results, "flipped": flipped}
 

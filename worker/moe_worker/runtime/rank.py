@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from moe_contract.plan import PLAN_FILE_NAME, Plan, PlanError, parse_plan, round_robin_plan
 from moe_contract.plan import validate_plan as check_plan
-from moe_contract.switch import BACKGROUND, BLOCKING, NOT_READY, STALE, SwitchAnswer
+from moe_contract.switch import NOT_READY, STALE, SwitchAnswer
 from moe_worker.ep import group
 from moe_worker.ep.engine import EPEngine
 from moe_worker.ep.runner import ModelRunner
@@ -40,10 +40,11 @@ from moe_worker.runtime.loading import model_card
 from moe_worker.serving.generation import EventSink, GenerationRequest, ModelCard, NotReady
 from moe_worker.serving.leader import Leader
 from moe_worker.serving.scheduler import SchedulerConfig
-from moe_worker.serving.step import StepDescriptor, StepResult, SwitchCommand
+from moe_worker.serving.step import StepDescriptor, StepResult
 from moe_worker.serving.traffic import TrafficSource
 from moe_worker.settings import WorkerSettings
-from moe_worker.switch.switcher import BackgroundSwitcher
+from moe_worker.switch.commands import RankSwitch, Switched
+from moe_worker.switch.mover import ExpertMover
 
 log = logging.getLogger("moe_worker")
 
@@ -92,7 +93,7 @@ class Runtime:
         self._card = card or model_card(source, settings)
         self.engine: EPEngine | None = None
         self.runner: ModelRunner | None = None
-        self.switcher: BackgroundSwitcher | None = None
+        self.switch: RankSwitch | None = None
         self.metrics = WorkerMetrics(self._read_counts, self._read_held, self._read_reroutes)
         self.stopping = threading.Event()
         self.stopped = threading.Event()
@@ -171,9 +172,9 @@ class Runtime:
             world_size=s.world_size,
             max_slots_per_rank=s.max_slots_per_rank,
         )
-        engine = self.engine
-        if engine is not None and plan.version > engine.plan.version:
-            engine.check_memory(plan)
+        switch = self.switch
+        if switch is not None and plan.version > switch.mover.engine.plan.version:
+            switch.mover.check_memory(plan)
 
     def submit(self, request: GenerationRequest, on_event: EventSink) -> None:
         if self.leader is None:
@@ -246,7 +247,9 @@ class Runtime:
             s.model, s.kv_cache_tokens, block_size=KV_BLOCK_SIZE, dtype=dtype, device=device
         )
         self.runner = ModelRunner(self.engine, cache, s.rank)
-        self.switcher = BackgroundSwitcher(self.engine, s.world_size, s.switch_timeout)
+        self.switch = RankSwitch(
+            ExpertMover(self.engine), s.world_size, s.switch_timeout, self._record_switch
+        )
         if self._store is not None:  # ranks load at their own pace: wait on the startup clock
             group.wait_for_peers(self._store, "loaded", s.world_size, s.startup_timeout)
         dist.barrier()
@@ -274,12 +277,14 @@ class Runtime:
             step += 1
 
     def _execute(self, d: StepDescriptor) -> None:
-        assert self.runner is not None and self.switcher is not None
+        assert self.runner is not None and self.switch is not None
         self.runner.release(d.release)
         if d.switch is not None:
-            self._switch_step(d.switch)
+            answer = self.switch.step(d.switch)
+            if answer is not None and self.leader is not None:
+                self.leader.answer_switch(answer)
         errors = self.runner.admit(d.admit)
-        result = StepResult(errors=tuple(errors), switch=self.switcher.state())
+        result = StepResult(errors=tuple(errors), switch=self.switch.state())
         if d.chunks:
             start = time.perf_counter()
             tokens_before = self.runner.tokens_run
@@ -292,63 +297,11 @@ class Runtime:
             if self.leader is not None:
                 self.leader.complete([StepResult.from_json(t) for t in texts])
 
-    # ------------------------------------------------------------ every rank
-
-    def _switch_step(self, command: SwitchCommand) -> None:
-        """The step's part of a plan switch, before its forward: drop one, flip to one, start
-        one (background) or do one (blocking). The leader gets the answer."""
-        assert self.engine is not None and self.switcher is not None
-        answer = None
-        previous = self.engine.plan.version
-        if command.action == "abandon":
-            answer = self.switcher.abandon(command.reason or "")
-        elif command.action == "flip" and command.version is not None:
-            answer = self._switched(previous, *self.switcher.flip(command.version), mode=BACKGROUND)
-        elif command.action == "start" and command.plan is not None:
-            plan = command.plan
-            if plan.version <= previous:  # the same answer on every rank: nobody moves anything
-                answer = SwitchAnswer.refused(STALE, version=previous)
-            elif command.background:
-                self.switcher.start(plan)
-            else:
-                answer = self._blocking_switch(previous, plan)
-        if answer is not None and self.leader is not None:
-            self.leader.answer_switch(answer)
-
-    def _blocking_switch(self, previous: int, plan: Plan) -> SwitchAnswer:
-        assert self.engine is not None
-        start = time.perf_counter()
-        moved = self.engine.apply_plan(plan)
-        dist.barrier()
-        return self._switched(
-            previous, plan, moved, time.perf_counter() - start, None, mode=BLOCKING
-        )
-
-    def _switched(
-        self,
-        previous: int,
-        plan: Plan,
-        moved: int,
-        pause: float,
-        transfer_s: float | None,
-        *,
-        mode: str,
-    ) -> SwitchAnswer:
-        self.metrics.switch_pause.observe(pause)
-        self.metrics.last_switch_pause.set(pause)
-        self.metrics.experts_moved.inc(moved)
-        self.metrics.plan_version.set(plan.version)
-        # "switched plan A -> B" is what operators grep for (and the e2e suite reads).
-        log.info(
-            "rank %d switched plan %d -> %d (%s): received %d experts, serving pause %.4f s",
-            self.settings.rank,
-            previous,
-            plan.version,
-            mode,
-            moved,
-            pause,
-        )
-        return SwitchAnswer.switched(plan, pause, mode, transfer_s)
+    def _record_switch(self, switched: Switched) -> None:
+        self.metrics.switch_pause.observe(switched.pause_s)
+        self.metrics.last_switch_pause.set(switched.pause_s)
+        self.metrics.experts_moved.inc(switched.moved)
+        self.metrics.plan_version.set(switched.plan.version)
 
     def _read_counts(self) -> list[list[int]] | None:
         engine = self.engine
