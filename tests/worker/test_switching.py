@@ -18,7 +18,6 @@ from worker_serving_cases import Driver, greedy, replace_plan, serve_group
 from moe_contract.plan import round_robin_plan
 from moe_contract.shape import ModelShape
 from moe_contract.switch import BACKGROUND, BLOCKING, TIMEOUT, TRANSFER_FAILED, SwitchAnswer
-from moe_worker.metrics import WorkerMetrics
 from moe_worker.serving.generation import GenerationRequest, SamplingParams
 from moe_worker.serving.leader import Leader
 from moe_worker.serving.scheduler import SchedulerConfig
@@ -43,7 +42,7 @@ PROMPTS = [(3, 4, 5, 6, 7, 8), (9, 10), (11, 12, 13, 14, 15, 16, 17, 18, 19)]
 def leader(**options: bool) -> Leader:
     config = SchedulerConfig(world_size=2, kv_cache_tokens=64, max_context=64, vocab_size=80)
     traffic = TrafficSource(TrafficSettings(), vocab_size=80, world_size=2, seed=0)
-    return Leader(config, traffic, WorkerMetrics(lambda: None, list), **options)
+    return Leader(config, traffic, **options)
 
 
 def asked(lead: Leader, version: int, timeout: float) -> tuple[threading.Thread, list[Any]]:

@@ -117,13 +117,15 @@ class Runtime:
             traffic = TrafficSource(
                 s.traffic, vocab_size=s.model.vocab_size, world_size=s.world_size, seed=s.seed
             )
-            self.leader = Leader(
+            leader = self.leader = Leader(
                 config,
                 traffic,
-                self.metrics,
+                count_delivery=self.metrics.count_delivery,
                 background_switch=s.background_switch,
                 two_batch=s.two_batch_overlap,
             )
+            self.metrics.requests_waiting.set_function(lambda: leader.scheduler.waiting)
+            self.metrics.requests_running.set_function(lambda: leader.scheduler.running)
         self.metrics.kv_free_tokens.set_function(
             lambda: 0 if self.runner is None else self.runner.cache.free_tokens
         )

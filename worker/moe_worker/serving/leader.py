@@ -4,8 +4,9 @@ step's outcome goes.
 It owns the scheduler, the built-in traffic and the queue of plan switches the HTTP threads ask
 for. `next_step` waits (at most `IDLE_TICK`) for something to do, then turns it into a
 `StepDescriptor`; `complete` hands every rank's tokens to the scheduler and the events to the
-requests' sinks; `answer_switch` wakes the HTTP thread waiting on the switch it carried. No torch
-and no process group here: the runtime does the collectives.
+requests' sinks; `answer_switch` wakes the HTTP thread waiting on the switch it carried. No torch,
+no process group and no metrics library here: the runtime does the collectives, and counts what
+the leader delivers through `count_delivery`.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from moe_contract.plan import Plan
 from moe_contract.switch import GROUP_FAILED, STALE, TIMEOUT, SwitchAnswer
-from moe_worker.metrics import WorkerMetrics
 from moe_worker.serving.generation import AdmissionError, EventSink, GenerationRequest, TokenEvent
 from moe_worker.serving.scheduler import Delivery, Scheduler, SchedulerConfig
 from moe_worker.serving.step import Chunk, StepDescriptor, StepResult, SwitchCommand
@@ -64,21 +64,21 @@ class Leader:
         self,
         config: SchedulerConfig,
         traffic: TrafficSource,
-        metrics: WorkerMetrics,
         *,
+        count_delivery: Callable[[TokenEvent], None] = lambda event: None,
         background_switch: bool = False,
         two_batch: bool = False,
     ) -> None:
+        """`count_delivery` sees every event handed to a request's sink (the worker's metrics
+        count generated tokens and finished requests from them)."""
         self.scheduler = Scheduler(config)
-        self.traffic, self.metrics = traffic, metrics
+        self.traffic, self.count_delivery = traffic, count_delivery
         self.background_switch, self.two_batch = background_switch, two_batch
         self._transfers: _Transfers | None = None
         self._wake = threading.Event()
         self._switches: queue.Queue[Switch] = queue.Queue()
         self._switch_lock = threading.Lock()
         self._in_flight: Switch | None = None
-        metrics.requests_waiting.set_function(lambda: self.scheduler.waiting)
-        metrics.requests_running.set_function(lambda: self.scheduler.running)
 
     # ------------------------------------------------------------ HTTP threads
 
@@ -146,9 +146,7 @@ class Leader:
 
     def deliver(self, deliveries: list[Delivery]) -> None:
         for sink, event in deliveries:
-            self.metrics.generated_tokens.inc(len(event.token_ids))
-            if event.finish_reason is not None:
-                self.metrics.requests_finished.labels(event.finish_reason).inc()
+            self.count_delivery(event)
             try:
                 sink(event)
             except Exception:  # a client's callback must not stop the group
