@@ -59,10 +59,10 @@ def test_the_leader_refuses_a_plan_above_max_slots_per_rank() -> None:
     settings = settings_from_env({"MOE_WORLD_SIZE": "1", "MOE_MAX_SLOTS_PER_RANK": "4"})
     assert settings.max_slots_per_rank == 4
     settings = WorkerSettings(model=SHAPE, max_slots_per_rank=4)
-    runtime = Runtime(settings, SOURCE)
-    runtime.validate_plan(round_robin_plan(SHAPE.layers, SHAPE.experts, 1, 4, version=2))
+    backend = Runtime(settings, SOURCE).backend
+    backend.validate_plan(round_robin_plan(SHAPE.layers, SHAPE.experts, 1, 4, version=2))
     with pytest.raises(PlanError, match=r"slotsPerRank: 5 exceeds the 4 slots per rank"):
-        runtime.validate_plan(grown())
+        backend.validate_plan(grown())
 
 
 def test_a_switch_a_rank_could_not_start_for_memory_is_answered_422() -> None:

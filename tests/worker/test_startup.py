@@ -18,8 +18,8 @@ from moe_contract.shape import ModelShape
 from moe_worker.main import FlagRefused, build_parser, check_pod_flags, serve_settings
 from moe_worker.models.checkpoint import write_checkpoint
 from moe_worker.models.weights import SyntheticWeights
+from moe_worker.runtime.initial_plan import read_initial_plan
 from moe_worker.runtime.loading import ShapeMismatch, model_card, open_weights
-from moe_worker.runtime.rank import read_initial_plan
 from moe_worker.settings import WorkerSettings, settings_from_env
 
 SHAPE = ModelShape(

@@ -136,21 +136,21 @@ def test_a_blocking_leader_switches_in_one_step_and_two_batches_need_two_tokens(
 
 
 def lead_through_failures(driver: Driver) -> dict[str, Any]:
-    runtime = driver.runtime
-    plan = runtime.current_plan()
+    backend = driver.backend
+    plan = backend.current_plan()
     assert plan is not None
     results: dict[str, Any] = {
         "before": [o.tokens for o in driver.run([greedy(p, 6) for p in PROMPTS])]
     }
     running = [driver.submit(*greedy(p, 16)) for p in PROMPTS]  # served through the failures
-    results["failed"] = runtime.switch_plan(replace_plan(plan, 2, SHAPE.experts), 30).to_document()
-    timed_out = runtime.switch_plan(replace_plan(plan, 3, SHAPE.experts), 1.0)
+    results["failed"] = backend.switch_plan(replace_plan(plan, 2, SHAPE.experts), 30).to_document()
+    timed_out = backend.switch_plan(replace_plan(plan, 3, SHAPE.experts), 1.0)
     results["timed_out"] = timed_out.to_document()
     for outcome in running:
         assert outcome.done.wait(120)
     results["during"] = [(o.tokens, o.finish) for o in running]
-    results["version_after_failures"] = runtime.current_plan().version  # type: ignore[union-attr]
-    results["applied"] = runtime.switch_plan(replace_plan(plan, 4, SHAPE.experts), 60).to_document()
+    results["version_after_failures"] = backend.current_plan().version  # type: ignore[union-attr]
+    results["applied"] = backend.switch_plan(replace_plan(plan, 4, SHAPE.experts), 60).to_document()
     results["after"] = [o.tokens for o in driver.run([greedy(p, 6) for p in PROMPTS])]
     results["alone"] = [driver.run([greedy(p, 16)])[0].tokens for p in PROMPTS]
     return results
@@ -202,15 +202,15 @@ def test_failed_and_timed_out_switches_leave_every_rank_serving_the_old_plan(
 
 
 def lead_until_killed(driver: Driver) -> dict[str, Any]:
-    runtime = driver.runtime
-    plan = runtime.current_plan()
+    backend = driver.backend
+    plan = backend.current_plan()
     assert plan is not None
     running = driver.submit(*greedy(PROMPTS[2], 40))
-    answer = runtime.switch_plan(replace_plan(plan, 2, SHAPE.experts), 60)
+    answer = backend.switch_plan(replace_plan(plan, 2, SHAPE.experts), 60)
     assert running.done.wait(120)
     return {
         "answer": answer.to_document(),
-        "version": runtime.current_plan().version,  # type: ignore[union-attr]
+        "version": backend.current_plan().version,  # type: ignore[union-attr]
         "running": running.finish,
     }
 
