@@ -79,7 +79,7 @@ def test_in_a_pod_flags_may_not_override_the_operator(tmp_path: Path) -> None:
     ):
         with pytest.raises(FlagRefused, match=f"{flag} may not override"):
             check_pod_flags(parser.parse_args(argv), pod)
-    # env.USER_FLAGS stay free (the demo's extraArgs), and outside pods everything is.
+    # USER_FLAGS stay free (the demo's extraArgs), and outside pods everything is.
     allowed = ["serve", "--traffic-batch", "2", "--zipf", "1.5", "--seed", "3"]
     check_pod_flags(parser.parse_args(allowed), pod)
     check_pod_flags(parser.parse_args(["serve", "--token-file", "/t", "--layers", "3"]), {})
