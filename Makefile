@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 # The CPU build of torch lies on this machine's disk; an unpinned torch may pull a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup system-deps test lint demo bench images images-cuda clean
+.PHONY: setup system-deps test lint demo bench gpu-check gpu-wheels images images-cuda clean
 
 # The local cluster and demo tooling is its own distribution (local/), installed beside the root.
 $(VENV)/.installed: pyproject.toml local/pyproject.toml
@@ -35,6 +35,27 @@ demo: setup system-deps
 
 bench: setup
 	$(VENV)/bin/moe-worker bench
+
+# The GPU check (docs/gpu-results.md): under 8 minutes on one H100/H200, refuses without CUDA.
+# On the lent GPU machine it runs on that machine's python3 with the wheels of `make gpu-wheels`.
+GPU_CHECK_OUT ?= out/gpu-check
+GPU_CHECK_FLAGS ?=
+gpu-check:
+	bash hack/gpu-check.sh $(GPU_CHECK_OUT) $(GPU_CHECK_FLAGS)
+
+# What the GPU machine's python3 (3.12, x86-64; torch, transformers, numpy, safetensors and
+# prometheus-client there) lacks for the check: pydantic and its needs, the versions .venv has.
+GPU_WHEEL_PYTHON ?= 3.12
+GPU_WHEELS := pydantic pydantic_core annotated_types typing_inspection typing_extensions
+gpu-wheels: setup
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d .whl \
+		--python-version $(GPU_WHEEL_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 \
+		$$($(PYTHON) -c 'import importlib.metadata as m, sys; \
+			print(*(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' $(GPU_WHEELS))
+	ls .whl
 
 # Container images, built with buildah from a local Debian rootfs: no registry, no Docker engine.
 # Names and tags come from the chart (charts/moe-ep); docs/gpu-cluster.md, "Images".

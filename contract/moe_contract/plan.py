@@ -11,8 +11,15 @@ Legend for shapes: L = layers, R = ranks (world size), S = slots per rank, E = l
     gateBias[l][e]   bias added to expert e's gate score for selection only     [L][E]
     gateMaxMargin    the bias acts only on tokens whose K-th and (K+1)-th gate   scalar
                      probabilities are closer than this (`moe_worker.models.routing`)
+    ranksPerPod      ranks of one pod; the workers route tokens to replicas in    scalar
+                     their own pod where balance allows (`pod_routes`)
 
 The JSON document uses camelCase keys (`slotsPerRank`, `gateBias`) like the Kubernetes API.
+Where it is stored (the plan ConfigMap) a large plan takes its compact form (`to_stored_json`):
+`slots` and `gateBias` as little-endian uint16 / float64 arrays in base64 with their shape,
+`{"encoding": "uint16-le-base64", "shape": [L, R, S], "data": "..."}`. It is exact (the same
+plan, the same digest) and about a third of the JSON lists at DeepSeek scale; `parse_plan`
+reads both forms. The digest and the documents sent over HTTP are always the plain form.
 `slotsPerRank` may differ from the deployment's starting value: the operator grows it online, up
 to a maximum the deployment allows (`validate_plan(..., max_slots_per_rank=)`), when ranks have
 memory to spare.
@@ -20,13 +27,17 @@ memory to spare.
 
 from __future__ import annotations
 
+import array
+import base64
 import hashlib
 import json
+import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PLAN_FILE_NAME = "plan.json"
 """File name of the plan where it is mounted in a pod (the operator maps a ConfigMap key to it)."""
@@ -34,6 +45,61 @@ PLAN_FILE_NAME = "plan.json"
 MAX_PLAN_VERSION = 2**53 - 1
 """Largest plan version: exact as a JSON number (an IEEE double) and as a Kubernetes int64, so
 every reader (the CRD's status, Prometheus gauges, JavaScript clients) sees the same number."""
+
+
+COMPACT_FROM_BYTES = 256 * 1024
+"""A plan whose plain JSON is larger goes into its ConfigMap in the compact form."""
+SLOTS_ENCODING = "uint16-le-base64"
+BIAS_ENCODING = "float64-le-base64"
+_TYPECODES = {SLOTS_ENCODING: "H", BIAS_ENCODING: "d"}
+
+
+def _flatten(nested: Any, depth: int) -> list[Any]:
+    values = list(nested)
+    for _ in range(depth - 1):
+        values = [item for row in values for item in row]
+    return values
+
+
+def _encode(encoding: str, nested: Any, depth: int) -> dict[str, Any]:
+    """`nested` (a regular table `depth` deep) as a compact array."""
+    shape, level = [], nested
+    for _ in range(depth):
+        shape.append(len(level))
+        level = level[0] if len(level) else ()
+    packed = array.array(_TYPECODES[encoding], _flatten(nested, depth))
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return {"encoding": encoding, "shape": shape, "data": base64.b64encode(packed).decode()}
+
+
+def _decode(value: dict[str, Any], encoding: str, depth: int) -> Any:
+    """The nested lists of a compact array; ValueError says what does not fit."""
+    if value.get("encoding") != encoding:
+        raise ValueError(f"encoding must be {encoding!r}, got {value.get('encoding')!r}")
+    shape = value.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) != depth
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)
+    ):
+        raise ValueError(f"shape must be {depth} positive integers, got {shape!r}")
+    try:
+        raw = base64.b64decode(str(value.get("data", "")), validate=True)
+    except ValueError:
+        raise ValueError("data is not base64") from None
+    packed = array.array(_TYPECODES[encoding])
+    if len(raw) != math.prod(shape) * packed.itemsize:
+        raise ValueError(
+            f"data holds {len(raw)} bytes, shape {shape} needs {math.prod(shape) * packed.itemsize}"
+        )
+    packed.frombytes(raw)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    nested: list[Any] = packed.tolist()
+    for size in reversed(shape[1:]):
+        nested = [nested[start : start + size] for start in range(0, len(nested), size)]
+    return nested
 
 
 class PlanError(ValueError):
@@ -74,6 +140,16 @@ class Plan(BaseModel):
         ),
     )
     method: str = Field(default="RoundRobin", description="The planner that produced this plan.")
+    ranks_per_pod: int | None = Field(
+        default=None,
+        alias="ranksPerPod",
+        ge=1,
+        description=(
+            "Ranks of one pod (rank r in pod r // ranksPerPod): the workers keep a token in its "
+            "pod up to the share of the expert's replicas the pod holds (`pod_routes`); absent: "
+            "every expert's tokens spread over all its replicas."
+        ),
+    )
 
     @property
     def num_layers(self) -> int:
@@ -97,6 +173,33 @@ class Plan(BaseModel):
 
     def to_json(self) -> str:
         return json.dumps(self.to_document(), separators=(",", ":"))
+
+    def to_compact_document(self) -> dict[str, Any]:
+        """The document with `slots` and `gateBias` as base64 arrays (see the module)."""
+        document = self.to_document()
+        document["slots"] = _encode(SLOTS_ENCODING, self.slots, 3)
+        if self.gate_bias is not None:
+            document["gateBias"] = _encode(BIAS_ENCODING, self.gate_bias, 2)
+        return document
+
+    def to_stored_json(self) -> str:
+        """What the plan ConfigMap stores: the plain JSON, or the compact form where the plain
+        one is over `COMPACT_FROM_BYTES` (only plans that large, which older workers could not
+        have been given, ever take it)."""
+        plain = self.to_json()
+        if len(plain) <= COMPACT_FROM_BYTES:
+            return plain
+        return json.dumps(self.to_compact_document(), separators=(",", ":"))
+
+    @field_validator("slots", mode="before")
+    @classmethod
+    def _decoded_slots(cls, value: Any) -> Any:
+        return _decode(value, SLOTS_ENCODING, 3) if isinstance(value, dict) else value
+
+    @field_validator("gate_bias", mode="before")
+    @classmethod
+    def _decoded_bias(cls, value: Any) -> Any:
+        return _decode(value, BIAS_ENCODING, 2) if isinstance(value, dict) else value
 
     def digest(self) -> str:
         """SHA-256 of the canonical document: two plans with one version and different contents
@@ -153,6 +256,11 @@ def validate_plan(
         )
     if plan.num_layers != num_layers:
         raise PlanError(f"slots: has {plan.num_layers} layers, the model has {num_layers}")
+    if plan.ranks_per_pod is not None and world_size % plan.ranks_per_pod:
+        raise PlanError(
+            f"ranksPerPod: {plan.ranks_per_pod} does not divide the world size {world_size}; "
+            "use the deployment's worker.ranksPerPod"
+        )
     for layer, layer_slots in enumerate(plan.slots):
         if len(layer_slots) != world_size:
             raise PlanError(
@@ -281,3 +389,50 @@ def plan_transfers(old: Plan, new: Plan) -> list[Transfer]:
                 sources = holders[expert]
                 transfers.append(Transfer(layer, expert, sources[rank % len(sources)], rank))
     return sorted(transfers, key=lambda t: (t.layer, t.expert, t.src, t.dst))
+
+
+# ---------------------------------------------------------------- routing by pod
+
+
+def pod_routes(
+    layer: LayerSlots, ranks_per_pod: int, pod: int
+) -> dict[int, list[tuple[int, float]]]:
+    """Where the ranks of `pod` send each expert's tokens: expert -> [(global slot, share)].
+
+    Every rank is taken to send each expert the same share of its tokens, so each of the P pods
+    sends 1 / P of expert e's tokens, and its n_p replicas (c in all) must carry n_p / c of them
+    for every replica to carry 1 / c, the even split the planner balances for. A pod keeps its
+    tokens at home up to that: the share min(1, P n_p / c) goes to its own replicas, evenly;
+    the rest to the pods whose replicas need more than their own pod sends (n_q / c > 1 / P),
+    in proportion to what they lack. So the fraction of e's tokens that leave their pod is
+    sum_p max(0, 1 / P - n_p / c), the least any routing with even replica loads allows.
+
+    Args:
+        layer: [R][S] the layer's slots (global slot of rank r, slot k: r * S + k).
+        ranks_per_pod: ranks of one pod; R must be a multiple of it.
+        pod: the sending pod.
+    Returns:
+        per expert its (global slot, share) pairs, shares summing to 1.
+    """
+    ranks, per_rank = len(layer), len(layer[0])
+    pods = ranks // ranks_per_pod
+    places: dict[int, list[list[int]]] = {}
+    for rank, rank_slots in enumerate(layer):
+        for slot, expert in enumerate(rank_slots):
+            by_pod = places.setdefault(expert, [[] for _ in range(pods)])
+            by_pod[rank // ranks_per_pod].append(rank * per_rank + slot)
+    routes: dict[int, list[tuple[int, float]]] = {}
+    for expert, by_pod in places.items():
+        count = sum(len(slots) for slots in by_pod)
+        home = min(1.0, pods * len(by_pod[pod]) / count)
+        lacking = [max(0.0, len(slots) / count - 1 / pods) for slots in by_pod]
+        total_lack = sum(lacking)
+        shares: list[tuple[int, float]] = []
+        for other, slots in enumerate(by_pod):
+            if other == pod:
+                part = home
+            else:
+                part = (1 - home) * lacking[other] / total_lack if total_lack > 0 else 0.0
+            shares += [(slot, part / len(slots)) for slot in slots if part > 0]
+        routes[expert] = shares
+    return routes

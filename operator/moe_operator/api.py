@@ -660,6 +660,17 @@ class MetricsSpec(ApiModel):
     prometheus_url: str = Field(
         "", description="Base URL of the Prometheus HTTP API; required when source is Prometheus."
     )
+    expert_series: Literal["PerRank", "PerLayer"] = Field(
+        "PerRank",
+        description=(
+            "What Prometheus keeps of the workers' token counters. PerRank: a series per (rank, "
+            "layer, expert the rank holds), L x R x S (18,560 for 58 layers on EP64 with 5 slots "
+            "per rank). PerLayer: a series per (rank, layer), L x R (3,712); the per-expert "
+            "series are dropped at scrape (the worker pods are labelled "
+            "moe-ep.io/expert-series=PerLayer), the operator still reads them from the workers, "
+            "so it needs source Direct. Changing it restarts the group (a pod template label)."
+        ),
+    )
 
 
 class MoEDeploymentSpec(ApiModel):

@@ -8,26 +8,42 @@ negative or non-finite value — is an error, never a partial snapshot: deciding
 partial data is worse than skipping one evaluation. Rerouted counters that are absent (workers
 of an older image, a Prometheus without them) are no error: the price of a gate bias is then
 unknown, and the planner falls back to its growth limit.
+
+At scale (256 ranks): pods are read `READ_CONCURRENCY` at a time, each within `timeout`
+seconds all told (a pod that trickles its body is cut off, not waited for), and the whole read
+within `deadline`: a slow rank costs one skipped evaluation, never a stalled control step. Each
+body is parsed once, for all of its pod's ranks (`exposition`), in the thread that fetched it.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import math
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
+from moe_operator.exposition import (
+    PLAN_VERSION_METRIC,
+    RANK_LABEL,
+    REROUTED_METRIC,
+    TOKENS_METRIC,
+    ExpositionError,
+    RankReading,
+    parse_ranks,
+)
 
-TOKENS_METRIC = "moe_expert_tokens_total"
-REROUTED_METRIC = "moe_gate_rerouted_total"
-PLAN_VERSION_METRIC = "moe_plan_version"
-RANK_LABEL = "rank"  # on every worker series (`moe_worker.metrics.RANK_LABEL`)
+__all__ = ["PLAN_VERSION_METRIC", "REROUTED_METRIC", "TOKENS_METRIC"]
+
 MAX_BODY_BYTES = 4 * 1024 * 1024
+READ_CONCURRENCY = 32
+"""Pods read at once: enough to read 256 ranks in a few round trips, few enough threads."""
+CHUNK_BYTES = 64 * 1024
 Counters = dict[tuple[int, int], float]  # (layer, logical expert) -> tokens
 Rerouted = dict[int, float]  # layer -> top-K assignments the gate bias moved off the model's choice
 PROMETHEUS_FAILED = (
@@ -77,65 +93,82 @@ def _label_int(labels: Mapping[str, str], key: str, limit: int, where: str) -> i
     return int(raw)
 
 
+def _reading(text: str, ranks: range, *, where: str, **options: Any) -> dict[int, RankReading]:
+    try:
+        return parse_ranks(text, ranks, where=where, **options)
+    except ExpositionError as error:
+        raise LoadReadError(str(error)) from None
+
+
 def parse_exposition(
     text: str, *, num_layers: int, num_experts: int, where: str, rank: int | None = None
 ) -> tuple[Counters, int | None]:
     """Counters and plan version from Prometheus text exposition; strict about every sample.
     `rank`: only the samples of that rank (a pod of several labels each series with its
     `rank`); samples without the label count too (a worker of one rank per pod before it)."""
-    counters: Counters = {}
-    plan_version: int | None = None
-    try:
-        families = list(text_string_to_metric_families(text))
-    except Exception as error:  # the parser raises several types on garbage
-        raise LoadReadError(f"{where}: malformed metrics text ({type(error).__name__})") from None
-    for family in families:
-        for sample in family.samples:
-            if rank is not None and sample.labels.get(RANK_LABEL, str(rank)) != str(rank):
-                continue
-            if sample.name == PLAN_VERSION_METRIC:
-                plan_version = int(sample.value) if math.isfinite(sample.value) else None
-            if sample.name != TOKENS_METRIC:
-                continue
-            if not math.isfinite(sample.value) or sample.value < 0:
-                raise LoadReadError(f"{where}: {TOKENS_METRIC} has value {sample.value}")
-            key = (
-                _label_int(sample.labels, "layer", num_layers, where),
-                _label_int(sample.labels, "expert", num_experts, where),
-            )
-            counters[key] = counters.get(key, 0.0) + sample.value
-    return counters, plan_version
+    mine = 0 if rank is None else rank
+    reading = _reading(
+        text,
+        range(mine, mine + 1),
+        num_layers=num_layers,
+        num_experts=num_experts,
+        where=where,
+        any_rank=rank is None,
+    )[mine]
+    return reading.counters, reading.plan_version
 
 
 def parse_rerouted(text: str, *, num_layers: int, where: str, rank: int | None = None) -> Rerouted:
-    """`moe_gate_rerouted_total` per layer from exposition text already checked by
-    `parse_exposition`; strict about every sample it reads; `rank` as there."""
-    rerouted: Rerouted = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if rank is not None and sample.labels.get(RANK_LABEL, str(rank)) != str(rank):
-                continue
-            if sample.name != REROUTED_METRIC:
-                continue
-            if not math.isfinite(sample.value) or sample.value < 0:
-                raise LoadReadError(f"{where}: {REROUTED_METRIC} has value {sample.value}")
-            layer = _label_int(sample.labels, "layer", num_layers, where)
-            rerouted[layer] = rerouted.get(layer, 0.0) + sample.value
-    return rerouted
+    """`moe_gate_rerouted_total` per layer from exposition text; strict about every sample it
+    reads; `rank` as for `parse_exposition`."""
+    mine = 0 if rank is None else rank
+    reading = _reading(
+        text,
+        range(mine, mine + 1),
+        num_layers=num_layers,
+        num_experts=0,
+        where=where,
+        any_rank=rank is None,
+        metrics=(REROUTED_METRIC,),
+    )
+    return reading[mine].rerouted
 
 
 def _fetch(url: str, timeout: float, opener: urllib.request.OpenerDirector | None = None) -> str:
+    """The body at `url`, within `timeout` seconds all told (not per socket operation)."""
+    started = time.monotonic()
+    chunks: list[bytes] = []
+    size = 0
     try:
         with (opener or _DIRECT_OPENER).open(url, timeout=timeout) as response:
-            body = response.read(MAX_BODY_BYTES + 1)
+            while size <= MAX_BODY_BYTES:
+                if time.monotonic() - started > timeout:
+                    raise TimeoutError(f"body not read within {timeout:g} s")
+                chunk = response.read1(CHUNK_BYTES)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
     except Exception as error:
         raise LoadReadError(f"{url}: {type(error).__name__}: {str(error)[:120]}") from None
-    if len(body) > MAX_BODY_BYTES:
+    if size > MAX_BODY_BYTES:
         raise LoadReadError(f"{url}: response larger than {MAX_BODY_BYTES} bytes")
     try:
-        return body.decode("utf-8")
+        return b"".join(chunks).decode("utf-8")
     except UnicodeDecodeError:
         raise LoadReadError(f"{url}: response is not UTF-8 text") from None
+
+
+def _read_pod(
+    target: Target, timeout: float, num_layers: int, num_experts: int
+) -> dict[int, RankReading]:
+    ranks = range(target.rank, target.rank + target.ranks)
+    where = f"rank {target.rank}" if target.ranks == 1 else f"ranks {ranks.start}..{ranks.stop - 1}"
+    try:
+        body = _fetch(target.url, timeout)
+    except LoadReadError as error:
+        raise LoadReadError(f"{where}: {error}") from None
+    return _reading(body, ranks, num_layers=num_layers, num_experts=num_experts, where=where)
 
 
 def read_direct(
@@ -145,8 +178,16 @@ def read_direct(
     num_layers: int,
     num_experts: int,
     timeout: float = 3.0,
+    deadline: float | None = None,
+    concurrency: int = READ_CONCURRENCY,
 ) -> CounterSnapshot:
-    """Scrape every pod's /metrics in parallel; all ranks or nothing."""
+    """Scrape every pod's /metrics, `concurrency` at a time; all ranks or nothing.
+
+    Args:
+        timeout: seconds one pod may take, connection and whole body.
+        deadline: seconds the whole read may take (default: two rounds of `timeout`); pods not
+            read by then fail the read, and their threads end within their own timeout.
+    """
     targets = sorted(targets, key=lambda target: target.rank)
     ranks = [target.rank + local for target in targets for local in range(target.ranks)]
     if sorted(set(ranks)) != list(range(world_size)):
@@ -156,22 +197,47 @@ def read_direct(
             if missing
             else f"duplicate ranks among pods: {ranks}"
         )
-    with ThreadPoolExecutor(max_workers=min(16, len(targets))) as pool:
-        bodies = list(pool.map(lambda target: _fetch(target.url, timeout), targets))
+    limit = 2 * timeout if deadline is None else deadline
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(targets))))
+    try:
+        futures = {
+            pool.submit(_read_pod, target, timeout, num_layers, num_experts): target
+            for target in targets
+        }
+        done, late = concurrent.futures.wait(futures, timeout=limit)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    if late:
+        slow = sorted(futures[future].rank for future in late)
+        raise LoadReadError(
+            f"pods of ranks {slow[:8]}{' ...' if len(slow) > 8 else ''} not read within "
+            f"{limit:g} s (timed out)"
+        )
     counters: dict[int, Counters] = {}
     versions: dict[int, int] = {}
     rerouted: dict[int, Rerouted] = {}
-    for target, body in zip(targets, bodies, strict=True):
-        for rank in range(target.rank, target.rank + target.ranks):
-            where = f"rank {rank}"
-            parsed, version = parse_exposition(
-                body, num_layers=num_layers, num_experts=num_experts, where=where, rank=rank
-            )
-            counters[rank] = parsed
-            rerouted[rank] = parse_rerouted(body, num_layers=num_layers, where=where, rank=rank)
-            if version is not None:
-                versions[rank] = version
+    for future in sorted(done, key=lambda future: futures[future].rank):
+        for rank, reading in future.result().items():  # raises the pod's LoadReadError
+            counters[rank], rerouted[rank] = reading.counters, reading.rerouted
+            if reading.plan_version is not None:
+                versions[rank] = reading.plan_version
     return CounterSnapshot(counters=counters, plan_versions=versions, rerouted=rerouted)
+
+
+def layer_tokens(
+    previous: CounterSnapshot, current: CounterSnapshot, num_layers: int
+) -> dict[int, list[float]]:
+    """rank -> [L] tokens it processed in each layer over the window (one pass; keys outside
+    the L layers are left to `detection.counter_deltas` to refuse)."""
+    tokens: dict[int, list[float]] = {}
+    for rank, counters in current.counters.items():
+        old = previous.counters.get(rank, {})
+        per_layer = [0.0] * num_layers
+        for key, value in counters.items():
+            if 0 <= key[0] < num_layers:
+                per_layer[key[0]] += value - old.get(key, 0.0)
+        tokens[rank] = per_layer
+    return tokens
 
 
 def prometheus_query(namespace: str, name: str) -> str:

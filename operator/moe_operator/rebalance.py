@@ -24,7 +24,7 @@ from typing import Protocol
 from moe_contract.plan import MAX_PLAN_VERSION, Plan
 from moe_operator.api import MoEDeploymentSpec, RebalanceRecord
 from moe_operator.handoff import HandoffError, HandoffResult, PlanRefused, Served
-from moe_operator.loads import CounterSnapshot, LoadReadError
+from moe_operator.loads import CounterSnapshot, LoadReadError, layer_tokens
 from moe_operator.perf import predicted_gain
 from moe_operator.perf.profiles import load_profile
 from moe_operator.perf.types import Layout, Profile
@@ -86,18 +86,9 @@ def rank_layer_imbalance(
     previous: CounterSnapshot, current: CounterSnapshot, num_layers: int
 ) -> tuple[float, ...]:
     """Measured imbalance per layer [L]: max over ranks / mean over ranks of tokens processed."""
-    per_layer = []
-    for layer in range(num_layers):
-        rank_loads = [
-            sum(
-                value - previous.counters[rank].get(key, 0.0)
-                for key, value in counters.items()
-                if key[0] == layer
-            )
-            for rank, counters in sorted(current.counters.items())
-        ]
-        per_layer.append(imbalance(rank_loads))
-    return tuple(per_layer)
+    tokens = layer_tokens(previous, current, num_layers)
+    ranks = sorted(tokens)
+    return tuple(imbalance([tokens[rank][layer] for rank in ranks]) for layer in range(num_layers))
 
 
 def rerouted_fractions(
@@ -108,19 +99,19 @@ def rerouted_fractions(
     rank's `moe_expert_tokens_total`: each assignment is processed by exactly one slot). None
     for a layer some rank did not count in both snapshots (a worker without the counter, or
     restarted), or without traffic."""
+    tokens = layer_tokens(previous, current, num_layers)
     fractions: list[float | None] = []
     for layer in range(num_layers):
-        rerouted, tokens, known = 0.0, 0.0, True
-        for rank, counters in current.counters.items():
+        rerouted, known = 0.0, True
+        for rank in current.counters:
             now = current.rerouted.get(rank, {}).get(layer)
             before = previous.rerouted.get(rank, {}).get(layer)
             known = known and now is not None and before is not None and now >= before
             if known:
                 assert now is not None and before is not None
                 rerouted += now - before
-            old = previous.counters.get(rank, {})
-            tokens += sum(v - old.get(key, 0.0) for key, v in counters.items() if key[0] == layer)
-        fractions.append(rerouted / tokens if known and tokens > 0 else None)
+        total = sum(tokens[rank][layer] for rank in current.counters)
+        fractions.append(rerouted / total if known and total > 0 else None)
     return tuple(fractions)
 
 
@@ -141,15 +132,28 @@ def _profile(device: str) -> Profile:
 
 
 def predicted_effect(
-    spec: MoEDeploymentSpec, before: float, after: float, moved: int
+    spec: MoEDeploymentSpec,
+    before: float,
+    after: float,
+    moved: int,
+    cross_pod: tuple[float | None, float | None] = (None, None),
 ) -> tuple[float, float]:
-    """(throughput gain, seconds to move the slots) by the performance model; (1, 0) if unknown."""
+    """(throughput gain, seconds to move the slots) by the performance model; (1, 0) if unknown.
+    `cross_pod`: the plans' predicted cross-pod fractions before and after (None: uniform)."""
     shape = spec.model.to_shape()
     layout = Layout(ep=spec.parallelism.expert, slots_per_rank=spec.placement.slots_per_rank)
     bytes_per_slot = shape.expert_params * shape.dtype_bytes
     try:
         return predicted_gain(
-            shape, layout, _profile(spec.worker.device), before, after, moved, bytes_per_slot
+            shape,
+            layout,
+            _profile(spec.worker.device),
+            before,
+            after,
+            moved,
+            bytes_per_slot,
+            cross_before=cross_pod[0],
+            cross_after=cross_pod[1],
         )
     except (ValueError, OSError, ZeroDivisionError) as error:
         logger.warning("performance model unavailable: %s", error)
@@ -375,6 +379,7 @@ def _evaluate(
         method=spec.rebalancing.method,
         gating_options=gating_options(spec),
         rerouted_fraction=list(fractions) or None,
+        ranks_per_pod=spec.worker.local_ranks(),
     )
     if not result.changed:
         if not upkeep:  # upkeep that changes nothing is no news
@@ -386,7 +391,11 @@ def _evaluate(
         return
     new_plan = result.plan.with_version(version)
     gain, move = predicted_effect(
-        spec, result.imbalance_before, result.imbalance_after, result.slots_moved
+        spec,
+        result.imbalance_before,
+        result.imbalance_after,
+        result.slots_moved,
+        (result.cross_pod_before, result.cross_pod_after),
     )
     record = RebalanceRecord(
         time=_iso(now),

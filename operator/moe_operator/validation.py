@@ -15,6 +15,7 @@ schema change. Three families of rules:
 
 from __future__ import annotations
 
+import math
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from moe_contract import env as worker_env
+from moe_contract.plan import COMPACT_FROM_BYTES
 from moe_contract.settings import USER_FLAGS
 from moe_operator import kuberules
 from moe_operator.api import MoEDeploymentSpec
@@ -376,7 +378,16 @@ def extra_args_problems(args: list[str]) -> list[SpecProblem]:
 
 def prometheus_url_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
     """The operator sends queries to this URL: http(s) to a host, nothing else (no file:, no
-    credentials in the spec, no query of the user's own)."""
+    credentials in the spec, no query of the user's own). PerLayer series leave Prometheus
+    without the per-expert counters the operator would query."""
+    if spec.metrics.expert_series == "PerLayer" and spec.metrics.source == "Prometheus":
+        return [
+            SpecProblem(
+                "metrics.expertSeries",
+                "PerLayer keeps the per-expert token counters out of Prometheus, where source "
+                "Prometheus would read them; use source Direct, or expertSeries PerRank",
+            )
+        ]
     url = spec.metrics.prometheus_url
     if spec.metrics.source != "Prometheus" and not url:
         return []
@@ -627,19 +638,27 @@ def _resource_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
 
 
 def plan_bytes_bound(spec: MoEDeploymentSpec) -> tuple[int, int]:
-    """Upper bounds of the plan document's (slot table, gate bias) bytes, without building it.
+    """Upper bounds of the stored plan document's (slot table, gate bias) bytes, without
+    building it.
 
-    slots [L][R][S]: each entry at most the digits of E-1 and a comma, each list its brackets
-    and comma; gateBias [L][E] (only a planner that may bias routing writes it): a float each.
+    Plain JSON: slots [L][R][S], each entry at most the digits of E-1 and a comma, each list its
+    brackets and comma; gateBias [L][E] (only a planner that may bias routing writes it): a float
+    each. Above `COMPACT_FROM_BYTES` the ConfigMap stores the compact form instead
+    (`Plan.to_stored_json`): 2 bytes a slot and 8 a bias, in base64 (4 characters for 3 bytes).
     """
     layers, experts = spec.model.layers, spec.model.experts_per_layer
     world, slots = spec.parallelism.world_size, spec.placement.most_slots_per_rank  # grown
     digits = len(str(max(experts - 1, 0)))
     table = layers * world * slots * (digits + 1) + layers * world * 3 + layers * 3 + 200
     bias = 0
-    if spec.rebalancing.method != "Replace":
+    biased = spec.rebalancing.method != "Replace"
+    if biased:
         bias = layers * experts * _FLOAT_BYTES + layers * 3 + 20
-    return table, bias
+    if table + bias <= COMPACT_FROM_BYTES:
+        return table, bias
+    compact_table = 4 * math.ceil(layers * world * slots * 2 / 3) + 300
+    compact_bias = 4 * math.ceil(layers * experts * 8 / 3) + 100 if biased else 0
+    return compact_table, compact_bias
 
 
 def size_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:

@@ -26,6 +26,8 @@ class PodWorkers:
     namespace: str
     name: str
     token: Callable[[], str | None]
+    read_timeout: float = 3.0
+    """Seconds one pod's /metrics may take; the whole read at most twice that."""
 
     @functools.cached_property
     def _addresses(self) -> dict[int, str]:
@@ -66,6 +68,7 @@ class PodWorkers:
             world_size=self.spec.parallelism.world_size,
             num_layers=model.layers,
             num_experts=model.experts_per_layer,
+            timeout=self.read_timeout,
         )
 
     def serving(self) -> handoff.Served:

@@ -50,6 +50,15 @@ def test_environment_carries_rank_source_world_master_and_plan_path() -> None:
     assert env[worker_env.BACKEND] == "nccl"
 
 
+def test_per_layer_series_label_the_pods_and_per_rank_leaves_the_template_alone() -> None:
+    per_rank = children.build_statefulset("a", "ns", _spec())
+    assert children.EXPERT_SERIES_LABEL not in per_rank["spec"]["template"]["metadata"]["labels"]
+    per_layer = children.build_statefulset("a", "ns", _spec(metrics={"expertSeries": "PerLayer"}))
+    labels = per_layer["spec"]["template"]["metadata"]["labels"]
+    assert labels[children.EXPERT_SERIES_LABEL] == "PerLayer"
+    assert children.EXPERT_SERIES_LABEL not in per_layer["spec"]["selector"]["matchLabels"]
+
+
 def test_selector_matches_template_and_service_selects_the_pods() -> None:
     sts = children.build_statefulset("a", "ns", _spec())
     svc = children.build_service("a", _spec())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 from collections.abc import Iterator
 from typing import ClassVar
 
@@ -59,13 +60,33 @@ def test_hostile_or_malformed_text_is_refused(text: str, reason: str) -> None:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     bodies: ClassVar[dict[str, bytes]] = {}
+    in_flight: ClassVar[list[int]] = [0, 0]  # now, most at once
+    lock = threading.Lock()
 
     def do_GET(self) -> None:
+        with self.lock:
+            self.in_flight[0] += 1
+            self.in_flight[1] = max(self.in_flight)
+        try:
+            self._answer()
+        finally:
+            with self.lock:
+                self.in_flight[0] -= 1
+
+    def _answer(self) -> None:
         body = self.bodies.get(self.path, b"")
         if self.path == "/hang":
             threading.Event().wait(2)
+        if self.path.startswith("/slow"):
+            threading.Event().wait(0.05)
         self.send_response(200 if self.path in self.bodies else 404)
         self.end_headers()
+        if self.path == "/trickle":  # a byte at a time, never a pause long enough to time out
+            for byte in body:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                threading.Event().wait(0.02)
+            return
         self.wfile.write(body)
 
     def log_message(self, *_: object) -> None:
@@ -172,3 +193,48 @@ def test_prometheus_errors_read_the_same_whatever_listens(server: str) -> None:
     finally:
         redirect.shutdown()
     assert messages == {PROMETHEUS_FAILED}
+
+
+def test_a_trickling_worker_is_cut_off_within_its_timeout(server: str) -> None:
+    _Handler.bodies = {"/a": GOOD.encode(), "/trickle": GOOD.encode() * 4}
+    started = time.monotonic()
+    with pytest.raises(LoadReadError, match=r"(?i)timed? ?out|within"):
+        read_direct(
+            [Target(0, f"{server}/a"), Target(1, f"{server}/trickle")],
+            world_size=2,
+            num_layers=2,
+            num_experts=4,
+            timeout=0.3,
+        )
+    assert time.monotonic() - started < 1.5  # the whole body would take ~10 s
+
+
+def test_a_slow_rank_never_holds_the_read_past_its_deadline(server: str) -> None:
+    _Handler.bodies = {"/a": GOOD.encode(), "/hang": GOOD.encode()}
+    started = time.monotonic()
+    with pytest.raises(LoadReadError, match=r"ranks \[1\] not read within 0.2 s"):
+        read_direct(
+            [Target(0, f"{server}/a"), Target(1, f"{server}/hang")],
+            world_size=2,
+            num_layers=2,
+            num_experts=4,
+            timeout=1.0,
+            deadline=0.2,
+        )
+    assert time.monotonic() - started < 0.8
+
+
+def test_pods_are_read_a_bounded_number_at_a_time_and_each_body_once(server: str) -> None:
+    pod = "".join(
+        f'moe_expert_tokens_total{{rank="{rank}",layer="0",expert="{rank}"}} {rank + 1}\n'
+        for rank in range(4)
+    )
+    _Handler.bodies = {f"/slow{pod_index}": pod.encode() for pod_index in range(12)}
+    _Handler.in_flight[:] = [0, 0]
+    # 12 pods of 4 ranks; each pod's body names ranks 0..3, as a pod at ordinal 0 would: the
+    # reader keeps the samples of the pod's own ranks only
+    targets = [Target(4 * index, f"{server}/slow{index}", 4) for index in range(12)]
+    snapshot = read_direct(targets, world_size=48, num_layers=1, num_experts=48, concurrency=3)
+    assert 1 <= _Handler.in_flight[1] <= 3
+    assert snapshot.counters[2] == {(0, 2): 3.0}
+    assert snapshot.counters[5] == {}  # pod 1's body labels ranks 0..3, none of 4..7

@@ -110,6 +110,18 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
         {"metrics": {"source": "Prometheus", "prometheusUrl": "http://u:p@prom:9090"}},
         "metrics.prometheusUrl",
     ),
+    # issue 21, item 5: PerLayer keeps the per-expert counters out of Prometheus
+    (
+        "per-layer series from prometheus",
+        {
+            "metrics": {
+                "source": "Prometheus",
+                "prometheusUrl": "http://prom:9090",
+                "expertSeries": "PerLayer",
+            }
+        },
+        "metrics.expertSeries",
+    ),
     # issue 11, item 3: products within per-field limits that no ConfigMap could hold
     (
         "oversized plan",

@@ -182,3 +182,31 @@ def test_cli_uses_the_calibrated_overlap_unless_told(tmp_path, capsys):
     assert runs["none"]["assumptions"]["overlap"] == 0.0
     ep16 = {k: r["predictions"][0]["tokens_per_s"] for k, r in runs.items()}
     assert ep16["calibrated"] > ep16["none"] == pytest.approx(ep16["plain"])
+
+
+def test_a_document_with_a_calibration_block_is_read_from_it_alone(h100):
+    """gpu-check.json: the block `make gpu-check` writes first, and many other figures besides
+    (rates under names calibrate would otherwise match) that must not count."""
+    doc = {
+        "calibration": {
+            "matmul_tflops": 700.0,
+            "expert_tflops": 560.0,
+            "moe_fraction_of_matmul": 0.8,
+            "attention_tflops": 450.0,
+            "overlap_efficiency": 0.6,
+        },
+        "parts": {
+            "grouped": {"cases": {"x": {"dense_tflops": 900.0, "moe_tflops": 880.0}}},
+            "serving": {"moe_ep": {"1": {"output_tokens_per_s": 5.0}}},
+            "overlap": {"links": {"nvlink": {"efficiency": 0.1}}},
+        },
+    }
+    cal = calibrate(h100, bench=doc, gpu_check=doc)
+    hw = cal.profile.hardware
+    assert hw.matmul_efficiency == pytest.approx(700e12 / 989.4e12)
+    assert hw.expert_efficiency == pytest.approx(560e12 / 989.4e12)
+    assert hw.attention_efficiency == pytest.approx(450e12 / 989.4e12)
+    assert hw.overlap_efficiency == pytest.approx(0.6)
+    measured = dict(cal.measured)
+    assert measured["moe_vs_matmul"] == pytest.approx(0.8)
+    assert "tokens_per_s_ep" not in measured

@@ -187,3 +187,21 @@ def test_python_dash_m(tmp_path: Path) -> None:
     )
     assert failed.returncode == 2 and failed.stdout == ""
     assert "cannot hold 4 experts" in failed.stderr
+
+
+def test_ranks_per_pod_routes_by_pod_and_reports_the_cross_pod_fraction(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    loads = write(tmp_path, "loads.json", LOADS)
+    argv = ["--loads", str(loads), "--ranks", "4", "--slots-per-rank", "2"]
+    assert main([*argv, "--ranks-per-pod", "2"]) == 0
+    out, err = capsys.readouterr()
+    plan = parse_plan(out)
+    assert plan.ranks_per_pod == 2
+    # round-robin, no pods: every expert's tokens spread over all replicas, half leave the pod
+    found = re.search(r"cross-pod (\d+\.\d)% -> (\d+\.\d)% of assignments", err)
+    assert found, err
+    before, after = map(float, found.groups())
+    assert before == 50.0 and after < before
+    assert main([*argv, "--ranks-per-pod", "3"]) == 2
+    assert "ranksPerPod: 3 does not divide the 4 ranks" in capsys.readouterr().err

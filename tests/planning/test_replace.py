@@ -1,4 +1,8 @@
-"""Replace: invariants (property tests) and hand cases of the balance-versus-moves trade-off."""
+"""Replace: invariants (property tests) and hand cases of the balance-versus-moves trade-off.
+
+The hand cases run the operator's planner (`planning.replace`); the tests of the count and
+alignment helpers run the reference implementation (`planning.reference`), whose numpy forms
+test_replace_fast.py holds equal to it."""
 
 from __future__ import annotations
 
@@ -10,17 +14,19 @@ from hypothesis import strategies as st
 from moe_contract.plan import Plan, moved_experts, validate_plan
 from moe_operator.planning.placement import rank_loads
 from moe_operator.planning.planners import REPLACE, plan_rebalance
-from moe_operator.planning.replace import (
-    ReplaceOptions,
-    align,
-    balanced_counts,
-    count_path,
-    replace_layer,
-)
+from moe_operator.planning.reference import align, balanced_counts, count_path
+from moe_operator.planning.replace import ReplaceOptions, replace_slots
 
 from .strategies import Case, cases
 
 RELATIVE = 1e-9
+
+
+def replace_layer(
+    current: tuple[tuple[int, ...], ...], load: list[float], options: ReplaceOptions
+) -> tuple[tuple[int, ...], ...]:
+    """One layer through the operator's planner."""
+    return replace_slots([current], [load], options).as_tuples()[0]
 
 
 def _replace(case: Case, gain: float = 0.005) -> Plan:
@@ -92,12 +98,17 @@ def test_a_higher_price_per_move_never_moves_more(case: Case) -> None:
             for gain in (0.0, 0.001, 0.01, 0.1, 1.0)
         ]
         assert moves == sorted(moves, reverse=True)
+        relative = [
+            moved_experts(old, replace_layer(old, load, ReplaceOptions(min_gain_fraction=f)))
+            for f in (0.0, 0.5, 1.0, 4.0, 64.0)
+        ]
+        assert relative == sorted(relative, reverse=True)
 
 
 def test_a_hot_expert_gets_the_spare_slots() -> None:
     current = ((0, 1), (2, 3), (0, 1), (2, 3))  # round-robin-like, E=4 on R=4 x S=2
     load = [700.0, 100.0, 100.0, 100.0]
-    new = replace_layer(current, load, ReplaceOptions(min_gain_per_move=0.0))
+    new = replace_layer(current, load, ReplaceOptions(min_gain_fraction=0.0))
     counts = Counter(e for rank in new for e in rank)
     assert counts[0] >= 4
     assert max(rank_loads(new, load)) < max(rank_loads(current, load))
@@ -108,10 +119,11 @@ def test_a_hot_expert_gets_the_spare_slots() -> None:
 def test_a_gain_below_the_price_of_its_moves_is_refused() -> None:
     current = ((0, 1), (2, 3))
     load = [60.0, 40.0, 50.0, 50.0]  # imbalance 1.0: nothing to gain
-    assert replace_layer(current, load, ReplaceOptions(0.0)) == current
+    assert replace_layer(current, load, ReplaceOptions(min_gain_fraction=0.0)) == current
     load = [70.0, 40.0, 30.0, 60.0]  # 110 vs 90: swapping 1 and 2 gives 100/100, 2 moves
-    assert replace_layer(current, load, ReplaceOptions(0.2)) == current  # gain 0.2 < 2 x 0.2
-    better = replace_layer(current, load, ReplaceOptions(0.04))
+    refused = ReplaceOptions(min_gain_per_move=0.2)  # gain 0.2 < 2 x 0.2
+    assert replace_layer(current, load, refused) == current
+    better = replace_layer(current, load, ReplaceOptions(min_gain_per_move=0.04))
     assert moved_experts(current, better) == 2
     assert rank_loads(better, load) == (100.0, 100.0)
 
@@ -146,5 +158,7 @@ def test_one_exchange_fixes_a_nearly_balanced_layer_with_two_moves() -> None:
     current = ((3, 4), (2, 5), (1, 7), (0, 6))
     new = replace_layer(current, load, ReplaceOptions(min_gain_per_move=0.001))
     assert rank_loads(new, load) == (90.0, 90.0, 90.0, 90.0)
+    # the relative rule: 1.125 -> 1.0 closes the whole gap, two moves of 8 are worth it
+    assert replace_layer(current, load, ReplaceOptions()) == new
     assert moved_experts(current, new) == 2
     assert new[:2] == current[:2]

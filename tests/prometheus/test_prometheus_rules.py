@@ -21,6 +21,12 @@ RULES = PROM_DIR / "rules.yaml"
 CHART_RULES = ROOT / "charts" / "moe-ep" / "files" / "prometheus-rules.yaml"
 UNIT_TESTS = sorted(Path(__file__).parent.glob("*_test.yaml"))
 ALERTS = {"MoEExpertLoadImbalance", "MoEWorkersNotReady", "MoERebalanceStuck"}
+RECORDED = {
+    "moe:rank_layer_tokens:rate5m",
+    "moe:layer_imbalance:ratio5m",
+    "moe:layer_tokens:rate5m",
+    "moe:expert_tokens:rate5m",
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +48,17 @@ def load(path: Path) -> Any:
 
 
 def alerting_rules() -> dict[str, dict[str, Any]]:
-    return {rule["alert"]: rule for group in load(RULES)["groups"] for rule in group["rules"]}
+    rules = (rule for group in load(RULES)["groups"] for rule in group["rules"])
+    return {rule["alert"]: rule for rule in rules if "alert" in rule}
+
+
+def recording_rules() -> dict[str, dict[str, Any]]:
+    rules = (rule for group in load(RULES)["groups"] for rule in group["rules"])
+    return {rule["record"]: rule for rule in rules if "record" in rule}
 
 
 def test_check_rules(promtool: str) -> None:
-    assert "SUCCESS: 3 rules found" in run(promtool, "check", "rules", RULES)
+    assert "SUCCESS: 7 rules found" in run(promtool, "check", "rules", RULES)
 
 
 def test_rule_unit_tests(promtool: str) -> None:
@@ -79,3 +91,34 @@ def test_alert_contract() -> None:
         assert {"summary", "description"} <= set(rule["annotations"])
         assert "on (namespace, moedeployment)" in rule["expr"]
     assert "moe_imbalance_threshold" in rules["MoEExpertLoadImbalance"]["expr"]
+
+
+def test_recording_rules_keep_the_deployment_labels_and_drop_the_scrape_ones() -> None:
+    rules = recording_rules()
+    assert set(rules) == RECORDED
+    for name, rule in rules.items():
+        assert "by (namespace, moedeployment" in rule["expr"], name
+        assert "pod" not in rule["expr"] and "instance" not in rule["expr"], name
+
+
+def test_per_layer_mode_drops_the_per_expert_series_at_scrape() -> None:
+    """The plain Prometheus example and the chart's PodMonitor drop the same series."""
+    example = load(PROM_DIR / "prometheus-example.yml")
+    (workers,) = [job for job in example["scrape_configs"] if job["job_name"] == "moe-ep-workers"]
+    drop = {
+        "source_labels": ["expert_series", "__name__"],
+        "regex": "PerLayer;moe_expert_tokens_total",
+        "action": "drop",
+    }
+    assert drop in workers["metric_relabel_configs"]
+    monitor = load(PROM_DIR / "podmonitor-workers.yaml")
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert {
+        "sourceLabels": ["expert_series", "__name__"],
+        "regex": "PerLayer;moe_expert_tokens_total",
+        "action": "drop",
+    } in endpoint["metricRelabelings"]
+    assert {
+        "sourceLabels": ["__meta_kubernetes_pod_label_moe_ep_io_expert_series"],
+        "targetLabel": "expert_series",
+    } in endpoint["relabelings"]

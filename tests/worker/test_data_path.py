@@ -11,13 +11,6 @@ import torch
 from moe_contract.plan import Plan, round_robin_plan
 from moe_contract.shape import ModelShape
 from moe_worker.bench.data_path import ep_prefill
-from moe_worker.bench.gpu_grouped import (
-    GroupedCase,
-    engine_case,
-    grouped_case,
-    uneven_sizes,
-    wall_time,
-)
 from moe_worker.ep.engine import EPEngine
 from moe_worker.ep.slots import SlotStacks
 from moe_worker.ep.two_batch import interleave, last_rows, split_items
@@ -121,14 +114,3 @@ def test_a_blocking_switch_at_world_1_rewrites_the_stacks() -> None:
     assert ExpertMover(engine).apply(Plan(version=2, slotsPerRank=5, slots=reversed_slots)) == 0
     assert engine.stacks.experts(0) == (3, 2, 1, 0, 0)
     torch.testing.assert_close(ep_prefill(engine, prompts, torch.device("cpu")), expected)
-
-
-def test_the_gpu_checks_of_the_data_path_run_here_at_toy_sizes() -> None:
-    """gpu_check's grouped GEMM and engine checks on the CPU (fp32, gloo), so they do not rot
-    before a GPU runs them."""
-    case = GroupedCase("toy", "Qwen3MoE", hidden=16, ffn=8, slots=5, rows=40)
-    cpu = torch.device("cpu")
-    figures = grouped_case(case, 1, cpu, torch.float32, wall_time)
-    assert figures["max_abs_diff"] < 1e-5 and sum(uneven_sizes(40, 5)) == 40
-    engine = engine_case(cpu, "float32")
-    assert engine["one_batch_max_abs_diff"] < 1e-4 and engine["two_batch_max_abs_diff"] < 1e-4

@@ -1,5 +1,6 @@
 """EP on 4 gloo ranks and the TP2 x PP2 baseline give the single-process reference's logits: the
-grouped path, plan switches (blocking and in the background), two-batch overlap."""
+grouped path, routing by pod, plan switches (blocking and in the background), two-batch
+overlap."""
 
 from __future__ import annotations
 
@@ -37,6 +38,16 @@ def test_replicas_share_the_load_of_a_replicated_expert(results: list[dict[str, 
     # Expert 0 of layer 0 has replicas on ranks 0, 1 and 2: each processed some of its tokens.
     assert all(r["replicated_local_counts"][0][0] > 0 for r in results[:3])
     assert results[3]["replicated_local_counts"][0][0] == 0
+
+
+def test_routing_by_pod_keeps_outputs_and_counts(results: list[dict[str, Any]]) -> None:
+    assert all(r["pods"] < TOLERANCE for r in results)
+    assert all(r["pods_counts"] == r["reference_counts"] for r in results)
+    # expert 0 of layer 0 sits on ranks 0, 1 (pod 0) and 2 (pod 1): routing by pod moves some of
+    # its tokens between replicas, never to a rank without it
+    local = [r["pods_local_counts"][0][0] for r in results]
+    assert local[3] == 0 and sum(local) == sum(r["replicated_local_counts"][0][0] for r in results)
+    assert local != [r["replicated_local_counts"][0][0] for r in results]
 
 
 def test_ep_matches_reference_across_plan_switches(results: list[dict[str, Any]]) -> None:

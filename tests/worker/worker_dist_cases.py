@@ -85,6 +85,13 @@ def all_cases(rank: int, world: int) -> dict[str, Any]:
     results["replicated_counts"] = _global_counts(engine)
     results["replicated_local_counts"] = engine.counts_LE.tolist()
 
+    # The same slots with ranksPerPod 2: tokens routed by pod, outputs unchanged.
+    pods = fixture_plan("pods-2layer-4expert-4rank-2slots.json")
+    engine = EPEngine(source, pods, rank=rank)
+    results["pods"] = _ep_error(engine, source, rank, world)
+    results["pods_counts"] = _global_counts(engine)
+    results["pods_local_counts"] = engine.counts_LE.tolist()
+
     # Serve, switch, serve: replicas appear, experts move, gate bias arrives, back to round-robin.
     engine = EPEngine(source, round_robin_plan(2, 4, world), rank=rank)
     errors, received = [_ep_error(engine, source, rank, world)], []

@@ -12,13 +12,17 @@ engine's counters. A series per layer from the start (zero without a bias); the 
 rerouted fraction is the layer's `moe_expert_tokens_total` summed over experts and ranks.
 
 `moe_expert_tokens_total{layer,expert}` has a series for every expert this rank holds under the
-plan it serves, and keeps every series it has ever exposed: the operator takes a vanished counter
-for a reset, so an expert that moves away keeps its last count instead of disappearing.
+plan it serves, and only for those: at most L x S series a rank (58 x 5 = 290 at DeepSeek scale
+on EP64), where every series a rank ever held would grow towards L x E (14,848) over plan
+switches. A switch changes the set, and the operator skips the one window whose two reads differ
+in it, as it does for the series a switch adds. `moe_layer_tokens_total{layer}` is their sum per
+layer, L series a rank: all a dashboard needs for the per-layer imbalance (max / mean over ranks),
+and all Prometheus keeps of a deployment whose `metrics.expertSeries` is PerLayer (the
+PodMonitor drops the per-expert series of its pods; the operator still reads them directly).
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -28,6 +32,7 @@ from prometheus_client.registry import Collector
 from moe_worker.serving.generation import TokenEvent
 
 EXPERT_TOKENS = "moe_expert_tokens"  # exposed as moe_expert_tokens_total{rank,layer,expert}
+LAYER_TOKENS = "moe_layer_tokens"  # exposed as moe_layer_tokens_total{rank,layer}
 GATE_REROUTED = "moe_gate_rerouted"  # exposed as moe_gate_rerouted_total{rank,layer}
 GATE_REROUTED_WEIGHT = "moe_gate_rerouted_weight"  # moe_gate_rerouted_weight_total{rank,layer}
 RANK_LABEL = "rank"
@@ -43,27 +48,27 @@ ReroutesReader = Callable[[], tuple[Sequence[int], Sequence[float]] | None]
 class ExpertTokensCollector(Collector):
     def __init__(self, read_counts: CountsReader, read_held: HeldReader) -> None:
         self.read_counts, self.read_held = read_counts, read_held
-        self._exposed: set[tuple[int, int]] = set()
-        self._lock = threading.Lock()  # scrapes may run concurrently; never the engine's lock
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(
             EXPERT_TOKENS,
-            "Tokens this rank processed for each (layer, logical expert) it holds or held.",
+            "Tokens this rank processed for each (layer, logical expert) it holds.",
             labels=["layer", "expert"],
+        )
+        per_layer = CounterMetricFamily(
+            LAYER_TOKENS,
+            "Tokens this rank processed in each layer (all its experts).",
+            labels=["layer"],
         )
         counts = self.read_counts()
         if counts is not None:
             held = self.read_held()
-            with self._lock:
-                for layer, row in enumerate(counts):
-                    for expert, count in enumerate(row):
-                        if count or expert in held[layer]:
-                            self._exposed.add((layer, expert))
-                series = sorted(self._exposed)
-            for layer, expert in series:
-                family.add_metric([str(layer), str(expert)], counts[layer][expert])
+            for layer, row in enumerate(counts):
+                per_layer.add_metric([str(layer)], sum(row))
+                for expert in sorted(held[layer]) if layer < len(held) else ():
+                    family.add_metric([str(layer), str(expert)], row[expert])
         yield family
+        yield per_layer
 
 
 class GateReroutesCollector(Collector):

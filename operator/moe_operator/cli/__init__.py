@@ -8,8 +8,9 @@ moe-ep zipf-table  imbalance before and after one Auto step under Zipf loads (fo
 
 Other distributions add sub-commands through the entry-point group `moe_ep.commands` (name: the
 sub-command, value: its module); the local tooling (`moe-ep-local`, in local/) adds
-`moe-ep local up|down|status`, `moe-ep demo` and `moe-ep gating-sim` (what GatingBias buys and
-costs, with the worker's router and this planner).
+`moe-ep local up|down|status`, `moe-ep demo`, `moe-ep gating-sim` (what GatingBias buys and
+costs, with the worker's router and this planner), `moe-ep planner-bench` (Replace against EPLB
+at DeepSeek scale) and `moe-ep operator-bench` (a control step against many fake ranks).
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ COMMANDS = {
     "render": "moe_operator.cli.render",
     "zipf-table": "moe_operator.cli.zipf_table",
 }
-PROVIDED_ELSEWHERE = {"local": "moe-ep-local", "demo": "moe-ep-local", "gating-sim": "moe-ep-local"}
+PROVIDED_ELSEWHERE = {
+    name: "moe-ep-local"
+    for name in ("local", "demo", "gating-sim", "planner-bench", "operator-bench")
+}
 """Commands of other distributions, named so a missing one gets a useful message."""
 
 

@@ -1,14 +1,16 @@
 """`moe-ep perf`: predicted throughput of parallel layouts, with every assumption printed.
 
     moe-ep perf [--profile h100-sxm] [--layouts ep16,tp8pp2] [--imbalance 1.0]
-                [--phase prefill|decode|both] [--overlap F] [--json]
+                [--cross-pod F] [--phase prefill|decode|both] [--overlap F] [--json]
                 [--gpu-check-json FILE] [--bench-json FILE] [--save-profile FILE]
 
 Layouts: 'ep16', 'tp8pp2', 'ep4tp2', with optional 's<N>' slots per rank and 'm<N>' micro-batches.
 The ratio column is first layout / last layout. With --gpu-check-json / --bench-json the profile's
 efficiencies are calibrated first (perf_calibrate documents what is read). For EP layouts it also
 prints what one more expert slot per rank costs in memory and how many more fit: the choice of
-placement.maxSlotsPerRank (take the smallest over the phases you serve).
+placement.maxSlotsPerRank (take the smallest over the phases you serve). The row "EP bytes
+crossing nodes" is the share of all-to-all bytes over the slower network: by default what
+uniform routing sends, with --cross-pod a plan's prediction (`moe-ep plan --ranks-per-pod`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--profile", default="h100-sxm", help="bundled name or YAML path")
     ap.add_argument("--layouts", default="ep16,tp8pp2", help="comma-separated layouts")
     ap.add_argument("--imbalance", type=float, default=1.0, help="max / mean EP rank load (>= 1)")
+    ap.add_argument(
+        "--cross-pod",
+        type=float,
+        help="share of top-K assignments leaving their node, as `moe-ep plan --ranks-per-pod` "
+        "predicts (default: uniform routing over the EP ranks)",
+    )
     ap.add_argument("--phase", choices=("prefill", "decode", "both"), default="both")
     ap.add_argument(
         "--overlap",
@@ -53,9 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=d.dtype)
     ap.add_argument("--architecture", choices=ARCHITECTURES, default=d.architecture)
     ap.add_argument(
-        "--gpu-check-json", type=Path, help="python -m moe_worker.bench.gpu_check --json output"
+        "--gpu-check-json",
+        type=Path,
+        help="gpu-check.json of `make gpu-check` (its calibration block is read)",
     )
-    ap.add_argument("--bench-json", type=Path, help="moe-worker bench --json output")
+    ap.add_argument(
+        "--bench-json",
+        type=Path,
+        help="moe-worker bench --json output, or gpu-check.json (MoE/matmul fraction, overlap)",
+    )
     ap.add_argument("--save-profile", type=Path, help="write the (calibrated) profile YAML here")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return ap
@@ -100,7 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     base = Workload(batch=args.batch, seq_len=args.seq_len)
     try:
         preds = [
-            predict(shape, replace(base, phase=ph), lay, profile, args.imbalance, overlap)
+            predict(
+                shape,
+                replace(base, phase=ph),
+                lay,
+                profile,
+                args.imbalance,
+                overlap,
+                args.cross_pod,
+            )
             for ph in phases
             for lay in layouts
         ]

@@ -1,14 +1,18 @@
 """`moe-ep plan`: preview a rebalancing plan from a load file.
 
     moe-ep plan --loads LOADS.json --ranks R --slots-per-rank S [--max-slots-per-rank M]
-                [--previous PLAN.json] [--method auto|replace|round-robin|gating-bias]
+                [--ranks-per-pod P] [--previous PLAN.json]
+                [--method auto|replace|round-robin|gating-bias]
                 [--rate Y --max-bias X --damping D --max-margin G|none
-                 --max-rerouted-fraction C|none --rerouted F0,F1,...] [--min-gain-per-move G]
+                 --max-rerouted-fraction C|none --rerouted F0,F1,...]
+                [--min-gain-fraction F | --min-gain-per-move G]
 
 LOADS.json is `{"expert_load": [[...E numbers...] x L]}`; --rerouted gives, per layer, the
-fraction of top-K assignments the current bias rerouted (the workers' measurement). Prints the
-plan document the workers accept on stdout and a one-line summary on stderr. Exit 0 on success,
-2 on bad input (the message names the file and field).
+fraction of top-K assignments the current bias rerouted (the workers' measurement). With
+--ranks-per-pod (the deployment's worker.ranksPerPod) the plan routes tokens by pod and the
+summary gives the predicted fraction of top-K assignments that leave their pod, before and after.
+Prints the plan document the workers accept on stdout and a one-line summary on stderr (with the
+planner's time). Exit 0 on success, 2 on bad input (the message names the file and field).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,10 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="measured rerouted fraction per layer, comma-separated",
     )
     parser.add_argument(
+        "--ranks-per-pod",
+        type=int,
+        help="ranks of one pod (worker.ranksPerPod): route and place by pod",
+    )
+    price = parser.add_mutually_exclusive_group()
+    price.add_argument(
+        "--min-gain-fraction",
+        type=float,
+        default=defaults_replace.min_gain_fraction,
+        help="Replace: the share (ln) of a layer's remaining gap moving all its slots must cut",
+    )
+    price.add_argument(
         "--min-gain-per-move",
         type=float,
-        default=defaults_replace.min_gain_per_move,
-        help="Replace: imbalance a layer must gain per slot moved",
+        help="Replace: an absolute price instead, imbalance a layer must gain per slot moved",
     )
     return parser
 
@@ -106,13 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loads = _read_loads(args.loads)
         previous = _read_plan(args.previous) if args.previous else None
+        started = time.perf_counter()
         result = plan_rebalance(
             loads,
             world_size=args.ranks,
             slots_per_rank=args.slots_per_rank,
             previous=previous,
             method=METHOD_NAMES[args.method],
-            replace_options=ReplaceOptions(min_gain_per_move=args.min_gain_per_move),
+            replace_options=ReplaceOptions(
+                min_gain_fraction=args.min_gain_fraction, min_gain_per_move=args.min_gain_per_move
+            ),
             gating_options=GatingOptions(
                 rate=args.rate,
                 max_bias=args.max_bias,
@@ -122,12 +141,14 @@ def main(argv: list[str] | None = None) -> int:
             ),
             max_slots_per_rank=args.max_slots_per_rank,
             rerouted_fraction=args.rerouted,
+            ranks_per_pod=args.ranks_per_pod,
         )
+        seconds = time.perf_counter() - started
     except (InputError, PlanningError, ValueError) as error:
         print(f"moe-ep plan: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     print(result.plan.to_json())
-    print(result.summary(), file=sys.stderr)
+    print(f"{result.summary()} [planned in {seconds:.2f} s]", file=sys.stderr)
     return 0
 
 

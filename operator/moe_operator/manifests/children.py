@@ -59,6 +59,17 @@ def worker_labels(name: str) -> dict[str, str]:
     }
 
 
+EXPERT_SERIES_LABEL = "moe-ep.io/expert-series"
+"""On worker pods of a PerLayer deployment: the PodMonitor drops their per-expert series."""
+
+
+def series_labels(spec: MoEDeploymentSpec) -> dict[str, str]:
+    """The pod label of metrics.expertSeries PerLayer; none for PerRank (the default), so that
+    templates of PerRank deployments stay as they were."""
+    series = spec.metrics.expert_series
+    return {EXPERT_SERIES_LABEL: series} if series != "PerRank" else {}
+
+
 def selector_labels(name: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": "moe-ep-worker", DEPLOYMENT_LABEL: name}
 
@@ -148,7 +159,8 @@ def build_plan_configmap(
 ) -> dict[str, Any]:
     """The durable record of the desired plan, one key per model shape (`PlanShape.key`);
     mounted into pods so a restarted rank resumes it. `annotations` carry what status needs
-    back if it is lost (the last rebalance, when it was issued)."""
+    back if it is lost (the last rebalance, when it was issued). A large plan is stored in its
+    compact form (`Plan.to_stored_json`), which the workers read as well."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -157,7 +169,7 @@ def build_plan_configmap(
             "labels": worker_labels(name),
             "annotations": dict(annotations or {}),
         },
-        "data": {key: plan.to_json() for key, plan in plans.items()},
+        "data": {key: plan.to_stored_json() for key, plan in plans.items()},
     }
 
 
@@ -355,7 +367,7 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
             "template": {
                 "metadata": {
                     # the operator's own labels and annotations win over the spec's extras
-                    "labels": {**extra_labels, **worker_labels(name)},
+                    "labels": {**extra_labels, **worker_labels(name), **series_labels(spec)},
                     "annotations": {
                         **extra_annotations,
                         "prometheus.io/scrape": "true",

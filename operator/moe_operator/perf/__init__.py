@@ -5,9 +5,14 @@ in `report`, calibration from measurements in `calibrate`; `profiles` reads prof
 package's only I/O, at its edge).
 Method and numbers: docs/performance.md.
 
-    predict(shape, workload, layout, profile, imbalance=1.0, overlap=0.0) -> Prediction
+    predict(shape, workload, layout, profile, imbalance=1.0, overlap=0.0, cross_node=None)
+        -> Prediction
     predicted_gain(shape, layout, profile, imbalance_before, imbalance_after, slots_moved,
-                   bytes_per_slot) -> (throughput_gain_ratio, estimated_move_seconds)
+                   bytes_per_slot, cross_before=None, cross_after=None)
+        -> (throughput_gain_ratio, estimated_move_seconds)
+
+`cross_node`: the share of EP all-to-all bytes that cross nodes, as a plan routed by pod predicts
+(`moe-ep plan --ranks-per-pod`; pods are nodes); None: tokens spread uniformly over the EP ranks.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import math
 import re
 
 from moe_operator.perf.model import (
+    cross_node_fraction,
     flops_per_token,
     layer_terms,
     memory_per_gpu,
@@ -103,11 +109,13 @@ def predict(
     profile: Profile,
     imbalance: float = 1.0,
     overlap: float = 0.0,
+    cross_node: float | None = None,
 ) -> Prediction:
     """Predict one layout.
 
     imbalance: max rank load / mean rank load of the experts (>= 1; applies across EP ranks).
     overlap: fraction in [0, 1] of min(compute, communication) hidden per layer.
+    cross_node: share of EP all-to-all bytes crossing nodes (None: uniform routing).
     Prefill: `seconds` is the whole batch pass; decode: one step (every sequence gains a token).
     """
     check_layout(shape, layout)
@@ -117,7 +125,7 @@ def predict(
         raise ValueError(f"overlap {overlap} not in [0, 1]")
     phase = workload.phase
     m = layout.micro(phase)
-    terms = layer_terms(shape, workload, layout, profile, imbalance)
+    terms = layer_terms(shape, workload, layout, profile, imbalance, cross_node)
     hidden = overlap * min(terms.compute, terms.comm)
     layer = terms.compute + terms.comm - hidden
     lps = math.ceil(shape.layers / layout.pp)
@@ -160,6 +168,9 @@ def predict(
         terms=terms,
         memory=memory_per_gpu(shape, workload, layout, profile, imbalance),
         micro_batches=m,
+        cross_node=cross_node_fraction(layout, profile.network, cross_node)
+        if layout.ep > 1
+        else 0.0,
     )
 
 
@@ -187,15 +198,18 @@ def predicted_gain(
     bytes_per_slot: float,
     workload: Workload | None = None,
     overlap: float = 0.0,
+    cross_before: float | None = None,
+    cross_after: float | None = None,
 ) -> tuple[float, float]:
     """(throughput after / throughput before, estimated seconds to move the slots) for a rebalance.
 
     workload defaults to the seed's prefill batch (128 x 10,000 tokens). Imbalances are max / mean
-    rank load (>= 1); bytes_per_slot is one expert slot's weights (bytes).
+    rank load (>= 1); bytes_per_slot is one expert slot's weights (bytes); cross_before/after:
+    the plans' predicted cross-pod fractions (None: uniform routing).
     """
     wl = workload or Workload()
-    before = predict(shape, wl, layout, profile, max(1.0, imbalance_before), overlap)
-    after = predict(shape, wl, layout, profile, max(1.0, imbalance_after), overlap)
+    before = predict(shape, wl, layout, profile, max(1.0, imbalance_before), overlap, cross_before)
+    after = predict(shape, wl, layout, profile, max(1.0, imbalance_after), overlap, cross_after)
     return after.tokens_per_s / before.tokens_per_s, move_seconds(
         layout, profile, slots_moved, bytes_per_slot
     )

@@ -3,7 +3,9 @@
 The two inputs are written by the worker and their exact schemas may change, so the reader is
 tolerant: it flattens a document into lower-case dotted paths of numeric leaves
 (`{"ep": {"tokens_per_s": 5}}` -> `ep.tokens_per_s = 5`) and matches words in the paths.
-A figure it cannot find is left as it was, and the notes say so. What it reads:
+A figure it cannot find is left as it was, and the notes say so. A document with a top-level
+`calibration` mapping (`make gpu-check`'s gpu-check.json, which holds far more figures besides)
+is read from that block alone, by the same rules. What it reads:
 
 `python -m moe_worker.bench.gpu_check --json` (one GPU, seed shapes):
 - plain matmul rate: a path with `matmul`, `cublas`, `gemm` or `dense` and a FLOP unit
@@ -130,6 +132,14 @@ def _overlap_efficiency(flat: dict[str, float]) -> float | None:
     return found[0] if found else None
 
 
+def _calibration_block(doc: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The document's `calibration` block when it has one, else the whole document."""
+    if doc is None:
+        return {}
+    block = doc.get("calibration")
+    return block if isinstance(block, Mapping) else doc
+
+
 def calibrate(
     profile: Profile,
     bench: Mapping[str, Any] | None = None,
@@ -139,8 +149,8 @@ def calibrate(
     hw, notes, measured = profile.hardware, [], {}
     new: dict[str, float] = {}
     sources = dict(profile.sources)
-    g = flatten(gpu_check or {})
-    b = flatten(bench or {})
+    g = flatten(_calibration_block(gpu_check))
+    b = flatten(_calibration_block(bench))
 
     for name, words, mm in (
         ("matmul_efficiency", _MATMUL, True),

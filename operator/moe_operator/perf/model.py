@@ -115,10 +115,28 @@ def _roof(flops: float, byts: float, peak: float, bw: float) -> tuple[float, boo
     return max(t_c, t_m), t_m > t_c
 
 
+def cross_node_fraction(layout: Layout, net: NetworkProfile, cross_node: float | None) -> float:
+    """Fraction of a rank's EP all-to-all bytes that cross nodes: `cross_node` (a plan's
+    predicted cross-pod fraction, pods being nodes) where the layout spans nodes, else the
+    uniform-routing share of peers on other nodes."""
+    _, _, uniform = ep_peer_fractions(layout, net)
+    if cross_node is None or uniform == 0.0:
+        return uniform
+    if not 0.0 <= cross_node <= 1.0:
+        raise ValueError(f"cross-node fraction {cross_node} not in [0, 1]")
+    return cross_node
+
+
 def layer_terms(
-    shape: ModelShape, wl: Workload, layout: Layout, prof: Profile, imbalance: float
+    shape: ModelShape,
+    wl: Workload,
+    layout: Layout,
+    prof: Profile,
+    imbalance: float,
+    cross_node: float | None = None,
 ) -> Terms:
-    """Times of one layer for one micro-batch on the slowest rank (seconds)."""
+    """Times of one layer for one micro-batch on the slowest rank (seconds). `cross_node`: the
+    share of all-to-all bytes that cross nodes (None: uniform routing over the EP ranks)."""
     hw, net, d = prof.hardware, prof.network, shape.dtype_bytes
     m = layout.micro(wl.phase)
     seqs = wl.batch / m / layout.ep  # sequences per GPU per micro-batch
@@ -150,7 +168,9 @@ def layer_terms(
 
     a2a = 0.0
     if layout.ep > 1:
-        _, f_intra, f_inter = ep_peer_fractions(layout, net)
+        same, _, _ = ep_peer_fractions(layout, net)
+        f_inter = cross_node_fraction(layout, net, cross_node)
+        f_intra = max(0.0, 1.0 - same - f_inter)
         msg = tok * alltoall_bytes_per_token(shape) * imb  # the hot rank receives/sends imb x mean
         eff = hw.collective_efficiency
         one_way = max(

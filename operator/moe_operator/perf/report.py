@@ -29,6 +29,8 @@ MODEL_ASSUMPTIONS = (
     "prefill KV is written (not re-read); decode reads the whole KV cache each step",
     "flash-style attention: scores never materialised in memory; no embeddings / LM head modelled",
     "rank order: stage-major, then EP, then TP innermost; node = rank // gpus_per_node",
+    "EP bytes crossing nodes: uniform routing over the EP ranks, or a plan's predicted "
+    "cross-pod fraction (--cross-pod; `moe-ep plan --ranks-per-pod`, pods being nodes)",
 )
 
 
@@ -49,6 +51,7 @@ def prediction_dict(p: Prediction) -> dict[str, Any]:
         "flops_per_token": p.flops_per_token,
         "flop_fraction": p.flop_fraction,
         "bound": p.bound,
+        "cross_node_fraction": p.cross_node,
         "breakdown_s": dict(p.breakdown),
         "memory_bytes": {
             "weights": mem.weights,
@@ -136,6 +139,7 @@ def format_report(preds: Sequence[Prediction], assume: Mapping[str, Any]) -> str
             lambda p: _gb(p.memory.total) + ("" if p.memory.fits else " NOFIT"),
         )
         add(f"micro-batches ({ph})", ph, lambda p: str(p.micro_batches))
+        add(f"EP bytes crossing nodes ({ph})", ph, lambda p: f"{p.cross_node:.1%}")
     claims = [SEED_CLAIMS.get(n) for n in names]
     if all(claims):
         lines.append(_row("seed claim tokens/s", [f"{c['tokens_per_s']:,}" for c in claims]))

@@ -173,3 +173,5 @@ class Prediction:
     terms: Terms
     memory: Memory
     micro_batches: int
+    cross_node: float = 0.0
+    """Share of this layout's EP all-to-all bytes modelled as crossing nodes."""

@@ -26,19 +26,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from moe_contract.plan import (
     Plan,
     PlanError,
-    moved_experts,
     plan_transfers,
     round_robin_plan,
     validate_plan,
 )
+from moe_operator.planning import arrays
 from moe_operator.planning.gating import Bias, GatingOptions, update_bias
 from moe_operator.planning.placement import check_loads, layer_imbalances
 from moe_operator.planning.replace import (
+    Pricing,
     ReplaceOptions,
     grow_layer,
+    ideal_imbalance,
     nothing_to_replicate,
     replace_slots,
 )
@@ -83,6 +87,12 @@ class RebalanceResult:
     """One sentence for status, Events and the CLI: what changed and what it means."""
     changed: bool
     """Whether `plan` differs from the current plan (and so must be handed to the workers)."""
+    cross_pod_before: float | None = None
+    """Predicted fraction of top-K assignments that leave their pod on the current plan, all
+    layers weighted by their tokens (None: no pods; a plan without ranksPerPod spreads every
+    expert's tokens over all its replicas)."""
+    cross_pod_after: float | None = None
+    """The same on the new plan, which carries the deployment's ranksPerPod."""
 
     def summary(self) -> str:
         """`imbalance 1.83 -> 1.04, 5 slots moved (Replace): <note>` (one line).
@@ -94,9 +104,15 @@ class RebalanceResult:
             if self.method == GATING_BIAS and self.changed
             else f"{self.imbalance_after:.2f}"
         )
+        pods = ""
+        if self.cross_pod_before is not None and self.cross_pod_after is not None:
+            pods = (
+                f", cross-pod {self.cross_pod_before:.1%} -> {self.cross_pod_after:.1%} of "
+                "assignments"
+            )
         return (
             f"imbalance {self.imbalance_before:.2f} -> {after}, "
-            f"{self.slots_moved} slots moved ({self.method}): {self.note}"
+            f"{self.slots_moved} slots moved{pods} ({self.method}): {self.note}"
         )
 
 
@@ -122,6 +138,7 @@ def plan_rebalance(
     gating_options: GatingOptions | None = None,
     max_slots_per_rank: int | None = None,
     rerouted_fraction: Sequence[float | None] | None = None,
+    ranks_per_pod: int | None = None,
 ) -> RebalanceResult:
     """Plan the next placement/bias from a window of loads.
 
@@ -137,6 +154,9 @@ def plan_rebalance(
         rerouted_fraction: [L] fraction of top-K assignments the workers measured rerouted by
             the current bias (None entries or None: unknown); GatingBias shrinks the bias of a
             layer above `gating_options.max_rerouted_fraction`.
+        ranks_per_pod: ranks of one pod (`worker.ranksPerPod`); a new plan carries it, the
+            workers then keep tokens in their pod where balance allows, and Replace places
+            replicas so that fewer leave (at equal balance). None, 1 or R: no grouping.
     Returns:
         RebalanceResult whose plan has slots [L][R][S''] and, for GatingBias, gate bias [L][E]
         and the guard's margin.
@@ -148,6 +168,7 @@ def plan_rebalance(
     if method not in METHODS:
         raise PlanningError(f"method: {method!r} is not one of {', '.join(METHODS)}")
     max_slots = _max_slots(slots_per_rank, max_slots_per_rank)
+    pods = _pods(ranks_per_pod, world_size)
     current = _current_plan(
         previous, num_layers, num_experts, world_size, slots_per_rank, max_slots
     )
@@ -163,8 +184,23 @@ def plan_rebalance(
         target = round_robin_plan(num_layers, num_experts, world_size, slots_per_rank)
         note = f"the seed's placement (expert e on rank e % {world_size}), no gate bias"
         unchanged = "already the seed's placement; plan unchanged"
-        return _result(current, resolved, target.slots, None, loads, before, (note, unchanged))
-    return _replace(current, loads, before, max_slots, replace_options or ReplaceOptions())
+        notes = (note, unchanged)
+        return _result(current, resolved, target.slots, None, loads, before, notes, pods)
+    options = replace_options or ReplaceOptions()
+    return _replace(current, loads, before, max_slots, options, pods)
+
+
+def _pods(ranks_per_pod: int | None, world_size: int) -> int | None:
+    """Ranks per pod where the world spans several pods of several ranks, else None: pods of one
+    rank (one GPU, or CPU workers) say nothing of which ranks share a node's fast links."""
+    if ranks_per_pod is None or ranks_per_pod >= world_size or ranks_per_pod == 1:
+        return None
+    if ranks_per_pod < 1 or world_size % ranks_per_pod:
+        raise PlanningError(
+            f"ranksPerPod: {ranks_per_pod} does not divide the {world_size} ranks; "
+            "use the deployment's worker.ranksPerPod"
+        )
+    return ranks_per_pod
 
 
 def _max_slots(slots_per_rank: int, max_slots_per_rank: int | None) -> int:
@@ -184,25 +220,33 @@ def _replace(
     before: tuple[float, ...],
     max_slots: int,
     options: ReplaceOptions,
+    pods: int | None,
 ) -> RebalanceResult:
     """Replace at the current slots per rank or at any size up to `max_slots`, whichever costs
-    least in the planner's own terms: sum over layers of imbalance + price x slots moved."""
+    least in the planner's own terms: the sum over layers of `ReplaceOptions.cost` (every size
+    priced against the ideal of the largest and the current plan's slots)."""
     num_experts, world_size = len(loads[0]), current.world_size
+    load = np.asarray(loads, dtype=np.float64)
+    pricing = Pricing(
+        ideal_imbalance(load, world_size, max_slots), world_size * current.slots_per_rank
+    )
+    stay = float(
+        options.cost(np.asarray(before), np.zeros(len(before)), pricing.ideal, pricing.slots).sum()
+    )
     best: tuple[float, int] | None = None
     slots = current.slots
     for size in range(current.slots_per_rank, max_slots + 1):
         if nothing_to_replicate(num_experts, world_size, size):
             continue  # re-placing a permutation changes no rank load
         grown = tuple(grow_layer(layer, size) for layer in current.slots)
-        candidate = replace_slots(grown, loads, options)
-        after = layer_imbalances(candidate, loads)
-        moved = sum(
-            moved_experts(old, new) for old, new in zip(current.slots, candidate, strict=True)
+        chosen = replace_slots(grown, load, options, ranks_per_pod=pods, pricing=pricing)
+        cost = (
+            float(options.cost(chosen.after, chosen.moved, pricing.ideal, pricing.slots).sum()),
+            size,
         )
-        cost = (sum(after) + options.min_gain_per_move * moved, size)
         if best is None or cost < best:
-            best, slots = cost, candidate
-    if best is None or best[0] >= sum(before):
+            best, slots = cost, chosen.as_tuples()
+    if best is None or best[0] >= stay:
         slots = current.slots  # nothing (no size) gains more than its moves cost
     size = len(slots[0][0])
     dropped = " gate bias removed: routing is the model's own again;" if current.gate_bias else ""
@@ -222,11 +266,9 @@ def _replace(
     elif max(before) <= 1.0:
         unchanged = "already balanced; plan unchanged"
     else:
-        unchanged = (
-            f"no placement gains {options.min_gain_per_move:g} imbalance per slot moved; "
-            "plan unchanged"
-        )
-    return _result(current, REPLACE, slots, None, loads, before, (note, unchanged))
+        unchanged = f"no placement is worth its moves ({options.rule()}); plan unchanged"
+    notes = (note, unchanged)
+    return _result(current, REPLACE, slots, None, loads, before, notes, pods)
 
 
 def _checked_loads(expert_load: Sequence[Sequence[float]]) -> tuple[tuple[float, ...], ...]:
@@ -366,6 +408,7 @@ def _gated_plan(current: Plan, new_bias: Bias, max_margin: float | None, damping
         gateBias=bias,
         gateMaxMargin=margin,
         method=GATING_BIAS,
+        ranksPerPod=current.ranks_per_pod,
     )
 
 
@@ -377,8 +420,10 @@ def _result(
     loads: tuple[tuple[float, ...], ...],
     before: tuple[float, ...],
     notes: tuple[str, str],
+    pods: int | None = None,
 ) -> RebalanceResult:
-    """Wrap new slots/bias into the next plan version; `notes` is (if changed, if unchanged)."""
+    """Wrap new slots/bias into the next plan version; `notes` is (if changed, if unchanged).
+    A new plan carries `pods` as its ranksPerPod."""
     changed = slots != current.slots or gate_bias != current.gate_bias
     plan = current
     if changed:
@@ -388,6 +433,7 @@ def _result(
             slots=slots,
             gateBias=gate_bias,
             method=method,
+            ranksPerPod=pods,
         )
     after = layer_imbalances(plan.slots, loads)
     moved = len(plan_transfers(current, plan))  # exactly what the workers will send
@@ -401,4 +447,23 @@ def _result(
         per_layer_after=after,
         note=notes[0] if changed else notes[1],
         changed=changed,
+        cross_pod_before=cross_pod(current, loads, pods),
+        cross_pod_after=cross_pod(plan, loads, pods),
     )
+
+
+def cross_pod(plan: Plan, loads: Sequence[Sequence[float]], pods: int | None) -> float | None:
+    """Predicted fraction of top-K assignments that leave their pod under `plan`, all layers
+    weighted by their tokens; None without pods. A plan without ranksPerPod spreads each
+    expert's tokens over all its replicas: (P - 1) / P leave."""
+    if pods is None:
+        return None
+    load = np.asarray(loads, dtype=np.float64)
+    total = load.sum()
+    if total <= 0:
+        return 0.0
+    if plan.ranks_per_pod is None:
+        return 1 - pods / plan.world_size
+    slots = np.asarray(plan.slots, dtype=np.int64)
+    per_layer = arrays.cross_pod_fraction(slots, load, plan.ranks_per_pod)
+    return float((per_layer * load.sum(axis=1)).sum() / total)

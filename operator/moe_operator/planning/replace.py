@@ -1,72 +1,133 @@
 """Replace: output-preserving rebalancing by replicating hot experts and re-packing slots.
 
-Pure functions over plain sequences (stdlib only), in the spirit of DeepSeek's EPLB, but aware of
-the current placement: moving a slot means copying an expert's weights to another rank, so every
-candidate placement is charged for the slots it moves. Shapes (see `placement`):
-L = layers, R = ranks, S = slots per rank, E = logical experts, N = R * S slots per layer.
+In the spirit of DeepSeek's EPLB (replicate the hottest, pack greedily) but aware of the current
+placement: moving a slot means copying an expert's weights to another rank, so every candidate
+is charged for the slots it moves. Vectorised with numpy over all layers and candidates at once
+(`packing`, `align`, `arrays`); `planning.reference` is the first, readable implementation, and
+the tests hold this one to it. Shapes: L layers, R ranks, S slots per rank, E logical experts,
+N = R * S slots per layer.
 
-For each layer independently:
+For each layer:
 
-1. Replica counts [E] (every expert >= 1, summing to N): the current counts, then the path of
-   single-replica transfers from the coolest replicated expert to the hottest one while that lowers
-   the hottest per-replica load, the from-scratch balanced counts (one replica each, then each
-   spare slot to the expert with the highest load per replica), and those counts hill-climbed on
-   the max rank load of a fresh packing.
-2. Packing [R][S]: for a load cap, keep every current slot whose expert still needs a replica and
-   whose rank stays under the cap (heaviest replicas first), then place the remaining replicas
-   heaviest first on the least-loaded rank with a free slot (LPT). Caps go from 0 (a fresh
-   packing) through the lower bound (no rank can carry less than the mean or the heaviest
-   replica) up to unlimited (keep all). Each packing's ranks are then renumbered to overlap the
-   current placement most (`align`): rank loads do not depend on the numbering, moves do.
-3. Choice: the current layer, or the candidate minimising
-   `imbalance_after + min_gain_per_move * slots_moved` among those that strictly lower the max rank
-   load. So a move is made only if it buys at least `min_gain_per_move` of imbalance (max/mean),
-   the max rank load never increases, and an already balanced layer is left as it is.
+1. Replica counts [E] (every expert >= 1, summing to N): points on the path of single-replica
+   transfers from the current counts towards balance (`packing.count_path`), the from-scratch
+   balanced counts, and, where it fits the work budget, those hill-climbed on the max rank load
+   of a fresh packing.
+2. Packing [R][S] for each counts and load cap: keep current slots under the cap (heaviest
+   first), then place the rest heaviest first on the least-loaded rank with a free slot (LPT);
+   with pods, on a rank of a pod without a replica of that expert where one is free. Caps go from
+   0 (a fresh packing) through the lower bound up to unlimited (keep all). Ranks are renumbered to
+   overlap the current placement most (`align`).
+3. Choice: the candidate of least cost (`ReplaceOptions.cost`: the log of the gap between its
+   imbalance and the least the layer's slots allow, plus a price per slot moved relative to the
+   layer's slots) among those that strictly lower the max rank load, or the current layer when
+   none is worth its moves: a move must cut a share of the layer's remaining gap, so the rule
+   means the same on 16 experts and on 256. With pods, among the candidates within
+   `pod_tolerance` of imbalance of the best, the one whose tokens leave their pod least.
 
-With one slot per rank and as many experts as ranks nothing can be replicated, and every placement
-is a permutation with the same set of rank loads: Replace then leaves the plan as it is.
+Work budget: with all counts on the path, 14 caps, the count refinement and every candidate
+aligned (the reference's candidate set) where L x points x caps x N x R allows; at DeepSeek scale
+a geometric sample of the path, 8 caps, no refinement, and only fresh packings aligned (a packing
+that keeps slots is anchored to its ranks already). Memory: candidates go in chunks of layers.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from moe_contract.plan import moved_experts
-from moe_operator.planning.placement import (
-    LayerSlots,
-    imbalance,
-    rank_loads,
-    replica_counts,
-)
+import numpy as np
+
+from moe_operator.planning import arrays, candidates, packing
+from moe_operator.planning.placement import LayerSlots
 
 Slots = tuple[tuple[tuple[int, ...], ...], ...]
 """slots [L][R][S]."""
 
-_CAP_FACTORS = (0.0, 1.0, 1.02, 1.05, 1.1, 1.15, 1.2, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0, math.inf)
-"""Load caps tried for keeping current slots, as multiples of the layer's lower bound (0: keep
-nothing, a fresh LPT packing; inf: keep all that the counts allow)."""
-
-_RELATIVE_EPSILON = 1e-9
-"""A candidate must lower the imbalance by more than this fraction to count as a gain."""
-
 
 @dataclass(frozen=True)
 class ReplaceOptions:
-    """Tuning of the balance-versus-moves trade-off of `Replace`."""
+    """Tuning of the balance-versus-moves trade-off of `Replace`.
 
-    min_gain_per_move: float = 0.005
-    """Imbalance (max/mean rank load) a layer must gain per slot moved. 0 takes the best balance
-    found whatever it moves; 0.005 moves 20 slots only for a gain of at least 0.1 (e.g. 1.30 ->
-    1.20)."""
+    The relative rule (the default): a layer's cost is `ln(gap + noise) + min_gain_fraction x
+    moved / N`, gap = imbalance - the least imbalance its slots allow. Moving a fraction m of
+    the layer's N slots is worth it only where it cuts the remaining gap (plus a noise floor) by
+    a factor exp(min_gain_fraction x m) at least: with the default 1, moving every slot must cut
+    it to 1/e, a tenth of the slots to 0.9. Each slot carries about 1/N of a layer's load and the
+    gap is the layer's own, so the rule means the same on 16 experts and on 256.
+    """
+
+    min_gain_fraction: float = 1.0
+    """Relative rule: the share (ln) of the remaining gap moving all N slots must cut; 0 takes
+    the best balance found whatever it moves."""
+    noise_floor: float = 0.01
+    """Imbalance below which a remaining gap is not worth chasing (one window's noise)."""
+    min_gain_per_move: float | None = None
+    """An absolute rule instead: cost `imbalance + min_gain_per_move x moved` (the rule before
+    the relative one, and the reference implementation's); None: the relative rule."""
+    pod_tolerance: float = 0.005
+    """Imbalance (max/mean) the planner gives up at most, against the best candidate, for a
+    placement whose tokens leave their pod less (only with pods)."""
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.min_gain_per_move) or self.min_gain_per_move < 0:
-            raise ValueError(
-                f"min_gain_per_move: must be finite and >= 0, got {self.min_gain_per_move}"
-            )
+        for name in ("min_gain_fraction", "noise_floor", "min_gain_per_move", "pod_tolerance"):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise ValueError(f"{name}: must be finite and >= 0, got {value}")
+        if self.noise_floor <= 0:
+            raise ValueError(f"noise_floor: must be > 0, got {self.noise_floor}")
+
+    def rule(self) -> str:
+        """The stopping rule in words, for notes."""
+        if self.min_gain_per_move is not None:
+            return f"a gain of {self.min_gain_per_move:g} imbalance per slot moved"
+        return (
+            f"a move must cut the layer's gap to its ideal by {self.min_gain_fraction:g}/N of "
+            "itself"
+        )
+
+    def cost(
+        self, after: np.ndarray, moved: np.ndarray, ideal: np.ndarray, slots: int
+    ) -> np.ndarray:
+        """What a layer at imbalance `after` reached by moving `moved` slots costs; arrays of
+        the same shape, `ideal` broadcast against them, `slots` = N. Lower is better."""
+        if self.min_gain_per_move is not None:
+            return after + self.min_gain_per_move * moved
+        gap = np.maximum(after - ideal, 0.0) + self.noise_floor
+        return np.log(gap) + self.min_gain_fraction * moved / slots
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """What `ReplaceOptions.cost` needs of each layer, fixed for one planning run (so that plans
+    of different slots per rank are priced alike)."""
+
+    ideal: np.ndarray
+    """ideal_L: the least imbalance the layer's slots allow (`ideal_imbalance`)."""
+    slots: int
+    """N: slots of a layer of the current plan."""
+
+
+@dataclass(frozen=True)
+class Replaced:
+    """Replace's choice for every layer."""
+
+    slots: np.ndarray
+    """slots_LRS chosen (the current layer where nothing was worth its moves)."""
+    before: np.ndarray
+    """imbalance_L of the current layers (under the same dispatch model)."""
+    after: np.ndarray
+    """imbalance_L of the chosen layers."""
+    moved: np.ndarray
+    """moved_L: experts new to their ranks."""
+    cross_pod: np.ndarray
+    """fraction_L of assignments leaving their pod (NaN without pods)."""
+
+    def as_tuples(self) -> Slots:
+        return tuple(
+            tuple(tuple(int(e) for e in rank) for rank in layer) for layer in self.slots.tolist()
+        )
 
 
 def nothing_to_replicate(num_experts: int, world_size: int, slots_per_rank: int) -> bool:
@@ -95,253 +156,81 @@ def grow_layer(layer_slots: LayerSlots, slots_per_rank: int) -> tuple[tuple[int,
     )
 
 
-def balanced_counts(layer_load: Sequence[float], total_slots: int) -> tuple[int, ...]:
-    """Replica counts [E] minimising the max load per replica, from scratch.
-
-    Args:
-        layer_load: [E] tokens per expert.
-        total_slots: N >= E.
-    Returns:
-        counts [E], each >= 1, summing to N; ties go to the lower expert id.
-    """
-    counts = [1] * len(layer_load)
-    for _ in range(total_slots - len(layer_load)):
-        hottest = max(range(len(counts)), key=lambda e: (layer_load[e] / counts[e], -e))
-        counts[hottest] += 1
-    return tuple(counts)
-
-
-def count_path(current: Sequence[int], layer_load: Sequence[float]) -> list[tuple[int, ...]]:
-    """Replica counts from `current` towards balance, one replica transferred per step.
-
-    Each step takes a replica from the expert that would have the lowest load per replica after
-    losing it and gives it to the expert with the highest load per replica, while that lowers the
-    latter's per-replica load below the former's new one (so the sorted per-replica loads
-    decrease and the path ends).
-
-    Args:
-        current: counts [E], each >= 1.
-        layer_load: [E] tokens per expert.
-    Returns:
-        [current, step 1, step 2, ...], each counts [E] with the same sum.
-    """
-    counts = list(current)
-    path = [tuple(counts)]
-    experts = range(len(counts))
-    for _ in range(sum(counts) * len(counts)):
-        hot = max(experts, key=lambda e: (layer_load[e] / counts[e], -e))
-        donors = [e for e in experts if counts[e] > 1 and e != hot]
-        if not donors:
-            break
-        cold = min(donors, key=lambda e: (layer_load[e] / (counts[e] - 1), e))
-        if layer_load[cold] / (counts[cold] - 1) >= layer_load[hot] / counts[hot]:
-            break
-        counts[hot] += 1
-        counts[cold] -= 1
-        path.append(tuple(counts))
-    return path
-
-
-def pack(
-    counts: Sequence[int],
-    layer_load: Sequence[float],
-    current: LayerSlots,
-    cap: float,
-) -> tuple[tuple[int, ...], ...]:
-    """Place `counts` replicas on the ranks of `current`, keeping current slots under `cap`.
-
-    Args:
-        counts: [E] replicas per expert, summing to R * S.
-        layer_load: [E] tokens per expert.
-        current: [R][S] the layer's current slots.
-        cap: max rank load up to which current slots are kept (math.inf keeps all it can).
-    Returns:
-        slots [R][S]; a kept expert stays in its slot index.
-    """
-    per_replica = [
-        load / count if count else 0.0 for load, count in zip(layer_load, counts, strict=True)
-    ]
-    remaining = list(counts)
-    slots_per_rank = len(current[0])
-    new: list[list[int]] = [[-1] * slots_per_rank for _ in current]
-    loads = [0.0] * len(current)
-    places = [(rank, slot) for rank in range(len(current)) for slot in range(slots_per_rank)]
-    places.sort(key=lambda place: -per_replica[current[place[0]][place[1]]])
-    for rank, slot in places:
-        expert = current[rank][slot]
-        if remaining[expert] > 0 and loads[rank] + per_replica[expert] <= cap:
-            new[rank][slot] = expert
-            remaining[expert] -= 1
-            loads[rank] += per_replica[expert]
-    rest = [e for e in range(len(counts)) for _ in range(remaining[e])]
-    rest.sort(key=lambda e: -per_replica[e])
-    for expert in rest:
-        rank = min((r for r in range(len(new)) if -1 in new[r]), key=lambda r: (loads[r], r))
-        new[rank][new[rank].index(-1)] = expert
-        loads[rank] += per_replica[expert]
-    return tuple(tuple(rank_slots) for rank_slots in new)
-
-
-def refine_counts(
-    counts: Sequence[int], layer_load: Sequence[float], current: LayerSlots
-) -> tuple[int, ...]:
-    """Hill-climb replica counts on the max rank load of a fresh packing.
-
-    Minimising the max load per replica (`balanced_counts`) is not the same as minimising the max
-    rank load once replicas are packed S to a rank, so try moving one replica from any expert to
-    an expert on the most loaded rank, and keep the first move that lowers the max rank load.
-
-    Args:
-        counts: [E] starting replica counts.
-        layer_load: [E] tokens per expert.
-        current: [R][S] (only its shape is used: a fresh packing keeps nothing).
-    Returns:
-        counts [E], each >= 1, same sum.
-    """
-    best = tuple(counts)
-
-    def max_load(candidate: Sequence[int]) -> float:
-        return max(rank_loads(pack(candidate, layer_load, current, 0.0), layer_load))
-
-    best_load = max_load(best)
-    for _ in range(sum(best) * len(best)):
-        packed = pack(best, layer_load, current, 0.0)
-        loads = rank_loads(packed, layer_load)
-        hot_rank = max(range(len(loads)), key=lambda r: (loads[r], -r))
-        improved = False
-        for receiver in sorted(set(packed[hot_rank])):
-            for donor in range(len(best)):
-                if donor == receiver or best[donor] < 2:
-                    continue
-                trial = list(best)
-                trial[donor] -= 1
-                trial[receiver] += 1
-                trial_load = max_load(trial)
-                if trial_load < best_load * (1 - _RELATIVE_EPSILON):
-                    best, best_load, improved = tuple(trial), trial_load, True
-                    break
-            if improved:
-                break
-        if not improved:
-            break
-    return best
-
-
-def align(new: LayerSlots, current: LayerSlots) -> tuple[tuple[int, ...], ...]:
-    """Renumber the ranks of `new` to keep as many current slots as possible.
-
-    Rank loads do not depend on which rank holds which group of slots, so the groups of `new`
-    are matched to current ranks greedily by overlap (most shared experts first, ties to lower
-    ids), and inside a rank a kept expert goes back to its current slot index.
-
-    Args:
-        new: [R][S] a placement.
-        current: [R][S] the current placement.
-    Returns:
-        slots [R][S] with the same rank loads as `new` and at most as many moved slots.
-    """
-    holders: dict[int, list[tuple[int, int]]] = {}
-    for rank, old in enumerate(current):
-        for expert, count in Counter(old).items():
-            holders.setdefault(expert, []).append((rank, count))
-    overlap: dict[tuple[int, int], int] = {}
-    for group, slots in enumerate(new):
-        for expert, count in Counter(slots).items():
-            for rank, held in holders.get(expert, ()):
-                overlap[group, rank] = overlap.get((group, rank), 0) + min(count, held)
-    rank_of: dict[int, int] = {}
-    taken: set[int] = set()
-    for group, rank in sorted(overlap, key=lambda pair: (-overlap[pair], pair)):
-        if group not in rank_of and rank not in taken:
-            rank_of[group] = rank
-            taken.add(rank)
-    free = iter(rank for rank in range(len(current)) if rank not in taken)
-    for group in range(len(new)):
-        if group not in rank_of:
-            rank_of[group] = next(free)
-    aligned: list[tuple[int, ...]] = [()] * len(current)
-    for group, rank in rank_of.items():
-        aligned[rank] = _keep_positions(new[group], current[rank])
-    return tuple(aligned)
-
-
-def _keep_positions(group: Sequence[int], old: Sequence[int]) -> tuple[int, ...]:
-    """Order `group` [S] so that experts also in `old` [S] sit in their old slot index."""
-    left = Counter(group)
-    placed: list[int | None] = [None] * len(old)
-    for slot, expert in enumerate(old):
-        if left[expert] > 0:
-            placed[slot] = expert
-            left[expert] -= 1
-    rest = iter(sorted(left.elements()))
-    return tuple(expert if expert is not None else next(rest) for expert in placed)
-
-
-def _candidates(
-    current: LayerSlots, layer_load: Sequence[float]
-) -> Iterator[tuple[tuple[int, ...], ...]]:
-    """Candidate layer placements [R][S] (see the module docstring), in a fixed order."""
-    total_slots = len(current) * len(current[0])
-    current_counts = replica_counts(current, len(layer_load))
-    count_options = count_path(current_counts, layer_load)
-    fresh = balanced_counts(layer_load, total_slots)
-    for counts in (fresh, refine_counts(fresh, layer_load, current)):
-        if counts not in count_options:
-            count_options.append(counts)
-    mean = sum(layer_load) / len(current)
-    seen: set[tuple[tuple[int, ...], ...]] = set()
-    for counts in count_options:
-        heaviest = max(load / count for load, count in zip(layer_load, counts, strict=True))
-        bound = max(mean, heaviest)
-        for factor in _CAP_FACTORS:
-            packed = pack(counts, layer_load, current, bound * factor)
-            if packed not in seen:
-                seen.add(packed)
-                yield align(packed, current)
-
-
-def replace_layer(
-    current: LayerSlots, layer_load: Sequence[float], options: ReplaceOptions
-) -> tuple[tuple[int, ...], ...]:
-    """Rebalance one layer: the cheapest placement by imbalance plus move cost.
-
-    Args:
-        current: [R][S] current slots; every expert with load > 0 has one.
-        layer_load: [E] tokens per expert over the window.
-    Returns:
-        slots [R][S]: `current` itself when no candidate is worth its moves; otherwise a placement
-        with a strictly lower max rank load.
-    """
-    current = tuple(tuple(rank_slots) for rank_slots in current)
-    before = imbalance(rank_loads(current, layer_load))
-    best_key: tuple[float, int, float] = (before, 0, before)
-    best = current
-    for candidate in _candidates(current, layer_load):
-        after = imbalance(rank_loads(candidate, layer_load))
-        moved = moved_experts(current, candidate)
-        if moved == 0 or after >= before * (1 - _RELATIVE_EPSILON):
-            continue
-        key = (after + options.min_gain_per_move * moved, moved, after)
-        if key < best_key:
-            best_key, best = key, candidate
-    return best
+def ideal_imbalance(load_LE: np.ndarray, world_size: int, slots_per_rank: int) -> np.ndarray:
+    """ideal_L: the least imbalance N slots allow, max(mean, heaviest replica at balanced
+    counts) / mean (1 for a layer without load)."""
+    counts = packing.balanced_counts(load_LE, world_size * slots_per_rank)
+    heaviest = (load_LE / counts).max(axis=1)
+    mean = load_LE.sum(axis=1) / world_size
+    safe = np.where(mean > 0, mean, 1.0)
+    return np.where(mean > 0, np.maximum(mean, heaviest) / safe, 1.0)
 
 
 def replace_slots(
     slots: Sequence[LayerSlots],
     expert_load: Sequence[Sequence[float]],
     options: ReplaceOptions | None = None,
-) -> Slots:
-    """Rebalance every layer independently with `replace_layer`.
+    *,
+    ranks_per_pod: int | None = None,
+    pricing: Pricing | None = None,
+) -> Replaced:
+    """Rebalance every layer (see the module).
 
     Args:
         slots: [L][R][S] current placement; every expert has a slot in every layer.
         expert_load: [L][E] tokens per expert over the window.
-    Returns:
-        slots [L][R][S].
+        ranks_per_pod: ranks of one pod (the dispatcher keeps tokens in their pod where it can);
+            None: pods unknown, the flat model.
+        pricing: the layers' ideal and slot count for the cost; None: those of `slots`.
     """
     options = options or ReplaceOptions()
-    return tuple(
-        replace_layer(layer_slots, layer_load, options)
-        for layer_slots, layer_load in zip(slots, expert_load, strict=True)
+    current = np.asarray(slots, dtype=np.int64)
+    load = np.asarray(expert_load, dtype=np.float64)
+    _layers, ranks, per_rank = current.shape
+    pods = ranks_per_pod if ranks_per_pod is not None and ranks_per_pod < ranks else None
+    before = arrays.imbalances(arrays.rank_loads(current, load))
+    if pricing is None:
+        pricing = Pricing(ideal_imbalance(load, ranks, per_rank), ranks * per_rank)
+    scored = candidates.build(current, load, pods)
+    return _choose(scored, before, options, pricing)
+
+
+def _choose(
+    scored: candidates.Scored, before: np.ndarray, options: ReplaceOptions, pricing: Pricing
+) -> Replaced:
+    """Per layer the candidate of least cost among those that strictly lower the max rank load
+    (ties: fewer moves, then lower imbalance, then the first), or the current layer."""
+    layers = len(before)
+    ideal = pricing.ideal[:, None]
+    cost = options.cost(scored.after, scored.moved, ideal, pricing.slots)
+    stay_cost = options.cost(before, np.zeros(layers), pricing.ideal, pricing.slots)
+    valid = (scored.moved > 0) & (scored.after < before[:, None] * (1 - arrays.RELATIVE_EPSILON))
+    valid &= cost < stay_cost[:, None]
+    order = np.lexsort((scored.after, scored.moved, np.where(valid, cost, np.inf)), axis=1)
+    best = order[:, 0]
+    every = arrays.rows(layers)
+    changed = valid[every, best]
+    cross_now = arrays.cross_pod_fraction(scored.current, scored.load, scored.pods)
+    cross = scored.cross(np.zeros_like(valid))
+    if scored.pods is not None:
+        # near: would be chosen were it pod_tolerance better balanced (the current layer too)
+        best_cost = np.where(changed, cost[every, best], stay_cost)
+        lenient = options.cost(
+            scored.after - options.pod_tolerance, scored.moved, ideal, pricing.slots
+        )
+        near = valid & (lenient <= best_cost[:, None])
+        stay_lenient = options.cost(
+            before - options.pod_tolerance, np.zeros(layers), pricing.ideal, pricing.slots
+        )
+        cross = np.where(near, scored.cross(near), np.inf)
+        pick = np.lexsort((scored.after, scored.moved, cost, cross), axis=1)[:, 0]
+        found = near[every, pick]
+        stay = (stay_lenient <= best_cost) & (~found | (cross_now < cross[every, pick]))
+        best, changed = np.where(found, pick, best), found & ~stay
+    return Replaced(
+        slots=np.where(changed[:, None, None], scored.slots[every, best], scored.current),
+        before=before,
+        after=np.where(changed, scored.after[every, best], before),
+        moved=np.where(changed, scored.moved[every, best], 0),
+        cross_pod=np.where(changed, cross[every, best], cross_now),
     )

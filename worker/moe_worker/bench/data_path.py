@@ -292,8 +292,8 @@ def decode_steps(
         plain()
         comm.append(engine.comm_seconds)
 
-    plain = _decoder(engine, prompts, steps, device, two_batch=False)
-    overlapped = _decoder(engine, prompts, steps, device, two_batch=True)
+    plain = decoder(engine, prompts, steps, device, two_batch=False)
+    overlapped = decoder(engine, prompts, steps, device, two_batch=True)
     times = alternate(
         {
             "without": _process_cpu_timed(without, cpu["without"]),
@@ -305,7 +305,7 @@ def decode_steps(
     return _overlap_figures(times["without"], times["with"], comm, cpu)
 
 
-def _decoder(
+def decoder(
     engine: EPEngine, prompts: Prompts, steps: int, device: torch.device, two_batch: bool
 ) -> Callable[[], None]:
     """A prefilled cache, and a function running its next decode step (warmed up)."""

@@ -187,9 +187,13 @@ def serve_moe_ep(
 
 
 def run_generate(
-    model: Any, prompts: list[list[int]], concurrency: int, max_tokens: int
+    model: Any,
+    prompts: list[list[int]],
+    concurrency: int,
+    max_tokens: int,
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """`generate()` on batches of `concurrency` prompts, left-padded, greedy."""
+    """`generate()` on batches of `concurrency` prompts, left-padded, greedy, on `device`."""
     from transformers.generation.streamers import BaseStreamer
 
     class Clock(BaseStreamer):  # put() gets the prompt, then every step's new tokens
@@ -207,8 +211,8 @@ def run_generate(
     for first in range(0, len(prompts), concurrency):
         wave = prompts[first : first + concurrency]
         longest = max(len(p) for p in wave)
-        ids = torch.tensor([[0] * (longest - len(p)) + p for p in wave])
-        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in wave])
+        ids = torch.tensor([[0] * (longest - len(p)) + p for p in wave], device=device)
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in wave], device=device)
         clock, sent = Clock(), time.perf_counter()
         with torch.no_grad():
             model.generate(

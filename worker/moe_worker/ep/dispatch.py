@@ -19,7 +19,12 @@ runs in one process for tests.
 
 Replicas: a logical expert held by several slots gets its tokens split among them by token index
 (plus the rank, so ranks with few tokens do not all pick the first replica): deterministic, and
-even in expectation.
+even in expectation. A plan with `ranksPerPod` routes by pod instead (`moe_contract.plan.
+pod_routes`): each expert's tokens stay in this rank's pod up to the pod's share of its replicas
+and the rest go to the pods that lack; a token's replica is drawn from those shares by a Weyl
+sequence over its index (and the rank), so every replica still carries an even share of the
+expert's tokens, and fewer of them cross the slower network between pods. Which replica
+computes a token never changes its output.
 
 Legend: N tokens, K top-k, A = N*K assignments, D hidden, E experts, L layers, R ranks,
 S slots per rank, G = R*S global slots, M max replicas of one expert, n rows received.
@@ -34,8 +39,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe_contract.plan import Plan
+from moe_contract.plan import Plan, pod_routes
 from moe_worker.models.base import weighted_sum
+
+ROUTE_BITS = 16
+"""Shares of a pod's routes are kept in 1 / 2**16 units; a token draws a point of that range."""
+_WEYL_TOKEN, _WEYL_RANK = 40503, 49471
+"""2**16 / golden ratio and 2**16 / plastic number (odd): token t of rank r draws
+(t * 40503 + r * 49471) mod 2**16, spread evenly over the range for any run of tokens."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,8 @@ class Placement:
     replica_count_LE: Tensor
     local_experts: tuple[tuple[int, ...], ...]  # [L][S] logical expert of each local slot
     local_experts_LS: Tensor  # the same on the CPU, for counting
+    route_slots_LEM: Tensor | None = None  # by pod: global slots this pod sends each expert to
+    route_bounds_LEM: Tensor | None = None  # their cumulative shares, in 1 / 2**16, padded 2**16
 
     @classmethod
     def from_plan(
@@ -67,8 +80,18 @@ class Placement:
                 table[layer, e, : len(slots)] = torch.tensor(slots, dtype=torch.int64)
                 count[layer, e] = len(slots)
         local = tuple(tuple(plan.slots[layer][rank]) for layer in range(plan.num_layers))
+        routes = _pod_tables(plan, rank, num_experts)
+        if routes is not None:
+            routes = (routes[0].to(device), routes[1].to(device))
         return cls(
-            rank, plan.world_size, s, table.to(device), count.to(device), local, torch.tensor(local)
+            rank,
+            plan.world_size,
+            s,
+            table.to(device),
+            count.to(device),
+            local,
+            torch.tensor(local),
+            *(routes or (None, None)),
         )
 
     def slots_for(self, layer: int, topk_ids_NK: Tensor) -> Tensor:
@@ -76,11 +99,39 @@ class Placement:
         Stays on the ids' device (the tables live there): no host synchronisation."""
         n, k = topk_ids_NK.shape
         ids_A = topk_ids_NK.reshape(-1)
+        if self.route_bounds_LEM is not None and self.route_slots_LEM is not None:
+            token_A = torch.arange(n, device=ids_A.device).repeat_interleave(k)
+            point_A = (token_A * _WEYL_TOKEN + self.rank * _WEYL_RANK) % (1 << ROUTE_BITS)
+            bounds_AM = self.route_bounds_LEM[layer].index_select(0, ids_A)
+            pick_A = (point_A[:, None] >= bounds_AM).sum(dim=1)
+            return self.route_slots_LEM[layer][ids_A, pick_A]
         if self.replica_slots_LEM.shape[2] == 1:  # no replicas: one lookup
             return self.replica_slots_LEM[layer, :, 0].index_select(0, ids_A)
         token_A = torch.arange(n, device=ids_A.device).repeat_interleave(k)
         pick_A = (token_A + self.rank) % self.replica_count_LE[layer][ids_A]
         return self.replica_slots_LEM[layer][ids_A, pick_A]
+
+
+def _pod_tables(plan: Plan, rank: int, num_experts: int) -> tuple[Tensor, Tensor] | None:
+    """(route_slots_LEM, route_bounds_LEM) of this rank's pod, or None for a plan without pods
+    (or of a single pod): the slot of a token's share is the first whose bound exceeds its draw."""
+    per_pod = plan.ranks_per_pod
+    if per_pod is None or per_pod >= plan.world_size:
+        return None
+    routes = [pod_routes(layer, per_pod, rank // per_pod) for layer in plan.slots]
+    width = max(len(shares) for layer in routes for shares in layer.values())
+    full = 1 << ROUTE_BITS
+    slots = torch.zeros(plan.num_layers, num_experts, width, dtype=torch.int64)
+    bounds = torch.full((plan.num_layers, num_experts, width), full, dtype=torch.int64)
+    for layer, by_expert in enumerate(routes):
+        for expert, shares in by_expert.items():
+            total = 0.0
+            for index, (slot, share) in enumerate(shares):
+                total += share
+                slots[layer, expert, index] = slot
+                bounds[layer, expert, index] = round(total * full)
+            bounds[layer, expert, len(shares) - 1] = full  # the last share takes the rest
+    return slots, bounds
 
 
 class Pending:
