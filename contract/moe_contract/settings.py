@@ -75,7 +75,8 @@ class Setting:
 
 
 WORKER_SETTINGS: tuple[Setting, ...] = (
-    # The group.
+    # Set by the operator on every pod, in the order pods have always listed them (another
+    # order would change every pod template, and so restart every group).
     Setting(
         "world_size",
         env.WORLD_SIZE,
@@ -93,14 +94,6 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
         "rank processes in each pod, one per GPU: `moe-worker serve` in a pod of several "
         "starts them all (worker.ranksPerPod)",
         pod=OPERATOR,
-    ),
-    Setting(
-        "local_rank",
-        env.LOCAL_RANK,
-        int,
-        0,
-        "index among the ranks of this machine or pod: picks the GPU",
-        pod=LAUNCHER,
     ),
     Setting(
         "master_addr",
@@ -144,66 +137,6 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
         "cuda",
     ),
     Setting(
-        "startup_timeout",
-        env.STARTUP_TIMEOUT,
-        float,
-        1800.0,
-        "seconds to join the group, and then to load, waiting for every peer (pods start "
-        "minutes apart); collectives start only after both",
-    ),
-    Setting(
-        "collective_timeout",
-        env.COLLECTIVE_TIMEOUT,
-        float,
-        120.0,
-        "seconds a serving collective waits for a peer before it fails: a dead or hung peer "
-        "ends the rank's loop, which exits non-zero",
-        ("--collective-timeout",),
-        OPERATOR,
-        "worker.collective_timeout_seconds",
-        120,
-    ),
-    Setting(
-        "stall_timeout",
-        env.STALL_TIMEOUT,
-        float,
-        120.0,
-        "seconds the serving loop may go without a step before /healthz fails",
-        ("--stall-timeout",),
-        OPERATOR,
-        "worker.stall_timeout_seconds",
-        60,
-    ),
-    # Weights and plans.
-    Setting(
-        "checkpoint",
-        env.CHECKPOINT,
-        str,
-        None,
-        "a Hugging Face checkpoint directory; none: synthetic weights of the declared shape",
-        ("--checkpoint",),
-        OPERATOR,
-    ),
-    Setting(
-        "seed",
-        env.SEED,
-        int,
-        0,
-        "seed of synthetic weights (no checkpoint) and of generated traffic",
-        ("--seed",),
-        USER,
-    ),
-    Setting(
-        "plan_path",
-        env.PLAN_PATH,
-        str,
-        None,
-        "the initial plan, a file or a directory holding plan.json (rank 0's is served); "
-        "none, or one that does not fit: the round-robin plan",
-        ("--plan",),
-        OPERATOR,
-    ),
-    Setting(
         "slots_per_rank",
         env.SLOTS_PER_RANK,
         int,
@@ -225,26 +158,54 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
         OPERATOR,
     ),
     Setting(
-        "switch_timeout",
-        env.SWITCH_TIMEOUT,
-        float,
-        60.0,
-        "seconds POST /v1/plan waits for every rank to switch; a background switch not landed "
-        "by then is abandoned and the old plan keeps serving",
-        ("--switch-timeout",),
-        USER,
+        "plan_path",
+        env.PLAN_PATH,
+        str,
+        None,
+        "the initial plan, a file or a directory holding plan.json (rank 0's is served); "
+        "none, or one that does not fit: the round-robin plan",
+        ("--plan",),
+        OPERATOR,
     ),
     Setting(
-        "background_switch",
-        env.BACKGROUND_SWITCH,
-        boolean,
-        True,
-        "move a new plan's experts while the old plan serves, then flip every rank at one step "
-        "(the pause is the flip); false: stop serving while they move",
-        ("--background-switch",),
-        USER,
+        "token_path",
+        env.TOKEN_PATH,
+        str,
+        None,
+        "the control token file (POST /v1/plan needs its token); none refuses every POST",
+        ("--token-file",),
+        OPERATOR,
     ),
-    # Serving.
+    Setting(
+        "http_port",
+        env.HTTP_PORT,
+        int,
+        env.DEFAULT_HTTP_PORT,
+        "control port of every rank: /healthz, /readyz, /metrics, /v1/plan",
+        ("--http-port",),
+        OPERATOR,
+        "worker.port",
+    ),
+    Setting(
+        "api_port",
+        env.API_PORT,
+        int,
+        env.DEFAULT_API_PORT,
+        "OpenAI-compatible API of the leader (rank 0); 0 serves none",
+        ("--api-port",),
+        OPERATOR,
+        "worker.api_port",
+    ),
+    Setting(
+        "served_model_name",
+        env.SERVED_MODEL_NAME,
+        str,
+        None,
+        "the model name clients use; none: the checkpoint directory's name, or "
+        "`<architecture>-synthetic`",
+        ("--served-model-name",),
+        OPERATOR,
+    ),
     Setting(
         "kv_cache_tokens",
         env.KV_CACHE_TOKENS,
@@ -277,63 +238,44 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
         "worker.max_queued_requests",
     ),
     Setting(
-        "two_batch_overlap",
-        env.TWO_BATCH_OVERLAP,
-        boolean,
-        False,
-        "run each step as two micro-batches, one's all-to-all in flight while the other "
-        "computes (off: on CPUs it adds CPU work and measured no faster; not yet measured on "
-        "GPUs)",
-        ("--two-batch-overlap",),
-        USER,
-    ),
-    # HTTP.
-    Setting(
-        "http_port",
-        env.HTTP_PORT,
-        int,
-        env.DEFAULT_HTTP_PORT,
-        "control port of every rank: /healthz, /readyz, /metrics, /v1/plan",
-        ("--http-port",),
+        "stall_timeout",
+        env.STALL_TIMEOUT,
+        float,
+        120.0,
+        "seconds the serving loop may go without a step before /healthz fails",
+        ("--stall-timeout",),
         OPERATOR,
-        "worker.port",
+        "worker.stall_timeout_seconds",
+        60,
     ),
     Setting(
-        "bind_address",
-        env.BIND_ADDRESS,
+        "collective_timeout",
+        env.COLLECTIVE_TIMEOUT,
+        float,
+        120.0,
+        "seconds a serving collective waits for a peer before it fails: a dead or hung peer "
+        "ends the rank's loop, which exits non-zero",
+        ("--collective-timeout",),
+        OPERATOR,
+        "worker.collective_timeout_seconds",
+        120,
+    ),
+    Setting(
+        "termination_message_path",
+        env.TERMINATION_MESSAGE_PATH,
         str,
-        "0.0.0.0",
-        "address the HTTP servers and rank 0's rendezvous store listen on",
-        ("--bind",),
-        NODE,
+        env.TERMINATION_MESSAGE_FILE,
+        "a fatal error is written there too, when the file exists (Kubernetes mounts it)",
+        pod=OPERATOR,
     ),
     Setting(
-        "control_address",
-        env.CONTROL_ADDRESS,
-        str,
-        None,
-        "where a rank's control app listens; none: the bind address (a pod's launcher answers "
-        "for the pod there and keeps its ranks' control apps on the pod's loopback)",
-        pod=LAUNCHER,
-    ),
-    Setting(
-        "token_path",
-        env.TOKEN_PATH,
+        "checkpoint",
+        env.CHECKPOINT,
         str,
         None,
-        "the control token file (POST /v1/plan needs its token); none refuses every POST",
-        ("--token-file",),
+        "a Hugging Face checkpoint directory; none: synthetic weights of the declared shape",
+        ("--checkpoint",),
         OPERATOR,
-    ),
-    Setting(
-        "api_port",
-        env.API_PORT,
-        int,
-        env.DEFAULT_API_PORT,
-        "OpenAI-compatible API of the leader (rank 0); 0 serves none",
-        ("--api-port",),
-        OPERATOR,
-        "worker.api_port",
     ),
     Setting(
         "api_keys_path",
@@ -344,23 +286,46 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
         ("--api-keys-file",),
         OPERATOR,
     ),
+    # Set by a MoEDeployment's worker.extraArgs, if at all.
     Setting(
-        "served_model_name",
-        env.SERVED_MODEL_NAME,
-        str,
-        None,
-        "the model name clients use; none: the checkpoint directory's name, or "
-        "`<architecture>-synthetic`",
-        ("--served-model-name",),
-        OPERATOR,
+        "seed",
+        env.SEED,
+        int,
+        0,
+        "seed of synthetic weights (no checkpoint) and of generated traffic",
+        ("--seed",),
+        USER,
     ),
     Setting(
-        "termination_message_path",
-        env.TERMINATION_MESSAGE_PATH,
-        str,
-        env.TERMINATION_MESSAGE_FILE,
-        "a fatal error is written there too, when the file exists (Kubernetes mounts it)",
-        pod=OPERATOR,
+        "switch_timeout",
+        env.SWITCH_TIMEOUT,
+        float,
+        60.0,
+        "seconds POST /v1/plan waits for every rank to switch; a background switch not landed "
+        "by then is abandoned and the old plan keeps serving",
+        ("--switch-timeout",),
+        USER,
+    ),
+    Setting(
+        "background_switch",
+        env.BACKGROUND_SWITCH,
+        boolean,
+        True,
+        "move a new plan's experts while the old plan serves, then flip every rank at one step "
+        "(the pause is the flip); false: stop serving while they move",
+        ("--background-switch",),
+        USER,
+    ),
+    Setting(
+        "two_batch_overlap",
+        env.TWO_BATCH_OVERLAP,
+        boolean,
+        False,
+        "run each step as two micro-batches, one's all-to-all in flight while the other "
+        "computes (off: on CPUs it adds CPU work and measured no faster; not yet measured on "
+        "GPUs)",
+        ("--two-batch-overlap",),
+        USER,
     ),
     # Built-in traffic: a benchmark knob, and how the demo makes expert load uneven on purpose.
     Setting(
@@ -408,6 +373,41 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
         "tokens each generated request generates (1: a prefill and one sampled token)",
         ("--traffic-max-tokens",),
         USER,
+    ),
+    # Set by a pod's launcher, the node, or nobody.
+    Setting(
+        "local_rank",
+        env.LOCAL_RANK,
+        int,
+        0,
+        "index among the ranks of this machine or pod: picks the GPU",
+        pod=LAUNCHER,
+    ),
+    Setting(
+        "control_address",
+        env.CONTROL_ADDRESS,
+        str,
+        None,
+        "where a rank's control app listens; none: the bind address (a pod's launcher answers "
+        "for the pod there and keeps its ranks' control apps on the pod's loopback)",
+        pod=LAUNCHER,
+    ),
+    Setting(
+        "bind_address",
+        env.BIND_ADDRESS,
+        str,
+        "0.0.0.0",
+        "address the HTTP servers and rank 0's rendezvous store listen on",
+        ("--bind",),
+        NODE,
+    ),
+    Setting(
+        "startup_timeout",
+        env.STARTUP_TIMEOUT,
+        float,
+        1800.0,
+        "seconds to join the group, and then to load, waiting for every peer (pods start "
+        "minutes apart); collectives start only after both",
     ),
 )
 

@@ -134,6 +134,25 @@ def test_the_operator_sets_exactly_the_operator_rows() -> None:
     assert table.SETTINGS["api_keys_path"].variable not in plain
 
 
+def test_pods_list_their_environment_as_they_always_have() -> None:
+    """Deriving the environment from the table changed no pod template (a changed template
+    restarts the whole group): the order of the variables is the one pods had before it."""
+    assert list(pod_env(spec_with_everything())) == [
+        "MOE_POD_NAME",
+        *("MOE_WORLD_SIZE", "MOE_RANKS_PER_POD", "MOE_MASTER_ADDR", "MOE_MASTER_PORT"),
+        *("MOE_BACKEND", "MOE_DEVICE"),
+        *("MOE_EXPERT_PARALLEL", "MOE_TENSOR_PARALLEL", "MOE_PIPELINE_PARALLEL"),
+        *("MOE_ARCHITECTURE", "MOE_LAYERS", "MOE_EXPERTS_PER_LAYER", "MOE_HIDDEN_SIZE"),
+        *("MOE_FFN_HIDDEN_SIZE", "MOE_ATTENTION_HEADS", "MOE_KV_HEADS", "MOE_HEAD_DIM"),
+        *("MOE_TOP_K", "MOE_DTYPE", "MOE_VOCAB_SIZE"),
+        *("MOE_SLOTS_PER_RANK", "MOE_MAX_SLOTS_PER_RANK", "MOE_PLAN_PATH", "MOE_TOKEN_PATH"),
+        *("MOE_HTTP_PORT", "MOE_API_PORT", "MOE_SERVED_MODEL_NAME", "MOE_KV_CACHE_TOKENS"),
+        *("MOE_MAX_BATCH_TOKENS", "MOE_MAX_QUEUED_REQUESTS", "MOE_STALL_TIMEOUT"),
+        *("MOE_COLLECTIVE_TIMEOUT", "MOE_TERMINATION_MESSAGE_PATH", "MOE_CHECKPOINT"),
+        "MOE_API_KEYS_PATH",
+    ]
+
+
 def test_each_deployment_default_reaches_the_worker_as_its_runtime_twin() -> None:
     """The MoEDeployment's defaults, through the pod environment the operator renders, are the
     worker's own defaults, except where the table names the MoEDeployment's own."""

@@ -215,14 +215,23 @@ def worker_settings(name: str, namespace: str, spec: MoEDeploymentSpec) -> dict[
 
 
 def _worker_env(name: str, namespace: str, spec: MoEDeploymentSpec) -> list[dict[str, Any]]:
-    settings = worker_settings(name, namespace, spec)
+    settings = [
+        (SETTINGS[key].variable, value)
+        for key, value in worker_settings(name, namespace, spec).items()
+        if value is not None
+    ]
+    # The process group's settings (the table's first rows, up to the device), then the layout
+    # and the shape, then the rest: the order pods have always had (another would change every
+    # pod template, and so restart every group).
+    group = 1 + [variable for variable, _ in settings].index(worker_env.DEVICE)
     layout = spec.parallelism
     values: dict[str, object] = {
-        **{SETTINGS[key].variable: value for key, value in settings.items() if value is not None},
+        **dict(settings[:group]),
         worker_env.EXPERT_PARALLEL: layout.expert,
         worker_env.TENSOR_PARALLEL: layout.tensor,
         worker_env.PIPELINE_PARALLEL: layout.pipeline,
         **worker_env.shape_to_env(spec.model.to_shape()),
+        **dict(settings[group:]),
     }
     pod_name = {
         "name": worker_env.POD_NAME,
