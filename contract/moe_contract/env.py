@@ -2,7 +2,8 @@
 
 Part of the operator -> worker contract (with `moe_contract.plan` and `moe_contract.shape`). The
 operator's StatefulSet builder and the worker's settings parser both use this module, so names,
-the way the model shape travels and the rank of a pod cannot drift between them.
+the way the model shape travels and the rank of a pod cannot drift between them. What each
+setting's variable means, its default and who sets it: the table of `moe_contract.settings`.
 Imports nothing beyond the standard library.
 """
 
@@ -63,7 +64,7 @@ TERMINATION_MESSAGE_PATH = "MOE_TERMINATION_MESSAGE_PATH"  # where a fatal error
 # Files and ports.
 PLAN_PATH = "MOE_PLAN_PATH"
 TOKEN_PATH = "MOE_TOKEN_PATH"
-HTTP_PORT = "MOE_HTTP_PORT"  # /metrics, /healthz, /readyz, /v1/plan, /v1/forward
+HTTP_PORT = "MOE_HTTP_PORT"  # /metrics, /healthz, /readyz, /v1/plan
 BIND_ADDRESS = (
     "MOE_BIND_ADDRESS"  # default 0.0.0.0; the local node agent gives each pod its own 127.x.y.z
 )
@@ -86,24 +87,6 @@ TERMINATION_MESSAGE_FILE = "/dev/termination-log"  # Kubernetes' terminationMess
 DEFAULT_MASTER_PORT = 29500
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_API_PORT = 8000
-
-USER_FLAGS = frozenset(
-    {
-        "--traffic-batch",
-        "--traffic-seq-len",
-        "--zipf",
-        "--traffic-interval",
-        "--traffic-max-tokens",
-        "--seed",
-        "--switch-timeout",
-        "--background-switch",
-        "--two-batch-overlap",
-    }
-)
-"""Flags of `moe-worker serve` a MoEDeployment may set (`spec.worker.extraArgs`), each with one
-value (`--flag value` or `--flag=value`). Every other flag overrides something the operator sets
-(model shape, world, rendezvous, plan and token files, ports): the operator refuses them, and a
-worker must not let them override the pod environment."""
 
 RESERVED_ENV_PREFIXES = ("MOE_", "PYTHON", "LD_")
 """Environment a MoEDeployment may not set (`spec.worker.extraEnv`): the operator's own

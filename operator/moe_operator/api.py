@@ -15,6 +15,7 @@ from pydantic.alias_generators import to_camel
 
 from moe_contract import env as worker_env
 from moe_contract.plan import MAX_PLAN_VERSION
+from moe_contract.settings import deployment_default as worker_default
 from moe_contract.shape import ModelShape
 from moe_operator.planning.detection import DetectionPolicy
 from moe_operator.planning.gating import GatingOptions
@@ -234,7 +235,7 @@ class PlacementSpec(ApiModel):
     every layer on rank e % world) and the rebalancer re-places experts from measured load."""
 
     slots_per_rank: int = Field(
-        1,
+        worker_default("slots_per_rank"),
         ge=1,
         le=64,
         description="Expert slots per rank and layer at start; spare slots hold replicas.",
@@ -552,7 +553,7 @@ class WorkerSpec(ApiModel):
         "parallelism.expert must be a multiple of it; the pods are expert / ranksPerPod.",
     )
     stall_timeout_seconds: int = Field(
-        60,
+        worker_default("stall_timeout"),
         ge=5,
         le=3600,
         description="A rank whose serving loop makes no progress this long while it should (a "
@@ -562,7 +563,7 @@ class WorkerSpec(ApiModel):
         "on a slow device).",
     )
     collective_timeout_seconds: int = Field(
-        120,
+        worker_default("collective_timeout"),
         ge=10,
         le=3600,
         description="How long a collective waits for a peer before it fails "
@@ -585,9 +586,12 @@ class WorkerSpec(ApiModel):
         default_factory=ResourceRequirements, description="CPU and memory of each worker."
     )
     backend: Literal["nccl", "gloo"] = Field(
-        "nccl", description="torch.distributed backend: nccl on GPUs, gloo on CPUs."
+        worker_default("backend"),
+        description="torch.distributed backend: nccl on GPUs, gloo on CPUs.",
     )
-    device: Literal["cuda", "cpu"] = Field("cuda", description="Device the worker computes on.")
+    device: Literal["cuda", "cpu"] = Field(
+        worker_default("device"), description="Device the worker computes on."
+    )
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="Node labels the pods must match."
     )
@@ -600,19 +604,27 @@ class WorkerSpec(ApiModel):
     extra_env: list[EnvVar] = Field(
         default_factory=list, description="Extra environment variables (not MOE_* ones)."
     )
-    port: int = Field(8080, ge=1, le=65535, description="HTTP port: metrics, probes, plan API.")
+    port: int = Field(
+        worker_default("http_port"),
+        ge=1,
+        le=65535,
+        description="HTTP port: metrics, probes, plan API.",
+    )
     master_port: int = Field(
-        29500, ge=1, le=65535, description="torch.distributed rendezvous port on rank 0."
+        worker_default("master_port"),
+        ge=1,
+        le=65535,
+        description="torch.distributed rendezvous port on rank 0.",
     )
     api_port: int = Field(
-        worker_env.DEFAULT_API_PORT,
+        worker_default("api_port"),
         ge=1,
         le=65535,
         description="Port of the OpenAI-compatible API (/v1/completions, /v1/models) on the "
         "leader (rank 0), behind the Service <name>-api.",
     )
     kv_cache_tokens: int = Field(
-        8192,
+        worker_default("kv_cache_tokens"),
         ge=16,
         le=1 << 30,
         description="KV cache budget of each rank, in tokens (prompt + generated, all layers), "
@@ -621,14 +633,14 @@ class WorkerSpec(ApiModel):
         "holds (hundreds of thousands of tokens on an 80 GB GPU).",
     )
     max_batch_tokens: int = Field(
-        512,
+        worker_default("max_batch_tokens"),
         ge=1,
         le=1 << 20,
         description="New tokens each rank runs per step (decodes plus chunked prefill), also "
         "its most running sequences. Fits a CPU; on GPUs raise it to 2048-8192 for throughput.",
     )
     max_queued_requests: int = Field(
-        128,
+        worker_default("max_queued_requests"),
         ge=0,
         le=1 << 20,
         description="Requests waiting for a KV budget on the leader; beyond them the API "

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moe_contract.plan import Plan, PlanError, parse_plan
+from moe_contract.switch import SwitchAnswer
 
 
 class HandoffError(RuntimeError):
@@ -104,16 +105,16 @@ def post_plan(leader: str, plan: Plan, token: str, *, timeout: float = 90.0) -> 
         token=token,
         timeout=timeout,
     )
-    if status == 200 and document.get("applied"):
-        if document.get("digest", plan.digest()) != plan.digest():
+    answer = SwitchAnswer.from_document(document)
+    if status == 200 and answer.applied:
+        if (answer.digest or plan.digest()) != plan.digest():
             raise HandoffError(f"leader applied plan {plan.version} with another digest")
-        return HandoffResult(
-            int(document.get("version", plan.version)), document.get("pauseSeconds")
-        )
-    if status == 409 and isinstance(document.get("version"), int):
+        version = plan.version if answer.version is None else answer.version
+        return HandoffResult(version, answer.pause_seconds)
+    if status == 409 and answer.version is not None:
         # The leader serves this version or a newer one already (a resend after a lost answer,
         # or someone else's plan): only `serving()`'s digest tells which.
-        return HandoffResult(int(document["version"]), None, stale=True)
-    reason = document.get("error") or document.get("reason") or "no reason given"
+        return HandoffResult(answer.version, None, stale=True)
+    reason = answer.error or answer.reason or "no reason given"
     error = PlanRefused if status in (400, 422) else HandoffError
     raise error(f"leader refused plan {plan.version}: HTTP {status}: {reason}")

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from moe_contract import env as worker_env
 from moe_contract.plan import COMPACT_FROM_BYTES
+from moe_contract.settings import USER_FLAGS
 from moe_operator import kuberules
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.manifests import podspec
@@ -354,12 +355,12 @@ def extra_args_problems(args: list[str]) -> list[SpecProblem]:
     """Only the worker flags a user may tune, each with its value; the operator sets the rest
     (the model shape, the world, the plan and token files), and an override of those breaks the
     group or its security (a guessable token file, a shape that does not fit the plan)."""
-    allowed = ", ".join(sorted(worker_env.USER_FLAGS))
+    allowed = ", ".join(sorted(USER_FLAGS))
     index = 0
     while index < len(args):
         flag, equals, _ = args[index].partition("=")
         where = f"worker.extraArgs[{index}]"
-        if flag not in worker_env.USER_FLAGS:
+        if flag not in USER_FLAGS:
             return [
                 SpecProblem(
                     where,

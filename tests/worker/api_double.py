@@ -13,10 +13,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from moe_contract.plan import Plan, round_robin_plan, validate_plan
 from moe_contract.shape import ModelShape
+from moe_contract.switch import BLOCKING, TIMEOUT, SwitchAnswer
 from moe_worker.serving.generation import (
     AdmissionError,
     EventSink,
@@ -81,7 +81,7 @@ class ScriptedBackend:
         self.abort_seen = threading.Event()
         shape = card.shape
         self.plan: Plan | None = round_robin_plan(shape.layers, shape.experts, world_size)
-        self.switch_outcome: str | dict[str, Any] = "apply"
+        self.switch_outcome: str | SwitchAnswer = "apply"
         """apply | timeout | a dict answered as is."""
         self.switch_gate = threading.Event()
         self.switch_gate.set()
@@ -128,20 +128,15 @@ class ScriptedBackend:
         s = self._card.shape
         validate_plan(plan, num_layers=s.layers, num_experts=s.experts, world_size=self.world_size)
 
-    def switch_plan(self, plan: Plan, timeout: float) -> dict[str, Any] | None:
+    def switch_plan(self, plan: Plan, timeout: float) -> SwitchAnswer:
         self.switch_timeouts.append(timeout)
         self.switch_gate.wait(WAIT)
         if self.switch_outcome == "timeout":
-            return None
-        if isinstance(self.switch_outcome, dict):
+            return SwitchAnswer.refused(TIMEOUT)
+        if isinstance(self.switch_outcome, SwitchAnswer):
             return self.switch_outcome
         self.plan = plan
-        return {
-            "applied": True,
-            "version": plan.version,
-            "digest": plan.digest(),
-            "pauseSeconds": 0.0,
-        }
+        return SwitchAnswer.switched(plan, 0.0, BLOCKING)
 
     # ------------------------------------------------------------ the "serving loop"
 

@@ -18,6 +18,7 @@ from openai_checks import raw
 from worker_harness import FIXTURES
 
 from moe_contract.plan import parse_plan
+from moe_contract.switch import STALE, SwitchAnswer
 from moe_operator import handoff
 from moe_worker.api import ServerHandle, create_control_app, start
 
@@ -192,8 +193,8 @@ def test_switch_timeout_is_a_504_and_refusal_a_409(serve: Serve, backend: Script
     doc = {**document("round-robin-2layer-4expert-4rank.json"), "version": 2}
     assert post_plan(url, doc) == (504, {"applied": False, "reason": "timeout"})
     assert backend.switch_timeouts == [7.5]
-    backend.switch_outcome = {"applied": False, "reason": "stale", "version": 5}
-    assert post_plan(url, doc) == (409, backend.switch_outcome)
+    backend.switch_outcome = SwitchAnswer.refused(STALE, version=5)
+    assert post_plan(url, doc) == (409, {"applied": False, "reason": "stale", "version": 5})
 
 
 def test_probes_answer_while_a_switch_blocks(url: str, backend: ScriptedBackend) -> None:
@@ -223,27 +224,6 @@ def test_the_operator_handoff_speaks_this_contract(url: str) -> None:
     with pytest.raises(handoff.HandoffError, match="401"):
         handoff.post_plan(url, plan.with_version(3), "wrong")
     assert handoff.serving_version(url) == 2
-
-
-def test_forward_is_authenticated_and_optional(serve: Serve, backend: ScriptedBackend) -> None:
-    def forward(hidden: Any, timeout: float) -> Any:
-        if not (isinstance(hidden, list) and hidden and isinstance(hidden[0], list)):
-            raise ValueError("expected [batch][tokens][hidden]")
-        return None if hidden == [[[0.0]]] else hidden
-
-    url = serve(backend, forward=forward)
-    x = [[[1.0, 2.0]]]
-    assert raw(url, "/v1/forward", {"hidden": x}, api_key=TOKEN) == (
-        200,
-        {"output": x, "planVersion": 1},
-    )
-    assert raw(url, "/v1/forward", {"hidden": x})[0] == 401
-    status, body = raw(url, "/v1/forward", {"hidden": 3}, api_key=TOKEN)
-    assert status == 400 and body["field"] == "hidden"
-    assert raw(url, "/v1/forward", {"x": 1}, api_key=TOKEN)[1]["field"] == "hidden"
-    assert raw(url, "/v1/forward", {"hidden": [[[0.0]]]}, api_key=TOKEN)[0] == 504
-    without = serve(ScriptedBackend(make_card()))
-    assert raw(without, "/v1/forward", {"hidden": x}, api_key=TOKEN)[0] == 404
 
 
 def test_unknown_routes_and_methods(url: str) -> None:

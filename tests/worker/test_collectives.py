@@ -1,13 +1,19 @@
 """The serving loop's two collectives carry any text: short ones in one fixed-size frame, long ones
-(many long prompts admitted at once) with a second message for the rest, on every rank."""
+(many long prompts admitted at once) with a second message for the rest, on every rank. And the
+harness that forks the ranks of every distributed test leaves them nothing of the parent's
+garbage to destroy."""
 
 from __future__ import annotations
 
+import gc
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from worker_harness import run_world
+import torch
+import torch.distributed as dist
+from worker_harness import free_port, run_world
 
 from moe_worker.ep import group
 
@@ -31,3 +37,34 @@ def test_texts_of_any_length_reach_every_rank(tmp_path: Path) -> None:
         assert result["broadcast_long"] == LONG
         assert result["gather_short"] == ["rank 0", "rank 1"]
         assert result["gather_mixed"] == ["rank 0", LONG]
+
+
+class LeftoverStore:
+    """What a world-1 runtime that ran in the test process used to leave: its rendezvous store's
+    server (a thread of its own) reachable only through a reference cycle."""
+
+    def __init__(self) -> None:
+        self.store = dist.TCPStore(
+            "127.0.0.1",
+            free_port(),
+            1,
+            is_master=True,
+            timeout=timedelta(seconds=30),
+            wait_for_workers=False,
+        )
+        self.cycle = self
+
+
+def collect_then_reduce(rank: int, world: int) -> dict[str, Any]:
+    gc.collect()  # the rank's first full collection, early and certain
+    total = torch.ones(1)
+    dist.all_reduce(total)
+    return {"total": total.item()}
+
+
+def test_ranks_destroy_nothing_of_the_parents_garbage(tmp_path: Path) -> None:
+    """Destroying the inherited store in a rank aborted it (`std::system_error`, while
+    garbage-collecting) or hung it: every distributed test forked after an in-process runtime
+    errored (tests/worker/test_distributed_equivalence.py after test_bench.py)."""
+    LeftoverStore()
+    assert run_world(collect_then_reduce, 2, tmp_path, timeout=60) == [{"total": 2.0}] * 2

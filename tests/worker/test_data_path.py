@@ -17,6 +17,7 @@ from moe_worker.ep.two_batch import interleave, last_rows, split_items
 from moe_worker.models import ExpertWeights
 from moe_worker.models.grouped import SlotGroups, choose_kernel, grouped_mm_works
 from moe_worker.models.weights import SyntheticWeights
+from moe_worker.switch.mover import ExpertMover
 
 SHAPE = ModelShape(layers=2, experts=4, hidden=16, ffn_hidden=32, heads=2, head_dim=8, top_k=2)
 KERNELS = ["loop"] + (["grouped_mm"] if grouped_mm_works("cpu", torch.float32) else [])
@@ -110,6 +111,6 @@ def test_a_blocking_switch_at_world_1_rewrites_the_stacks() -> None:
     prompts = [[1, 2, 3], [4, 5]]
     expected = ep_prefill(engine, prompts, torch.device("cpu"))
     reversed_slots = tuple(((*reversed(layer[0]), 0),) for layer in engine.plan.slots)
-    assert engine.apply_plan(Plan(version=2, slotsPerRank=5, slots=reversed_slots)) == 0
+    assert ExpertMover(engine).apply(Plan(version=2, slotsPerRank=5, slots=reversed_slots)) == 0
     assert engine.stacks.experts(0) == (3, 2, 1, 0, 0)
     torch.testing.assert_close(ep_prefill(engine, prompts, torch.device("cpu")), expected)

@@ -116,17 +116,17 @@ def lead(driver: Driver) -> dict[str, Any]:
     while min(len(o.tokens) for o in running) < 8:
         assert not any(o.done.is_set() for o in running)
         running[0].done.wait(0.01)
-    plan = driver.runtime.current_plan()
+    plan = driver.backend.current_plan()
     assert plan is not None
     experts = driver.runtime.settings.model.experts
     new_plan = replace_plan(plan, plan.version + 1, experts)
-    answer = driver.runtime.switch_plan(new_plan, timeout=120)
-    results["switch_answer"] = answer
+    answer = driver.backend.switch_plan(new_plan, timeout=120)
+    results["switch_answer"] = answer.to_document()
     results["tokens_at_switch"] = [len(o.tokens) for o in running]
     for outcome in running:
         assert outcome.done.wait(300)
     results["switch"] = [o.tokens for o in running]
-    results["served_after"] = driver.runtime.current_plan() == new_plan
+    results["served_after"] = driver.backend.current_plan() == new_plan
 
     together = driver.run([greedy(p, n) for p, n in MIXED])
     results["mixed"] = [o.tokens for o in together]

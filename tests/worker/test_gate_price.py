@@ -20,6 +20,7 @@ from moe_worker.bench.data_path import ep_prefill
 from moe_worker.ep.engine import EPEngine
 from moe_worker.metrics import WorkerMetrics
 from moe_worker.models.weights import SyntheticWeights
+from moe_worker.switch.mover import ExpertMover
 
 SHAPE = ModelShape(
     layers=2,
@@ -121,11 +122,11 @@ def test_no_bias_costs_nothing_and_the_counters_survive_switches_and_are_exposed
     assert engine.reroutes() == ([0, 0], [0.0, 0.0])  # unbiased routing reroutes nothing
     # A bias far larger than any gap, unguarded: most assignments move.
     strong = [[1.0, 1.0, -1.0, -1.0, -1.0, 1.0], [0.0] * SHAPE.experts]
-    engine.apply_plan(biased_plan(strong, None))
+    ExpertMover(engine).apply(biased_plan(strong, None))
     ep_prefill(engine, prompts(2, 4), CPU)
     first, _ = engine.reroutes()
     assert first[0] > 0 and first[1] == 0  # layer 1 has no bias
-    engine.apply_plan(unbiased(version=3))
+    ExpertMover(engine).apply(unbiased(version=3))
     ep_prefill(engine, prompts(3, 4), CPU)
     assert engine.reroutes()[0] == first  # no bias now: nothing added, nothing reset
     exposed = {

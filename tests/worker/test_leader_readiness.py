@@ -6,24 +6,25 @@ import time
 
 from moe_contract.shape import ModelShape
 from moe_worker.models.weights import SyntheticWeights
-from moe_worker.runtime import rank as runtime
 from moe_worker.runtime.rank import Runtime
+from moe_worker.runtime.state import LEADER_READY_STALL_S
+from moe_worker.serving.generation import Backend
 from moe_worker.settings import WorkerSettings
 
 SHAPE = ModelShape(layers=1, experts=2, hidden=8, ffn_hidden=8, heads=2, head_dim=4, top_k=1)
 
 
-def serving(rank: int, since_last_step: float) -> Runtime:
+def serving(rank: int, since_last_step: float) -> Backend:
     """A rank past its group's barrier, its last step `since_last_step` seconds ago."""
     settings = WorkerSettings(rank=rank, world_size=2, model=SHAPE)
     rank_runtime = Runtime(settings, SyntheticWeights.for_shape(SHAPE, seed=0))
-    rank_runtime._ready = rank_runtime._serving = True  # what _load sets after the barrier
-    rank_runtime._last_progress = time.monotonic() - since_last_step
-    return rank_runtime
+    rank_runtime.state.serving = True  # what run() sets after the barrier
+    rank_runtime.state.last_step = time.monotonic() - since_last_step
+    return rank_runtime.backend
 
 
 def test_a_leader_whose_group_stopped_stepping_is_not_ready() -> None:
-    stalled = runtime.LEADER_READY_STALL_S + 1
+    stalled = LEADER_READY_STALL_S + 1
     assert serving(0, since_last_step=0.0).is_ready()
     assert not serving(0, since_last_step=stalled).is_ready()  # a peer hangs: no step
     assert serving(0, since_last_step=stalled).is_live()  # not yet a restart: it may heal
@@ -34,7 +35,7 @@ def test_a_leader_whose_group_stopped_stepping_is_not_ready() -> None:
 def test_a_stalled_leader_takes_no_requests() -> None:
     from moe_worker.serving.generation import GenerationRequest, NotReady, SamplingParams
 
-    leader = serving(0, since_last_step=runtime.LEADER_READY_STALL_S + 1)
+    leader = serving(0, since_last_step=LEADER_READY_STALL_S + 1)
     request = GenerationRequest("r", (1, 2), SamplingParams(temperature=0, max_tokens=1))
     try:
         leader.submit(request, lambda _event: None)

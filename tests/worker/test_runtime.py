@@ -48,7 +48,7 @@ SAMPLED = [
 
 def lead(driver: Driver) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    runtime = driver.runtime
+    backend = driver.backend
     results["sampled"] = [o.tokens for o in driver.run(SAMPLED)]
 
     first = driver.run([greedy((5, 6, 7), 5)])[0].tokens
@@ -75,17 +75,17 @@ def lead(driver: Driver) -> dict[str, Any]:
         driver.submit(*greedy((3,), 200))
     except InvalidRequest as error:
         results["too_long"] = (error.status, error.param)
-    runtime.abort(hogs[0].request_id)
+    backend.abort(hogs[0].request_id)
     for outcome in (*hogs, *waiting):
         assert outcome.done.wait(120)
     results["hogs"] = [(len(h.tokens), h.finish) for h in hogs]
     results["waiting"] = [w.finish for w in waiting]
 
-    plan = runtime.current_plan()
+    plan = backend.current_plan()
     assert plan is not None
-    results["stale"] = runtime.switch_plan(plan, timeout=30)
-    results["live"] = runtime.is_live()
-    results["metrics"] = runtime.metrics_text().decode()
+    results["stale"] = backend.switch_plan(plan, timeout=30).to_document()
+    results["live"] = backend.is_live()
+    results["metrics"] = backend.metrics_text().decode()
     return results
 
 
@@ -152,20 +152,21 @@ def test_stale_plans_liveness_and_metrics(leader: dict[str, Any]) -> None:
 def test_a_rank_that_stops_stepping_is_not_live() -> None:
     source = SyntheticWeights.for_shape(SHAPE, seed=11)
     runtime = Runtime(SETTINGS.replace(stall_timeout=5.0), source)
-    assert runtime.is_live()  # not serving yet: forming the group is not a stall
+    backend = runtime.backend
+    assert backend.is_live()  # not serving yet: forming the group is not a stall
     with pytest.raises(NotReady):
-        runtime.submit(GenerationRequest("a", (1,)), lambda e: None)
-    runtime._serving = True
-    runtime._last_progress = time.monotonic() - 6.0
-    assert not runtime.is_live()
-    runtime._last_progress = time.monotonic()
-    assert runtime.is_live()
+        backend.submit(GenerationRequest("a", (1,)), lambda e: None)
+    runtime.state.serving = True
+    runtime.state.last_step = time.monotonic() - 6.0
+    assert not backend.is_live()
+    runtime.state.stepped()
+    assert backend.is_live()
 
 
 def test_non_leaders_refuse_generation() -> None:
     source = SyntheticWeights.for_shape(SHAPE, seed=11)
-    runtime = Runtime(SETTINGS.replace(rank=1, world_size=2), source)
+    backend = Runtime(SETTINGS.replace(rank=1, world_size=2), source).backend
     with pytest.raises(NotReady, match="leader"):
-        runtime.submit(GenerationRequest("a", (1,)), lambda e: None)
-    answer = runtime.switch_plan(round_robin_plan(2, 4, 2, 2, version=5), 1.0)
-    assert answer is not None and answer["applied"] is False
+        backend.submit(GenerationRequest("a", (1,)), lambda e: None)
+    answer = backend.switch_plan(round_robin_plan(2, 4, 2, 2, version=5), 1.0)
+    assert not answer.applied and answer.reason == "not ready"

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moe_contract.plan import round_robin_plan
 from moe_worker.serving.blocks import BlockAllocator
 from moe_worker.serving.generation import (
     GenerationRequest,
@@ -20,7 +21,7 @@ from moe_worker.serving.generation import (
     TokenEvent,
 )
 from moe_worker.serving.scheduler import Scheduled, Scheduler, SchedulerConfig
-from moe_worker.serving.step import StepDescriptor, StepResult
+from moe_worker.serving.step import StepDescriptor, StepResult, SwitchCommand
 
 EOS = 7
 
@@ -327,7 +328,8 @@ def test_step_descriptors_and_results_travel_as_json_unchanged() -> None:
     scheduler.add(request("a", 20, 4, top_p=0.5, stop_token_ids=(3, 4)), lambda e: None)
     scheduler.add(request("b", 2), lambda e: None)
     s = scheduler.schedule()
-    descriptor = StepDescriptor(4, False, ("x",), '{"version":2}', s.admit, s.chunks)
+    switch = SwitchCommand.start(round_robin_plan(2, 4, 2, 2, version=2), background=True)
+    descriptor = StepDescriptor(4, False, ("x",), switch, s.admit, s.chunks)
     assert StepDescriptor.from_json(descriptor.to_json()) == descriptor
     assert StepDescriptor.from_json(StepDescriptor(5).to_json()).idle
     result = StepResult((("a", 5),), (("b", "KeyError: 'b'"),))

@@ -18,8 +18,8 @@ from moe_contract.shape import ModelShape
 from moe_worker.main import FlagRefused, build_parser, check_pod_flags, serve_settings
 from moe_worker.models.checkpoint import write_checkpoint
 from moe_worker.models.weights import SyntheticWeights
+from moe_worker.runtime.initial_plan import read_initial_plan
 from moe_worker.runtime.loading import ShapeMismatch, model_card, open_weights
-from moe_worker.runtime.rank import read_initial_plan
 from moe_worker.settings import WorkerSettings, settings_from_env
 
 SHAPE = ModelShape(
@@ -79,7 +79,7 @@ def test_in_a_pod_flags_may_not_override_the_operator(tmp_path: Path) -> None:
     ):
         with pytest.raises(FlagRefused, match=f"{flag} may not override"):
             check_pod_flags(parser.parse_args(argv), pod)
-    # env.USER_FLAGS stay free (the demo's extraArgs), and outside pods everything is.
+    # USER_FLAGS stay free (the demo's extraArgs), and outside pods everything is.
     allowed = ["serve", "--traffic-batch", "2", "--zipf", "1.5", "--seed", "3"]
     check_pod_flags(parser.parse_args(allowed), pod)
     check_pod_flags(parser.parse_args(["serve", "--token-file", "/t", "--layers", "3"]), {})

@@ -17,15 +17,15 @@ from worker_serving_cases import Driver, greedy, replace_plan, serve_group
 
 from moe_contract.plan import round_robin_plan
 from moe_contract.shape import ModelShape
-from moe_worker.ep.engine import EPEngine
-from moe_worker.ep.transfer import ExpertTransfer
-from moe_worker.metrics import WorkerMetrics
+from moe_contract.switch import BACKGROUND, BLOCKING, TIMEOUT, TRANSFER_FAILED, SwitchAnswer
 from moe_worker.serving.generation import GenerationRequest, SamplingParams
 from moe_worker.serving.leader import Leader
 from moe_worker.serving.scheduler import SchedulerConfig
-from moe_worker.serving.step import StepDescriptor, StepResult
+from moe_worker.serving.step import StepDescriptor, StepResult, SwitchCommand
 from moe_worker.serving.traffic import TrafficSource
 from moe_worker.settings import TrafficSettings, WorkerSettings
+from moe_worker.switch.mover import ExpertMover
+from moe_worker.switch.transfer import ExpertTransfer
 
 SHAPE = ModelShape(
     layers=2, experts=4, hidden=32, ffn_hidden=48, heads=4, head_dim=8, kv_heads=2, vocab_size=80
@@ -42,7 +42,7 @@ PROMPTS = [(3, 4, 5, 6, 7, 8), (9, 10), (11, 12, 13, 14, 15, 16, 17, 18, 19)]
 def leader(**options: bool) -> Leader:
     config = SchedulerConfig(world_size=2, kv_cache_tokens=64, max_context=64, vocab_size=80)
     traffic = TrafficSource(TrafficSettings(), vocab_size=80, world_size=2, seed=0)
-    return Leader(config, traffic, WorkerMetrics(lambda: None, list), **options)
+    return Leader(config, traffic, **options)
 
 
 def asked(lead: Leader, version: int, timeout: float) -> tuple[threading.Thread, list[Any]]:
@@ -61,17 +61,25 @@ def step(lead: Leader, number: int, *states: str | None) -> StepDescriptor:
     return lead.next_step(number, 1, stopping=False)
 
 
+def late_command() -> SwitchCommand:
+    return SwitchCommand.abandon("timeout: experts still moving at the switch timeout")
+
+
 def test_the_leader_flips_only_once_every_rank_is_done() -> None:
     lead = leader(background_switch=True)
     thread, answers = asked(lead, 2, timeout=30)
     first = step(lead, 0)
-    assert first.plan_json is not None and first.poll_switch and first.gathers
-    assert step(lead, 1, "pending", "done").poll_switch
+    assert first.switch == SwitchCommand.start(
+        round_robin_plan(2, 4, 2, 2, version=2), background=True
+    )
+    assert first.switch.reports and first.gathers
+    assert step(lead, 1, "pending", "done").switch == SwitchCommand.poll()
     flip = step(lead, 2, "done", "done")
-    assert flip.flip == 2 and flip.plan_json is None and not flip.poll_switch
-    lead.answer_switch({"applied": True, "version": 2})
+    assert flip.switch == SwitchCommand.flip(2) and not flip.switch.reports
+    applied = SwitchAnswer.switched(round_robin_plan(2, 4, 2, 2, version=2), 0.1, BACKGROUND)
+    lead.answer_switch(applied)
     thread.join(5)
-    assert answers == [{"applied": True, "version": 2}]
+    assert answers == [applied]
     assert step(lead, 3).idle
 
 
@@ -80,27 +88,36 @@ def test_the_leader_abandons_a_failed_or_late_switch() -> None:
     thread, answers = asked(lead, 2, timeout=30)
     step(lead, 0)
     abandon = step(lead, 1, "pending", "failed: RuntimeError: peer gone")
-    assert abandon.abandon == "rank 1: failed: RuntimeError: peer gone" and abandon.flip is None
-    lead.answer_switch({"applied": False, "reason": "transfer failed"})
+    assert abandon.switch == SwitchCommand.abandon("rank 1: failed: RuntimeError: peer gone")
+    lead.answer_switch(SwitchAnswer.refused(TRANSFER_FAILED))
     thread.join(5)
-    assert answers[0]["reason"] == "transfer failed"
+    assert answers[0].reason == "transfer failed"
 
     thread, answers = asked(lead, 3, timeout=0.05)  # experts still moving at the timeout
     step(lead, 2)
     thread.join(0.2)
     late = step(lead, 3, "done", "pending")
-    assert late.abandon is not None and late.abandon.startswith("timeout")
-    lead.answer_switch({"applied": False, "reason": "timeout"})
+    assert late.switch is not None and late.switch.action == "abandon"
+    assert late.switch.reason is not None and late.switch.reason.startswith("timeout")
+    lead.answer_switch(SwitchAnswer.refused(TIMEOUT, version=1, error=late.switch.reason))
     thread.join(5)
-    assert answers == [{"applied": False, "reason": "timeout"}]
+    assert answers[0].to_document() == {
+        "applied": False,
+        "reason": "timeout",
+        "version": 1,
+        "error": "timeout: experts still moving at the switch timeout",
+    }
 
 
 def test_a_blocking_leader_switches_in_one_step_and_two_batches_need_two_tokens() -> None:
     lead = leader(background_switch=False, two_batch=True)
     thread, _ = asked(lead, 2, timeout=30)
     d = step(lead, 0)
-    assert d.plan_json is not None and not d.poll_switch
-    lead.answer_switch({"applied": True})
+    assert d.switch is not None and d.switch.action == "start" and not d.switch.background
+    assert not d.switch.reports and not d.gathers
+    lead.answer_switch(
+        SwitchAnswer.switched(round_robin_plan(2, 4, 2, 2, version=2), 0.1, BLOCKING)
+    )
     thread.join(5)
     request = GenerationRequest("a", (1, 2, 3, 4, 5), SamplingParams(temperature=0, max_tokens=3))
     lead.submit(request, lambda event: None)
@@ -110,28 +127,30 @@ def test_a_blocking_leader_switches_in_one_step_and_two_batches_need_two_tokens(
     lead.complete([StepResult(tokens=(("a", 7),)) if r == rank else StepResult() for r in (0, 1)])
     decode = step(lead, 2)
     assert [c.length for c in decode.chunks] == [1] and not decode.two_batch  # nothing to split
-    again = StepDescriptor.from_json(StepDescriptor(3, flip=3, two_batch=True).to_json())
-    assert (again.flip, again.two_batch, again.abandon) == (3, True, None)
+    for command in (d.switch, SwitchCommand.poll(), SwitchCommand.flip(3), late_command()):
+        sent = StepDescriptor(3, switch=command, two_batch=True)
+        assert StepDescriptor.from_json(sent.to_json()) == sent
 
 
 # ------------------------------------------------------------ two real ranks
 
 
 def lead_through_failures(driver: Driver) -> dict[str, Any]:
-    runtime = driver.runtime
-    plan = runtime.current_plan()
+    backend = driver.backend
+    plan = backend.current_plan()
     assert plan is not None
     results: dict[str, Any] = {
         "before": [o.tokens for o in driver.run([greedy(p, 6) for p in PROMPTS])]
     }
     running = [driver.submit(*greedy(p, 16)) for p in PROMPTS]  # served through the failures
-    results["failed"] = runtime.switch_plan(replace_plan(plan, 2, SHAPE.experts), 30)
-    results["timed_out"] = runtime.switch_plan(replace_plan(plan, 3, SHAPE.experts), 1.0)
+    results["failed"] = backend.switch_plan(replace_plan(plan, 2, SHAPE.experts), 30).to_document()
+    timed_out = backend.switch_plan(replace_plan(plan, 3, SHAPE.experts), 1.0)
+    results["timed_out"] = timed_out.to_document()
     for outcome in running:
         assert outcome.done.wait(120)
     results["during"] = [(o.tokens, o.finish) for o in running]
-    results["version_after_failures"] = runtime.current_plan().version  # type: ignore[union-attr]
-    results["applied"] = runtime.switch_plan(replace_plan(plan, 4, SHAPE.experts), 60)
+    results["version_after_failures"] = backend.current_plan().version  # type: ignore[union-attr]
+    results["applied"] = backend.switch_plan(replace_plan(plan, 4, SHAPE.experts), 60).to_document()
     results["after"] = [o.tokens for o in driver.run([greedy(p, 6) for p in PROMPTS])]
     results["alone"] = [driver.run([greedy(p, 16)])[0].tokens for p in PROMPTS]
     return results
@@ -140,9 +159,9 @@ def lead_through_failures(driver: Driver) -> dict[str, Any]:
 def flaky_rank(rank: int, world: int) -> dict[str, Any]:
     """Rank 1 fails to start switch 2 and never posts the messages of switch 3."""
     flipped: list[int] = []
-    start, flip = EPEngine.start_switch, EPEngine.flip
+    start, flip = ExpertMover.start, ExpertMover.flip
 
-    def start_switch(self: EPEngine, plan: Any, group: Any) -> ExpertTransfer:
+    def start_switch(self: ExpertMover, plan: Any, group: Any) -> ExpertTransfer:
         if rank == 1 and plan.version == 2:
             raise RuntimeError("injected transfer failure")
         if rank == 1 and plan.version == 3:  # nothing posted: rank 0 waits for its experts
@@ -153,12 +172,12 @@ def flaky_rank(rank: int, world: int) -> dict[str, Any]:
                 ExpertTransfer.post = post  # type: ignore[method-assign]
         return start(self, plan, group)
 
-    def recorded_flip(self: EPEngine, plan: Any, transfer: ExpertTransfer) -> int:
+    def recorded_flip(self: ExpertMover, plan: Any, transfer: ExpertTransfer) -> int:
         flipped.append(plan.version)
         return flip(self, plan, transfer)
 
-    EPEngine.start_switch = start_switch  # type: ignore[method-assign]  (this forked rank only)
-    EPEngine.flip = recorded_flip  # type: ignore[method-assign]
+    ExpertMover.start = start_switch  # type: ignore[method-assign]  (this forked rank only)
+    ExpertMover.flip = recorded_flip  # type: ignore[method-assign]
     results = serve_group(rank, world, SETTINGS, lead_through_failures)
     return {**results, "flipped": flipped}
 
@@ -183,15 +202,15 @@ def test_failed_and_timed_out_switches_leave_every_rank_serving_the_old_plan(
 
 
 def lead_until_killed(driver: Driver) -> dict[str, Any]:
-    runtime = driver.runtime
-    plan = runtime.current_plan()
+    backend = driver.backend
+    plan = backend.current_plan()
     assert plan is not None
     running = driver.submit(*greedy(PROMPTS[2], 40))
-    answer = runtime.switch_plan(replace_plan(plan, 2, SHAPE.experts), 60)
+    answer = backend.switch_plan(replace_plan(plan, 2, SHAPE.experts), 60)
     assert running.done.wait(120)
     return {
-        "answer": answer,
-        "version": runtime.current_plan().version,  # type: ignore[union-attr]
+        "answer": answer.to_document(),
+        "version": backend.current_plan().version,  # type: ignore[union-attr]
         "running": running.finish,
     }
 
@@ -199,20 +218,20 @@ def lead_until_killed(driver: Driver) -> dict[str, Any]:
 def dying_rank(rank: int, world: int) -> dict[str, Any]:
     """Rank 1 dies right after posting its messages of the switch."""
     flipped: list[int] = []
-    start, flip = EPEngine.start_switch, EPEngine.flip
+    start, flip = ExpertMover.start, ExpertMover.flip
 
-    def start_switch(self: EPEngine, plan: Any, group: Any) -> ExpertTransfer:
+    def start_switch(self: ExpertMover, plan: Any, group: Any) -> ExpertTransfer:
         transfer = start(self, plan, group)
         if rank == 1:
             os._exit(17)
         return transfer
 
-    def recorded_flip(self: EPEngine, plan: Any, transfer: ExpertTransfer) -> int:
+    def recorded_flip(self: ExpertMover, plan: Any, transfer: ExpertTransfer) -> int:
         flipped.append(plan.version)
         return flip(self, plan, transfer)
 
-    EPEngine.start_switch = start_switch  # type: ignore[method-assign]
-    EPEngine.flip = recorded_flip  # type: ignore[method-assign]
+    ExpertMover.start = start_switch  # type: ignore[method-assign]
+    ExpertMover.flip = recorded_flip  # type: ignore[method-assign]
     results = serve_group(rank, world, SETTINGS, lead_until_killed, expect_failure=True)
     return {**results, "flipped": flipped}
 

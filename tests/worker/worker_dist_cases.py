@@ -13,9 +13,10 @@ from moe_contract.shape import ModelShape
 from moe_worker.bench.baseline import TPPPModel
 from moe_worker.bench.data_path import ep_prefill
 from moe_worker.ep.engine import EPEngine
-from moe_worker.ep.transfer import DONE, new_transfer_group
 from moe_worker.models.kv_cache import KVCache, StepBatch
 from moe_worker.models.weights import SyntheticWeights, build_model, local_experts
+from moe_worker.switch.mover import ExpertMover
+from moe_worker.switch.transfer import DONE, new_transfer_group
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "plans"
 SHAPE = ModelShape(
@@ -99,7 +100,7 @@ def all_cases(rank: int, world: int) -> dict[str, Any]:
         fixture_plan("gate-bias-2layer-4expert-4rank.json"),
         round_robin_plan(2, 4, world, version=4),
     ):
-        received.append(engine.apply_plan(plan))
+        received.append(ExpertMover(engine).apply(plan))
         errors.append(_ep_error(engine, source, rank, world))
     results["switch"] = errors
     results["switch_received"] = received
@@ -109,14 +110,15 @@ def all_cases(rank: int, world: int) -> dict[str, Any]:
     # the experts move (a group of their own), every rank flips once all of them landed.
     results["two_batch"] = _ep_error(engine, source, rank, world, two_batch=True)
     group = new_transfer_group(60.0)
-    transfer = engine.start_switch(replicated.with_version(5), group)
+    mover = ExpertMover(engine)
+    transfer = mover.start(replicated.with_version(5), group)
     transfer.watch()
     during, landed = [], torch.zeros(1, dtype=torch.int64)
     while not landed.item():
         during.append(_ep_error(engine, source, rank, world, two_batch=True))
         landed[0] = transfer.status().state == DONE
         dist.all_reduce(landed, op=dist.ReduceOp.MIN)
-    engine.flip(replicated.with_version(5), transfer)
+    mover.flip(replicated.with_version(5), transfer)
     results["background"] = [*during, _ep_error(engine, source, rank, world)]
     results["background_held"] = [sorted(held) for held in engine.held_experts()]
     dist.destroy_process_group(group)

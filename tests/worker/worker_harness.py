@@ -2,11 +2,15 @@
 
 Ranks are forked from the test process (torch is already imported there, and importing it again
 costs seconds per process on small machines); each sets one intra-op thread, so forking after the
-parent used OpenMP is safe.
+parent used OpenMP is safe. The parent's garbage is collected before forking: an object an earlier
+test left in a reference cycle may own native threads (a rendezvous store's server), and a rank
+that destroyed its copy in its own first full collection would join a thread that does not exist
+in the child: the rank aborts (std::system_error) or hangs, and its peers time out.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import socket
@@ -56,6 +60,7 @@ def run_world(
 ) -> list[dict[str, Any]]:
     """Run `fn(rank, world)` on `world` gloo ranks; returns each rank's JSON result (with
     `check=False`, a rank that failed or died gives `{"error": ...}` instead of failing)."""
+    gc.collect()  # here, where the threads of whatever it frees still run (see above)
     ctx = multiprocessing.get_context("fork")
     port = free_port()
     outs = [tmp / f"rank{r}.json" for r in range(world)]

@@ -14,8 +14,9 @@ import torch
 from moe_contract.plan import Plan, round_robin_plan
 from moe_worker.bench.data_path import ep_prefill
 from moe_worker.ep.engine import EPEngine
+from moe_worker.runtime.initial_plan import read_initial_plan
 from moe_worker.runtime.loading import open_weights
-from moe_worker.runtime.rank import Runtime, read_initial_plan
+from moe_worker.runtime.rank import Runtime
 from moe_worker.serving.generation import GenerationRequest, SamplingParams, TokenEvent
 from moe_worker.settings import WorkerSettings
 
@@ -45,14 +46,14 @@ class Driver:
     """The leader's side of a test: submit requests, wait for them, switch plans."""
 
     def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+        self.runtime, self.backend = runtime, runtime.backend
         self._ids = 0
 
     def submit(self, prompt: tuple[int, ...], params: SamplingParams) -> Outcome:
         self._ids += 1
         outcome = Outcome(f"req-{self._ids}")
         request = GenerationRequest(outcome.request_id, prompt, params)
-        self.runtime.submit(request, outcome.sink)
+        self.backend.submit(request, outcome.sink)
         return outcome
 
     def run(self, requests: list[tuple[tuple[int, ...], SamplingParams]]) -> list[Outcome]:
@@ -105,7 +106,7 @@ def serve_group(
     thread.start()
     try:
         deadline = time.monotonic() + 120
-        while not runtime.is_ready():
+        while not runtime.backend.is_ready():
             assert not failure and time.monotonic() < deadline, f"never ready: {failure}"
             time.sleep(0.02)
         results.update(lead(Driver(runtime)))

@@ -14,17 +14,15 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
-from typing import Any
 
 from moe_contract import env
+from moe_contract.settings import USER, USER_FLAGS, WORKER_SETTINGS, Setting
 from moe_worker.flags import MODEL_FLAGS, add_model_flags, model_overrides
 from moe_worker.settings import (
-    SETTING_VARIABLES,
-    TRAFFIC_VARIABLES,
     WorkerSettings,
-    boolean,
+    field_name,
     rank_from_env,
     runs_pod_ranks,
     settings_from_env,
@@ -33,39 +31,8 @@ from moe_worker.settings import (
 COMMANDS_ENTRY_POINT_GROUP = "moe_worker.commands"
 """Entry points of the sub-commands besides serve (`moe-worker bench`, `bench-serving`)."""
 
-_SETTINGS_FLAGS: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
-    "world_size": (("world-size", "world"), int),
-    "master_addr": (("master-addr",), str),
-    "master_port": (("master-port",), int),
-    "backend": (("backend",), str),
-    "device": (("device",), str),
-    "plan_path": (("plan",), str),
-    "token_path": (("token-file",), str),
-    "http_port": (("http-port",), int),
-    "bind_address": (("bind",), str),
-    "seed": (("seed",), int),
-    "checkpoint": (("checkpoint",), str),
-    "slots_per_rank": (("slots-per-rank",), int),
-    "max_slots_per_rank": (("max-slots-per-rank",), int),
-    "switch_timeout": (("switch-timeout",), float),
-    "background_switch": (("background-switch",), boolean),
-    "two_batch_overlap": (("two-batch-overlap",), boolean),
-    "kv_cache_tokens": (("kv-cache-tokens",), int),
-    "max_batch_tokens": (("max-batch-tokens",), int),
-    "max_queued_requests": (("max-queued-requests",), int),
-    "api_port": (("api-port",), int),
-    "api_keys_path": (("api-keys-file",), str),
-    "served_model_name": (("served-model-name",), str),
-    "stall_timeout": (("stall-timeout",), float),
-    "collective_timeout": (("collective-timeout",), float),
-}
-_TRAFFIC_FLAGS: dict[str, str] = {
-    "batch": "traffic-batch",
-    "seq_len": "traffic-seq-len",
-    "zipf": "zipf",
-    "interval": "traffic-interval",
-    "max_tokens": "traffic-max-tokens",
-}
+FLAGGED = tuple(setting for setting in WORKER_SETTINGS if setting.flags)
+"""The settings `moe-worker serve` has flags for."""
 
 
 def _given_flags(args: argparse.Namespace) -> dict[str, str]:
@@ -73,12 +40,9 @@ def _given_flags(args: argparse.Namespace) -> dict[str, str]:
     given = {}
     if args.rank is not None:
         given["--rank"] = env.RANK
-    for attr, (flags, _) in _SETTINGS_FLAGS.items():
-        if getattr(args, attr) is not None:
-            given[f"--{flags[0]}"] = SETTING_VARIABLES[attr][0]
-    for attr, flag in _TRAFFIC_FLAGS.items():
-        if getattr(args, f"traffic_{attr}") is not None:
-            given[f"--{flag}"] = TRAFFIC_VARIABLES[attr][0]
+    for setting in FLAGGED:
+        if getattr(args, setting.dest) is not None:
+            given[setting.flags[0]] = setting.variable
     for attr in model_overrides(args):
         given[f"--{MODEL_FLAGS.get(attr, attr).replace('_', '-')}"] = env.SHAPE_VARIABLES[attr]
     return given
@@ -89,13 +53,13 @@ class FlagRefused(ValueError):
 
 
 def check_pod_flags(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
-    """In a pod only `env.USER_FLAGS` may be given, and none whose variable the environment sets:
+    """In a pod only `USER_FLAGS` may be given, and none whose variable the environment sets:
     the rest is the operator's (identity, group, ports, model, checkpoint, plan and token)."""
     if not environ.get(env.POD_NAME):
         return
     for flag, name in _given_flags(args).items():
-        if flag not in env.USER_FLAGS or environ.get(name):
-            allowed = ", ".join(sorted(env.USER_FLAGS))
+        if flag not in USER_FLAGS or environ.get(name):
+            allowed = ", ".join(sorted(USER_FLAGS))
             raise FlagRefused(
                 f"{flag} may not override {name} in a pod: the operator sets it through the "
                 f"environment (spec.worker.extraArgs may set only {allowed})"
@@ -105,16 +69,15 @@ def check_pod_flags(args: argparse.Namespace, environ: Mapping[str, str]) -> Non
 def serve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> WorkerSettings:
     """Environment first, flags on top."""
     base = settings_from_env(environ)
-    changes: dict[str, object] = {
-        a: getattr(args, a) for a in _SETTINGS_FLAGS if getattr(args, a) is not None
-    }
+    changes: dict[str, object] = {}
+    traffic: dict[str, object] = {}
+    for setting in FLAGGED:
+        value = getattr(args, setting.dest)
+        if value is not None:
+            owner = traffic if setting.name.startswith("traffic.") else changes
+            owner[field_name(setting)] = value
     if args.rank is not None:
         changes["rank"] = args.rank
-    traffic = {
-        a: getattr(args, f"traffic_{a}")
-        for a in _TRAFFIC_FLAGS
-        if getattr(args, f"traffic_{a}") is not None
-    }
     shape = model_overrides(args)
     return dataclasses.replace(
         base,
@@ -130,14 +93,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser(
-        "serve", help="run one rank, or all ranks of --world N here when no rank is given"
+        "serve",
+        help="run one rank, or all ranks of --world N here when no rank is given",
+        description=SERVE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument("--rank", type=int)
-    for attr, (flags, kind) in _SETTINGS_FLAGS.items():
-        serve.add_argument(*(f"--{f}" for f in flags), dest=attr, type=kind)
-    for attr, flag in _TRAFFIC_FLAGS.items():
-        kind = TRAFFIC_VARIABLES[attr][1]
-        serve.add_argument(f"--{flag}", dest=f"traffic_{attr}", type=kind)
+    serve.add_argument(
+        "--rank",
+        type=int,
+        metavar="N",
+        help=f"this process's rank [{env.RANK}; in a pod: its ordinal x ranks per pod]; none "
+        "with --world N > 1: start all N ranks here",
+    )
+    for setting in FLAGGED:
+        serve.add_argument(
+            *setting.flags,
+            dest=setting.dest,
+            type=setting.parse,
+            metavar=_METAVARS.get(setting.parse.__name__, "VALUE"),
+            help=_flag_help(setting),
+        )
     add_model_flags(serve)
     # Benchmarks register themselves (entry points), so the serving product never imports them.
     for point in entry_points(group=COMMANDS_ENTRY_POINT_GROUP):
@@ -165,6 +140,29 @@ def run_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             settings = settings.replace(master_port=free_port())
         return launch(settings, LocalRanks(settings.world_size), args.log_level)
     return serve(settings)
+
+
+SERVE_HELP = """\
+Serve one rank of the group (or, with --world N and no rank given, all N ranks on
+this machine). Settings come from the MOE_* environment, as the operator sets it
+on pods; a flag overrides its variable, except in a pod, where only the flags
+marked "extraArgs" (what a MoEDeployment's worker.extraArgs may set) are
+accepted, and none whose variable the environment sets."""
+_METAVARS = {"int": "N", "float": "NUMBER", "str": "TEXT", "boolean": "BOOL"}
+
+
+def _flag_help(setting: Setting) -> str:
+    user = "; extraArgs" if setting.pod == USER else ""
+    text = f"{setting.help} [{setting.variable}; default {_shown(setting.default)}{user}]"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,6 +29,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from moe_worker.serving.generation import TokenEvent
+
 EXPERT_TOKENS = "moe_expert_tokens"  # exposed as moe_expert_tokens_total{rank,layer,expert}
 LAYER_TOKENS = "moe_layer_tokens"  # exposed as moe_layer_tokens_total{rank,layer}
 GATE_REROUTED = "moe_gate_rerouted"  # exposed as moe_gate_rerouted_total{rank,layer}
@@ -162,6 +164,12 @@ class WorkerMetrics:
         self.generated_tokens = Counter(
             "moe_generated_tokens", "Tokens generated for requests (leader).", registry=r
         )
+
+    def count_delivery(self, event: TokenEvent) -> None:
+        """An event the leader handed to a request's sink: its tokens, and how it ended."""
+        self.generated_tokens.inc(len(event.token_ids))
+        if event.finish_reason is not None:
+            self.requests_finished.labels(event.finish_reason).inc()
 
 
 class _WithRank(Collector):

@@ -20,6 +20,7 @@ from moe_worker.models import UnsupportedConfig
 from moe_worker.models.checkpoint import CheckpointError
 from moe_worker.runtime.loading import ShapeMismatch, open_weights
 from moe_worker.runtime.rank import Runtime
+from moe_worker.serving.generation import Backend
 from moe_worker.settings import WorkerSettings
 
 log = logging.getLogger("moe_worker")
@@ -42,21 +43,21 @@ def report_fatal(message: str, termination_message_path: str | None) -> int:
 
 def install_signal_handlers(runtime: Runtime) -> None:
     def stop(signum: int, _frame: object) -> None:
-        log.info("rank %d got signal %d, stopping", runtime.rank, signum)
+        log.info("rank %d got signal %d, stopping", runtime.settings.rank, signum)
         runtime.stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
 
 
-def start_servers(runtime: Runtime, settings: WorkerSettings) -> list[ServerHandle]:
+def start_servers(backend: Backend, settings: WorkerSettings) -> list[ServerHandle]:
     """The control app on every rank; the OpenAI app on the leader (api_port 0: none)."""
     s = settings
-    control = create_control_app(runtime, token_path=s.token_path, switch_timeout=s.switch_timeout)
+    control = create_control_app(backend, token_path=s.token_path, switch_timeout=s.switch_timeout)
     control_address = s.control_address or s.bind_address
     servers = [start(control, control_address, s.http_port, name="control")]
-    if runtime.is_leader and s.api_port:
-        api = create_openai_app(runtime, api_keys_path=s.api_keys_path)
+    if backend.is_leader and s.api_port:
+        api = create_openai_app(backend, api_keys_path=s.api_keys_path)
         servers.append(start(api, s.bind_address, s.api_port, name="openai"))
     return servers
 
@@ -69,11 +70,12 @@ def serve(settings: WorkerSettings) -> int:
     except (ShapeMismatch, CheckpointError, UnsupportedConfig, ValueError, OSError) as error:
         return report_fatal(f"rank {settings.rank}: {error}", settings.termination_message_path)
     install_signal_handlers(runtime)
-    servers = start_servers(runtime, settings)
+    servers = start_servers(runtime.backend, settings)
     try:
         runtime.run()
     except Exception:
-        if runtime.stopping.is_set():  # peers stopping too: a broken collective is expected then
+        # Asked to stop: its peers are stopping too, and a broken collective is expected then.
+        if runtime.state.stopping.is_set():
             log.info("rank %d stopped (group closed during shutdown)", settings.rank)
             return 0
         log.exception("rank %d serving loop failed", settings.rank)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping
+from functools import reduce
 from typing import Any
 
 from moe_contract import env as worker_env
 from moe_contract.plan import PLAN_FILE_NAME, Plan
+from moe_contract.settings import OPERATOR, SETTINGS, WORKER_SETTINGS
 from moe_operator.api import DEFAULT_GPU_RESOURCE, MoEDeploymentSpec
 from moe_operator.manifests import podspec
 from moe_operator.planning.record import PlanShape
@@ -182,42 +184,55 @@ def build_token_secret(name: str, token: str | None = None) -> dict[str, Any]:
     }
 
 
+def worker_settings(name: str, namespace: str, spec: MoEDeploymentSpec) -> dict[str, object]:
+    """The value of every setting the operator sets on worker pods (the rows of the contract's
+    table set by OPERATOR), by name: the spec field the row names, else what the MoEDeployment
+    implies. None: not set (no checkpoint with synthetic weights, no keys file for an open API)."""
+    source, keys = spec.model.source, spec.worker.api_keys
+    checkpoint = source.checkpoint if source.type == "Checkpoint" else None
+    implied: dict[str, object] = {
+        "world_size": spec.parallelism.world_size,
+        "ranks_per_pod": spec.worker.local_ranks(),
+        "master_addr": master_address(name, namespace),
+        # The workers refuse (HTTP 422) a plan growing past it: the memory given to experts.
+        "max_slots_per_rank": spec.placement.most_slots_per_rank,
+        "checkpoint": None if checkpoint is None else checkpoint.mounted_path(),
+        "plan_path": f"{worker_env.PLAN_MOUNT_DIR}/{PLAN_FILE_NAME}",
+        "token_path": f"{worker_env.TOKEN_MOUNT_DIR}/{worker_env.TOKEN_FILE_NAME}",
+        "api_keys_path": f"{worker_env.API_KEYS_MOUNT_DIR}/{worker_env.API_KEYS_FILE_NAME}"
+        if keys.secret_name
+        else None,
+        "served_model_name": served_model_name(name, spec),
+        # Where the container's termination message goes (the kubelet reads it back into the
+        # pod's status; the operator shows a start-up refusal from there).
+        "termination_message_path": TERMINATION_MESSAGE_PATH,
+    }
+    return {
+        s.name: reduce(getattr, s.spec.split("."), spec) if s.spec else implied[s.name]
+        for s in WORKER_SETTINGS
+        if s.pod == OPERATOR
+    }
+
+
 def _worker_env(name: str, namespace: str, spec: MoEDeploymentSpec) -> list[dict[str, Any]]:
-    layout, worker = spec.parallelism, spec.worker
+    settings = [
+        (SETTINGS[key].variable, value)
+        for key, value in worker_settings(name, namespace, spec).items()
+        if value is not None
+    ]
+    # The process group's settings (the table's first rows, up to the device), then the layout
+    # and the shape, then the rest: the order pods have always had (another would change every
+    # pod template, and so restart every group).
+    group = 1 + [variable for variable, _ in settings].index(worker_env.DEVICE)
+    layout = spec.parallelism
     values: dict[str, object] = {
-        worker_env.WORLD_SIZE: layout.world_size,
-        worker_env.RANKS_PER_POD: worker.local_ranks(),
-        worker_env.MASTER_ADDR: master_address(name, namespace),
-        worker_env.MASTER_PORT: spec.worker.master_port,
-        worker_env.BACKEND: spec.worker.backend,
-        worker_env.DEVICE: spec.worker.device,
+        **dict(settings[:group]),
         worker_env.EXPERT_PARALLEL: layout.expert,
         worker_env.TENSOR_PARALLEL: layout.tensor,
         worker_env.PIPELINE_PARALLEL: layout.pipeline,
         **worker_env.shape_to_env(spec.model.to_shape()),
-        worker_env.SLOTS_PER_RANK: spec.placement.slots_per_rank,
-        # The workers refuse (HTTP 422) a plan growing past it: the memory given to experts.
-        worker_env.MAX_SLOTS_PER_RANK: spec.placement.most_slots_per_rank,
-        worker_env.PLAN_PATH: f"{worker_env.PLAN_MOUNT_DIR}/{PLAN_FILE_NAME}",
-        worker_env.TOKEN_PATH: f"{worker_env.TOKEN_MOUNT_DIR}/{worker_env.TOKEN_FILE_NAME}",
-        worker_env.HTTP_PORT: spec.worker.port,
-        worker_env.API_PORT: worker.api_port,
-        worker_env.SERVED_MODEL_NAME: served_model_name(name, spec),
-        worker_env.KV_CACHE_TOKENS: worker.kv_cache_tokens,
-        worker_env.MAX_BATCH_TOKENS: worker.max_batch_tokens,
-        worker_env.MAX_QUEUED_REQUESTS: worker.max_queued_requests,
-        worker_env.STALL_TIMEOUT: worker.stall_timeout_seconds,
-        worker_env.COLLECTIVE_TIMEOUT: worker.collective_timeout_seconds,
-        # Where the container's termination message goes (the kubelet reads it back into the
-        # pod's status; the operator shows a start-up refusal from there).
-        worker_env.TERMINATION_MESSAGE_PATH: TERMINATION_MESSAGE_PATH,
+        **dict(settings[group:]),
     }
-    checkpoint = spec.model.source.checkpoint
-    if spec.model.source.type == "Checkpoint" and checkpoint is not None:
-        values[worker_env.CHECKPOINT] = checkpoint.mounted_path()
-    if worker.api_keys.secret_name:
-        api_keys = f"{worker_env.API_KEYS_MOUNT_DIR}/{worker_env.API_KEYS_FILE_NAME}"
-        values[worker_env.API_KEYS_PATH] = api_keys
     pod_name = {
         "name": worker_env.POD_NAME,
         "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},

@@ -4,9 +4,9 @@ It depends on `moe_worker.serving.generation` (the `Backend` port) and `moe_cont
 never on torch, the runtime or the engine (an import-linter contract in pyproject.toml checks it).
 
     create_control_app(backend, *, token_path, switch_timeout=60.0, max_body=64 MiB,
-                       body_timeout=30.0, forward=None) -> FastAPI
+                       body_timeout=30.0) -> FastAPI
         Every rank, on the control port (MOE_HTTP_PORT): /healthz, /readyz, /metrics, GET and
-        POST /v1/plan, POST /v1/forward when `forward` is given. The operator's contract.
+        POST /v1/plan. The operator's contract.
     create_openai_app(backend, *, api_keys_path=None, max_body=8 MiB, max_prompts=64,
                       body_timeout=30.0, stall_timeout=600.0) -> FastAPI
         The leader only, on its own port (8000 by convention): /v1/completions, /v1/models,
@@ -27,8 +27,8 @@ Wiring, in a rank process (the main thread then runs the serving loop):
 docs/worker.md ("HTTP") lists every route, status and limit.
 """
 
-from moe_worker.api.control import ForwardFn, create_control_app
+from moe_worker.api.control import create_control_app
 from moe_worker.api.openai_app import create_openai_app
 from moe_worker.api.serve import ServerHandle, start
 
-__all__ = ["ForwardFn", "ServerHandle", "create_control_app", "create_openai_app", "start"]
+__all__ = ["ServerHandle", "create_control_app", "create_openai_app", "start"]

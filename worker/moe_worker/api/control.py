@@ -15,30 +15,23 @@ POST /v1/plan     leader only, `Authorization: Bearer <control token>`:
                       current; 401 token; 413 body too large; 421 not the leader; 503 not
                       ready, or {"applied": false, "reason": "transfer failed", "error"}
                       (the old plan serves); 504 {"applied": false, "reason": "timeout"}
-POST /v1/forward  leader only, control token, when the runtime provides `forward`:
-                  {"hidden": [B][T][D]} -> 200 {"output": [B][T][D], "planVersion"}
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
-from typing import Any
 
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from moe_contract.plan import Plan, PlanError, parse_plan
+from moe_contract.switch import STALE, SwitchAnswer
 from moe_worker.api import auth
-from moe_worker.api.body import BodyLimit, read_json
+from moe_worker.api.body import BodyLimit
 from moe_worker.api.errors import ApiError, control_body, install
 from moe_worker.serving.generation import Backend
-
-ForwardFn = Callable[[Any, float], Any | None]
-"""Blocking: (hidden [B][T][D] as nested lists, timeout) -> output of the same shape, None on
-timeout; raises ValueError naming `hidden` for a bad shape. Benchmarks only."""
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -50,10 +43,9 @@ def create_control_app(
     switch_timeout: float = 60.0,
     max_body: int = 64 * 1024 * 1024,
     body_timeout: float = 30.0,
-    forward: ForwardFn | None = None,
 ) -> FastAPI:
     """The control app of one rank. `token_path`: the control token file (None or an empty file
-    refuses every POST); `forward`: serves POST /v1/forward when given (else 404)."""
+    refuses every POST)."""
     app = FastAPI(title="moe-worker control", docs_url=None, redoc_url=None, openapi_url=None)
     install(app, control_body)
     app.add_middleware(BodyLimit, max_body=max_body, timeout=body_timeout)
@@ -92,44 +84,12 @@ def create_control_app(
             raise _plan_error(422, error) from None
         current = backend.current_plan()
         if current is not None and plan.version <= current.version:
-            stale = {"applied": False, "reason": "stale", "version": current.version}
-            return JSONResponse(stale, status_code=409)
-        # Blocking until every rank switched: off the event loop, so probes keep answering.
-        result = await asyncio.to_thread(backend.switch_plan, plan, switch_timeout)
-        if result is None:
-            return JSONResponse({"applied": False, "reason": "timeout"}, status_code=504)
-        return JSONResponse(result, status_code=_switch_status(result))
-
-    @app.post("/v1/forward")
-    async def post_forward(request: Request) -> Response:
-        if forward is None:
-            raise ApiError(404, f"no route POST {request.url.path}")
-        _leader_authorized_ready(backend, request, token_path)
-        document = await read_json(request)
-        if not isinstance(document, dict) or "hidden" not in document:
-            raise ApiError(400, 'hidden: expected {"hidden": [batch][tokens][hidden]}', "hidden")
-        try:
-            output = await asyncio.to_thread(forward, document["hidden"], switch_timeout)
-        except (ValueError, TypeError) as error:
-            raise ApiError(400, f"hidden: {error}", "hidden") from None
-        if output is None:
-            raise ApiError(504, "forward timed out")
-        plan = backend.current_plan()
-        return JSONResponse({"output": output, "planVersion": plan and plan.version})
+            answer = SwitchAnswer.refused(STALE, version=current.version)
+        else:  # blocking until every rank switched: off the event loop, so probes keep answering
+            answer = await asyncio.to_thread(backend.switch_plan, plan, switch_timeout)
+        return JSONResponse(answer.to_document(), status_code=answer.http_status)
 
     return app
-
-
-def _switch_status(result: dict[str, Any]) -> int:
-    """200 applied; 409 stale; 422 a rank cannot hold the plan (its memory; the error says how
-    much); 504 a switch abandoned at its timeout; 503 one abandoned because a transfer failed
-    (the old plan serves: try again later)."""
-    if result.get("applied"):
-        return 200
-    reason = result.get("reason")
-    if reason == "does not fit":
-        return 422
-    return 409 if reason == "stale" else 504 if reason == "timeout" else 503
 
 
 def _leader_authorized_ready(backend: Backend, request: Request, token_path: str | None) -> None:

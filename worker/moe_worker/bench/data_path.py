@@ -31,11 +31,12 @@ import torch.distributed as dist
 
 from moe_contract.plan import Plan
 from moe_worker.ep.engine import EPEngine
-from moe_worker.ep.transfer import DONE, new_transfer_group
 from moe_worker.ep.two_batch import last_rows, split_items
 from moe_worker.models import ExpertWeights
 from moe_worker.models.grouped import SlotGroups, grouped_mm_works
 from moe_worker.models.kv_cache import KVCache, StepBatch
+from moe_worker.switch.mover import ExpertMover
+from moe_worker.switch.transfer import DONE, new_transfer_group
 
 Prompts = list[list[int]]
 
@@ -337,15 +338,16 @@ def switches(
     timeout_s: float = 120.0,
 ) -> dict[str, Any]:
     """A blocking switch to `moved`, then a background one to `back` under prefill steps."""
+    mover = ExpertMover(engine)
     dist.barrier()
     start = time.perf_counter()
-    engine.apply_plan(moved)
+    mover.apply(moved)
     dist.barrier()
     blocking_s = time.perf_counter() - start
 
     group = new_transfer_group(timeout_s)
     dist.barrier()
-    transfer = engine.start_switch(back, group)
+    transfer = mover.start(back, group)
     transfer.watch()
     step_times = []
     while True:  # serve on the old plan until every rank's experts landed
@@ -357,7 +359,7 @@ def switches(
         if landed.item():
             break
     start = time.perf_counter()
-    engine.flip(back, transfer)
+    mover.flip(back, transfer)
     pause_s = time.perf_counter() - start
     dist.barrier()
     dist.destroy_process_group(group)

@@ -129,7 +129,8 @@ def run_clients(
                 if event.finish_reason is not None:
                     t.done.set()
 
-            runtime.submit(GenerationRequest(f"bench-{index}", tuple(prompt), params), sink)
+            request = GenerationRequest(f"bench-{index}", tuple(prompt), params)
+            runtime.backend.submit(request, sink)
             timing.done.wait()
             timings.append(timing)
 
@@ -169,7 +170,7 @@ def serve_moe_ep(
     loop = threading.Thread(target=runtime.run, name="bench-serving-loop")
     loop.start()
     try:
-        while not runtime.is_ready():
+        while not runtime.backend.is_ready():
             if not loop.is_alive() or any(c.poll() is not None for c in children):
                 raise SystemExit("bench-serving: the group did not start")
             time.sleep(0.05)

@@ -1,13 +1,11 @@
 """One rank's expert-parallel engine: the replicated dense model, this rank's experts as stacked
-slot tensors, the all-to-all dispatcher as the model's MoEFn, and the plan switch.
+slot tensors, and the all-to-all dispatcher as the model's MoEFn.
 
 The experts are only those the plan's slots give this rank, read from the weight source
 (synthetic, or a checkpoint tensor by tensor), stacked per layer and matrix (`slots.SlotStacks`)
 and run by one grouped GEMM per matrix (`models.grouped`). A plan switch never re-reads them:
-every expert a rank lacks under the new plan comes point to point from a holder
-(`transfer.ExpertTransfer`), then `flip` copies it into the stacks. `apply_plan` does both at
-once (blocking); `start_switch` posts the messages on a group of their own and returns, the old
-plan serving until every rank is ready to flip (`moe_worker.runtime.rank` decides when).
+the switch room (`moe_worker.switch`) brings every expert a rank lacks from a holder, and
+`install` makes the engine serve the new plan with them.
 
 An MoE layer is a generator (`moe_steps`) that yields right after issuing each big all-to-all,
 so `two_batch` can run another micro-batch meanwhile; `__call__` runs it straight through.
@@ -22,16 +20,14 @@ L layers, E experts.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from moe_contract.plan import Plan, PlanError, plan_transfers
+from moe_contract.plan import Plan
 from moe_worker.ep.dispatch import DispatchMeta, Pending, Placement, make_dispatcher
-from moe_worker.ep.slots import SlotStacks
-from moe_worker.ep.transfer import ExpertTransfer
+from moe_worker.ep.slots import Matrices, SlotStacks
 from moe_worker.ep.two_batch import forward_steps, interleave, run_through
 from moe_worker.models import GateBias, PriceCounters, Routing
 from moe_worker.models.grouped import SlotGroups, choose_kernel
@@ -39,33 +35,6 @@ from moe_worker.models.kv_cache import KVCache, StepBatch, StepMeta
 from moe_worker.models.weights import WeightSource, build_model, load_experts, serving_dtype
 
 MoESteps = Generator[Pending, None, Tensor]
-
-
-def switch_bytes(
-    current_slots: int, new_slots: int, layers: int, received: int, expert_bytes: int
-) -> int:
-    """Bytes a plan switch allocates on one rank beyond what it holds, at its peak: a staging
-    buffer per expert received, the slots added in every layer, and one layer's old stacks
-    alive while its new ones are filled (`SlotStacks.flip` regrows layer by layer)."""
-    added = max(0, new_slots - current_slots) * layers
-    transient = current_slots if new_slots != current_slots else 0
-    return (received + added + transient) * expert_bytes
-
-
-def cuda_free_bytes(device: torch.device) -> int | None:
-    """What the device can still give: free memory plus what torch's allocator caches unused;
-    None off CUDA (a host's memory is not measured: placement.maxSlotsPerRank bounds it)."""
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-
-
-def _size(nbytes: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.2f} {unit}"
-    return f"{nbytes} B"
 
 
 def plan_experts(plan: Plan, rank: int) -> list[tuple[int, int]]:
@@ -98,8 +67,6 @@ class EPEngine:
             self._placement(plan), self.shape.layers, self.shape.experts
         )
         self.plan = plan
-        self.free_bytes: Callable[[], int | None] = lambda: cuda_free_bytes(self.device)
-        """Memory a switch may still allocate on this rank (None: not measured)."""
         self.price = PriceCounters(self.shape.layers, self.device)
         self.gate = self._gate(plan)
         self.reset_timers()
@@ -212,15 +179,7 @@ class EPEngine:
         ]
         return interleave(steps)
 
-    # ------------------------------------------------------------ plan switch
-
-    @torch.no_grad()
-    def apply_plan(self, plan: Plan) -> int:
-        """Collective, blocking: switch to `plan` now; returns how many experts this rank
-        received."""
-        transfer = self.start_switch(plan, group=None)
-        transfer.wait()
-        return self.flip(plan, transfer)
+    # ------------------------------------------------------------ serving another plan
 
     @property
     def expert_bytes(self) -> int:
@@ -228,57 +187,14 @@ class EPEngine:
         rows_cols = self.arch.expert_shapes(self.shape)
         return sum(r * c for r, c in rows_cols) * torch.empty((), dtype=self.dtype).element_size()
 
-    def check_memory(self, plan: Plan) -> None:
-        """Raise PlanError, with the reason and the fix, when switching to `plan` would need
-        more memory than this rank has free (measured on CUDA; never refused elsewhere)."""
-        free = self.free_bytes()
-        if free is None:
-            return
-        transfers = plan_transfers(self.plan, plan)
-        received = sum(t.dst == self.rank for t in transfers)
-        needed = switch_bytes(
-            self.plan.slots_per_rank,
-            plan.slots_per_rank,
-            self.shape.layers,
-            received,
-            self.expert_bytes,
-        )
-        if needed > free:
-            raise PlanError(
-                f"slotsPerRank: plan {plan.version} ({plan.slots_per_rank} slots per rank, "
-                f"{received} experts to receive) needs {_size(needed)} more on rank "
-                f"{self.rank} ({self.device}), which has {_size(free)} free; lower "
-                f"placement.maxSlotsPerRank (a slot costs {_size(self.expert_bytes)} per layer; "
-                "`moe-ep perf` reports it)"
-            )
-
-    def start_switch(self, plan: Plan, group: dist.ProcessGroup | None) -> ExpertTransfer:
-        """Post the messages that bring this rank the experts `plan` adds (on `group`; None: the
-        default group). The old plan keeps serving until `flip`. Raises PlanError, before any
-        message, when the switch would not fit this rank's memory (`check_memory`); collective
-        peers then fail their transfer, and the leader abandons the switch with that reason."""
-        self.check_memory(plan)
-        transfer = ExpertTransfer(
-            plan_transfers(self.plan, plan),
-            self.rank,
-            self.stacks,
-            self.arch.expert_shapes(self.shape),
-            dtype=self.dtype,
-            device=self.device,
-            group=group,
-        )
-        transfer.post()
-        return transfer
-
     @torch.no_grad()
-    def flip(self, plan: Plan, transfer: ExpertTransfer) -> int:
-        """Serve `plan` from now on, its experts copied from `transfer`'s staging buffers (all
-        landed); returns how many experts this rank received."""
-        self.stacks.flip([slots[self.rank] for slots in plan.slots], transfer.received)
+    def install(self, plan: Plan, received: Mapping[tuple[int, int], Matrices]) -> None:
+        """Serve `plan` from now on: each slot it changes is copied from `received` (the experts
+        that came from other ranks, by (layer, expert)) or from the slot that held it here."""
+        self.stacks.flip([slots[self.rank] for slots in plan.slots], received)
         self.dispatcher.placement = self._placement(plan)
         self.plan = plan
         self.gate = self._gate(plan)
-        return len(transfer.received)
 
     def _placement(self, plan: Plan) -> Placement:
         return Placement.from_plan(plan, self.rank, self.shape.experts, self.device)

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from moe_contract.plan import Plan
 from moe_contract.shape import ModelShape
+from moe_contract.switch import SwitchAnswer
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 """stop: EOS or a stop token; length: max_tokens or the context; abort: the client went away or the
@@ -174,6 +175,7 @@ class Backend(Protocol):
         """Raises PlanError naming the field when `plan` does not fit this group."""
         ...
 
-    def switch_plan(self, plan: Plan, timeout: float) -> dict[str, Any] | None:
-        """Blocking: every rank serves `plan`, or a dict saying why not; None on timeout."""
+    def switch_plan(self, plan: Plan, timeout: float) -> SwitchAnswer:
+        """Blocking: every rank serves `plan`, or the answer says why not (`timeout` when not
+        every rank switched within `timeout` seconds)."""
         ...

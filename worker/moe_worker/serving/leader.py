@@ -4,8 +4,9 @@ step's outcome goes.
 It owns the scheduler, the built-in traffic and the queue of plan switches the HTTP threads ask
 for. `next_step` waits (at most `IDLE_TICK`) for something to do, then turns it into a
 `StepDescriptor`; `complete` hands every rank's tokens to the scheduler and the events to the
-requests' sinks; `answer_switch` wakes the HTTP thread waiting on the switch it carried. No torch
-and no process group here: the runtime does the collectives.
+requests' sinks; `answer_switch` wakes the HTTP thread waiting on the switch it carried. No torch,
+no process group and no metrics library here: the runtime does the collectives, and counts what
+the leader delivers through `count_delivery`.
 """
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from moe_contract.plan import Plan
-from moe_worker.metrics import WorkerMetrics
+from moe_contract.switch import GROUP_FAILED, STALE, TIMEOUT, SwitchAnswer
 from moe_worker.serving.generation import AdmissionError, EventSink, GenerationRequest, TokenEvent
 from moe_worker.serving.scheduler import Delivery, Scheduler, SchedulerConfig
-from moe_worker.serving.step import Chunk, StepDescriptor, StepResult
+from moe_worker.serving.step import Chunk, StepDescriptor, StepResult, SwitchCommand
 from moe_worker.serving.traffic import TrafficSource
 
 log = logging.getLogger("moe_worker")
@@ -42,7 +42,7 @@ class Switch:
 
     plan: Plan
     done: threading.Event = field(default_factory=threading.Event)
-    result: dict[str, Any] | None = None
+    answer: SwitchAnswer | None = None
     taken: bool = False
     """The loop put it in a step descriptor: it will be answered."""
     cancelled: bool = False
@@ -64,21 +64,21 @@ class Leader:
         self,
         config: SchedulerConfig,
         traffic: TrafficSource,
-        metrics: WorkerMetrics,
         *,
+        count_delivery: Callable[[TokenEvent], None] = lambda event: None,
         background_switch: bool = False,
         two_batch: bool = False,
     ) -> None:
+        """`count_delivery` sees every event handed to a request's sink (the worker's metrics
+        count generated tokens and finished requests from them)."""
         self.scheduler = Scheduler(config)
-        self.traffic, self.metrics = traffic, metrics
+        self.traffic, self.count_delivery = traffic, count_delivery
         self.background_switch, self.two_batch = background_switch, two_batch
         self._transfers: _Transfers | None = None
         self._wake = threading.Event()
         self._switches: queue.Queue[Switch] = queue.Queue()
         self._switch_lock = threading.Lock()
         self._in_flight: Switch | None = None
-        metrics.requests_waiting.set_function(lambda: self.scheduler.waiting)
-        metrics.requests_running.set_function(lambda: self.scheduler.running)
 
     # ------------------------------------------------------------ HTTP threads
 
@@ -90,19 +90,18 @@ class Leader:
         self.scheduler.abort(request_id)
         self._wake.set()
 
-    def switch(self, plan: Plan, timeout: float) -> dict[str, Any] | None:
-        """Block until the loop switched every rank to `plan` (or found it stale); None after
-        `timeout` (a switch not yet taken then never happens)."""
+    def switch(self, plan: Plan, timeout: float) -> SwitchAnswer:
+        """Block until the loop switched every rank to `plan` (or found it stale); `timeout`
+        after `timeout` seconds (a switch not yet taken then never happens)."""
         pending = Switch(plan, deadline=time.monotonic() + timeout)
         self._switches.put(pending)
         self._wake.set()
-        if pending.done.wait(timeout):
-            return pending.result
-        with self._switch_lock:
-            pending.cancelled = not pending.taken
-        if pending.taken and pending.done.wait(ANSWER_GRACE):  # the loop answers it
-            return pending.result
-        return None
+        if not pending.done.wait(timeout):
+            with self._switch_lock:
+                pending.cancelled = not pending.taken
+            if pending.taken:  # the loop answers it
+                pending.done.wait(ANSWER_GRACE)
+        return pending.answer or SwitchAnswer.refused(TIMEOUT)
 
     def wake(self) -> None:
         self._wake.set()
@@ -114,7 +113,7 @@ class Leader:
             self.deliver(self.scheduler.drain("abort"))
             return StepDescriptor(step, stop=True)
         self._wait_for_work()
-        switching = self._switch_step(plan_version)
+        switch = self._switch_command(plan_version)
         self._top_up_traffic()
         scheduled = self.scheduler.schedule()
         self.deliver(list(scheduled.deliveries))
@@ -123,14 +122,14 @@ class Leader:
             release=scheduled.release,
             admit=scheduled.admit,
             chunks=scheduled.chunks,
+            switch=switch,
             two_batch=self.two_batch and _most_tokens_of_a_rank(scheduled.chunks) >= 2,
-            **switching,
         )
 
-    def answer_switch(self, result: dict[str, Any]) -> None:
+    def answer_switch(self, answer: SwitchAnswer) -> None:
         """The serving loop's answer to the switch in flight (applied, stale, abandoned)."""
         if self._in_flight is not None:
-            self._answer(self._in_flight, result)
+            self._answer(self._in_flight, answer)
             self._in_flight = None
         self._transfers = None
 
@@ -142,39 +141,37 @@ class Leader:
     def fail_all(self, error: str) -> None:
         """The serving loop failed: every request ends, a switch in flight is answered (the
         group restarts as a whole, on the plan of record)."""
-        self.answer_switch({"applied": False, "reason": "group failed", "error": error})
+        self.answer_switch(SwitchAnswer.refused(GROUP_FAILED, error=error))
         self.deliver(self.scheduler.drain("error", error))
 
     def deliver(self, deliveries: list[Delivery]) -> None:
         for sink, event in deliveries:
-            self.metrics.generated_tokens.inc(len(event.token_ids))
-            if event.finish_reason is not None:
-                self.metrics.requests_finished.labels(event.finish_reason).inc()
+            self.count_delivery(event)
             try:
                 sink(event)
             except Exception:  # a client's callback must not stop the group
                 log.exception("event sink of request %s failed", event.request_id)
 
-    def _switch_step(self, plan_version: int) -> dict[str, Any]:
+    def _switch_command(self, plan_version: int) -> SwitchCommand | None:
         """This step's part of a plan switch: start one, poll, flip, or abandon it."""
         t = self._transfers
         if t is None:
             if self._in_flight is not None:
-                return {}
+                return None
             switch = self._in_flight = self._take_switch(plan_version)
             if switch is None:
-                return {}
+                return None
             if self.background_switch:
                 self._transfers = _Transfers(switch)
-            return {"plan_json": switch.plan.to_json(), "poll_switch": self.background_switch}
+            return SwitchCommand.start(switch.plan, background=self.background_switch)
         failed = [f"rank {r}: {s}" for r, s in enumerate(t.states) if s and s.startswith("fail")]
         if failed:
-            return {"abandon": "; ".join(failed)}
+            return SwitchCommand.abandon("; ".join(failed))
         if t.states and all(state == "done" for state in t.states):
-            return {"flip": t.switch.plan.version}
+            return SwitchCommand.flip(t.switch.plan.version)
         if time.monotonic() > t.switch.deadline:
-            return {"abandon": "timeout: experts still moving at the switch timeout"}
-        return {"poll_switch": True}
+            return SwitchCommand.abandon("timeout: experts still moving at the switch timeout")
+        return SwitchCommand.poll()
 
     def _wait_for_work(self) -> None:
         self._wake.clear()
@@ -200,11 +197,11 @@ class Leader:
                 pending.taken = True
             if pending.plan.version > plan_version:
                 return pending
-            self._answer(pending, {"applied": False, "reason": "stale", "version": plan_version})
+            self._answer(pending, SwitchAnswer.refused(STALE, version=plan_version))
 
     @staticmethod
-    def _answer(pending: Switch, result: dict[str, Any]) -> None:
-        pending.result = result
+    def _answer(pending: Switch, answer: SwitchAnswer) -> None:
+        pending.answer = answer
         pending.done.set()
 
     def _top_up_traffic(self) -> None:

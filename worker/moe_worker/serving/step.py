@@ -1,12 +1,12 @@
 """What the leader tells every rank at a step boundary, and what each rank answers. Torch-free.
 
-The leader's scheduler decides a step (`StepDescriptor`): sequences to release, a plan to switch
-to, new sequences and the rank that keeps each, and every rank's work (`Chunk`: a prompt chunk or
-one decode token per sequence). It travels to all ranks as JSON, plain data and never pickled
-objects, so every rank runs the same collectives in the same order: a plan switch when there is
-a plan, one forward when ANY rank has work (a rank without work joins with zero tokens). Each
-rank answers a `StepResult` (its sampled tokens and the requests it failed), gathered by the
-leader.
+The leader's scheduler decides a step (`StepDescriptor`): sequences to release, its part of a
+plan switch (`SwitchCommand`), new sequences and the rank that keeps each, and every rank's work
+(`Chunk`: a prompt chunk or one decode token per sequence). It travels to all ranks as JSON,
+plain data and never pickled objects, so every rank runs the same collectives in the same order:
+a plan switch when there is one, one forward when ANY rank has work (a rank without work joins
+with zero tokens). Each rank answers a `StepResult` (its sampled tokens and the requests it
+failed), gathered by the leader.
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+from moe_contract.plan import Plan, parse_plan
 from moe_worker.serving.generation import SamplingParams
+
+SwitchAction = Literal["start", "poll", "flip", "abandon"]
 
 
 @dataclass(frozen=True)
@@ -47,35 +50,90 @@ class Chunk:
 
 
 @dataclass(frozen=True)
+class SwitchCommand:
+    """A step's part of a plan switch: every rank does the same at the same step boundary, before
+    the step's forward, so no rank is ever half-switched (`Leader` decides, `switch.commands`
+    carries it out on each rank).
+
+    start    switch to `plan`: in the `background` (every rank starts moving its experts and the
+             old plan keeps serving), or blocking (the experts move now, serving waits)
+    poll     a background switch is in flight: every rank reports its transfer's state
+    flip     every rank's experts landed: all serve plan `version` from now on
+    abandon  a rank failed or the switch timed out (`reason`): all drop it
+    """
+
+    action: SwitchAction
+    plan: Plan | None = None
+    background: bool = False
+    version: int | None = None
+    reason: str | None = None
+
+    @classmethod
+    def start(cls, plan: Plan, *, background: bool) -> SwitchCommand:
+        return cls("start", plan=plan, background=background)
+
+    @classmethod
+    def poll(cls) -> SwitchCommand:
+        return cls("poll")
+
+    @classmethod
+    def flip(cls, version: int) -> SwitchCommand:
+        return cls("flip", version=version)
+
+    @classmethod
+    def abandon(cls, reason: str) -> SwitchCommand:
+        return cls("abandon", reason=reason)
+
+    @property
+    def reports(self) -> bool:
+        """Every rank reports its transfer's state in its result (a background switch)."""
+        return self.action == "poll" or (self.action == "start" and self.background)
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "plan": None if self.plan is None else self.plan.to_document(),
+            "background": self.background,
+            "version": self.version,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_document(cls, raw: dict[str, Any]) -> SwitchCommand:
+        plan = raw["plan"]
+        return cls(
+            action=raw["action"],
+            plan=None if plan is None else parse_plan(plan),
+            background=raw["background"],
+            version=raw["version"],
+            reason=raw["reason"],
+        )
+
+
+@dataclass(frozen=True)
 class StepDescriptor:
     step: int
     stop: bool = False
     release: tuple[str, ...] = ()
     """Finished, aborted or failed sequences: their ranks free them first."""
-    plan_json: str | None = None
-    """A plan every rank switches to at this boundary, before the step's forward; with
-    background switches, every rank starts moving its experts and the old plan keeps serving."""
+    switch: SwitchCommand | None = None
+    """This step's part of a plan switch, done by every rank before the step's forward."""
     admit: tuple[NewSequence, ...] = ()
     chunks: tuple[Chunk, ...] = ()
-    flip: int | None = None
-    """Background switch: every rank's experts landed, all flip to this plan version now."""
-    abandon: str | None = None
-    """Background switch: a rank failed or the switch timed out (the reason); all drop it."""
-    poll_switch: bool = False
-    """Background switch in flight: every rank reports its transfer's state in its result."""
     two_batch: bool = False
     """Run the forward as two overlapped micro-batches (the same on every rank)."""
 
     @property
     def idle(self) -> bool:
         """Nothing but keeping the group alive."""
-        switching = self.plan_json or self.flip is not None or self.abandon or self.poll_switch
+        switching = self.switch is not None
         return not (self.stop or self.release or switching or self.admit or self.chunks)
 
     @property
     def gathers(self) -> bool:
         """Ranks answer a StepResult (tokens, errors of admissions and chunks, switch state)."""
-        return bool(self.admit or self.chunks or self.poll_switch)
+        reports = self.switch is not None and self.switch.reports
+        return bool(self.admit or self.chunks or reports)
 
     def to_json(self) -> str:
         # By hand: dataclasses.asdict deep-copies every field, a measurable cost per step.
@@ -83,10 +141,7 @@ class StepDescriptor:
             "step": self.step,
             "stop": self.stop,
             "release": self.release,
-            "plan_json": self.plan_json,
-            "flip": self.flip,
-            "abandon": self.abandon,
-            "poll_switch": self.poll_switch,
+            "switch": None if self.switch is None else self.switch.to_document(),
             "admit": [_new_sequence_document(new) for new in self.admit],
             "chunks": [(c.request_id, c.rank, c.start, c.length, c.sample) for c in self.chunks],
             "two_batch": self.two_batch,
@@ -100,10 +155,7 @@ class StepDescriptor:
             step=raw["step"],
             stop=raw["stop"],
             release=tuple(raw["release"]),
-            plan_json=raw["plan_json"],
-            flip=raw["flip"],
-            abandon=raw["abandon"],
-            poll_switch=raw["poll_switch"],
+            switch=None if raw["switch"] is None else SwitchCommand.from_document(raw["switch"]),
             admit=tuple(_new_sequence(item) for item in raw["admit"]),
             chunks=tuple(Chunk(*item) for item in raw["chunks"]),
             two_batch=raw["two_batch"],

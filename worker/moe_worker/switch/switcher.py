@@ -11,10 +11,10 @@
              or abandon(why)   a rank failed or the switch timed out: drop it, the old plan
                                keeps serving, the leader answers the operator with the reason
 
-The leader (`leader.Leader`) decides flip or abandon from every rank's state, so all ranks do
-the same at the same step boundary: never half-switched. A rank that dies mid-transfer breaks
-the whole process group (its peers' collectives fail): the group restarts as a whole, every
-rank on the plan mounted from the ConfigMap.
+The leader (`serving.leader.Leader`) decides flip or abandon from every rank's state, so all ranks
+do the same at the same step boundary (`commands.RankSwitch`): never half-switched. A rank that
+dies mid-transfer breaks the whole process group (its peers' collectives fail): the group
+restarts as a whole, every rank on the plan mounted from the ConfigMap.
 
 An abandoned switch may leave messages unmatched on the transfer group, so every rank drops
 that group and forms a new one (collective, at the abandon step); what those messages may still
@@ -31,8 +31,9 @@ import time
 from typing import Any
 
 from moe_contract.plan import Plan
-from moe_worker.ep.engine import EPEngine
-from moe_worker.ep.transfer import (
+from moe_contract.switch import DOES_NOT_FIT, TIMEOUT, TRANSFER_FAILED, SwitchAnswer
+from moe_worker.switch.mover import ExpertMover
+from moe_worker.switch.transfer import (
     DONE,
     FAILED,
     ExpertTransfer,
@@ -46,8 +47,8 @@ log = logging.getLogger("moe_worker.switch.switcher")
 class BackgroundSwitcher:
     """The background plan switch of one rank's engine."""
 
-    def __init__(self, engine: EPEngine, world_size: int, timeout_s: float) -> None:
-        self.engine, self.timeout_s = engine, timeout_s
+    def __init__(self, mover: ExpertMover, world_size: int, timeout_s: float) -> None:
+        self.mover, self.engine, self.timeout_s = mover, mover.engine, timeout_s
         # Collective at start-up (every rank builds its switcher at the same point).
         self.group = new_transfer_group(timeout_s) if world_size > 1 else None
         self.plan: Plan | None = None
@@ -60,7 +61,7 @@ class BackgroundSwitcher:
         failure is reported as the state, and the leader abandons the switch)."""
         self.plan, self.transfer, self.error = plan, None, None
         try:
-            self.transfer = self.engine.start_switch(plan, self.group)
+            self.transfer = self.mover.start(plan, self.group)
             self.transfer.watch()
         except Exception as error:
             self.error = f"{type(error).__name__}: {error}"
@@ -90,12 +91,12 @@ class BackgroundSwitcher:
         if status.state != DONE:  # the leader flips only after every rank reported done
             raise RuntimeError(f"flip to plan {version} with this rank's transfer {status.state}")
         start = time.perf_counter()
-        moved = self.engine.flip(plan, transfer)
+        moved = self.mover.flip(plan, transfer)
         pause = time.perf_counter() - start
         self.plan = self.transfer = None
         return plan, moved, pause, status.seconds
 
-    def abandon(self, reason: str) -> dict[str, Any]:
+    def abandon(self, reason: str) -> SwitchAnswer:
         """Collective: drop the switch in flight (maybe none on this rank); the answer."""
         version = None if self.plan is None else self.plan.version
         log.warning("rank %d abandons the switch to plan %s: %s", self.engine.rank, version, reason)
@@ -106,13 +107,10 @@ class BackgroundSwitcher:
             close_transfer_group(self.group)
             self.group = new_transfer_group(self.timeout_s)
         self.plan = self.transfer = self.error = None
-        timeout = reason.startswith("timeout")
-        # A rank that refused the plan before moving anything (`EPEngine.check_memory`): the
+        # A rank that refused the plan before moving anything (`ExpertMover.check_memory`): the
         # plan itself is at fault, not the transfer, and sending it again will not help.
         refused = f"{FAILED}: PlanError" in reason
-        return {
-            "applied": False,
-            "reason": "timeout" if timeout else "does not fit" if refused else "transfer failed",
-            "error": reason,
-            "version": self.engine.plan.version,
-        }
+        why = TIMEOUT if reason.startswith("timeout") else DOES_NOT_FIT if refused else None
+        return SwitchAnswer.refused(
+            why or TRANSFER_FAILED, version=self.engine.plan.version, error=reason
+        )

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from moe_worker.ep.engine import cuda_free_bytes
 from moe_worker.models.grouped import grouped_mm_works
+from moe_worker.switch.mover import cuda_free_bytes
 
 GIB = 2**30
 

@@ -1,4 +1,4 @@
-"""(f) The free-memory check behind slot growth (`EPEngine.check_memory`), on the device.
+"""(f) The free-memory check behind slot growth (`ExpertMover.check_memory`), on the device.
 
 1. The figure it reads (`cuda_free_bytes`: free memory plus what torch's allocator caches unused)
    drops by what a plain allocation takes, and comes back when it is freed.
@@ -24,7 +24,8 @@ from moe_worker.bench.data_path import ep_prefill
 from moe_worker.bench.gpu_check.device import Device
 from moe_worker.bench.gpu_check.record import Recorder
 from moe_worker.bench.gpu_check.synthetic import DeviceWeights, prompts, world1_plan
-from moe_worker.ep.engine import EPEngine, switch_bytes
+from moe_worker.ep.engine import EPEngine
+from moe_worker.switch.mover import ExpertMover, switch_bytes
 
 MIB = 2**20
 
@@ -66,21 +67,19 @@ def run(out: Recorder, device: Device, options: MemoryOptions = GPU) -> None:
         rank=0,
         device=device.torch,
     )
-    engine.free_bytes = device.free_bytes  # CUDA: the engine's own figure; CPU: the budget
+    mover = ExpertMover(engine, device.free_bytes)  # CUDA: the mover's own figure; CPU: budget
     out.put("expert_slot_mib", engine.expert_bytes / MIB)
     texts = prompts(3, 16, s.vocab_size)
     with torch.inference_mode():
         before = ep_prefill(engine, texts, device.torch)
     grown = world1_plan(s.layers, (*experts, 0), 2)
-    out.put("grow", switch_peak(engine, device, grown, options.tolerance_bytes))
+    out.put("grow", switch_peak(mover, device, grown, options.tolerance_bytes))
     with torch.inference_mode():
         after = ep_prefill(engine, texts, device.torch)
     out.put("grow", "logits_max_abs_diff", float((after - before).abs().max()))
-    out.put(
-        "refuse", refuses_when_short(engine, device, world1_plan(s.layers, (*experts, 0, 1), 3))
-    )
+    out.put("refuse", refuses_when_short(mover, device, world1_plan(s.layers, (*experts, 0, 1), 3)))
     permuted = world1_plan(s.layers, (*reversed(experts), 0), 4)
-    out.put("permute", switch_peak(engine, device, permuted, options.tolerance_bytes))
+    out.put("permute", switch_peak(mover, device, permuted, options.tolerance_bytes))
     out.put("ok", _ok(out.data))
 
 
@@ -101,9 +100,10 @@ def tracks_allocation(device: Device, options: MemoryOptions) -> dict[str, objec
 
 
 def switch_peak(
-    engine: EPEngine, device: Device, plan: Plan, tolerance_bytes: int
+    mover: ExpertMover, device: Device, plan: Plan, tolerance_bytes: int
 ) -> dict[str, object]:
     """Apply `plan` (blocking, world 1), the bytes predicted against the allocator's peak."""
+    engine = mover.engine
     current = engine.plan.slots_per_rank
     predicted = switch_bytes(
         current, plan.slots_per_rank, engine.shape.layers, 0, engine.expert_bytes
@@ -111,7 +111,7 @@ def switch_peak(
     device.sync()
     device.reset_peak()
     base = device.allocated()
-    engine.apply_plan(plan)
+    mover.apply(plan)
     device.sync()
     peak, held = device.peak(), device.allocated()
     figures: dict[str, object] = {
@@ -125,15 +125,16 @@ def switch_peak(
     return figures
 
 
-def refuses_when_short(engine: EPEngine, device: Device, plan: Plan) -> dict[str, object]:
+def refuses_when_short(mover: ExpertMover, device: Device, plan: Plan) -> dict[str, object]:
     """Ballast leaves half of what `plan` needs free: the switch must refuse it, moving nothing."""
+    engine = mover.engine
     current = engine.plan.slots_per_rank
     needed = switch_bytes(current, plan.slots_per_rank, engine.shape.layers, 0, engine.expert_bytes)
     held = [engine.stacks.experts(layer) for layer in range(engine.shape.layers)]
     ballast = device.allocate(max(0, device.free_bytes() - needed // 2))
     free = device.free_bytes()
     try:
-        engine.start_switch(plan, group=None)
+        mover.start(plan, group=None)
         refused, message = False, ""
     except PlanError as error:
         refused, message = True, str(error)

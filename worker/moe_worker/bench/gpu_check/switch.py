@@ -29,8 +29,9 @@ from moe_worker.bench.gpu_check.device import Device
 from moe_worker.bench.gpu_check.record import Recorder
 from moe_worker.bench.gpu_check.synthetic import DeviceWeights, prompts, world1_plan
 from moe_worker.ep.engine import EPEngine
-from moe_worker.ep.transfer import DONE
+from moe_worker.switch.mover import ExpertMover
 from moe_worker.switch.switcher import BackgroundSwitcher
+from moe_worker.switch.transfer import DONE
 
 MIB = 2**20
 
@@ -72,7 +73,7 @@ def run(out: Recorder, device: Device, options: SwitchOptions = GPU) -> None:
     engine = EPEngine(DeviceWeights(s, device.torch), base, rank=0, device=device.torch)
     out.put("expert_slot_mib", engine.expert_bytes / MIB)
     out.put("kernel", engine.kernel)
-    switcher = BackgroundSwitcher(engine, world_size=1, timeout_s=60.0)
+    switcher = BackgroundSwitcher(ExpertMover(engine), world_size=1, timeout_s=60.0)
     texts = prompts(options.batch, options.context, s.vocab_size)
     budget = 2 * options.steps + 2
     with torch.inference_mode():

@@ -46,7 +46,7 @@ def serving(
     thread.start()
     deadline = time.monotonic() + ready_timeout_s
     try:
-        while not runtime.is_ready():
+        while not runtime.backend.is_ready():
             if failure or not thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"the one-rank group did not start: {failure or 'timeout'}")
             time.sleep(0.02)
@@ -79,7 +79,7 @@ def greedy_tokens(
 
     for index, prompt in enumerate(prompts):
         request = GenerationRequest(f"greedy-{index}", tuple(prompt), params)
-        runtime.submit(request, sink(index))
+        runtime.backend.submit(request, sink(index))
     deadline = time.monotonic() + timeout_s
     for event in finished:
         if not event.wait(max(0.0, deadline - time.monotonic())):

@@ -12,7 +12,7 @@ Two ways to run it:
 - background: post on a process group of its own (`new_transfer_group`) and let a watcher thread
   wait for the messages (gloo completes a point-to-point message only when someone waits on it;
   on CUDA the thread synchronises a stream of its own). `state()` says pending, done or failed;
-  the runtime flips all ranks at one step boundary once every rank is done.
+  every rank flips at one step boundary once all are done (`switcher`).
 
 No HTTP or metrics code here.
 """
@@ -127,7 +127,7 @@ class ExpertTransfer:
                     self.wait()
             else:
                 self.wait()
-        except Exception as error:  # a dead peer, a timeout: the runtime abandons the switch
+        except Exception as error:  # a dead peer, a timeout: the leader abandons the switch
             self.fail(f"{type(error).__name__}: {error}")
 
     def _set(self, status: TransferStatus) -> None:

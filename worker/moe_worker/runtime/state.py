@@ -1,0 +1,52 @@
+"""One rank's state as its threads share it: the serving loop writes it, the HTTP threads and
+metric scrapes read it. Single attribute writes, never a lock the loop holds while computing."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from moe_contract.plan import Plan
+from moe_worker.ep.engine import EPEngine
+from moe_worker.ep.runner import ModelRunner
+from moe_worker.switch.commands import RankSwitch
+
+LEADER_READY_STALL_S = 10.0
+"""The leader steps at least every `leader.IDLE_TICK` (0.2 s) while the group serves; this long
+without a step, a peer hangs or is gone and the group serves nothing: the leader reports not
+ready (its pod leaves the `-api` Service) well before liveness (`stall_timeout`) restarts it."""
+
+
+class RankState:
+    def __init__(self) -> None:
+        self.engine: EPEngine | None = None
+        self.runner: ModelRunner | None = None
+        self.switch: RankSwitch | None = None
+        """Set one by one while the rank loads (the engine first: its plan is readable then)."""
+        self.serving = False
+        """The group formed and loaded its plan, and the loop steps: ready, and a stall counts
+        (forming the group and loading weights do not)."""
+        self.last_step = time.monotonic()
+        self.stopping = threading.Event()
+        """Asked to stop (a signal, or the process ending)."""
+        self.stopped = threading.Event()
+        """The serving loop ended."""
+
+    def stepped(self) -> None:
+        self.last_step = time.monotonic()
+
+    def plan(self) -> Plan | None:
+        """The plan being served; None before the engine is built."""
+        engine = self.engine
+        return None if engine is None else engine.plan
+
+    def is_ready(self, *, leader: bool) -> bool:
+        """Every rank: the group formed and loaded its plan. The leader also: the group keeps
+        stepping, so a ready leader means the whole group serves."""
+        stalled = time.monotonic() - self.last_step > LEADER_READY_STALL_S
+        return self.serving and not self.stopping.is_set() and not (leader and stalled)
+
+    def is_live(self, stall_timeout: float) -> bool:
+        """False once the loop made no step for `stall_timeout` seconds while serving."""
+        stalled = time.monotonic() - self.last_step > stall_timeout
+        return not (self.serving and stalled)
