@@ -92,10 +92,11 @@ async def read_json(request: Request) -> Any:
         raise ApiError(400, f"body is not valid JSON: {error}") from None
 
 
-async def read_model(request: Request, model: type[M]) -> M:
-    """The body parsed into `model`; a 400 naming the first invalid field."""
+async def read_model(request: Request, model: type[M], context: Any = None) -> M:
+    """The body parsed into `model` (`context`: its validators' context); a 400 naming the first
+    invalid field."""
     body = await request.body()
     try:
-        return model.model_validate_json(body)
+        return model.model_validate_json(body, context=context)
     except ValidationError as error:
         raise from_validation(error) from None
