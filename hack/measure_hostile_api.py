@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Measure issue 19's API numbers (items 1 and 2) on a real two-rank `moe-worker serve`.
+"""Measure issue 19's API numbers (items 1, 2 and 7), for whatever checkout is imported.
 
-    python hack/measure_hostile_api.py [--json out.json]
+    python hack/measure_hostile_api.py group [--json out.json]
+    python hack/measure_hostile_api.py tokenizer
+    python hack/measure_hostile_api.py slowloris [--connections 350 --every 10 --seconds 35]
 
-Writes a tiny Mixtral with a tokenizer (transformers' save_pretrained, tests/e2e/models.py),
+`group` writes a tiny Mixtral with a tokenizer (transformers' save_pretrained, tests/e2e/models.py),
 starts `moe-worker serve --world 2` with the Python running this script (so an old checkout is
 measured with `PYTHONPATH=<old>/worker:<old>/contract`), and measures, each case after the
 group is idle again:
@@ -14,11 +16,22 @@ group is idle again:
 - big text: one 7.9 MB text prompt, the same; four of them at once, the same.
 
 Nothing but the OpenAI port is used. Spawns processes: run it under /tmp/moe-heavy.lock.
+
+`tokenizer` compares ways to encode text beside a serving loop (a Python thread doing steps of
+pure Python, as the leader's loop does between its collectives): four 1 MB texts encoded with
+`encode` (holds the GIL), `encode_batch` (releases it) on four threads and on one, and a process
+pool; each 5 times, medians: how long the four took, the loop's longest pause, and its steps per
+second against idle.
+
+`slowloris` serves the OpenAI app (over the tests' scripted backend) in this process, opens
+`--connections` connections that send one byte of a request head every `--every` seconds, and
+counts how many are still open as time goes on, and how long /health takes meanwhile.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -73,8 +86,12 @@ def start_group(checkpoint: Path, log: Path) -> tuple[subprocess.Popen[bytes], s
         *("--http-port", str(http), "--kv-cache-tokens", "4096"),
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_")}
-    proc = subprocess.Popen(command, env={**env, "OMP_NUM_THREADS": "1"}, stdout=log.open("wb"),
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        command,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{api}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -97,9 +114,7 @@ def small(model: str) -> bytes:
 def during(url: str, model: str, bigs: list[bytes]) -> dict[str, Any]:
     """Small requests back to back while `bigs` are in flight (each on its own thread)."""
     answers: list[tuple[int, float, str]] = []
-    threads = [
-        threading.Thread(target=lambda b=big: answers.append(post(url, b))) for big in bigs
-    ]
+    threads = [threading.Thread(target=lambda b=big: answers.append(post(url, b))) for big in bigs]
     for thread in threads:
         thread.start()
     latencies, statuses = [], []
@@ -118,10 +133,7 @@ def during(url: str, model: str, bigs: list[bytes]) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args()
+def measure_group() -> dict[str, Any]:
     sys.path.insert(0, str(REPO / "tests" / "e2e"))
     from models import write_mixtral  # the e2e suite's tiny Mixtral with a tokenizer
 
@@ -151,6 +163,148 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(60)
+    return results
+
+
+_TOKENIZER: Any = None
+
+
+def _load_tokenizer(path: str) -> None:
+    global _TOKENIZER
+    from tokenizers import Tokenizer
+
+    _TOKENIZER = Tokenizer.from_file(path)
+
+
+def _encode_in_process(text: str) -> list[int]:
+    return _TOKENIZER.encode_batch([text])[0].ids  # type: ignore[no-any-return]
+
+
+def _loop_beside(submit: Any, texts: list[str]) -> tuple[float, float, float]:
+    """(seconds to encode `texts`, the loop's longest pause in ms, its steps/s vs idle)."""
+    stop, gaps = threading.Event(), []
+
+    def loop() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            sum(range(5000))  # a step's Python work
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    time.sleep(0.3)
+    idle_rate = len(gaps) / 0.3
+    start, first = time.perf_counter(), len(gaps)
+    for future in [submit(text) for text in texts]:
+        future.result()
+    seconds = time.perf_counter() - start
+    busy = gaps[first:]
+    stop.set()
+    thread.join()
+    return seconds, max(busy) * 1000, len(busy) / seconds / idle_rate
+
+
+def measure_tokenizer() -> dict[str, Any]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    sys.path.insert(0, str(REPO / "tests" / "e2e"))
+    from models import write_tokenizer
+    from tokenizers import Tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(write_tokenizer(Path(tmp), 1000))
+        tokenizer = Tokenizer.from_file(path)
+        texts = ["the cat sat on the mat " * 45_000] * 4  # 4 x 1 MB
+        four, one = ThreadPoolExecutor(4), ThreadPoolExecutor(1)
+        spawn = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(
+            1, mp_context=spawn, initializer=_load_tokenizer, initargs=(path,)
+        )
+        pool.submit(_encode_in_process, "warm").result()
+        ways = {
+            "encode, 4 threads (GIL held)": lambda t: four.submit(lambda: tokenizer.encode(t).ids),
+            "encode_batch, 4 threads": lambda t: four.submit(
+                lambda: tokenizer.encode_batch([t])[0].ids
+            ),
+            "encode_batch, 1 thread": lambda t: one.submit(
+                lambda: tokenizer.encode_batch([t])[0].ids
+            ),
+            "process pool of 1 (spawn)": lambda t: pool.submit(_encode_in_process, t),
+        }
+        runs: dict[str, list[tuple[float, float, float]]] = {way: [] for way in ways}
+        for _ in range(5):
+            for way, submit in ways.items():
+                runs[way].append(_loop_beside(submit, texts))
+        pool.shutdown()
+    print("| how | 4 x 1 MB encoded (s) | loop's longest pause (ms) | loop steps/s vs idle |")
+    print("|---|---|---|---|")
+    results = {}
+    for way, samples in runs.items():
+        medians = [statistics.median(sample[i] for sample in samples) for i in range(3)]
+        results[way] = [round(m, 2) for m in medians]
+        print(f"| {way} | {medians[0]:.2f} | {medians[1]:.0f} | {medians[2]:.2f} |")
+    return results
+
+
+def measure_slowloris(connections: int, every: float, seconds: float) -> dict[str, Any]:
+    sys.path.insert(0, str(REPO / "tests" / "worker"))
+    from api_double import ScriptedBackend, make_card
+
+    from moe_worker.api import create_openai_app, start
+
+    handle = start(create_openai_app(ScriptedBackend(make_card())), "127.0.0.1", 0)
+    socks = [socket.create_connection(("127.0.0.1", handle.port)) for _ in range(connections)]
+    head = b"POST /v1/completions HTTP/1.1\r\nX-Slow: " + b"a" * 1000
+    open_counts, health = [], []
+    start_time = time.monotonic()
+    sent = 0
+    try:
+        while (elapsed := time.monotonic() - start_time) < seconds:
+            if elapsed >= sent * every:
+                for sock in socks:
+                    with contextlib.suppress(OSError):
+                        sock.send(head[sent : sent + 1])
+                sent += 1
+            alive = 0
+            for sock in socks:
+                sock.setblocking(False)
+                try:  # an answer (a 408) or the end of the stream: the server cut it
+                    sock.recv(4096, socket.MSG_PEEK)
+                except BlockingIOError:
+                    alive += 1
+                except OSError:
+                    pass
+            started = time.perf_counter()
+            with NO_PROXY.open(f"{handle.url}/health", timeout=30) as response:
+                response.read()
+            health.append(time.perf_counter() - started)
+            open_counts.append((round(elapsed, 1), alive))
+            time.sleep(1.0)
+    finally:
+        for sock in socks:
+            sock.close()
+        handle.stop()
+    marks = {f"open_after_{int(t)}s": n for t, n in open_counts if int(t) % 5 == 0}
+    return {**marks, "health_max_s": round(max(health), 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("case", choices=["group", "tokenizer", "slowloris"])
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--connections", type=int, default=350)
+    parser.add_argument("--every", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=35.0)
+    args = parser.parse_args()
+    if args.case == "group":
+        results = measure_group()
+    elif args.case == "tokenizer":
+        results = measure_tokenizer()
+    else:
+        results = measure_slowloris(args.connections, args.every, args.seconds)
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

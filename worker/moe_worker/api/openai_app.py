@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from moe_worker.api import auth
-from moe_worker.api.body import BodyLimit, read_model
+from moe_worker.api.body import BODY_DEADLINE, BODY_TIMEOUT, BodyLimit, read_model
 from moe_worker.api.completions import Delta, Generation, failure
 from moe_worker.api.errors import ApiError, install, openai_body
 from moe_worker.api.limits import MAX_PROMPTS, ModelBounds
@@ -47,7 +47,8 @@ def create_openai_app(
     api_keys_path: str | None = None,
     max_body: int = 8 * 1024 * 1024,
     max_prompts: int = MAX_PROMPTS,
-    body_timeout: float = 30.0,
+    body_timeout: float = BODY_TIMEOUT,
+    body_deadline: float = BODY_DEADLINE,
     stall_timeout: float = 600.0,
 ) -> FastAPI:
     """The OpenAI app of the leader.
@@ -59,7 +60,7 @@ def create_openai_app(
     """
     app = FastAPI(title="moe-ep OpenAI API", docs_url=None, redoc_url=None, openapi_url=None)
     install(app, openai_body)
-    app.add_middleware(BodyLimit, max_body=max_body, timeout=body_timeout)
+    app.add_middleware(BodyLimit, max_body=max_body, timeout=body_timeout, deadline=body_deadline)
     tokenizers = TokenizerCache()
     encoder = Encoder()
     created = int(time.time())
