@@ -12,6 +12,7 @@ cap on open connections (uvicorn has neither); the apps bound and time their bod
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import socket
 import threading
@@ -78,7 +79,12 @@ def start(
     """
     cap = default_max_connections() if max_connections is None else max_connections
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=2048)
+    try:
+        sock = socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as error:  # one line that names the server and the port, for the operator
+        why = os.strerror(error.errno) if error.errno else str(error)
+        message = f"the {name} server cannot listen on {host}:{port}: {why}"
+        raise OSError(error.errno, message) from None
     bound = sock.getsockname()[1]
     config = uvicorn.Config(
         app,
