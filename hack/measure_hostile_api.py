@@ -13,7 +13,9 @@ group is idle again:
 - alone: a small request (3 token ids, 8 new tokens), the median of 10;
 - stop ids: one request of 64 prompts x 400k stop_token_ids while small requests run back to back
   (their worst and median latency) and how long the big one took to be answered, and its status;
-- big text: one 7.9 MB text prompt, the same; four of them at once, the same.
+- big text: one 8.3 MB text prompt, the same; four of them at once, the same;
+- tokenized: four 2.1 MB text prompts at once, short enough to be tokenized (540k tokens each,
+  then refused: the context is 64k tokens), the same.
 
 Nothing but the OpenAI port is used. Spawns processes: run it under /tmp/moe-heavy.lock.
 
@@ -49,6 +51,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 VOCAB = 64
+CONTEXT = 65536
 
 
 def free_port() -> int:
@@ -139,6 +142,11 @@ def measure_group() -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = write_mixtral(Path(tmp) / "tiny-mixtral", layers=2, vocab_size=VOCAB)
+        # A real model's context (64k tokens), so that long texts are tokenized, not refused
+        # by their length alone.
+        config = json.loads((checkpoint / "config.json").read_text())
+        config["max_position_embeddings"] = CONTEXT
+        (checkpoint / "config.json").write_text(json.dumps(config))
         proc, url = start_group(checkpoint, Path(tmp) / "group.log")
         try:
             model = "tiny-mixtral"
@@ -160,6 +168,13 @@ def measure_group() -> dict[str, Any]:
             results["big_text"] = {"body_mb": round(len(text) / 1e6, 1)}
             results["big_text"].update(during(url, model, [text]))
             results["big_text_x4"] = during(url, model, [text] * 4)
+            # Texts under 32 characters a token of the context: tokenized, then refused (540k
+            # tokens each).
+            tokenized = json.dumps(
+                {"model": model, "prompt": "the cat sat on the mat " * 90_000, "max_tokens": 4}
+            ).encode()
+            results["tokenized_x4"] = {"body_mb": round(len(tokenized) / 1e6, 1)}
+            results["tokenized_x4"].update(during(url, model, [tokenized] * 4))
         finally:
             proc.terminate()
             proc.wait(60)
