@@ -26,8 +26,10 @@ For each layer:
    `pod_tolerance` of imbalance of the best, the one whose tokens leave their pod least.
 
 Growing (`replace_slots(slots_per_rank=...)` above the plan's): the new slots first hold copies
-of experts their rank holds (`grow_slots`), which move no weights but may move load, and no
-layer may end up carrying more than it does now (`Replaced.fits`).
+of experts their rank holds (`grow_slots`), which move no weights but may move load. The layer
+served where nothing pays keeps its rank loads where it can; the candidates start from copies
+of every rank's heaviest replica (free replicas of the hot experts). No layer may end up
+carrying more than it does now (`Replaced.fits`).
 
 Work budget: with all counts on the path, 14 caps, the count refinement and every candidate
 aligned (the reference's candidate set) where L x points x caps x N x R allows; at DeepSeek scale
@@ -118,7 +120,7 @@ class Replaced:
     """Replace's choice for every layer."""
 
     slots: np.ndarray
-    """slots_LRS chosen (the current layer, or grown by `grow_slots`, where nothing was worth
+    """slots_LRS chosen (the current layer, or grown as `Grown.kept`, where nothing was worth
     its moves)."""
     before: np.ndarray
     """imbalance_L of the current layers (under the same dispatch model)."""
@@ -130,7 +132,7 @@ class Replaced:
     """fraction_L of assignments leaving their pod (NaN without pods)."""
     fits: np.ndarray
     """fits_L: whether the chosen layer carries at most `before` (max rank load). Always
-    without growth; a grown layer fits where `grow_slots` kept its loads or a candidate gets
+    without growth; a grown layer fits where `Grown.kept` keeps its loads or a candidate gets
     back under them."""
 
     def as_tuples(self) -> Slots:
@@ -144,23 +146,32 @@ def nothing_to_replicate(num_experts: int, world_size: int, slots_per_rank: int)
     return slots_per_rank == 1 and num_experts == world_size
 
 
-def grow_slots(slots_LRS: np.ndarray, load_LE: np.ndarray, slots_per_rank: int) -> np.ndarray:
-    """The layers with `slots_per_rank` slots per rank, before anything moves: the first S slots
-    of every rank as they are, the new ones copies of an expert the rank holds already, so no
-    weights move between ranks.
+@dataclass(frozen=True)
+class Grown:
+    """Layers given more slots per rank before anything moves: two fills of the new slots, both
+    copies of experts their rank holds already, so no weights move between ranks.
 
     A local copy still moves load: every replica carries load / replicas, so k more replicas of
     expert e (c in all, m of them on rank r) give r l_e k (c - m) / (c (c + k)) more, taken from
-    the other ranks that hold e (one of four replicas is 1/4 of e, two of seven 2/7). Each rank
-    copies the expert whose copies add it least: nothing, every rank load kept, for an expert
-    without load or one whose replicas are all on the rank (ties: the rank's first slot).
+    the other ranks that hold e (one of four replicas is 1/4 of e, two of seven 2/7).
+    """
+
+    kept: np.ndarray
+    """slots_LRS': each rank copies the expert whose copies add it least: nothing, every rank
+    load kept, for an expert without load or one whose replicas are all on the rank (ties: the
+    rank's first slot). The layer served where nothing is worth its moves."""
+    hot: np.ndarray
+    """slots_LRS': each rank copies its heaviest replica (more replicas of the hot experts, free
+    to keep). Where the candidates start."""
+
+
+def grow_slots(slots_LRS: np.ndarray, load_LE: np.ndarray, slots_per_rank: int) -> Grown:
+    """The layers with `slots_per_rank` slots per rank, the first S of every rank as they are.
 
     Args:
         slots_LRS: current logical expert ids.
         load_LE: tokens per expert.
         slots_per_rank: S' >= S.
-    Returns:
-        slots_LRS'.
     """
     layers, _ranks, per_rank = slots_LRS.shape
     added = slots_per_rank - per_rank
@@ -172,8 +183,12 @@ def grow_slots(slots_LRS: np.ndarray, load_LE: np.ndarray, slots_per_rank: int) 
     load = np.take_along_axis(load_LE, flat, axis=1).reshape(slots_LRS.shape)  # l
     here = (slots_LRS[:, :, :, None] == slots_LRS[:, :, None, :]).sum(axis=3)  # m
     adds = load * (added * (count - here)) / (count * (count + added))
-    copied = np.take_along_axis(slots_LRS, adds.argmin(axis=2)[:, :, None], axis=2)
-    return np.concatenate([slots_LRS, np.repeat(copied, added, axis=2)], axis=2)
+
+    def fill(pick_LR: np.ndarray) -> np.ndarray:
+        copied = np.take_along_axis(slots_LRS, pick_LR[:, :, None], axis=2)
+        return np.concatenate([slots_LRS, np.repeat(copied, added, axis=2)], axis=2)
+
+    return Grown(kept=fill(adds.argmin(axis=2)), hot=fill((load / count).argmax(axis=2)))
 
 
 def ideal_imbalance(load_LE: np.ndarray, world_size: int, slots_per_rank: int) -> np.ndarray:
@@ -216,9 +231,11 @@ def replace_slots(
     if pricing is None:
         pricing = Pricing(ideal_imbalance(load, ranks, per_rank), ranks * per_rank)
     if slots_per_rank is None or slots_per_rank == per_rank:
-        return _choose(candidates.build(current, load, pods), current, before, options, pricing)
+        scored = candidates.build(current, load, pods)
+        return _choose(scored, current, before, options, pricing, grown=False)
     grown = grow_slots(current, load, slots_per_rank)
-    return _choose(candidates.build(grown, load, pods), grown, before, options, pricing)
+    scored = candidates.build(grown.hot, load, pods, also=grown.kept[:, None])
+    return _choose(scored, grown.kept, before, options, pricing, grown=True)
 
 
 def _choose(
@@ -227,13 +244,15 @@ def _choose(
     before: np.ndarray,
     options: ReplaceOptions,
     pricing: Pricing,
+    *,
+    grown: bool,
 ) -> Replaced:
     """Per layer the candidate of least cost among those that strictly lower the max rank load
     of `stay` (ties: fewer moves, then lower imbalance, then the first), or `stay`, the layer
-    that is served where nothing is worth its moves: the current one, or the current one grown.
-    No choice carries more than `before`, the
-    current layer: where `stay` does (a grown layer whose copies raised a rank), the least
-    costly candidate that does not."""
+    that is served where nothing is worth its moves: the current one, or the current one grown
+    (where a candidate may move nothing and yet differ from it). No choice carries more than
+    `before`, the current layer: where `stay` does (a grown layer whose copies raised a rank),
+    the least costly candidate that does not."""
     layers = len(before)
     now = arrays.imbalances(arrays.rank_loads(stay, scored.load))
     ideal = pricing.ideal[:, None]
@@ -242,8 +261,11 @@ def _choose(
     can_stay = now <= before * (1 + arrays.RELATIVE_EPSILON)
     gains = scored.after < now[:, None] * (1 - arrays.RELATIVE_EPSILON)
     gains &= cost < stay_cost[:, None]
-    valid = (scored.moved > 0) & (scored.after <= before[:, None] * (1 + arrays.RELATIVE_EPSILON))
-    valid &= gains | ~can_stay[:, None]
+    valid = (scored.after <= before[:, None] * (1 + arrays.RELATIVE_EPSILON)) & (
+        gains | ~can_stay[:, None]
+    )
+    if not grown:
+        valid &= scored.moved > 0  # a candidate that moves nothing is the current layer
     order = np.lexsort((scored.after, scored.moved, np.where(valid, cost, np.inf)), axis=1)
     best = order[:, 0]
     every = arrays.rows(layers)
