@@ -10,9 +10,21 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-ARCHITECTURES = ("SeedMLP", "Mixtral", "Qwen3MoE")
-"""SeedMLP: the seed's two-matrix GELU experts; Mixtral and Qwen3MoE: SwiGLU (3 matrices)."""
+ARCHITECTURES = ("SeedMLP", "Mixtral", "Qwen3MoE", "Qwen2MoE", "Glm4MoE", "DeepseekV3")
+"""SeedMLP: the seed's two-matrix GELU experts; the others: SwiGLU (3 matrices)."""
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+_DENSE = ("dense_layers", "dense_ffn_hidden")
+_MLA = ("kv_lora_rank", "q_lora_rank", "rope_head_dim", "v_head_dim")
+EXTRA_FIELDS: dict[str, tuple[str, ...]] = {
+    "SeedMLP": (),
+    "Mixtral": (),
+    "Qwen3MoE": (),
+    "Qwen2MoE": ("shared_ffn_hidden",),
+    "Glm4MoE": (*_DENSE, "shared_ffn_hidden"),
+    "DeepseekV3": (*_DENSE, "shared_ffn_hidden", *_MLA),
+}
+"""The optional size fields each architecture may set (all others stay 0)."""
 
 
 @dataclass(frozen=True)
@@ -20,7 +32,8 @@ class ModelShape:
     """Shape of the MoE transformer. Defaults are a small CPU model; `seed()` gives the seed's."""
 
     layers: int = 2
-    """Transformer blocks, each with attention and an MoE feed-forward."""
+    """Transformer blocks with an MoE feed-forward (each with attention): the layers of a plan,
+    of the expert counters and of the gate bias."""
     experts: int = 4
     """Logical experts per layer."""
     hidden: int = 64
@@ -36,11 +49,30 @@ class ModelShape:
     dtype: str = "float32"
     """bfloat16 | float16 | float32."""
     architecture: str = "SeedMLP"
-    """SeedMLP | Mixtral | Qwen3MoE."""
+    """One of ARCHITECTURES."""
     kv_heads: int | None = None
     """Key/value heads (grouped-query attention); None: as many as `heads`."""
     vocab_size: int = 256
     """Token vocabulary of the embedding and the LM head."""
+    dense_layers: int = 0
+    """Leading transformer blocks whose feed-forward is one dense MLP, run by every rank like
+    attention (`first_k_dense_replace`: GLM-4.5, DeepSeek-V3); they come before the `layers`
+    MoE blocks and are not part of any plan."""
+    dense_ffn_hidden: int = 0
+    """Inner dimension of those dense MLPs (SwiGLU); 0 without dense layers."""
+    shared_ffn_hidden: int = 0
+    """Inner dimension of the shared expert MLP every token visits beside its routed experts
+    (all shared experts of a layer as one SwiGLU MLP), held by every rank, never placed or
+    counted; 0: none."""
+    kv_lora_rank: int = 0
+    """Multi-head latent attention (DeepSeek-V3): width of the compressed key/value latent, which
+    the KV cache holds per token with the rotary key; 0: standard attention."""
+    q_lora_rank: int = 0
+    """MLA: width of the query's low-rank projection; 0: queries projected directly."""
+    rope_head_dim: int = 0
+    """MLA: the rotary part of each query/key head (`head_dim` is the whole query/key head)."""
+    v_head_dim: int = 0
+    """MLA: dimension of each value head."""
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -63,6 +95,46 @@ class ModelShape:
             found.append(f"kv_heads {self.kv_heads} must divide heads {self.heads}")
         if self.vocab_size < 1:
             found.append(f"vocab_size must be at least 1, got {self.vocab_size}")
+        return found + self._extra_problems()
+
+    def _extra_problems(self) -> list[str]:
+        """The optional sizes: only where the architecture has them, and consistent."""
+        found = []
+        allowed = EXTRA_FIELDS.get(self.architecture, ())
+        for name in (*_DENSE, "shared_ffn_hidden", *_MLA):
+            value = getattr(self, name)
+            if value < 0:
+                found.append(f"{name} must be at least 0, got {value}")
+            elif value and name not in allowed:
+                users = [a for a, fields in EXTRA_FIELDS.items() if name in fields]
+                found.append(
+                    f"{name} {value} applies to {' and '.join(users)} only, not {self.architecture}"
+                )
+        if (self.dense_layers > 0) != (self.dense_ffn_hidden > 0):
+            found.append(
+                f"dense_layers {self.dense_layers} and dense_ffn_hidden {self.dense_ffn_hidden} "
+                "must both be 0 or both at least 1"
+            )
+        if "kv_lora_rank" in allowed:
+            found += self._mla_problems()
+        return found
+
+    def _mla_problems(self) -> list[str]:
+        found = [
+            f"{name} must be at least 1 for {self.architecture}, got {getattr(self, name)}"
+            for name in ("kv_lora_rank", "rope_head_dim", "v_head_dim")
+            if getattr(self, name) < 1
+        ]
+        if self.rope_head_dim % 2 or self.rope_head_dim > self.head_dim:
+            found.append(
+                f"rope_head_dim {self.rope_head_dim} must be even and at most head_dim "
+                f"{self.head_dim} (the rotary part of each query/key head)"
+            )
+        if self.kv_heads not in (None, self.heads):
+            found.append(
+                f"kv_heads {self.kv_heads} must equal heads {self.heads}: latent attention has "
+                "no key/value heads of its own"
+            )
         return found
 
     @classmethod
@@ -72,6 +144,16 @@ class ModelShape:
 
     def replace(self, **changes: object) -> ModelShape:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @property
+    def total_layers(self) -> int:
+        """Every transformer block: the dense ones, then the MoE ones."""
+        return self.dense_layers + self.layers
+
+    @property
+    def latent_attention(self) -> bool:
+        """Multi-head latent attention (DeepSeek-V3's MLA)."""
+        return self.kv_lora_rank > 0
 
     @property
     def key_value_heads(self) -> int:
@@ -103,12 +185,34 @@ class ModelShape:
 
     @property
     def attn_params(self) -> int:
-        """Q, K, V and O projections of one layer."""
-        return 2 * self.hidden * self.attn_dim + 2 * self.hidden * self.kv_dim
+        """Q, K, V and O projections of one layer (MLA: its down and up projections)."""
+        if not self.latent_attention:
+            return 2 * self.hidden * self.attn_dim + 2 * self.hidden * self.kv_dim
+        if self.q_lora_rank:
+            query = self.hidden * self.q_lora_rank + self.q_lora_rank * self.attn_dim
+        else:
+            query = self.hidden * self.attn_dim
+        nope = self.head_dim - self.rope_head_dim
+        latent = self.hidden * (self.kv_lora_rank + self.rope_head_dim)
+        up = self.kv_lora_rank * self.heads * (nope + self.v_head_dim)
+        return query + latent + up + self.heads * self.v_head_dim * self.hidden
+
+    @property
+    def shared_params(self) -> int:
+        """Parameters of the shared expert MLP of one MoE layer (held by every rank)."""
+        return 3 * self.hidden * self.shared_ffn_hidden
+
+    @property
+    def dense_mlp_params(self) -> int:
+        """Parameters of the MLP of one dense layer (held by every rank)."""
+        return 3 * self.hidden * self.dense_ffn_hidden
 
     @property
     def kv_bytes_per_token_layer(self) -> int:
-        """KV cache bytes per token and layer: K and V, kv heads x head_dim each."""
+        """KV cache bytes per token and layer: K and V, kv heads x head_dim each; under MLA the
+        compressed latent and the rotary key."""
+        if self.latent_attention:
+            return (self.kv_lora_rank + self.rope_head_dim) * self.dtype_bytes
         return 2 * self.kv_dim * self.dtype_bytes
 
     def differences(self, other: ModelShape) -> list[tuple[str, object, object]]:
