@@ -83,7 +83,7 @@ class LatentAttention(nn.Module):
         latent_NC = self.kv_a_layernorm(latent_NC)
         q_rot_NHR = self.rotate(q_rot_NHR, *rope)
         k_rot_N1R = self.rotate(k_rot_NR.view(n, 1, self.rope_dim), *rope)
-        cache.write(layer, meta, torch.cat([latent_NC.view(n, 1, -1), k_rot_N1R], dim=-1))
+        cache.write(layer, meta, torch.cat([latent_NC.view(n, 1, self.latent), k_rot_N1R], dim=-1))
         o_NHv = q_NHd.new_empty(n, self.heads, self.v_dim)
         for group in meta.groups:
             entries_BT1E = cache.read_keys(layer, group.key_slots_BT)
