@@ -8,6 +8,7 @@ performance model (`moe_operator.perf`) prices it. Imports nothing beyond the st
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 ARCHITECTURES = ("SeedMLP", "Mixtral", "Qwen3MoE", "Qwen2MoE", "Glm4MoE", "DeepseekV3")
@@ -98,44 +99,13 @@ class ModelShape:
         return found + self._extra_problems()
 
     def _extra_problems(self) -> list[str]:
-        """The optional sizes: only where the architecture has them, and consistent."""
-        found = []
-        allowed = EXTRA_FIELDS.get(self.architecture, ())
-        for name in (*_DENSE, "shared_ffn_hidden", *_MLA):
-            value = getattr(self, name)
-            if value < 0:
-                found.append(f"{name} must be at least 0, got {value}")
-            elif value and name not in allowed:
-                users = [a for a, fields in EXTRA_FIELDS.items() if name in fields]
-                found.append(
-                    f"{name} {value} applies to {' and '.join(users)} only, not {self.architecture}"
-                )
-        if (self.dense_layers > 0) != (self.dense_ffn_hidden > 0):
-            found.append(
-                f"dense_layers {self.dense_layers} and dense_ffn_hidden {self.dense_ffn_hidden} "
-                "must both be 0 or both at least 1"
+        values = {name: getattr(self, name) for name in (*_DENSE, "shared_ffn_hidden", *_MLA)}
+        return [
+            message
+            for _, message in extra_problems(
+                self.architecture, self.heads, self.head_dim, self.kv_heads, values
             )
-        if "kv_lora_rank" in allowed:
-            found += self._mla_problems()
-        return found
-
-    def _mla_problems(self) -> list[str]:
-        found = [
-            f"{name} must be at least 1 for {self.architecture}, got {getattr(self, name)}"
-            for name in ("kv_lora_rank", "rope_head_dim", "v_head_dim")
-            if getattr(self, name) < 1
         ]
-        if self.rope_head_dim % 2 or self.rope_head_dim > self.head_dim:
-            found.append(
-                f"rope_head_dim {self.rope_head_dim} must be even and at most head_dim "
-                f"{self.head_dim} (the rotary part of each query/key head)"
-            )
-        if self.kv_heads not in (None, self.heads):
-            found.append(
-                f"kv_heads {self.kv_heads} must equal heads {self.heads}: latent attention has "
-                "no key/value heads of its own"
-            )
-        return found
 
     @classmethod
     def seed(cls) -> ModelShape:
@@ -222,3 +192,71 @@ class ModelShape:
             for f in dataclasses.fields(self)
             if getattr(self, f.name) != getattr(other, f.name)
         ]
+
+
+def extra_problems(
+    architecture: str,
+    heads: int,
+    head_dim: int,
+    kv_heads: int | None,
+    values: Mapping[str, int],
+    names: Mapping[str, str] | None = None,
+) -> list[tuple[str, str]]:
+    """(field, problem) for the optional sizes `values` (`EXTRA_FIELDS`): set only where the
+    architecture has them, and consistent. `names`: how messages name each ModelShape field
+    (heads, head_dim, kv_heads and the optional ones; the operator passes its own fields')."""
+    n = {f: f for f in ("heads", "head_dim", "kv_heads", *values)} | dict(names or {})
+    found = []
+    allowed = EXTRA_FIELDS.get(architecture, ())
+    for name, value in values.items():
+        if value < 0:
+            found.append((name, f"{n[name]} must be at least 0, got {value}"))
+        elif value and name not in allowed:
+            users = " and ".join(a for a, fields in EXTRA_FIELDS.items() if name in fields)
+            found.append((name, f"{n[name]} {value} applies to {users} only, not {architecture}"))
+    dense, width = values.get("dense_layers", 0), values.get("dense_ffn_hidden", 0)
+    if (dense > 0) != (width > 0):
+        field = "dense_ffn_hidden" if dense else "dense_layers"
+        found.append(
+            (
+                field,
+                f"{n['dense_layers']} {dense} and {n['dense_ffn_hidden']} {width} must both be 0 "
+                "or both at least 1",
+            )
+        )
+    if "kv_lora_rank" in allowed:
+        found += _mla_problems(architecture, heads, head_dim, kv_heads, values, n)
+    return found
+
+
+def _mla_problems(
+    architecture: str,
+    heads: int,
+    head_dim: int,
+    kv_heads: int | None,
+    values: Mapping[str, int],
+    n: Mapping[str, str],
+) -> list[tuple[str, str]]:
+    found = [
+        (name, f"{n[name]} must be at least 1 for {architecture}, got {values.get(name, 0)}")
+        for name in ("kv_lora_rank", "rope_head_dim", "v_head_dim")
+        if values.get(name, 0) < 1
+    ]
+    rope = values.get("rope_head_dim", 0)
+    if rope % 2 or rope > head_dim:
+        found.append(
+            (
+                "rope_head_dim",
+                f"{n['rope_head_dim']} {rope} must be even and at most {n['head_dim']} "
+                f"{head_dim} (the rotary part of each query/key head)",
+            )
+        )
+    if kv_heads not in (None, heads):
+        found.append(
+            (
+                "kv_heads",
+                f"{n['kv_heads']} {kv_heads} must equal {n['heads']} {heads}: latent attention "
+                "has no key/value heads of its own",
+            )
+        )
+    return found
