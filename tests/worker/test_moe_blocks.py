@@ -23,6 +23,8 @@ from moe_worker.models.checkpoint import CheckpointError, HFCheckpoint
 from moe_worker.models.config import RouterSpec
 from moe_worker.models.kv_cache import KVCache, StepBatch
 from moe_worker.models.weights import SyntheticWeights, build_model, local_experts
+from moe_worker.runtime.loading import ShapeMismatch, open_weights
+from moe_worker.settings import WorkerSettings
 
 SIGMOID = RouterSpec("sigmoid", n_group=4, topk_group=2, routed_scaling_factor=2.5)
 
@@ -256,3 +258,19 @@ def test_synthetic_weights_serve_every_new_family(architecture: str) -> None:
         logits = model(StepBatch.build([(0, [1, 2, 3], 0)]), cache, experts)
         step = model(StepBatch.build([(0, [int(logits.argmax())], 3)]), cache, experts)
     assert torch.isfinite(step).all() and experts.counts_LE.sum() == 4 * 2 * 2
+
+
+def test_a_declared_size_that_disagrees_with_config_json_names_both_values(
+    deepseek: HFCheckpoint,
+) -> None:
+    settings = WorkerSettings(checkpoint=str(deepseek.path)).replace(
+        model=deepseek.spec.shape.replace(kv_lora_rank=32, dense_layers=2),
+        declared_shape=frozenset({"kv_lora_rank", "dense_layers", "layers"}),
+    )
+    with pytest.raises(ShapeMismatch) as refused:
+        open_weights(settings)
+    message = str(refused.value)
+    assert "kv_lora_rank: the MoEDeployment says 32" in message and "says 16" in message
+    assert "dense_layers: the MoEDeployment says 2" in message and "says 1" in message
+    _, served = open_weights(settings.replace(model=deepseek.spec.shape))
+    assert served.model == deepseek.spec.shape
