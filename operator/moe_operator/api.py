@@ -330,7 +330,9 @@ class GatingSpec(ApiModel):
     """GatingBias: a per-layer bias on the gate probabilities for top-K selection only. It
     changes which experts some tokens visit, so it changes outputs: it acts only on tokens whose
     choice is close, the workers measure what it rerouted, and the operator keeps that under a
-    cap. Rebalancing uses it only where no slot can be added (see placement.maxSlotsPerRank)."""
+    cap. Rebalancing uses it only where no slot can be added (see placement.maxSlotsPerRank).
+    Models with their own router bias (Glm4MoE, DeepseekV3: e_score_correction_bias) get it
+    added to theirs, on their sigmoid scores."""
 
     max_margin: float = Field(
         0.05,

@@ -45,7 +45,7 @@ def test_the_latent_cache_is_counted_in_its_own_bytes() -> None:
     assert kv_cache_bytes(DEEPSEEK_V3, wl) == 4 * 1000 * 1152 * 61  # dense layers cache too
     mla = ("kv_lora_rank", "q_lora_rank", "rope_head_dim", "v_head_dim")
     as_gqa = DEEPSEEK_V3.replace(architecture="Glm4MoE", **dict.fromkeys(mla, 0))
-    assert as_gqa.kv_bytes_per_token_layer == 2 * 128 * 192 * 2  # 57 x the latent's
+    assert as_gqa.kv_bytes_per_token_layer == 2 * 128 * 192 * 2  # 85 x the latent's
 
 
 def test_mla_projection_and_score_flops_by_hand() -> None:
