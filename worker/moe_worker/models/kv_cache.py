@@ -166,6 +166,23 @@ class KVCache:
         self._lengths.pop(seq_id, None)
         self._slot_of.pop(seq_id, None)
 
+    def copy_prefix(self, source: SeqId, target: SeqId, tokens: int) -> None:
+        """`target` (reserved, nothing cached yet) gets the K/V of `source`'s first `tokens`
+        positions, every layer: a sibling sharing its prompt skips that prefill."""
+        if self.length(source) < tokens:
+            raise ValueError(
+                f"sequence {source!r} has {self.length(source)} tokens cached, not {tokens}"
+            )
+        if target not in self or self.length(target):
+            raise ValueError(f"sequence {target!r} is not admitted, or has tokens cached")
+        self.reserve(target, tokens)
+        device = self.k_LPHd.device
+        into = self._slots(target, 0, tokens).to(device)
+        out_of = self._slots(source, 0, tokens).to(device)
+        self.k_LPHd[:, into] = self.k_LPHd[:, out_of]
+        self.v_LPHd[:, into] = self.v_LPHd[:, out_of]
+        self._lengths[target] = tokens
+
     def length(self, seq_id: SeqId) -> int:
         """Tokens of `seq_id` whose K/V are cached."""
         return self._lengths.get(seq_id, 0)

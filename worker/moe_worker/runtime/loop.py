@@ -55,12 +55,13 @@ class ServingLoop:
             step += 1
 
     def _execute(self, d: StepDescriptor) -> None:
+        copy_errors = self.runner.copy_prefixes(d.copies)  # before release: a source may go
         self.runner.release(d.release)
         if d.switch is not None:
             answer = self.switch.step(d.switch)
             if answer is not None and self.leader is not None:
                 self.leader.answer_switch(answer)
-        errors = self.runner.admit(d.admit)
+        errors = copy_errors + self.runner.admit(d.admit)
         result = StepResult(errors=tuple(errors), switch=self.switch.state())
         if d.chunks:
             start = time.perf_counter()
