@@ -75,7 +75,10 @@ def load_chat_template(card: ModelCard) -> ChatTemplate | None:
     tokens = {name: _token_text(config.get(name)) for name in ("bos_token", "eos_token")}
     if card.chat_template_path is not None:
         path = Path(card.chat_template_path)
-        return ChatTemplate(path.read_text(), str(path), **tokens)
+        try:
+            return ChatTemplate(path.read_text(), str(path), **tokens)
+        except OSError as error:
+            raise ApiError(500, f"--chat-template {path} cannot be read: {error}") from None
     source = _named_template(config.get("chat_template"))
     if source is not None:
         return ChatTemplate(source, f"{TOKENIZER_CONFIG} chat_template", **tokens)
