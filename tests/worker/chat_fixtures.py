@@ -46,3 +46,33 @@ def save_chat_tokenizer(directory: Path, template: str | None = TEMPLATE) -> Pat
         fast.chat_template = template
     fast.save_pretrained(directory)
     return directory
+
+
+def save_chat_mixtral(directory: Path) -> Path:
+    """A tiny random Mixtral (transformers' classes, save_pretrained) with the chat tokenizer
+    beside it: a checkpoint as the hub ships one, EOS </s>, BOS <s>."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    save_chat_tokenizer(directory)
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(directory / "tokenizer.json")).get_vocab_size()
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        initializer_range=0.15,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=UNK,
+    )
+    MixtralForCausalLM(config).eval().save_pretrained(directory)
+    return directory

@@ -42,7 +42,7 @@ from moe_worker.api.errors import ApiError, openai_body
 from moe_worker.api.logprobs import TokenTexts, chat_logprobs
 from moe_worker.api.prompts import check_stop_token_ids, max_tokens_for, prompt_token_ids
 from moe_worker.api.request_id import request_id
-from moe_worker.api.schemas import dump
+from moe_worker.api.schemas import StreamOptions, Usage, dump
 from moe_worker.api.streaming import DONE, GenerationStream, sse, unless_disconnected, usage
 from moe_worker.serving.generation import ModelCard
 
@@ -100,8 +100,8 @@ async def create_chat_completion(
     log.info("request %s: %s, %d choices", request_id(request), chat_id, len(requests))
     generation.submit()
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return GenerationStream(generation, _events(generation, plan, include_usage))
+        options = body.stream_options or StreamOptions()
+        return GenerationStream(generation, _events(generation, plan, options))
     try:
         return await unless_disconnected(request, _complete(generation, plan))
     finally:
@@ -210,8 +210,8 @@ async def _complete(generation: Generation, plan: _Plan) -> Response:
     return JSONResponse(dump(answer))
 
 
-def _chunk(plan: _Plan, choice: ChunkChoice) -> str:
-    return sse(dump(ChatCompletionChunk(**plan.head, choices=[choice])))
+def _chunk(plan: _Plan, choice: ChunkChoice, totals: Usage | None = None) -> str:
+    return sse(dump(ChatCompletionChunk(**plan.head, choices=[choice], usage=totals)))
 
 
 def _content(plan: _Plan, delta: GenerationDelta) -> ChunkChoice:
@@ -224,7 +224,9 @@ def _content(plan: _Plan, delta: GenerationDelta) -> ChunkChoice:
     )
 
 
-async def _events(generation: Generation, plan: _Plan, include_usage: bool) -> AsyncIterator[str]:
+async def _events(
+    generation: Generation, plan: _Plan, options: StreamOptions
+) -> AsyncIterator[str]:
     """Each choice's role first, then its text as it comes; usage; `[DONE]`. A failure after
     the first byte is sent as an error event."""
     for choice in generation.choices.values():
@@ -238,9 +240,10 @@ async def _events(generation: Generation, plan: _Plan, include_usage: bool) -> A
                 if error is not None:
                     yield sse(openai_body(error))
                     break
-                yield _chunk(plan, _content(plan, delta))
+                running = usage(generation, plan.n) if options.every_chunk() else None
+                yield _chunk(plan, _content(plan, delta), running)
             else:
-                if include_usage:
+                if options.include_usage:
                     totals = usage(generation, plan.n)
                     yield sse(dump(ChatCompletionChunk(**plan.head, choices=[], usage=totals)))
     except ApiError as error:

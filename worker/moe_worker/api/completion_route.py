@@ -32,6 +32,7 @@ from moe_worker.api.schemas import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    StreamOptions,
     dump,
 )
 from moe_worker.api.serving_metrics import ServingMetrics
@@ -142,8 +143,8 @@ async def create_completion(routes: Routes, request: Request, body: CompletionRe
     )
     generation.submit()
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return GenerationStream(generation, _events(generation, plan, include_usage))
+        options = body.stream_options or StreamOptions()
+        return GenerationStream(generation, _events(generation, plan, options))
     try:
         return await unless_disconnected(request, _complete(generation, plan))
     finally:
@@ -272,7 +273,9 @@ def _echo(plan: _Plan, choice: ChoiceState) -> str:
     return plan.echo[choice.index // plan.n] if plan.echo else ""
 
 
-async def _events(generation: Generation, plan: _Plan, include_usage: bool) -> AsyncIterator[str]:
+async def _events(
+    generation: Generation, plan: _Plan, options: StreamOptions
+) -> AsyncIterator[str]:
     """Server-sent events: a chunk per event, then usage if asked, then `[DONE]`. A failure
     after the first byte can no longer change the status: it is sent as an error event."""
     logprobs = {c.index: _ChoiceLogprobs(plan, c) for c in generation.choices.values()}
@@ -290,9 +293,10 @@ async def _events(generation: Generation, plan: _Plan, include_usage: bool) -> A
                     logprobs=logprobs[delta.choice.index].take(delta),
                     finish_reason=delta.finish_reason,
                 )
-                yield sse(dump(Completion(**plan.head, choices=[choice])))
+                running = usage(generation, plan.n) if options.every_chunk() else None
+                yield sse(dump(Completion(**plan.head, choices=[choice], usage=running)))
             else:
-                if include_usage:
+                if options.include_usage:
                     totals = usage(generation, plan.n)
                     yield sse(dump(Completion(**plan.head, choices=[], usage=totals)))
     except ApiError as error:

@@ -33,6 +33,11 @@ class StreamOptions(BaseModel):
 
     include_usage: bool | None = False
     """Send one more chunk before `[DONE]`, with no choices and the request's `usage`."""
+    continuous_usage_stats: bool | None = False
+    """vLLM's: every chunk carries the usage so far (with include_usage)."""
+
+    def every_chunk(self) -> bool:
+        return bool(self.include_usage and self.continuous_usage_stats)
 
 
 class CompletionRequest(BaseModel):

@@ -12,6 +12,7 @@ every `leader.IDLE_TICK` seconds, so the group stays alive and a hung peer shows
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from moe_worker.ep import group
@@ -67,7 +68,9 @@ class ServingLoop:
             start = time.perf_counter()
             tokens_before = self.runner.tokens_run
             stepped = self.runner.step(d.chunks, two_batch=d.two_batch)
-            result = StepResult(stepped.tokens, result.errors + stepped.errors, result.switch)
+            result = dataclasses.replace(
+                stepped, errors=result.errors + stepped.errors, switch=result.switch
+            )
             self.metrics.step_latency.observe(time.perf_counter() - start)
             self.metrics.tokens.inc(self.runner.tokens_run - tokens_before)
         if d.gathers:
