@@ -330,7 +330,9 @@ def metric(url: str, name: str, **labels: str) -> float:
     raise AssertionError(f"no {name}{{{want}}} in\n{text}")
 
 
-def test_serving_metrics_after_known_traffic(url: str, backend: ScriptedBackend) -> None:
+def test_serving_metrics_after_known_traffic(
+    url: str, backend: ScriptedBackend, words: list[int]
+) -> None:
     backend.load_now = ServingLoad(running=3, waiting=2, kv_cache_usage=0.25)
     assert metric(url, "vllm:num_requests_running") == 3
     assert metric(url, "vllm:num_requests_waiting") == 2
@@ -349,3 +351,6 @@ def test_serving_metrics_after_known_traffic(url: str, backend: ScriptedBackend)
     assert metric(url, "vllm:e2e_request_latency_seconds_count") == 4
     assert metric(url, "vllm:request_queue_time_seconds_count") == 4
     assert metric(url, "vllm:inter_token_latency_seconds_count") == 3 + 1 + 1 + 1
+    backend.script = lambda request: words  # "the dog sat on the mat": a stop string ends it
+    sdk.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5, stop="dog")
+    assert metric(url, "vllm:request_success_total", finished_reason="stop") == 2

@@ -156,7 +156,7 @@ class Generation:
                 if finish is None:
                     self.backend.abort(choice.request_id)
                 finish = "length"
-        self._observe(choice, event, tokens, finish)
+        self._observe(choice, event, tokens)
         choice.token_ids.extend(tokens)
         choice.logprobs.extend(logprobs)
         if event.prompt_logprobs is not None:
@@ -169,11 +169,11 @@ class Generation:
             finish = "stop"
         choice.finish_reason = finish
         choice.error = event.error
+        if finish is not None:
+            self.observer.finished(finish, time.monotonic() - self.arrived)
         return Delta(choice, tuple(tokens), text, finish, tuple(logprobs), first)
 
-    def _observe(
-        self, choice: ChoiceState, event: TokenEvent, tokens: Sequence[int], finish: str | None
-    ) -> None:
+    def _observe(self, choice: ChoiceState, event: TokenEvent, tokens: Sequence[int]) -> None:
         now = time.monotonic()
         if event.token_ids and choice.last_token_at is None:  # the prompt was prefilled
             self.observer.first_token(now - self.arrived, event.queue_seconds, choice.prompt_tokens)
@@ -182,8 +182,6 @@ class Generation:
         elif tokens and choice.last_token_at is not None:
             self.observer.tokens(len(tokens), now - choice.last_token_at)
             choice.last_token_at = now
-        if finish is not None:
-            self.observer.finished(finish, now - self.arrived)
 
     def close(self) -> None:
         """Abort every choice still running (idempotent): the response is over, however."""
