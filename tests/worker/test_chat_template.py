@@ -93,3 +93,16 @@ def test_refusals_and_broken_templates_are_named(tmp_path: Path) -> None:
         bad.render([{"role": "user", "content": "x"}])
     with pytest.raises(ApiError, match="cannot be read"):
         load_chat_template(card(directory, tmp_path / "missing.jinja"))
+
+
+def test_a_missing_chat_template_file_stops_the_worker_at_start(tmp_path: Path) -> None:
+    from moe_worker.process import EXIT_CONFIG, serve
+    from moe_worker.settings import WorkerSettings
+
+    message = tmp_path / "termination-log"
+    message.write_text("")
+    settings = WorkerSettings(
+        chat_template=str(tmp_path / "absent.jinja"), termination_message_path=str(message)
+    )
+    assert serve(settings) == EXIT_CONFIG
+    assert "--chat-template" in message.read_text() and "absent.jinja" in message.read_text()
