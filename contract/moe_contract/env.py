@@ -60,6 +60,7 @@ MAX_QUEUED_REQUESTS = "MOE_MAX_QUEUED_REQUESTS"  # waiting requests; beyond them
 API_PORT = "MOE_API_PORT"  # /v1/completions, /v1/models on rank 0; 0 disables the API
 API_KEYS_PATH = "MOE_API_KEYS_PATH"  # file of accepted API keys, one per line; absent: open
 SERVED_MODEL_NAME = "MOE_SERVED_MODEL_NAME"  # the `model` clients name; default from the weights
+CHAT_TEMPLATE = "MOE_CHAT_TEMPLATE"  # a Jinja chat template file; absent: the checkpoint's
 STALL_TIMEOUT = "MOE_STALL_TIMEOUT"  # seconds without a step before the rank reports not live
 COLLECTIVE_TIMEOUT = "MOE_COLLECTIVE_TIMEOUT"  # seconds a collective waits for a peer, then fails
 STARTUP_TIMEOUT = "MOE_STARTUP_TIMEOUT"  # seconds a rank waits for its peers to join and load

@@ -327,6 +327,16 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
         ("--two-batch-overlap",),
         USER,
     ),
+    Setting(
+        "chat_template",
+        env.CHAT_TEMPLATE,
+        str,
+        None,
+        "a Jinja chat template file for /v1/chat/completions, replacing the checkpoint's "
+        "(tokenizer_config.json's chat_template, or chat_template.jinja)",
+        ("--chat-template",),
+        USER,
+    ),
     # Built-in traffic: a benchmark knob, and how the demo makes expert load uneven on purpose.
     Setting(
         "traffic.batch",

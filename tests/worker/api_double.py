@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from moe_contract.plan import Plan, round_robin_plan, validate_plan
 from moe_contract.shape import ModelShape
@@ -22,7 +23,9 @@ from moe_worker.serving.generation import (
     EventSink,
     GenerationRequest,
     ModelCard,
+    ServingLoad,
     TokenEvent,
+    TokenLogprob,
 )
 
 EOS = 1
@@ -30,6 +33,13 @@ WAIT = 30.0
 """Seconds the double waits on a test's gate before giving up (a failing test, never a hang)."""
 
 Script = Callable[[GenerationRequest], list[int]]
+
+
+def scripted_logprob(position: int, token: int, top: int) -> TokenLogprob:
+    """The double's log-probabilities: -0.5 x (position + 1) for the token, alternatives
+    token + 1, token + 2, ... just below it."""
+    logprob = -0.5 * (position + 1)
+    return TokenLogprob(logprob, tuple((token + k, logprob - k) for k in range(1, top + 1)))
 
 
 def counting_script(vocab: int) -> Script:
@@ -77,6 +87,8 @@ class ScriptedBackend:
         """Cleared: generations wait before their first token (abort tests)."""
         self.gate.set()
         self.submitted: list[GenerationRequest] = []
+        self.load_now = ServingLoad()
+        """What `load()` answers."""
         self.aborted: set[str] = set()
         self.abort_seen = threading.Event()
         shape = card.shape
@@ -117,6 +129,9 @@ class ScriptedBackend:
         self.submitted.append(request)
         threading.Thread(target=self._generate, args=(request, on_event), daemon=True).start()
 
+    def load(self) -> ServingLoad:
+        return self.load_now
+
     def abort(self, request_id: str) -> None:
         self.aborted.add(request_id)
         self.abort_seen.set()
@@ -147,6 +162,7 @@ class ScriptedBackend:
         if not request.sampling.ignore_eos:
             stops |= set(self._card.eos_token_ids)
         tokens = self.script(request)[: request.sampling.max_tokens]
+        emit = self._with_logprobs(request, on_event)
         for i, token in enumerate(tokens):
             if rid in self.aborted:
                 on_event(TokenEvent(rid, (), "abort"))
@@ -161,13 +177,38 @@ class ScriptedBackend:
                 on_event(TokenEvent(rid, (), *self.end_with))  # type: ignore[arg-type]
                 return
             if token in stops:
-                on_event(TokenEvent(rid, (token,), "stop"))
+                emit(i, token, "stop")
                 return
             if last:
-                on_event(TokenEvent(rid, (token,), "length"))
+                emit(i, token, "length")
                 return
-            on_event(TokenEvent(rid, (token,)))
+            emit(i, token, None)
         on_event(TokenEvent(rid, (), "length"))  # max_tokens 0: cannot happen, the port forbids
+
+    @staticmethod
+    def _with_logprobs(request: GenerationRequest, on_event: EventSink) -> Any:
+        """An emitter of one token's event, with the log-probabilities the request asked for
+        (`scripted_logprob`; the prompt's on the first event)."""
+        s, prompt = request.sampling, request.prompt_token_ids
+
+        def emit(i: int, token: int, finish: Any) -> None:
+            logprobs = () if s.logprobs is None else (scripted_logprob(i, token, s.logprobs),)
+            scored = None
+            if s.prompt_logprobs is not None and i == 0:
+                top = s.prompt_logprobs
+                scored = (None, *(scripted_logprob(-1, t, top) for t in prompt[1:]))
+            on_event(
+                TokenEvent(
+                    request.request_id,
+                    (token,),
+                    finish,
+                    logprobs=logprobs,
+                    prompt_logprobs=scored,
+                    queue_seconds=0.0 if i == 0 else None,
+                )
+            )
+
+        return emit
 
 
 def make_card(

@@ -65,6 +65,8 @@ def start_servers(backend: Backend, settings: WorkerSettings) -> list[ServerHand
 def serve(settings: WorkerSettings) -> int:
     """One rank: HTTP first (liveness while the group forms), then the serving loop."""
     try:
+        if settings.chat_template and not Path(settings.chat_template).is_file():
+            raise OSError(f"--chat-template {settings.chat_template}: no such file")
         source, settings = open_weights(settings)
         runtime = Runtime(settings, source)  # the scheduler refuses impossible budgets here
     except (ShapeMismatch, CheckpointError, UnsupportedConfig, ValueError, OSError) as error:

@@ -83,6 +83,7 @@ class WorkerSettings:
     api_port: int = _default("api_port")
     api_keys_path: str | None = _default("api_keys_path")
     served_model_name: str | None = _default("served_model_name")
+    chat_template: str | None = _default("chat_template")
     termination_message_path: str = _default("termination_message_path")
 
     @property

@@ -2,7 +2,9 @@
 
 It keeps this rank's sequences (prompt, sampling parameters, seed, sampled tokens) and their KV
 cache, turns its chunks of a `StepDescriptor` into one `StepBatch`, runs the collective forward
-through the EP engine, and samples the sequences whose chunk ends with a token.
+through the EP engine, and samples the sequences whose chunk ends with a token. The
+log-probabilities a request asks for are computed here, where the logits are
+(`moe_worker.ep.sampling.token_logprobs`), and travel back in the `StepResult`.
 
 A request that fails here (an unknown id, a position that disagrees with the cache, a full cache,
 a sampling error: bugs, all of them) fails alone: it is reported in the `StepResult` and freed,
@@ -22,11 +24,11 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_worker.ep.engine import EPEngine
-from moe_worker.ep.sampling import sample
+from moe_worker.ep.sampling import sample, token_logprobs
 from moe_worker.ep.two_batch import Item, last_rows, split_items
 from moe_worker.models.kv_cache import KVCache, StepBatch, StepMeta
-from moe_worker.serving.generation import SamplingParams
-from moe_worker.serving.step import Chunk, NewSequence, StepResult
+from moe_worker.serving.generation import SamplingParams, TokenLogprob
+from moe_worker.serving.step import Chunk, NewSequence, PrefixCopy, StepResult
 
 log = logging.getLogger("moe_worker.ep.runner")
 
@@ -51,6 +53,19 @@ class ModelRunner:
         for rid in request_ids:
             self.sequences.pop(rid, None)
             self.cache.free(rid)  # idempotent: a failed sequence was freed when it failed
+
+    def copy_prefixes(self, copies: Sequence[PrefixCopy]) -> list[tuple[str, str]]:
+        """Sibling sequences of this rank get their source's prompt K/V; (id, error) of
+        failures (the target fails alone)."""
+        errors = []
+        for copy in copies:
+            if copy.target not in self.sequences:
+                continue  # another rank's
+            try:
+                self.cache.copy_prefix(copy.source, copy.target, copy.tokens)
+            except Exception as error:
+                errors.append(self._fail(copy.target, error))
+        return errors
 
     def admit(self, admitted: Sequence[NewSequence]) -> list[tuple[str, str]]:
         """Take this rank's new sequences and reserve their KV budget; (id, error) of failures."""
@@ -91,16 +106,50 @@ class ModelRunner:
             items, sampled = [], []
             parts = tuple([] for _ in parts)
             batches, metas = self._prepare(parts)
-        logits_BV = self._forward(items, parts, batches, metas)  # the collective part
+        scoring = [item for item in items if self._scores_prompt(item)]
+        logits = self._forward(items, parts, batches, metas, bool(scoring))  # the collective part
         self.tokens_run += sum(b.num_tokens for b in batches)
+        last_BV, prompt_logprobs = logits, []
+        if scoring:  # every position's logits came back: the prompt's, then each item's last
+            ends = torch.tensor([len(tokens) for _, tokens, _ in items]).cumsum(0)
+            try:
+                prompt_logprobs = self._prompt_logprobs(logits, items, ends)
+            except Exception as error:
+                errors += [self._fail(rid, error) for rid, _, _ in scoring]
+            last_BV = logits[ends - 1]
         tokens: list[tuple[str, int]] = []
+        logprobs: list[tuple[str, TokenLogprob]] = []
+        sampled = [rid for rid in sampled if rid in self.sequences]
         if sampled:
             row_of = {rid: row for row, (rid, _, _) in enumerate(items)}
             try:
-                tokens = self._sample(logits_BV[[row_of[rid] for rid in sampled]], sampled)
+                tokens, logprobs = self._sample(last_BV[[row_of[rid] for rid in sampled]], sampled)
             except Exception as error:  # the tokens are lost, the group goes on
                 errors += [self._fail(rid, error) for rid in sampled]
-        return StepResult(tuple(tokens), tuple(errors))
+        return StepResult(tuple(tokens), tuple(errors), None, tuple(logprobs), prompt_logprobs)
+
+    def _scores_prompt(self, item: Item) -> bool:
+        """The item's rows predict prompt tokens of a request that asked for their logprobs."""
+        seq = self.sequences[item[0]]
+        return seq.sampling.prompt_logprobs is not None and item[2] + 1 < len(seq.prompt)
+
+    def _prompt_logprobs(
+        self, logits_NV: torch.Tensor, items: Sequence[Item], ends: torch.Tensor
+    ) -> tuple[tuple[str, int, tuple[TokenLogprob, ...]], ...]:
+        """Each scoring chunk's rows predict its next prompt tokens: positions start+1 up to
+        the chunk's end, or the prompt's last (its own last row then predicts a sampled one)."""
+        out = []
+        for (rid, tokens, start), end in zip(items, ends.tolist(), strict=True):
+            seq = self.sequences[rid]
+            if seq.sampling.prompt_logprobs is None or start >= len(seq.prompt):
+                continue
+            targets = seq.prompt[start + 1 : start + len(tokens) + 1]
+            if not targets:
+                continue
+            rows = logits_NV[end - len(tokens) : end - len(tokens) + len(targets)]
+            entries = token_logprobs(rows, list(targets), seq.sampling.prompt_logprobs)
+            out.append((rid, start + 1, tuple(entries)))
+        return tuple(out)
 
     def _prepare(self, parts: Sequence[Sequence[Item]]) -> tuple[list[StepBatch], list[StepMeta]]:
         """Each micro-batch's batch and cache layout, in order (a cut prompt's second part
@@ -115,12 +164,18 @@ class ModelRunner:
         parts: Sequence[Sequence[Item]],
         batches: list[StepBatch],
         metas: list[StepMeta],
+        all_positions: bool = False,
     ) -> torch.Tensor:
-        """Logits [B, V], one row per item (its last token)."""
+        """Logits [B, V], one row per item (its last token); with `all_positions` [N, V], a row
+        per token in the items' order (micro-batches keep it: A's tokens come first)."""
         if len(batches) == 1:
-            return self.engine.forward(batches[0], self.cache, metas[0])
-        logits = self.engine.forward_overlapped(batches, self.cache, metas)
-        return torch.cat(logits)[last_rows(items, parts)]
+            return self.engine.forward(
+                batches[0], self.cache, metas[0], all_positions=all_positions
+            )
+        logits = self.engine.forward_overlapped(
+            batches, self.cache, metas, all_positions=all_positions
+        )
+        return torch.cat(logits) if all_positions else torch.cat(logits)[last_rows(items, parts)]
 
     def _new_tokens(self, chunk: Chunk) -> list[int]:
         seq = self.sequences.get(chunk.request_id)
@@ -138,7 +193,9 @@ class ModelRunner:
             raise ValueError(f"{chunk.request_id!r}: a decode step feeds exactly its last token")
         return [seq.generated[-1]]
 
-    def _sample(self, logits_BV: torch.Tensor, request_ids: list[str]) -> list[tuple[str, int]]:
+    def _sample(
+        self, logits_BV: torch.Tensor, request_ids: list[str]
+    ) -> tuple[list[tuple[str, int]], list[tuple[str, TokenLogprob]]]:
         seqs = [self.sequences[rid] for rid in request_ids]
         next_B = sample(
             logits_BV,
@@ -148,7 +205,16 @@ class ModelRunner:
         ).tolist()
         for seq, token in zip(seqs, next_B, strict=True):
             seq.generated.append(int(token))
-        return [(rid, int(t)) for rid, t in zip(request_ids, next_B, strict=True)]
+        asking = [row for row, seq in enumerate(seqs) if seq.sampling.logprobs is not None]
+        logprobs = []
+        if asking:
+            top = max(seqs[row].sampling.logprobs or 0 for row in asking)
+            entries = token_logprobs(logits_BV[asking], [next_B[row] for row in asking], top)
+            for row, entry in zip(asking, entries, strict=True):
+                wanted = seqs[row].sampling.logprobs or 0
+                logprobs.append((request_ids[row], TokenLogprob(entry.logprob, entry.top[:wanted])))
+        tokens = [(rid, int(t)) for rid, t in zip(request_ids, next_B, strict=True)]
+        return tokens, logprobs
 
     def _fail(self, request_id: str, error: Exception) -> tuple[str, str]:
         log.error("rank %d failed request %s: %s", self.rank, request_id, error)

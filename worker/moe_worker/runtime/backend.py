@@ -13,7 +13,13 @@ from moe_contract.plan import validate_plan as check_plan
 from moe_contract.switch import NOT_READY, STALE, SwitchAnswer
 from moe_worker.metrics import WorkerMetrics, exposition
 from moe_worker.runtime.state import RankState
-from moe_worker.serving.generation import EventSink, GenerationRequest, ModelCard, NotReady
+from moe_worker.serving.generation import (
+    EventSink,
+    GenerationRequest,
+    ModelCard,
+    NotReady,
+    ServingLoad,
+)
 from moe_worker.serving.leader import Leader
 from moe_worker.settings import WorkerSettings
 
@@ -79,6 +85,9 @@ class RankBackend:
     def abort(self, request_id: str) -> None:
         if self.leader is not None:
             self.leader.abort(request_id)
+
+    def load(self) -> ServingLoad:
+        return ServingLoad() if self.leader is None else self.leader.scheduler.load()
 
     def switch_plan(self, plan: Plan, timeout: float) -> SwitchAnswer:
         """Leader: block until every rank serves `plan`; the stale answer if it is not newer."""

@@ -47,4 +47,5 @@ def model_card(source: WeightSource, settings: WorkerSettings) -> ModelCard:
         max_context=source.spec.max_context,
         eos_token_ids=source.spec.eos_token_ids,
         tokenizer_path=None if tokenizer is None else str(tokenizer),
+        chat_template_path=settings.chat_template,
     )

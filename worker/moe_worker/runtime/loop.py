@@ -12,6 +12,7 @@ every `leader.IDLE_TICK` seconds, so the group stays alive and a hung peer shows
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from moe_worker.ep import group
@@ -55,18 +56,21 @@ class ServingLoop:
             step += 1
 
     def _execute(self, d: StepDescriptor) -> None:
+        copy_errors = self.runner.copy_prefixes(d.copies)  # before release: a source may go
         self.runner.release(d.release)
         if d.switch is not None:
             answer = self.switch.step(d.switch)
             if answer is not None and self.leader is not None:
                 self.leader.answer_switch(answer)
-        errors = self.runner.admit(d.admit)
+        errors = copy_errors + self.runner.admit(d.admit)
         result = StepResult(errors=tuple(errors), switch=self.switch.state())
         if d.chunks:
             start = time.perf_counter()
             tokens_before = self.runner.tokens_run
             stepped = self.runner.step(d.chunks, two_batch=d.two_batch)
-            result = StepResult(stepped.tokens, result.errors + stepped.errors, result.switch)
+            result = dataclasses.replace(
+                stepped, errors=result.errors + stepped.errors, switch=result.switch
+            )
             self.metrics.step_latency.observe(time.perf_counter() - start)
             self.metrics.tokens.inc(self.runner.tokens_run - tokens_before)
         if d.gathers:

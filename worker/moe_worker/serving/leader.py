@@ -124,6 +124,7 @@ class Leader:
             chunks=scheduled.chunks,
             switch=switch,
             two_batch=self.two_batch and _most_tokens_of_a_rank(scheduled.chunks) >= 2,
+            copies=scheduled.copies,
         )
 
     def answer_switch(self, answer: SwitchAnswer) -> None:
