@@ -111,10 +111,9 @@ def _parsed(environ: Mapping[str, str], *, traffic: bool) -> dict[str, Any]:
         if raw is None:
             continue
         try:
-            values[field_name(setting)] = setting.parse(raw)
-        except ValueError:
-            kind = setting.parse.__name__
-            raise ValueError(f"{setting.variable}={raw!r} is not a {kind}") from None
+            values[field_name(setting)] = setting.read(raw)
+        except ValueError as error:
+            raise ValueError(f"{setting.variable}: {error}") from None
     return values
 
 
