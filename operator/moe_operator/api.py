@@ -781,6 +781,16 @@ class RebalanceRecord(ApiModel):
         0.0, description="Predicted time to move the expert weights."
     )
     note: str = Field("", description="What the planner says about this plan.")
+    cross_pod_before: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Predicted fraction of top-K assignments crossing pods before (plans with "
+        "ranksPerPod only).",
+    )
+    cross_pod_after: float | None = Field(
+        None, ge=0.0, le=1.0, description="The same for the new plan."
+    )
 
 
 class ReroutedStatus(ApiModel):

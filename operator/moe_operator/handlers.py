@@ -277,7 +277,7 @@ def _balance(
     store = ConfigMapStore(call.cluster, call.owner, children.plan_shape(spec), state.configmap)
     outcome = control_step(
         spec, standing.desired, standing.ledger, standing.detection, call.memo.window,
-        _workers(call, spec, state.pods), store, time.time(),
+        _workers(call, spec, state.pods), store, time.time(), standing.last_rebalance,
     )  # fmt: skip
     call.announce(outcome.events)
     return Standing(
