@@ -338,6 +338,17 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
         ("--api-keys-file",),
         OPERATOR,
     ),
+    # Rows added since, after the others: a pod's variables keep their order.
+    Setting(
+        "pod_ip",
+        env.POD_IP,
+        str,
+        None,
+        "this pod's IP (the downward API's status.podIP): rank 0's rendezvous store listens "
+        "there only, where the other pods reach it (with hostNetwork, not on the node's other "
+        "addresses); none: on the bind address",
+        pod=OPERATOR,
+    ),
     # Set by a MoEDeployment's worker.extraArgs, if at all.
     Setting(
         "seed",
@@ -455,8 +466,10 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
         "bind_address",
         env.BIND_ADDRESS,
         str,
-        "0.0.0.0",
-        "address the HTTP servers and rank 0's rendezvous store listen on",
+        "127.0.0.1",
+        "address the HTTP servers (and rank 0's rendezvous store, without a pod IP) listen on: "
+        "this machine only unless told otherwise; in a pod (MOE_POD_NAME set) unset means "
+        "0.0.0.0, where probes, Services and kubectl port-forward reach the pod",
         ("--bind",),
         NODE,
     ),

@@ -173,6 +173,8 @@ def test_pods_list_their_environment_as_they_always_have() -> None:
         *("MOE_MAX_BATCH_TOKENS", "MOE_MAX_QUEUED_REQUESTS", "MOE_STALL_TIMEOUT"),
         *("MOE_COLLECTIVE_TIMEOUT", "MOE_TERMINATION_MESSAGE_PATH", "MOE_CHECKPOINT"),
         "MOE_API_KEYS_PATH",
+        # Added since (issue 19): a pod's template changed once for them.
+        "MOE_POD_IP",
     ]
 
 

@@ -22,6 +22,7 @@ from moe_worker.launcher import LocalRanks, rank_settings
 from moe_worker.models.checkpoint import write_checkpoint
 from moe_worker.models.weights import SyntheticWeights
 from moe_worker.settings import WorkerSettings
+from tests.worker.worker_harness import free_port, listening
 
 pytestmark = pytest.mark.distributed
 
@@ -43,6 +44,9 @@ def two_free_ports() -> int:
                     continue
                 return base
     raise RuntimeError("no two consecutive free ports")
+
+
+PORT_FLAGS = ("--http-port", "--api-port", "--master-port")
 
 
 def get(port: int, path: str) -> tuple[int, dict]:
@@ -71,11 +75,11 @@ def launcher_env() -> dict[str, str]:
 def group(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], list[int]]]:
     checkpoint = write_checkpoint(tmp_path / "ckpt", SyntheticWeights.for_shape(SHAPE, seed=1))
     base = two_free_ports()
-    command = [
+    command = [  # no --bind: the local default
         *(sys.executable, "-m", "moe_worker.main", "serve"),
         *("--checkpoint", str(checkpoint), "--world", "2"),
-        *("--http-port", str(base), "--bind", "127.0.0.1", "--api-port", "0"),
-        *("--kv-cache-tokens", "256"),
+        *("--http-port", str(base), "--api-port", str(free_port("127.0.0.1"))),
+        *("--master-port", str(free_port("127.0.0.1")), "--kv-cache-tokens", "256"),
     ]
     log = (tmp_path / "launcher.log").open("wb")
     launcher = subprocess.Popen(command, env=launcher_env(), stdout=log, stderr=log)
@@ -132,6 +136,11 @@ def test_a_second_serve_on_its_ports_says_so_and_ranks_die_with_their_launcher(
     lines = second.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "is in use" in lines[0] and "another moe-worker serve" in lines[0]
     assert all(alive(pid) for pid in pids)  # the first group serves on
+    # Issue 19, item 6: the control ports, the API and the store on this machine only (they
+    # were on 0.0.0.0, every address).
+    ports = [int(launcher.args[launcher.args.index(flag) + 1]) for flag in PORT_FLAGS]
+    ports.append(ports[0] + 1)  # rank 1's control port
+    assert {port: listening(port) for port in ports} == {port: {"127.0.0.1"} for port in ports}
     launcher.kill()  # kill -9: no handler runs, nothing is forwarded
     launcher.wait(30)
     deadline = time.monotonic() + 30

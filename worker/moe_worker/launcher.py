@@ -148,7 +148,7 @@ def listening_ports(
         if child.rank == 0 and child.api_port:
             ports.append((child.bind_address, child.api_port, "the OpenAI API port"))
         if child.rank == 0 and child.world_size > 1:
-            ports.append((child.bind_address, child.master_port, "the group's rendezvous port"))
+            ports.append((child.store_address, child.master_port, "the group's rendezvous port"))
     return ports
 
 

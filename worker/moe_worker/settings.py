@@ -21,6 +21,10 @@ from moe_contract import settings as settings_table
 from moe_contract.settings import Setting
 from moe_contract.shape import ModelShape
 
+POD_BIND_ADDRESS = "0.0.0.0"
+"""The bind address of a pod that names none (its own network namespace: the pod's IP and its
+loopback, which kubectl port-forward uses); outside a pod the table's default, 127.0.0.1."""
+
 
 def _default(name: str) -> Any:
     return settings_table.default(name)
@@ -78,6 +82,7 @@ class WorkerSettings:
     # HTTP.
     http_port: int = _default("http_port")
     bind_address: str = _default("bind_address")
+    pod_ip: str | None = _default("pod_ip")
     control_address: str | None = _default("control_address")
     token_path: str | None = _default("token_path")
     api_port: int = _default("api_port")
@@ -88,6 +93,12 @@ class WorkerSettings:
     @property
     def is_leader(self) -> bool:
         return self.rank == 0
+
+    @property
+    def store_address(self) -> str:
+        """Where rank 0's rendezvous store listens: the pod's IP (the other pods reach it there,
+        and nothing else of the node does), else the bind address."""
+        return self.pod_ip or self.bind_address
 
     def replace(self, **changes: object) -> WorkerSettings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -149,12 +160,15 @@ def runs_pod_ranks(environ: Mapping[str, str]) -> bool:
 def settings_from_env(environ: Mapping[str, str] | None = None) -> WorkerSettings:
     """Settings from the operator's pod environment; unset names keep the defaults."""
     environ = os.environ if environ is None else environ
+    values = _parsed(environ, traffic=False)
+    if _get(environ, env.POD_NAME) is not None:  # probes, Services, port-forward reach a pod
+        values.setdefault("bind_address", POD_BIND_ADDRESS)
     return WorkerSettings(
         rank=rank_from_env(environ) or 0,
         model=env.shape_from_env(environ),
         declared_shape=env.declared_shape_fields(environ),
         traffic=TrafficSettings(**_parsed(environ, traffic=True)),
-        **_parsed(environ, traffic=False),
+        **values,
     )
 
 

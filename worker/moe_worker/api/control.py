@@ -7,7 +7,8 @@ GET  /healthz     200 {"status": "ok", "rank", "pid"} while `backend.is_live()`;
                   "stalled") once the serving loop stopped making progress
 GET  /readyz      200 / 503 {"ready", "rank", "planVersion"}
 GET  /metrics     Prometheus text (`backend.metrics_text()`)
-GET  /v1/plan     200 the plan document and its "digest"; 503 before the first plan
+GET  /v1/plan     `Authorization: Bearer <control token>`: 200 the plan document and its
+                  "digest"; 401 token; 503 before the first plan
 POST /v1/plan     leader only, `Authorization: Bearer <control token>`:
                   200 {"applied": true, "version", "digest", "pauseSeconds"} once every rank
                       switched; 400 not a plan document; 422 does not fit the group; 409
@@ -69,7 +70,10 @@ def create_control_app(
         return Response(backend.metrics_text(), media_type=PROMETHEUS_TEXT)
 
     @app.get("/v1/plan")
-    def get_plan() -> Response:
+    def get_plan(request: Request) -> Response:
+        # The plan says where every expert lives and the gate bias: the operator's business
+        # (it has the token), not every client's on the pod network.
+        auth.require(request, token_path, what="control token", optional=False)
         plan = backend.current_plan()
         if plan is None:
             raise ApiError(503, "no plan loaded yet")
