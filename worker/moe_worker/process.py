@@ -18,6 +18,7 @@ from pathlib import Path
 from moe_worker.api import ServerHandle, create_control_app, create_openai_app, start
 from moe_worker.models import UnsupportedConfig
 from moe_worker.models.checkpoint import CheckpointError
+from moe_worker.models.verify import INVALID
 from moe_worker.runtime.loading import ShapeMismatch, open_weights
 from moe_worker.runtime.rank import Runtime
 from moe_worker.serving.generation import Backend
@@ -78,6 +79,9 @@ def serve(settings: WorkerSettings) -> int:
     install_signal_handlers(runtime)
     try:
         runtime.run()
+    except CheckpointError as error:  # a tensor the config promises is not there, or misshapen
+        message = f"rank {settings.rank}: {INVALID}: {error}"
+        return report_fatal(message, settings.termination_message_path)
     except Exception:
         # Asked to stop: its peers are stopping too, and a broken collective is expected then.
         if runtime.state.stopping.is_set():
