@@ -372,6 +372,17 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
         bounds=POSITIVE_SECONDS,
     ),
     Setting(
+        "drain_timeout",
+        env.DRAIN_TIMEOUT,
+        float,
+        20.0,
+        "seconds a rank drains after SIGTERM before it stops: not ready, new requests 503, "
+        "running sequences finish (the pod's terminationGracePeriodSeconds follows it)",
+        ("--drain-timeout",),
+        USER,
+        bounds=Bounds(0, 3600, above=True),
+    ),
+    Setting(
         "background_switch",
         env.BACKGROUND_SWITCH,
         boolean,

@@ -75,9 +75,10 @@ def served(url: str) -> dict[str, Any]:
 
 def test_probes_and_metrics(url: str, backend: ScriptedBackend) -> None:
     assert raw(url, "/healthz") == (200, {"status": "ok", "rank": 0, "pid": os.getpid()})
-    assert raw(url, "/readyz") == (200, {"ready": True, "rank": 0, "planVersion": 1})
+    serving = {"draining": False, "inFlight": 0, "drainTimeoutSeconds": 20.0}
+    assert raw(url, "/readyz") == (200, {"ready": True, "rank": 0, "planVersion": 1, **serving})
     backend.ready, backend.live = False, False  # a hung serving loop fails liveness
-    assert raw(url, "/readyz") == (503, {"ready": False, "rank": 0, "planVersion": 1})
+    assert raw(url, "/readyz") == (503, {"ready": False, "rank": 0, "planVersion": 1, **serving})
     assert raw(url, "/healthz")[0] == 503
     with urllib.request.urlopen(f"{url}/metrics", timeout=WAIT) as response:
         assert response.headers["Content-Type"].startswith("text/plain")
@@ -235,6 +236,25 @@ def test_the_operator_handoff_speaks_this_contract(url: str) -> None:
     with pytest.raises(handoff.HandoffError, match="401"):
         handoff.post_plan(url, plan.with_version(3), "wrong")
     assert handoff.serving_version(url, TOKEN) == 2
+
+
+@pytest.mark.parametrize("token", [None, "wrong"])
+def test_a_drain_needs_the_control_token_and_a_post(
+    url: str, backend: ScriptedBackend, token: str | None
+) -> None:
+    assert raw(url, "/v1/drain", b"", api_key=token)[0] == 401
+    assert raw(url, "/v1/drain", api_key=TOKEN, method="GET")[0] == 405  # never a GET
+    assert not backend.draining and raw(url, "/readyz")[0] == 200
+
+
+def test_a_drain_turns_readiness_off_and_says_so(url: str, backend: ScriptedBackend) -> None:
+    answer = raw(url, "/v1/drain", b"", api_key=TOKEN)
+    assert answer == (202, {"draining": True, "inFlight": 0, "drainTimeoutSeconds": 20.0})
+    assert backend.draining
+    status, body = raw(url, "/readyz")
+    assert (status, body["ready"], body["draining"]) == (503, False, True)
+    assert raw(url, "/healthz")[0] == 200  # liveness holds: the kubelet must not kill a drain
+    assert raw(url, "/v1/drain", b"", api_key=TOKEN)[0] == 202  # idempotent
 
 
 def test_unknown_routes_and_methods(url: str) -> None:

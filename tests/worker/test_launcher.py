@@ -10,11 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 
 from moe_contract.shape import ModelShape
@@ -47,6 +49,7 @@ def two_free_ports() -> int:
 
 
 PORT_FLAGS = ("--http-port", "--api-port", "--master-port")
+STREAMS, MAX_TOKENS = 2, 200
 
 
 def get(port: int, path: str) -> tuple[int, dict]:
@@ -116,12 +119,49 @@ def test_a_rank_that_dies_stops_the_group_with_a_failure(
         time.sleep(0.2)
 
 
-def test_a_signal_stops_every_rank_cleanly(
+def test_a_sigterm_drains_running_requests_then_stops_every_rank_cleanly(
     group: tuple[subprocess.Popen[bytes], list[int]],
 ) -> None:
+    """Issue 19, item 4: a SIGTERM (the kubelet's, forwarded by the launcher) used to abort every
+    running request ("the server is stopping"). Now the leader drains: /readyz 503, a new
+    request 503 before its first byte, the running streams finish whole; then every rank exits
+    0 (the local default drain, 20 s, is far more than they need)."""
     launcher, pids = group
+    api = int(launcher.args[launcher.args.index("--api-port") + 1])
+    control = int(launcher.args[launcher.args.index("--http-port") + 1])
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{api}/v1", api_key="-", max_retries=0)
+    model = client.models.list().data[0].id
+    started, results = threading.Barrier(STREAMS + 1, timeout=60), []
+
+    def stream() -> None:
+        events = client.completions.create(
+            model=model, prompt=[2], max_tokens=MAX_TOKENS, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        tokens, reason = 0, None
+        for index, event in enumerate(events):
+            if index == 0:
+                started.wait()
+            if event.choices:
+                reason = event.choices[0].finish_reason or reason
+            if event.usage is not None:
+                tokens = event.usage.completion_tokens
+        results.append((tokens, reason))
+
+    threads = [threading.Thread(target=stream) for _ in range(STREAMS)]
+    for thread in threads:
+        thread.start()
+    started.wait()  # every stream has its first token
     launcher.send_signal(signal.SIGTERM)
-    assert launcher.wait(90) == 0
+    time.sleep(0.3)  # the launcher passes it on
+    assert get(control, "/readyz")[0] == 503
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.completions.create(model=model, prompt=[2], max_tokens=2)
+    assert refused.value.status_code == 503 and "draining" in str(refused.value)
+    for thread in threads:
+        thread.join(120)
+    assert results == [(MAX_TOKENS, "length")] * STREAMS  # every running stream finished whole
+    assert launcher.wait(60) == 0
     assert not any(alive(pid) for pid in pids)
 
 

@@ -43,11 +43,28 @@ def report_fatal(message: str, termination_message_path: str | None) -> int:
 
 
 def install_signal_handlers(runtime: Runtime) -> None:
+    """SIGTERM (the kubelet, the local launcher) drains, then stops (`Runtime.drain`); a second
+    SIGTERM, or SIGINT (Ctrl-C), stops at once (running requests end "the server is stopping")."""
+    terminated = False
+
+    def drain(signum: int, _frame: object) -> None:
+        nonlocal terminated
+        if terminated:
+            return stop(signum, _frame)
+        terminated = True
+        timeout = runtime.settings.drain_timeout
+        log.info(
+            "rank %d got SIGTERM: draining (at most %g s), then stopping",
+            runtime.settings.rank,
+            timeout,
+        )
+        runtime.drain(then_stop=True)
+
     def stop(signum: int, _frame: object) -> None:
         log.info("rank %d got signal %d, stopping", runtime.settings.rank, signum)
         runtime.stop()
 
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, stop)
 
 

@@ -73,6 +73,7 @@ class WorkerSettings:
     slots_per_rank: int = _default("slots_per_rank")
     max_slots_per_rank: int | None = _default("max_slots_per_rank")
     switch_timeout: float = _default("switch_timeout")
+    drain_timeout: float = _default("drain_timeout")
     background_switch: bool = _default("background_switch")
     # Serving.
     kv_cache_tokens: int = _default("kv_cache_tokens")

@@ -361,7 +361,7 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
     pod_spec: dict[str, Any] = {
         "containers": [container],
         "volumes": volumes,
-        "terminationGracePeriodSeconds": 30,
+        "terminationGracePeriodSeconds": podspec.termination_grace_seconds(worker.extra_args),
         **podspec.pod_fields(spec, selector_labels(name)),
     }
     if worker.node_selector:

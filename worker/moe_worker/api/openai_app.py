@@ -2,7 +2,8 @@
 
 Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and status:
 400 invalid (param named), 401 API key, 404 unknown model or route, 408 body stalled, 413 body
-too large, 429 queue full, 503 not ready, 504 no token for `stall_timeout`, 500 (no traceback).
+too large, 429 queue full, 503 not ready or draining (before the body is read), 504 no token
+for `stall_timeout`, 500 (no traceback).
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ from moe_worker.api.schemas import (
     dump,
 )
 from moe_worker.api.text import TextStream
-from moe_worker.serving.generation import Backend, GenerationRequest, ModelCard, SamplingParams
+from moe_worker.serving.generation import (
+    DRAINING,
+    Backend,
+    GenerationRequest,
+    ModelCard,
+    SamplingParams,
+)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -67,6 +74,7 @@ def create_openai_app(
 
     @app.get("/health")
     def health() -> Response:
+        _refuse_while_draining(backend)
         if not backend.is_ready():
             raise ApiError(503, "the worker group is not ready")
         return JSONResponse({"status": "ok"})
@@ -81,6 +89,7 @@ def create_openai_app(
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         auth.require(request, api_keys_path, what="API key", optional=True)
+        _refuse_while_draining(backend)  # before the body is read: a router retries elsewhere
         card = backend.card
         bounds = ModelBounds(max_prompts, card.max_context, card.shape.vocab_size)
         body = await read_model(request, CompletionRequest, context=bounds)
@@ -108,6 +117,11 @@ def create_openai_app(
             generation.close()
 
     return app
+
+
+def _refuse_while_draining(backend: Backend) -> None:
+    if backend.drain_state().draining:
+        raise ApiError(503, DRAINING)
 
 
 def _check_request(body: CompletionRequest, card: ModelCard) -> None:
