@@ -372,7 +372,10 @@ async def test_a_damaged_checkpoint_is_refused_once_and_held_until_the_spec_chan
     def held() -> bool:
         return api.get(STS, NS, "m1")["spec"]["replicas"] == 0
 
-    await eventually(held, what="the StatefulSet scaled to 0")
+    def said() -> bool:  # the run that scales to 0 writes status just after
+        return api.condition("m1", "Ready").get("reason") == "CheckpointInvalid"
+
+    await eventually(lambda: held() and said(), what="scaled to 0, Ready CheckpointInvalid")
     ready = api.condition("m1", "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "CheckpointInvalid"), ready
     assert shard in ready["message"] and "truncated" in ready["message"]
