@@ -853,6 +853,16 @@ class RebalanceRecord(ApiModel):
         0.0, description="Predicted time to move the expert weights."
     )
     note: str = Field("", description="What the planner says about this plan.")
+    cross_pod_before: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Predicted fraction of top-K assignments crossing pods before (plans with "
+        "ranksPerPod only).",
+    )
+    cross_pod_after: float | None = Field(
+        None, ge=0.0, le=1.0, description="The same for the new plan."
+    )
 
 
 class ReroutedStatus(ApiModel):
@@ -910,6 +920,21 @@ class RecoveryStatus(ApiModel):
     )
 
 
+class RefusalStatus(ApiModel):
+    """Workers refused to start (exit 2): held for the spec generation it was seen at."""
+
+    model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
+
+    generation: int = Field(
+        0, description="The spec generation refused; a new generation starts the workers again."
+    )
+    reason: str = Field(
+        "", description="CheckpointMismatch, CheckpointInvalid or WorkerStartupFailed."
+    )
+    message: str = Field("", description="The lowest rank's termination message.")
+    pods: list[str] = Field(default_factory=list, description="The pods that refused.")
+
+
 class MoEDeploymentStatus(ApiModel):
     """Observed state, written by the operator."""
 
@@ -937,5 +962,10 @@ class MoEDeploymentStatus(ApiModel):
     detection: DetectionStatus | None = Field(None, description="Imbalance detection state.")
     recovery: RecoveryStatus | None = Field(
         None, description="Whole-group replacements after rank failures (their backoff)."
+    )
+    refusal: RefusalStatus | None = Field(
+        None,
+        description="Workers refused to start: the group stays at 0 pods (no crash loop) "
+        "until the spec changes.",
     )
     conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.")

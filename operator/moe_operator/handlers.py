@@ -32,6 +32,7 @@ import kopf
 from moe_contract import env as worker_env
 from moe_contract.plan import Plan
 from moe_operator import api, metrics
+from moe_operator.failures import StartupFailure
 from moe_operator.group import GroupState
 from moe_operator.images import WorkerImages, with_worker_image
 from moe_operator.kube import Cluster, Conflict, load_client_config, secret_value
@@ -45,6 +46,7 @@ from moe_operator.reconcile import (
     Owner,
     delete_pods,
     ensure_children,
+    hold_group,
     owned_pods,
     ready_replicas,
     record_notes,
@@ -200,14 +202,17 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
         return
     parsed = with_worker_image(parsed, call.memo.worker_images)
     known = Ledger.from_status(base)  # a lost plan record never goes back past it
-    state = _ensure(call, parsed, known)
+    held = StartupFailure.held(base.get("refusal"), call.generation) is not None
+    state = _ensure(call, parsed, known, hold=held)
     if state.conflicts:
         _write_conflicts(call, base, parsed, state)
         return
     assert state.statefulset is not None and state.plan is not None
     ready = ready_replicas(state.statefulset)
-    view = GroupView(state.statefulset, state.pods, parsed.pods, ready, base)
+    view = GroupView(state.statefulset, state.pods, parsed.pods, ready, base, call.generation)
     action = decide(view, time.time())
+    if action.hold and not held:  # refused just now: no restart by the kubelet, nor by us
+        hold_group(call.cluster, call.namespace, state.statefulset)
     deleted = delete_pods(call.cluster, call.namespace, action.delete)
     group, events = action.after_deleting(deleted)
     call.announce(list(events))
@@ -217,8 +222,9 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
     _write_status(call, base, parsed, view, group, action, standing)
 
 
-def _ensure(call: Call, spec: api.MoEDeploymentSpec, known: Ledger) -> ChildrenState:
-    """Create or repair the children, the plan record included; announce what changed."""
+def _ensure(call: Call, spec: api.MoEDeploymentSpec, known: Ledger, *, hold: bool) -> ChildrenState:
+    """Create or repair the children, the plan record included; announce what changed.
+    `hold`: a start-up refusal is held for this spec, the StatefulSet stays at 0 pods."""
     cluster = call.cluster
     state = ensure_children(
         cluster,
@@ -227,6 +233,7 @@ def _ensure(call: Call, spec: api.MoEDeploymentSpec, known: Ledger) -> ChildrenS
         known,
         leader=lambda pods: _workers(call, spec, pods).served_plan(),
         pods=lambda statefulset: owned_pods(cluster, call.namespace, call.name, statefulset),
+        hold=hold,
     )
     if not state.conflicts:
         call.announce([("Normal", "Reconciled", change) for change in state.changes])
@@ -277,7 +284,7 @@ def _balance(
     store = ConfigMapStore(call.cluster, call.owner, children.plan_shape(spec), state.configmap)
     outcome = control_step(
         spec, standing.desired, standing.ledger, standing.detection, call.memo.window,
-        _workers(call, spec, state.pods), store, time.time(),
+        _workers(call, spec, state.pods), store, time.time(), standing.last_rebalance,
     )  # fmt: skip
     call.announce(outcome.events)
     return Standing(
@@ -361,6 +368,7 @@ def _write_status(
         detection=standing.detection,
         last_rebalance=standing.last_rebalance,
         recovery=action.backoff,
+        refusal=action.failure.record(call.generation) if action.failure and action.hold else None,
     )
     _write(call, compute_status(observed, base.get("conditions") or [], _now()))
     namespace, name = call.namespace, call.name

@@ -70,24 +70,25 @@ def _request(
     return status, document if isinstance(document, dict) else {}
 
 
-def serving(leader: str, *, timeout: float = 5.0) -> Served:
-    """The plan the leader serves (it switches only once every rank has): version and digest."""
-    status, document = _request(f"{leader}/v1/plan", timeout=timeout)
+def serving(leader: str, token: str, *, timeout: float = 5.0) -> Served:
+    """The plan the leader serves (it switches only once every rank has): version and digest.
+    GET /v1/plan needs the control token too (the plan is the operator's business)."""
+    status, document = _request(f"{leader}/v1/plan", token=token, timeout=timeout)
     version, digest = document.get("version"), document.get("digest")
     if status != 200 or not isinstance(version, int) or not isinstance(digest, str):
         raise HandoffError(f"GET {leader}/v1/plan answered {status} without a version and digest")
     return Served(version, digest)
 
 
-def serving_version(leader: str, *, timeout: float = 5.0) -> int:
+def serving_version(leader: str, token: str, *, timeout: float = 5.0) -> int:
     """The version alone. The operator judges by `serving()` (version and digest); this stays for
     the worker's contract test (tests/worker/test_api_control.py) until it moves to `serving()`."""
-    return serving(leader, timeout=timeout).version
+    return serving(leader, token, timeout=timeout).version
 
 
-def served_plan(leader: str, *, timeout: float = 5.0) -> Plan:
+def served_plan(leader: str, token: str, *, timeout: float = 5.0) -> Plan:
     """The whole plan the leader serves, its digest checked against its contents."""
-    status, document = _request(f"{leader}/v1/plan", timeout=timeout)
+    status, document = _request(f"{leader}/v1/plan", token=token, timeout=timeout)
     if status != 200:
         raise HandoffError(f"GET {leader}/v1/plan answered {status}")
     try:

@@ -120,6 +120,8 @@ def ensure_children(
     ledger: Ledger,
     leader: Callable[[list[dict[str, Any]]], Plan | None],
     pods: Callable[[dict[str, Any] | None], list[dict[str, Any]]],
+    *,
+    hold: bool = False,
 ) -> ChildrenState:
     """Create or repair every child; never touch an object we do not control.
 
@@ -127,6 +129,7 @@ def ensure_children(
         ledger: plan versions status remembers (a lost record never goes back past them).
         leader: the plan rank 0 of these pods serves (asked only to repair the record).
         pods: the StatefulSet's own pods, given the StatefulSet as read.
+        hold: the workers refused this spec: the StatefulSet keeps 0 pods.
     """
     name, namespace = owner.name, owner.namespace
     names = {
@@ -163,7 +166,10 @@ def ensure_children(
     configmap = prune_plan_keys(cluster, owner, spec, configmap, live_pods)
     apply(children.build_service(name, spec), found["Service"])
     apply(children.build_api_service(name, spec), found["Service api"])
-    statefulset = apply(children.build_statefulset(name, namespace, spec), found["StatefulSet"])
+    body = children.build_statefulset(name, namespace, spec)
+    if hold:
+        body["spec"]["replicas"] = 0
+    statefulset = apply(body, found["StatefulSet"])
     pdb = children.build_pdb(name, spec, cluster.pdb_api_version())
     apply(pdb, found["PodDisruptionBudget"])
     return ChildrenState(
@@ -305,6 +311,16 @@ def record_notes(configmap: Mapping[str, Any] | None) -> RecordNotes:
     except (KeyError, ValueError):
         record = None
     return RecordNotes(version, issued, record if isinstance(record, dict) else None)
+
+
+def hold_group(cluster: Cluster, namespace: str, statefulset: dict[str, Any]) -> None:
+    """Scale the group to 0 pods: its workers refused to start, and restarting them (the
+    kubelet's CrashLoopBackOff, or a replacement) fails the same way until the spec changes."""
+    if (statefulset.get("spec") or {}).get("replicas") == 0:
+        return
+    name = statefulset["metadata"]["name"]
+    body = {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": name}}
+    cluster.patch(namespace, {**body, "spec": {"replicas": 0}})
 
 
 def ready_replicas(statefulset: dict[str, Any] | None) -> int:

@@ -9,8 +9,10 @@ why) and what status says of the group. In order:
    running group); replacements in a row back off (`group.ReplacementBackoff`), and while one
    is held back status says when it will run.
 3. A failure the group is recovering from stays in status until all its pods are back, ready.
-4. Workers that refused to start (`failures`) are reported instead: the spec or the checkpoint
-   must change, and replacing the group cannot help.
+4. Workers that refused to start (`failures`) are reported instead, and no pod is replaced:
+   the spec or the checkpoint must change. The refusal is held for the spec's generation
+   (`hold`: the StatefulSet goes to 0 pods, so neither the kubelet nor the operator restarts
+   them) until the generation changes; a held refusal stands before rules 1 to 3.
 
 An Event for a condition that lasts (a held replacement, a refusal) is posted once: when the
 previous status does not say it yet.
@@ -45,6 +47,7 @@ class GroupView:
     world: int  # pods wanted (what the StatefulSet counts ready)
     ready: int  # the StatefulSet's readyReplicas
     previous: Mapping[str, Any]  # the status the previous run wrote
+    generation: int = 0  # the spec's metadata.generation (a held refusal is for one)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class GroupAction:
     recovering: str | None = None  # the failure the group is brought back whole from
     restarting: bool = False  # a group restart for a new pod template is under way
     failure: StartupFailure | None = None  # workers refuse to start
+    hold: bool = False  # the refusal is held: scale the group to 0 pods until the spec changes
     backoff: ReplacementBackoff = field(default_factory=ReplacementBackoff)
 
     def after_deleting(self, count: int) -> tuple[GroupState, tuple[Event, ...]]:
@@ -89,6 +93,9 @@ def decide(view: GroupView, now: float) -> GroupAction:
     """The action for this run (see the module docstring for the rules)."""
     group = group_state(view.statefulset, view.pods)
     backoff = ReplacementBackoff.from_status(view.previous.get("recovery"))
+    held = StartupFailure.held(view.previous.get("refusal"), view.generation)
+    if held is not None:  # said when first seen; the pods go, nothing is replaced
+        return GroupAction(group, failure=held, hold=True, backoff=backoff)
     back = group.current >= view.world and not group.restarting and view.ready >= view.world
     recovering = None if back else _recovering_before(view.previous)
     gang = None if group.restarting or not group.observed else gang_failure(view.pods)
@@ -119,12 +126,14 @@ def decide(view: GroupView, now: float) -> GroupAction:
 
 def _refusals(action: GroupAction, view: GroupView) -> GroupAction:
     """A group restart under way, or workers refusing to start: they stand instead of a
-    recovery (a refusal is no failure to recover from: the spec must change)."""
+    recovery (a refusal is no failure to recover from: the spec must change), and the
+    replacement a rank that died beside them would have caused is not made."""
     group = action.group
     restarting = (group.restarting or not group.observed) and action.recovering is None
     failure = None if restarting else startup_failure(view.pods)
     if failure is None:
         return dataclasses.replace(action, restarting=restarting)
     event = ("Warning", failure.reason, failure.describe(view.world))
-    events = action.events + (() if _said(view.previous, failure.message) else (event,))
-    return dataclasses.replace(action, recovering=None, failure=failure, events=events)
+    events = () if _said(view.previous, failure.message) else (event,)
+    backoff = ReplacementBackoff.from_status(view.previous.get("recovery"))
+    return GroupAction(group, events=events, failure=failure, hold=True, backoff=backoff)

@@ -23,6 +23,7 @@ from moe_operator.api import (
     PlanStatus,
     RebalanceRecord,
     RecoveryStatus,
+    RefusalStatus,
     ReroutedStatus,
 )
 from moe_operator.failures import StartupFailure
@@ -63,6 +64,7 @@ class Observed:
     detection: DetectionState | None = None  # what detection remembers
     last_rebalance: RebalanceRecord | None = None
     recovery: ReplacementBackoff | None = None  # whole-group replacements in a row
+    refusal: dict[str, Any] | None = None  # the held start-up refusal (status.refusal)
 
 
 def _phase(observed: Observed) -> Phase:
@@ -323,6 +325,9 @@ def build_status(
         fields["last_rebalance"] = observed.last_rebalance
     if observed.recovery is not None and observed.recovery.replacements:
         fields["recovery"] = recovery_status(observed.recovery)
+    if observed.statefulset_exists:  # None removes a refusal the spec has moved past
+        refusal = observed.refusal
+        fields["refusal"] = None if refusal is None else RefusalStatus.model_validate(refusal)
     return MoEDeploymentStatus(**fields)
 
 

@@ -72,17 +72,21 @@ class PodWorkers:
         )
 
     def serving(self) -> handoff.Served:
-        return handoff.serving(self._leader())
+        return handoff.serving(self._leader(), self._token())
 
     def served_plan(self) -> Plan | None:
         """The leader's whole plan, or None when it cannot be had (recovery falls back)."""
         try:
-            return handoff.served_plan(self._leader())
+            return handoff.served_plan(self._leader(), self._token())
         except handoff.HandoffError:
             return None
 
     def post_plan(self, plan: Plan) -> handoff.HandoffResult:
+        return handoff.post_plan(self._leader(), plan, self._token())
+
+    def _token(self) -> str:
+        """The control token every /v1/plan request bears (GET included)."""
         token = self.token()
         if token is None:
             raise handoff.HandoffError("control-token Secret is missing")
-        return handoff.post_plan(self._leader(), plan, token)
+        return token

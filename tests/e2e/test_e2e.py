@@ -326,7 +326,7 @@ def test_pods_of_two_ranks_serve_and_a_failed_rank_brings_the_group_back(e2e: E2
         after = wait_for("the whole group replaced and serving again", recovered, 360)
         assert e2e.plan_document(RANKS)["version"] == version
         leader = after["workers"][f"{RANKS}-0"]["ip"]
-        code, body = http_get(f"http://{leader}:8080/v1/plan")
+        code, body = http_get(f"http://{leader}:8080/v1/plan", token=e2e.control_token(RANKS))
         assert code == 200 and json.loads(body)["version"] == version, body
         return after
 

@@ -543,7 +543,9 @@ class Workers:
         lines += ["# TYPE moe_plan_version gauge", f"moe_plan_version {self.version}", ""]
         return "\n".join(lines).encode()
 
-    def get_plan(self) -> dict[str, Any]:
+    def get_plan(self, request: kmock.Request) -> Any:
+        if self.token is None or request.headers.get("Authorization") != f"Bearer {self.token}":
+            return kmock.Response(status=401, payload={"error": "missing or wrong bearer token"})
         return {**self.plan, "digest": Plan.model_validate(self.plan).digest()}
 
     def post_plan(self, request: kmock.Request) -> Any:

@@ -20,6 +20,7 @@ from moe_contract.shape import ModelShape
 from moe_contract.switch import BLOCKING, TIMEOUT, SwitchAnswer
 from moe_worker.serving.generation import (
     AdmissionError,
+    DrainState,
     EventSink,
     GenerationRequest,
     ModelCard,
@@ -73,6 +74,7 @@ class ScriptedBackend:
         self.script = script or counting_script(card.shape.vocab_size)
         self.ready = True
         self.live = True
+        self.draining = False
         self.refuse: AdmissionError | None = None
         """Raised by submit once `admit` requests were admitted."""
         self.admit = 0
@@ -138,6 +140,13 @@ class ScriptedBackend:
 
     def current_plan(self) -> Plan | None:
         return self.plan
+
+    def drain(self) -> DrainState:
+        self.draining, self.ready = True, False
+        return self.drain_state()
+
+    def drain_state(self) -> DrainState:
+        return DrainState(self.draining, len(self.submitted) if self.is_leader else None, 20.0)
 
     def validate_plan(self, plan: Plan) -> None:
         s = self._card.shape

@@ -246,6 +246,21 @@ def test_health_follows_readiness(url: str, backend: ScriptedBackend) -> None:
     assert_error(status, body, 503, None)
 
 
+def test_a_draining_worker_refuses_new_requests_before_the_body(
+    url: str, backend: ScriptedBackend
+) -> None:
+    """503 with the reason, whatever the body (not even parsed): a router retries elsewhere;
+    nothing reaches the backend. Streaming too: the status comes before any event."""
+    backend.drain()
+    for body in ({"model": "tiny-moe", "prompt": [2], "stream": True}, b"not json"):
+        status, answer = raw(url, "/v1/completions", body)
+        assert_error(status, answer, 503, None)
+        assert "draining" in answer["error"]["message"]
+    status, answer = raw(url, "/health")
+    assert status == 503 and "draining" in answer["error"]["message"]
+    assert backend.submitted == []
+
+
 def _open_request(url: str, body: bytes) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=WAIT)

@@ -25,10 +25,25 @@ HERE = Path(__file__).parent
 FIXTURES = HERE.parent / "fixtures" / "plans"
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def listening(port: int) -> set[str]:
+    """The addresses sockets listen on at `port` in this network namespace ("::" is every IPv6
+    and, dual-stack, every IPv4 address: where torch's own store listens)."""
+    found = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add(socket.inet_ntop(family, words))
+    return found
 
 
 RankFn = Callable[[int, int], dict[str, Any]]

@@ -148,7 +148,7 @@ def listening_ports(
         if child.rank == 0 and child.api_port:
             ports.append((child.bind_address, child.api_port, "the OpenAI API port"))
         if child.rank == 0 and child.world_size > 1:
-            ports.append((child.bind_address, child.master_port, "the group's rendezvous port"))
+            ports.append((child.store_address, child.master_port, "the group's rendezvous port"))
     return ports
 
 
@@ -219,7 +219,8 @@ def _run(children: list[WorkerSettings], log_level: str, why: list[str] | None =
         threads["OMP_NUM_THREADS"] = str(threads_per_rank(len(children)))
         log.info("OMP_NUM_THREADS is not set: %s threads per rank", threads["OMP_NUM_THREADS"])
     procs = [spawn_rank(child, log_level, threads) for child in children]
-    return _watch(procs, children[0].rank, why if why is not None else [])
+    drain = children[0].drain_timeout
+    return _watch(procs, children[0].rank, why if why is not None else [], drain_s=drain)
 
 
 def describe_exit(rank: int, code: int) -> str:
@@ -232,8 +233,11 @@ def describe_exit(rank: int, code: int) -> str:
     return f"rank {rank} exited with code {code}"
 
 
-def _watch(procs: list[subprocess.Popen[bytes]], rank_offset: int, why: list[str]) -> int:
-    """Until every rank exited; `why` gets what stopped the group first."""
+def _watch(
+    procs: list[subprocess.Popen[bytes]], rank_offset: int, why: list[str], *, drain_s: float = 0.0
+) -> int:
+    """Until every rank exited; `why` gets what stopped the group first. A SIGTERM is passed on
+    and the ranks get `drain_s` more to drain (their running requests finish) before SIGKILL."""
     stopping_since: float | None = None
     first_failure: int | None = None
     grace = GRACE_S
@@ -246,7 +250,10 @@ def _watch(procs: list[subprocess.Popen[bytes]], rank_offset: int, why: list[str
                 proc.send_signal(signum)
 
     def on_signal(signum: int, _frame: object) -> None:
+        nonlocal grace
         log.info("got signal %d, stopping every rank", signum)
+        if signum == signal.SIGTERM and stopping_since is None:
+            grace = GRACE_S + drain_s
         if not why:
             name = signal.Signals(signum).name
             why.append(f"the pod was stopped by {name} (a liveness failure, or a deletion)")

@@ -18,6 +18,7 @@ from pathlib import Path
 from moe_worker.api import ServerHandle, create_control_app, create_openai_app, start
 from moe_worker.models import UnsupportedConfig
 from moe_worker.models.checkpoint import CheckpointError
+from moe_worker.models.verify import INVALID
 from moe_worker.runtime.loading import ShapeMismatch, open_weights
 from moe_worker.runtime.rank import Runtime
 from moe_worker.serving.generation import Backend
@@ -42,11 +43,28 @@ def report_fatal(message: str, termination_message_path: str | None) -> int:
 
 
 def install_signal_handlers(runtime: Runtime) -> None:
+    """SIGTERM (the kubelet, the local launcher) drains, then stops (`Runtime.drain`); a second
+    SIGTERM, or SIGINT (Ctrl-C), stops at once (running requests end "the server is stopping")."""
+    terminated = False
+
+    def drain(signum: int, _frame: object) -> None:
+        nonlocal terminated
+        if terminated:
+            return stop(signum, _frame)
+        terminated = True
+        timeout = runtime.settings.drain_timeout
+        log.info(
+            "rank %d got SIGTERM: draining (at most %g s), then stopping",
+            runtime.settings.rank,
+            timeout,
+        )
+        runtime.drain(then_stop=True)
+
     def stop(signum: int, _frame: object) -> None:
         log.info("rank %d got signal %d, stopping", runtime.settings.rank, signum)
         runtime.stop()
 
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, stop)
 
 
@@ -80,6 +98,9 @@ def serve(settings: WorkerSettings) -> int:
     install_signal_handlers(runtime)
     try:
         runtime.run()
+    except CheckpointError as error:  # a tensor the config promises is not there, or misshapen
+        message = f"rank {settings.rank}: {INVALID}: {error}"
+        return report_fatal(message, settings.termination_message_path)
     except Exception:
         # Asked to stop: its peers are stopping too, and a broken collective is expected then.
         if runtime.state.stopping.is_set():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import reduce
 from typing import Any
 
@@ -184,6 +185,19 @@ def build_token_secret(name: str, token: str | None = None) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class FieldRef:
+    """A setting the pod learns from the downward API (a field of its own object)."""
+
+    path: str
+
+
+def _env_var(name: str, value: object) -> dict[str, Any]:
+    if isinstance(value, FieldRef):
+        return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": value.path}}}
+    return {"name": name, "value": str(value)}
+
+
 def worker_settings(name: str, namespace: str, spec: MoEDeploymentSpec) -> dict[str, object]:
     """The value of every setting the operator sets on worker pods (the rows of the contract's
     table set by OPERATOR), by name: the spec field the row names, else what the MoEDeployment
@@ -206,6 +220,7 @@ def worker_settings(name: str, namespace: str, spec: MoEDeploymentSpec) -> dict[
         # Where the container's termination message goes (the kubelet reads it back into the
         # pod's status; the operator shows a start-up refusal from there).
         "termination_message_path": TERMINATION_MESSAGE_PATH,
+        "pod_ip": FieldRef("status.podIP"),
     }
     return {
         s.name: reduce(getattr, s.spec.split("."), spec) if s.spec else implied[s.name]
@@ -233,11 +248,8 @@ def _worker_env(name: str, namespace: str, spec: MoEDeploymentSpec) -> list[dict
         **worker_env.shape_to_env(spec.model.to_shape()),
         **dict(settings[group:]),
     }
-    pod_name = {
-        "name": worker_env.POD_NAME,
-        "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
-    }
-    fixed = [{"name": key, "value": str(value)} for key, value in values.items()]
+    pod_name = _env_var(worker_env.POD_NAME, FieldRef("metadata.name"))
+    fixed = [_env_var(key, value) for key, value in values.items()]
     network = podspec.network_env(spec)
     extra = [{"name": item.name, "value": item.value} for item in spec.worker.extra_env]
     return [pod_name, *fixed, *network, *extra]
@@ -349,7 +361,7 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
     pod_spec: dict[str, Any] = {
         "containers": [container],
         "volumes": volumes,
-        "terminationGracePeriodSeconds": 30,
+        "terminationGracePeriodSeconds": podspec.termination_grace_seconds(worker.extra_args),
         **podspec.pod_fields(spec, selector_labels(name)),
     }
     if worker.node_selector:

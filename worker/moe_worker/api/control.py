@@ -5,9 +5,15 @@ contract. Errors are `{"error": message, "field": name-or-null}`.
 
 GET  /healthz     200 {"status": "ok", "rank", "pid"} while `backend.is_live()`; 503 (status
                   "stalled") once the serving loop stopped making progress
-GET  /readyz      200 / 503 {"ready", "rank", "planVersion"}
+GET  /readyz      200 / 503 {"ready", "rank", "planVersion", "draining", "inFlight",
+                  "drainTimeoutSeconds"}: 503 while draining
+POST /v1/drain    `Authorization: Bearer <control token>`: start draining (idempotent): 202
+                  {"draining": true, "inFlight", "drainTimeoutSeconds"}; the rank is not ready,
+                  the OpenAI app refuses new requests 503, running sequences finish, and the rank
+                  serves on until it is stopped (SIGTERM drains as well, then stops); 401 token
 GET  /metrics     Prometheus text (`backend.metrics_text()`)
-GET  /v1/plan     200 the plan document and its "digest"; 503 before the first plan
+GET  /v1/plan     `Authorization: Bearer <control token>`: 200 the plan document and its
+                  "digest"; 401 token; 503 before the first plan
 POST /v1/plan     leader only, `Authorization: Bearer <control token>`:
                   200 {"applied": true, "version", "digest", "pauseSeconds"} once every rank
                       switched; 400 not a plan document; 422 does not fit the group; 409
@@ -62,14 +68,24 @@ def create_control_app(
         ready = backend.is_ready()
         plan = backend.current_plan()
         body = {"ready": ready, "rank": backend.rank, "planVersion": plan and plan.version}
+        body.update(backend.drain_state().to_document())
         return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.post("/v1/drain")
+    def drain(request: Request) -> Response:
+        # Changes what the rank serves: the operator's (it has the token), never a probe's.
+        auth.require(request, token_path, what="control token", optional=False)
+        return JSONResponse(backend.drain().to_document(), status_code=202)
 
     @app.get("/metrics")
     def metrics() -> Response:
         return Response(backend.metrics_text(), media_type=PROMETHEUS_TEXT)
 
     @app.get("/v1/plan")
-    def get_plan() -> Response:
+    def get_plan(request: Request) -> Response:
+        # The plan says where every expert lives and the gate bias: the operator's business
+        # (it has the token), not every client's on the pod network.
+        auth.require(request, token_path, what="control token", optional=False)
         plan = backend.current_plan()
         if plan is None:
             raise ApiError(503, "no plan loaded yet")

@@ -5,7 +5,8 @@
 
 Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and status:
 400 invalid (param named), 401 API key, 404 unknown model or route, 408 body stalled, 413 body
-too large, 429 queue full, 503 not ready, 504 no token for `stall_timeout`, 500 (no traceback).
+too large, 429 queue full, 503 not ready or draining (before the body is read), 504 no token
+for `stall_timeout`, 500 (no traceback).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from moe_worker.api.request_id import RequestId
 from moe_worker.api.schemas import CompletionRequest, ModelEntry, ModelList, dump
 from moe_worker.api.serving_metrics import ServingMetrics
 from moe_worker.api.tokenize_route import detokenize, tokenize, tokenizer_info
-from moe_worker.serving.generation import Backend
+from moe_worker.serving.generation import DRAINING, Backend
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -71,6 +72,7 @@ def create_openai_app(
 
     @app.get("/health")
     def health() -> Response:
+        _refuse_while_draining(backend)
         if not backend.is_ready():
             raise ApiError(503, "the worker group is not ready")
         return JSONResponse({"status": "ok"})
@@ -89,6 +91,7 @@ def create_openai_app(
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         authorized(request)
+        _refuse_while_draining(backend)  # before the body is read: a router retries elsewhere
         return await create_completion(
             routes, request, await read_model(request, CompletionRequest, context=routes.bounds())
         )
@@ -96,6 +99,7 @@ def create_openai_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         authorized(request)
+        _refuse_while_draining(backend)
         body = await read_model(request, ChatCompletionRequest, context=routes.bounds())
         return await create_chat_completion(routes, request, body)
 
@@ -115,3 +119,8 @@ def create_openai_app(
         return await tokenizer_info(routes)
 
     return app
+
+
+def _refuse_while_draining(backend: Backend) -> None:
+    if backend.drain_state().draining:
+        raise ApiError(503, DRAINING)

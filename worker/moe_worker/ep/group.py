@@ -74,7 +74,7 @@ def _listener(address: str, port: int) -> int | None:
     """A socket listening on `address` only, for rank 0's store; None (the store listens on every
     address) for a wildcard. torch's own store would take the port on every address of the
     machine: two local clusters' groups (pods on their own 127.x.y.z) would meet on one store."""
-    if address in ("", "0.0.0.0", "::"):
+    if address in ("", "0.0.0.0", "::"):  # env.WILDCARD_ADDRESSES
         return None
     listener = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

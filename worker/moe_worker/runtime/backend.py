@@ -8,12 +8,16 @@ blocks its own thread until every rank switched.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from moe_contract.plan import Plan
 from moe_contract.plan import validate_plan as check_plan
 from moe_contract.switch import NOT_READY, STALE, SwitchAnswer
 from moe_worker.metrics import WorkerMetrics, exposition
 from moe_worker.runtime.state import RankState
 from moe_worker.serving.generation import (
+    DRAINING,
+    DrainState,
     EventSink,
     GenerationRequest,
     ModelCard,
@@ -35,6 +39,8 @@ class RankBackend:
     ) -> None:
         self.settings, self._card, self.state = settings, card, state
         self.leader, self.metrics = leader, metrics
+        self.on_drain: Callable[[], None] = state.draining.set
+        """What POST /v1/drain starts (the runtime's drain)."""
 
     @property
     def rank(self) -> int:
@@ -75,9 +81,20 @@ class RankBackend:
         if switch is not None and current is not None and plan.version > current.version:
             switch.mover.check_memory(plan)
 
+    def drain(self) -> DrainState:
+        self.on_drain()
+        return self.drain_state()
+
+    def drain_state(self) -> DrainState:
+        in_flight = None if self.leader is None else self.leader.in_flight
+        timeout = self.settings.drain_timeout
+        return DrainState(self.state.draining.is_set(), in_flight, timeout)
+
     def submit(self, request: GenerationRequest, on_event: EventSink) -> None:
         if self.leader is None:
             raise NotReady("only the leader (rank 0) serves requests")
+        if self.state.draining.is_set():
+            raise NotReady(DRAINING)
         if not self.is_ready():
             raise NotReady("the worker group is not ready")
         self.leader.submit(request, on_event)

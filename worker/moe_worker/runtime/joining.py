@@ -50,7 +50,7 @@ def joined_group(settings: WorkerSettings) -> Iterator[tuple[torch.device, dist.
         s.world_size,
         collective_timeout_s=s.collective_timeout,
         startup_timeout_s=s.startup_timeout,
-        listen_address=s.bind_address,
+        listen_address=s.store_address,
     )
     try:
         yield device, store

@@ -15,6 +15,8 @@ for the loop and reads the state without any lock the loop holds while computing
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 from moe_worker.metrics import WorkerMetrics
 from moe_worker.models import ModelSpec
@@ -33,6 +35,8 @@ from moe_worker.switch.commands import Switched
 
 log = logging.getLogger("moe_worker")
 
+DRAIN_POLL_S = 0.05
+
 
 class Runtime:
     def __init__(
@@ -44,11 +48,41 @@ class Runtime:
         self.leader = _leader(settings, source.spec, self.metrics) if settings.is_leader else None
         card = card or model_card(source, settings)
         self.backend = RankBackend(settings, card, self.state, self.leader, self.metrics)
+        self.backend.on_drain = lambda: self.drain(then_stop=False)
+        self._stop_after_drain = False
 
     def stop(self) -> None:
         self.state.stopping.set()
         if self.leader is not None:
             self.leader.wake()
+
+    def drain(self, *, then_stop: bool) -> None:
+        """Not ready (/readyz, /health 503), nothing new admitted (503), no more built-in
+        traffic; running sequences go on. `then_stop` (SIGTERM): stop once they finished (a
+        rank other than the leader: once the leader stopped the group), or after
+        `drain_timeout` whatever runs; else (POST /v1/drain) the rank drains and serves on."""
+        self.state.draining.set()
+        if self.leader is not None:
+            self.leader.draining = True
+            self.leader.wake()
+        if then_stop and not self._stop_after_drain:
+            self._stop_after_drain = True
+            threading.Thread(target=self._stop_when_drained, name="moe-drain", daemon=True).start()
+
+    def _stop_when_drained(self) -> None:
+        state, leader = self.state, self.leader
+        deadline = time.monotonic() + self.settings.drain_timeout
+        while time.monotonic() < deadline and state.serving and not state.stopped.is_set():
+            if leader is not None and leader.idle:
+                break
+            state.stopped.wait(DRAIN_POLL_S)
+        if leader is not None and not leader.idle:
+            log.warning(
+                "drain: %d requests still running after %g s; stopping them",
+                leader.in_flight,
+                self.settings.drain_timeout,
+            )
+        self.stop()
 
     def run(self) -> None:
         """Join the group (unless already in one), load this rank's shard, serve until stopped."""

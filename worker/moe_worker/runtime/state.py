@@ -29,6 +29,9 @@ class RankState:
         self.last_step = time.monotonic()
         self.stopping = threading.Event()
         """Asked to stop (a signal, or the process ending)."""
+        self.draining = threading.Event()
+        """Asked to drain (SIGTERM, POST /v1/drain): not ready, nothing new admitted, running
+        sequences finish."""
         self.stopped = threading.Event()
         """The serving loop ended."""
 
@@ -44,7 +47,8 @@ class RankState:
         """Every rank: the group formed and loaded its plan. The leader also: the group keeps
         stepping, so a ready leader means the whole group serves."""
         stalled = time.monotonic() - self.last_step > LEADER_READY_STALL_S
-        return self.serving and not self.stopping.is_set() and not (leader and stalled)
+        stopping = self.stopping.is_set() or self.draining.is_set()
+        return self.serving and not stopping and not (leader and stalled)
 
     def is_live(self, stall_timeout: float) -> bool:
         """False once the loop made no step for `stall_timeout` seconds while serving."""

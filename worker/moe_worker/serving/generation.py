@@ -155,10 +155,30 @@ class QueueFull(AdmissionError):
 
 
 class NotReady(AdmissionError):
-    """The group has not formed yet, or is stopping."""
+    """The group has not formed yet, or is stopping or draining."""
 
     status = 503
     code = "not_ready"
+
+
+DRAINING = "the worker is draining before it stops: send the request to another replica"
+"""What a request refused during a drain is told (503 before the first byte: a router retries)."""
+
+
+@dataclass(frozen=True)
+class DrainState:
+    """Where a rank's drain stands (/readyz and POST /v1/drain say it)."""
+
+    draining: bool
+    in_flight: int | None  # requests still waiting or running (the leader's); None elsewhere
+    timeout_s: float  # how long a SIGTERM's drain waits for them before the rank stops
+
+    def to_document(self) -> dict[str, object]:
+        return {
+            "draining": self.draining,
+            "inFlight": self.in_flight,
+            "drainTimeoutSeconds": self.timeout_s,
+        }
 
 
 @dataclass(frozen=True)
@@ -221,6 +241,13 @@ class Backend(Protocol):
         """What the group is busy with now (leader; zeros elsewhere); never waits on compute."""
         ...
 
+    # draining (every rank)
+    def drain(self) -> DrainState:
+        """Start draining (idempotent): not ready, new requests refused with NotReady, running
+        sequences finish; the rank serves on (SIGTERM drains, then stops)."""
+        ...
+
+    def drain_state(self) -> DrainState: ...
     # plan control (leader; GET on every rank)
     def current_plan(self) -> Plan | None: ...
     def validate_plan(self, plan: Plan) -> None:

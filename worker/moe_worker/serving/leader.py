@@ -79,6 +79,8 @@ class Leader:
         self._switches: queue.Queue[Switch] = queue.Queue()
         self._switch_lock = threading.Lock()
         self._in_flight: Switch | None = None
+        self.draining = False
+        """Set by the runtime's drain: no more built-in traffic is generated."""
 
     # ------------------------------------------------------------ HTTP threads
 
@@ -105,6 +107,16 @@ class Leader:
 
     def wake(self) -> None:
         self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests the scheduler holds, waiting or running (read from any thread)."""
+        return self.scheduler.waiting + self.scheduler.running
+
+    @property
+    def idle(self) -> bool:
+        """Nothing left to run, release or abort: a drain is done."""
+        return not self.scheduler.has_work
 
     # ------------------------------------------------------------ the serving loop
 
@@ -206,7 +218,7 @@ class Leader:
         pending.done.set()
 
     def _top_up_traffic(self) -> None:
-        if not self.traffic.due(time.monotonic()):
+        if self.draining or not self.traffic.due(time.monotonic()):
             return
         for request in self.traffic.top_up(time.monotonic()):
             try:
