@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from moe_contract.group import GroupStatus
 from moe_contract.plan import Plan, round_robin_plan, validate_plan
 from moe_contract.shape import ModelShape
 from moe_contract.switch import BLOCKING, TIMEOUT, SwitchAnswer
@@ -78,6 +79,9 @@ class ScriptedBackend:
         self.gate.set()
         self.submitted: list[GenerationRequest] = []
         self.aborted: set[str] = set()
+        self.group: GroupStatus | None = None
+        """What GET /v1/group answers (None: 404, no membership of its own)."""
+        self.lost_reports: list[tuple[list[int], str]] = []
         self.abort_seen = threading.Event()
         shape = card.shape
         self.plan: Plan | None = round_robin_plan(shape.layers, shape.experts, world_size)
@@ -137,6 +141,15 @@ class ScriptedBackend:
             return self.switch_outcome
         self.plan = plan
         return SwitchAnswer.switched(plan, 0.0, BLOCKING)
+
+    def group_status(self) -> GroupStatus | None:
+        return self.group
+
+    def report_lost(self, ranks: list[int], reason: str) -> bool:
+        if self.group is None:
+            return False
+        self.lost_reports.append((ranks, reason))
+        return True
 
     # ------------------------------------------------------------ the "serving loop"
 

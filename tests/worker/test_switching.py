@@ -114,7 +114,7 @@ def test_a_blocking_leader_switches_in_one_step_and_two_batches_need_two_tokens(
     thread, _ = asked(lead, 2, timeout=30)
     d = step(lead, 0)
     assert d.switch is not None and d.switch.action == "start" and not d.switch.background
-    assert not d.switch.reports and not d.gathers
+    assert not d.switch.reports and d.gathers  # every step that does something is gathered
     lead.answer_switch(
         SwitchAnswer.switched(round_robin_plan(2, 4, 2, 2, version=2), 0.1, BLOCKING)
     )

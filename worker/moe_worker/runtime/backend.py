@@ -8,6 +8,9 @@ blocks its own thread until every rank switched.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from moe_contract.group import REGROUPING, GroupStatus
 from moe_contract.plan import Plan
 from moe_contract.plan import validate_plan as check_plan
 from moe_contract.switch import NOT_READY, STALE, SwitchAnswer
@@ -29,6 +32,8 @@ class RankBackend:
     ) -> None:
         self.settings, self._card, self.state = settings, card, state
         self.leader, self.metrics = leader, metrics
+        self.report_lost: Callable[[list[int], str], bool] = lambda ranks, reason: False
+        """Set by the runtime: the leader drops these ranks at once."""
 
     @property
     def rank(self) -> int:
@@ -79,6 +84,21 @@ class RankBackend:
     def abort(self, request_id: str) -> None:
         if self.leader is not None:
             self.leader.abort(request_id)
+
+    def group_status(self) -> GroupStatus | None:
+        view = self.state.group
+        if view is None:
+            return None
+        resumed = 0 if self.leader is None else self.leader.scheduler.resumed_total
+        return GroupStatus(
+            epoch=view.epoch,
+            world=view.world,
+            live=view.members,
+            joining=tuple(r for r in view.members if r not in view.holders),
+            state=view.state,
+            reason=view.regrouping if view.state == REGROUPING else None,
+            resumed_requests=resumed,
+        )
 
     def switch_plan(self, plan: Plan, timeout: float) -> SwitchAnswer:
         """Leader: block until every rank serves `plan`; the stale answer if it is not newer."""
