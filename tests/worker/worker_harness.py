@@ -87,7 +87,12 @@ class Cluster:
     0 serves the OpenAI-compatible API on `api_port`."""
 
     def __init__(
-        self, tmp: Path, world: int, env: dict[str, str], token: str = "s3cret-token"
+        self,
+        tmp: Path,
+        world: int,
+        env: dict[str, str],
+        token: str = "s3cret-token",
+        rank_env: Callable[[int], dict[str, str]] = lambda rank: {},
     ) -> None:
         import os
 
@@ -113,6 +118,7 @@ class Cluster:
                 "MOE_PLAN_PATH": str(tmp / "no-plan-mounted"),
                 "MOE_API_PORT": str(self.api_port if rank == 0 else 0),
                 **env,
+                **rank_env(rank),
             }
             for rank in range(world)
         ]

@@ -38,6 +38,8 @@ from moe_worker.serving.membership import BEAT_S, EpochRecord, Liveness, Member
 log = logging.getLogger("moe_worker.runtime.membership")
 
 EPOCH = "moe-ep/epoch"
+JOINER_SILENCE_S = 1.0
+"""A process asking to join whose beat has not moved for this long is not let in (gone)."""
 SERVED = "moe-ep/served"
 _POLL_S = 0.02
 
@@ -226,6 +228,8 @@ class Membership:
             why = f"{why}; rank {joined} joined" if why else f"rank {joined} joined"
         record = self.record.next(changes.lost, changes.joining, why or "the group formed again")
         self._publish(record)
+        for member in changes.joining:  # let in: its request is answered
+            self.store.delete_key(_join_key(member.rank))
         return record
 
     def _publish(self, record: EpochRecord) -> None:
@@ -326,6 +330,9 @@ class _Monitor(threading.Thread):
         self._lock = threading.Lock()
         self._record: EpochRecord | None = None
         self._joining: tuple[Member, ...] = ()
+        self._joiner_beats: dict[Member, tuple[int, float]] = {}
+        """Beats of processes asking to join, and when each count was first read: one that
+        stopped beating (it died while waiting) is not let in."""
 
     def begin(self, record: EpochRecord) -> None:
         with self._lock:
@@ -375,7 +382,7 @@ class _Monitor(threading.Thread):
         for rank in self._absent(record):
             if self.store.check([_join_key(rank)]):
                 member = Member(rank, self.store.get(_join_key(rank)).decode())
-                if int(self.store.add(_beat_key(member), 0)) > 0:
+                if self._beating(member, int(self.store.add(_beat_key(member), 0)), now):
                     joining.append(member)
         with self._lock:
             if self._record is not record:
@@ -385,6 +392,12 @@ class _Monitor(threading.Thread):
             if broken:
                 self.liveness.suspect(now)
             self._joining = tuple(joining)
+
+    def _beating(self, member: Member, count: int, now: float) -> bool:
+        seen = self._joiner_beats.get(member)
+        if seen is None or seen[0] != count:
+            self._joiner_beats[member] = seen = (count, now)
+        return count > 0 and now - seen[1] < JOINER_SILENCE_S
 
     def _absent(self, record: EpochRecord) -> list[int]:
         return [rank for rank in range(self.world_size) if rank not in record.ranks]
