@@ -172,9 +172,11 @@ def flaky_rank(rank: int, world: int) -> dict[str, Any]:
                 ExpertTransfer.post = post  # type: ignore[method-assign]
         return start(self, plan, group)
 
-    def recorded_flip(self: ExpertMover, plan: Any, transfer: ExpertTransfer) -> int:
+    def recorded_flip(
+        self: ExpertMover, plan: Any, transfer: ExpertTransfer, record: Any = None
+    ) -> int:
         flipped.append(plan.version)
-        return flip(self, plan, transfer)
+        return flip(self, plan, transfer, record)
 
     ExpertMover.start = start_switch  # type: ignore[method-assign]  (this forked rank only)
     ExpertMover.flip = recorded_flip  # type: ignore[method-assign]
@@ -226,9 +228,11 @@ def dying_rank(rank: int, world: int) -> dict[str, Any]:
             os._exit(17)
         return transfer
 
-    def recorded_flip(self: ExpertMover, plan: Any, transfer: ExpertTransfer) -> int:
+    def recorded_flip(
+        self: ExpertMover, plan: Any, transfer: ExpertTransfer, record: Any = None
+    ) -> int:
         flipped.append(plan.version)
-        return flip(self, plan, transfer)
+        return flip(self, plan, transfer, record)
 
     ExpertMover.start = start_switch  # type: ignore[method-assign]
     ExpertMover.flip = recorded_flip  # type: ignore[method-assign]
