@@ -136,7 +136,9 @@ class Regrouper:
                     engine.plan, holders, max_slots_per_rank=self.max_slots_per_rank
                 )
             except PlanError as error:  # no room for the orphans: the group restarts whole
-                raise GroupCannotGoOn(f"ranks {list(lost)} lost and {error}") from None
+                raise GroupCannotGoOn(
+                    f"no room for the experts of ranks {list(lost)}: {error}"
+                ) from None
         reason = "; ".join(f"rank {r} was lost" for r in lost) or "the group changed"
         resumed = leader.regroup(lost, joined, f"{reason} during the switch; the old plan serves")
         loop.metrics.requests_resumed.inc(len(resumed))
