@@ -150,10 +150,19 @@ def keeps_serving(
 ) -> tuple[bool, str | None]:
     """(whether the group carries on without the ranks whose pods failed, and when it cannot
     for want of room, why)."""
-    if group is None or leader_failed(pods):
+    if group is None:
         return False, None
     down = down_ranks(pods, ranks_per_pod)
     world = plan.world_size if plan is not None else group.world
+    if leader_failed(pods):
+        # Replaced whole in any case; but a leader that stopped for want of room for another
+        # pod's experts says so only in its own pod (status names why: the room).
+        leaders = set(worker_env.pod_ranks(0, ranks_per_pod))
+        others = [r for r in range(world) if r in down and r not in leaders]
+        if not others:
+            return False, None
+        problem = room_problem(plan, [r for r in range(world) if r not in others], max_slots)
+        return False, problem and f"no room for the lost ranks' experts: {problem}"
     live = [r for r in range(world) if r not in down and r not in group.lost]
     problem = room_problem(plan, live, max_slots)
     if problem is not None:

@@ -91,6 +91,13 @@ def test_no_room_for_the_orphans_replaces_the_whole_group_and_says_why() -> None
     # With spare memory the same loss is survived.
     action = decide(view([pod(0), pod(1), pod(2), exited(3)], lost, slots=2, max_slots=3), NOW)
     assert action.delete == () and action.rank_loss is not None
+    # The leader stopped itself for want of room (its pod failed too): status still says why;
+    # the leader's loss alone says nothing of room.
+    action = decide(view([exited(0), pod(1), pod(2), exited(3)], lost, slots=2, max_slots=2), NOW)
+    assert len(action.delete) == WORLD and action.recovering is not None
+    assert action.recovering.startswith("no room for the lost ranks' experts: slots[0]")
+    action = decide(view([exited(0), pod(1), pod(2), pod(3)], lost, slots=2, max_slots=2), NOW)
+    assert len(action.delete) == WORLD and "no room" not in (action.recovering or "")
 
 
 def test_a_pod_event_names_the_ranks_lost_never_the_leaders_nor_a_starting_pod() -> None:
