@@ -209,9 +209,10 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
         return
     assert state.statefulset is not None and state.plan is not None
     ready = ready_replicas(state.statefulset)
+    membership, answered = _membership(call, parsed, state.pods, base)
     view = GroupView(
         state.statefulset, state.pods, parsed.pods, ready, base,
-        membership=_membership(call, parsed, state.pods, base),
+        membership=membership,
         plan=state.plan, ranks_per_pod=parsed.worker.local_ranks(),
         max_slots=parsed.placement.most_slots_per_rank,
     )  # fmt: skip
@@ -219,7 +220,10 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
     deleted = delete_pods(call.cluster, call.namespace, action.delete)
     group, events = action.after_deleting(deleted)
     call.announce(list(events))
-    call.announce(transition_events(base, action.rank_loss, view.membership))
+    # GroupWhole only on the leader's word now: a recorded membership may be that of a group
+    # whose leader just stopped.
+    whole = membership if answered and not action.replacing else None
+    call.announce(transition_events(base, action.rank_loss, whole))
     standing = _standing(base, known, state)
     if control and ready == view.world and group.settled:
         standing = _balance(call, parsed, state, standing)
@@ -245,13 +249,13 @@ def _ensure(call: Call, spec: api.MoEDeploymentSpec, known: Ledger) -> ChildrenS
 
 def _membership(
     call: Call, spec: api.MoEDeploymentSpec, pods: list[dict[str, Any]], base: dict[str, Any]
-) -> GroupStatus | None:
-    """The leader's membership; when it does not answer, the one status recorded (a group that
-    ran its own membership still does)."""
+) -> tuple[GroupStatus | None, bool]:
+    """The leader's membership and True; when it does not answer, the one status recorded (a
+    group that ran its own membership still does) and False."""
     try:
-        return _workers(call, spec, pods).group()
+        return _workers(call, spec, pods).group(), True
     except handoff.HandoffError:
-        return membership_of(base)
+        return membership_of(base), False
 
 
 def _workers(call: Call, spec: api.MoEDeploymentSpec, pods: list[dict[str, Any]]) -> PodWorkers:
