@@ -194,11 +194,16 @@ def launch_pod(settings: WorkerSettings, log_level: str = "INFO") -> int:
         return report_fatal(taken, settings.termination_message_path)
     # Each rank says why it stopped in a file of its own: the pod's message is the first failed
     # rank's (`rank 0: no room for ...`), not the last writer's nor only its exit code.
-    messages = [_message_file(child.rank) for child in children]
-    children = [
-        child.replace(termination_message_path=str(message))
-        for child, message in zip(children, messages, strict=True)
-    ]
+    try:
+        messages = [_message_file(child.rank) for child in children]
+    except OSError as error:  # no writable temporary directory: the pod's file, shared
+        log.warning("the ranks share the pod's termination message: %s", error)
+        messages = []
+    else:
+        children = [
+            child.replace(termination_message_path=str(message))
+            for child, message in zip(children, messages, strict=True)
+        ]
     app = create_pod_app(
         [LocalRank(c.rank, f"http://{c.control_address}:{c.http_port}") for c in children],
         proxy_timeout=settings.switch_timeout + 30.0,
@@ -214,7 +219,7 @@ def launch_pod(settings: WorkerSettings, log_level: str = "INFO") -> int:
     server = start(app, settings.bind_address, settings.http_port, name="pod")
     why: list[str] = []
     try:
-        code = _run(children, log_level, why, messages)
+        code = _run(children, log_level, why, messages or None)
     finally:
         server.stop()
         for message in messages:
