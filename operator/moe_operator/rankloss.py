@@ -115,7 +115,9 @@ def rank_loss(
     ranks_per_pod: int,
 ) -> RankLoss | None:
     """What status says of a group serving without some of its ranks; None when it serves
-    with all of them."""
+    with all of them, or when the leader's pod failed (the group is replaced whole)."""
+    if leader_failed(pods):
+        return None
     down = down_ranks(pods, ranks_per_pod)
     lost = sorted(set(group.lost if group else ()) | set(down) - {0})
     joining = sorted(group.joining) if group else []

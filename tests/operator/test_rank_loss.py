@@ -9,7 +9,13 @@ from typing import Any
 from moe_contract.group import DEGRADED, REJOINING, SERVING, GroupStatus
 from moe_contract.plan import round_robin_plan
 from moe_operator.group import RECOVERING_REASON, REVISION_LABEL, PodRef
-from moe_operator.rankloss import RANK_LOST, REJOINING_REASON, lost_report, transition_events
+from moe_operator.rankloss import (
+    RANK_LOST,
+    REJOINING_REASON,
+    lost_report,
+    rank_loss,
+    transition_events,
+)
 from moe_operator.recovery import GroupView, decide
 from moe_operator.status import Observed, build_status, plan_redundancy
 
@@ -98,6 +104,7 @@ def test_no_room_for_the_orphans_replaces_the_whole_group_and_says_why() -> None
     assert action.recovering.startswith("no room for the lost ranks' experts: slots[0]")
     action = decide(view([exited(0), pod(1), pod(2), pod(3)], lost, slots=2, max_slots=2), NOW)
     assert len(action.delete) == WORLD and "no room" not in (action.recovering or "")
+    assert rank_loss(lost, [exited(0), pod(1), pod(2), exited(3)], 1) is None  # never RankLost
 
 
 def test_a_pod_event_names_the_ranks_lost_never_the_leaders_nor_a_starting_pod() -> None:
