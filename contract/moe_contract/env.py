@@ -66,6 +66,7 @@ COLLECTIVE_TIMEOUT = "MOE_COLLECTIVE_TIMEOUT"  # seconds a collective waits for 
 STARTUP_TIMEOUT = "MOE_STARTUP_TIMEOUT"  # seconds a rank waits for its peers to join and load
 SWITCH_TIMEOUT = "MOE_SWITCH_TIMEOUT"  # seconds POST /v1/plan waits for every rank to switch
 DRAIN_TIMEOUT = "MOE_DRAIN_TIMEOUT"  # seconds a SIGTERM waits for running sequences to finish
+HEARTBEAT_TIMEOUT = "MOE_HEARTBEAT_TIMEOUT"  # seconds a silent rank keeps its place in the group
 BACKGROUND_SWITCH = "MOE_BACKGROUND_SWITCH"  # experts move while the old plan serves (default on)
 TWO_BATCH_OVERLAP = "MOE_TWO_BATCH_OVERLAP"  # two micro-batches per step, all-to-all overlapped
 TERMINATION_MESSAGE_PATH = "MOE_TERMINATION_MESSAGE_PATH"  # where a fatal error is written

@@ -383,6 +383,17 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
         bounds=Bounds(0, 3600, above=True),
     ),
     Setting(
+        "heartbeat_timeout",
+        env.HEARTBEAT_TIMEOUT,
+        float,
+        5.0,
+        "seconds a rank's heartbeat may be silent (a stopped or hung process) before the leader "
+        "drops it from the group and the others serve without it; a rank that died is dropped "
+        "sooner, once a collective failed",
+        ("--heartbeat-timeout",),
+        USER,
+    ),
+    Setting(
         "background_switch",
         env.BACKGROUND_SWITCH,
         boolean,

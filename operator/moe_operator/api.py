@@ -935,6 +935,41 @@ class RefusalStatus(ApiModel):
     pods: list[str] = Field(default_factory=list, description="The pods that refused.")
 
 
+class MembershipStatus(ApiModel):
+    """The worker group's membership, as its leader reports it (GET /v1/group)."""
+
+    model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
+
+    epoch: int = Field(0, ge=0, description="Membership epoch: grows each time a rank is lost "
+                       "or joins.")  # fmt: skip
+    ranks: int = Field(0, ge=0, description="Ranks of the whole group.")
+    live_ranks: list[int] = Field(default_factory=list, description="Ranks serving now.")
+    lost_ranks: list[int] = Field(default_factory=list, description="Ranks out of the group.")
+    joining_ranks: list[int] = Field(
+        default_factory=list, description="Ranks back in the group, their experts on the way."
+    )
+    state: str = Field("Serving", description="Serving, Degraded, Rejoining or Regrouping.")
+    resumed_requests: int = Field(
+        0, ge=0, description="Requests resumed on another rank after theirs was lost."
+    )
+
+
+class RedundancyStatus(ApiModel):
+    """How the plan of record takes the loss of a rank or a pod (worst layer)."""
+
+    model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
+
+    single_replica_experts: int = Field(
+        0, ge=0, description="Experts held by one rank only, in the worst layer."
+    )
+    single_pod_experts: int = Field(
+        0, ge=0, description="Experts whose every replica is in one pod, in the worst layer."
+    )
+    survives_pod_loss: bool = Field(
+        False, description="Every expert stays served, without a move, when any one pod is lost."
+    )
+
+
 class MoEDeploymentStatus(ApiModel):
     """Observed state, written by the operator."""
 
@@ -967,5 +1002,11 @@ class MoEDeploymentStatus(ApiModel):
         None,
         description="Workers refused to start: the group stays at 0 pods (no crash loop) "
         "until the spec changes.",
+    )
+    membership: MembershipStatus | None = Field(
+        None, description="The worker group's membership (workers that survive a lost rank)."
+    )
+    redundancy: RedundancyStatus | None = Field(
+        None, description="How the plan of record takes the loss of a rank or a pod."
     )
     conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.")

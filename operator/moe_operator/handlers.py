@@ -30,8 +30,9 @@ from typing import Any
 import kopf
 
 from moe_contract import env as worker_env
+from moe_contract.group import GroupStatus
 from moe_contract.plan import Plan
-from moe_operator import api, metrics
+from moe_operator import api, handoff, metrics
 from moe_operator.failures import StartupFailure
 from moe_operator.group import GroupState
 from moe_operator.images import WorkerImages, with_worker_image
@@ -40,6 +41,7 @@ from moe_operator.manifests import children
 from moe_operator.planning.detection import DetectionState
 from moe_operator.planning.ledger import Ledger
 from moe_operator.planning.record import PlanShape
+from moe_operator.rankloss import membership_of, transition_events
 from moe_operator.rebalance import PlanStoreConflict, StepOutcome, Window, control_step
 from moe_operator.reconcile import (
     ChildrenState,
@@ -56,6 +58,7 @@ from moe_operator.recovery import GroupAction, GroupView, decide
 from moe_operator.status import (
     Observed,
     compute_status,
+    plan_redundancy,
     plan_status,
     read_rebalance_record,
     reconcile_error_status,
@@ -209,13 +212,23 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
         return
     assert state.statefulset is not None and state.plan is not None
     ready = ready_replicas(state.statefulset)
-    view = GroupView(state.statefulset, state.pods, parsed.pods, ready, base, call.generation)
+    membership, answered = _membership(call, parsed, state.pods, base)
+    view = GroupView(
+        state.statefulset, state.pods, parsed.pods, ready, base, call.generation,
+        membership=membership,
+        plan=state.plan, ranks_per_pod=parsed.worker.local_ranks(),
+        max_slots=parsed.placement.most_slots_per_rank,
+    )  # fmt: skip
     action = decide(view, time.time())
     if action.hold and not held:  # refused just now: no restart by the kubelet, nor by us
         hold_group(call.cluster, call.namespace, state.statefulset)
     deleted = delete_pods(call.cluster, call.namespace, action.delete)
     group, events = action.after_deleting(deleted)
     call.announce(list(events))
+    # GroupWhole only on the leader's word now: a recorded membership may be that of a group
+    # whose leader just stopped.
+    whole = membership if answered and not action.replacing else None
+    call.announce(transition_events(base, action.rank_loss, whole))
     standing = _standing(base, known, state)
     if control and ready == view.world and group.settled:
         standing = _balance(call, parsed, state, standing)
@@ -239,6 +252,17 @@ def _ensure(call: Call, spec: api.MoEDeploymentSpec, known: Ledger, *, hold: boo
         call.announce([("Normal", "Reconciled", change) for change in state.changes])
         call.announce(list(state.events))
     return state
+
+
+def _membership(
+    call: Call, spec: api.MoEDeploymentSpec, pods: list[dict[str, Any]], base: dict[str, Any]
+) -> tuple[GroupStatus | None, bool]:
+    """The leader's membership and True; when it does not answer, the one status recorded (a
+    group that ran its own membership still does) and False."""
+    try:
+        return _workers(call, spec, pods).group(), True
+    except handoff.HandoffError:
+        return membership_of(base), False
 
 
 def _workers(call: Call, spec: api.MoEDeploymentSpec, pods: list[dict[str, Any]]) -> PodWorkers:
@@ -369,6 +393,9 @@ def _write_status(
         last_rebalance=standing.last_rebalance,
         recovery=action.backoff,
         refusal=action.failure.record(call.generation) if action.failure and action.hold else None,
+        rank_loss=action.rank_loss,
+        membership=view.membership,
+        redundancy=plan_redundancy(desired, spec.worker.local_ranks()),
     )
     _write(call, compute_status(observed, base.get("conditions") or [], _now()))
     namespace, name = call.namespace, call.name

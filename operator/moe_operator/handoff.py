@@ -14,6 +14,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
+from moe_contract.group import GroupStatus, lost_document
 from moe_contract.plan import Plan, PlanError, parse_plan
 from moe_contract.switch import SwitchAnswer
 
@@ -119,3 +120,34 @@ def post_plan(leader: str, plan: Plan, token: str, *, timeout: float = 90.0) -> 
     reason = answer.error or answer.reason or "no reason given"
     error = PlanRefused if status in (400, 422) else HandoffError
     raise error(f"leader refused plan {plan.version}: HTTP {status}: {reason}")
+
+
+def group_status(leader: str, *, timeout: float = 2.0) -> GroupStatus | None:
+    """The group's membership as the leader serves it; None when the group has none of its own
+    (workers that restart whole on any rank's loss). HandoffError: no answer."""
+    status, document = _request(f"{leader}/v1/group", timeout=timeout)
+    if status == 404:
+        return None
+    found = GroupStatus.from_document(document) if status == 200 else None
+    if found is None:
+        raise HandoffError(f"GET {leader}/v1/group answered {status} without a membership")
+    return found
+
+
+def report_lost(
+    leader: str, ranks: list[int], reason: str, token: str, *, timeout: float = 3.0
+) -> bool:
+    """Tell the leader these ranks are gone (their pod was deleted or its worker exited): it
+    drops them at once. False: the group cannot take the news (no membership of its own)."""
+    status, document = _request(
+        f"{leader}/v1/group/lost",
+        method="POST",
+        body=json.dumps(lost_document(ranks, reason)).encode(),
+        token=token,
+        timeout=timeout,
+    )
+    if status == 202:
+        return True
+    if status == 409:
+        return False
+    raise HandoffError(f"POST {leader}/v1/group/lost answered {status}: {document.get('error')}")

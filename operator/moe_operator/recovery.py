@@ -5,9 +5,11 @@ clock, `decide` returns a `GroupAction`: the pods to delete together (and the Ev
 why) and what status says of the group. In order:
 
 1. Pods of an older template are replaced together: one group restart per change (`group`).
-2. Else a rank that died or restarted has the whole group replaced (a rank cannot rejoin a
-   running group); replacements in a row back off (`group.ReplacementBackoff`), and while one
-   is held back status says when it will run.
+2. Else a rank that died or restarted has the whole group replaced, unless the workers run
+   their own membership and it is not the leader's: then the survivors serve without it and
+   let it back in, and status says so (`rankloss`), unless they have no room for its experts;
+   replacements in a row back off (`group.ReplacementBackoff`), and while one is held back
+   status says when it will run.
 3. A failure the group is recovering from stays in status until all its pods are back, ready.
 4. Workers that refused to start (`failures`) are reported instead, and no pod is replaced:
    the spec or the checkpoint must change. The refusal is held for the spec's generation
@@ -25,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from moe_contract.group import GroupStatus
+from moe_contract.plan import Plan
 from moe_operator.failures import StartupFailure, startup_failure
 from moe_operator.group import (
     RECOVERING_REASON,
@@ -34,6 +38,7 @@ from moe_operator.group import (
     gang_failure,
     group_state,
 )
+from moe_operator.rankloss import RankLoss, keeps_serving, rank_loss
 
 Event = tuple[str, str, str]  # (type, reason, message)
 
@@ -48,6 +53,10 @@ class GroupView:
     ready: int  # the StatefulSet's readyReplicas
     previous: Mapping[str, Any]  # the status the previous run wrote
     generation: int = 0  # the spec's metadata.generation (a held refusal is for one)
+    membership: GroupStatus | None = None  # the leader's (None: none of its own, or unknown)
+    plan: Plan | None = None  # the plan of record (is there room without the lost ranks?)
+    ranks_per_pod: int = 1
+    max_slots: int | None = None  # placement.maxSlotsPerRank
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,7 @@ class GroupAction:
     failure: StartupFailure | None = None  # workers refuse to start
     hold: bool = False  # the refusal is held: scale the group to 0 pods until the spec changes
     backoff: ReplacementBackoff = field(default_factory=ReplacementBackoff)
+    rank_loss: RankLoss | None = None  # the group serves without some ranks (not replaced)
 
     def after_deleting(self, count: int) -> tuple[GroupState, tuple[Event, ...]]:
         """The group once `count` of the pods were deleted, and the Events to post."""
@@ -103,7 +113,10 @@ def decide(view: GroupView, now: float) -> GroupAction:
     if group.stale:
         deletion = ("Normal", "GroupRestart", f" together: {group.message(view.world)}")
         action = dataclasses.replace(action, delete=group.stale, deletion=deletion)
+    elif gang is not None and (carry_on := _carry_on(view))[0]:
+        action = dataclasses.replace(action, rank_loss=_loss(view))
     elif gang is not None:
+        no_room = carry_on[1]
         wait = backoff.wait_s(now)
         if wait > 0:
             in_a_row = backoff.in_a_row(now)
@@ -112,7 +125,9 @@ def decide(view: GroupView, now: float) -> GroupAction:
             events = () if _said(view.previous, news) else (("Warning", "GroupBackoff", held),)
             action = dataclasses.replace(action, recovering=held, events=events)
         else:
-            replacing = gang.message(view.world)
+            replacing = (
+                f"{no_room}; {gang.message(view.world)}" if no_room else gang.message(view.world)
+            )
             action = dataclasses.replace(
                 action,
                 delete=gang.pods,
@@ -121,7 +136,23 @@ def decide(view: GroupView, now: float) -> GroupAction:
                 recovering=replacing,
                 backoff=backoff.replaced(now),
             )
+    elif view.membership is not None and not group.restarting:
+        action = dataclasses.replace(action, rank_loss=_loss(view))
     return _refusals(action, view)
+
+
+def _carry_on(view: GroupView) -> tuple[bool, str | None]:
+    return keeps_serving(
+        view.membership,
+        view.pods,
+        view.plan,
+        ranks_per_pod=view.ranks_per_pod,
+        max_slots=view.max_slots,
+    )
+
+
+def _loss(view: GroupView) -> RankLoss | None:
+    return rank_loss(view.membership, view.pods, view.ranks_per_pod)
 
 
 def _refusals(action: GroupAction, view: GroupView) -> GroupAction:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moe_contract import env as worker_env
+from moe_contract.group import GroupStatus
 from moe_contract.plan import Plan
 from moe_operator import handoff, loads
 from moe_operator.api import MoEDeploymentSpec
@@ -80,6 +81,17 @@ class PodWorkers:
             return handoff.served_plan(self._leader(), self._token())
         except handoff.HandoffError:
             return None
+
+    def group(self) -> GroupStatus | None:
+        """The leader's membership (None: the group has none of its own). HandoffError: the
+        leader did not answer."""
+        return handoff.group_status(self._leader())
+
+    def report_lost(self, ranks: list[int], reason: str) -> bool:
+        token = self.token()
+        if token is None:
+            raise handoff.HandoffError("control-token Secret is missing")
+        return handoff.report_lost(self._leader(), ranks, reason, token)
 
     def post_plan(self, plan: Plan) -> handoff.HandoffResult:
         return handoff.post_plan(self._leader(), plan, self._token())

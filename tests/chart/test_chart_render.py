@@ -32,7 +32,7 @@ EXPECTED_RBAC = {
     ("", "configmaps"): {"get", "create", "patch"},
     ("", "secrets"): {"get", "create"},  # the token: created once, read for hand-offs
     ("policy", "poddisruptionbudgets"): {"get", "create", "patch"},  # the gang's budget
-    ("", "pods"): {"list", "delete"},  # addresses and readiness; group restarts
+    ("", "pods"): {"list", "watch", "delete"},  # addresses; a lost rank; group restarts
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from moe_contract.group import GroupStatus
 from moe_contract.plan import Plan, round_robin_plan, validate_plan
 from moe_contract.shape import ModelShape
 from moe_contract.switch import BLOCKING, TIMEOUT, SwitchAnswer
@@ -92,6 +93,9 @@ class ScriptedBackend:
         self.load_now = ServingLoad()
         """What `load()` answers."""
         self.aborted: set[str] = set()
+        self.group: GroupStatus | None = None
+        """What GET /v1/group answers (None: 404, no membership of its own)."""
+        self.lost_reports: list[tuple[list[int], str]] = []
         self.abort_seen = threading.Event()
         shape = card.shape
         self.plan: Plan | None = round_robin_plan(shape.layers, shape.experts, world_size)
@@ -161,6 +165,15 @@ class ScriptedBackend:
             return self.switch_outcome
         self.plan = plan
         return SwitchAnswer.switched(plan, 0.0, BLOCKING)
+
+    def group_status(self) -> GroupStatus | None:
+        return self.group
+
+    def report_lost(self, ranks: list[int], reason: str) -> bool:
+        if self.group is None:
+            return False
+        self.lost_reports.append((ranks, reason))
+        return True
 
     # ------------------------------------------------------------ the "serving loop"
 

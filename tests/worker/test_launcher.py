@@ -20,6 +20,7 @@ import openai
 import pytest
 
 from moe_contract.shape import ModelShape
+from moe_worker import launcher as pod_launcher
 from moe_worker.launcher import LocalRanks, rank_settings
 from moe_worker.models.checkpoint import write_checkpoint
 from moe_worker.models.weights import SyntheticWeights
@@ -200,3 +201,28 @@ def test_local_ranks_of_a_pod_take_global_ranks_ports_and_gpus() -> None:
     assert all(c.api_port == 0 for c in children)  # only global rank 0 serves the API
     first = rank_settings(settings, LocalRanks(2), 0)
     assert (first.rank, first.api_port, first.world_size) == (0, 8000, 2)
+
+
+def test_the_pods_message_is_the_first_failed_ranks_own(tmp_path: Path) -> None:
+    """Ranks of a pod write their fatal messages to files of their own: the pod reports the first
+    failed rank's (rank 0's reason, not rank 1's later broken collective nor `exited with code
+    1`), and the exit's description when a rank said nothing (killed)."""
+    messages = [tmp_path / "rank-0", tmp_path / "rank-1"]
+    for message in messages:
+        message.touch()
+    script = (
+        "import pathlib, sys, time; time.sleep(float(sys.argv[2])); "
+        "pathlib.Path(sys.argv[1]).write_text(sys.argv[3]); sys.exit(1)"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(messages[0]), "0", "rank 4: no room"]),
+        subprocess.Popen([sys.executable, "-c", script, str(messages[1]), "30", "rank 5: late"]),
+    ]
+    why: list[str] = []
+    assert pod_launcher._watch(procs, 4, why, messages) == 1
+    assert why == ["rank 4: no room"]
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    killed.kill()
+    why = []
+    assert pod_launcher._watch([killed], 6, why, [tmp_path / "silent"]) == 1
+    assert why == ["rank 6 was killed by SIGKILL"]

@@ -176,6 +176,13 @@ def test_a_pod_answers_for_its_ranks(pods: Pods) -> None:
         versions = {lb["rank"]: v for n, lb, v in samples(text) if n == "moe_plan_version"}
         assert versions == {str(2 * pod): 2.0, str(2 * pod + 1): 2.0}
 
+    # The membership too (the operator reads it and reports lost pods to the leader's pod).
+    status, group = request(pods.url(0, "/v1/group"))
+    assert status == 200 and group["liveRanks"] == list(range(WORLD)), group
+    lost = {"ranks": [0], "reason": "test"}
+    assert request(pods.url(0, "/v1/group/lost"), lost, TOKEN)[0] == 400  # never the leader
+    assert request(pods.url(1, "/v1/group/lost"), lost, TOKEN)[0] == 421
+
     # The OpenAI-compatible API: global rank 0, on pod 0's address; nobody else listens.
     body = {"model": "seedmlp-synthetic", "prompt": [1, 2, 3], "max_tokens": 3}
     api = f"http://{pods.hosts[0]}:{pods.api_port}/v1"

@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from moe_worker.process import report_fatal, serve
+    from moe_worker.process import exit_now, report_fatal, serve
 
     try:
         check_pod_flags(args, environ)
@@ -140,7 +140,9 @@ def run_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         if args.master_port is None and not environ.get(env.MASTER_PORT):
             settings = settings.replace(master_port=free_port())
         return launch(settings, LocalRanks(settings.world_size), args.log_level)
-    return serve(settings)
+    code = serve(settings)
+    exit_now(code)
+    return code
 
 
 SERVE_HELP = """\

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from moe_worker.api import ServerHandle, create_control_app, create_openai_app, start
+from moe_worker.ep.comm import retired_groups
 from moe_worker.models import UnsupportedConfig
 from moe_worker.models.checkpoint import CheckpointError
 from moe_worker.models.verify import INVALID
@@ -40,6 +41,17 @@ def report_fatal(message: str, termination_message_path: str | None) -> int:
         with contextlib.suppress(OSError):  # reporting must not hide the error itself
             Path(path).write_text(message[-TERMINATION_MESSAGE_LIMIT:])
     return EXIT_CONFIG
+
+
+def exit_now(code: int) -> None:
+    """End the process with `code` at once when it dropped process groups of past membership
+    epochs: their pending operations would abort the interpreter's exit (a rank that left, or
+    survived, a lost member). Otherwise return (the normal exit runs)."""
+    if retired_groups():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def install_signal_handlers(runtime: Runtime) -> None:
@@ -101,12 +113,14 @@ def serve(settings: WorkerSettings) -> int:
     except CheckpointError as error:  # a tensor the config promises is not there, or misshapen
         message = f"rank {settings.rank}: {INVALID}: {error}"
         return report_fatal(message, settings.termination_message_path)
-    except Exception:
+    except Exception as error:
         # Asked to stop: its peers are stopping too, and a broken collective is expected then.
         if runtime.state.stopping.is_set():
             log.info("rank %d stopped (group closed during shutdown)", settings.rank)
             return 0
         log.exception("rank %d serving loop failed", settings.rank)
+        # The pod's status says why (the operator names it: a whole-group restart's reason).
+        report_fatal(f"rank {settings.rank}: {error}", settings.termination_message_path)
         return 1
     finally:
         for server in servers:

@@ -66,6 +66,7 @@ class WorkerSettings:
     startup_timeout: float = _default("startup_timeout")
     collective_timeout: float = _default("collective_timeout")
     stall_timeout: float = _default("stall_timeout")
+    heartbeat_timeout: float = _default("heartbeat_timeout")
     # Weights and plans.
     checkpoint: str | None = _default("checkpoint")
     seed: int = _default("seed")

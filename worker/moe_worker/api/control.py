@@ -21,11 +21,18 @@ POST /v1/plan     leader only, `Authorization: Bearer <control token>`:
                       current; 401 token; 413 body too large; 421 not the leader; 503 not
                       ready, or {"applied": false, "reason": "transfer failed", "error"}
                       (the old plan serves); 504 {"applied": false, "reason": "timeout"}
+GET  /v1/group    200 the membership this rank serves in (`moe_contract.group.GroupStatus`);
+                  404 when the group has none of its own
+POST /v1/group/lost
+                  leader only, the control token: {"ranks": [...], "reason"}: 202 the leader
+                  drops them at once (the operator saw their pods go); 400 not such a body; 409
+                  the group has no membership of its own
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 
 from fastapi import FastAPI
@@ -106,7 +113,36 @@ def create_control_app(
             answer = await asyncio.to_thread(backend.switch_plan, plan, switch_timeout)
         return JSONResponse(answer.to_document(), status_code=answer.http_status)
 
+    @app.get("/v1/group")
+    def get_group() -> Response:
+        status = backend.group_status()
+        if status is None:
+            raise ApiError(404, "this group has no membership of its own")
+        return JSONResponse(status.to_document())
+
+    @app.post("/v1/group/lost")
+    async def post_lost(request: Request) -> Response:
+        _leader_authorized_ready(backend, request, token_path)
+        ranks, reason = _lost(await request.body())
+        if not backend.report_lost(ranks, reason):
+            raise ApiError(409, "this group has no membership of its own")
+        return JSONResponse({"accepted": True}, status_code=202)
+
     return app
+
+
+def _lost(body: bytes) -> tuple[list[int], str]:
+    try:
+        raw = json.loads(body)
+        ranks = raw["ranks"]
+        reason = str(raw.get("reason") or "reported lost")
+    except (ValueError, KeyError, TypeError):
+        raise ApiError(400, 'expected {"ranks": [...], "reason": "..."}', param="ranks") from None
+    if not isinstance(ranks, list) or not all(
+        isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks
+    ):
+        raise ApiError(400, "ranks: a list of ranks other than the leader's (0)", param="ranks")
+    return ranks, reason
 
 
 def _leader_authorized_ready(backend: Backend, request: Request, token_path: str | None) -> None:

@@ -6,6 +6,13 @@ through the EP engine, and samples the sequences whose chunk ends with a token. 
 log-probabilities a request asks for are computed here, where the logits are
 (`moe_worker.ep.sampling.token_logprobs`), and travel back in the `StepResult`.
 
+A step the group did not finish (a member was lost during it: the leader never had every rank's
+result) is undone on the survivors (`rewind`): the sequences admitted in it are dropped, the
+others go back to their cached length and tokens before it, and the leader runs it again. A
+request resumed from a lost rank is admitted with the tokens it had generated, prefilled after
+its prompt (one re-prefill), and sampling goes on at its next token index: the same tokens as
+if nothing had happened.
+
 A request that fails here (an unknown id, a position that disagrees with the cache, a full cache,
 a sampling error: bugs, all of them) fails alone: it is reported in the `StepResult` and freed,
 and the rank still joins the step's forward with its other sequences, or with zero tokens, so the
@@ -39,6 +46,28 @@ class _Sequence:
     sampling: SamplingParams
     seed: int
     generated: list[int] = field(default_factory=list)
+    resumed: int = 0
+    """Tokens it had generated before it was resumed here: prefilled after the prompt."""
+
+    @property
+    def prefill_length(self) -> int:
+        return len(self.prompt) + self.resumed
+
+    def prefill(self, start: int, length: int) -> list[int]:
+        if start < len(self.prompt) and start + length <= len(self.prompt):
+            return list(self.prompt[start : start + length])
+        tokens = (*self.prompt, *self.generated[: self.resumed])
+        return list(tokens[start : start + length])
+
+
+@dataclass
+class _Undo:
+    """What a step changed on this rank, to undo it when the group did not finish it."""
+
+    step: int
+    before: dict[str, tuple[int, int]]
+    """Each sequence held before the step: (cached tokens, generated tokens)."""
+    admitted: list[str] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -47,6 +76,37 @@ class ModelRunner:
         self.sequences: dict[str, _Sequence] = {}
         self.tokens_run = 0
         """New tokens of this rank's sequences run through the model (for metrics)."""
+        self._undo: _Undo | None = None
+
+    # ------------------------------------------------------------ steps the group may not finish
+
+    def begin_step(self, step: int) -> None:
+        """Remember this rank's state before `step` (undone by `rewind` if the group does not
+        finish it)."""
+        before = {
+            rid: (self.cache.length(rid), len(seq.generated)) for rid, seq in self.sequences.items()
+        }
+        self._undo = _Undo(step, before)
+
+    @property
+    def last_step(self) -> int | None:
+        """The last step this rank began (None: none yet)."""
+        return None if self._undo is None else self._undo.step
+
+    def rewind(self) -> None:
+        """Undo the last step begun: its admissions dropped, every other sequence back to what
+        it had cached and generated before it (its releases stand: those requests had ended)."""
+        undo, self._undo = self._undo, None
+        if undo is None:
+            return
+        for rid in undo.admitted:
+            self.sequences.pop(rid, None)
+            self.cache.free(rid)
+        for rid, (cached, generated) in undo.before.items():
+            seq = self.sequences.get(rid)
+            if seq is not None:
+                self.cache.rewind(rid, cached)
+                del seq.generated[generated:]
 
     def release(self, request_ids: Iterable[str]) -> None:
         """Free finished sequences (ids of other ranks are ignored), in the leader's order."""
@@ -76,8 +136,14 @@ class ModelRunner:
             try:
                 self.cache.reserve(new.request_id, new.reserve_tokens)
                 self.sequences[new.request_id] = _Sequence(
-                    new.prompt_token_ids, new.sampling, new.seed
+                    new.prompt_token_ids,
+                    new.sampling,
+                    new.seed,
+                    list(new.generated),
+                    resumed=len(new.generated),
                 )
+                if self._undo is not None:
+                    self._undo.admitted.append(new.request_id)
             except Exception as error:  # one request fails, the group goes on
                 errors.append(self._fail(new.request_id, error))
         return errors
@@ -187,8 +253,8 @@ class ModelRunner:
                 f"the leader runs {chunk.request_id!r} from position {chunk.start}, "
                 f"rank {self.rank} has {cached} tokens cached"
             )
-        if chunk.start < len(seq.prompt):
-            return list(seq.prompt[chunk.start : chunk.start + chunk.length])
+        if chunk.start < seq.prefill_length:
+            return seq.prefill(chunk.start, chunk.length)
         if chunk.length != 1 or not seq.generated:
             raise ValueError(f"{chunk.request_id!r}: a decode step feeds exactly its last token")
         return [seq.generated[-1]]

@@ -221,6 +221,12 @@ class KVCache:
     def __contains__(self, seq_id: SeqId) -> bool:
         return seq_id in self.blocks
 
+    def rewind(self, seq_id: SeqId, length: int) -> None:
+        """Forget what `seq_id` cached past `length` (a step the group did not finish): its
+        later positions are written again. Its blocks stay reserved."""
+        if seq_id in self._lengths:
+            self._lengths[seq_id] = min(self._lengths[seq_id], length)
+
     # ------------------------------------------------------------ one step
 
     def prepare(self, batch: StepBatch) -> StepMeta:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from moe_contract.group import REGROUPING, GroupStatus
 from moe_contract.plan import Plan
 from moe_contract.plan import validate_plan as check_plan
 from moe_contract.switch import NOT_READY, STALE, SwitchAnswer
@@ -41,6 +42,8 @@ class RankBackend:
         self.leader, self.metrics = leader, metrics
         self.on_drain: Callable[[], None] = state.draining.set
         """What POST /v1/drain starts (the runtime's drain)."""
+        self.report_lost: Callable[[list[int], str], bool] = lambda ranks, reason: False
+        """Set by the runtime: the leader drops these ranks at once."""
 
     @property
     def rank(self) -> int:
@@ -105,6 +108,21 @@ class RankBackend:
 
     def load(self) -> ServingLoad:
         return ServingLoad() if self.leader is None else self.leader.scheduler.load()
+
+    def group_status(self) -> GroupStatus | None:
+        view = self.state.group
+        if view is None:
+            return None
+        resumed = 0 if self.leader is None else self.leader.scheduler.resumed_total
+        return GroupStatus(
+            epoch=view.epoch,
+            world=view.world,
+            live=view.members,
+            joining=tuple(r for r in view.members if r not in view.holders),
+            state=view.state,
+            reason=view.regrouping if view.state == REGROUPING else None,
+            resumed_requests=resumed,
+        )
 
     def switch_plan(self, plan: Plan, timeout: float) -> SwitchAnswer:
         """Leader: block until every rank serves `plan`; the stale answer if it is not newer."""

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from moe_contract.group import GroupStatus
 from moe_contract.plan import Plan
 from moe_contract.shape import ModelShape
 from moe_contract.switch import SwitchAnswer
@@ -257,4 +258,14 @@ class Backend(Protocol):
     def switch_plan(self, plan: Plan, timeout: float) -> SwitchAnswer:
         """Blocking: every rank serves `plan`, or the answer says why not (`timeout` when not
         every rank switched within `timeout` seconds)."""
+        ...
+
+    # the group's membership (GET on every rank; the news of lost ranks for the leader)
+    def group_status(self) -> GroupStatus | None:
+        """The membership this rank serves in; None: the group has none of its own (any lost
+        rank restarts it whole)."""
+        ...
+
+    def report_lost(self, ranks: list[int], reason: str) -> bool:
+        """The leader drops these ranks at once; False: it cannot (no membership of its own)."""
         ...

@@ -21,6 +21,10 @@ step. Pure logic (no torch, no process group); the runtime calls it at every ste
   the last prompt token itself. Elsewhere, or once the sibling failed, it prefills alone.
 - Log-probabilities come back with the tokens (`StepResult`); a request's prompt's arrive chunk
   by chunk and go to its client with its first token, as does its time in the queue.
+- Losing a rank (`lose`): its requests go back to the front of the queue with the tokens they
+  generated, and are admitted again on a live rank (`live`), prefilling prompt + those tokens
+  (one re-prefill); their clients see a stall, never an error, and no token twice. A step the
+  group did not finish is undone (`rewind`) and scheduled again.
 
 Thread safety: `add` and `abort` come from HTTP threads, the rest from the serving loop; one lock
 guards the state. Events are returned with their sinks, to be delivered outside the lock.
@@ -92,10 +96,19 @@ class _Sequence:
     copy_from: str | None = None
     """The sibling whose prompt K/V this sequence waits to copy (None: it prefills alone)."""
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    tokens: list[int] = field(default_factory=list)
+    """The tokens generated so far (a request resumed on another rank prefills them again)."""
+    resumed: int = 0
+    """Tokens it had generated when its rank was lost: prefilled after the prompt."""
+
+    @property
+    def prefill_length(self) -> int:
+        """Prompt tokens, and those generated before it was resumed (prefilled again)."""
+        return len(self.request.prompt_token_ids) + self.resumed
 
     @property
     def prompt_left(self) -> int:
-        return len(self.request.prompt_token_ids) - self.prefilled
+        return self.prefill_length - self.prefilled
 
     @property
     def copy_tokens(self) -> int:
@@ -134,6 +147,11 @@ class Scheduler:
         self._aborts: list[str] = []
         self._expected: set[str] = set()  # sequences whose sampled token the last step owes
         self._copy_ready: dict[str, _Sequence] = {}  # ended, K/V cached until released
+        self.live = set(range(config.world_size))
+        """Ranks that take sequences (the group's members)."""
+        self._last: Scheduled | None = None  # the step scheduled and not yet completed
+        self.resumed_total = 0
+        """Requests resumed on another rank after theirs was lost."""
 
     # ------------------------------------------------------------ HTTP threads
 
@@ -227,18 +245,73 @@ class Scheduler:
             copies = self._copies({seq.request_id for seq in admitted})
             chunks = self._chunks()
             self._expected = {c.request_id for c in chunks if c.sample}
-        admit = tuple(
-            NewSequence(
-                s.request_id,
-                s.rank,
-                s.request.prompt_token_ids,
-                s.request.sampling,
-                s.seed,
-                s.reserve,
+            admit = tuple(
+                NewSequence(
+                    s.request_id,
+                    s.rank,
+                    s.request.prompt_token_ids,
+                    s.request.sampling,
+                    s.seed,
+                    s.reserve,
+                    tuple(s.tokens[: s.resumed]),
+                )
+                for s in admitted
             )
-            for s in admitted
-        )
+            self._last = Scheduled(release, admit, chunks, (), copies)
         return Scheduled(release, admit, chunks, tuple(deliveries), copies)
+
+    def rewind(self) -> None:
+        """Undo the last step scheduled (the group did not finish it; the ranks undo it too):
+        its admissions wait again at the front, its prompt chunks are to run again, its
+        releases are sent again (freeing twice is harmless)."""
+        with self._lock:
+            last, self._last = self._last, None
+            self._expected = set()
+            if last is None:
+                return
+            for chunk in last.chunks:
+                seq = self._running.get(chunk.request_id)
+                if seq is not None and chunk.start < seq.prefill_length:
+                    seq.prefilled = min(seq.prefilled, chunk.start)
+            for new in reversed(last.admit):
+                seq = self._running.pop(new.request_id, None)
+                if seq is not None:
+                    self.allocators[seq.rank].free(seq.request_id)
+                    seq.rank, seq.prefilled = -1, 0
+                    self._waiting.appendleft(seq)
+            self._release = list(last.release) + self._release
+            for copy in last.copies:  # the ranks undid the copy: the sibling prefills alone
+                seq = self._running.get(copy.target)
+                if seq is not None:
+                    seq.prefilled = 0
+
+    def lose(self, ranks: Sequence[int]) -> list[str]:
+        """`ranks` left the group: their requests wait again at the front of the queue, to be
+        prefilled again (prompt + what they generated) on a live rank; their KV mirrors are
+        emptied. Returns the ids resumed."""
+        lost = set(ranks)
+        with self._lock:
+            self.live -= lost
+            moved = [s for s in self._running.values() if s.rank in lost]
+            for seq in reversed(moved):
+                del self._running[seq.request_id]
+                seq.rank, seq.prefilled, seq.resumed = -1, 0, seq.generated
+                seq.copy_from = None  # resumed: it prefills alone, wherever it lands
+                self._waiting.appendleft(seq)
+            for rank in lost:
+                blocks = self.allocators[rank].num_blocks
+                self.allocators[rank] = BlockAllocator(blocks, self.config.block_size)
+            self._expected -= {s.request_id for s in moved}
+            self.resumed_total += len(moved)
+        return [s.request_id for s in moved]
+
+    def welcome(self, ranks: Sequence[int]) -> None:
+        """`ranks` joined the group (empty caches): they take sequences again."""
+        with self._lock:
+            for rank in ranks:
+                blocks = self.allocators[rank].num_blocks
+                self.allocators[rank] = BlockAllocator(blocks, self.config.block_size)
+            self.live |= set(ranks)
 
     def complete(self, results: Sequence[StepResult]) -> list[Delivery]:
         """Take every rank's sampled tokens and failures; events for the clients."""
@@ -258,6 +331,7 @@ class Scheduler:
                         continue
                     self._expected.discard(rid)
                     seq.generated += 1
+                    seq.tokens.append(token)
                     context = len(seq.request.prompt_token_ids) + seq.generated
                     reason = finish_reason(
                         token,
@@ -276,6 +350,7 @@ class Scheduler:
             for rid in sorted(self._expected & self._running.keys()):
                 deliveries.append(self._end(rid, "error", error="its rank returned no token"))
             self._expected = set()
+            self._last = None
         return deliveries
 
     def _take_prompt_logprobs(self, result: StepResult) -> None:
@@ -359,7 +434,8 @@ class Scheduler:
         fits = [
             rank
             for rank, allocator in enumerate(self.allocators)
-            if per_rank[rank] < self.config.max_batch_tokens
+            if rank in self.live
+            and per_rank[rank] < self.config.max_batch_tokens
             and allocator.can_reserve(seq.request_id, seq.reserve)
         ]
         if not fits:
@@ -379,8 +455,9 @@ class Scheduler:
                 continue
             running = self._running.get(seq.copy_from)
             source = running or self._copy_ready.get(seq.copy_from)
-            if source is None or (running is None and source.prefilled < seq.copy_tokens):
-                seq.copy_from = None  # failed, or ended before its prompt was cached
+            moved = source is not None and source.rank != seq.rank  # resumed elsewhere
+            if source is None or moved or (running is None and source.prefilled < seq.copy_tokens):
+                seq.copy_from = None  # failed, moved, or ended before its prompt was cached
             elif source.prefilled >= seq.copy_tokens:
                 copies.append(PrefixCopy(seq.copy_from, seq.request_id, seq.copy_tokens))
                 seq.prefilled, seq.copy_from = seq.copy_tokens, None
@@ -395,7 +472,7 @@ class Scheduler:
         running = list(self._running.values())
         for seq in running:  # decodes first: one token each, always within the budget
             if seq.prompt_left == 0:
-                position = seq.prefilled + seq.generated - 1
+                position = len(seq.request.prompt_token_ids) + seq.generated - 1
                 chunks.append(Chunk(seq.request_id, seq.rank, position, 1, True))
                 budget[seq.rank] -= 1
         for seq in running:  # then prompts, oldest first, chunked to what is left

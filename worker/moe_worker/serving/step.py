@@ -34,6 +34,9 @@ class NewSequence:
     """The request's own seed, or one the leader drew: sampling never depends on the rank."""
     reserve_tokens: int
     """KV tokens reserved at admission (prompt + max_tokens): the sequence never needs more."""
+    generated: tuple[int, ...] = ()
+    """Tokens it generated before (a request resumed after its rank was lost): prefilled after
+    the prompt, and the next token sampled is number len(generated) of the request."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,9 @@ class SwitchCommand:
     carries it out on each rank).
 
     start    switch to `plan`: in the `background` (every rank starts moving its experts and the
-             old plan keeps serving), or blocking (the experts move now, serving waits)
+             old plan keeps serving), or blocking (the experts move now, serving waits); with
+             `serve`, the layout served is that plan degraded to the ranks in the group
+             (`moe_contract.elastic.degraded_plan`; the same version: a rank back)
     poll     a background switch is in flight: every rank reports its transfer's state
     flip     every rank's experts landed: all serve plan `version` from now on
     abandon  a rank failed or the switch timed out (`reason`): all drop it
@@ -76,10 +81,11 @@ class SwitchCommand:
     background: bool = False
     version: int | None = None
     reason: str | None = None
+    serve: Plan | None = None
 
     @classmethod
-    def start(cls, plan: Plan, *, background: bool) -> SwitchCommand:
-        return cls("start", plan=plan, background=background)
+    def start(cls, plan: Plan, *, background: bool, serve: Plan | None = None) -> SwitchCommand:
+        return cls("start", plan=plan, background=background, serve=serve)
 
     @classmethod
     def poll(cls) -> SwitchCommand:
@@ -105,17 +111,19 @@ class SwitchCommand:
             "background": self.background,
             "version": self.version,
             "reason": self.reason,
+            "serve": None if self.serve is None else self.serve.to_document(),
         }
 
     @classmethod
     def from_document(cls, raw: dict[str, Any]) -> SwitchCommand:
-        plan = raw["plan"]
+        plan, serve = raw["plan"], raw.get("serve")
         return cls(
             action=raw["action"],
             plan=None if plan is None else parse_plan(plan),
             background=raw["background"],
             version=raw["version"],
             reason=raw["reason"],
+            serve=None if serve is None else parse_plan(serve),
         )
 
 
@@ -144,10 +152,11 @@ class StepDescriptor:
 
     @property
     def gathers(self) -> bool:
-        """Ranks answer a StepResult (tokens, errors of admissions, copies and chunks, switch
-        state)."""
-        reports = self.switch is not None and self.switch.reports
-        return bool(self.admit or self.chunks or self.copies or reports)
+        """Ranks answer a StepResult (tokens, errors of admissions and chunks, switch state):
+        every step that does something, so that the leader knows every rank did it (a step is
+        committed when the leader has every rank's result: what a lost member's survivors
+        keep)."""
+        return not (self.idle or self.stop)
 
     def to_json(self) -> str:
         # By hand: dataclasses.asdict deep-copies every field, a measurable cost per step.
@@ -186,6 +195,7 @@ def _new_sequence_document(new: NewSequence) -> dict[str, Any]:
         "sampling": dataclasses.asdict(new.sampling),
         "seed": new.seed,
         "reserve_tokens": new.reserve_tokens,
+        "generated": new.generated,
     }
 
 
@@ -199,6 +209,7 @@ def _new_sequence(raw: dict[str, Any]) -> NewSequence:
         sampling=SamplingParams(**sampling),
         seed=raw["seed"],
         reserve_tokens=raw["reserve_tokens"],
+        generated=tuple(raw.get("generated", ())),
     )
 
 
