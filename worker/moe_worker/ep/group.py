@@ -213,6 +213,8 @@ def gather_text(text: str, comm: Comm | None = None) -> list[str]:
 def send_texts(texts: Mapping[int, str], comm: Comm | None = None) -> None:
     """Point-to-point: `texts[rank]` to that member alone (which calls `recv_text`); the
     members not named take no part."""
+    if not texts:
+        return
     comm = comm or Comm.world()
     messages = []
     for rank, text in texts.items():
