@@ -1,7 +1,7 @@
-"""The serving loop's two collectives carry any text: short ones in one fixed-size frame, long ones
-(many long prompts admitted at once) with a second message for the rest, on every rank. And the
-harness that forks the ranks of every distributed test leaves them nothing of the parent's
-garbage to destroy."""
+"""The serving loop's messages carry any text: short ones in one fixed-size frame, long ones (many
+long prompts admitted at once) with a second message for the rest, broadcast to every rank,
+gathered from every rank, or sent to one rank alone. And the harness that forks the ranks of
+every distributed test leaves them nothing of the parent's garbage to destroy."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ def exchange(rank: int, world: int) -> dict[str, Any]:
         out[f"broadcast_{name}"] = group.broadcast_text(text if rank == 0 else None)
     out["gather_short"] = group.gather_text(f"rank {rank}")
     out["gather_mixed"] = group.gather_text(LONG if rank == 1 else f"rank {rank}")
+    for name, text in (("short", "[1]"), ("long", LONG)):  # to rank 1 alone
+        if rank == 0:
+            group.send_texts({1: text})
+        else:
+            out[f"sent_{name}"] = group.recv_text(0)
     return out
 
 
@@ -37,6 +42,8 @@ def test_texts_of_any_length_reach_every_rank(tmp_path: Path) -> None:
         assert result["broadcast_long"] == LONG
         assert result["gather_short"] == ["rank 0", "rank 1"]
         assert result["gather_mixed"] == ["rank 0", LONG]
+        if r == 1:
+            assert (result["sent_short"], result["sent_long"]) == ("[1]", LONG)
 
 
 class LeftoverStore:

@@ -21,7 +21,15 @@ from moe_worker.serving.generation import (
     TokenEvent,
 )
 from moe_worker.serving.scheduler import Scheduled, Scheduler, SchedulerConfig
-from moe_worker.serving.step import StepDescriptor, StepResult, SwitchCommand
+from moe_worker.serving.step import (
+    NewSequence,
+    StepDescriptor,
+    StepResult,
+    SwitchCommand,
+    admitted,
+    sequences_from_json,
+    sequences_to_json,
+)
 
 EOS = 7
 
@@ -329,8 +337,38 @@ def test_step_descriptors_and_results_travel_as_json_unchanged() -> None:
     scheduler.add(request("b", 2), lambda e: None)
     s = scheduler.schedule()
     switch = SwitchCommand.start(round_robin_plan(2, 4, 2, 2, version=2), background=True)
-    descriptor = StepDescriptor(4, False, ("x",), switch, s.admit, s.chunks)
+    descriptor = StepDescriptor(4, False, ("x",), switch, admitted(s.admit), s.admit, s.chunks)
     assert StepDescriptor.from_json(descriptor.to_json()) == descriptor
     assert StepDescriptor.from_json(StepDescriptor(5).to_json()).idle
     result = StepResult((("a", 5),), (("b", "KeyError: 'b'"),))
     assert StepResult.from_json(result.to_json()) == result
+
+
+def ignore(event: TokenEvent) -> None:
+    pass
+
+
+def test_the_step_names_admissions_and_only_their_owner_receives_them_in_full() -> None:
+    """Issue 19: a request's prompt and parameters (256 stop token ids) are not broadcast to
+    every rank every step: the descriptor names each admission and its rank, the owner's
+    payload carries every field of its own sequences and nothing of another rank's."""
+    scheduler = Scheduler(config(), draw_seed=lambda: 9)
+    stops = tuple(range(1000, 1256))
+    scheduler.add(request("a", 20, 4, top_p=0.5, stop_token_ids=stops, logprobs=2), ignore)
+    scheduler.add(request("b", 3, prompt_logprobs=1), ignore)
+    admit = scheduler.schedule().admit
+    resumed = NewSequence("c", 1, (5, 6), SamplingParams(seed=3), 3, 12, generated=(8, 9))
+    descriptor = StepDescriptor(1, admit=admitted((*admit, resumed)), sequences=(*admit, resumed))
+
+    wire = descriptor.to_json()
+    assert "1255" not in wire and "prompt_token_ids" not in wire and "sampling" not in wire
+    received = StepDescriptor.from_json(wire)
+    assert received.admit == (("a", 0), ("b", 1), ("c", 1)) and received.sequences == ()
+    assert not received.idle and received.gathers
+    for rank in (0, 1):
+        mine = descriptor.sequences_of(rank)
+        assert {new.rank for new in mine} == {rank}
+        assert sequences_from_json(sequences_to_json(mine)) == mine
+    assert descriptor.sequences_of(1)[1].generated == (8, 9)
+    assert descriptor.sequences_of(0)[0].sampling.stop_token_ids == stops
+    assert "1255" not in sequences_to_json(descriptor.sequences_of(1))  # a's stop ids: rank 0's

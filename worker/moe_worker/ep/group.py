@@ -1,7 +1,8 @@
-"""The process group of one rank: joining it, the device it computes on, and the two small
-collectives of the serving loop (the leader's step descriptor out, every rank's result in).
+"""The process group of one rank: joining it, the device it computes on, and the small messages
+of the serving loop: the leader's step descriptor out (a collective), each owner's admissions
+out (point-to-point, to that rank alone), every rank's result in (a collective).
 
-Both carry JSON text as uint8 tensors: plain data, never pickled objects, on any backend (nccl
+All carry JSON text as uint8 tensors: plain data, never pickled objects, on any backend (nccl
 moves CUDA tensors only, gloo CPU ones), over a `comm.Comm` (one membership epoch's process
 group; None: the default process group).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Mapping
 from datetime import timedelta
 
 import torch
@@ -206,3 +208,34 @@ def gather_text(text: str, comm: Comm | None = None) -> list[str]:
         (head + tail.cpu().numpy().tobytes()[: size - len(head)]).decode()
         for (size, head), tail in zip(parts, tails, strict=True)
     ]
+
+
+def send_texts(texts: Mapping[int, str], comm: Comm | None = None) -> None:
+    """Point-to-point: `texts[rank]` to that member alone (which calls `recv_text`); the
+    members not named take no part."""
+    if not texts:
+        return
+    comm = comm or Comm.world()
+    messages = []
+    for rank, text in texts.items():
+        payload = text.encode()
+        messages.append((True, _framed(payload, comm.device), rank))
+        if len(payload) > INLINE_BYTES - _HEADER:
+            messages.append((True, _rest(payload).to(comm.device), rank))
+    for work in comm.post(messages):
+        comm.wait(work)
+
+
+def recv_text(src: int, comm: Comm | None = None) -> str:
+    """Point-to-point: the text member `src` sends this rank (`send_texts`)."""
+    comm = comm or Comm.world()
+    frame = torch.empty(INLINE_BYTES, dtype=torch.uint8, device=comm.device)
+    for work in comm.post([(False, frame, src)]):
+        comm.wait(work)
+    size, head = _unframe(frame)
+    if size <= len(head):
+        return head.decode()
+    rest = torch.empty(size - len(head), dtype=torch.uint8, device=comm.device)
+    for work in comm.post([(False, rest, src)]):
+        comm.wait(work)
+    return (head + rest.cpu().numpy().tobytes()).decode()

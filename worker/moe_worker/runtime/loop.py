@@ -2,7 +2,9 @@
 
 Every step the leader (rank 0) asks its scheduler what to do and broadcasts a `StepDescriptor`
 (plain JSON): sequences to release, its part of a plan switch, new sequences with their rank,
-every rank's chunks, or stop. Each rank then does the same things in the same order: free,
+every rank's chunks, or stop; then it sends each rank that keeps a new sequence that sequence in
+full (prompt, sampling parameters, tokens generated elsewhere), to that rank alone and once.
+Each rank then does the same things in the same order: free,
 switch (`switch.commands.RankSwitch`), admit, one forward when any rank has work (zero tokens
 still join every all-to-all), sample; the leader gathers every rank's tokens, failures and switch
 state and hands events to the requests' sinks (`serving.leader.Leader` is that side: scheduler,
@@ -32,10 +34,19 @@ from moe_worker.runtime.membership import Changes, Membership
 from moe_worker.runtime.regroup import Regrouper
 from moe_worker.runtime.state import RankState
 from moe_worker.serving.leader import Leader
-from moe_worker.serving.step import StepDescriptor, StepResult
+from moe_worker.serving.step import (
+    NewSequence,
+    StepDescriptor,
+    StepResult,
+    sequences_from_json,
+    sequences_to_json,
+)
 from moe_worker.switch.commands import RankSwitch
 
 log = logging.getLogger("moe_worker")
+
+LEADER = 0
+"""The rank that leads: it decides every step and broadcasts it."""
 
 
 class _Planned(Exception):
@@ -95,13 +106,13 @@ class ServingLoop:
 
     def _steps(self) -> None:
         while True:
-            text = None
+            decided = None
             if self.leader is not None:
                 self._admit_joiners()
                 stopping = self.state.stopping.is_set()
-                step = self.leader.next_step(self.step, self.engine.plan.version, stopping)
-                text = step.to_json()
-            descriptor = StepDescriptor.from_json(group.broadcast_text(text, self.comm))
+                decided = self.leader.next_step(self.step, self.engine.plan.version, stopping)
+            text = group.broadcast_text(None if decided is None else decided.to_json(), self.comm)
+            descriptor = decided if decided is not None else StepDescriptor.from_json(text)
             self.state.stepped()
             if descriptor.stop or (self.state.stopping.is_set() and self.leader is None):
                 return
@@ -122,7 +133,20 @@ class ServingLoop:
         if self.regrouper is not None:
             self.regrouper.grow_back()
 
+    def _admissions(self, d: StepDescriptor) -> tuple[NewSequence, ...]:
+        """This rank's new sequences in full: the leader keeps its own and sends each other
+        owner its own (point-to-point); a rank that admits nothing this step takes no part."""
+        owners = {new.rank for new in d.admit} - {LEADER}
+        if self.leader is not None:
+            texts = {rank: sequences_to_json(d.sequences_of(rank)) for rank in sorted(owners)}
+            group.send_texts(texts, self.comm)
+            return d.sequences_of(LEADER)
+        if self.runner.rank in owners:
+            return sequences_from_json(group.recv_text(LEADER, self.comm))
+        return ()
+
     def _execute(self, d: StepDescriptor) -> None:
+        admit = self._admissions(d)
         self.runner.begin_step(d.step)
         copy_errors = self.runner.copy_prefixes(d.copies)  # before release: a source may go
         self.runner.release(d.release)
@@ -132,7 +156,7 @@ class ServingLoop:
                 self.leader.answer_switch(answer)
                 if self.regrouper is not None:
                     self.regrouper.switched()
-        errors = copy_errors + self.runner.admit(d.admit)
+        errors = copy_errors + self.runner.admit(admit)
         result = StepResult(errors=tuple(errors), switch=self.switch.state())
         if d.chunks:
             start = time.perf_counter()

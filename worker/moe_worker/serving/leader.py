@@ -32,7 +32,7 @@ from moe_contract.switch import (
 )
 from moe_worker.serving.generation import AdmissionError, EventSink, GenerationRequest, TokenEvent
 from moe_worker.serving.scheduler import Delivery, Scheduler, SchedulerConfig
-from moe_worker.serving.step import Chunk, StepDescriptor, StepResult, SwitchCommand
+from moe_worker.serving.step import Chunk, StepDescriptor, StepResult, SwitchCommand, admitted
 from moe_worker.serving.traffic import TrafficSource
 
 log = logging.getLogger("moe_worker")
@@ -150,7 +150,8 @@ class Leader:
         return StepDescriptor(
             step,
             release=scheduled.release,
-            admit=scheduled.admit,
+            admit=admitted(scheduled.admit),
+            sequences=scheduled.admit,
             chunks=scheduled.chunks,
             switch=switch,
             two_batch=self.two_batch and _most_tokens_of_a_rank(scheduled.chunks) >= 2,

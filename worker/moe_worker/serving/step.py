@@ -7,13 +7,19 @@ plain data and never pickled objects, so every rank runs the same collectives in
 a plan switch when there is one, one forward when ANY rank has work (a rank without work joins
 with zero tokens). Each rank answers a `StepResult` (its sampled tokens and the requests it
 failed), gathered by the leader.
+
+A new sequence's prompt and parameters (up to 256 stop token ids) are needed by the rank that
+keeps it alone: the descriptor names each admission (`Admitted`: id and rank) and its owner
+receives the sequences in full once, from the leader alone (`sequences_to_json`), so one large
+request costs the other ranks nothing (issue 19).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 from moe_contract.plan import Plan, parse_plan
@@ -37,6 +43,13 @@ class NewSequence:
     generated: tuple[int, ...] = ()
     """Tokens it generated before (a request resumed after its rank was lost): prefilled after
     the prompt, and the next token sampled is number len(generated) of the request."""
+
+
+class Admitted(NamedTuple):
+    """What every rank learns of a sequence admitted: its id and the rank that keeps it."""
+
+    request_id: str
+    rank: int
 
 
 @dataclass(frozen=True)
@@ -135,7 +148,12 @@ class StepDescriptor:
     """Finished, aborted or failed sequences: their ranks free them first."""
     switch: SwitchCommand | None = None
     """This step's part of a plan switch, done by every rank before the step's forward."""
-    admit: tuple[NewSequence, ...] = ()
+    admit: tuple[Admitted, ...] = ()
+    """Sequences admitted this step, each with the rank that keeps it: all that the other ranks
+    learn of them (the owner receives the rest: `sequences`)."""
+    sequences: tuple[NewSequence, ...] = field(default=(), compare=False, repr=False)
+    """The admitted sequences in full, never broadcast: every one on the leader (it decided
+    them), its own on another rank (received after the descriptor), none on the rest."""
     chunks: tuple[Chunk, ...] = ()
     two_batch: bool = False
     """Run the forward as two overlapped micro-batches (the same on every rank)."""
@@ -165,7 +183,7 @@ class StepDescriptor:
             "stop": self.stop,
             "release": self.release,
             "switch": None if self.switch is None else self.switch.to_document(),
-            "admit": [_new_sequence_document(new) for new in self.admit],
+            "admit": self.admit,
             "chunks": [(c.request_id, c.rank, c.start, c.length, c.sample) for c in self.chunks],
             "two_batch": self.two_batch,
             "copies": self.copies,
@@ -180,11 +198,28 @@ class StepDescriptor:
             stop=raw["stop"],
             release=tuple(raw["release"]),
             switch=None if raw["switch"] is None else SwitchCommand.from_document(raw["switch"]),
-            admit=tuple(_new_sequence(item) for item in raw["admit"]),
+            admit=tuple(Admitted(*item) for item in raw["admit"]),
             chunks=tuple(Chunk(*item) for item in raw["chunks"]),
             two_batch=raw["two_batch"],
             copies=tuple(PrefixCopy(*item) for item in raw.get("copies", ())),
         )
+
+    def sequences_of(self, rank: int) -> tuple[NewSequence, ...]:
+        """The new sequences `rank` keeps (of those this rank holds in full)."""
+        return tuple(new for new in self.sequences if new.rank == rank)
+
+
+def admitted(sequences: Sequence[NewSequence]) -> tuple[Admitted, ...]:
+    return tuple(Admitted(new.request_id, new.rank) for new in sequences)
+
+
+def sequences_to_json(sequences: Sequence[NewSequence]) -> str:
+    """What an owner receives of its admissions: every field, once."""
+    return json.dumps([_new_sequence_document(new) for new in sequences], separators=(",", ":"))
+
+
+def sequences_from_json(text: str) -> tuple[NewSequence, ...]:
+    return tuple(_new_sequence(raw) for raw in json.loads(text))
 
 
 def _new_sequence_document(new: NewSequence) -> dict[str, Any]:
