@@ -11,6 +11,7 @@ CLIENT_PINS := transformers==5.24.0 'lm-eval[api,hf]==0.4.13' guidellm==0.8.1
 # multi-process torch.distributed group; in parallel processes (pytest-xdist), the slow ones
 # handed to whichever process is free. Under 2 minutes on a 2-core machine (README, "Tests").
 FAST_TESTS := not integration and not e2e and not images and not distributed and not gpu
+HEAVY_TESTS := integration or e2e or images or distributed or gpu
 FAST_WORKERS ?= 3
 
 .PHONY: setup system-deps test test-fast lint demo bench gpu-check gpu-wheels images images-cuda clean
@@ -39,8 +40,11 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
+# The whole suite: the pure tier on both cores first (pytest-xdist), then the tests that start
+# processes and clusters one at a time (they time what they start; two at once starve each other).
 test: setup system-deps lint
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -q -n 2 --dist worksteal -m "$(FAST_TESTS)"
+	$(PYTHON) -m pytest -m "$(HEAVY_TESTS)"
 
 test-fast: setup
 	$(PYTHON) -m pytest -q -n $(FAST_WORKERS) --dist worksteal -m "$(FAST_TESTS)"
