@@ -32,7 +32,10 @@ import kopf
 from moe_contract import env as worker_env
 from moe_contract.plan import Plan
 from moe_operator import api, metrics
+from moe_operator.fleet import Fleet, GroupRead, apply_rollout, ensure_groups, plan_rollout
+from moe_operator.fleet import read_fleet as fleet_of
 from moe_operator.group import GroupState
+from moe_operator.groups.rollout import Rollout
 from moe_operator.images import WorkerImages, with_worker_image
 from moe_operator.kube import Cluster, Conflict, load_client_config, secret_value
 from moe_operator.manifests import children
@@ -45,7 +48,6 @@ from moe_operator.reconcile import (
     Owner,
     delete_pods,
     ensure_children,
-    owned_pods,
     ready_replicas,
     record_notes,
     write_plan,
@@ -59,7 +61,7 @@ from moe_operator.status import (
     reconcile_error_status,
 )
 from moe_operator.validation import parse_spec
-from moe_operator.workers import PodWorkers
+from moe_operator.workers import GroupsWorkers, PodWorkers
 
 TIMER_SECONDS = float(os.environ.get("MOE_OPERATOR_TIMER_SECONDS", "5"))
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
@@ -193,40 +195,78 @@ def _was_running(status: dict[str, Any]) -> bool:
 
 
 def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
-    """Parse, ensure the children, decide about the group and apply it, balance, write status."""
+    """Parse, ensure the shared children, roll the groups out, decide about each group and
+    apply it, balance, write status."""
     parsed, problems = parse_spec(call.spec, name=call.name)
     if parsed is None:
         _write_invalid(call, base, [str(problem) for problem in problems])
         return
     parsed = with_worker_image(parsed, call.memo.worker_images)
     known = Ledger.from_status(base)  # a lost plan record never goes back past it
-    state = _ensure(call, parsed, known)
+    now = time.time()
+    fleet = fleet_of(call.cluster, call.owner, parsed)
+    state = _ensure(call, parsed, known, fleet)
     if state.conflicts:
         _write_conflicts(call, base, parsed, state)
         return
-    assert state.statefulset is not None and state.plan is not None
-    ready = ready_replicas(state.statefulset)
-    view = GroupView(state.statefulset, state.pods, parsed.pods, ready, base)
-    action = decide(view, time.time())
-    deleted = delete_pods(call.cluster, call.namespace, action.delete)
-    group, events = action.after_deleting(deleted)
-    call.announce(list(events))
+    assert state.plan is not None
+    rollout = plan_rollout(fleet, parsed, now)
+    call.announce(apply_rollout(call.cluster, call.owner, parsed, fleet, rollout, now))
+    changes = ensure_groups(call.cluster, call.owner, parsed, fleet)
+    call.announce([("Normal", "Reconciled", change) for change in changes])
+    runs = [_decide_group(call, parsed, group, base, now) for group in fleet.groups]
     standing = _standing(base, known, state)
-    if control and ready == view.world and group.settled:
-        standing = _balance(call, parsed, state, standing)
-    _write_status(call, base, parsed, view, group, action, standing)
+    serving = [run for run in runs if run.takes_plans(parsed.pods)]
+    if control and serving:
+        standing = _balance(call, parsed, state, standing, serving)
+    _write_status(call, base, parsed, runs, rollout, standing)
 
 
-def _ensure(call: Call, spec: api.MoEDeploymentSpec, known: Ledger) -> ChildrenState:
-    """Create or repair the children, the plan record included; announce what changed."""
-    cluster = call.cluster
+@dataclass(frozen=True)
+class GroupRun:
+    """One group in this run: as read, and what its recovery decision said."""
+
+    read: GroupRead
+    view: GroupView
+    action: GroupAction
+    state: GroupState
+
+    def takes_plans(self, pods: int) -> bool:
+        """Current, whole, settled and taking traffic: plans may be handed to its leader."""
+        read = self.read
+        return (
+            read.current
+            and read.drain is None
+            and read.serving(pods)
+            and self.state.settled
+            and self.action.recovering is None
+        )
+
+
+def _decide_group(
+    call: Call, spec: api.MoEDeploymentSpec, group: GroupRead, base: dict[str, Any], now: float
+) -> GroupRun:
+    """A group's own recovery (a dead rank, pods of an older template after a restart in
+    place), applied at once."""
+    view = GroupView(group.statefulset, group.pods, spec.pods, group.ready, base)
+    action = decide(view, now)
+    deleted = delete_pods(call.cluster, call.namespace, action.delete)
+    state, events = action.after_deleting(deleted)
+    call.announce(list(events))
+    return GroupRun(group, view, action, state)
+
+
+def _ensure(call: Call, spec: api.MoEDeploymentSpec, known: Ledger, fleet: Fleet) -> ChildrenState:
+    """Create or repair the shared children, the plan record included; announce changes."""
+    leaders = [group.pods for group in fleet.groups if group.pods]
     state = ensure_children(
-        cluster,
+        call.cluster,
         call.owner,
         spec,
         known,
-        leader=lambda pods: _workers(call, spec, pods).served_plan(),
-        pods=lambda statefulset: owned_pods(cluster, call.namespace, call.name, statefulset),
+        leader=lambda: _workers(call, spec, leaders[0]).served_plan() if leaders else None,
+        pods=fleet.pods,
+        router_image=call.memo.worker_images.router,
     )
     if not state.conflicts:
         call.announce([("Normal", "Reconciled", change) for change in state.changes])
@@ -269,16 +309,30 @@ def _standing(base: dict[str, Any], known: Ledger, state: ChildrenState) -> Stan
 
 
 def _balance(
-    call: Call, spec: api.MoEDeploymentSpec, state: ChildrenState, standing: Standing
+    call: Call,
+    spec: api.MoEDeploymentSpec,
+    state: ChildrenState,
+    standing: Standing,
+    serving: list[GroupRun],
 ) -> Standing:
-    """One control step (the timer's, once every pod is ready on the current template)."""
-    if "window" not in call.memo:
+    """One control step (the timer's) over the groups that take plans: their counts summed,
+    the plan handed to one group after another."""
+    members = tuple((run.read.index, run.read.statefulset["metadata"]["uid"]) for run in serving)
+    if "window" not in call.memo or call.memo.get("members") != members:
+        # Counters of another set of groups do not continue the last window's sum.
+        last = call.memo.get("window")
         call.memo.window = Window(started_at=time.time())
+        if last is not None:
+            call.memo.window.last_layer_imbalance = last.last_layer_imbalance
+        call.memo.members = members
     store = ConfigMapStore(call.cluster, call.owner, children.plan_shape(spec), state.configmap)
+    workers = GroupsWorkers([_workers(call, spec, run.read.pods) for run in serving])
     outcome = control_step(
         spec, standing.desired, standing.ledger, standing.detection, call.memo.window,
-        _workers(call, spec, state.pods), store, time.time(),
+        workers, store, time.time(),
     )  # fmt: skip
+    served = call.memo.setdefault("served", {})
+    served.update(zip((run.read.index for run in serving), workers.served_versions(), strict=True))
     call.announce(outcome.events)
     return Standing(
         outcome.desired,
@@ -324,9 +378,8 @@ def _write_status(
     call: Call,
     base: dict[str, Any],
     spec: api.MoEDeploymentSpec,
-    view: GroupView,
-    group: GroupState,
-    action: GroupAction,
+    runs: list[GroupRun],
+    rollout: Rollout,
     standing: Standing,
 ) -> None:
     """Status fields and the operator's metrics, from one set of observations."""
@@ -335,33 +388,51 @@ def _write_status(
     rerouted = window.last_rerouted_fraction if window else ()
     outcome, desired, ledger = standing.outcome, standing.desired, standing.ledger
     where = children.plan_configmap_name(call.name), children.plan_shape(spec).key
+    groups = _groups_seen(call, spec, runs)
+    world = spec.pods * spec.replicas  # pods, not ranks: what the StatefulSets count ready
+    active = [run for run in runs if run.read.drain is None]
+    ready = min(world, sum(min(run.read.ready, spec.pods) for run in active))
+    serving = sum(1 for run in active if run.read.serving(spec.pods))
+    restarting = [run for run in runs if run.action.restarting]
+    recovering = next((run for run in runs if run.action.recovering), None)
+    failure = next((run.action.failure for run in runs if run.action.failure), None)
+    short = serving < spec.replicas  # a rollout that keeps every group serving is no restart
+    restart = (
+        _rollout_message(rollout, restarting, spec.pods) if short and (restarting or rollout.busy)
+        else None
+    )  # fmt: skip
     observed = Observed(
         generation=call.generation,
-        workers=view.world,  # pods, not ranks: what the StatefulSet counts ready
-        statefulset_exists=True,
-        ready_workers=view.ready,
-        # With OnDelete the controller never marks a revision current: the group's own state
-        # (old pods, pods going, a template not yet seen) says whether a rollout is under way.
-        rollout_in_progress=action.restarting,
+        workers=world,
+        statefulset_exists=bool(runs),
+        ready_workers=ready,
+        rollout_in_progress=bool(restarting) or rollout.busy or not runs,
         plan=plan_status(ledger, desired.method, *where),
         worst_imbalance=max(per_layer) if per_layer else None,
         rerouted_fraction=rerouted,
         max_rerouted_fraction=spec.rebalancing.gating.max_rerouted_fraction,
         gate_bias_active=desired.gate_bias is not None,
         imbalance_threshold=spec.rebalancing.imbalance_threshold,
-        loads_problem=_loads_problem(window, view.ready, view.world, group),
+        loads_problem=_loads_problem(window, runs, spec),
         handoff_problem=outcome.handoff_problem if outcome else None,
         was_running=_was_running(base),
         balance_note=_balance_note(desired),
-        group_restart=group.message(view.world) if action.restarting else None,
-        recovering=action.recovering,
-        startup_failure=action.failure,
+        group_restart=restart,
+        recovering=_named(recovering, recovering.action.recovering) if recovering else None,
+        startup_failure=failure,
         endpoint=children.api_endpoint(call.name, call.namespace, spec),
         served_model_name=children.served_model_name(call.name, spec),
         detection=standing.detection,
         last_rebalance=standing.last_rebalance,
-        recovery=action.backoff,
-    )
+        recovery=next((run.action.backoff for run in runs if run.action.backoff.replacements),
+                      runs[0].action.backoff if runs else None),
+        replicas=len(runs),
+        ready_replicas=serving,
+        label_selector=",".join(
+            f"{key}={value}" for key, value in sorted(children.selector_labels(call.name).items())
+        ),
+        groups=groups,
+    )  # fmt: skip
     _write(call, compute_status(observed, base.get("conditions") or [], _now()))
     namespace, name = call.namespace, call.name
     metrics.observe_workers(namespace, name, observed.ready_workers, observed.workers)
@@ -375,13 +446,60 @@ def _write_status(
         metrics.rebalances.labels(namespace, name, outcome.rebalance.method).inc()
 
 
-def _loads_problem(window: Window | None, ready: int, world: int, group: GroupState) -> str | None:
-    """Why counters were not read: workers not ready, a group restart, or the last window's
-    reason (kept by the window, so every run between two reads reports the same)."""
-    if ready < world:
+def _named(run: GroupRun, message: str | None) -> str:
+    """A group's message; groups after the first are named (group 0 says what it always did)."""
+    return message or "" if run.read.index == 0 else f"{run.read.name}: {message}"
+
+
+def _rollout_message(rollout: Rollout, restarting: list[GroupRun], pods: int) -> str:
+    parts = [_named(run, run.state.message(pods)) for run in restarting]
+    if rollout.waiting:
+        parts.append(rollout.waiting)
+    return "; ".join(parts) or "starting the groups"
+
+
+def _groups_seen(
+    call: Call, spec: api.MoEDeploymentSpec, runs: list[GroupRun]
+) -> tuple[api.GroupStatus, ...]:
+    served: dict[int, int | None] = call.memo.get("served") or {}
+    found = []
+    for run in runs:
+        read = run.read
+        if read.drain is not None:
+            phase = "Draining"
+        elif run.action.failure is not None:
+            phase = "Failed"
+        elif run.action.recovering or run.state.restarting:
+            phase = "Restarting"
+        elif not read.current:
+            phase = "Outdated"
+        else:
+            phase = "Serving" if read.serving(spec.pods) else "Starting"
+        found.append(
+            api.GroupStatus(
+                name=read.name,
+                index=read.index,
+                phase=phase,
+                ready=f"{min(read.ready, spec.pods)}/{spec.pods}",
+                served_plan_version=served.get(read.index) or 0,
+                current=read.current,
+            )
+        )
+    return tuple(found)
+
+
+def _loads_problem(
+    window: Window | None, runs: list[GroupRun], spec: api.MoEDeploymentSpec
+) -> str | None:
+    """Why counters were not read: no group takes plans (workers not ready, a group restart),
+    or the last window's reason (kept by the window, so every run between two reads reports
+    the same)."""
+    if not any(run.takes_plans(spec.pods) for run in runs):
+        if any(not run.state.settled for run in runs):
+            return "the group restarts for a new pod template; token counters not read"
+        ready = sum(min(run.read.ready, spec.pods) for run in runs)
+        world = spec.pods * max(1, len(runs))
         return f"{world - ready} of {world} workers not ready; token counters not read"
-    if not group.settled:
-        return "the group restarts for a new pod template; token counters not read"
     return window.last_loads_problem if window else None
 
 

@@ -18,6 +18,7 @@ from moe_operator.api import (
     ApiModel,
     Condition,
     DetectionStatus,
+    GroupStatus,
     MoEDeploymentStatus,
     Phase,
     PlanStatus,
@@ -63,6 +64,10 @@ class Observed:
     detection: DetectionState | None = None  # what detection remembers
     last_rebalance: RebalanceRecord | None = None
     recovery: ReplacementBackoff | None = None  # whole-group replacements in a row
+    replicas: int | None = None  # replica groups that exist (None: not known here)
+    ready_replicas: int = 0  # groups whose whole gang serves
+    label_selector: str = ""  # the worker pods' selector (the scale subresource's)
+    groups: tuple[GroupStatus, ...] = ()
 
 
 def _phase(observed: Observed) -> Phase:
@@ -323,6 +328,12 @@ def build_status(
         fields["last_rebalance"] = observed.last_rebalance
     if observed.recovery is not None and observed.recovery.replacements:
         fields["recovery"] = recovery_status(observed.recovery)
+    if observed.replicas is not None:
+        fields["replicas"] = observed.replicas
+        fields["ready_replicas"] = observed.ready_replicas
+        fields["groups"] = list(observed.groups)
+    if observed.label_selector:
+        fields["label_selector"] = observed.label_selector
     return MoEDeploymentStatus(**fields)
 
 

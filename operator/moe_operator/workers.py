@@ -86,3 +86,85 @@ class PodWorkers:
         if token is None:
             raise handoff.HandoffError("control-token Secret is missing")
         return handoff.post_plan(self._leader(), plan, token)
+
+
+@dataclass
+class GroupsWorkers:
+    """Several replica groups behind one `rebalance.Workers`: they serve one model on one plan.
+
+    Token counts are summed rank by rank over the groups (the same plan places the same experts
+    on rank r of every group, and the router spreads the same traffic over them), so the plan
+    is computed once for all. A plan is handed to one group's leader after another: each POST
+    returns once that group switched, so at most one group pauses for a switch at a time.
+    What they serve is the least advanced group's plan: the plan is applied once all have it.
+    """
+
+    groups: list[PodWorkers]
+
+    def read_counters(self) -> loads.CounterSnapshot:
+        if self.groups[0].spec.metrics.source == "Prometheus":  # its query sums the groups
+            return self.groups[0].read_counters()
+        snapshots = [group.read_counters() for group in self.groups]
+        counters: dict[int, dict[Any, float]] = {}
+        rerouted: dict[int, dict[int, float]] = {}
+        for snapshot in snapshots:
+            for rank, values in snapshot.counters.items():
+                into = counters.setdefault(rank, {})
+                for key, value in values.items():
+                    into[key] = into.get(key, 0.0) + value
+            for rank, layers in snapshot.rerouted.items():
+                into_layers = rerouted.setdefault(rank, {})
+                for layer, value in layers.items():
+                    into_layers[layer] = into_layers.get(layer, 0.0) + value
+        versions = {
+            rank: min(s.plan_versions[rank] for s in snapshots if rank in s.plan_versions)
+            for rank in {rank for s in snapshots for rank in s.plan_versions}
+        }
+        return loads.CounterSnapshot(counters, versions, rerouted)
+
+    def serving(self) -> handoff.Served:
+        served = [group.serving() for group in self.groups]
+        return min(served, key=lambda item: item.version)
+
+    def post_plan(self, plan: Plan) -> handoff.HandoffResult:
+        result = handoff.HandoffResult(plan.version, None)
+        pauses: list[float] = []
+        for group in self.groups:  # one group at a time: the next waits for this one's switch
+            answer = group.post_plan(plan)
+            if answer.stale:
+                served = group.serving()
+                if served.version != plan.version or served.digest != plan.digest():
+                    return answer  # the caller judges what this group serves
+            elif answer.pause_seconds is not None:
+                pauses.append(answer.pause_seconds)
+        return handoff.HandoffResult(result.applied_version, max(pauses) if pauses else None)
+
+    def served_versions(self) -> list[int | None]:
+        """Each group's served plan version (None: its leader did not say)."""
+        found: list[int | None] = []
+        for group in self.groups:
+            try:
+                found.append(group.serving().version)
+            except handoff.HandoffError:
+                found.append(None)
+        return found
+
+
+def leader_in_flight(pod: dict[str, Any], port: int, timeout: float = 2.0) -> int | None:
+    """Requests waiting or running on a group's leader (pod 0's merged /metrics), or None when
+    it does not answer: what a drain waits for."""
+    ip = (pod.get("status") or {}).get("podIP")
+    if not ip:
+        return None
+    try:
+        text = loads.fetch_text(f"http://{ip}:{port}/metrics", timeout)
+    except loads.LoadReadError:
+        return None
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(("moe_requests_waiting", "moe_requests_running")):
+            try:
+                total += float(line.rsplit(" ", 1)[1])
+            except (IndexError, ValueError):
+                return None
+    return int(total)
