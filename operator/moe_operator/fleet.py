@@ -145,7 +145,8 @@ def apply_rollout(
     for index in rollout.create:
         body = children.build_statefulset(name, namespace, spec, index)
         owner.adopt(body)
-        cluster.create(namespace, body)
+        stored = cluster.create(namespace, body)
+        fleet.groups.append(GroupRead(index, stored, [], current=True))
         events.append(("Normal", "GroupCreated", f"group {index} ({body['metadata']['name']})"))
     for index, purpose in rollout.drain:
         group = fleet.group(index)
@@ -175,6 +176,7 @@ def apply_rollout(
             continue
         group.drain, group.current = None, True  # ensure_groups patches it to the template
         events.append(("Normal", "GroupRestart", f"group {index} ({group.name}) drained"))
+    fleet.groups.sort(key=lambda group: group.index)
     return events
 
 

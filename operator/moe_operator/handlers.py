@@ -393,7 +393,7 @@ def _write_status(
     active = [run for run in runs if run.read.drain is None]
     ready = min(world, sum(min(run.read.ready, spec.pods) for run in active))
     serving = sum(1 for run in active if run.read.serving(spec.pods))
-    restarting = [run for run in runs if run.action.restarting]
+    restarting = [run for run in runs if run.action.restarting or _forming(run, spec.pods)]
     recovering = next((run for run in runs if run.action.recovering), None)
     failure = next((run.action.failure for run in runs if run.action.failure), None)
     short = serving < spec.replicas  # a rollout that keeps every group serving is no restart
@@ -446,13 +446,22 @@ def _write_status(
         metrics.rebalances.labels(namespace, name, outcome.rebalance.method).inc()
 
 
+def _forming(run: GroupRun, pods: int) -> bool:
+    """A group whose pods are not all there yet (new, or just replaced): it forms."""
+    live = [p for p in run.read.pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
+    return len(live) < pods and run.action.recovering is None
+
+
 def _named(run: GroupRun, message: str | None) -> str:
     """A group's message; groups after the first are named (group 0 says what it always did)."""
     return message or "" if run.read.index == 0 else f"{run.read.name}: {message}"
 
 
 def _rollout_message(rollout: Rollout, restarting: list[GroupRun], pods: int) -> str:
-    parts = [_named(run, run.state.message(pods)) for run in restarting]
+    parts = [
+        _named(run, run.state.message(pods) if run.action.restarting else "forming")
+        for run in restarting
+    ]
     if rollout.waiting:
         parts.append(rollout.waiting)
     return "; ".join(parts) or "starting the groups"

@@ -26,10 +26,14 @@ import pytest_asyncio
 import yaml
 from moe_kmock import (
     CM,
+    DEPLOY,
     EVENTS,
     MOED,
     PDB,
     PODS,
+    ROLE,
+    ROLEBINDING,
+    SA,
     SECRET,
     STS,
     SVC,
@@ -56,7 +60,7 @@ async def kmock_api_server() -> AsyncIterator[ApiServer]:
             subresources={"status"},
             verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
         )
-        verbs = {"get", "list", "watch", "create", "patch", "delete"}
+        verbs = {"get", "list", "watch", "create", "patch", "delete", "update"}
         for resource, kind in [
             (STS, "StatefulSet"),
             (SVC, "Service"),
@@ -65,6 +69,10 @@ async def kmock_api_server() -> AsyncIterator[ApiServer]:
             (PODS, "Pod"),
             (PDB, "PodDisruptionBudget"),
             (EVENTS, "Event"),
+            (DEPLOY, "Deployment"),
+            (SA, "ServiceAccount"),
+            (ROLE, "Role"),
+            (ROLEBINDING, "RoleBinding"),
         ]:
             server.resources[resource] = kmock.ResourceInfo(
                 kind=kind, singular=kind.lower(), namespaced=True, verbs=verbs

@@ -46,6 +46,10 @@ SECRET = "v1/secrets"
 PODS = "v1/pods"
 PDB = "policy/v1/poddisruptionbudgets"
 EVENTS = "v1/events"
+DEPLOY = "apps/v1/deployments"
+SA = "v1/serviceaccounts"
+ROLE = "rbac.authorization.k8s.io/v1/roles"
+ROLEBINDING = "rbac.authorization.k8s.io/v1/rolebindings"
 NS = "ns1"
 
 

@@ -84,15 +84,17 @@ class Rollout:
         return bool(self.create or self.drain or self.remove or self.restart or self.waiting)
 
 
-def drained(group: Group, policy: Policy, now: float) -> bool:
+def drained(group: Group, policy: Policy, now: float, others_serve: bool = True) -> bool:
     """Whether a draining group may go: it serves nothing, or its leader has had nothing in
-    flight since the router let go, or the grace period is over."""
+    flight since the router let go (at once when no other group serves: the router has
+    nowhere else to send), or the grace period is over."""
     if group.drain is None:
         return False
     elapsed = now - group.drain.since
     if not group.serving or elapsed >= policy.drain_timeout_s:
         return True
-    return elapsed >= policy.settle_s and group.in_flight == 0
+    settle = policy.settle_s if others_serve else 0.0
+    return elapsed >= settle and group.in_flight == 0
 
 
 def _free(groups: Sequence[Group], count: int, taken: frozenset[int]) -> tuple[int, ...]:
@@ -111,7 +113,12 @@ def decide_rollout(
 ) -> Rollout:
     """The rollout's actions for this run (see the module docstring for the rules). `taken`:
     numbers not to give a new group (a removed group's pods still terminating)."""
-    finishing = [g for g in groups if g.drain is not None and drained(g, policy, now)]
+    finishing = [
+        g
+        for g in groups
+        if g.drain is not None
+        and drained(g, policy, now, any(o.serving and o.drain is None for o in groups))
+    ]
     remove = tuple(g.index for g in finishing if g.drain and g.drain.purpose == "remove")
     restart = tuple(g.index for g in finishing if g.drain and g.drain.purpose == "restart")
     draining = [g for g in groups if g.drain is not None and g not in finishing]
