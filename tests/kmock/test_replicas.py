@@ -1,0 +1,75 @@
+"""Replica groups against the API emulator: several groups, scale-in by draining, and a template
+change that starts a new group before the old one goes (surge 1, unavailable 0)."""
+
+from __future__ import annotations
+
+from moe_kmock import MOED, NS, PDB, STS, Api, Operator, Workers, eventually, small_spec
+
+from moe_operator.groups.naming import DRAIN_ANNOTATION
+
+
+def groups(api: Api) -> set[str]:
+    names = {"m1", "m1-g1", "m1-g2"}
+    return {name for name in names if api.get(STS, NS, name) is not None}
+
+
+async def test_replicas_make_groups_and_scale_in_drains_the_highest(
+    api: Api, workers: Workers, operator: Operator
+) -> None:
+    await api.create_moed("m1", {**small_spec(port=workers.port), "replicas": 2})
+    await eventually(lambda: groups(api) == {"m1", "m1-g1"}, what="two groups")
+    # each its own StatefulSet (group 1 selects its pods by the group label) and budget
+    second = api.get(STS, NS, "m1-g1")
+    assert second["spec"]["selector"]["matchLabels"]["moe-ep.io/group"] == "1"
+    env = {
+        e["name"]: e.get("value")
+        for e in second["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["MOE_MASTER_ADDR"].startswith("m1-g1-0.m1-workers.")  # its own rendezvous
+    pdb = await eventually(lambda: api.get(PDB, NS, "m1-g1"), what="group 1's budget")
+    assert pdb["spec"]["selector"]["matchLabels"]["moe-ep.io/group"] == "1"
+    await eventually(lambda: api.status("m1").get("replicas") == 2, what="status.replicas")
+    status = api.status("m1")
+    assert status["labelSelector"] == "app.kubernetes.io/name=moe-ep-worker,moe-ep.io/deployment=m1"
+    assert [g["name"] for g in status["groups"]] == ["m1", "m1-g1"]
+
+    await api.patch(MOED, NS, "m1", {"spec": {"replicas": 1}})  # what kubectl scale sets
+    await eventually(lambda: groups(api) == {"m1"}, what="the highest group removed")
+    assert api.get(PDB, NS, "m1-g1") is None
+    await eventually(lambda: api.status("m1").get("replicas") == 1, what="one group left")
+
+
+async def test_a_template_change_starts_a_new_group_before_the_old_one_drains(
+    api: Api, workers: Workers, operator: Operator
+) -> None:
+    await api.create_moed("m1", small_spec(port=workers.port))
+    await eventually(lambda: api.get(STS, NS, "m1"), what="group 0")
+    await api.run_pods("m1", 2)
+    await eventually(lambda: api.status("m1").get("readyReplicas") == 1, what="serving")
+    leader = api.pods("m1")["m1-0"]["metadata"]["labels"]
+    await eventually(
+        lambda: api.pods("m1")["m1-0"]["metadata"]["labels"].get("moe-ep.io/traffic") == "on",
+        what="the leader labelled",
+    )
+    assert "moe-ep.io/role" not in api.pods("m1")["m1-1"]["metadata"]["labels"]
+    old_template = api.get(STS, NS, "m1")["spec"]["template"]
+
+    await api.patch(MOED, NS, "m1", {"spec": {"worker": {"image": "example/moe:2"}}})
+    await eventually(lambda: "m1-g1" in groups(api), what="a new group first")
+    # the old group is untouched and takes traffic until the new one serves
+    assert api.get(STS, NS, "m1")["spec"]["template"] == old_template
+    assert DRAIN_ANNOTATION not in (api.get(STS, NS, "m1")["metadata"].get("annotations") or {})
+    assert api.pods("m1")["m1-0"]["metadata"]["labels"]["moe-ep.io/traffic"] == "on"
+    assert leader is not None
+
+    await api.run_pods("m1-g1", 2)  # the new group forms and serves
+
+    def drained_or_gone() -> bool:
+        old = api.get(STS, NS, "m1")
+        return old is None or DRAIN_ANNOTATION in (old["metadata"].get("annotations") or {})
+
+    await eventually(drained_or_gone, what="the old group drains")
+    await eventually(lambda: groups(api) == {"m1-g1"}, what="the old group removed", timeout=20)
+    assert api.get(STS, NS, "m1-g1")["spec"]["template"]["spec"]["containers"][0]["image"] == (
+        "example/moe:2"
+    )
