@@ -21,6 +21,7 @@ from moe_worker.serving.generation import (
     AdmissionError,
     EventSink,
     GenerationRequest,
+    Load,
     ModelCard,
     TokenEvent,
 )
@@ -86,6 +87,7 @@ class ScriptedBackend:
         self.switch_gate = threading.Event()
         self.switch_gate.set()
         self.switch_timeouts: list[float] = []
+        self.current_load = Load()
 
     # ------------------------------------------------------------ the port
 
@@ -110,6 +112,9 @@ class ScriptedBackend:
     def metrics_text(self) -> bytes:
         version = self.plan.version if self.plan else 0
         return f"# TYPE moe_plan_version gauge\nmoe_plan_version {version}\n".encode()
+
+    def load(self) -> Load:
+        return self.current_load
 
     def submit(self, request: GenerationRequest, on_event: EventSink) -> None:
         if self.refuse is not None and len(self.submitted) >= self.admit:

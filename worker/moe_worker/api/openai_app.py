@@ -1,4 +1,5 @@
-"""The OpenAI-compatible app: `/v1/completions`, `/v1/models` and `/health`, on the leader.
+"""The OpenAI-compatible app: `/v1/completions`, `/v1/models` and `/health`, on the leader (and
+a router's probes, `api.routing`).
 
 Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and status:
 400 invalid (param named), 401 API key, 404 unknown model or route, 408 body stalled, 413 body
@@ -20,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from moe_worker.api import auth
+from moe_worker.api import auth, routing
 from moe_worker.api.body import BodyLimit, read_model
 from moe_worker.api.completions import Delta, Generation, failure
 from moe_worker.api.errors import ApiError, install, openai_body
@@ -72,6 +73,8 @@ def create_openai_app(
         if not backend.is_ready():
             raise ApiError(503, "the worker group is not ready")
         return JSONResponse({"status": "ok"})
+
+    routing.add_routes(app, backend)
 
     @app.get("/v1/models")
     def models(request: Request) -> Response:

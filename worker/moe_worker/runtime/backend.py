@@ -13,7 +13,13 @@ from moe_contract.plan import validate_plan as check_plan
 from moe_contract.switch import NOT_READY, STALE, SwitchAnswer
 from moe_worker.metrics import WorkerMetrics, exposition
 from moe_worker.runtime.state import RankState
-from moe_worker.serving.generation import EventSink, GenerationRequest, ModelCard, NotReady
+from moe_worker.serving.generation import (
+    EventSink,
+    GenerationRequest,
+    Load,
+    ModelCard,
+    NotReady,
+)
 from moe_worker.serving.leader import Leader
 from moe_worker.settings import WorkerSettings
 
@@ -50,6 +56,14 @@ class RankBackend:
 
     def metrics_text(self) -> bytes:
         return exposition(self.metrics.registry, self.rank)
+
+    def load(self) -> Load:
+        if self.leader is None:
+            return Load()
+        scheduler = self.leader.scheduler
+        capacity = sum(allocator.capacity_tokens for allocator in scheduler.allocators)
+        free = sum(allocator.free_tokens for allocator in scheduler.allocators)
+        return Load(scheduler.waiting, scheduler.running, capacity - free, capacity)
 
     def current_plan(self) -> Plan | None:
         return self.state.plan()

@@ -141,6 +141,22 @@ class ModelCard:
     """tokenizer.json shipped with the checkpoint, if any: text prompts need it."""
 
 
+@dataclass(frozen=True)
+class Load:
+    """The group's load as a router weighs it (GET /v1/loads): requests waiting for a KV budget
+    and running, and the KV cache tokens reserved of all ranks' budget."""
+
+    waiting: int = 0
+    running: int = 0
+    used_tokens: int = 0
+    capacity_tokens: int = 0
+
+    @property
+    def requests(self) -> int:
+        """The load figure: waiting + running."""
+        return self.waiting + self.running
+
+
 class Backend(Protocol):
     """What the HTTP layer needs of a rank (the runtime provides it, on every rank).
 
@@ -161,6 +177,11 @@ class Backend(Protocol):
 
     def metrics_text(self) -> bytes:
         """Prometheus exposition of this rank's metrics, never waiting on compute."""
+        ...
+
+    def load(self) -> Load:
+        """The group's requests and KV use (leader; others answer an empty load), never
+        waiting on compute."""
         ...
 
     # generation (leader)
