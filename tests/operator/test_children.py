@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -297,6 +298,14 @@ def test_the_api_service_routes_to_the_leaders_that_take_traffic_then_the_router
     routed = children.build_api_service("m", spec, router_available=True)["spec"]
     assert {k: v for k, v in routed["selector"].items() if v} == router.router_selector("m")
     assert routed["ports"][0]["targetPort"] == "api"  # the router's port has that name too
+    # merge-patched over each other (as the operator applies them), no stale key is left
+    leaders = service["spec"]["selector"]
+
+    def merged(old: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in {**old, **patch}.items() if v is not None}
+
+    assert merged(merged({}, leaders), routed["selector"]) == router.router_selector("m")
+    assert merged(merged({}, routed["selector"]), leaders) == naming.serving_leaders("m")
 
 
 def test_a_fatal_start_up_error_reaches_the_pods_status() -> None:

@@ -16,7 +16,7 @@ from moe_contract import env as worker_env
 from moe_contract.plan import PLAN_FILE_NAME, Plan
 from moe_contract.settings import OPERATOR, SETTINGS, WORKER_SETTINGS
 from moe_operator.api import DEFAULT_GPU_RESOURCE, MoEDeploymentSpec
-from moe_operator.groups.naming import DEPLOYMENT_LABEL, GROUP_LABEL, group_name
+from moe_operator.groups.naming import DEPLOYMENT_LABEL, GROUP_LABEL, group_name, serving_leaders
 from moe_operator.manifests import podspec, router
 from moe_operator.planning.record import PlanShape
 
@@ -145,8 +145,11 @@ def build_api_service(
     groups that take traffic (a leader is ready only once its whole group formed and loaded its
     plan): the Service routes to groups that serve, or to nothing. The selector a single-group
     deployment had (its pod 0 by name) is removed (null: a merge patch drops it)."""
+    # A merge patch keeps keys it does not name: every key either selector has is named, the
+    # unused ones null (removed), so moving between router and leaders leaves no stale key.
+    unused = {POD_NAME_LABEL, *router.router_selector(name), *serving_leaders(name)}
     selector: dict[str, str | None] = {
-        POD_NAME_LABEL: None,
+        **dict.fromkeys(unused),
         **router.api_selector(name, spec, router_available),
     }
     return {
@@ -347,7 +350,6 @@ def build_statefulset(
         # A start-up refusal writes the file; any other crash still says why (its log's end).
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "readinessProbe": http_probe,
-        "lifecycle": podspec.drain_hook(),
         "livenessProbe": liveness_probe(worker.stall_timeout_seconds, worker.local_ranks()),
         "resources": _resources(spec),
         "securityContext": podspec.container_security_context(spec),

@@ -134,19 +134,6 @@ def statefulset_labels(spec: MoEDeploymentSpec) -> dict[str, str]:
     return {KUEUE_QUEUE_LABEL: gang.queue_name} if gang.scheduler == "Kueue" else {}
 
 
-DRAIN_PATH = "/drain"
-"""The worker's drain endpoint on its control port (issue 19, item 4, the worker's side): the
-group stops admitting, reports not ready, and answers once its running sequences finished."""
-
-
-def drain_hook() -> dict[str, Any]:
-    """The container's preStop hook: the kubelet calls the drain endpoint and waits for its
-    answer (within terminationGracePeriodSeconds) before it sends SIGTERM, so requests in
-    flight finish. A worker without the endpoint answers 404: the kubelet records a failed hook
-    and stops it as before."""
-    return {"preStop": {"httpGet": {"path": DRAIN_PATH, "port": "metrics"}}}
-
-
 def pdb_name(name: str) -> str:
     return name
 
