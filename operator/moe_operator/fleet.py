@@ -182,8 +182,8 @@ def apply_rollout(
 
 def _annotated(obj: dict[str, Any], annotations: dict[str, str | None]) -> dict[str, Any]:
     return {
-        "apiVersion": obj["apiVersion"],
-        "kind": obj["kind"],
+        "apiVersion": obj.get("apiVersion", "apps/v1"),
+        "kind": obj.get("kind", "StatefulSet"),
         "metadata": {"name": obj["metadata"]["name"], "annotations": annotations},
     }
 
@@ -211,9 +211,16 @@ def ensure_groups(
             outcome, _ = cluster.ensure(namespace, pdb, found)
             if outcome != "unchanged":
                 changes.append(f"PodDisruptionBudget {group.name} {outcome}")
+    label_pods(cluster, namespace, fleet)
+    return changes
+
+
+def label_pods(cluster: Cluster, namespace: str, fleet: Fleet) -> None:
+    """Every pod's group, and its leaders' role and traffic labels (what the router and
+    `<name>-api` select)."""
+    for group in fleet.groups:
         for pod in group.pods:
             _label(cluster, namespace, group, pod)
-    return changes
 
 
 def _label(cluster: Cluster, namespace: str, group: GroupRead, pod: dict[str, Any]) -> None:

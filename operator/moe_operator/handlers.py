@@ -32,7 +32,14 @@ import kopf
 from moe_contract import env as worker_env
 from moe_contract.plan import Plan
 from moe_operator import api, metrics
-from moe_operator.fleet import Fleet, GroupRead, apply_rollout, ensure_groups, plan_rollout
+from moe_operator.fleet import (
+    Fleet,
+    GroupRead,
+    apply_rollout,
+    ensure_groups,
+    label_pods,
+    plan_rollout,
+)
 from moe_operator.fleet import read_fleet as fleet_of
 from moe_operator.group import GroupState
 from moe_operator.groups.rollout import Rollout
@@ -205,6 +212,9 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
     known = Ledger.from_status(base)  # a lost plan record never goes back past it
     now = time.time()
     fleet = fleet_of(call.cluster, call.owner, parsed)
+    # Labels first: an upgraded operator's first run moves `<name>-api` from pod 0 by name to
+    # the leaders' labels, which must be there by then.
+    label_pods(call.cluster, call.namespace, fleet)
     state = _ensure(call, parsed, known, fleet)
     if state.conflicts:
         _write_conflicts(call, base, parsed, state)

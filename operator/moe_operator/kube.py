@@ -172,7 +172,7 @@ class Cluster:
         found = self._raw(
             self._apps.list_namespaced_stateful_set, namespace, label_selector=label_selector
         )
-        return list(found.get("items") or [])
+        return _typed(found, "apps/v1", "StatefulSet")
 
     def delete(self, kind: str, namespace: str, name: str, uid: str) -> bool:
         """Delete one child if it is still the one seen (uid); its pods go with it (background
@@ -208,7 +208,7 @@ class Cluster:
     def list_pods(self, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]:
         label_selector = ",".join(f"{key}={value}" for key, value in sorted(selector.items()))
         pods = self._raw(self._core.list_namespaced_pod, namespace, label_selector=label_selector)
-        return list(pods.get("items") or [])
+        return _typed(pods, "v1", "Pod")
 
     def delete_pod(self, namespace: str, name: str, uid: str) -> bool:
         """Delete one pod if it is still the one seen (uid); False if it is gone or replaced."""
@@ -253,6 +253,12 @@ def without_nulls(body: Any) -> Any:
     if isinstance(body, list):
         return [without_nulls(item) for item in body]
     return body
+
+
+def _typed(found: dict[str, Any], api_version: str, kind: str) -> list[dict[str, Any]]:
+    """A list's items as `get` returns objects: the API server leaves apiVersion and kind out
+    of list items, and a StatefulSet compared with what the spec builds needs them."""
+    return [{"apiVersion": api_version, "kind": kind, **item} for item in found.get("items") or []]
 
 
 def contains(current: Any, wanted: Any) -> bool:
