@@ -958,7 +958,9 @@ class MoEDeploymentStatus(ApiModel):
     )
     ready_replicas: int = Field(0, description="Groups whose whole gang serves.")
     label_selector: str = Field(
-        "", description="Selector of the deployment's worker pods (for the scale subresource)."
+        "",
+        description="Selector of the groups' leaders, one pod per group (the scale "
+        "subresource's: an HPA's Pods metric averages per group).",
     )
     groups: list[GroupStatus] = Field(
         default_factory=list, description="Each replica group: phase and served plan."

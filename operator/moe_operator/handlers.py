@@ -42,6 +42,7 @@ from moe_operator.fleet import (
 )
 from moe_operator.fleet import read_fleet as fleet_of
 from moe_operator.group import GroupState
+from moe_operator.groups import naming
 from moe_operator.groups.rollout import Rollout
 from moe_operator.images import WorkerImages, with_worker_image
 from moe_operator.kube import Cluster, Conflict, load_client_config, secret_value
@@ -438,9 +439,7 @@ def _write_status(
                       runs[0].action.backoff if runs else None),
         replicas=len(runs),
         ready_replicas=serving,
-        label_selector=",".join(
-            f"{key}={value}" for key, value in sorted(children.selector_labels(call.name).items())
-        ),
+        label_selector=naming.leaders_selector(call.name),
         groups=groups,
     )  # fmt: skip
     _write(call, compute_status(observed, base.get("conditions") or [], _now()))

@@ -30,7 +30,7 @@ async def test_replicas_make_groups_and_scale_in_drains_the_highest(
     assert pdb["spec"]["selector"]["matchLabels"]["moe-ep.io/group"] == "1"
     await eventually(lambda: api.status("m1").get("replicas") == 2, what="status.replicas")
     status = api.status("m1")
-    assert status["labelSelector"] == "app.kubernetes.io/name=moe-ep-worker,moe-ep.io/deployment=m1"
+    assert status["labelSelector"] == "moe-ep.io/deployment=m1,moe-ep.io/role=leader"
     assert [g["name"] for g in status["groups"]] == ["m1", "m1-g1"]
 
     await api.patch(MOED, NS, "m1", {"spec": {"replicas": 1}})  # what kubectl scale sets

@@ -55,3 +55,11 @@ def pod_labels(index: int, *, leader: bool, traffic: bool) -> dict[str, str | No
 def serving_leaders(name: str) -> dict[str, str]:
     """The labels of leaders that take traffic: the router's selector and `<name>-api`'s."""
     return {DEPLOYMENT_LABEL: name, ROLE_LABEL: LEADER_ROLE, TRAFFIC_LABEL: TRAFFIC_ON}
+
+
+def leaders_selector(name: str) -> str:
+    """The scale subresource's selector (status.labelSelector): every group's leader, one pod
+    per group, so an HPA's Pods metric (a leader's queue, `moe_requests_waiting`) averages
+    per group."""
+    labels = {DEPLOYMENT_LABEL: name, ROLE_LABEL: LEADER_ROLE}
+    return ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
