@@ -75,61 +75,32 @@ def write_checkpoint(models: Path) -> Path:
     return path
 
 
-def words() -> list[str]:
-    """The vocabulary: [UNK] = 0, </s> = 1, then w2 .. w<VOCAB - 1>, one token per word."""
-    return ["[UNK]", "</s>", *(f"w{i}" for i in range(2, VOCAB))]
+def words(vocab_size: int = VOCAB) -> list[str]:
+    """A vocabulary of one token per word: [UNK] = 0, </s> = 1, then w2 .. w<vocab_size - 1>."""
+    return ["[UNK]", "</s>", *(f"w{i}" for i in range(2, vocab_size))]
 
 
-def write_tokenizer(path: Path) -> None:
-    """A word-level tokenizer.json: smg 1.13 takes only text prompts (its completion request
-    refuses token ids), so the workers need one."""
+def write_tokenizer(path: Path, vocab_size: int = VOCAB) -> None:
+    """A word-level tokenizer.json of `words()`: smg 1.13 takes only text prompts (its
+    completion request refuses token ids), so a checkpoint served behind it needs one."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {word: index for index, word in enumerate(words())}
+    vocab = {word: index for index, word in enumerate(words(vocab_size))}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.decoder = decoders.WordPiece(prefix="##")
     tokenizer.save(str(path / "tokenizer.json"))
 
 
+def as_text(prompts: list[list[int]], vocab_size: int = VOCAB) -> list[str]:
+    """Token-id prompts as the text that tokenizes to them (ids 0 and 1 become 2)."""
+    vocabulary = words(vocab_size)
+    return [" ".join(vocabulary[max(2, token)] for token in prompt) for prompt in prompts]
+
+
 def text_prompts(count: int) -> list[str]:
-    """Zipf-drawn words (never [UNK] nor </s>) as text."""
     ids = zipf_prompts(count, vocab_size=VOCAB, length=PROMPT_TOKENS, exponent=1.1, seed=5)
-    return [" ".join(words()[max(2, token)] for token in prompt) for prompt in ids]
-
-
-def deployment(models: Path, name: str = NAME, master_port: int = 29531) -> dict[str, Any]:
-    """2 groups x 2 ranks behind the router; the default surge update (1 up, 0 unavailable).
-    No rebalancing during the events: the answers stay the reference's."""
-    source = {
-        "type": "Checkpoint",
-        "checkpoint": {
-            "volume": {"hostPath": {"path": str(models), "type": "Directory"}},
-            "path": CHECKPOINT,
-        },
-    }
-    return {
-        "apiVersion": "moe-ep.io/v1alpha1",
-        "kind": "MoEDeployment",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {**model(), "source": source},
-            "parallelism": {"expert": RANKS},
-            "replicas": 2,
-            "placement": {"slotsPerRank": 3},
-            # Replace keeps outputs; a threshold no load reaches keeps the first plan anyway.
-            "rebalancing": {"method": "Replace", "imbalanceThreshold": 100},
-            "router": {"type": "Smg", "policy": "round_robin"},
-            "worker": {
-                "backend": "gloo",
-                "device": "cpu",
-                "gpusPerPod": 1,
-                "masterPort": master_port,
-                "kvCacheTokens": 2048,
-                "extraEnv": [{"name": "OMP_NUM_THREADS", "value": "1"}],
-            },
-        },
-    }
+    return as_text(ids)
 
 
 @dataclass
