@@ -262,8 +262,11 @@ def _typed(found: dict[str, Any], api_version: str, kind: str) -> list[dict[str,
 
 
 def contains(current: Any, wanted: Any) -> bool:
-    """Whether every field we set already has our value (server defaults may add more)."""
+    """Whether every field we set already has our value (server defaults may add more). A map
+    we only remove keys from is satisfied by its absence: the API server drops the empty
+    `annotations` a merge patch of {key: null} leaves, so a missing map is an empty one."""
     if isinstance(wanted, dict):
+        current = {} if current is None else current
         return isinstance(current, dict) and all(
             key not in current if value is None else contains(current.get(key), value)
             for key, value in wanted.items()

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from moe_operator.groups.naming import GROUP_LABEL
+from moe_operator.groups.naming import DRAIN_ANNOTATION, GROUP_LABEL
 from moe_operator.kube import contains
 from moe_operator.manifests import children
 from moe_operator.validation import parse_spec
@@ -40,6 +40,12 @@ def test_group_0_is_the_statefulset_a_single_group_deployment_had(case: str) -> 
     stored = _stored(old["statefulset"])  # what the upgraded operator reads: current
     assert contains(stored, children.build_statefulset("golden", "ns", spec, 0))
     assert not contains(stored, children.build_statefulset("golden", "ns", spec, 1))
+    # As the operator sends it: the drain mark removed, on an object that has no annotations.
+    sent = children.build_statefulset("golden", "ns", spec, 0)
+    sent["metadata"]["annotations"] = {DRAIN_ANNOTATION: None}
+    assert "annotations" not in stored["metadata"] and contains(stored, sent)
+    sent["metadata"]["annotations"] = {DRAIN_ANNOTATION: "2026-12-07T00:00:00Z"}
+    assert not contains(stored, sent)
     pdb = children.build_pdb("golden", spec, "policy/v1", 0)
     assert pdb["metadata"]["name"] == old["pdb"]["metadata"]["name"]
     selector = pdb["spec"]["selector"]["matchLabels"]

@@ -42,8 +42,14 @@ def router_labels(name: str) -> dict[str, str]:
     }
 
 
+def router_pod_labels(name: str) -> dict[str, str]:
+    """The router pods' labels: without the deployment label, which selects worker pods (the
+    operator's own lists, `kubectl get pods -l moe-ep.io/deployment=NAME` in docs and alerts)."""
+    return {key: value for key, value in router_labels(name).items() if key != DEPLOYMENT_LABEL}
+
+
 def router_selector(name: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "moe-ep-router", DEPLOYMENT_LABEL: name}
+    return {"app.kubernetes.io/name": "moe-ep-router", "app.kubernetes.io/instance": name}
 
 
 def router_args(name: str, namespace: str, spec: MoEDeploymentSpec) -> list[str]:
@@ -141,18 +147,17 @@ def build_deployment(
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
-    labels = router_labels(name)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": router_name(name), "labels": labels},
+        "metadata": {"name": router_name(name), "labels": router_labels(name)},
         "spec": {
             "replicas": router.replicas,
             "selector": {"matchLabels": router_selector(name)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0}},
             "template": {
                 "metadata": {
-                    "labels": labels,
+                    "labels": router_pod_labels(name),
                     "annotations": {
                         "prometheus.io/scrape": "true",
                         "prometheus.io/port": str(METRICS_PORT),
