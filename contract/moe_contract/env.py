@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from moe_contract.shape import ModelShape
+from moe_contract.shape import EXTRA_FIELDS, ModelShape
 
 # Identity and process group.
 POD_NAME = "MOE_POD_NAME"  # the StatefulSet ordinal is the suffix after the last '-'
@@ -41,6 +41,13 @@ TOP_K = "MOE_TOP_K"
 DTYPE = "MOE_DTYPE"  # bfloat16 | float16 | float32
 KV_HEADS = "MOE_KV_HEADS"  # absent: as many as ATTENTION_HEADS
 VOCAB_SIZE = "MOE_VOCAB_SIZE"
+DENSE_LAYERS = "MOE_DENSE_LAYERS"  # leading dense-MLP blocks (GLM-4.5, DeepSeek-V3)
+DENSE_FFN_HIDDEN_SIZE = "MOE_DENSE_FFN_HIDDEN_SIZE"
+SHARED_FFN_HIDDEN_SIZE = "MOE_SHARED_FFN_HIDDEN_SIZE"  # the shared expert(s); 0: none
+KV_LORA_RANK = "MOE_KV_LORA_RANK"  # multi-head latent attention (DeepSeek-V3); 0: none
+Q_LORA_RANK = "MOE_Q_LORA_RANK"
+ROPE_HEAD_DIM = "MOE_ROPE_HEAD_DIM"
+V_HEAD_DIM = "MOE_V_HEAD_DIM"
 SLOTS_PER_RANK = "MOE_SLOTS_PER_RANK"
 MAX_SLOTS_PER_RANK = "MOE_MAX_SLOTS_PER_RANK"  # placement.maxSlotsPerRank: plans may grow to it
 CHECKPOINT = "MOE_CHECKPOINT"  # a Hugging Face checkpoint directory; absent: synthetic from SEED
@@ -113,6 +120,13 @@ SHAPE_VARIABLES = {
     "top_k": TOP_K,
     "dtype": DTYPE,
     "vocab_size": VOCAB_SIZE,
+    "dense_layers": DENSE_LAYERS,
+    "dense_ffn_hidden": DENSE_FFN_HIDDEN_SIZE,
+    "shared_ffn_hidden": SHARED_FFN_HIDDEN_SIZE,
+    "kv_lora_rank": KV_LORA_RANK,
+    "q_lora_rank": Q_LORA_RANK,
+    "rope_head_dim": ROPE_HEAD_DIM,
+    "v_head_dim": V_HEAD_DIM,
 }
 """ModelShape field -> the variable carrying it."""
 _TEXT_FIELDS = ("architecture", "dtype")
@@ -126,8 +140,16 @@ def declared_shape_fields(environ: Mapping[str, str]) -> frozenset[str]:
 
 
 def shape_to_env(shape: ModelShape) -> dict[str, str]:
-    """The variables that carry `shape` to a pod (unset optional fields are left out)."""
-    values = {field: getattr(shape, field) for field in SHAPE_VARIABLES}
+    """The variables that carry `shape` to a pod (unset optional fields are left out).
+
+    The optional sizes (dense layers, shared experts, MLA) travel only for the architectures
+    that have them (`EXTRA_FIELDS`), zeros included, so their checkpoints are checked against
+    every one; other pods keep the template they had before those sizes existed (a changed
+    template restarts the whole group on an operator upgrade).
+    """
+    optional = frozenset(f for fields in EXTRA_FIELDS.values() for f in fields)
+    sent = set(SHAPE_VARIABLES) - optional | set(EXTRA_FIELDS.get(shape.architecture, ()))
+    values = {field: getattr(shape, field) for field in SHAPE_VARIABLES if field in sent}
     return {SHAPE_VARIABLES[f]: str(value) for f, value in values.items() if value is not None}
 
 

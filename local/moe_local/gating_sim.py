@@ -2,6 +2,7 @@
 
     moe-ep gating-sim [--zipf 0.5,1.0,1.5] [--experts 16 --ranks 16 --slots-per-rank 1
                       --top-k 2] [--layers 4] [--evaluations 20] [--tokens 20000] [--json]
+                      [--router sigmoid --model-bias 0.5 --groups 4 --topk-groups 2]
 
 It runs the real parts, evaluation after evaluation: the worker's own router
 (`moe_worker.models.route_priced`: softmax, guarded biased top-K, the price of the bias) routes
@@ -10,6 +11,12 @@ the loads (and the measured rerouted fraction per layer, as the operator will re
 workers) into the next plan, which the next evaluation routes with. It lives in the local tooling
 because it needs both products: the operator never imports torch, the worker never imports the
 operator.
+
+The model's router is softmax (Mixtral, Qwen) by default; `--router sigmoid` routes as GLM-4.5 and
+DeepSeek-V3 do (sigmoid scores, group-limited top-K over `--groups`, renormalised), starting from
+a non-zero model bias with `--model-bias S`: the checkpoint's `e_score_correction_bias` as
+auxiliary-loss-free training leaves it, per layer S x (ln(p(e) + 1) / ln E) centred, which lifts
+the cold experts and lowers the hot ones. The operator's bias adds to it, as on the workers.
 
 Traffic: per layer, a fixed random gate (hidden D=64 -> E logits of unit variance) on fresh
 random hidden states each evaluation, plus a Zipf popularity offset on the gate logits,
@@ -59,6 +66,24 @@ class Layout:
     slots_per_rank: int = 1
     top_k: int = 2
     layers: int = 4
+
+
+@dataclass(frozen=True)
+class ModelRouter:
+    """The model's own router: softmax, or sigmoid with a correction bias of scale `model_bias`
+    and `groups` groups of which `topk_groups` are chosen from."""
+
+    scoring: str = "softmax"
+    model_bias: float = 0.0
+    groups: int = 1
+    topk_groups: int = 1
+
+    def spec(self) -> Any:
+        from moe_worker.models.config import RouterSpec
+
+        if self.scoring == "softmax":
+            return RouterSpec()
+        return RouterSpec("sigmoid", self.groups, self.topk_groups)
 
 
 @dataclass(frozen=True)
@@ -143,19 +168,46 @@ def default_settings(
 class Traffic:
     """Gate logits of fresh tokens per (layer, evaluation): a fixed random gate + Zipf offset."""
 
-    def __init__(self, layout: Layout, zipf: float, tokens: int, seed: int) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        zipf: float,
+        tokens: int,
+        seed: int,
+        router: ModelRouter | None = None,
+    ) -> None:
         import torch
 
         self.torch, self.layout, self.tokens, self.seed = torch, layout, tokens, seed
+        self.router = router or ModelRouter()
         generator = torch.Generator().manual_seed(seed)
         self.gates_LDE = torch.randn(layout.layers, HIDDEN, layout.experts, generator=generator)
         self.gates_LDE /= math.sqrt(HIDDEN)
-        offsets = []
+        offsets, model_bias = [], []
         for layer in range(layout.layers):
             popularity = list(range(layout.experts))
             random.Random(seed * 100_003 + layer).shuffle(popularity)
             offsets.append([-zipf * math.log(popularity[e] + 1) for e in range(layout.experts)])
+            lift = [math.log(p + 1) / math.log(layout.experts) for p in popularity]
+            centre = sum(lift) / len(lift)
+            model_bias.append([self.router.model_bias * (v - centre) for v in lift])
         self.offsets_LE = torch.tensor(offsets)
+        self.model_bias_LE = torch.tensor(model_bias)
+        """The checkpoint's correction bias [L, E] (sigmoid routers; zeros without one)."""
+
+    def route(self, layer: int, evaluation: int, bias_E: Any, margin: float | None) -> Any:
+        """The worker's router on this layer's tokens: (routing, price)."""
+        from moe_worker.models import route_priced
+
+        sigmoid = self.router.scoring == "sigmoid"
+        return route_priced(
+            self.logits(layer, evaluation),
+            self.layout.top_k,
+            gate_bias_E=bias_E,
+            max_margin=margin,
+            router=self.router.spec(),
+            correction_E=self.model_bias_LE[layer] if sigmoid else None,
+        )
 
     def logits(self, layer: int, evaluation: int) -> Any:
         torch = self.torch
@@ -199,8 +251,6 @@ def simulate(
     traffic: Traffic, layout: Layout, setting: Setting, evaluations: int, zipf: float
 ) -> Outcome:
     """Route, count, plan; `evaluations` times after the first (unbiased) window."""
-    from moe_worker.models import route_priced
-
     torch = traffic.torch
     plan = round_robin_plan(layout.layers, layout.experts, layout.ranks, layout.slots_per_rank)
     start = plan
@@ -213,12 +263,7 @@ def simulate(
         loads, fractions, lost, rerouted = [], [], 0.0, 0
         for layer in range(layout.layers):
             bias_E = None if plan.gate_bias is None else torch.tensor(plan.gate_bias[layer])
-            routing, price = route_priced(
-                traffic.logits(layer, evaluation),
-                layout.top_k,
-                gate_bias_E=bias_E,
-                max_margin=margin,
-            )
+            routing, price = traffic.route(layer, evaluation, bias_E, margin)
             counts = torch.bincount(routing.topk_ids_NK.flatten(), minlength=layout.experts)
             loads.append([float(c) for c in counts.tolist()])
             layer_rerouted, layer_lost = price.totals()
@@ -321,12 +366,13 @@ def run(
     tokens: int = 20_000,
     seed: int = 0,
     settings: Sequence[Setting] | None = None,
+    router: ModelRouter | None = None,
 ) -> list[Outcome]:
     """Every setting on the same traffic, for each Zipf exponent."""
     rows = list(settings or default_settings(layout))
     outcomes = []
     for zipf in zipfs:
-        traffic = Traffic(layout, zipf, tokens, seed)
+        traffic = Traffic(layout, zipf, tokens, seed, router)
         outcomes += [simulate(traffic, layout, row, evaluations, zipf) for row in rows]
     return outcomes
 
@@ -362,8 +408,39 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rate", type=float, help="damped rule's rate (default: the operator's)")
     ap.add_argument("--damping", type=float, help="damped rule's damping (default: the operator's)")
+    ap.add_argument(
+        "--router",
+        choices=("softmax", "sigmoid"),
+        default="softmax",
+        help="the model's router: softmax (Mixtral, Qwen) or sigmoid (GLM-4.5, DeepSeek-V3)",
+    )
+    ap.add_argument(
+        "--model-bias",
+        type=float,
+        default=0.0,
+        help="sigmoid: scale of the checkpoint's own correction bias, lifting cold experts",
+    )
+    ap.add_argument("--groups", type=int, default=1, help="sigmoid: expert groups (n_group)")
+    ap.add_argument(
+        "--topk-groups", type=int, default=1, help="sigmoid: groups chosen from (topk_group)"
+    )
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return ap
+
+
+def model_router(args: argparse.Namespace, layout: Layout) -> ModelRouter:
+    """The model's router of the arguments; ValueError naming the flag at fault."""
+    router = ModelRouter(args.router, args.model_bias, args.groups, args.topk_groups)
+    if router.scoring == "softmax" and (router.model_bias or router.groups != 1):
+        raise ValueError("--model-bias and --groups need --router sigmoid")
+    per_group, remainder = divmod(layout.experts, max(router.groups, 1))
+    if router.groups < 1 or remainder or (router.groups > 1 and per_group < 2):
+        raise ValueError(f"--groups {router.groups} must split {layout.experts} experts evenly")
+    if not 1 <= router.topk_groups <= router.groups:
+        raise ValueError(f"--topk-groups must be between 1 and --groups {router.groups}")
+    if router.topk_groups * per_group <= layout.top_k:
+        raise ValueError("--topk-groups x experts per group must exceed --top-k")
+    return router
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.evaluations < 1 or args.tokens < 1 or args.layers < 1:
             raise ValueError("evaluations, tokens and layers must be >= 1")
         settings = default_settings(layout, args.rate, args.damping)
+        router = model_router(args, layout)
     except ValueError as error:
         print(f"moe-ep gating-sim: {error}", file=sys.stderr)
         return 2
@@ -396,10 +474,12 @@ def main(argv: list[str] | None = None) -> int:
         tokens=args.tokens,
         seed=args.seed,
         settings=settings,
+        router=router,
     )
     if args.json:
         document = {
             "layout": asdict(layout),
+            "router": asdict(router),
             "evaluations": args.evaluations,
             "tokens": args.tokens,
             "seed": args.seed,

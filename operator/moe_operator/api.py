@@ -150,14 +150,23 @@ class ModelSpec(ApiModel):
     """The MoE transformer every worker builds. With a checkpoint, its config.json must agree
     with every size here: a worker refuses one that does not, naming both values."""
 
-    architecture: Literal["SeedMLP", "Mixtral", "Qwen3MoE"] = Field(
-        "SeedMLP",
-        description="Model family: SeedMLP (the seed's two-matrix GELU experts), Mixtral or "
-        "Qwen3MoE (SwiGLU experts; Hugging Face checkpoints of MixtralForCausalLM and "
-        "Qwen3MoeForCausalLM).",
+    architecture: Literal["SeedMLP", "Mixtral", "Qwen3MoE", "Qwen2MoE", "Glm4MoE", "DeepseekV3"] = (
+        Field(
+            "SeedMLP",
+            description="Model family: SeedMLP (the seed's two-matrix GELU experts), or SwiGLU "
+            "experts from Hugging Face checkpoints: Mixtral (MixtralForCausalLM), Qwen3MoE "
+            "(Qwen3MoeForCausalLM), Qwen2MoE (Qwen2MoeForCausalLM: a gated shared expert), "
+            "Glm4MoE (Glm4MoeForCausalLM: dense first layers, shared experts, sigmoid router "
+            "with its correction bias) and DeepseekV3 (DeepseekV3ForCausalLM, Kimi-K2 too: the "
+            "same, under multi-head latent attention).",
+        )
     )
     layers: int = Field(
-        16, ge=1, le=1024, description="Transformer layers, each with an MoE block."
+        16,
+        ge=1,
+        le=1024,
+        description="Transformer layers with an MoE block: the layers of plans, counters and "
+        "gate biases (config.json's num_hidden_layers minus first_k_dense_replace).",
     )
     experts_per_layer: int = Field(16, ge=1, le=1024, description="Logical experts in every layer.")
     hidden_size: int = Field(4096, ge=1, le=65536, description="Token (model) dimension.")
@@ -189,6 +198,50 @@ class ModelSpec(ApiModel):
         description="The name clients send as `model`; empty: the checkpoint directory's "
         "name, or the MoEDeployment's name for synthetic weights.",
     )
+    dense_layers: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="Glm4MoE, DeepseekV3: leading layers with one dense MLP instead of experts "
+        "(first_k_dense_replace), run by every worker; not counted in layers.",
+    )
+    dense_ffn_hidden_size: int = Field(
+        0,
+        ge=0,
+        le=262144,
+        description="Glm4MoE, DeepseekV3: hidden dimension of those dense MLPs "
+        "(intermediate_size); 0 without dense layers.",
+    )
+    shared_ffn_hidden_size: int = Field(
+        0,
+        ge=0,
+        le=262144,
+        description="Qwen2MoE, Glm4MoE, DeepseekV3: hidden dimension of the shared expert MLP "
+        "every token visits (n_shared_experts x moe_intermediate_size, or "
+        "shared_expert_intermediate_size), held by every worker, never placed or counted; 0: "
+        "none.",
+    )
+    kv_lora_rank: int = Field(
+        0,
+        ge=0,
+        le=65536,
+        description="DeepseekV3: the compressed key/value latent of multi-head latent "
+        "attention; the KV cache holds it and the rotary key per token.",
+    )
+    q_lora_rank: int = Field(
+        0,
+        ge=0,
+        le=65536,
+        description="DeepseekV3: the query's low-rank width; 0: queries projected directly.",
+    )
+    rope_head_dim: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="DeepseekV3: the rotary part of each query/key head (qk_rope_head_dim); "
+        "headDim is the whole head (qk_nope_head_dim + qk_rope_head_dim).",
+    )
+    v_head_dim: int = Field(0, ge=0, le=1024, description="DeepseekV3: each value head's size.")
     source: ModelSource = Field(
         default_factory=ModelSource, description="Synthetic weights or a checkpoint."
     )
@@ -210,7 +263,24 @@ class ModelSpec(ApiModel):
             architecture=self.architecture,
             kv_heads=self.key_value_heads or self.attention_heads,
             vocab_size=self.vocab_size,
+            **self.extra_sizes(),
         )
+
+    def extra_sizes(self) -> dict[str, int]:
+        """The optional sizes, by their ModelShape names (`moe_contract.shape.EXTRA_FIELDS`)."""
+        return {shape: getattr(self, mine) for shape, mine in SHAPE_EXTRA_FIELDS.items()}
+
+
+SHAPE_EXTRA_FIELDS = {
+    "dense_layers": "dense_layers",
+    "dense_ffn_hidden": "dense_ffn_hidden_size",
+    "shared_ffn_hidden": "shared_ffn_hidden_size",
+    "kv_lora_rank": "kv_lora_rank",
+    "q_lora_rank": "q_lora_rank",
+    "rope_head_dim": "rope_head_dim",
+    "v_head_dim": "v_head_dim",
+}
+"""ModelShape's optional sizes -> the ModelSpec fields that declare them."""
 
 
 class ParallelismSpec(ApiModel):
@@ -269,7 +339,9 @@ class GatingSpec(ApiModel):
     """GatingBias: a per-layer bias on the gate probabilities for top-K selection only. It
     changes which experts some tokens visit, so it changes outputs: it acts only on tokens whose
     choice is close, the workers measure what it rerouted, and the operator keeps that under a
-    cap. Rebalancing uses it only where no slot can be added (see placement.maxSlotsPerRank)."""
+    cap. Rebalancing uses it only where no slot can be added (see placement.maxSlotsPerRank).
+    Models with their own router bias (Glm4MoE, DeepseekV3: e_score_correction_bias) get it
+    added to theirs, on their sigmoid scores."""
 
     max_margin: float = Field(
         _GATING.max_margin,

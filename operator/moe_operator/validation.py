@@ -26,8 +26,9 @@ from pydantic import ValidationError
 from moe_contract import env as worker_env
 from moe_contract.plan import COMPACT_FROM_BYTES
 from moe_contract.settings import USER_FLAGS
+from moe_contract.shape import extra_problems
 from moe_operator import kuberules
-from moe_operator.api import MoEDeploymentSpec
+from moe_operator.api import SHAPE_EXTRA_FIELDS, MoEDeploymentSpec
 from moe_operator.manifests import podspec
 
 NAME_MAX = 52
@@ -239,11 +240,12 @@ def serving_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
         f"or 0 for as many as attentionHeads",
     )
     need(
-        model.head_dim % 2 == 0,
+        model.head_dim % 2 == 0 or model.kv_lora_rank > 0,
         "model.headDim",
         f"headDim {model.head_dim} must be even: rotary position embeddings turn pairs of "
         f"dimensions; use {model.head_dim + 1}",
     )
+    problems += architecture_size_problems(spec)
     need(
         worker.api_port not in (worker.port, worker.master_port),
         "worker.apiPort",
@@ -258,6 +260,29 @@ def serving_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
     need(problem is None, "worker.apiKeys.key", f"{keys.key[:60]!r} {problem}")
     problems += source_problems(spec)
     return problems
+
+
+def architecture_size_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
+    """The sizes only some architectures have (dense layers, shared experts, latent attention):
+    set where model.architecture has them and consistent (`moe_contract.shape.extra_problems`),
+    each problem named by this API's field."""
+    model = spec.model
+    names = {shape: _camel(mine) for shape, mine in SHAPE_EXTRA_FIELDS.items()}
+    names |= {"heads": "attentionHeads", "head_dim": "headDim", "kv_heads": "keyValueHeads"}
+    found = extra_problems(
+        model.architecture,
+        model.attention_heads,
+        model.head_dim,
+        model.key_value_heads or None,
+        model.extra_sizes(),
+        names,
+    )
+    return [SpecProblem(f"model.{names[field]}", message) for field, message in found]
+
+
+def _camel(name: str) -> str:
+    first, *rest = name.split("_")
+    return first + "".join(part.title() for part in rest)
 
 
 def _divisor_below(heads: int, wanted: int) -> int:

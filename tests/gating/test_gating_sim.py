@@ -88,3 +88,39 @@ def test_least_imbalance_moves_the_budget_from_the_hottest_experts() -> None:
     assert least_imbalance([30.0, 10.0, 10.0, 10.0], 1 / 6) == pytest.approx(20 / 15)
     assert least_imbalance([30.0, 10.0, 10.0, 10.0], 0.0) == pytest.approx(2.0)
     assert least_imbalance([30.0, 10.0, 10.0, 10.0], 1.0) == pytest.approx(1.0)
+
+
+def _run(*extra: str) -> dict:
+    out = io.StringIO()
+    argv = ["--zipf", "1.0", *SMALL, "--evaluations", "4", "--json", *extra]
+    with contextlib.redirect_stdout(out):
+        assert gating_sim.main(argv) == 0
+    return json.loads(out.getvalue())
+
+
+def test_a_sigmoid_router_starts_from_the_models_own_bias() -> None:
+    plain = _run("--router", "sigmoid")
+    biased = _run("--router", "sigmoid", "--model-bias", "0.5")
+    assert biased["router"] == {
+        "scoring": "sigmoid",
+        "model_bias": 0.5,
+        "groups": 1,
+        "topk_groups": 1,
+    }
+    before = {d["results"][0]["before"] for d in (plain, biased)}
+    # the checkpoint's bias lifts the cold experts: the model alone is less imbalanced
+    assert biased["results"][0]["before"] < plain["results"][0]["before"] and len(before) == 2
+    defaults = _row(biased["results"], "damped, the defaults")
+    assert 0 < defaults["rerouted_peak"] <= 0.1  # the operator's bias, on top, under its cap
+    assert defaults["after"] < defaults["before"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--model-bias", "0.5"], ["--router", "sigmoid", "--groups", "3"], ["--topk-groups", "2"]],
+)
+def test_router_arguments_that_do_not_fit_exit_2(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert gating_sim.main([*SMALL, *argv]) == 2
+    assert "moe-ep gating-sim: --" in capsys.readouterr().err

@@ -188,13 +188,17 @@ MIXTRAL = {
 }
 
 
+MLA_FIELDS = ("kv_lora_rank", "q_lora_rank", "rope_head_dim", "v_head_dim")
+
+
 def test_the_whole_model_shape_travels_to_the_workers() -> None:
     """Every field a checkpoint is checked against: the workers compare what the environment
     declares with config.json (architecture, GQA heads and vocabulary included)."""
     spec = _spec(model=MIXTRAL)
     env = _env(children.build_statefulset("m", "ml", spec))
     assert worker_env.shape_from_env(env) == spec.model.to_shape()
-    assert worker_env.declared_shape_fields(env) == frozenset(worker_env.SHAPE_VARIABLES)
+    optional = {"dense_layers", "dense_ffn_hidden", "shared_ffn_hidden", *MLA_FIELDS}
+    assert worker_env.declared_shape_fields(env) == set(worker_env.SHAPE_VARIABLES) - optional
     assert (env[worker_env.ARCHITECTURE], env[worker_env.KV_HEADS]) == ("Mixtral", "2")
     assert env[worker_env.VOCAB_SIZE] == "256"
     plain = _env(children.build_statefulset("m", "ml", _spec()))
@@ -328,3 +332,16 @@ def test_the_served_model_is_named_after_the_checkpoint_directory(path: str, nam
     assert children.served_model_name("m", _spec(model={"source": source})) == name
     named = _spec(model={"source": source, "servedModelName": "prod-llm"})
     assert children.served_model_name("m", named) == "prod-llm"
+
+
+def test_a_family_with_optional_sizes_declares_all_of_them_zeros_included() -> None:
+    """A Qwen2-MoE pod declares its shared expert size and nothing of MLA or dense layers;
+    a Mixtral pod declares none of them, so its template is the one it had before they existed."""
+    qwen2 = {**MIXTRAL, "architecture": "Qwen2MoE", "sharedFfnHiddenSize": 0}
+    env = _env(children.build_statefulset("m", "ml", _spec(model=qwen2)))
+    assert env[worker_env.SHARED_FFN_HIDDEN_SIZE] == "0"
+    assert worker_env.declared_shape_fields(env) == set(worker_env.SHAPE_VARIABLES) - {
+        "dense_layers",
+        "dense_ffn_hidden",
+        *MLA_FIELDS,
+    }

@@ -493,3 +493,71 @@ def test_gating_settings_out_of_range_name_their_field(gating: dict, field: str)
 def test_the_old_top_level_gate_bias_fields_are_refused() -> None:
     parsed, problems = parse_spec({"rebalancing": {"maxGateBias": 0.1}})
     assert parsed is None and problems[0].field == "rebalancing.maxGateBias"
+
+
+DEEPSEEK_V3_MODEL = {
+    "architecture": "DeepseekV3",
+    "layers": 58,
+    "expertsPerLayer": 256,
+    "hiddenSize": 7168,
+    "ffnHiddenSize": 2048,
+    "attentionHeads": 128,
+    "headDim": 192,
+    "topK": 8,
+    "denseLayers": 3,
+    "denseFfnHiddenSize": 18432,
+    "sharedFfnHiddenSize": 2048,
+    "kvLoraRank": 512,
+    "qLoraRank": 1536,
+    "ropeHeadDim": 64,
+    "vHeadDim": 128,
+}
+
+
+def test_the_issue_24_families_are_accepted_with_their_sizes() -> None:
+    spec, problems = parse_spec(
+        {
+            "model": DEEPSEEK_V3_MODEL,
+            "parallelism": {"expert": 16},
+            "placement": {"slotsPerRank": 16},
+        }
+    )
+    assert problems == [] and spec is not None
+    shape = spec.model.to_shape()
+    assert (shape.total_layers, shape.kv_lora_rank, shape.dense_ffn_hidden) == (61, 512, 18432)
+    assert plan_shape(spec).layers == 58  # plans hold the MoE layers only
+    glm = {"architecture": "Glm4MoE", "denseLayers": 3, "denseFfnHiddenSize": 12288}
+    qwen2 = {"architecture": "Qwen2MoE", "sharedFfnHiddenSize": 5632}
+    for model in (glm | {"sharedFfnHiddenSize": 1536, "keyValueHeads": 8}, qwen2):
+        assert parse_spec({"model": model})[1] == []
+
+
+@pytest.mark.parametrize(
+    ("model", "field", "words"),
+    [
+        ({"architecture": "Mixtral", "kvLoraRank": 512}, "model.kvLoraRank", "DeepseekV3 only"),
+        (
+            {"architecture": "Qwen2MoE", "denseLayers": 1, "denseFfnHiddenSize": 64},
+            "model.denseLayers",
+            "Glm4MoE and DeepseekV3 only",
+        ),
+        (
+            {"architecture": "Glm4MoE", "denseLayers": 3},
+            "model.denseFfnHiddenSize",
+            "both be 0 or both at least 1",
+        ),
+        ({**DEEPSEEK_V3_MODEL, "kvLoraRank": 0}, "model.kvLoraRank", "at least 1"),
+        ({**DEEPSEEK_V3_MODEL, "ropeHeadDim": 63}, "model.ropeHeadDim", "must be even"),
+        (
+            {**DEEPSEEK_V3_MODEL, "keyValueHeads": 8},
+            "model.keyValueHeads",
+            "must equal attentionHeads 128",
+        ),
+    ],
+)
+def test_sizes_an_architecture_lacks_or_contradicts_name_the_field(
+    model: dict[str, Any], field: str, words: str
+) -> None:
+    spec, problems = parse_spec({"model": model})
+    assert spec is None
+    assert any(p.field == field and words in p.message for p in problems), problems

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from moe_contract.plan import round_robin_plan, validate_plan
+from moe_contract.plan import Plan, round_robin_plan, validate_plan
 from moe_operator.planning.placement import rank_loads
 from moe_operator.planning.planners import (
     AUTO,
@@ -117,8 +117,29 @@ def test_explicit_gating_bias_never_grows() -> None:
     assert result.plan.slots_per_rank == 1 and result.plan.gate_bias is not None
 
 
+# Layer 1 has both experts on every rank; growing it by copying each rank's first expert made
+# rank 0 hold two of seven replicas of expert 1 (2/7 of its tokens, was 1/4) while layer 2 paid.
+GROWN_SHARED = Case(
+    layers=3,
+    experts=2,
+    ranks=4,
+    slots_per_rank=2,
+    plan=Plan(
+        version=1,
+        slotsPerRank=2,
+        slots=(
+            ((1, 0), (1, 0), (0, 1), (1, 0)),
+            ((1, 0), (0, 1), (1, 0), (1, 0)),
+            ((0, 1), (0, 1), (1, 0), (1, 1)),
+        ),
+    ),
+    loads=((0.0, 0.0), (0.0, 1.0), (1.0, 6.0)),
+)
+
+
 @settings(max_examples=40, deadline=None)
 @given(cases(max_ranks=5, max_slots=2), st.integers(0, 2))
+@example(GROWN_SHARED, 1)
 def test_growing_never_loses_an_expert_nor_raises_the_max_rank_load(case: Case, extra: int) -> None:
     most = case.slots_per_rank + extra
     result = plan_rebalance(

@@ -1,9 +1,12 @@
-"""Parity with transformers (a test-only dependency): tiny random Mixtral and Qwen3-MoE models made
-here with transformers' own config classes, saved with `save_pretrained`, loaded by our code.
+"""Parity with transformers (a test-only dependency): tiny random Mixtral, Qwen3-MoE, Qwen2-MoE,
+GLM-4.5 and DeepSeek-V3 models made here with transformers' own config classes, saved with
+`save_pretrained`, loaded by our code.
 
 Cases cover both checkpoint formats transformers writes (the hub's per-expert tensors by default,
 fused [E, ...] expert tensors with `save_original_format=False`), sharding, tied embeddings,
-grouped-query attention and Qwen3's explicit head_dim with norm_topk_prob both ways. fp32.
+grouped-query attention and Qwen3's explicit head_dim with norm_topk_prob both ways; shared
+experts (gated and plain), dense first layers, sigmoid routers with a correction bias and groups,
+MLA with low-rank or direct queries, interleaved or half-split RoPE, and YaRN. fp32.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never the network, even by accid
 
 import pytest
 import torch
-from hf_tiny import TINY, prompts
+from hf_tiny import TINY, deepseek_v3, glm4_moe, prompts, qwen2_moe
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from moe_worker.bench.generator import Generator, Request
@@ -85,6 +88,25 @@ CASES = [
                 num_experts_per_tok=3,
                 norm_topk_prob=False,
             )
+        ),
+        {"save_original_format": False},
+    ),
+    Case("qwen2-moe", qwen2_moe, {}),
+    Case("glm4-moe-fused", glm4_moe, {"save_original_format": False}),
+    Case("deepseek-v3-sharded", deepseek_v3, {"max_shard_size": "64KB"}),
+    Case(
+        "deepseek-v3-yarn-direct-q",
+        lambda: deepseek_v3(
+            q_lora_rank=None,
+            rope_interleave=False,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 32,
+                "mscale": 0.8,
+                "mscale_all_dim": 1.0,
+            },
         ),
         {"save_original_format": False},
     ),

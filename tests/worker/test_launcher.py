@@ -54,18 +54,23 @@ def get(port: int, path: str) -> tuple[int, dict]:
 
 
 def alive(pid: int) -> bool:
+    """Running (a zombie nobody reaped yet, an orphan's fate in a container, is not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    return True
+    return state != "Z"
+
+
+def launcher_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_")}
+    return {**env, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture
 def group(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], list[int]]]:
     checkpoint = write_checkpoint(tmp_path / "ckpt", SyntheticWeights.for_shape(SHAPE, seed=1))
     base = two_free_ports()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_")}
     command = [
         *(sys.executable, "-m", "moe_worker.main", "serve"),
         *("--checkpoint", str(checkpoint), "--world", "2"),
@@ -73,9 +78,7 @@ def group(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], list[int]]]
         *("--kv-cache-tokens", "256"),
     ]
     log = (tmp_path / "launcher.log").open("wb")
-    launcher = subprocess.Popen(
-        command, env={**env, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=log
-    )
+    launcher = subprocess.Popen(command, env=launcher_env(), stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 180
         for port in (base, base + 1):
@@ -116,6 +119,25 @@ def test_a_signal_stops_every_rank_cleanly(
     launcher.send_signal(signal.SIGTERM)
     assert launcher.wait(90) == 0
     assert not any(alive(pid) for pid in pids)
+
+
+def test_a_second_serve_on_its_ports_says_so_and_ranks_die_with_their_launcher(
+    group: tuple[subprocess.Popen[bytes], list[int]],
+) -> None:
+    launcher, pids = group
+    second = subprocess.run(
+        launcher.args, env=launcher_env(), capture_output=True, timeout=120, check=False
+    )
+    assert second.returncode == 2
+    lines = second.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "is in use" in lines[0] and "another moe-worker serve" in lines[0]
+    assert all(alive(pid) for pid in pids)  # the first group serves on
+    launcher.kill()  # kill -9: no handler runs, nothing is forwarded
+    launcher.wait(30)
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, "a rank outlived its launcher"
+        time.sleep(0.2)
 
 
 def test_local_ranks_of_a_pod_take_global_ranks_ports_and_gpus() -> None:

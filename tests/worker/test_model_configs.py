@@ -3,6 +3,7 @@ what cannot be served exactly is refused naming the field, or handled exactly (c
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -127,7 +128,7 @@ def test_transformers_5_spellings_are_read_too() -> None:
         (QWEN3_30B_A3B, {"torch_dtype": "float8_e4m3fn"}, "dtype"),
         (QWEN3_30B_A3B, {"num_experts_per_tok": 200}, "top_k"),
         (QWEN3_30B_A3B, {"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
-        ({"architectures": ["DeepseekV3ForCausalLM"]}, {}, "architectures"),
+        ({"architectures": ["OlmoeForCausalLM"]}, {}, "architectures"),
     ],
 )
 def test_what_cannot_be_served_exactly_is_refused_by_name(
@@ -143,3 +144,218 @@ def test_a_sliding_window_caps_the_context() -> None:
     qwen = {**QWEN3_30B_A3B, "sliding_window": 2048}
     assert parse_hf_config(qwen)[1].max_context == 40960  # ignored unless use_sliding_window
     assert parse_hf_config({**qwen, "use_sliding_window": True})[1].max_context == 2048
+
+
+# The three families of issue 24, as published (the fields that matter here).
+DEEPSEEK_V3: dict[str, Any] = {
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "attention_bias": False,
+    "first_k_dense_replace": 3,
+    "hidden_act": "silu",
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "kv_lora_rank": 512,
+    "max_position_embeddings": 163840,
+    "moe_intermediate_size": 2048,
+    "moe_layer_freq": 1,
+    "n_group": 8,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "norm_topk_prob": True,
+    "num_attention_heads": 128,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 61,
+    "num_key_value_heads": 128,
+    "num_nextn_predict_layers": 1,
+    "q_lora_rank": 1536,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "factor": 40,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096,
+        "type": "yarn",
+    },
+    "rope_theta": 10000,
+    "routed_scaling_factor": 2.5,
+    "scoring_func": "sigmoid",
+    "tie_word_embeddings": False,
+    "topk_group": 4,
+    "topk_method": "noaux_tc",
+    "torch_dtype": "bfloat16",
+    "v_head_dim": 128,
+    "vocab_size": 129280,
+    "eos_token_id": 1,
+}
+KIMI_K2 = {
+    **DEEPSEEK_V3,
+    "model_type": "kimi_k2",
+    "first_k_dense_replace": 1,
+    "n_group": 1,
+    "topk_group": 1,
+    "n_routed_experts": 384,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 64,
+    "routed_scaling_factor": 2.827,
+    "vocab_size": 163840,
+    "max_position_embeddings": 131072,
+    "rope_scaling": {**DEEPSEEK_V3["rope_scaling"], "factor": 32.0},
+}
+GLM_45: dict[str, Any] = {
+    "architectures": ["Glm4MoeForCausalLM"],
+    "model_type": "glm4_moe",
+    "attention_bias": True,
+    "first_k_dense_replace": 3,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 5120,
+    "intermediate_size": 12288,
+    "max_position_embeddings": 131072,
+    "moe_intermediate_size": 1536,
+    "n_group": 1,
+    "n_routed_experts": 160,
+    "n_shared_experts": 1,
+    "norm_topk_prob": True,
+    "num_attention_heads": 96,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 92,
+    "num_key_value_heads": 8,
+    "num_nextn_predict_layers": 1,
+    "partial_rotary_factor": 0.5,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "rope_theta": 1000000,
+    "routed_scaling_factor": 2.5,
+    "tie_word_embeddings": False,
+    "topk_group": 1,
+    "torch_dtype": "bfloat16",
+    "use_qk_norm": True,
+    "vocab_size": 151552,
+    "eos_token_id": [151329, 151336, 151338],
+}
+QWEN15_MOE: dict[str, Any] = {
+    "architectures": ["Qwen2MoeForCausalLM"],
+    "model_type": "qwen2_moe",
+    "decoder_sparse_step": 1,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "max_position_embeddings": 8192,
+    "max_window_layers": 21,
+    "moe_intermediate_size": 1408,
+    "norm_topk_prob": False,
+    "num_attention_heads": 16,
+    "num_experts": 60,
+    "num_experts_per_tok": 4,
+    "num_hidden_layers": 24,
+    "num_key_value_heads": 16,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "shared_expert_intermediate_size": 5632,
+    "sliding_window": 32768,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_sliding_window": False,
+    "vocab_size": 151936,
+    "eos_token_id": 151643,
+}
+
+
+def test_deepseek_v3_maps_to_its_shape_with_mla_and_yarn() -> None:
+    arch, spec = parse_hf_config(DEEPSEEK_V3)
+    assert arch is architecture("DeepseekV3")
+    assert spec.shape == ModelShape(
+        layers=58,  # the MoE blocks: 61 minus the 3 dense ones
+        experts=256,
+        hidden=7168,
+        ffn_hidden=2048,
+        heads=128,
+        head_dim=192,  # the query/key head: nope 128 + rope 64
+        top_k=8,
+        dtype="bfloat16",
+        architecture="DeepseekV3",
+        vocab_size=129280,
+        dense_layers=3,
+        dense_ffn_hidden=18432,
+        shared_ffn_hidden=2048,
+        kv_lora_rank=512,
+        q_lora_rank=1536,
+        rope_head_dim=64,
+        v_head_dim=128,
+    )
+    assert spec.shape.kv_bytes_per_token_layer == (512 + 64) * 2
+    assert (spec.router.scoring, spec.router.n_group, spec.router.topk_group) == ("sigmoid", 8, 4)
+    assert spec.router.routed_scaling_factor == 2.5 and spec.norm_topk_prob
+    assert spec.rope_interleave and spec.rotary_dim == 64 and spec.max_context == 163840
+    assert spec.yarn is not None and spec.yarn.factor == 40 and spec.yarn.cos_sin_factor() == 1.0
+    assert abs(spec.yarn.softmax_factor() - (0.1 * math.log(40) + 1) ** 2) < 1e-12
+
+
+def test_kimi_k2_is_served_as_deepseek_v3() -> None:
+    arch, spec = parse_hf_config(KIMI_K2)
+    assert arch is architecture("DeepseekV3")
+    assert (spec.shape.dense_layers, spec.shape.layers, spec.shape.experts) == (1, 60, 384)
+    assert (spec.router.n_group, spec.router.routed_scaling_factor) == (1, 2.827)
+
+
+def test_glm_45_maps_to_its_shape() -> None:
+    arch, spec = parse_hf_config(GLM_45)
+    assert arch is architecture("Glm4MoE")
+    assert spec.shape == ModelShape(
+        layers=89,
+        experts=160,
+        hidden=5120,
+        ffn_hidden=1536,
+        heads=96,
+        head_dim=128,
+        top_k=8,
+        dtype="bfloat16",
+        architecture="Glm4MoE",
+        kv_heads=8,
+        vocab_size=151552,
+        dense_layers=3,
+        dense_ffn_hidden=12288,
+        shared_ffn_hidden=1536,
+    )
+    assert spec.attention_bias and spec.qk_norm and spec.rotary_dim == 64
+    assert (spec.rope_theta, spec.rms_norm_eps, spec.router.routed_scaling_factor) == (
+        1e6,
+        1e-5,
+        2.5,
+    )
+    assert spec.eos_token_ids == (151329, 151336, 151338)
+
+
+def test_qwen15_moe_maps_to_its_shape() -> None:
+    arch, spec = parse_hf_config(QWEN15_MOE)
+    assert arch is architecture("Qwen2MoE")
+    assert spec.shape.shared_ffn_hidden == 5632 and spec.shape.experts == 60
+    assert spec.attention_bias and not spec.norm_topk_prob  # qkv_bias defaults to true
+    assert spec.router.scoring == "softmax" and spec.max_context == 8192
+
+
+@pytest.mark.parametrize(
+    ("base", "change", "field"),
+    [
+        (DEEPSEEK_V3, {"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+        (DEEPSEEK_V3, {"scoring_func": "softmax"}, "scoring_func"),
+        (DEEPSEEK_V3, {"topk_method": "greedy"}, "topk_method"),
+        (DEEPSEEK_V3, {"n_group": 3}, "n_group"),
+        (DEEPSEEK_V3, {"topk_group": 9}, "topk_group"),
+        (DEEPSEEK_V3, {"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+        (DEEPSEEK_V3, {"first_k_dense_replace": 61}, "first_k_dense_replace"),
+        (GLM_45, {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_scaling"),
+        (QWEN15_MOE, {"mlp_only_layers": [3]}, "mlp_only_layers"),
+        (QWEN15_MOE, {"shared_expert_intermediate_size": None}, "shared_expert"),
+    ],
+)
+def test_what_the_new_families_cannot_serve_exactly_is_refused_by_name(
+    base: dict[str, Any], change: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(UnsupportedConfig, match=field):
+        parse_hf_config({**base, **change})

@@ -1,7 +1,9 @@
 """The official `openai` client against a REAL group: two `moe-worker serve` processes (gloo)
 serving a SeedMLP checkpoint that ships a tokenizer trained here. The API's own client checks
 (`openai_checks`) run unchanged against rank 0's OpenAI app; answers equal the world-1
-generator's, bad requests get OpenAI's error shape naming the field, the group keeps serving."""
+generator's, bad requests get OpenAI's error shape naming the field, the group keeps serving.
+A second group serves a tiny DeepSeek-V3 (MLA, shared experts, a dense first layer) saved by
+transformers, its shape declared through the pod variables: answers equal `generate()`'s."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from openai_checks import (
 )
 from worker_harness import Cluster
 
+from moe_contract import env
 from moe_contract.shape import ModelShape
 from moe_worker.bench.generator import Generator, Request
 from moe_worker.ep.sampling import SamplingParams
@@ -158,3 +161,63 @@ def test_bad_requests_get_the_openai_error_shape_and_the_group_keeps_serving(
     check_completion(url, checkpoint.name, [2, 3], max_tokens=2, api_key=KEY)
     assert all(proc.poll() is None for proc in cluster.procs)
     assert all(cluster.request(rank, "/healthz")[0] == 200 for rank in range(cluster.world))
+
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """A tiny DeepSeek-V3 of the trained tokenizer's vocabulary, saved by transformers."""
+    from hf_tiny import deepseek_v3
+    from tokenizers import Tokenizer
+
+    words = train_tokenizer(tmp_path_factory.mktemp("deepseek-tokenizer"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        hf = deepseek_v3(vocab_size=Tokenizer.from_file(str(words)).get_vocab_size()).eval()
+    hf.config.eos_token_id = hf.generation_config.eos_token_id = None  # whole answers compared
+    path = tmp_path_factory.mktemp("tiny-deepseek-v3")
+    hf.save_pretrained(path)
+    shutil.copy(words, path / "tokenizer.json")
+    return path, hf
+
+
+def test_a_deepseek_v3_checkpoint_through_the_official_client(
+    tmp_path_factory: pytest.TempPathFactory, deepseek: tuple[Path, object]
+) -> None:
+    from tokenizers import Tokenizer
+
+    path, hf = deepseek
+    tmp = Path(tmp_path_factory.mktemp("deepseek-cluster"))
+    (tmp / "keys").write_text(f"{KEY}\n")
+    shape = HFCheckpoint(path).spec.shape  # declared as the operator declares it, every field
+    assert shape.kv_lora_rank == 16 and shape.dense_layers == 1
+    variables = {
+        **env.shape_to_env(shape),
+        "MOE_CHECKPOINT": str(path),
+        "MOE_API_KEYS_PATH": str(tmp / "keys"),
+        "MOE_KV_CACHE_TOKENS": "512",
+        "MOE_MAX_BATCH_TOKENS": "16",
+    }
+    cluster = Cluster(tmp, 2, variables)
+    try:
+        cluster.wait_ready()
+        url = cluster.api_url.removesuffix("/v1")
+        assert served_model(url, KEY) == (path.name, 128)
+        for prompt in ([2, 3, 4], [9, 8, 7, 6, 5, 4, 3, 2, 9, 8, 7, 6, 5, 4, 3, 2, 10, 11]):
+            ids = check_stream(url, path.name, prompt, max_tokens=12, api_key=KEY)
+            assert ids == generate(hf, prompt, 12)
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        result = client(url, KEY).completions.create(
+            model=path.name, prompt="the cat sat on", max_tokens=6, temperature=0
+        )
+        prompt = tokenizer.encode("the cat sat on").ids
+        assert token_ids(result.choices[0]) == generate(hf, prompt, 6)
+        assert result.choices[0].text == tokenizer.decode(generate(hf, prompt, 6))
+    finally:
+        cluster.stop()
+
+
+def generate(hf: object, prompt: list[int], new_tokens: int) -> list[int]:
+    out = hf.generate(  # type: ignore[attr-defined]
+        torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False
+    )
+    return list(out[0, len(prompt) :].tolist())

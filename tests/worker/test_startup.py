@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,21 @@ def test_a_mounted_plan_that_does_not_fit_falls_back_to_round_robin(
     assert "does not fit" in caplog.text and "slots: has 3 layers" in caplog.text
     (tmp_path / "plan.json").write_text(round_robin_plan(2, 4, 2, 3, version=7).to_json())
     assert read_initial_plan(settings).version == 7
+
+
+def test_a_port_in_use_stops_the_rank_in_one_line(
+    checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from moe_worker.process import EXIT_CONFIG, serve
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        settings = WorkerSettings(
+            checkpoint=str(checkpoint), http_port=port, bind_address="127.0.0.1", api_port=0
+        )
+        assert serve(settings) == EXIT_CONFIG
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        f"moe-worker: rank 0: the control server cannot listen on 127.0.0.1:{port}: "
+        "Address already in use"
+    ]

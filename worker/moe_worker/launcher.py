@@ -10,10 +10,18 @@ internal ports and the launcher answers for the pod on `http_port` (`podserver`)
 forwarded to every rank; when one rank exits the others are stopped (SIGTERM, then SIGKILL after a
 grace period) and the launcher exits with the first failure's code: in a pod, the container
 exits and the operator brings the whole group back.
+
+Ranks die with their launcher, however it ends (kill -9 included): on Linux each rank asks the
+kernel for SIGKILL when its parent exits (`PR_SET_PDEATHSIG`) before it runs a line of its own;
+orphaned ranks would go on serving and holding their ports. Before starting anything the
+launcher checks that the ports its ranks will listen on are free, and if one is not says so in
+one line (another `moe-worker serve` on them, most likely) and exits with the start-up
+refusal code.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -21,6 +29,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from moe_contract import env
@@ -32,6 +41,8 @@ POLL_S = 0.2
 GRACE_S = 5.0
 """How long stopped ranks may take to exit before they are killed: a rank has nothing to save,
 and one of a broken group may be blocked in a collective, or stopped, and never exit by itself."""
+EXIT_REFUSED = 2
+"""`process.EXIT_CONFIG`, the start-up refusal code (not imported: that would import torch)."""
 BROKEN_GRACE_S = 1.0
 """The same once a rank died: the group is broken, its survivors block in collectives that will
 never finish, and every second here is a second before the group is brought back."""
@@ -86,23 +97,84 @@ def threads_per_rank(local_world: int) -> int:
     return max(1, (os.cpu_count() or 1) // local_world)
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """What a child runs between fork and exec so that the kernel kills it when this process
+    ends (None where there is no prctl: not Linux). Async-signal-safe enough for a forked child
+    of a threaded parent: a foreign call with ints, getppid and _exit, no allocation, no lock."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent, kill = os.getpid(), int(signal.SIGKILL)
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, kill, 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before the request: nobody to serve
+            os._exit(1)
+
+    return in_child
+
+
 def spawn_rank(
     settings: WorkerSettings,
     log_level: str = "INFO",
     extra_env: dict[str, str] | None = None,
     **popen: object,
 ) -> subprocess.Popen[bytes]:
-    """`moe-worker serve` as one rank of `settings` (rank, ports and all, through the variables)."""
+    """`moe-worker serve` as one rank of `settings` (rank, ports and all, through the variables),
+    killed by the kernel if this process dies."""
     env = {**os.environ, **settings_to_env(settings), **(extra_env or {})}
     command = [sys.executable, "-m", "moe_worker.main", "--log-level", log_level, "serve"]
+    popen.setdefault("preexec_fn", die_with_parent())
     proc = subprocess.Popen(command, env=env, **popen)  # type: ignore[call-overload]
     log.info("started rank %d (pid %d)", settings.rank, proc.pid)
     return proc
 
 
+def listening_ports(
+    settings: WorkerSettings, children: list[WorkerSettings], *, pod_port: bool = False
+) -> list[tuple[str, int, str]]:
+    """(address, port, what) of every port this launcher's ranks (and, for a pod, the launcher
+    itself) will listen on."""
+    ports = []
+    if pod_port:
+        ports.append((settings.bind_address, settings.http_port, "the pod's control port"))
+    for child in children:
+        address = child.control_address or child.bind_address
+        if child.http_port:
+            ports.append((address, child.http_port, f"rank {child.rank}'s control port"))
+        if child.rank == 0 and child.api_port:
+            ports.append((child.bind_address, child.api_port, "the OpenAI API port"))
+        if child.rank == 0 and child.world_size > 1:
+            ports.append((child.bind_address, child.master_port, "the group's rendezvous port"))
+    return ports
+
+
+def port_in_use(ports: list[tuple[str, int, str]]) -> str | None:
+    """One line naming the first of `ports` that cannot be listened on, or None."""
+    for address, port, what in ports:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        try:
+            socket.create_server((address, port), family=family).close()
+        except OSError as error:
+            why = os.strerror(error.errno) if error.errno else str(error)
+            return (
+                f"port {port} ({what}) on {address or '*'} is in use ({why}): another "
+                f"moe-worker serve? Stop it, or choose other ports (--http-port, --api-port, "
+                f"--master-port)"
+            )
+    return None
+
+
 def launch(settings: WorkerSettings, ranks: LocalRanks, log_level: str = "INFO") -> int:
     """Start the local ranks and watch them; the exit code of the group."""
     children = [rank_settings(settings, ranks, local) for local in range(ranks.local_world)]
+    taken = port_in_use(listening_ports(settings, children))
+    if taken is not None:
+        print(f"moe-worker: {taken}", file=sys.stderr, flush=True)
+        return EXIT_REFUSED
     return _run(children, log_level)
 
 
@@ -115,6 +187,9 @@ def launch_pod(settings: WorkerSettings, log_level: str = "INFO") -> int:
 
     ranks = LocalRanks(settings.ranks_per_pod, settings.rank, settings.world_size)
     children = [pod_rank_settings(settings, ranks, local) for local in range(ranks.local_world)]
+    taken = port_in_use(listening_ports(settings, children, pod_port=True))
+    if taken is not None:
+        return report_fatal(taken, settings.termination_message_path)
     app = create_pod_app(
         [LocalRank(c.rank, f"http://{c.control_address}:{c.http_port}") for c in children],
         proxy_timeout=settings.switch_timeout + 30.0,

@@ -69,8 +69,13 @@ def serve(settings: WorkerSettings) -> int:
         runtime = Runtime(settings, source)  # the scheduler refuses impossible budgets here
     except (ShapeMismatch, CheckpointError, UnsupportedConfig, ValueError, OSError) as error:
         return report_fatal(f"rank {settings.rank}: {error}", settings.termination_message_path)
+    try:
+        servers = start_servers(runtime.backend, settings)
+    except OSError as error:  # a port in use: one line, not a traceback
+        return report_fatal(
+            f"rank {settings.rank}: {error.strerror}", settings.termination_message_path
+        )
     install_signal_handlers(runtime)
-    servers = start_servers(runtime.backend, settings)
     try:
         runtime.run()
     except Exception:

@@ -27,6 +27,26 @@ from moe_operator.perf.calibrate import calibrate
 from moe_operator.perf.profiles import load_profile, profile_to_yaml
 from moe_operator.perf.report import assumptions, format_report, report_dict
 
+EXTRA_FLAGS = {
+    "dense-layers": "leading dense-MLP layers, beside --layers MoE layers (Glm4MoE, DeepseekV3)",
+    "dense-ffn": "inner dimension of the dense layers' MLP",
+    "shared-ffn": "inner dimension of the shared expert MLP of each MoE layer",
+    "kv-lora-rank": "MLA's key/value latent (DeepseekV3; --head-dim is nope + rope)",
+    "q-lora-rank": "MLA's query low-rank width",
+    "rope-head-dim": "MLA's rotary part of each query/key head",
+    "v-head-dim": "MLA's value head dimension",
+}
+EXTRA = {
+    "dense-layers": "dense_layers",
+    "dense-ffn": "dense_ffn_hidden",
+    "shared-ffn": "shared_ffn_hidden",
+    "kv-lora-rank": "kv_lora_rank",
+    "q-lora-rank": "q_lora_rank",
+    "rope-head-dim": "rope_head_dim",
+    "v-head-dim": "v_head_dim",
+}
+"""Flag -> the ModelShape field it sets."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of `moe-ep perf`."""
@@ -60,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads)")
     ap.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=d.dtype)
     ap.add_argument("--architecture", choices=ARCHITECTURES, default=d.architecture)
+    sizes = ap.add_argument_group(
+        "sizes of some architectures (spec.model's fields of the same names; 0: none)"
+    )
+    for flag, help_text in EXTRA_FLAGS.items():
+        sizes.add_argument(f"--{flag}", type=int, default=0, help=help_text)
     ap.add_argument(
         "--gpu-check-json",
         type=Path,
@@ -105,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             architecture=args.architecture,
             kv_heads=args.kv_heads,
+            **{field: getattr(args, flag.replace("-", "_")) for flag, field in EXTRA.items()},
         )
     except ValueError as exc:
         print(f"moe-ep perf: {exc}", file=sys.stderr)

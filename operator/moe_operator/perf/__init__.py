@@ -22,6 +22,8 @@ import re
 
 from moe_operator.perf.model import (
     cross_node_fraction,
+    dense_layer_seconds,
+    dense_layers_per_stage,
     flops_per_token,
     layer_terms,
     memory_per_gpu,
@@ -130,7 +132,9 @@ def predict(
     layer = terms.compute + terms.comm - hidden
     lps = math.ceil(shape.layers / layout.pp)
     p2p = pp_p2p_seconds(shape, workload, layout, profile)
-    stage = lps * layer + p2p
+    dense = dense_layers_per_stage(shape, layout)
+    dense_layer = dense_layer_seconds(shape, workload, layout, profile, terms) if dense else 0.0
+    stage = lps * layer + dense * dense_layer + p2p
     slots_in_pass = m + layout.pp - 1 if phase == "prefill" else max(m, layout.pp)
     seconds = slots_in_pass * stage
     if phase == "prefill":
@@ -145,6 +149,7 @@ def predict(
     share = exposed / terms.comm if terms.comm else 0.0
     breakdown = [(label, busy * t) for label, t in _labelled(terms)]
     breakdown += [
+        ("dense layers (attention + MLP)", m * dense * dense_layer),
         ("EP all-to-all", busy * terms.ep_alltoall * share),
         ("TP all-reduce", busy * terms.tp_allreduce * share),
         ("PP point-to-point", m * p2p),

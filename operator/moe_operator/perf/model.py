@@ -5,8 +5,12 @@ Units everywhere: seconds, bytes, FLOPs, FLOP/s, bytes/s. Times are per GPU on t
 Method (docs/performance.md has the long form and the numbers):
 - Every operation is a roofline:
   max(FLOPs / (peak x efficiency), bytes / (HBM bandwidth x memory efficiency)).
-- A layer's compute = attention projections (+ gate) + causal score terms (QK^T, PV) + experts.
-  Experts on the slowest EP rank scale by the imbalance ratio (max rank load / mean rank load).
+- A layer's compute = attention projections (+ gate, + shared experts) + causal score terms
+  (QK^T, PV) + experts. Experts on the slowest EP rank scale by the imbalance ratio (max rank
+  load / mean rank load). Dense first layers (GLM-4.5, DeepSeek-V3) are attention + one dense
+  MLP on every rank, no all-to-all. Multi-head latent attention (DeepSeek-V3) caches a latent
+  and a rotary key per token; prefill expands the latents into keys and values, decode attends
+  in latent space (`moe_worker.models.mla`).
 - Communication: EP all-to-all (dispatch + combine, split into same GPU / NVLink / InfiniBand by
   where the peers sit), TP ring all-reduce (2 per layer, 2(n-1)/n of the message), PP
   point-to-point.
@@ -37,16 +41,42 @@ from moe_operator.perf.types import (
 # --- FLOPs and bytes (hand-checkable) ----------------------------------------------------------
 
 
+def attention_projection_flops(shape: ModelShape, tokens: float) -> float:
+    """QKV + O projections: tokens x 8 x hidden x attn_dim (MLA: 2 x its projection weights)."""
+    if shape.latent_attention:
+        return tokens * 2 * shape.attn_params
+    return tokens * 8 * shape.hidden * shape.attn_dim
+
+
 def projection_flops(shape: ModelShape, tokens: float) -> float:
-    """QKV + O projections and the gate: tokens x (8 x hidden x attn_dim + 2 x hidden x experts)."""
-    return tokens * (8 * shape.hidden * shape.attn_dim + 2 * shape.hidden * shape.experts)
+    """An MoE layer's dense compute: attention projections, the gate (2 x hidden x experts per
+    token) and the shared experts (2 x their weights per token)."""
+    return attention_projection_flops(shape, tokens) + tokens * (
+        2 * shape.hidden * shape.experts + 2 * shape.shared_params
+    )
 
 
 def score_flops(shape: ModelShape, sequences: float, seq_len: int, phase: Phase) -> float:
     """QK^T and PV: 4 x attn_dim FLOPs per (query, key) pair. Prefill is causal: S(S+1)/2 pairs per
-    sequence; decode: one query against seq_len keys per sequence."""
+    sequence; decode: one query against seq_len keys per sequence.
+
+    MLA: prefill 2H(head_dim + v_head_dim) per pair plus expanding each cached latent into keys
+    and values (2 x kv_lora_rank x H(nope + v) per key); decode attends in latent space,
+    2H(2 kv_lora_rank + rope) per pair, plus absorbing kv_b_proj into the query and the output
+    (2 x kv_lora_rank x H(nope + v) per query)."""
     pairs = seq_len * (seq_len + 1) / 2 if phase == "prefill" else seq_len
-    return sequences * pairs * 4 * shape.attn_dim
+    if not shape.latent_attention:
+        return sequences * pairs * 4 * shape.attn_dim
+    h, c, rope = shape.heads, shape.kv_lora_rank, shape.rope_head_dim
+    expand = 2 * c * h * (shape.head_dim - rope + shape.v_head_dim)
+    if phase == "prefill":
+        return sequences * (pairs * 2 * h * (shape.head_dim + shape.v_head_dim) + seq_len * expand)
+    return sequences * (pairs * 2 * h * (2 * c + rope) + expand)
+
+
+def dense_mlp_flops(shape: ModelShape, tokens: float) -> float:
+    """A dense layer's MLP: 2 x its weights per token."""
+    return tokens * 2 * shape.dense_mlp_params
 
 
 def expert_flops(shape: ModelShape, tokens: float) -> float:
@@ -58,12 +88,10 @@ def flops_per_token(shape: ModelShape, wl: Workload) -> float:
     """Model FLOPs per processed token, all layers (prefill: causal average)."""
     seqs = 1.0
     tokens = wl.seq_len if wl.phase == "prefill" else 1
-    per_layer = (
-        projection_flops(shape, tokens)
-        + score_flops(shape, seqs, wl.seq_len, wl.phase)
-        + expert_flops(shape, tokens)
-    )
-    return shape.layers * per_layer / tokens
+    scores = score_flops(shape, seqs, wl.seq_len, wl.phase)
+    per_layer = projection_flops(shape, tokens) + scores + expert_flops(shape, tokens)
+    per_dense = attention_projection_flops(shape, tokens) + scores + dense_mlp_flops(shape, tokens)
+    return (shape.layers * per_layer + shape.dense_layers * per_dense) / tokens
 
 
 def alltoall_bytes_per_token(shape: ModelShape) -> int:
@@ -73,15 +101,19 @@ def alltoall_bytes_per_token(shape: ModelShape) -> int:
 
 def kv_cache_bytes(shape: ModelShape, wl: Workload) -> float:
     """Whole-batch KV cache, all layers (bytes)."""
-    return wl.batch * wl.seq_len * shape.kv_bytes_per_token_layer * shape.layers
+    return wl.batch * wl.seq_len * shape.kv_bytes_per_token_layer * shape.total_layers
 
 
 def weight_bytes(shape: ModelShape) -> float:
     """All parameters once (no replicas), bytes."""
     per_layer = (
-        shape.attn_params + shape.hidden * shape.experts + shape.experts * shape.expert_params
+        shape.attn_params
+        + shape.hidden * shape.experts
+        + shape.experts * shape.expert_params
+        + shape.shared_params
     )
-    return shape.layers * per_layer * shape.dtype_bytes
+    per_dense = shape.attn_params + shape.dense_mlp_params
+    return (shape.layers * per_layer + shape.dense_layers * per_dense) * shape.dtype_bytes
 
 
 # --- placement of peers on links -----------------------------------------------------------------
@@ -146,7 +178,7 @@ def layer_terms(
 
     proj, proj_mem = _roof(
         projection_flops(shape, tok) / layout.tp,
-        (shape.attn_params / layout.tp + shape.hidden * shape.experts) * d,
+        (shape.attn_params / layout.tp + shape.hidden * shape.experts + _shared(shape, layout)) * d,
         hw.peak_flops * hw.matmul_efficiency,
         bw,
     )
@@ -191,6 +223,28 @@ def layer_terms(
     return Terms(proj, scores, experts, a2a, ar, kv_mem, exp_mem, proj_mem)
 
 
+def _shared(shape: ModelShape, layout: Layout) -> float:
+    """Shared expert weights of one layer on one GPU (split over TP like the experts)."""
+    return shape.shared_params / layout.tp
+
+
+def dense_layer_seconds(
+    shape: ModelShape, wl: Workload, layout: Layout, prof: Profile, terms: Terms
+) -> float:
+    """One dense layer for one micro-batch: attention (as an MoE layer's, `terms`) and its MLP on
+    every rank, split over TP; its TP all-reduces; no all-to-all."""
+    hw, d = prof.hardware, shape.dtype_bytes
+    m = layout.micro(wl.phase)
+    tok = wl.batch / m / layout.ep * (wl.seq_len if wl.phase == "prefill" else 1)
+    compute, _ = _roof(
+        (attention_projection_flops(shape, tok) + dense_mlp_flops(shape, tok)) / layout.tp,
+        (shape.attn_params + shape.dense_mlp_params) / layout.tp * d,
+        hw.peak_flops * hw.matmul_efficiency,
+        hw.memory_bandwidth * hw.memory_efficiency,
+    )
+    return compute + terms.scores + terms.tp_allreduce
+
+
 def pp_p2p_seconds(shape: ModelShape, wl: Workload, layout: Layout, prof: Profile) -> float:
     """Seconds for one micro-batch's activations to cross a stage boundary (scattered over TP)."""
     if layout.pp == 1:
@@ -210,11 +264,14 @@ def memory_per_gpu(
     for one layer (scores not materialised: flash-style attention), comm buffers, runtime."""
     d, tp = shape.dtype_bytes, layout.tp
     lps = math.ceil(shape.layers / layout.pp)
+    dense = dense_layers_per_stage(shape, layout)
     imb = imbalance if layout.ep > 1 else 1.0
     per_slot = lps * d * shape.expert_params / tp  # one expert of every layer of this stage
     weights = lps * d * (shape.attn_params / tp + shape.hidden * shape.experts)
     weights += layout.slots(shape) * per_slot
-    kv = wl.batch / layout.ep * wl.seq_len * shape.kv_bytes_per_token_layer / tp * lps
+    weights += lps * d * _shared(shape, layout)
+    weights += dense * d * (shape.attn_params + shape.dense_mlp_params) / tp
+    kv = wl.batch / layout.ep * wl.seq_len * shape.kv_bytes_per_token_layer / tp * (lps + dense)
     m = layout.micro(wl.phase)
     tok = wl.batch / m / layout.ep * (wl.seq_len if wl.phase == "prefill" else 1)
     routed = tok * shape.top_k * imb
@@ -227,3 +284,8 @@ def memory_per_gpu(
         buffers += 2 * tok * shape.hidden * d
     capacity = prof.hardware.memory_capacity
     return Memory(weights, kv, acts, buffers, capacity, per_slot, layout.slots(shape))
+
+
+def dense_layers_per_stage(shape: ModelShape, layout: Layout) -> int:
+    """Dense layers a pipeline stage holds, at most (they lead the first stage in practice)."""
+    return math.ceil(shape.dense_layers / layout.pp)

@@ -19,6 +19,9 @@ MODEL_ASSUMPTIONS = (
     "attention data-parallel over EP groups (batch/ep sequences each), heads split over TP",
     "experts split over EP ranks (slots), each expert's FFN split over TP; "
     "experts are 2-matrix (SeedMLP) or 3-matrix (SwiGLU) MLPs",
+    "shared experts and dense first layers run on every rank like attention (never slots); "
+    "MLA caches kv_lora_rank + rope_head_dim values per token and layer, expands latents in "
+    "prefill and attends in latent space in decode",
     "imbalance multiplies the slowest EP rank's expert FLOPs and all-to-all bytes (TP ranks: none)",
     "EP all-to-all: dispatch + combine of hidden x dtype x top_k bytes per token; NVLink and IB "
     "parts run concurrently (time = slower of the two)",

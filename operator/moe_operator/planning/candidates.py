@@ -1,6 +1,6 @@
 """Replace's candidates for every layer, built and scored with numpy (see `planning.replace`).
 
-Three families, in this order (the order decides exact ties):
+Four families, in this order (the order decides exact ties):
 
 1. Packings: for each replica-count option (points on the count path, the balanced counts,
    refined where the budget allows) and each load cap, keep current slots under the cap and
@@ -12,6 +12,8 @@ Three families, in this order (the order decides exact ties):
 3. With pods: those three packings again with each expert's replicas kept within its quota per
    pod (`pods.Spread`), and swap descents from the current layer and from them that keep the
    quotas. So with pods every candidate of the flat planner is a candidate too.
+4. Where the layers grow: the other fill of the new slots (`replace.Grown.kept`, the current
+   layer is `Grown.hot`), and a swap descent from it.
 
 Work budget: the reference's set (all path points, 14 caps, refinement, all aligned) where
 layers x points x caps x N x R fits `WORK_BUDGET`; at DeepSeek scale a sample of the path and
@@ -69,8 +71,11 @@ class Scored:
         return out
 
 
-def build(current: np.ndarray, load: np.ndarray, pods: int | None) -> Scored:
-    """All candidates of every layer (see the module), scored."""
+def build(
+    current: np.ndarray, load: np.ndarray, pods: int | None, also: np.ndarray | None = None
+) -> Scored:
+    """All candidates of every layer (see the module), scored; `also` (slots_LTRS, the same
+    experts on every rank as `current`) are candidates too, and swap descents start from them."""
     layers, ranks, per_rank = current.shape
     counts, path_points, caps, full = _count_options_and_caps(current, load)
     packed = _packings(current, load, counts, caps, full)
@@ -78,6 +83,8 @@ def build(current: np.ndarray, load: np.ndarray, pods: int | None) -> Scored:
     keep_all, fresh = len(caps) - 1, 0
     starts = [grid[:, path_points - 1, keep_all], grid[:, -1, keep_all], grid[:, -1, fresh]]
     found = [packed, _descents(np.stack([current, *starts], axis=1), load, None)]
+    if also is not None:
+        found += [also, _descents(also, load, None)]
     if pods is not None:
         spread = _spread_starts(current, load, counts[:, [path_points - 1, -1]], pods)
         found += [

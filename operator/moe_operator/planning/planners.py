@@ -41,7 +41,6 @@ from moe_operator.planning.placement import check_loads, layer_imbalances
 from moe_operator.planning.replace import (
     Pricing,
     ReplaceOptions,
-    grow_layer,
     ideal_imbalance,
     nothing_to_replicate,
     replace_slots,
@@ -224,7 +223,8 @@ def _replace(
 ) -> RebalanceResult:
     """Replace at the current slots per rank or at any size up to `max_slots`, whichever costs
     least in the planner's own terms: the sum over layers of `ReplaceOptions.cost` (every size
-    priced against the ideal of the largest and the current plan's slots)."""
+    priced against the ideal of the largest and the current plan's slots), among the sizes at
+    which no layer carries more than it does now."""
     num_experts, world_size = len(loads[0]), current.world_size
     load = np.asarray(loads, dtype=np.float64)
     pricing = Pricing(
@@ -238,8 +238,11 @@ def _replace(
     for size in range(current.slots_per_rank, max_slots + 1):
         if nothing_to_replicate(num_experts, world_size, size):
             continue  # re-placing a permutation changes no rank load
-        grown = tuple(grow_layer(layer, size) for layer in current.slots)
-        chosen = replace_slots(grown, load, options, ranks_per_pod=pods, pricing=pricing)
+        chosen = replace_slots(
+            current.slots, load, options, ranks_per_pod=pods, pricing=pricing, slots_per_rank=size
+        )
+        if not chosen.fits.all():
+            continue  # a layer would carry more than it does now: not at this size
         cost = (
             float(options.cost(chosen.after, chosen.moved, pricing.ideal, pricing.slots).sum()),
             size,

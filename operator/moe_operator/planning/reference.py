@@ -79,27 +79,6 @@ def nothing_to_replicate(num_experts: int, world_size: int, slots_per_rank: int)
     return slots_per_rank == 1 and num_experts == world_size
 
 
-def grow_layer(layer_slots: LayerSlots, slots_per_rank: int) -> tuple[tuple[int, ...], ...]:
-    """The same layer with `slots_per_rank` slots per rank, before anything moves.
-
-    Each new slot holds another copy of its rank's first expert: a rank that already holds an
-    expert copies it locally, so growing moves nothing between ranks and keeps every rank load;
-    Replace then gives the new slots to the experts that need them.
-
-    Args:
-        layer_slots: [R][S] logical expert ids.
-        slots_per_rank: S' >= S.
-    Returns:
-        slots [R][S'] whose first S slots of every rank are `layer_slots`.
-    """
-    if slots_per_rank < len(layer_slots[0]):
-        raise ValueError(f"slots_per_rank: {slots_per_rank} would drop slots; slots only grow")
-    return tuple(
-        tuple(rank_slots) + (rank_slots[0],) * (slots_per_rank - len(rank_slots))
-        for rank_slots in layer_slots
-    )
-
-
 def balanced_counts(layer_load: Sequence[float], total_slots: int) -> tuple[int, ...]:
     """Replica counts [E] minimising the max load per replica, from scratch.
 

@@ -25,6 +25,12 @@ For each layer:
    means the same on 16 experts and on 256. With pods, among the candidates within
    `pod_tolerance` of imbalance of the best, the one whose tokens leave their pod least.
 
+Growing (`replace_slots(slots_per_rank=...)` above the plan's): the new slots first hold copies
+of experts their rank holds (`grow_slots`), which move no weights but may move load. The layer
+served where nothing pays keeps its rank loads where it can; the candidates start from copies
+of every rank's heaviest replica (free replicas of the hot experts). No layer may end up
+carrying more than it does now (`Replaced.fits`).
+
 Work budget: with all counts on the path, 14 caps, the count refinement and every candidate
 aligned (the reference's candidate set) where L x points x caps x N x R allows; at DeepSeek scale
 a geometric sample of the path, 8 caps, no refinement, and only fresh packings aligned (a packing
@@ -114,7 +120,8 @@ class Replaced:
     """Replace's choice for every layer."""
 
     slots: np.ndarray
-    """slots_LRS chosen (the current layer where nothing was worth its moves)."""
+    """slots_LRS chosen (the current layer, or grown as `Grown.kept`, where nothing was worth
+    its moves)."""
     before: np.ndarray
     """imbalance_L of the current layers (under the same dispatch model)."""
     after: np.ndarray
@@ -123,6 +130,10 @@ class Replaced:
     """moved_L: experts new to their ranks."""
     cross_pod: np.ndarray
     """fraction_L of assignments leaving their pod (NaN without pods)."""
+    fits: np.ndarray
+    """fits_L: whether the chosen layer carries at most `before` (max rank load). Always
+    without growth; a grown layer fits where `Grown.kept` keeps its loads or a candidate gets
+    back under them."""
 
     def as_tuples(self) -> Slots:
         return tuple(
@@ -135,25 +146,49 @@ def nothing_to_replicate(num_experts: int, world_size: int, slots_per_rank: int)
     return slots_per_rank == 1 and num_experts == world_size
 
 
-def grow_layer(layer_slots: LayerSlots, slots_per_rank: int) -> tuple[tuple[int, ...], ...]:
-    """The same layer with `slots_per_rank` slots per rank, before anything moves.
+@dataclass(frozen=True)
+class Grown:
+    """Layers given more slots per rank before anything moves: two fills of the new slots, both
+    copies of experts their rank holds already, so no weights move between ranks.
 
-    Each new slot holds another copy of its rank's first expert: a rank that already holds an
-    expert copies it locally, so growing moves nothing between ranks and keeps every rank load;
-    Replace then gives the new slots to the experts that need them.
+    A local copy still moves load: every replica carries load / replicas, so k more replicas of
+    expert e (c in all, m of them on rank r) give r l_e k (c - m) / (c (c + k)) more, taken from
+    the other ranks that hold e (one of four replicas is 1/4 of e, two of seven 2/7).
+    """
+
+    kept: np.ndarray
+    """slots_LRS': each rank copies the expert whose copies add it least: nothing, every rank
+    load kept, for an expert without load or one whose replicas are all on the rank (ties: the
+    rank's first slot). The layer served where nothing is worth its moves."""
+    hot: np.ndarray
+    """slots_LRS': each rank copies its heaviest replica (more replicas of the hot experts, free
+    to keep). Where the candidates start."""
+
+
+def grow_slots(slots_LRS: np.ndarray, load_LE: np.ndarray, slots_per_rank: int) -> Grown:
+    """The layers with `slots_per_rank` slots per rank, the first S of every rank as they are.
 
     Args:
-        layer_slots: [R][S] logical expert ids.
+        slots_LRS: current logical expert ids.
+        load_LE: tokens per expert.
         slots_per_rank: S' >= S.
-    Returns:
-        slots [R][S'] whose first S slots of every rank are `layer_slots`.
     """
-    if slots_per_rank < len(layer_slots[0]):
+    layers, _ranks, per_rank = slots_LRS.shape
+    added = slots_per_rank - per_rank
+    if added < 0:
         raise ValueError(f"slots_per_rank: {slots_per_rank} would drop slots; slots only grow")
-    return tuple(
-        tuple(rank_slots) + (rank_slots[0],) * (slots_per_rank - len(rank_slots))
-        for rank_slots in layer_slots
-    )
+    flat = slots_LRS.reshape(layers, -1)
+    replicas = arrays.replica_counts(slots_LRS, load_LE.shape[1])
+    count = np.take_along_axis(replicas, flat, axis=1).reshape(slots_LRS.shape)  # c
+    load = np.take_along_axis(load_LE, flat, axis=1).reshape(slots_LRS.shape)  # l
+    here = (slots_LRS[:, :, :, None] == slots_LRS[:, :, None, :]).sum(axis=3)  # m
+    adds = load * (added * (count - here)) / (count * (count + added))
+
+    def fill(pick_LR: np.ndarray) -> np.ndarray:
+        copied = np.take_along_axis(slots_LRS, pick_LR[:, :, None], axis=2)
+        return np.concatenate([slots_LRS, np.repeat(copied, added, axis=2)], axis=2)
+
+    return Grown(kept=fill(adds.argmin(axis=2)), hot=fill((load / count).argmax(axis=2)))
 
 
 def ideal_imbalance(load_LE: np.ndarray, world_size: int, slots_per_rank: int) -> np.ndarray:
@@ -173,6 +208,7 @@ def replace_slots(
     *,
     ranks_per_pod: int | None = None,
     pricing: Pricing | None = None,
+    slots_per_rank: int | None = None,
 ) -> Replaced:
     """Rebalance every layer (see the module).
 
@@ -182,6 +218,9 @@ def replace_slots(
         ranks_per_pod: ranks of one pod (the dispatcher keeps tokens in their pod where it can);
             None: pods unknown, the flat model.
         pricing: the layers' ideal and slot count for the cost; None: those of `slots`.
+        slots_per_rank: S' > S grows every layer to S' slots per rank (`grow_slots`): no layer
+            may then carry more than it does now, and one that must (`Replaced.fits`) keeps
+            the grown layer; None or S: as many as now.
     """
     options = options or ReplaceOptions()
     current = np.asarray(slots, dtype=np.int64)
@@ -191,26 +230,47 @@ def replace_slots(
     before = arrays.imbalances(arrays.rank_loads(current, load))
     if pricing is None:
         pricing = Pricing(ideal_imbalance(load, ranks, per_rank), ranks * per_rank)
-    scored = candidates.build(current, load, pods)
-    return _choose(scored, before, options, pricing)
+    if slots_per_rank is None or slots_per_rank == per_rank:
+        scored = candidates.build(current, load, pods)
+        return _choose(scored, current, before, options, pricing, grown=False)
+    grown = grow_slots(current, load, slots_per_rank)
+    scored = candidates.build(grown.hot, load, pods, also=grown.kept[:, None])
+    return _choose(scored, grown.kept, before, options, pricing, grown=True)
 
 
 def _choose(
-    scored: candidates.Scored, before: np.ndarray, options: ReplaceOptions, pricing: Pricing
+    scored: candidates.Scored,
+    stay: np.ndarray,
+    before: np.ndarray,
+    options: ReplaceOptions,
+    pricing: Pricing,
+    *,
+    grown: bool,
 ) -> Replaced:
     """Per layer the candidate of least cost among those that strictly lower the max rank load
-    (ties: fewer moves, then lower imbalance, then the first), or the current layer."""
+    of `stay` (ties: fewer moves, then lower imbalance, then the first), or `stay`, the layer
+    that is served where nothing is worth its moves: the current one, or the current one grown
+    (where a candidate may move nothing and yet differ from it). No choice carries more than
+    `before`, the current layer: where `stay` does (a grown layer whose copies raised a rank),
+    the least costly candidate that does not."""
     layers = len(before)
+    now = arrays.imbalances(arrays.rank_loads(stay, scored.load))
     ideal = pricing.ideal[:, None]
     cost = options.cost(scored.after, scored.moved, ideal, pricing.slots)
-    stay_cost = options.cost(before, np.zeros(layers), pricing.ideal, pricing.slots)
-    valid = (scored.moved > 0) & (scored.after < before[:, None] * (1 - arrays.RELATIVE_EPSILON))
-    valid &= cost < stay_cost[:, None]
+    stay_cost = options.cost(now, np.zeros(layers), pricing.ideal, pricing.slots)
+    can_stay = now <= before * (1 + arrays.RELATIVE_EPSILON)
+    gains = scored.after < now[:, None] * (1 - arrays.RELATIVE_EPSILON)
+    gains &= cost < stay_cost[:, None]
+    valid = (scored.after <= before[:, None] * (1 + arrays.RELATIVE_EPSILON)) & (
+        gains | ~can_stay[:, None]
+    )
+    if not grown:
+        valid &= scored.moved > 0  # a candidate that moves nothing is the current layer
     order = np.lexsort((scored.after, scored.moved, np.where(valid, cost, np.inf)), axis=1)
     best = order[:, 0]
     every = arrays.rows(layers)
     changed = valid[every, best]
-    cross_now = arrays.cross_pod_fraction(scored.current, scored.load, scored.pods)
+    cross_now = arrays.cross_pod_fraction(stay, scored.load, scored.pods)
     cross = scored.cross(np.zeros_like(valid))
     if scored.pods is not None:
         # near: would be chosen were it pod_tolerance better balanced (the current layer too)
@@ -220,17 +280,18 @@ def _choose(
         )
         near = valid & (lenient <= best_cost[:, None])
         stay_lenient = options.cost(
-            before - options.pod_tolerance, np.zeros(layers), pricing.ideal, pricing.slots
+            now - options.pod_tolerance, np.zeros(layers), pricing.ideal, pricing.slots
         )
         cross = np.where(near, scored.cross(near), np.inf)
         pick = np.lexsort((scored.after, scored.moved, cost, cross), axis=1)[:, 0]
         found = near[every, pick]
-        stay = (stay_lenient <= best_cost) & (~found | (cross_now < cross[every, pick]))
-        best, changed = np.where(found, pick, best), found & ~stay
+        stays = (stay_lenient <= best_cost) & (~found | (cross_now < cross[every, pick]))
+        best, changed = np.where(found, pick, best), found & ~(stays & can_stay)
     return Replaced(
-        slots=np.where(changed[:, None, None], scored.slots[every, best], scored.current),
+        slots=np.where(changed[:, None, None], scored.slots[every, best], stay),
         before=before,
-        after=np.where(changed, scored.after[every, best], before),
+        after=np.where(changed, scored.after[every, best], now),
         moved=np.where(changed, scored.moved[every, best], 0),
         cross_pod=np.where(changed, cross[every, best], cross_now),
+        fits=changed | can_stay,
     )

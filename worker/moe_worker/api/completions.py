@@ -135,9 +135,20 @@ class Generation:
 
 
 def failure(delta: Delta) -> ApiError | None:
-    """The error a choice ended with, if it did not end normally."""
+    """The error a choice ended with, if it did not end normally.
+
+    An engine's error text is for the operator, not the client: it can be a collective's
+    (gloo's `[/__w/pytorch/.../pair.cc:537] Read error [10.0.0.7]:4755`: a build path, a peer's
+    address) or an exception's. It goes to the log under the request's id; the client gets a
+    plain message naming that id."""
     if delta.finish_reason == "error":
-        return ApiError(500, f"generation failed: {delta.choice.error or 'engine error'}")
+        request_id = delta.choice.request_id
+        log.error("request %s failed: %s", request_id, delta.choice.error or "engine error")
+        return ApiError(
+            500,
+            f"generation failed in the worker group; the worker's log has the cause under "
+            f"request {request_id}",
+        )
     if delta.finish_reason == "abort":
         return ApiError(503, "generation aborted: the server is stopping")
     return None

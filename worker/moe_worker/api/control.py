@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 from moe_contract.plan import Plan, PlanError, parse_plan
 from moe_contract.switch import STALE, SwitchAnswer
 from moe_worker.api import auth
-from moe_worker.api.body import BodyLimit
+from moe_worker.api.body import BODY_DEADLINE, BODY_TIMEOUT, BodyLimit
 from moe_worker.api.errors import ApiError, control_body, install
 from moe_worker.serving.generation import Backend
 
@@ -42,13 +42,14 @@ def create_control_app(
     token_path: str | None,
     switch_timeout: float = 60.0,
     max_body: int = 64 * 1024 * 1024,
-    body_timeout: float = 30.0,
+    body_timeout: float = BODY_TIMEOUT,
+    body_deadline: float = BODY_DEADLINE,
 ) -> FastAPI:
     """The control app of one rank. `token_path`: the control token file (None or an empty file
     refuses every POST)."""
     app = FastAPI(title="moe-worker control", docs_url=None, redoc_url=None, openapi_url=None)
     install(app, control_body)
-    app.add_middleware(BodyLimit, max_body=max_body, timeout=body_timeout)
+    app.add_middleware(BodyLimit, max_body=max_body, timeout=body_timeout, deadline=body_deadline)
 
     @app.get("/healthz")
     def healthz() -> Response:

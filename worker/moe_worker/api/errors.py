@@ -18,6 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from moe_worker.api.limits import RULE
+
 log = logging.getLogger("moe_worker.api")
 
 # OpenAI's error `type` per status (the official client raises a class per status, not per type).
@@ -96,6 +98,8 @@ def from_validation(error: ValidationError | RequestValidationError, *, skip: in
     param = _field_path([str(part) for part in first["loc"][skip:]])
     if param is None:
         return ApiError(400, f"body: {first['msg']}")
+    if first["type"] == RULE:  # our own checks name the location themselves (`prompt[3]: ...`)
+        return ApiError(400, first["msg"], param=param)
     return ApiError(400, f"{param}: {first['msg']}", param=param)
 
 

@@ -22,15 +22,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from moe_worker.api import auth, routing
-from moe_worker.api.body import BodyLimit, read_model
+from moe_worker.api.body import BODY_DEADLINE, BODY_TIMEOUT, BodyLimit, read_model
 from moe_worker.api.completions import Delta, Generation, failure
 from moe_worker.api.errors import ApiError, install, openai_body
-from moe_worker.api.prompts import (
-    TokenizerCache,
-    check_stop_token_ids,
-    max_tokens_for,
-    prompt_token_ids,
-)
+from moe_worker.api.limits import MAX_PROMPTS, ModelBounds
+from moe_worker.api.prompts import Encoder, TokenizerCache, max_tokens_for, prompt_token_ids
 from moe_worker.api.schemas import (
     Completion,
     CompletionChoice,
@@ -51,8 +47,9 @@ def create_openai_app(
     *,
     api_keys_path: str | None = None,
     max_body: int = 8 * 1024 * 1024,
-    max_prompts: int = 64,
-    body_timeout: float = 30.0,
+    max_prompts: int = MAX_PROMPTS,
+    body_timeout: float = BODY_TIMEOUT,
+    body_deadline: float = BODY_DEADLINE,
     stall_timeout: float = 600.0,
 ) -> FastAPI:
     """The OpenAI app of the leader.
@@ -64,8 +61,9 @@ def create_openai_app(
     """
     app = FastAPI(title="moe-ep OpenAI API", docs_url=None, redoc_url=None, openapi_url=None)
     install(app, openai_body)
-    app.add_middleware(BodyLimit, max_body=max_body, timeout=body_timeout)
+    app.add_middleware(BodyLimit, max_body=max_body, timeout=body_timeout, deadline=body_deadline)
     tokenizers = TokenizerCache()
+    encoder = Encoder()
     created = int(time.time())
 
     @app.get("/health")
@@ -86,13 +84,22 @@ def create_openai_app(
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         auth.require(request, api_keys_path, what="API key", optional=True)
-        body = await read_model(request, CompletionRequest)
         card = backend.card
-        # Loading a tokenizer and encoding long text are CPU work: off the event loop.
+        bounds = ModelBounds(max_prompts, card.max_context, card.shape.vocab_size)
+        body = await read_model(request, CompletionRequest, context=bounds)
+        _check_request(body, card)
+        # Loading a tokenizer and encoding text are CPU work: off the event loop (the encoding
+        # without the GIL, so that the serving loop goes on).
         tokenizer = await asyncio.to_thread(tokenizers.get, card)
-        head, requests, texts = await asyncio.to_thread(
-            _prepare, body, card, tokenizer, max_prompts
-        )
+        if body.stops and tokenizer is None:
+            raise ApiError(
+                400,
+                "stop: stop strings need the model's tokenizer.json, which this checkpoint "
+                "lacks; use stop_token_ids",
+                "stop",
+            )
+        prompts = await prompt_token_ids(body.prompt, tokenizer, card, encoder)
+        head, requests, texts = _prepare(body, card, tokenizer, prompts)
         generation = Generation(backend, requests, texts, stall_timeout=stall_timeout)
         generation.submit()
         if body.stream:
@@ -106,11 +113,8 @@ def create_openai_app(
     return app
 
 
-def _prepare(
-    body: CompletionRequest, card: ModelCard, tokenizer: Any | None, max_prompts: int
-) -> tuple[dict[str, Any], list[GenerationRequest], list[TextStream | None]]:
-    """The response's head, the engine's requests and the choices' text streams for `body`;
-    an ApiError naming the field for anything the model cannot run."""
+def _check_request(body: CompletionRequest, card: ModelCard) -> None:
+    """What needs neither the tokenizer nor the prompts: the model, unsupported parameters."""
     if body.model != card.name:
         raise ApiError(
             404,
@@ -121,14 +125,13 @@ def _prepare(
     refused = body.unsupported()
     if refused is not None:
         raise ApiError(400, f"{refused[0]}: {refused[1]}", refused[0])
-    if body.stops and tokenizer is None:
-        raise ApiError(
-            400,
-            "stop: stop strings need the model's tokenizer.json, which this checkpoint lacks; "
-            "use stop_token_ids",
-            "stop",
-        )
-    prompts = prompt_token_ids(body.prompt, tokenizer, card, max_prompts=max_prompts)
+
+
+def _prepare(
+    body: CompletionRequest, card: ModelCard, tokenizer: Any | None, prompts: list[list[int]]
+) -> tuple[dict[str, Any], list[GenerationRequest], list[TextStream | None]]:
+    """The response's head, the engine's requests and the choices' text streams for `body`;
+    an ApiError naming the field for anything the model cannot run."""
     sampling = _sampling(body, prompts, card)
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     requests = [
@@ -150,7 +153,7 @@ def _sampling(body: CompletionRequest, prompts: list[list[int]], card: ModelCard
             top_k=max(0, body.top_k or 0),
             seed=body.seed,
             max_tokens=max_tokens_for(body.max_tokens, prompts, card),
-            stop_token_ids=check_stop_token_ids(body.stop_token_ids, card),
+            stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=bool(body.ignore_eos),
         )
     except ValueError as error:  # the schema's bounds should have caught it; name the message

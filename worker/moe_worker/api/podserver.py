@@ -38,7 +38,7 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from moe_worker.api.body import BodyLimit
+from moe_worker.api.body import BODY_DEADLINE, BODY_TIMEOUT, BodyLimit
 from moe_worker.api.errors import ApiError, control_body, install
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
@@ -111,7 +111,8 @@ def create_pod_app(
     silence_timeout: float = 120.0,
     proxy_timeout: float = 90.0,
     max_body: int = 64 * 1024 * 1024,
-    body_timeout: float = 30.0,
+    body_timeout: float = BODY_TIMEOUT,
+    body_deadline: float = BODY_DEADLINE,
 ) -> FastAPI:
     """The pod's control app over its `ranks` (local rank 0 first).
 
@@ -122,7 +123,7 @@ def create_pod_app(
     """
     app = FastAPI(title="moe-worker pod", docs_url=None, redoc_url=None, openapi_url=None)
     install(app, control_body)
-    app.add_middleware(BodyLimit, max_body=max_body, timeout=body_timeout)
+    app.add_middleware(BodyLimit, max_body=max_body, timeout=body_timeout, deadline=body_deadline)
     pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(ranks)), thread_name_prefix="moe-pod")
     leader = ranks[0]
 

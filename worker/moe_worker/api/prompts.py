@@ -1,14 +1,24 @@
 """From a request's `prompt` to checked token ids, and the tokenizer that turns text into them.
 
 Text (in prompts, in `stop`, in responses) needs the checkpoint's `tokenizer.json`, loaded with
-Hugging Face `tokenizers`; token ids never do. Every limit a prompt can break is checked here,
-before the engine sees it, each refusal naming `prompt` or `max_tokens`.
+Hugging Face `tokenizers`; token ids never do. The request's shape and list bounds were checked
+when it was parsed (`moe_worker.api.limits`: a text too long to fit is refused before it is
+tokenized); what only the token ids tell is checked here, before the engine sees them, each
+refusal naming `prompt` or `max_tokens`.
+
+Encoding runs on the `Encoder`'s thread, never on the event loop, and with the GIL released:
+`Tokenizer.encode` holds the GIL while it works, which stops every Python thread of the leader,
+its serving loop included; `encode_batch` releases it. One thread: tokenizing never takes more
+than a core from the serving loop, and a request's prompts are encoded one at a time, so other
+requests' prompts take turns with them (docs/worker.md, "Limits", has the measurements).
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from moe_worker.api.errors import ApiError
@@ -16,6 +26,8 @@ from moe_worker.serving.generation import ModelCard
 
 DEFAULT_MAX_TOKENS = 16
 """OpenAI's default for completions."""
+TOKENIZER_THREADS = 1
+"""Threads that encode text prompts (each a core at most while it works)."""
 
 
 class TokenizerCache:
@@ -37,29 +49,38 @@ class TokenizerCache:
             return self._loaded[card.tokenizer_path]
 
 
-def prompt_token_ids(
-    prompt: str | list[Any], tokenizer: Any | None, card: ModelCard, *, max_prompts: int
+class Encoder:
+    """Text to token ids on threads of its own, without the GIL (see the module docstring)."""
+
+    def __init__(self, threads: int = TOKENIZER_THREADS) -> None:
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="moe-tokenize")
+
+    async def encode(self, tokenizer: Any, text: str) -> list[int]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, encode_without_gil, tokenizer, text)
+
+
+def encode_without_gil(tokenizer: Any, text: str) -> list[int]:
+    """`tokenizer.encode(text).ids`, with the GIL released while the tokenizer works."""
+    return tokenizer.encode_batch([text])[0].ids  # type: ignore[no-any-return]
+
+
+async def prompt_token_ids(
+    prompt: str | list[Any], tokenizer: Any | None, card: ModelCard, encoder: Encoder
 ) -> list[list[int]]:
-    """Each prompt of the request as token ids; a 400 naming `prompt` for any it cannot run."""
-    if isinstance(prompt, str):
-        prompts: list[str | list[int]] = [prompt]
-    elif prompt and all(isinstance(item, int) for item in prompt):
-        prompts = [prompt]
-    else:
-        prompts = list(prompt)
-    if not prompts:
-        raise ApiError(400, "prompt: is empty", "prompt")
-    if len(prompts) > max_prompts:
-        raise ApiError(400, f"prompt: {len(prompts)} prompts, at most {max_prompts}", "prompt")
-    ids = [_encode(item, tokenizer) for item in prompts]
-    for index, tokens in enumerate(ids):
-        _check(tokens, card, where="prompt" if len(ids) == 1 else f"prompt[{index}]")
+    """Each prompt of the request (already parsed and bounded) as token ids, encoded and checked
+    one at a time: the first that cannot run stops the rest with a 400 naming `prompt`."""
+    single = isinstance(prompt, str) or not isinstance(prompt[0], str | list)
+    prompts: list[str | list[int]] = [prompt] if single else list(prompt)  # type: ignore[list-item]
+    ids = []
+    for index, item in enumerate(prompts):
+        tokens = item if not isinstance(item, str) else await _encode(item, tokenizer, encoder)
+        _check(tokens, card, where="prompt" if single else f"prompt[{index}]")
+        ids.append(list(tokens))
     return ids
 
 
-def _encode(prompt: str | list[int], tokenizer: Any | None) -> list[int]:
-    if not isinstance(prompt, str):
-        return list(prompt)
+async def _encode(text: str, tokenizer: Any | None, encoder: Encoder) -> list[int]:
     if tokenizer is None:
         raise ApiError(
             400,
@@ -67,24 +88,24 @@ def _encode(prompt: str | list[int], tokenizer: Any | None) -> list[int]:
             "send token ids",
             "prompt",
         )
-    return list(tokenizer.encode(prompt).ids)
+    return await encoder.encode(tokenizer, text)
 
 
 def _check(tokens: Sequence[int], card: ModelCard, *, where: str) -> None:
     if not tokens:
         raise ApiError(400, f"{where}: has no tokens", "prompt")
-    vocab = card.shape.vocab_size
-    bad = next((t for t in tokens if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise ApiError(
-            400, f"{where}: token {bad} is outside the vocabulary 0..{vocab - 1}", "prompt"
-        )
     if len(tokens) >= card.max_context:
         raise ApiError(
             400,
             f"{where}: {len(tokens)} tokens leave no room to generate in the model's context of "
             f"{card.max_context} tokens",
             "prompt",
+        )
+    vocab = card.shape.vocab_size
+    if min(tokens) < 0 or max(tokens) >= vocab:  # a tokenizer.json larger than the model
+        bad = next(t for t in tokens if not 0 <= t < vocab)
+        raise ApiError(
+            400, f"{where}: token {bad} is outside the vocabulary 0..{vocab - 1}", "prompt"
         )
 
 
@@ -102,13 +123,3 @@ def max_tokens_for(asked: int | None, prompts: list[list[int]], card: ModelCard)
             "max_tokens",
         )
     return asked
-
-
-def check_stop_token_ids(ids: list[int] | None, card: ModelCard) -> tuple[int, ...]:
-    vocab = card.shape.vocab_size
-    bad = next((t for t in ids or () if t >= vocab), None)
-    if bad is not None:
-        raise ApiError(
-            400, f"stop_token_ids: {bad} is outside the vocabulary 0..{vocab - 1}", "stop_token_ids"
-        )
-    return tuple(ids or ())

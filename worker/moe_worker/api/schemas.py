@@ -5,18 +5,32 @@ Field names, types and defaults mirror OpenAI's API reference for `/v1/completio
 token-level clients use are here too: `top_k`, `stop_token_ids`, `ignore_eos`, and `token_ids` in
 every choice. Parameters OpenAI has and this server cannot honour are declared so that a request
 using them is refused naming the parameter (`unsupported`), not silently ignored; unknown fields
-are refused the same way.
+are refused the same way. The lists a request carries are bounded, and the union-typed fields
+checked, by `moe_worker.api.limits` (validation context: its `ModelBounds`).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StrictInt,
+    StrictStr,
+)
 
-TokenId = Annotated[StrictInt, Field(ge=0)]
-Prompt = StrictStr | list[TokenId] | list[StrictStr] | list[list[TokenId]]
-StopString = Annotated[StrictStr, Field(min_length=1)]
+from moe_worker.api.limits import (
+    PromptValue,
+    check_logit_bias_size,
+    check_prompt,
+    check_stop,
+    check_stop_token_ids,
+)
+
 INT64 = 2**63
 
 
@@ -31,7 +45,7 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: StrictStr
-    prompt: Prompt
+    prompt: Annotated[PromptValue, PlainValidator(check_prompt)]
     """Text, token ids, or a list of either (one choice per prompt)."""
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     """None: 16, or what the context leaves if less."""
@@ -40,7 +54,7 @@ class CompletionRequest(BaseModel):
     n: StrictInt | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: StopString | Annotated[list[StopString], Field(max_length=16)] | None = None
+    stop: Annotated[str | list[str] | None, PlainValidator(check_stop)] = None
     """Strings that end a choice (not included in its text); they need the tokenizer."""
     seed: Annotated[StrictInt, Field(ge=-INT64, lt=INT64)] | None = None
     user: StrictStr | None = None
@@ -50,12 +64,12 @@ class CompletionRequest(BaseModel):
     best_of: StrictInt | None = None
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[dict[str, float] | None, BeforeValidator(check_logit_bias_size)] = None
     suffix: StrictStr | None = None
     # vLLM's extras
     top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
     """0 or -1: no top-k cut."""
-    stop_token_ids: list[TokenId] | None = None
+    stop_token_ids: Annotated[list[int] | None, PlainValidator(check_stop_token_ids)] = None
     ignore_eos: bool | None = False
 
     def unsupported(self) -> tuple[str, str] | None:

@@ -79,11 +79,7 @@ def forward_steps(
     all_positions: bool = False,
 ) -> Generator[Any, None, Tensor]:
     """`model.forward` of one micro-batch, yielding inside its MoE layers; returns its logits."""
-    x_ND, rope = model.embed(batch)
-    for index in range(len(model.layers)):
-        h_ND, r_ND, routing = model.before_experts(index, x_ND, rope, cache, meta, gate)
-        x_ND = h_ND + (yield from moe_steps(index, r_ND, routing))
-    return model.logits(x_ND, batch, all_positions)
+    return (yield from model.forward_steps(moe_steps, batch, cache, meta, gate, all_positions))
 
 
 def interleave(steps: Sequence[Generator[Any, None, T]]) -> list[T]:

@@ -1,5 +1,9 @@
 """The registry of architectures: one file per family, looked up by `ModelShape.architecture` or
 by a Hugging Face config.json. Adding a family (e.g. OLMoE) is one more file and one entry here.
+
+SeedMLP, Mixtral, Qwen3-MoE: routed experts only. Qwen2-MoE: plus a gated shared expert.
+GLM-4.5 and DeepSeek-V3 (`deepseek_moe`): dense first layers, shared experts, the sigmoid router
+with its correction bias and groups; DeepSeek-V3 under multi-head latent attention (`mla`).
 """
 
 from __future__ import annotations
@@ -18,13 +22,18 @@ from moe_worker.models.base import (
     route_priced,
 )
 from moe_worker.models.config import ModelSpec, UnsupportedConfig
+from moe_worker.models.deepseek_v3 import DeepseekV3
 from moe_worker.models.experts import LocalExperts
+from moe_worker.models.glm4_moe import Glm4MoE
 from moe_worker.models.mixtral import Mixtral
+from moe_worker.models.qwen2_moe import Qwen2MoE
 from moe_worker.models.qwen3_moe import Qwen3MoE
 from moe_worker.models.seed_mlp import SeedMLP
 from moe_worker.models.transformer import MoETransformer
 
-ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (SeedMLP(), Mixtral(), Qwen3MoE())}
+ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a for a in (SeedMLP(), Mixtral(), Qwen3MoE(), Qwen2MoE(), Glm4MoE(), DeepseekV3())
+}
 
 __all__ = [
     "ARCHITECTURES",

@@ -17,15 +17,22 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from moe_contract.shape import ModelShape
-from moe_worker.models.config import ModelSpec
-from moe_worker.models.routing import Reroutes, Selection, price, select
+from moe_worker.models.config import ConfigReader, ModelSpec, RouterSpec, read_spec
+from moe_worker.models.layers import Attention
+from moe_worker.models.routing import (
+    Reroutes,
+    Selection,
+    group_limited,
+    price,
+    select,
+    select_scores,
+)
 
 if TYPE_CHECKING:
     from moe_worker.models.grouped import SlotGroups
-    from moe_worker.models.layers import Attention
 
 __all__ = [
     "DTYPES",
@@ -104,6 +111,9 @@ class ExpertWeights:
         return cls(tuple(p.view(shape) for p, shape in zip(parts, shapes, strict=True)))
 
 
+SOFTMAX = RouterSpec()
+
+
 def route(
     logits_NE: Tensor,
     top_k: int,
@@ -111,18 +121,23 @@ def route(
     normalize: bool = True,
     gate_bias_E: Tensor | None = None,
     max_margin: float | None = None,
+    router: RouterSpec = SOFTMAX,
+    correction_E: Tensor | None = None,
 ) -> Routing:
-    """Top-K of the fp32 softmax over all experts.
+    """The gate's choice, as transformers computes it for `router` (see `RouterSpec`).
 
-    `gate_bias_E` moves the selection only, and only for tokens whose K-th and (K+1)-th
-    probabilities are closer than `max_margin` (None: every token; see `models.routing`); the
-    weights are the unbiased probabilities of the chosen experts, renormalised over the top-K
-    when `normalize` (Mixtral; Qwen3 norm_topk_prob). Weights stay fp32: the combine casts them,
-    as transformers multiplies fp32 weights in.
+    softmax: top-K of the fp32 softmax over all experts, weights the chosen probabilities,
+    renormalised over the top-K when `normalize` (Mixtral; Qwen norm_topk_prob). sigmoid: the
+    fp32 sigmoid scores plus the checkpoint's `correction_E`, top-K within the best groups,
+    weights the chosen unbiased scores (renormalised when `normalize`) times the scaling factor.
+
+    `gate_bias_E` (the plan's) moves the selection only, added to the probabilities (softmax) or
+    to the correction bias (sigmoid), and only for tokens whose K-th and (K+1)-th selection
+    scores are closer than `max_margin` (None: every token; see `models.routing`); the weights
+    stay those of the unbiased scores. Weights stay fp32: the combine casts them, as
+    transformers multiplies fp32 weights in.
     """
-    probs_NE = torch.softmax(logits_NE.float(), dim=-1)
-    selection = select(probs_NE, top_k, gate_bias_E, max_margin)
-    return _weighted(probs_NE, selection, normalize)
+    return _route(logits_NE, top_k, normalize, gate_bias_E, max_margin, router, correction_E)[0]
 
 
 def route_priced(
@@ -132,12 +147,46 @@ def route_priced(
     normalize: bool = True,
     gate_bias_E: Tensor | None = None,
     max_margin: float | None = None,
+    router: RouterSpec = SOFTMAX,
+    correction_E: Tensor | None = None,
 ) -> tuple[Routing, Reroutes]:
-    """`route`, and what the bias cost: rerouted assignments and lost gate probability per token
-    (zeros without a bias), for the per-layer `moe_gate_rerouted_*` counters."""
-    probs_NE = torch.softmax(logits_NE.float(), dim=-1)
-    selection = select(probs_NE, top_k, gate_bias_E, max_margin)
-    return _weighted(probs_NE, selection, normalize), price(probs_NE, selection)
+    """`route`, and what the bias cost: rerouted assignments and lost gate probability (sigmoid
+    scores for a sigmoid router) per token (zeros without a bias), for the per-layer
+    `moe_gate_rerouted_*` counters."""
+    routing, selection, scores_NE = _route(
+        logits_NE, top_k, normalize, gate_bias_E, max_margin, router, correction_E
+    )
+    return routing, price(scores_NE, selection)
+
+
+def _route(
+    logits_NE: Tensor,
+    top_k: int,
+    normalize: bool,
+    gate_bias_E: Tensor | None,
+    max_margin: float | None,
+    router: RouterSpec,
+    correction_E: Tensor | None,
+) -> tuple[Routing, Selection, Tensor]:
+    """The routing, its selection and the scores a price is counted in."""
+    if router.scoring == "softmax":
+        probs_NE = torch.softmax(logits_NE.float(), dim=-1)
+        selection = select(probs_NE, top_k, gate_bias_E, max_margin)
+        return _weighted(probs_NE, selection, normalize), selection, probs_NE
+    scores_NE = logits_NE.float().sigmoid()
+    choice_NE = scores_NE if correction_E is None else scores_NE + correction_E.float()
+    own_NE = group_limited(choice_NE, router.n_group, router.topk_group)
+    biased_NE = None
+    if gate_bias_E is not None:
+        biased_NE = group_limited(
+            choice_NE + gate_bias_E.float(), router.n_group, router.topk_group
+        )
+    selection = select_scores(own_NE, top_k, biased_NE, max_margin)
+    weights_NK = torch.gather(scores_NE, 1, selection.topk_ids_NK)
+    if normalize:
+        weights_NK = weights_NK / (weights_NK.sum(-1, keepdim=True) + 1e-20)
+    weights_NK = weights_NK * router.routed_scaling_factor
+    return Routing(selection.topk_ids_NK, weights_NK), selection, scores_NE
 
 
 class PriceCounters:
@@ -167,7 +216,8 @@ class GateBias:
     nothing counted."""
 
     bias_LE: Tensor
-    """[L, E] fp32, added to the gate probabilities for selection only."""
+    """[L, E] fp32 (L: the MoE layers), added to the gate probabilities (a sigmoid router: to
+    its correction bias) for selection only."""
     max_margin: float | None = None
     """The plan's gateMaxMargin (None: the bias acts on every token)."""
     counters: PriceCounters | None = None
@@ -177,17 +227,23 @@ class GateBias:
     def of(cls, gate: GateBias | Tensor | None) -> GateBias | None:
         return cls(gate) if isinstance(gate, Tensor) else gate
 
-    def route(self, layer: int, logits_NE: Tensor, top_k: int, *, normalize: bool) -> Routing:
-        """The layer's routing under this bias; its price added to `counters`."""
+    def route(
+        self,
+        layer: int,
+        logits_NE: Tensor,
+        top_k: int,
+        *,
+        normalize: bool,
+        router: RouterSpec = SOFTMAX,
+        correction_E: Tensor | None = None,
+    ) -> Routing:
+        """The MoE layer's routing under this bias; its price added to `counters`."""
         bias_E, margin = self.bias_LE[layer], self.max_margin
-        if self.counters is None:
-            return route(
-                logits_NE, top_k, normalize=normalize, gate_bias_E=bias_E, max_margin=margin
-            )
-        routing, reroutes = route_priced(
-            logits_NE, top_k, normalize=normalize, gate_bias_E=bias_E, max_margin=margin
+        routing, selection, scores_NE = _route(
+            logits_NE, top_k, normalize, bias_E, margin, router, correction_E
         )
-        self.counters.add(layer, reroutes)
+        if self.counters is not None:
+            self.counters.add(layer, price(scores_NE, selection))
         return routing
 
 
@@ -212,9 +268,33 @@ class Architecture:
     expert_matrices: ClassVar[tuple[str, ...]]
     """Names of one expert's matrices, in `ExpertWeights` order."""
 
+    config_reader: ClassVar[ConfigReader]
+    """Where the family's config.json keeps the common fields, and its defaults."""
+
     def parse_config(self, config: Mapping[str, Any]) -> ModelSpec:
-        """A spec from a Hugging Face config.json; UnsupportedConfig for what cannot be exact."""
-        raise NotImplementedError
+        """A spec from a Hugging Face config.json; UnsupportedConfig for what cannot be exact.
+
+        The same for every family: `check_config`, then `read_spec` with the family's reader,
+        its extra shape sizes (`config_sizes`) and spec details (`config_details`)."""
+        self.check_config(config)
+        return read_spec(
+            config,
+            self.name,
+            self.config_reader,
+            self.config_sizes(config),
+            **self.config_details(config),
+        )
+
+    def check_config(self, config: Mapping[str, Any]) -> None:
+        """Refuse what the reader's `required` fields cannot say (UnsupportedConfig)."""
+
+    def config_sizes(self, config: Mapping[str, Any]) -> dict[str, int]:
+        """The family's ModelShape sizes beyond the common ones (dense layers, MLA, ...)."""
+        return {}
+
+    def config_details(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The family's ModelSpec fields beyond the common ones (router, attention details)."""
+        return {}
 
     def to_config(self, spec: ModelSpec) -> dict[str, Any]:
         """A config.json for `spec`, for families whose checkpoints we write (SeedMLP)."""
@@ -240,9 +320,14 @@ class Architecture:
         """
         raise NotImplementedError
 
-    def attention(self, spec: ModelSpec) -> Attention:
-        """The family's attention module for one layer."""
-        raise NotImplementedError
+    def attention(self, spec: ModelSpec) -> nn.Module:
+        """The family's attention module for one layer: forward(x, rope, cache, block, meta)."""
+        return Attention(spec)
+
+    def mlp(self, spec: ModelSpec, *, moe: bool) -> nn.Module | None:
+        """The dense feed-forward every rank holds in a block: a dense block's MLP, or an MoE
+        block's shared experts (added to its routed experts' output); None: nothing."""
+        return None
 
     def router_keys(self, layer: int) -> tuple[str, ...]:
         """Checkpoint names of the layer's router (gate) weight [E, D], the first found wins."""
@@ -256,17 +341,19 @@ class Architecture:
         """
         if name == "lm_head.weight":
             return ("model.embed_tokens.weight",) if spec.tie_word_embeddings else (name,)
-        router = re.fullmatch(r"layers\.(\d+)\.gate\.weight", name)
-        if router:
+        router = re.fullmatch(r"layers\.(\d+)\.gate\.(\w+)", name)
+        if router and router[2] == "weight":
             return self.router_keys(int(router[1]))
+        if router:  # the sigmoid routers' e_score_correction_bias
+            return (f"model.layers.{router[1]}.mlp.gate.{router[2]}",)
         return (f"model.{name}",)
 
     def expert_keys(self, layer: int, expert: int) -> tuple[str, ...]:
-        """Per-expert checkpoint names (the hub format), one per matrix."""
+        """Per-expert checkpoint names (the hub format), one per matrix; `layer` is the block."""
         raise NotImplementedError
 
     def fused_expert_keys(self, layer: int) -> tuple[str, ...] | None:
-        """Names of the layer's stacked expert tensors ([E, ...] each), if the family has them."""
+        """Names of the block's stacked expert tensors ([E, ...] each), if the family has them."""
         return None
 
     def expert_from_fused(self, slices: Sequence[Tensor]) -> ExpertWeights:

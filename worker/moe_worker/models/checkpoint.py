@@ -105,9 +105,11 @@ class HFCheckpoint:
         return _checked(key, self._open(key).get_tensor(key), shape)
 
     def expert(self, layer: int, expert: int) -> ExpertWeights:
+        """Routed expert `expert` of MoE layer `layer` (block dense_layers + layer)."""
         shapes = self.arch.expert_shapes(self.spec.shape)
-        keys = self.arch.expert_keys(layer, expert)
-        fused = self.arch.fused_expert_keys(layer)
+        block = self.spec.shape.dense_layers + layer
+        keys = self.arch.expert_keys(block, expert)
+        fused = self.arch.fused_expert_keys(block)
         if all(k in self._files for k in keys):
             tensors = [self._open(k).get_tensor(k) for k in keys]
             weights = ExpertWeights(tuple(tensors))
@@ -117,7 +119,7 @@ class HFCheckpoint:
             )
         else:
             raise CheckpointError(
-                f"{self.path}: no weights for expert {expert} of layer {layer} "
+                f"{self.path}: no weights for expert {expert} of layer {block} "
                 f"(looked for {list(keys)}" + (f" or {list(fused)})" if fused else ")")
             )
         for name, matrix, shape in zip(
@@ -192,7 +194,7 @@ def write_checkpoint(
         tensors[arch.checkpoint_keys(name, spec)[0]] = source.dense(name, shape)
     for layer in range(spec.shape.layers):
         for e in range(spec.shape.experts):
-            keys = arch.expert_keys(layer, e)
+            keys = arch.expert_keys(spec.shape.dense_layers + layer, e)
             tensors.update(zip(keys, source.expert(layer, e).matrices, strict=True))
     tensors = {k: t.to(DTYPES[spec.shape.dtype]).contiguous() for k, t in tensors.items()}
     shards = _shards(tensors, max_shard_bytes)

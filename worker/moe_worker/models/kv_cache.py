@@ -11,6 +11,10 @@ it into `StepMeta`, computed once per step and used by every layer: where each n
 go, and attention groups (every decoding sequence in one padded group, each prefill in its own) so
 one SDPA call serves many sequences without padding queries.
 
+What a token leaves per layer: its keys and values ([Hkv, Hd] each); under multi-head latent
+attention (DeepSeek-V3) one entry [1, C + R], its compressed latent and rotary key, and no
+values (`value_dim=0`; `models.mla`). Layers are blocks: dense ones included.
+
 Legend: L layers, P token slots (blocks x block size), Hkv kv heads, Hd head dim, N new tokens,
 B sequences in a group, Q new tokens per sequence in a group, T keys per sequence (padded).
 """
@@ -115,13 +119,21 @@ class KVCache:
         block_size: int = 16,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        value_dim: int | None = None,
     ) -> None:
+        """`value_dim`: per-head width of the values (None: head_dim; 0: no values, the keys'
+        entries hold everything, as MLA's latents do)."""
         if tokens < block_size:
             raise ValueError(f"kv_cache_tokens {tokens} is less than one block of {block_size}")
         self.blocks = BlockAllocator(tokens // block_size, block_size)
         slots = self.blocks.capacity_tokens
         self.k_LPHd = torch.zeros(layers, slots, kv_heads, head_dim, dtype=dtype, device=device)
-        self.v_LPHd = torch.zeros_like(self.k_LPHd)
+        value_dim = head_dim if value_dim is None else value_dim
+        self.v_LPHd: Tensor | None = None
+        if value_dim:
+            self.v_LPHd = torch.zeros(
+                layers, slots, kv_heads, value_dim, dtype=dtype, device=device
+            )
         self._lengths: dict[SeqId, int] = {}
         self._slot_of: dict[SeqId, Tensor] = {}  # slot of every position a table covers
 
@@ -135,14 +147,21 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> KVCache:
+        """The cache of every block of `shape`: K and V per kv head, or MLA's [latent, rotary
+        key] per token (`ModelShape.kv_bytes_per_token_layer` either way)."""
+        if shape.latent_attention:
+            heads, width, values = 1, shape.kv_lora_rank + shape.rope_head_dim, 0
+        else:
+            heads, width, values = shape.key_value_heads, shape.head_dim, shape.head_dim
         return cls(
-            layers=shape.layers,
-            kv_heads=shape.key_value_heads,
-            head_dim=shape.head_dim,
+            layers=shape.total_layers,
+            kv_heads=heads,
+            head_dim=width,
             tokens=tokens,
             block_size=block_size,
             dtype=dtype,
             device=device,
+            value_dim=values,
         )
 
     @property
@@ -215,13 +234,21 @@ class KVCache:
         slots_N = torch.cat(slots) if slots else torch.zeros(0, dtype=torch.int64)
         return StepMeta(slots_N.to(device), tuple(groups))
 
-    def write(self, layer: int, meta: StepMeta, k_NHd: Tensor, v_NHd: Tensor) -> None:
+    def write(self, layer: int, meta: StepMeta, k_NHd: Tensor, v_NHd: Tensor | None = None) -> None:
+        """The step's new keys and values (values only where the cache holds them)."""
         self.k_LPHd[layer].index_copy_(0, meta.slots_N, k_NHd)
-        self.v_LPHd[layer].index_copy_(0, meta.slots_N, v_NHd)
+        if self.v_LPHd is not None:
+            assert v_NHd is not None, "this cache holds values: write them"
+            self.v_LPHd[layer].index_copy_(0, meta.slots_N, v_NHd)
 
     def read(self, layer: int, key_slots_BT: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values at the given slots: [B, T, Hkv, Hd] each."""
+        assert self.v_LPHd is not None, "this cache holds no values: read_keys"
         return self.k_LPHd[layer][key_slots_BT], self.v_LPHd[layer][key_slots_BT]
+
+    def read_keys(self, layer: int, key_slots_BT: Tensor) -> Tensor:
+        """The key entries at the given slots [B, T, Hkv, Hd] (MLA: [B, T, 1, C + R])."""
+        return self.k_LPHd[layer][key_slots_BT]
 
     def _slots(self, seq_id: SeqId, start: int, end: int) -> Tensor:
         """Cache slots of positions start..end-1. A block table only grows, so the slots of

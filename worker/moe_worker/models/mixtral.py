@@ -14,20 +14,8 @@ Facts from transformers 5.24 (`modeling_mixtral.py`, `configuration_mixtral.py`)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from moe_contract.shape import ModelShape
-from moe_worker.models.config import (
-    ModelSpec,
-    context_length,
-    first_of,
-    require,
-    rope_theta,
-    shape_from,
-    token_ids,
-)
-from moe_worker.models.layers import Attention
+from moe_worker.models.config import ConfigReader, ModelSpec
 from moe_worker.models.swiglu import SwiGLUArchitecture
 
 RMS_NORM_EPS = 1e-5
@@ -39,41 +27,18 @@ _MATRIX_NAMES = {"gate": "w1", "up": "w3", "down": "w2"}
 class Mixtral(SwiGLUArchitecture):
     name = "Mixtral"
     hf_architectures = ("MixtralForCausalLM", "mixtral")
-
-    def parse_config(self, config: Mapping[str, Any]) -> ModelSpec:
-        require(config, "hidden_act", "silu", "silu")
-        hidden, heads = (
-            int(first_of(config, "hidden_size")),
-            int(first_of(config, "num_attention_heads")),
-        )
-        shape = shape_from(
-            config,
-            self.name,
-            layers=int(first_of(config, "num_hidden_layers")),
-            experts=int(first_of(config, "num_local_experts", "num_experts")),
-            hidden=hidden,
-            ffn_hidden=int(first_of(config, "intermediate_size")),
-            heads=heads,
-            head_dim=int(first_of(config, "head_dim", default=hidden // heads)),
-            top_k=int(first_of(config, "num_experts_per_tok")),
-            kv_heads=int(first_of(config, "num_key_value_heads", default=heads)),
-            vocab_size=int(first_of(config, "vocab_size")),
-        )
-        return ModelSpec(
-            shape=shape,
-            rms_norm_eps=float(first_of(config, "rms_norm_eps", default=RMS_NORM_EPS)),
-            rope_theta=rope_theta(config, ROPE_THETA),
-            max_context=context_length(config, config.get("sliding_window")),
-            norm_topk_prob=True,
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            eos_token_ids=token_ids(config.get("eos_token_id")),
-        )
+    config_reader = ConfigReader(
+        experts=("num_local_experts", "num_experts"),
+        ffn_hidden=("intermediate_size",),
+        rms_norm_eps=RMS_NORM_EPS,
+        rope_theta=ROPE_THETA,
+        norm_topk_prob=True,
+        norm_topk_fixed=True,
+        sliding_window="always",
+    )
 
     def default_spec(self, shape: ModelShape, max_context: int = 4096) -> ModelSpec:
         return ModelSpec(shape, RMS_NORM_EPS, ROPE_THETA, max_context, norm_topk_prob=True)
-
-    def attention(self, spec: ModelSpec) -> Attention:
-        return Attention(spec)
 
     def router_keys(self, layer: int) -> tuple[str, ...]:
         return (

@@ -20,6 +20,11 @@ bias changes outputs exactly where it changes a token's selection, and this modu
   the chosen experts, in [0, 1). The engine adds them up per layer into
   `moe_gate_rerouted_total{layer}` and `moe_gate_rerouted_weight_total{layer}`.
 
+Sigmoid routers (GLM-4.5, DeepSeek-V3) select on their scores plus the checkpoint's correction
+bias, within their best groups (`group_limited`); the plan's bias adds to the correction bias, and
+the guard measures margins on the model's own selection scores (`select_scores`). Their price is
+counted in sigmoid scores (each in (0, 1), not summing to one).
+
 Legend: N tokens, E experts, K top-k.
 
     probs_NE          softmax of the gate logits in fp32
@@ -83,20 +88,47 @@ def select(
         Selection with topk_ids_NK [N, K] and unbiased_ids_NK [N, K]. A token whose margin is
         not below max_margin gets exactly its unbiased ids, so it is never rerouted.
     """
-    unbiased_ids_NK = torch.topk(probs_NE, top_k, dim=-1).indices
-    if gate_bias_E is None:
+    biased_NE = None if gate_bias_E is None else probs_NE + gate_bias_E.float()
+    return select_scores(probs_NE, top_k, biased_NE, max_margin)
+
+
+def select_scores(
+    own_NE: Tensor,
+    top_k: int,
+    biased_NE: Tensor | None = None,
+    max_margin: float | None = None,
+) -> Selection:
+    """`select` over any selection scores: the model's own (`own_NE`: softmax probabilities, or a
+    sigmoid router's scores with its correction bias, -inf outside the chosen groups) and the
+    same under the plan's bias (`biased_NE`; None: no bias). The guard's margin and window are
+    measured on the model's own scores."""
+    unbiased_ids_NK = torch.topk(own_NE, top_k, dim=-1).indices
+    if biased_NE is None:
         return Selection(unbiased_ids_NK, unbiased_ids_NK)
-    score_NE = probs_NE + gate_bias_E.float()
-    if max_margin is None or top_k >= probs_NE.shape[-1]:
-        return Selection(torch.topk(score_NE, top_k, dim=-1).indices, unbiased_ids_NK)
-    values_NK1 = torch.topk(probs_NE, top_k + 1, dim=-1).values
+    if max_margin is None or top_k >= own_NE.shape[-1]:
+        return Selection(torch.topk(biased_NE, top_k, dim=-1).indices, unbiased_ids_NK)
+    values_NK1 = torch.topk(own_NE, top_k + 1, dim=-1).values
     kth_N1, next_N1 = values_NK1[:, top_k - 1 : top_k], values_NK1[:, top_k:]
     boundary_N1 = (kth_N1 + next_N1) / 2
-    score_NE = score_NE.masked_fill(probs_NE >= boundary_N1 + max_margin / 2, float("inf"))
-    score_NE = score_NE.masked_fill(probs_NE <= boundary_N1 - max_margin / 2, float("-inf"))
+    score_NE = biased_NE.masked_fill(own_NE >= boundary_N1 + max_margin / 2, float("inf"))
+    score_NE = score_NE.masked_fill(own_NE <= boundary_N1 - max_margin / 2, float("-inf"))
     biased_ids_NK = torch.topk(score_NE, top_k, dim=-1).indices
     close_N1 = kth_N1 - next_N1 < max_margin  # ties inside the window cannot leak past this
     return Selection(torch.where(close_N1, biased_ids_NK, unbiased_ids_NK), unbiased_ids_NK)
+
+
+def group_limited(scores_NE: Tensor, n_group: int, topk_group: int) -> Tensor:
+    """Scores outside each token's `topk_group` best groups set to -inf (transformers' sigmoid
+    routers): the E experts form `n_group` equal groups in order, a group scores the sum of its
+    two best. One group (GLM-4.5's default) masks nothing."""
+    if n_group == 1:
+        return scores_NE
+    n, e = scores_NE.shape
+    group_scores_NG = scores_NE.view(n, n_group, e // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx_NG = torch.topk(group_scores_NG, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask_NG = torch.zeros_like(group_scores_NG).scatter_(1, group_idx_NG, 1)
+    score_mask_NE = group_mask_NG.unsqueeze(-1).expand(n, n_group, e // n_group).reshape(n, e)
+    return scores_NE.masked_fill(~score_mask_NE.bool(), float("-inf"))
 
 
 def price(probs_NE: Tensor, selection: Selection) -> Reroutes:

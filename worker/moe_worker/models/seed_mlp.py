@@ -19,7 +19,7 @@ stay so synthetic weights do not change).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -28,16 +28,8 @@ from torch import Tensor
 
 from moe_contract.shape import ModelShape
 from moe_worker.models.base import Architecture, ExpertWeights
-from moe_worker.models.config import (
-    ModelSpec,
-    context_length,
-    first_of,
-    rope_theta,
-    shape_from,
-    token_ids,
-)
+from moe_worker.models.config import ConfigReader, ModelSpec
 from moe_worker.models.grouped import SlotGroups
-from moe_worker.models.layers import Attention
 
 RMS_NORM_EPS = 1e-6
 ROPE_THETA = 10000.0
@@ -47,31 +39,15 @@ class SeedMLP(Architecture):
     name = "SeedMLP"
     hf_architectures = ("SeedMLPForCausalLM", "seed_mlp")
     expert_matrices = ("w_in", "w_out")
-
-    def parse_config(self, config: Mapping[str, Any]) -> ModelSpec:
-        hidden = int(first_of(config, "hidden_size"))
-        heads = int(first_of(config, "num_attention_heads"))
-        shape = shape_from(
-            config,
-            self.name,
-            layers=int(first_of(config, "num_hidden_layers")),
-            experts=int(first_of(config, "num_local_experts")),
-            hidden=hidden,
-            ffn_hidden=int(first_of(config, "intermediate_size")),
-            heads=heads,
-            head_dim=int(first_of(config, "head_dim", default=hidden // heads)),
-            top_k=int(first_of(config, "num_experts_per_tok")),
-            kv_heads=int(first_of(config, "num_key_value_heads", default=heads)),
-            vocab_size=int(first_of(config, "vocab_size")),
-        )
-        return ModelSpec(
-            shape=shape,
-            rms_norm_eps=float(first_of(config, "rms_norm_eps", default=RMS_NORM_EPS)),
-            rope_theta=rope_theta(config, ROPE_THETA),
-            max_context=context_length(config, None),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            eos_token_ids=token_ids(config.get("eos_token_id")),
-        )
+    config_reader = ConfigReader(
+        experts=("num_local_experts",),
+        ffn_hidden=("intermediate_size",),
+        rms_norm_eps=RMS_NORM_EPS,
+        rope_theta=ROPE_THETA,
+        norm_topk_prob=True,
+        norm_topk_fixed=True,
+        required=(),
+    )
 
     def to_config(self, spec: ModelSpec) -> dict[str, Any]:
         """The config.json of a SeedMLP checkpoint (read back by `parse_config`)."""
@@ -111,9 +87,6 @@ class SeedMLP(Architecture):
         # In place: the same kernel as F.gelu, without a second [N, F] buffer (5% of a layer).
         hidden_NF = torch.ops.aten.gelu_(groups.linear(x_ND, w_in_SFD))
         return groups.linear(hidden_NF, w_out_SDF)
-
-    def attention(self, spec: ModelSpec) -> Attention:
-        return Attention(spec)
 
     def router_keys(self, layer: int) -> tuple[str, ...]:
         return (f"model.layers.{layer}.mlp.gate.weight",)

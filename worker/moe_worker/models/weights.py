@@ -30,7 +30,7 @@ class WeightSource(Protocol):
         ...
 
     def expert(self, layer: int, expert: int) -> ExpertWeights:
-        """All matrices of one expert, on the CPU."""
+        """All matrices of routed expert `expert` of MoE layer `layer`, on the CPU."""
         ...
 
 
@@ -80,7 +80,7 @@ def build_model(
     """The dense part with its weights, in `dtype` (default: the shape's), ready for inference."""
     with torch.device("meta"):
         model = MoETransformer(source.arch, source.spec).to(serving_dtype(source, dtype))
-    model = materialize(model, device)
+    model = materialize(model.keep_fp32_(), device)
     with torch.no_grad():
         for name, param in model.named_parameters():  # a tied LM head is listed once
             param.copy_(source.dense(name, tuple(param.shape)))
