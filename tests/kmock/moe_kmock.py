@@ -489,16 +489,22 @@ class Operator:
 # --- the workers --------------------------------------------------------------------------------
 
 
+GROWTH_PERIOD_S = 0.25  # the fake workers' counters grow by one step's worth per period
+
+
 @dataclass
 class Workers:
     """The ranks' HTTP endpoints: token counters, and rank 0's plan endpoint.
 
-    Experts 0 and 2 of every layer are hot (100 tokens per scrape, the others 10). The round-robin
-    plan puts both on rank 0 (slots [[0, 2], [1, 3]]): rank loads 200 vs 20, imbalance 1.82; a
-    plan with one hot expert per rank balances them, and so (in this model) does any gate bias,
-    which steers tokens away from the hot experts: every expert then gets 55. Each rank exports
-    counters for the experts in its slots of the plan it serves (and keeps series it once had,
-    as prometheus_client does); they grow on every scrape, as a worker's would between scrapes.
+    Experts 0 and 2 of every layer are hot (100 tokens per timer period of 0.25 s, the others
+    10). The round-robin plan puts both on rank 0 (slots [[0, 2], [1, 3]]): rank loads 200 vs
+    20, imbalance 1.82; a plan with one hot expert per rank balances them, and so (in this model)
+    does any gate bias, which steers tokens away from the hot experts: every expert then gets 55.
+    Each rank exports counters for the experts in its slots of the plan it serves (and keeps
+    series it once had, as prometheus_client does). They grow with time, as a worker's do, not
+    with scrapes: a drain's extra read of the leader's /metrics (its requests in flight) must
+    not look like load on rank 0 (it did: a second plan after a group restart, now and then).
+    The first scrape of a rank grows one period's worth.
     """
 
     world: int
@@ -510,6 +516,7 @@ class Workers:
     restarting: int | None = None  # this rank's counters go down between scrapes (restarts)
     durable: Callable[[], int | None] = lambda: None  # the ConfigMap's plan version, at POST time
     counters: dict[int, dict[tuple[int, int], float]] = field(default_factory=dict)
+    grown_at: dict[int, float] = field(default_factory=dict)  # each rank's last growth
     posts: list[dict[str, Any]] = field(default_factory=list)  # every POST /v1/plan seen
     applied: list[int] = field(default_factory=list)  # versions switched to, in order
     handlers: list[kmock.RawHandler] = field(default_factory=list)
@@ -526,12 +533,15 @@ class Workers:
 
     def _grow(self, rank: int) -> None:
         counters = self.counters.setdefault(rank, {})
+        now = time.monotonic()
+        periods = (now - self.grown_at[rank]) / GROWTH_PERIOD_S if rank in self.grown_at else 1.0
+        self.grown_at[rank] = now
         for layer, experts in self._experts(rank).items():
             for expert in experts:
                 grow = 100.0 if expert in (0, 2) else 10.0
                 if self.plan.get("gateBias"):
                     grow = 55.0
-                counters[layer, expert] = counters.get((layer, expert), 0.0) + grow
+                counters[layer, expert] = counters.get((layer, expert), 0.0) + grow * periods
 
     def metrics(self, rank: int) -> bytes:
         if self.metrics_override is not None:
