@@ -103,6 +103,40 @@ def text_prompts(count: int) -> list[str]:
     return as_text(ids)
 
 
+def deployment(models: Path, name: str = NAME, master_port: int = 29531) -> dict[str, Any]:
+    """2 groups x 2 ranks behind the router; the default surge update (1 up, 0 unavailable).
+    No rebalancing during the events: the answers stay the reference's."""
+    source = {
+        "type": "Checkpoint",
+        "checkpoint": {
+            "volume": {"hostPath": {"path": str(models), "type": "Directory"}},
+            "path": CHECKPOINT,
+        },
+    }
+    return {
+        "apiVersion": "moe-ep.io/v1alpha1",
+        "kind": "MoEDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {**model(), "source": source},
+            "parallelism": {"expert": RANKS},
+            "replicas": 2,
+            "placement": {"slotsPerRank": 3},
+            # Replace keeps outputs; a threshold no load reaches keeps the first plan anyway.
+            "rebalancing": {"method": "Replace", "imbalanceThreshold": 100},
+            "router": {"type": "Smg", "policy": "round_robin"},
+            "worker": {
+                "backend": "gloo",
+                "device": "cpu",
+                "gpusPerPod": 1,
+                "masterPort": master_port,
+                "kvCacheTokens": 2048,
+                "extraEnv": [{"name": "OMP_NUM_THREADS", "value": "1"}],
+            },
+        },
+    }
+
+
 @dataclass
 class Event:
     """One event's figures."""
