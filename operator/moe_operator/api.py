@@ -995,6 +995,9 @@ class GroupStatus(ApiModel):
         0, ge=0, le=MAX_PLAN_VERSION, description="Plan version its leader serves (0: unknown)."
     )
     current: bool = Field(True, description="Its pod template is the spec's.")
+    recovery: RecoveryStatus | None = Field(
+        None, description="This group's whole-group replacements after rank failures (backoff)."
+    )
 
 
 class MoEDeploymentStatus(ApiModel):
@@ -1023,7 +1026,9 @@ class MoEDeploymentStatus(ApiModel):
     last_rebalance: RebalanceRecord | None = Field(None, description="The last rebalance, if any.")
     detection: DetectionStatus | None = Field(None, description="Imbalance detection state.")
     recovery: RecoveryStatus | None = Field(
-        None, description="Whole-group replacements after rank failures (their backoff)."
+        None,
+        description="Whole-group replacements after rank failures (their backoff): the last "
+        "group replaced; each group's own count is in groups[].recovery.",
     )
     replicas: int = Field(
         0, description="Groups that exist, draining ones included (the scale subresource's)."

@@ -41,7 +41,7 @@ from moe_operator.fleet import (
     plan_rollout,
 )
 from moe_operator.fleet import read_fleet as fleet_of
-from moe_operator.group import GroupState
+from moe_operator.group import GroupState, ReplacementBackoff
 from moe_operator.groups import naming
 from moe_operator.groups.rollout import Rollout
 from moe_operator.images import WorkerImages, with_worker_image
@@ -67,6 +67,7 @@ from moe_operator.status import (
     plan_status,
     read_rebalance_record,
     reconcile_error_status,
+    recovery_status,
 )
 from moe_operator.validation import parse_spec
 from moe_operator.workers import GroupsWorkers, PodWorkers
@@ -259,12 +260,25 @@ def _decide_group(
 ) -> GroupRun:
     """A group's own recovery (a dead rank, pods of an older template after a restart in
     place), applied at once."""
-    view = GroupView(group.statefulset, group.pods, spec.pods, group.ready, base)
+    previous = group_previous(base, group.index)
+    view = GroupView(group.statefulset, group.pods, spec.pods, group.ready, previous)
     action = decide(view, now)
     deleted = delete_pods(call.cluster, call.namespace, action.delete)
     state, events = action.after_deleting(deleted)
     call.announce(list(events))
     return GroupRun(group, view, action, state)
+
+
+def group_previous(base: dict[str, Any], index: int) -> dict[str, Any]:
+    """The previous status as one group's recovery reads it: its own replacement backoff
+    (status.groups[].recovery), so one failing group never holds another back. Group 0 with no
+    entry of its own (an operator before replica groups wrote the status) takes the top-level
+    status.recovery."""
+    entries = [g for g in base.get("groups") or [] if isinstance(g, dict)]
+    own = next((g for g in entries if g.get("index") == index), None)
+    if own is None and not (index == 0 and not entries):
+        return {**base, "recovery": None}
+    return {**base, "recovery": base.get("recovery") if own is None else own.get("recovery")}
 
 
 def _ensure(call: Call, spec: api.MoEDeploymentSpec, known: Ledger, fleet: Fleet) -> ChildrenState:
@@ -435,8 +449,7 @@ def _write_status(
         served_model_name=children.served_model_name(call.name, spec),
         detection=standing.detection,
         last_rebalance=standing.last_rebalance,
-        recovery=next((run.action.backoff for run in runs if run.action.backoff.replacements),
-                      runs[0].action.backoff if runs else None),
+        recovery=_last_replaced(runs),
         replicas=len(runs),
         ready_replicas=serving,
         label_selector=naming.leaders_selector(call.name),
@@ -476,6 +489,14 @@ def _rollout_message(rollout: Rollout, restarting: list[GroupRun], pods: int) ->
     return "; ".join(parts) or "starting the groups"
 
 
+def _last_replaced(runs: list[GroupRun]) -> ReplacementBackoff | None:
+    """status.recovery: the backoff of the group replaced last (each group keeps its own)."""
+    replaced = [run.action.backoff for run in runs if run.action.backoff.replacements]
+    if not replaced:
+        return runs[0].action.backoff if runs else None
+    return max(replaced, key=lambda backoff: backoff.last_at or 0.0)
+
+
 def _groups_seen(
     call: Call, spec: api.MoEDeploymentSpec, runs: list[GroupRun]
 ) -> tuple[api.GroupStatus, ...]:
@@ -501,6 +522,9 @@ def _groups_seen(
                 ready=f"{min(read.ready, spec.pods)}/{spec.pods}",
                 served_plan_version=served.get(read.index) or 0,
                 current=read.current,
+                recovery=recovery_status(run.action.backoff)
+                if run.action.backoff.replacements
+                else None,
             )
         )
     return tuple(found)
