@@ -5,6 +5,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 # The CPU build of torch lies on this machine's disk; an unpinned torch may pull a CUDA build.
 TORCH_PIN ?= torch==2.13.0
+CLIENT_PINS := transformers==5.24.0 'lm-eval[api,hf]==0.4.13' guidellm==0.8.1
 
 # The fast tier: pure, kmock and in-process tests, no control plane, no image build, no
 # multi-process torch.distributed group; in parallel processes (pytest-xdist), the slow ones
@@ -23,6 +24,10 @@ $(VENV)/.installed: pyproject.toml local/pyproject.toml
 	$(PYTHON) -m pip install -q -e ./local
 	# Kubernetes 1.30's schemas: a kubernetes-validate release apart (none holds 1.20 and 1.30).
 	$(PYTHON) -m pip install -q --target $(VENV)/kubernetes-validate-1.31 kubernetes-validate==1.31.0
+	# The ecosystem's clients the serving tests run as commands (lm-eval, guidellm): a venv of
+	# their own, so their dependencies never move the worker's; torch and transformers pinned.
+	python3 -m venv $(VENV)/clients
+	$(VENV)/clients/bin/pip install -q $(TORCH_PIN) $(CLIENT_PINS)
 	touch $@
 
 setup: $(VENV)/.installed

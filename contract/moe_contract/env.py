@@ -60,10 +60,13 @@ MAX_QUEUED_REQUESTS = "MOE_MAX_QUEUED_REQUESTS"  # waiting requests; beyond them
 API_PORT = "MOE_API_PORT"  # /v1/completions, /v1/models on rank 0; 0 disables the API
 API_KEYS_PATH = "MOE_API_KEYS_PATH"  # file of accepted API keys, one per line; absent: open
 SERVED_MODEL_NAME = "MOE_SERVED_MODEL_NAME"  # the `model` clients name; default from the weights
+CHAT_TEMPLATE = "MOE_CHAT_TEMPLATE"  # a Jinja chat template file; absent: the checkpoint's
 STALL_TIMEOUT = "MOE_STALL_TIMEOUT"  # seconds without a step before the rank reports not live
 COLLECTIVE_TIMEOUT = "MOE_COLLECTIVE_TIMEOUT"  # seconds a collective waits for a peer, then fails
 STARTUP_TIMEOUT = "MOE_STARTUP_TIMEOUT"  # seconds a rank waits for its peers to join and load
 SWITCH_TIMEOUT = "MOE_SWITCH_TIMEOUT"  # seconds POST /v1/plan waits for every rank to switch
+DRAIN_TIMEOUT = "MOE_DRAIN_TIMEOUT"  # seconds a SIGTERM waits for running sequences to finish
+HEARTBEAT_TIMEOUT = "MOE_HEARTBEAT_TIMEOUT"  # seconds a silent rank keeps its place in the group
 BACKGROUND_SWITCH = "MOE_BACKGROUND_SWITCH"  # experts move while the old plan serves (default on)
 TWO_BATCH_OVERLAP = "MOE_TWO_BATCH_OVERLAP"  # two micro-batches per step, all-to-all overlapped
 TERMINATION_MESSAGE_PATH = "MOE_TERMINATION_MESSAGE_PATH"  # where a fatal error is written
@@ -72,9 +75,10 @@ TERMINATION_MESSAGE_PATH = "MOE_TERMINATION_MESSAGE_PATH"  # where a fatal error
 PLAN_PATH = "MOE_PLAN_PATH"
 TOKEN_PATH = "MOE_TOKEN_PATH"
 HTTP_PORT = "MOE_HTTP_PORT"  # /metrics, /healthz, /readyz, /v1/plan
-BIND_ADDRESS = (
-    "MOE_BIND_ADDRESS"  # default 0.0.0.0; the local node agent gives each pod its own 127.x.y.z
-)
+BIND_ADDRESS = "MOE_BIND_ADDRESS"  # default 127.0.0.1, in a pod 0.0.0.0; the local node agent
+# gives each pod its own 127.x.y.z
+POD_IP = "MOE_POD_IP"  # the pod's IP (downward API): where rank 0's rendezvous store listens
+WILDCARD_ADDRESSES = ("", "0.0.0.0", "::")
 CONTROL_ADDRESS = "MOE_CONTROL_ADDRESS"  # a rank's control app; absent: BIND_ADDRESS (see below)
 
 # Built-in traffic (a benchmark knob; how imbalance is produced on purpose): generated requests.
@@ -204,4 +208,4 @@ def internal_control_address(bind_address: str) -> str:
     """Where the ranks of a pod of several ranks listen: the pod's loopback when the pod listens
     on every address (a real pod: nothing outside reaches them), else the pod's own address (the
     local node agent's pods share the host's loopback, each on its own 127.x.y.z)."""
-    return "127.0.0.1" if bind_address in ("", "0.0.0.0", "::") else bind_address
+    return "127.0.0.1" if bind_address in WILDCARD_ADDRESSES else bind_address

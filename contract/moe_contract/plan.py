@@ -13,6 +13,9 @@ Legend for shapes: L = layers, R = ranks (world size), S = slots per rank, E = l
                      probabilities are closer than this (`moe_worker.models.routing`)
     ranksPerPod      ranks of one pod; the workers route tokens to replicas in    scalar
                      their own pod where balance allows (`pod_routes`)
+    absentRanks      ranks out of the group (lost, or joining): their slots[l][r]  [..]
+                     are empty; the survivors serve every expert
+                     (`moe_contract.elastic.degraded_plan`)
 
 The JSON document uses camelCase keys (`slotsPerRank`, `gateBias`) like the Kubernetes API.
 Where it is stored (the plan ConfigMap) a large plan takes its compact form (`to_stored_json`):
@@ -150,6 +153,16 @@ class Plan(BaseModel):
             "every expert's tokens spread over all its replicas."
         ),
     )
+    absent_ranks: tuple[int, ...] | None = Field(
+        default=None,
+        alias="absentRanks",
+        description=(
+            "Ranks out of the group (lost, or not yet rejoined), sorted: they hold no slot (their "
+            "slots rows are empty) and every expert is served by the others. Only the workers "
+            "serve such a plan (`moe_contract.elastic.degraded_plan`); the operator never issues "
+            "one."
+        ),
+    )
 
     @property
     def num_layers(self) -> int:
@@ -158,6 +171,17 @@ class Plan(BaseModel):
     @property
     def world_size(self) -> int:
         return len(self.slots[0]) if self.slots else 0
+
+    @property
+    def absent(self) -> frozenset[int]:
+        """Ranks holding no slot (out of the group); empty for every plan the operator issues."""
+        return frozenset(self.absent_ranks or ())
+
+    @property
+    def present(self) -> tuple[int, ...]:
+        """Ranks holding slots, in order."""
+        absent = self.absent
+        return tuple(rank for rank in range(self.world_size) if rank not in absent)
 
     def replicas(self, layer: int) -> dict[int, list[tuple[int, int]]]:
         """Logical expert -> its (rank, slot) places in `layer`, in rank-then-slot order."""
@@ -261,16 +285,24 @@ def validate_plan(
             f"ranksPerPod: {plan.ranks_per_pod} does not divide the world size {world_size}; "
             "use the deployment's worker.ranksPerPod"
         )
+    absent = plan.absent
+    if plan.absent_ranks is not None:
+        _validate_absent(plan.absent_ranks, world_size)
     for layer, layer_slots in enumerate(plan.slots):
         if len(layer_slots) != world_size:
             raise PlanError(
                 f"slots[{layer}]: has {len(layer_slots)} ranks, the world size is {world_size}"
             )
         for rank, rank_slots in enumerate(layer_slots):
-            if len(rank_slots) != plan.slots_per_rank:
+            wanted = 0 if rank in absent else plan.slots_per_rank
+            if len(rank_slots) != wanted:
                 raise PlanError(
                     f"slots[{layer}][{rank}]: has {len(rank_slots)} slots, "
-                    f"slotsPerRank is {plan.slots_per_rank}"
+                    + (
+                        f"rank {rank} is absent (absentRanks) and holds none"
+                        if rank in absent
+                        else f"slotsPerRank is {plan.slots_per_rank}"
+                    )
                 )
             for slot, expert in enumerate(rank_slots):
                 if not 0 <= expert < num_experts:
@@ -286,6 +318,15 @@ def validate_plan(
             )
     if plan.gate_bias is not None:
         _validate_gate_bias(plan.gate_bias, num_layers=num_layers, num_experts=num_experts)
+
+
+def _validate_absent(absent: Sequence[int], world_size: int) -> None:
+    if list(absent) != sorted(set(absent)) or not all(0 <= r < world_size for r in absent):
+        raise PlanError(
+            f"absentRanks: {list(absent)} must be distinct ranks 0..{world_size - 1}, sorted"
+        )
+    if 0 in absent or len(absent) >= world_size:
+        raise PlanError("absentRanks: rank 0 (the leader) and at least one rank stay in the group")
 
 
 def _validate_gate_bias(
@@ -359,9 +400,15 @@ def moved_experts(before: LayerSlots, after: LayerSlots) -> int:
     return sum(len(experts) for experts in experts_to_receive(before, after))
 
 
+FROM_WEIGHTS = -1
+"""`Transfer.src` of an expert no live rank holds: its receiver reads it from the weights (the
+checkpoint, tensor by tensor, or the synthetic weights' seed)."""
+
+
 @dataclass(frozen=True)
 class Transfer:
-    """Expert `expert` of `layer` goes from rank `src` to rank `dst` during a plan switch."""
+    """Expert `expert` of `layer` goes from rank `src` to rank `dst` during a plan switch
+    (`src` FROM_WEIGHTS: `dst` reads it from the weights, no live rank holding it)."""
 
     layer: int
     expert: int
@@ -373,20 +420,23 @@ def plan_transfers(old: Plan, new: Plan) -> list[Transfer]:
     """Every expert a rank needs under `new` but did not hold under `old`, with a fixed source.
 
     Sources are spread over the old holders (by destination rank) so one rank is not the sender of
-    every copy of a hot expert. Sorted, so sender and receiver post messages in the same order.
+    every copy of a hot expert. A holder absent from `new` is gone (a lost rank) and sends
+    nothing; an expert no other holder has is read from the weights (`FROM_WEIGHTS`). Sorted, so
+    sender and receiver post messages in the same order.
     """
+    gone = new.absent
     transfers = []
     for layer in range(new.num_layers):
         holders: dict[int, list[int]] = {}
         for rank, experts in enumerate(old.slots[layer]):
             for expert in experts:
                 holders.setdefault(expert, [])
-                if rank not in holders[expert]:
+                if rank not in holders[expert] and rank not in gone:
                     holders[expert].append(rank)
         wanted = experts_to_receive(old.slots[layer], new.slots[layer])
         for rank, experts in enumerate(wanted):
             for expert in experts:
-                sources = holders[expert]
+                sources = holders.get(expert) or [FROM_WEIGHTS]
                 transfers.append(Transfer(layer, expert, sources[rank % len(sources)], rank))
     return sorted(transfers, key=lambda t: (t.layer, t.expert, t.src, t.dst))
 
@@ -414,7 +464,7 @@ def pod_routes(
     Returns:
         per expert its (global slot, share) pairs, shares summing to 1.
     """
-    ranks, per_rank = len(layer), len(layer[0])
+    ranks, per_rank = len(layer), max(len(rank_slots) for rank_slots in layer)
     pods = ranks // ranks_per_pod
     places: dict[int, list[list[int]]] = {}
     for rank, rank_slots in enumerate(layer):

@@ -44,6 +44,42 @@ def boolean(text: str) -> bool:
     raise ValueError(f"{text!r} is not a boolean")
 
 
+_KINDS = {"int": "an integer", "float": "a number", "str": "text", "boolean": "a boolean"}
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a number setting may take: `low` <= value (< with `above`) <= `high`."""
+
+    low: float | None = None
+    high: float | None = None
+    above: bool = False
+    """The value must be greater than `low` (a timeout of 0 would never wait)."""
+
+    def problem(self, value: float) -> str | None:
+        """Why `value` is out of bounds, or None (NaN is out of every bound)."""
+        low_ok = self.low is None or (value > self.low if self.above else value >= self.low)
+        high_ok = self.high is None or value <= self.high
+        if low_ok and high_ok and value == value:
+            return None
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.above else '>='} {_number(self.low)}")
+        if self.high is not None:
+            parts.append(f"<= {_number(self.high)}")
+        return f"must be {' and '.join(parts)}"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+POSITIVE_SECONDS = Bounds(0, 86400, above=True)
+"""A timeout or an interval: more than 0 s, at most a day (NaN and inf are refused)."""
+NON_NEGATIVE = Bounds(0)
+AT_LEAST_ONE = Bounds(1)
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -62,6 +98,22 @@ class Setting:
     """The MoEDeploymentSpec field the operator copies it from as it is (snake_case path)."""
     spec_default: Any = None
     """That field's default when it is not the worker's own (None: the same)."""
+    bounds: Bounds | None = None
+    """The values it may take (numbers); None: any its type reads."""
+
+    def read(self, text: str) -> Any:
+        """The setting's value from its text (a variable's, a flag's), checked against its
+        bounds; ValueError saying what is wrong, for messages that name the flag or variable."""
+        try:
+            value = self.parse(text)
+        except ValueError:
+            kind = _KINDS.get(self.parse.__name__, self.parse.__name__)
+            raise ValueError(f"{text[:80]!r} is not {kind}") from None
+        if self.bounds is not None:
+            problem = self.bounds.problem(value)
+            if problem is not None:
+                raise ValueError(f"{text[:80]!r}: {problem}")
+        return value
 
     @property
     def dest(self) -> str:
@@ -286,6 +338,17 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
         ("--api-keys-file",),
         OPERATOR,
     ),
+    # Rows added since, after the others: a pod's variables keep their order.
+    Setting(
+        "pod_ip",
+        env.POD_IP,
+        str,
+        None,
+        "this pod's IP (the downward API's status.podIP): rank 0's rendezvous store listens "
+        "there only, where the other pods reach it (with hostNetwork, not on the node's other "
+        "addresses); none: on the bind address",
+        pod=OPERATOR,
+    ),
     # Set by a MoEDeployment's worker.extraArgs, if at all.
     Setting(
         "seed",
@@ -295,6 +358,7 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
         "seed of synthetic weights (no checkpoint) and of generated traffic",
         ("--seed",),
         USER,
+        bounds=Bounds(0, 2**63 - 1),
     ),
     Setting(
         "switch_timeout",
@@ -304,6 +368,29 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
         "seconds POST /v1/plan waits for every rank to switch; a background switch not landed "
         "by then is abandoned and the old plan keeps serving",
         ("--switch-timeout",),
+        USER,
+        bounds=POSITIVE_SECONDS,
+    ),
+    Setting(
+        "drain_timeout",
+        env.DRAIN_TIMEOUT,
+        float,
+        20.0,
+        "seconds a rank drains after SIGTERM before it stops: not ready, new requests 503, "
+        "running sequences finish (the pod's terminationGracePeriodSeconds follows it)",
+        ("--drain-timeout",),
+        USER,
+        bounds=Bounds(0, 3600, above=True),
+    ),
+    Setting(
+        "heartbeat_timeout",
+        env.HEARTBEAT_TIMEOUT,
+        float,
+        5.0,
+        "seconds a rank's heartbeat may be silent (a stopped or hung process) before the leader "
+        "drops it from the group and the others serve without it; a rank that died is dropped "
+        "sooner, once a collective failed",
+        ("--heartbeat-timeout",),
         USER,
     ),
     Setting(
@@ -327,6 +414,16 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
         ("--two-batch-overlap",),
         USER,
     ),
+    Setting(
+        "chat_template",
+        env.CHAT_TEMPLATE,
+        str,
+        None,
+        "a Jinja chat template file for /v1/chat/completions, replacing the checkpoint's "
+        "(tokenizer_config.json's chat_template, or chat_template.jinja)",
+        ("--chat-template",),
+        USER,
+    ),
     # Built-in traffic: a benchmark knob, and how the demo makes expert load uneven on purpose.
     Setting(
         "traffic.batch",
@@ -336,6 +433,7 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
         "generated requests the leader keeps in flight per rank; 0: none",
         ("--traffic-batch",),
         USER,
+        bounds=Bounds(0, 1 << 16),
     ),
     Setting(
         "traffic.seq_len",
@@ -345,6 +443,7 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
         "prompt tokens of each generated request",
         ("--traffic-seq-len",),
         USER,
+        bounds=Bounds(1, 1 << 20),
     ),
     Setting(
         "traffic.zipf",
@@ -355,6 +454,7 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
         "(v+1)^-zipf): popular tokens send their experts more work",
         ("--zipf",),
         USER,
+        bounds=Bounds(0, 100),
     ),
     Setting(
         "traffic.interval",
@@ -364,6 +464,7 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
         "seconds between two top-ups of the generated requests in flight",
         ("--traffic-interval",),
         USER,
+        bounds=POSITIVE_SECONDS,
     ),
     Setting(
         "traffic.max_tokens",
@@ -373,6 +474,7 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
         "tokens each generated request generates (1: a prefill and one sampled token)",
         ("--traffic-max-tokens",),
         USER,
+        bounds=Bounds(1, 1 << 20),
     ),
     # Set by a pod's launcher, the node, or nobody.
     Setting(
@@ -396,8 +498,10 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
         "bind_address",
         env.BIND_ADDRESS,
         str,
-        "0.0.0.0",
-        "address the HTTP servers and rank 0's rendezvous store listen on",
+        "127.0.0.1",
+        "address the HTTP servers (and rank 0's rendezvous store, without a pod IP) listen on: "
+        "this machine only unless told otherwise; in a pod (MOE_POD_NAME set) unset means "
+        "0.0.0.0, where probes, Services and kubectl port-forward reach the pod",
         ("--bind",),
         NODE,
     ),
@@ -435,6 +539,9 @@ USER_FLAGS = frozenset(s.flags[0] for s in WORKER_SETTINGS if s.pod == USER)
 value (`--flag value` or `--flag=value`). Every other flag overrides something the operator sets
 (model shape, world, rendezvous, plan and token files, ports): the operator refuses them, and a
 worker must not let them override the pod environment."""
+USER_SETTINGS = {s.flags[0]: s for s in WORKER_SETTINGS if s.pod == USER}
+"""The settings of `USER_FLAGS`, by flag: a MoEDeployment's values are read as the worker
+reads them (`Setting.read`)."""
 
 
 def _shown(value: Any) -> str:

@@ -7,7 +7,9 @@ sends real `/v1/completions` requests through the deployment's `-api` Service, w
 router, smg (bounded concurrency; text prompts whose tokens are drawn from a Zipf law, so popular
 tokens give their experts more work and the imbalance comes from the data) and follows it:
 workers ready, requests/s, generated tokens/s and median latency, per-layer imbalance, the
-`MoEExpertLoadImbalance` alert, the rebalance, and the same figures after it.
+`MoEExpertLoadImbalance` alert, the rebalance, and the same figures after it. At last it kills
+one worker rank under the load (`demo_loss`): the survivors serve on without it, it comes back
+and rejoins.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 from moe_local import availability, install
 from moe_local.cluster import LocalCluster, LocalClusterConfig, default_workdir
+from moe_local.demo_loss import LossFigures, lose_a_rank
 from moe_local.kube import service_endpoint
 from moe_local.load import Completion, Figures, LoadGenerator, zipf_prompts
 
@@ -254,7 +257,12 @@ def follow(
     return milestones
 
 
-def summarise(milestones: dict[str, Observation], answers: list[Completion], restarts: int) -> str:
+def summarise(
+    milestones: dict[str, Observation],
+    answers: list[Completion],
+    restarts: int,
+    loss: LossFigures | None = None,
+) -> str:
     def at(key: str) -> str:
         return f"{milestones[key].elapsed:.0f}s" if key in milestones else "not reached"
 
@@ -288,9 +296,10 @@ def summarise(milestones: dict[str, Observation], answers: list[Completion], res
         f"  requests answered         {len(answers) - len(failed)} of {len(answers)}"
         + (f" (failed: HTTP {', '.join(map(str, statuses))})" if failed else ", none lost"),
         f"  alert resolved            {'yes' if after and after.alert == 'inactive' else 'no'}",
-        f"  worker restarts           {restarts}",
+        f"  worker restarts           {restarts}"
+        + (" (the killed rank's container, restarted to rejoin)" if loss else ""),
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + (loss.lines() if loss else []))
 
 
 def _figure(observation: Observation | None, name: str, spec: str) -> str:
@@ -331,10 +340,14 @@ def main(argv: list[str] | None = None) -> int:
         cluster.create_namespace(NAMESPACE)
         install.apply_document(kubeconfig, NAMESPACE, demo_deployment(args.workers, models))
         milestones = follow(kubeconfig, prometheus_url, load, args.timeout)
+        loss = None
+        if "after" in milestones and load.generator is not None and args.workers > 1:
+            step("killing one worker rank (SIGKILL) under load: the others serve on")
+            loss = lose_a_rank(kubeconfig, NAMESPACE, NAME, load.generator, args.workers // 2)
         answers = load.generator.stop() if load.generator is not None else []
         print()
-        print(summarise(milestones, answers, _restarts(kubeconfig)), flush=True)
-        ok = "after" in milestones
+        print(summarise(milestones, answers, _restarts(kubeconfig), loss), flush=True)
+        ok = "after" in milestones and (loss is None or loss.failed == 0)
     finally:
         if load.generator is not None:
             load.generator.stop()

@@ -172,6 +172,9 @@ def _handler(ranks: FakeRanks) -> type[http.server.BaseHTTPRequestHandler]:
             if self.path == "/metrics":
                 self._send(200, ranks.metrics(self._ordinal()), "text/plain; version=0.0.4")
             elif self.path == "/v1/plan" and self._ordinal() == 0:
+                if self.headers.get("Authorization") != f"Bearer {ranks.token}":  # as a worker
+                    self._send(401, b'{"error": "missing or wrong bearer token"}')
+                    return
                 self._send(200, json.dumps(ranks.serve_plan()).encode())
             else:
                 self._send(404, b"{}")

@@ -923,6 +923,16 @@ class RebalanceRecord(ApiModel):
         0.0, description="Predicted time to move the expert weights."
     )
     note: str = Field("", description="What the planner says about this plan.")
+    cross_pod_before: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Predicted fraction of top-K assignments crossing pods before (plans with "
+        "ranksPerPod only).",
+    )
+    cross_pod_after: float | None = Field(
+        None, ge=0.0, le=1.0, description="The same for the new plan."
+    )
 
 
 class ReroutedStatus(ApiModel):
@@ -980,15 +990,69 @@ class RecoveryStatus(ApiModel):
     )
 
 
-class GroupStatus(ApiModel):
+class RefusalStatus(ApiModel):
+    """Workers refused to start (exit 2): held for the spec generation it was seen at."""
+
+    model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
+
+    generation: int = Field(
+        0, description="The spec generation refused; a new generation starts the workers again."
+    )
+    reason: str = Field(
+        "", description="CheckpointMismatch, CheckpointInvalid or WorkerStartupFailed."
+    )
+    message: str = Field("", description="The lowest rank's termination message.")
+    pods: list[str] = Field(default_factory=list, description="The pods that refused.")
+
+
+class MembershipStatus(ApiModel):
+    """The worker group's membership, as its leader reports it (GET /v1/group)."""
+
+    model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
+
+    epoch: int = Field(0, ge=0, description="Membership epoch: grows each time a rank is lost "
+                       "or joins.")  # fmt: skip
+    ranks: int = Field(0, ge=0, description="Ranks of the whole group.")
+    live_ranks: list[int] = Field(default_factory=list, description="Ranks serving now.")
+    lost_ranks: list[int] = Field(default_factory=list, description="Ranks out of the group.")
+    joining_ranks: list[int] = Field(
+        default_factory=list, description="Ranks back in the group, their experts on the way."
+    )
+    state: str = Field("Serving", description="Serving, Degraded, Rejoining or Regrouping.")
+    resumed_requests: int = Field(
+        0, ge=0, description="Requests resumed on another rank after theirs was lost."
+    )
+
+
+class RedundancyStatus(ApiModel):
+    """How the plan of record takes the loss of a rank or a pod (worst layer)."""
+
+    model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
+
+    single_replica_experts: int = Field(
+        0, ge=0, description="Experts held by one rank only, in the worst layer."
+    )
+    single_pod_experts: int = Field(
+        0, ge=0, description="Experts whose every replica is in one pod, in the worst layer."
+    )
+    survives_pod_loss: bool = Field(
+        False, description="Every expert stays served, without a move, when any one pod is lost."
+    )
+
+
+class ReplicaGroupStatus(ApiModel):
     """One replica group as the operator saw it in its last run."""
 
     model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
 
     name: str = Field(description="The group's StatefulSet (group 0: the deployment's name).")
     index: int = Field(0, ge=0, description="The group's number (its label moe-ep.io/group).")
-    phase: Literal["Starting", "Serving", "Draining", "Outdated", "Restarting", "Failed"] = Field(
-        "Starting", description="Starting, Serving, Draining, Outdated, Restarting, Failed."
+    phase: Literal[
+        "Starting", "Serving", "Degraded", "Draining", "Outdated", "Restarting", "Failed"
+    ] = Field(
+        "Starting",
+        description="Starting, Serving, Degraded (serves without some ranks), Draining, "
+        "Outdated, Restarting, Failed.",
     )
     ready: str = Field("0/0", description="Ready pods / pods of the group.")
     served_plan_version: int = Field(
@@ -997,6 +1061,12 @@ class GroupStatus(ApiModel):
     current: bool = Field(True, description="Its pod template is the spec's.")
     recovery: RecoveryStatus | None = Field(
         None, description="This group's whole-group replacements after rank failures (backoff)."
+    )
+    membership: MembershipStatus | None = Field(
+        None, description="The group's membership, as its leader reports it (GET /v1/group)."
+    )
+    degraded: str = Field(
+        "", description="RankLost or Rejoining while it serves without some of its ranks."
     )
 
 
@@ -1039,7 +1109,20 @@ class MoEDeploymentStatus(ApiModel):
         description="Selector of the groups' leaders, one pod per group (the scale "
         "subresource's: an HPA's Pods metric averages per group).",
     )
-    groups: list[GroupStatus] = Field(
+    groups: list[ReplicaGroupStatus] = Field(
         default_factory=list, description="Each replica group: phase and served plan."
+    )
+    refusal: RefusalStatus | None = Field(
+        None,
+        description="Workers refused to start: the groups on the spec's pod template stay at "
+        "0 pods (no crash loop) until the spec changes; outdated groups serve on.",
+    )
+    membership: MembershipStatus | None = Field(
+        None,
+        description="A worker group's membership (workers that survive a lost rank): the first "
+        "group serving without some ranks, else group 0's; each group's is in groups[].",
+    )
+    redundancy: RedundancyStatus | None = Field(
+        None, description="How the plan of record takes the loss of a rank or a pod."
     )
     conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.")

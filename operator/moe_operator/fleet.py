@@ -16,7 +16,7 @@ from moe_operator.api import MoEDeploymentSpec
 from moe_operator.groups import naming
 from moe_operator.groups.rollout import Drain, Group, Policy, Rollout, decide_rollout
 from moe_operator.kube import Cluster, contains
-from moe_operator.manifests import children
+from moe_operator.manifests import children, podspec
 from moe_operator.reconcile import Owner, ready_replicas
 from moe_operator.workers import leader_in_flight
 
@@ -94,6 +94,8 @@ def read_fleet(cluster: Cluster, owner: Owner, spec: MoEDeploymentSpec) -> Fleet
         wanted = children.build_statefulset(name, namespace, spec, index)
         annotations = sts["metadata"].get("annotations") or {}
         drain = Drain.parse(annotations.get(naming.DRAIN_ANNOTATION))
+        # the pod count is no template change (a held refusal keeps current groups at 0 pods)
+        wanted["spec"].pop("replicas", None)
         current = contains(sts, wanted)
         groups.append(GroupRead(index, sts, own, current, drain))
     groups.sort(key=lambda group: group.index)
@@ -113,7 +115,9 @@ def policy_of(spec: MoEDeploymentSpec) -> Policy:
         replicas=spec.replicas,
         max_surge=strategy.max_surge,
         max_unavailable=strategy.max_unavailable,
-        drain_timeout_s=float(children.TERMINATION_GRACE_S),
+        # the pods' terminationGracePeriodSeconds: how long a drain may take (the worker's own
+        # drain timeout and a margin); the operator waits as long for a drained group to go idle
+        drain_timeout_s=float(podspec.termination_grace_seconds(spec.worker.extra_args)),
     )
 
 
@@ -138,12 +142,17 @@ def apply_rollout(
     fleet: Fleet,
     rollout: Rollout,
     now: float,
+    *,
+    hold: bool = False,
 ) -> list[tuple[str, str, str]]:
-    """Create, drain, remove and restart groups as decided; returns the Events to post."""
+    """Create, drain, remove and restart groups as decided; returns the Events to post.
+    `hold`: a start-up refusal is held for the spec (a new group starts with 0 pods)."""
     name, namespace = owner.name, owner.namespace
     events: list[tuple[str, str, str]] = []
     for index in rollout.create:
         body = children.build_statefulset(name, namespace, spec, index)
+        if hold:
+            body["spec"]["replicas"] = 0
         owner.adopt(body)
         stored = cluster.create(namespace, body)
         fleet.groups.append(GroupRead(index, stored, [], current=True))
@@ -189,10 +198,12 @@ def _annotated(obj: dict[str, Any], annotations: dict[str, str | None]) -> dict[
 
 
 def ensure_groups(
-    cluster: Cluster, owner: Owner, spec: MoEDeploymentSpec, fleet: Fleet
+    cluster: Cluster, owner: Owner, spec: MoEDeploymentSpec, fleet: Fleet, *, hold: bool = False
 ) -> list[str]:
     """Keep current groups' StatefulSets in shape (old ones are left as they are until they
-    go), every group's PodDisruptionBudget, and every pod's labels. Returns what changed."""
+    go), every group's PodDisruptionBudget, and every pod's labels. Returns what changed.
+    `hold`: the workers refused this spec (a held start-up refusal): every current group keeps
+    0 pods, as they would all refuse it the same way; groups of an older template serve on."""
     name, namespace = owner.name, owner.namespace
     changes: list[str] = []
     api_version = cluster.pdb_api_version()
@@ -200,6 +211,8 @@ def ensure_groups(
         if group.current and group.drain is None:
             body = children.build_statefulset(name, namespace, spec, group.index)
             body["metadata"]["annotations"] = {naming.DRAIN_ANNOTATION: None}
+            if hold:
+                body["spec"]["replicas"] = 0
             owner.adopt(body)
             outcome, group.statefulset = cluster.ensure(namespace, body, group.statefulset)
             if outcome != "unchanged":

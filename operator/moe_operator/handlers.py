@@ -30,8 +30,10 @@ from typing import Any
 import kopf
 
 from moe_contract import env as worker_env
+from moe_contract.group import GroupStatus
 from moe_contract.plan import Plan
-from moe_operator import api, metrics
+from moe_operator import api, handoff, metrics
+from moe_operator.failures import StartupFailure
 from moe_operator.fleet import (
     Fleet,
     GroupRead,
@@ -50,12 +52,20 @@ from moe_operator.manifests import children
 from moe_operator.planning.detection import DetectionState
 from moe_operator.planning.ledger import Ledger
 from moe_operator.planning.record import PlanShape
+from moe_operator.rankloss import (
+    RANK_LOST,
+    REJOINING_REASON,
+    RankLoss,
+    membership_of,
+    transition_events,
+)
 from moe_operator.rebalance import PlanStoreConflict, StepOutcome, Window, control_step
 from moe_operator.reconcile import (
     ChildrenState,
     Owner,
     delete_pods,
     ensure_children,
+    hold_group,
     ready_replicas,
     record_notes,
     write_plan,
@@ -64,6 +74,8 @@ from moe_operator.recovery import GroupAction, GroupView, decide
 from moe_operator.status import (
     Observed,
     compute_status,
+    membership_status,
+    plan_redundancy,
     plan_status,
     read_rebalance_record,
     reconcile_error_status,
@@ -222,11 +234,15 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
         _write_conflicts(call, base, parsed, state)
         return
     assert state.plan is not None
+    held = StartupFailure.held(base.get("refusal"), call.generation) is not None
     rollout = plan_rollout(fleet, parsed, now)
-    call.announce(apply_rollout(call.cluster, call.owner, parsed, fleet, rollout, now))
-    changes = ensure_groups(call.cluster, call.owner, parsed, fleet)
+    call.announce(apply_rollout(call.cluster, call.owner, parsed, fleet, rollout, now, hold=held))
+    changes = ensure_groups(call.cluster, call.owner, parsed, fleet, hold=held)
     call.announce([("Normal", "Reconciled", change) for change in changes])
-    runs = [_decide_group(call, parsed, group, base, now) for group in fleet.groups]
+    runs = [_decide_group(call, parsed, state, group, base, now) for group in fleet.groups]
+    for run in runs:  # refused just now: no restart by the kubelet, nor by us
+        if run.action.hold and not (held and run.read.current):
+            hold_group(call.cluster, call.namespace, run.read.statefulset)
     standing = _standing(base, known, state)
     serving = [run for run in runs if run.takes_plans(parsed.pods)]
     if control and serving:
@@ -256,29 +272,69 @@ class GroupRun:
 
 
 def _decide_group(
-    call: Call, spec: api.MoEDeploymentSpec, group: GroupRead, base: dict[str, Any], now: float
+    call: Call,
+    spec: api.MoEDeploymentSpec,
+    state: ChildrenState,
+    group: GroupRead,
+    base: dict[str, Any],
+    now: float,
 ) -> GroupRun:
     """A group's own recovery (a dead rank, pods of an older template after a restart in
-    place), applied at once."""
-    previous = group_previous(base, group.index)
-    view = GroupView(group.statefulset, group.pods, spec.pods, group.ready, previous)
+    place, a refusal to start), read from its own leader's membership and applied at once;
+    its own rank-loss passage Events."""
+    previous = group_previous(base, group.index, current=group.current)
+    membership, answered = _membership(call, spec, group.pods, previous)
+    view = GroupView(
+        group.statefulset, group.pods, spec.pods, group.ready, previous, call.generation,
+        membership=membership,
+        plan=state.plan, ranks_per_pod=spec.worker.local_ranks(),
+        max_slots=spec.placement.most_slots_per_rank,
+    )  # fmt: skip
     action = decide(view, now)
     deleted = delete_pods(call.cluster, call.namespace, action.delete)
-    state, events = action.after_deleting(deleted)
+    group_state, events = action.after_deleting(deleted)
     call.announce(list(events))
-    return GroupRun(group, view, action, state)
+    # GroupWhole only on the leader's word: a recorded membership may be that of a group
+    # whose leader just stopped.
+    whole = membership if answered and not action.replacing else None
+    named = [
+        (kind, reason, _named_index(group, message))
+        for kind, reason, message in transition_events(previous, action.rank_loss, whole)
+    ]
+    call.announce(named)
+    return GroupRun(group, view, action, group_state)
 
 
-def group_previous(base: dict[str, Any], index: int) -> dict[str, Any]:
+def _named_index(group: GroupRead, message: str) -> str:
+    return message if group.index == 0 else f"{group.name}: {message}"
+
+
+def group_previous(base: dict[str, Any], index: int, *, current: bool = True) -> dict[str, Any]:
     """The previous status as one group's recovery reads it: its own replacement backoff
-    (status.groups[].recovery), so one failing group never holds another back. Group 0 with no
-    entry of its own (an operator before replica groups wrote the status) takes the top-level
-    status.recovery."""
+    (status.groups[].recovery), so one failing group never holds another back, its own
+    membership (status.groups[].membership) and rank-loss passage (groups[].degraded, as the
+    Degraded condition transition_events reads). Group 0 with no entry of its own (an operator
+    before replica groups wrote the status) takes the top-level fields. A refusal is held for
+    the spec's pod template: a group of an older one (serving on through a surge) is not held."""
     entries = [g for g in base.get("groups") or [] if isinstance(g, dict)]
     own = next((g for g in entries if g.get("index") == index), None)
-    if own is None and not (index == 0 and not entries):
-        return {**base, "recovery": None}
-    return {**base, "recovery": base.get("recovery") if own is None else own.get("recovery")}
+    refusal = base.get("refusal") if current else None
+    if own is None and index == 0 and not entries:
+        return {**base, "refusal": refusal}
+    own = own or {}
+    conditions = [
+        c for c in base.get("conditions") or []
+        if not (c.get("type") == "Degraded" and c.get("reason") in (RANK_LOST, REJOINING_REASON))
+    ]  # fmt: skip
+    if own.get("degraded"):
+        conditions.append({"type": "Degraded", "status": "True", "reason": own["degraded"]})
+    return {
+        **base,
+        "recovery": own.get("recovery"),
+        "membership": own.get("membership"),
+        "conditions": conditions,
+        "refusal": refusal,
+    }
 
 
 def _ensure(call: Call, spec: api.MoEDeploymentSpec, known: Ledger, fleet: Fleet) -> ChildrenState:
@@ -297,6 +353,17 @@ def _ensure(call: Call, spec: api.MoEDeploymentSpec, known: Ledger, fleet: Fleet
         call.announce([("Normal", "Reconciled", change) for change in state.changes])
         call.announce(list(state.events))
     return state
+
+
+def _membership(
+    call: Call, spec: api.MoEDeploymentSpec, pods: list[dict[str, Any]], base: dict[str, Any]
+) -> tuple[GroupStatus | None, bool]:
+    """The leader's membership and True; when it does not answer, the one status recorded (a
+    group that ran its own membership still does) and False."""
+    try:
+        return _workers(call, spec, pods).group(), True
+    except handoff.HandoffError:
+        return membership_of(base), False
 
 
 def _workers(call: Call, spec: api.MoEDeploymentSpec, pods: list[dict[str, Any]]) -> PodWorkers:
@@ -354,7 +421,7 @@ def _balance(
     workers = GroupsWorkers([_workers(call, spec, run.read.pods) for run in serving])
     outcome = control_step(
         spec, standing.desired, standing.ledger, standing.detection, call.memo.window,
-        workers, store, time.time(),
+        workers, store, time.time(), standing.last_rebalance,
     )  # fmt: skip
     served = call.memo.setdefault("served", {})
     served.update(zip((run.read.index for run in serving), workers.served_versions(), strict=True))
@@ -414,6 +481,7 @@ def _write_status(
     outcome, desired, ledger = standing.outcome, standing.desired, standing.ledger
     where = children.plan_configmap_name(call.name), children.plan_shape(spec).key
     groups = _groups_seen(call, spec, runs)
+    loss = next((run for run in runs if run.action.rank_loss is not None), None)
     world = spec.pods * spec.replicas  # pods, not ranks: what the StatefulSets count ready
     active = [run for run in runs if run.read.drain is None]
     ready = min(world, sum(min(run.read.ready, spec.pods) for run in active))
@@ -454,6 +522,10 @@ def _write_status(
         ready_replicas=serving,
         label_selector=naming.leaders_selector(call.name),
         groups=groups,
+        refusal=_refusal(runs, call.generation),
+        rank_loss=_named_loss(loss),
+        membership=_membership_shown(runs, loss),
+        redundancy=plan_redundancy(desired, spec.worker.local_ranks()),
     )  # fmt: skip
     _write(call, compute_status(observed, base.get("conditions") or [], _now()))
     namespace, name = call.namespace, call.name
@@ -468,10 +540,37 @@ def _write_status(
         metrics.rebalances.labels(namespace, name, outcome.rebalance.method).inc()
 
 
+def _refusal(runs: list[GroupRun], generation: int) -> dict[str, Any] | None:
+    """status.refusal: the first group's refusal held for the spec generation (every group on
+    the spec's pod template would refuse it the same way: all of them are held)."""
+    for run in runs:
+        if run.action.failure is not None and run.action.hold and run.read.current:
+            return run.action.failure.record(generation)
+    return None
+
+
+def _named_loss(run: GroupRun | None) -> RankLoss | None:
+    """The Degraded reason of the first group serving without some ranks, its message naming
+    the group after the first."""
+    if run is None or run.action.rank_loss is None:
+        return None
+    loss = run.action.rank_loss
+    return dataclasses.replace(loss, message=_named(run, loss.message))
+
+
+def _membership_shown(runs: list[GroupRun], loss: GroupRun | None) -> GroupStatus | None:
+    """status.membership: the group's serving without some ranks, else group 0's (each group's
+    own is in status.groups[].membership)."""
+    if loss is not None and loss.view.membership is not None:
+        return loss.view.membership
+    return runs[0].view.membership if runs and runs[0].read.index == 0 else None
+
+
 def _forming(run: GroupRun, pods: int) -> bool:
-    """A group whose pods are not all there yet (new, or just replaced): it forms."""
+    """A group whose pods are not all there yet (new, or just replaced): it forms. A group held
+    at 0 pods for a refusal does not (phase Failed: restarting fails the same way)."""
     live = [p for p in run.read.pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
-    return len(live) < pods and run.action.recovering is None
+    return len(live) < pods and run.action.recovering is None and run.action.failure is None
 
 
 def _named(run: GroupRun, message: str | None) -> str:
@@ -499,23 +598,26 @@ def _last_replaced(runs: list[GroupRun]) -> ReplacementBackoff | None:
 
 def _groups_seen(
     call: Call, spec: api.MoEDeploymentSpec, runs: list[GroupRun]
-) -> tuple[api.GroupStatus, ...]:
+) -> tuple[api.ReplicaGroupStatus, ...]:
     served: dict[int, int | None] = call.memo.get("served") or {}
     found = []
     for run in runs:
         read = run.read
+        loss = run.action.rank_loss
         if read.drain is not None:
             phase = "Draining"
         elif run.action.failure is not None:
             phase = "Failed"
         elif run.action.recovering or run.state.restarting:
             phase = "Restarting"
+        elif loss is not None:
+            phase = "Degraded"
         elif not read.current:
             phase = "Outdated"
         else:
             phase = "Serving" if read.serving(spec.pods) else "Starting"
         found.append(
-            api.GroupStatus(
+            api.ReplicaGroupStatus(
                 name=read.name,
                 index=read.index,
                 phase=phase,
@@ -525,6 +627,10 @@ def _groups_seen(
                 recovery=recovery_status(run.action.backoff)
                 if run.action.backoff.replacements
                 else None,
+                membership=membership_status(run.view.membership)
+                if run.view.membership is not None
+                else None,
+                degraded=loss.reason if loss is not None else "",
             )
         )
     return tuple(found)

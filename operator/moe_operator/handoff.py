@@ -14,6 +14,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
+from moe_contract.group import GroupStatus, lost_document
 from moe_contract.plan import Plan, PlanError, parse_plan
 from moe_contract.switch import SwitchAnswer
 
@@ -70,24 +71,25 @@ def _request(
     return status, document if isinstance(document, dict) else {}
 
 
-def serving(leader: str, *, timeout: float = 5.0) -> Served:
-    """The plan the leader serves (it switches only once every rank has): version and digest."""
-    status, document = _request(f"{leader}/v1/plan", timeout=timeout)
+def serving(leader: str, token: str, *, timeout: float = 5.0) -> Served:
+    """The plan the leader serves (it switches only once every rank has): version and digest.
+    GET /v1/plan needs the control token too (the plan is the operator's business)."""
+    status, document = _request(f"{leader}/v1/plan", token=token, timeout=timeout)
     version, digest = document.get("version"), document.get("digest")
     if status != 200 or not isinstance(version, int) or not isinstance(digest, str):
         raise HandoffError(f"GET {leader}/v1/plan answered {status} without a version and digest")
     return Served(version, digest)
 
 
-def serving_version(leader: str, *, timeout: float = 5.0) -> int:
+def serving_version(leader: str, token: str, *, timeout: float = 5.0) -> int:
     """The version alone. The operator judges by `serving()` (version and digest); this stays for
     the worker's contract test (tests/worker/test_api_control.py) until it moves to `serving()`."""
-    return serving(leader, timeout=timeout).version
+    return serving(leader, token, timeout=timeout).version
 
 
-def served_plan(leader: str, *, timeout: float = 5.0) -> Plan:
+def served_plan(leader: str, token: str, *, timeout: float = 5.0) -> Plan:
     """The whole plan the leader serves, its digest checked against its contents."""
-    status, document = _request(f"{leader}/v1/plan", timeout=timeout)
+    status, document = _request(f"{leader}/v1/plan", token=token, timeout=timeout)
     if status != 200:
         raise HandoffError(f"GET {leader}/v1/plan answered {status}")
     try:
@@ -118,3 +120,34 @@ def post_plan(leader: str, plan: Plan, token: str, *, timeout: float = 90.0) -> 
     reason = answer.error or answer.reason or "no reason given"
     error = PlanRefused if status in (400, 422) else HandoffError
     raise error(f"leader refused plan {plan.version}: HTTP {status}: {reason}")
+
+
+def group_status(leader: str, *, timeout: float = 2.0) -> GroupStatus | None:
+    """The group's membership as the leader serves it; None when the group has none of its own
+    (workers that restart whole on any rank's loss). HandoffError: no answer."""
+    status, document = _request(f"{leader}/v1/group", timeout=timeout)
+    if status == 404:
+        return None
+    found = GroupStatus.from_document(document) if status == 200 else None
+    if found is None:
+        raise HandoffError(f"GET {leader}/v1/group answered {status} without a membership")
+    return found
+
+
+def report_lost(
+    leader: str, ranks: list[int], reason: str, token: str, *, timeout: float = 3.0
+) -> bool:
+    """Tell the leader these ranks are gone (their pod was deleted or its worker exited): it
+    drops them at once. False: the group cannot take the news (no membership of its own)."""
+    status, document = _request(
+        f"{leader}/v1/group/lost",
+        method="POST",
+        body=json.dumps(lost_document(ranks, reason)).encode(),
+        token=token,
+        timeout=timeout,
+    )
+    if status == 202:
+        return True
+    if status == 409:
+        return False
+    raise HandoffError(f"POST {leader}/v1/group/lost answered {status}: {document.get('error')}")

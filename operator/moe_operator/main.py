@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from moe_operator import handlers  # noqa: F401  (registers the handlers with kopf)
+    from moe_operator import handlers, podevents  # noqa: F401  (registers them with kopf)
 
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.bind_address)

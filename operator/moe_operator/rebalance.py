@@ -30,7 +30,7 @@ from moe_operator.planning import detection
 from moe_operator.planning.gating import GatingOptions
 from moe_operator.planning.ledger import Ledger, NoVersionLeft
 from moe_operator.planning.placement import imbalance
-from moe_operator.planning.planners import plan_rebalance
+from moe_operator.planning.planners import GATING_BIAS, plan_rebalance
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,10 @@ class StepOutcome:
     skipped: str | None = None  # this step's evaluation was skipped: "unreadable" | "unusable"
     rebalance: RebalanceRecord | None = None
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+
+
+def _fraction(value: float | None) -> float | None:
+    return None if value is None else round(min(1.0, max(0.0, value)), 4)
 
 
 def _iso(now: float) -> str:
@@ -193,6 +197,36 @@ def _hand_off(workers: Workers, desired: Plan, outcome: StepOutcome, window: Win
         )
 
 
+def rebalanced_message(record: RebalanceRecord) -> str:
+    """The Rebalanced Event's message, from the record alone (status keeps it, and so does the
+    ConfigMap): the same whether the operator that issued the plan sees it served or another
+    one, after a restart, does."""
+    after = "not predicted" if record.method == GATING_BIAS else f"{record.imbalance_after:.2f}"
+    pods = ""
+    if record.cross_pod_before is not None and record.cross_pod_after is not None:
+        pods = (
+            f", cross-pod {record.cross_pod_before:.1%} -> {record.cross_pod_after:.1%} of "
+            "assignments"
+        )
+    return (
+        f"plan {record.to_version}: imbalance {record.imbalance_before:.2f} -> {after}, "
+        f"{record.slots_moved} slots moved{pods} ({record.method}): {record.note}; predicted "
+        f"throughput x{record.predicted_throughput_gain:.2f}, weight move "
+        f"~{record.estimated_move_seconds:.2f}s"
+    )
+
+
+def rebalanced_events(
+    applied_before: int, applied_after: int, record: RebalanceRecord | None
+) -> list[tuple[str, str, str]]:
+    """The Rebalanced Event, once: when the leader is first seen serving the rebalance's plan.
+    Posting it when the plan was issued lost it whenever the operator died between writing the
+    plan and handing it over (status kept the record; the Event never came)."""
+    if record is None or not applied_before < record.to_version <= applied_after:
+        return []
+    return [("Normal", "Rebalanced", rebalanced_message(record))]
+
+
 def control_step(
     spec: MoEDeploymentSpec,
     desired: Plan,
@@ -202,6 +236,7 @@ def control_step(
     workers: Workers,
     store: PlanStore,
     now: float,
+    last_rebalance: RebalanceRecord | None = None,
 ) -> StepOutcome:
     """Everything the timer does for one ready deployment; never raises on worker trouble.
 
@@ -209,7 +244,25 @@ def control_step(
         desired: the plan of the durable record (the ConfigMap's).
         ledger: the versions status remembers; `desired` counts as issued even when the status
             that says so was lost (the operator died between writing it and patching status).
+        last_rebalance: the last rebalance status (or the ConfigMap) records: its Rebalanced
+            Event is posted when the leader is first seen serving its plan.
     """
+    outcome = _step(spec, desired, ledger, state, window, workers, store, now)
+    record = outcome.rebalance or last_rebalance
+    outcome.events += rebalanced_events(ledger.applied, outcome.ledger.applied, record)
+    return outcome
+
+
+def _step(
+    spec: MoEDeploymentSpec,
+    desired: Plan,
+    ledger: Ledger,
+    state: detection.DetectionState,
+    window: Window,
+    workers: Workers,
+    store: PlanStore,
+    now: float,
+) -> StepOutcome:
     events: list[tuple[str, str, str]] = []
     ledger = ledger.recorded(desired)
     in_contact, handoff_problem = True, None
@@ -405,6 +458,8 @@ def _evaluate(
         predicted_throughput_gain=round(gain, 4),
         estimated_move_seconds=round(move, 4),
         note=result.note,
+        cross_pod_before=_fraction(result.cross_pod_before),
+        cross_pod_after=_fraction(result.cross_pod_after),
     )
     try:
         store.write(new_plan, record, now)  # durable first: a restart re-sends it, never loses it
@@ -426,12 +481,4 @@ def _evaluate(
                 f"maxReroutedFraction {cap:g}: their bias shrunk in plan {new_plan.version}",
             )
         )
-    outcome.events.append(
-        (
-            "Normal",
-            "Rebalanced",
-            f"plan {new_plan.version}: {result.summary()}; predicted throughput "
-            f"x{gain:.2f}, weight move ~{move:.2f}s",
-        )
-    )
-    _hand_off(workers, new_plan, outcome, window)
+    _hand_off(workers, new_plan, outcome, window)  # Rebalanced is posted once it is served

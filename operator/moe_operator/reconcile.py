@@ -341,5 +341,15 @@ def record_notes(configmap: Mapping[str, Any] | None) -> RecordNotes:
     return RecordNotes(version, issued, record if isinstance(record, dict) else None)
 
 
+def hold_group(cluster: Cluster, namespace: str, statefulset: dict[str, Any]) -> None:
+    """Scale the group to 0 pods: its workers refused to start, and restarting them (the
+    kubelet's CrashLoopBackOff, or a replacement) fails the same way until the spec changes."""
+    if (statefulset.get("spec") or {}).get("replicas") == 0:
+        return
+    name = statefulset["metadata"]["name"]
+    body = {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": name}}
+    cluster.patch(namespace, {**body, "spec": {"replicas": 0}})
+
+
 def ready_replicas(statefulset: dict[str, Any] | None) -> int:
     return int(((statefulset or {}).get("status") or {}).get("readyReplicas") or 0)

@@ -14,16 +14,22 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from moe_contract.elastic import redundancy
+from moe_contract.group import GroupStatus
+from moe_contract.plan import Plan
 from moe_operator.api import (
     ApiModel,
     Condition,
     DetectionStatus,
-    GroupStatus,
+    MembershipStatus,
     MoEDeploymentStatus,
     Phase,
     PlanStatus,
     RebalanceRecord,
     RecoveryStatus,
+    RedundancyStatus,
+    RefusalStatus,
+    ReplicaGroupStatus,
     ReroutedStatus,
 )
 from moe_operator.failures import StartupFailure
@@ -32,6 +38,7 @@ from moe_operator.group import ReplacementBackoff
 from moe_operator.planning.detection import DetectionPolicy, DetectionState
 from moe_operator.planning.gating import GatingOptions
 from moe_operator.planning.ledger import LEGACY_DETECTION_FIELDS, Ledger
+from moe_operator.rankloss import RankLoss
 
 
 @dataclass(frozen=True)
@@ -67,7 +74,11 @@ class Observed:
     replicas: int | None = None  # replica groups that exist (None: not known here)
     ready_replicas: int = 0  # groups whose whole gang serves
     label_selector: str = ""  # the worker pods' selector (the scale subresource's)
-    groups: tuple[GroupStatus, ...] = ()
+    groups: tuple[ReplicaGroupStatus, ...] = ()
+    refusal: dict[str, Any] | None = None  # the held start-up refusal (status.refusal)
+    rank_loss: RankLoss | None = None  # the group serves without some of its ranks
+    membership: GroupStatus | None = None  # the leader's, this run (None: not known)
+    redundancy: RedundancyStatus | None = None  # of the plan of record
 
 
 def _phase(observed: Observed) -> Phase:
@@ -77,7 +88,7 @@ def _phase(observed: Observed) -> Phase:
         return "Failed"  # restarting fails the same way: the spec or the checkpoint must change
     if not observed.statefulset_exists:
         return "Pending"
-    if observed.recovering is not None:
+    if observed.recovering is not None or observed.rank_loss is not None:
         return "Degraded"
     if observed.group_restart is not None:
         return "Deploying"
@@ -144,6 +155,18 @@ def _conditions(observed: Observed, phase: Phase) -> list[tuple[str, str, str, s
             _condition("Ready", False, RECOVERING, f"{ready}; {observed.recovering}"),
             _condition("Progressing", True, RECOVERING, f"{ready}; the group forms again"),
             _condition("Degraded", True, RECOVERING, observed.recovering),
+            reconciled,
+        ]
+    if observed.rank_loss is not None and restart is None:
+        loss = observed.rank_loss
+        return [
+            _condition("SpecValid", True, "Valid", "spec passed every rule"),
+            _condition(
+                "ChildrenOwned", True, "Owned", "every child is controlled by this deployment"
+            ),
+            _condition("Ready", True, loss.reason, f"{ready}; serving: {loss.message}"),
+            _condition("Progressing", True, loss.reason, f"{ready}; the group grows back"),
+            _condition("Degraded", True, loss.reason, loss.message),
             reconciled,
         ]
     plan = observed.plan or PlanStatus()
@@ -334,7 +357,38 @@ def build_status(
         fields["groups"] = list(observed.groups)
     if observed.label_selector:
         fields["label_selector"] = observed.label_selector
+    if observed.statefulset_exists:  # None removes a refusal the spec has moved past
+        refusal = observed.refusal
+        fields["refusal"] = None if refusal is None else RefusalStatus.model_validate(refusal)
+    if observed.membership is not None:
+        fields["membership"] = membership_status(observed.membership)
+    if observed.redundancy is not None:
+        fields["redundancy"] = observed.redundancy
     return MoEDeploymentStatus(**fields)
+
+
+def membership_status(group: GroupStatus) -> MembershipStatus:
+    """status.membership from the leader's GET /v1/group."""
+    return MembershipStatus(
+        epoch=group.epoch,
+        ranks=group.world,
+        live_ranks=list(group.live),
+        lost_ranks=list(group.lost),
+        joining_ranks=list(group.joining),
+        state=group.state,
+        resumed_requests=group.resumed_requests,
+    )
+
+
+def plan_redundancy(plan: Plan, ranks_per_pod: int) -> RedundancyStatus:
+    """status.redundancy: how the plan of record takes a rank's or a pod's loss (the pods of
+    the deployment are the failure domains)."""
+    found = redundancy(plan.model_copy(update={"ranks_per_pod": ranks_per_pod}))
+    return RedundancyStatus(
+        single_replica_experts=found.worst_single_replica,
+        single_pod_experts=found.worst_single_domain,
+        survives_pod_loss=found.survives_domain_loss,
+    )
 
 
 def status_patch(status: ApiModel) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from moe_contract import env as worker_env
 from moe_contract.plan import COMPACT_FROM_BYTES
-from moe_contract.settings import USER_FLAGS
+from moe_contract.settings import USER_FLAGS, USER_SETTINGS
 from moe_contract.shape import extra_problems
 from moe_operator import kuberules
 from moe_operator.api import SHAPE_EXTRA_FIELDS, MoEDeploymentSpec
@@ -412,13 +412,15 @@ def _path_problems(path: str) -> list[SpecProblem]:
 
 
 def extra_args_problems(args: list[str]) -> list[SpecProblem]:
-    """Only the worker flags a user may tune, each with its value; the operator sets the rest
-    (the model shape, the world, the plan and token files), and an override of those breaks the
-    group or its security (a guessable token file, a shape that does not fit the plan)."""
+    """Only the worker flags a user may tune, each with a value the worker reads (its type and
+    bounds, by the same reader: `Setting.read` of the contract's table); the operator sets the
+    rest (the model shape, the world, the plan and token files), and an override of those
+    breaks the group or its security (a guessable token file, a shape that does not fit the
+    plan). A value the worker would refuse would crash-loop every pod: it is refused here."""
     allowed = ", ".join(sorted(USER_FLAGS))
     index = 0
     while index < len(args):
-        flag, equals, _ = args[index].partition("=")
+        flag, equals, value = args[index].partition("=")
         where = f"worker.extraArgs[{index}]"
         if flag not in USER_FLAGS:
             return [
@@ -432,6 +434,11 @@ def extra_args_problems(args: list[str]) -> list[SpecProblem]:
             if index + 1 >= len(args) or args[index + 1].startswith("--"):
                 return [SpecProblem(where, f"{flag} needs a value: {flag} <value>")]
             index += 1
+            value = args[index]
+        try:
+            USER_SETTINGS[flag].read(value)
+        except ValueError as error:
+            return [SpecProblem(f"worker.extraArgs[{index}]", f"{flag} {error}")]
         index += 1
     return []
 

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import functools
+import json
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from moe_contract import env as worker_env
+from moe_contract.group import GroupStatus
 from moe_contract.plan import Plan
 from moe_operator import handoff, loads
 from moe_operator.api import MoEDeploymentSpec
+
+MAX_READYZ_BYTES = 64 * 1024
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # pod IPs: no proxy
 
 
 @dataclass
@@ -72,20 +79,32 @@ class PodWorkers:
         )
 
     def serving(self) -> handoff.Served:
-        return handoff.serving(self._leader())
+        return handoff.serving(self._leader(), self._token())
 
     def served_plan(self) -> Plan | None:
         """The leader's whole plan, or None when it cannot be had (recovery falls back)."""
         try:
-            return handoff.served_plan(self._leader())
+            return handoff.served_plan(self._leader(), self._token())
         except handoff.HandoffError:
             return None
 
+    def group(self) -> GroupStatus | None:
+        """The leader's membership (None: the group has none of its own). HandoffError: the
+        leader did not answer."""
+        return handoff.group_status(self._leader())
+
+    def report_lost(self, ranks: list[int], reason: str) -> bool:
+        return handoff.report_lost(self._leader(), ranks, reason, self._token())
+
     def post_plan(self, plan: Plan) -> handoff.HandoffResult:
+        return handoff.post_plan(self._leader(), plan, self._token())
+
+    def _token(self) -> str:
+        """The control token every /v1/plan request bears (GET included)."""
         token = self.token()
         if token is None:
             raise handoff.HandoffError("control-token Secret is missing")
-        return handoff.post_plan(self._leader(), plan, token)
+        return token
 
 
 @dataclass
@@ -151,11 +170,16 @@ class GroupsWorkers:
 
 
 def leader_in_flight(pod: dict[str, Any], port: int, timeout: float = 2.0) -> int | None:
-    """Requests waiting or running on a group's leader (pod 0's merged /metrics), or None when
-    it does not answer: what a drain waits for."""
+    """Requests waiting or running on a group's leader, or None when it does not answer: what a
+    drain waits for. The leader's GET /readyz says it (`inFlight`, the worker's drain contract;
+    200 or 503 alike); workers that do not (older ones) are read from pod 0's merged /metrics.
+    /readyz first: a read of /metrics is no scrape of the loads (the rebalancing windows')."""
     ip = (pod.get("status") or {}).get("podIP")
     if not ip:
         return None
+    found = _readyz_in_flight(f"http://{ip}:{port}/readyz", timeout)
+    if found is not None:
+        return found
     try:
         text = loads.fetch_text(f"http://{ip}:{port}/metrics", timeout)
     except loads.LoadReadError:
@@ -168,3 +192,18 @@ def leader_in_flight(pod: dict[str, Any], port: int, timeout: float = 2.0) -> in
             except (IndexError, ValueError):
                 return None
     return int(total)
+
+
+def _readyz_in_flight(url: str, timeout: float) -> int | None:
+    try:
+        with _DIRECT.open(url, timeout=timeout) as response:
+            body = response.read(MAX_READYZ_BYTES)
+    except urllib.error.HTTPError as error:  # 503: not ready, or draining: the body says
+        body = error.read(MAX_READYZ_BYTES)
+    except (OSError, ValueError):
+        return None
+    try:
+        found = json.loads(body).get("inFlight")
+    except (ValueError, AttributeError):
+        return None
+    return found if isinstance(found, int) and not isinstance(found, bool) else None

@@ -38,8 +38,8 @@ EXPECTED_RBAC = {
     ("", "secrets"): {"get", "create"},  # the token: created once, read for hand-offs
     # the groups' budgets and the router's; a removed group's goes
     ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},
-    # addresses and readiness; group restarts; group, role and traffic labels; get and watch
-    # are what the router's Role grants (held to grant them)
+    # addresses and readiness; a lost rank (watched); group restarts; group, role and traffic
+    # labels; get and watch are also what the router's Role grants (held to grant them)
     ("", "pods"): {"get", "list", "watch", "patch", "delete"},
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},

@@ -76,6 +76,29 @@ def test_each_flag_overrides_its_variable(setting: Setting) -> None:
         assert value_of(serve_settings(args, environ), setting) == setting.parse(text)
 
 
+@pytest.mark.parametrize("setting", [s for s in WORKER_SETTINGS if s.bounds], ids=lambda s: s.name)
+def test_the_worker_and_the_operator_refuse_the_same_out_of_bounds_values(
+    setting: Setting, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One reader (`Setting.read`): what the operator admits, a worker in a pod accepts."""
+    bounds = setting.bounds
+    assert bounds is not None and bounds.low is not None
+    outside = [str(bounds.low - 1), "nan", "abc"] + ([str(bounds.low)] if bounds.above else [])
+    for text in outside:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", setting.flags[0], text])
+        said = capsys.readouterr().err
+        assert f"argument {setting.flags[0]}" in said and repr(text) in said, said
+        with pytest.raises(ValueError, match=setting.variable):
+            settings_from_env({setting.variable: text})
+        if setting.pod == USER:
+            (problem,) = extra_args_problems([setting.flags[0], text])
+            assert problem.message.startswith(f"{setting.flags[0]} {text!r}")
+    inside = str(bounds.low + 1)
+    build_parser().parse_args(["serve", setting.flags[0], inside])
+    assert not extra_args_problems([setting.flags[0], inside])
+
+
 def test_serve_help_describes_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--help"])
@@ -150,6 +173,8 @@ def test_pods_list_their_environment_as_they_always_have() -> None:
         *("MOE_MAX_BATCH_TOKENS", "MOE_MAX_QUEUED_REQUESTS", "MOE_STALL_TIMEOUT"),
         *("MOE_COLLECTIVE_TIMEOUT", "MOE_TERMINATION_MESSAGE_PATH", "MOE_CHECKPOINT"),
         "MOE_API_KEYS_PATH",
+        # Added since (issue 19): a pod's template changed once for them.
+        "MOE_POD_IP",
     ]
 
 

@@ -7,6 +7,7 @@ where it would route), the local Prometheus' HTTP API, and the node agent's file
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import os
@@ -24,6 +25,7 @@ from typing import Any
 import yaml
 from kubernetes.client import AppsV1Api, CoreV1Api, CustomObjectsApi
 
+from moe_contract.env import TOKEN_FILE_NAME
 from moe_local.cluster import LocalCluster
 from moe_local.install import SYSTEM_NAMESPACE, kubectl, wait_until
 from moe_local.kube import get_or_none, service_endpoint
@@ -40,9 +42,12 @@ def wait_for(what: str, predicate: Callable[[], Any], timeout: float, interval: 
         raise AssertionError(str(error)) from None
 
 
-def http_get(url: str, timeout: float = 3.0) -> tuple[int, str]:
+def http_get(url: str, timeout: float = 3.0, token: str | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
-        with NO_PROXY.open(url, timeout=timeout) as response:
+        with NO_PROXY.open(request, timeout=timeout) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode(errors="replace")
@@ -186,8 +191,15 @@ class E2E:
         document = self.plan_document()
         return int(document["version"]) if document else None
 
+    def control_token(self, name: str | None = None) -> str | None:
+        """The deployment's control token (its Secret), which GET /v1/plan needs too."""
+        secret = self.child("Secret", f"{name or self.name}-control")
+        if secret is None or not secret.data:
+            return None
+        return base64.b64decode(secret.data[TOKEN_FILE_NAME]).decode().strip()
+
     def leader_plan(self) -> dict[str, Any] | None:
-        code, body = http_get(self.worker_url(0, "/v1/plan"))
+        code, body = http_get(self.worker_url(0, "/v1/plan"), token=self.control_token())
         return json.loads(body) if code == 200 else None
 
     def pods(self, namespace: str | None = None, selector: str | None = None) -> list[dict]:
@@ -245,7 +257,7 @@ class E2E:
         ]
 
     def leader_plan_version(self) -> int | None:
-        code, body = http_get(self.worker_url(0, "/v1/plan"))
+        code, body = http_get(self.worker_url(0, "/v1/plan"), token=self.control_token())
         return int(json.loads(body)["version"]) if code == 200 else None
 
     def worker_plan_versions(self) -> list[float | None]:

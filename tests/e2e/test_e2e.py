@@ -232,36 +232,80 @@ def test_a_checkpoint_that_disagrees_with_the_spec_is_named_in_ready(e2e: E2E) -
     e2e.kubectl("delete", "moed", name, "-n", e2e.namespace, "--wait=true")
 
 
-def test_killed_worker_brings_the_group_back_on_the_current_plan(e2e: E2E) -> None:
-    """SIGKILL rank 1: a rank cannot rejoin a running group, so the operator replaces every pod
-    at once (status Degraded, GroupRecovering, naming the pod meanwhile); the new group serves
-    the plan the ConfigMap holds, still the status' version: nothing went back."""
+def test_a_killed_worker_rank_is_survived_and_rejoins_on_the_current_plan(e2e: E2E) -> None:
+    """Issue 22: SIGKILL of rank 1 (4 pods x 1 rank) while clients stream completions through
+    the `-api` Service. The survivors drop it and serve on: no request fails, no answer changes,
+    no survivor restarts, nothing is replaced. Status says Degraded, RankLost, the epoch and the
+    live ranks, and posts the Event; the pod's container comes back, rejoins at a new epoch and
+    gets its experts; status says Running again, on the same plan."""
     version = e2e.status()["plan"]["version"]
     assert version >= 2 and e2e.configmap_version() == version
     before = wait_for("workers Ready", e2e.all_ready, 30)
     victim = f"{NAME}-1"
-    kill(before[victim]["pid"])
+    stream = _stream(e2e).start()
+    try:
+        wait_for("answers", lambda: len(stream.results) >= 8, 60)
+        killed = time.time()
+        kill(before[victim]["pid"])
 
-    def recovering() -> dict[str, Any] | None:
-        degraded = e2e.condition("Degraded")
-        return degraded if degraded.get("reason") == "GroupRecovering" else None
+        def lost() -> dict[str, Any] | None:
+            degraded = e2e.condition("Degraded")
+            return degraded if degraded.get("reason") == "RankLost" else None
 
-    degraded = wait_for("Degraded, GroupRecovering", recovering, 60)
-    assert degraded["status"] == "True" and f"{NAME}-" in degraded["message"], degraded
-    assert e2e.status()["phase"] == "Degraded"
+        degraded = wait_for("Degraded, RankLost", lost, 60)
+        membership = e2e.status()["membership"]
+        assert membership["lostRanks"] == [1] and membership["epoch"] >= 1, membership
+        assert "rank 1" in degraded["message"] and "every expert served" in degraded["message"]
+        assert e2e.status()["phase"] == "Degraded"
+        assert e2e.condition("Ready")["status"] == "True"  # the survivors serve
 
-    def reformed() -> dict[str, Any] | None:
-        workers = _ready_and_running(e2e)
-        new = workers and all(workers[p]["uid"] != before[p]["uid"] for p in before)
-        return workers if new else None
+        def whole() -> dict[str, Any] | None:
+            status = e2e.status()
+            group = status.get("membership") or {}
+            full = group.get("state") == "Serving" and group.get("liveRanks") == [0, 1, 2, 3]
+            return status if full and status.get("phase") == "Running" else None
 
-    wait_for("every pod replaced and the group Running again", reformed, 150)
-    assert process_gone(before[victim]["pid"])
-    status = e2e.status()
+        status = wait_for("rank 1 back and the group Running", whole, 150)
+        back = time.time()
+        wait_for("answers on the whole group", lambda: _ended_after(stream, back) >= 8, 60)
+        answers = stream.stop()
+    finally:
+        stream.stop()
+    failed = [done for done in answers if not done.ok]
+    assert failed == [], failed[:3]
+    resumed = min(done.ended for done in answers if done.ended > killed + 0.2)
+    print(
+        f"\n[e2e] kill -9 of rank 1: {len(answers)} requests, none failed; serving again "
+        f"{resumed - killed:.1f} s after; whole again at epoch {status['membership']['epoch']}"
+    )
+    after = e2e.workers()
+    for pod, worker in before.items():
+        assert after[pod]["uid"] == worker["uid"], f"{pod} was replaced"
+        if pod != victim:
+            assert after[pod]["pid"] == worker["pid"] and after[pod]["restarts"] == 0, pod
+    assert after[victim]["restarts"] == 1 and process_gone(before[victim]["pid"])
     assert status["plan"]["version"] == version and status["plan"]["appliedVersion"] == version
-    assert e2e.configmap_version() == version
     assert e2e.leader_plan_version() == version
     assert e2e.worker_plan_versions() == [float(version)] * e2e.world
+    events = json.loads(
+        e2e.kubectl(
+            "get", "events", "-n", e2e.namespace, "-o", "json",
+            f"--field-selector=involvedObject.name={NAME}",
+        ).stdout
+    )["items"]  # fmt: skip
+    reasons = {event["reason"] for event in events}
+    assert {"RankLost", "GroupWhole"} <= reasons, reasons
+    reference = {}
+    for index in range(len(stream.prompts)):  # every answer equals the group's, whole again
+        code, answer = complete_once(stream.base_url, stream.body(index), e2e.api_key)
+        assert code == 200, answer
+        reference[index] = tuple(answer["choices"][0]["token_ids"])
+    differ = [(done.index, done.tokens) for done in answers if done.tokens != reference[done.index]]
+    assert differ == [], differ[:3]
+
+
+def _ended_after(stream: LoadGenerator, moment: float) -> int:
+    return sum(done.ended > moment for done in stream.results)
 
 
 RANKS = "e2e-ranks"
@@ -269,9 +313,11 @@ RANKS = "e2e-ranks"
 
 def test_pods_of_two_ranks_serve_and_a_failed_rank_brings_the_group_back(e2e: E2E) -> None:
     """Issue 12, items 2 and 5: 2 pods x 2 ranks (gloo): completions from global rank 0, every
-    series labelled by rank; SIGKILL of one rank process: the whole group comes back on the same
-    plan and serves; then SIGSTOP of one (the pod's probe names it): the whole group is replaced
-    again, Degraded meanwhile."""
+    series labelled by rank; SIGKILL of one rank process: its pod goes (a pod is one failure
+    domain), and the 2 ranks left have no room for the 2 experts only that pod held (one slot
+    per rank, no spare memory), so the whole group comes back on the same plan and serves, the
+    reason in status (issue 22: no room, the whole-group fallback); then SIGSTOP of one (the
+    pod's probe names it): the whole group is replaced again, Degraded meanwhile."""
     document = {
         "apiVersion": "moe-ep.io/v1alpha1",
         "kind": "MoEDeployment",
@@ -330,13 +376,20 @@ def test_pods_of_two_ranks_serve_and_a_failed_rank_brings_the_group_back(e2e: E2
         after = wait_for("the whole group replaced and serving again", recovered, 360)
         assert e2e.plan_document(RANKS)["version"] == version
         leader = after["workers"][f"{RANKS}-0"]["ip"]
-        code, body = http_get(f"http://{leader}:8080/v1/plan")
+        code, body = http_get(f"http://{leader}:8080/v1/plan", token=e2e.control_token(RANKS))
         assert code == 200 and json.loads(body)["version"] == version, body
         return after
 
     # kill -9 of global rank 3 (local rank 1 of pod 1).
     victim = child_pids(pod1["pid"])[-1]
     kill(victim)
+
+    def no_room() -> dict[str, Any] | None:
+        degraded = e2e.condition("Degraded", RANKS)
+        return degraded if "no room" in (degraded.get("message") or "") else None
+
+    reason = wait_for("Degraded, saying there is no room", no_room, 60)
+    assert reason["reason"] == RECOVERING, reason
     second = comes_back(first["workers"])
     assert process_gone(victim)
 

@@ -133,6 +133,7 @@ async def workers() -> AsyncIterator[Workers]:
         handler = kmock.RawHandler()
         await handler.__aenter__()
         handler["get /metrics"] << functools.partial(fake.metrics, rank)
+        handler["get /readyz"] << functools.partial(fake.readyz, rank)
         if rank == 0:
             handler["get /v1/plan"] << fake.get_plan
             handler["post /v1/plan"] << fake.post_plan

@@ -342,10 +342,12 @@ class Api:
             if obj.raw["metadata"]["labels"].get("moe-ep.io/deployment") == name
         }
 
-    async def run_pods(self, name: str, world: int, namespace: str = NS) -> None:
+    async def run_pods(
+        self, name: str, world: int, namespace: str = NS, *, ready: int | None = None
+    ) -> None:
         """What the StatefulSet controller and the kubelets would do: pods of every missing rank
         on the current template (owned by the StatefulSet, labelled with its revision) at
-        127.0.0.{rank+1}, and the StatefulSet's status reporting them all ready."""
+        127.0.0.{rank+1}, and the StatefulSet's status reporting them all ready (or `ready`)."""
         statefulset = self.get(STS, namespace, name)
         assert statefulset is not None
         revision, existing = self.revision(name, namespace), self.pods(name, namespace)
@@ -376,7 +378,7 @@ class Api:
                 "status": {"phase": "Running", "podIP": f"127.0.0.{rank + 1}"},
             }
             await self.create(PODS, namespace, pod)
-        await self.set_ready(name, world, namespace)
+        await self.set_ready(name, world if ready is None else ready, namespace)
 
     async def set_ready(self, name: str, ready: int, namespace: str = NS) -> None:
         """The StatefulSet controller's status: it has seen the current template (OnDelete: pods
@@ -489,22 +491,19 @@ class Operator:
 # --- the workers --------------------------------------------------------------------------------
 
 
-GROWTH_PERIOD_S = 0.25  # the fake workers' counters grow by one step's worth per period
-
-
 @dataclass
 class Workers:
     """The ranks' HTTP endpoints: token counters, and rank 0's plan endpoint.
 
-    Experts 0 and 2 of every layer are hot (100 tokens per timer period of 0.25 s, the others
-    10). The round-robin plan puts both on rank 0 (slots [[0, 2], [1, 3]]): rank loads 200 vs
-    20, imbalance 1.82; a plan with one hot expert per rank balances them, and so (in this model)
-    does any gate bias, which steers tokens away from the hot experts: every expert then gets 55.
-    Each rank exports counters for the experts in its slots of the plan it serves (and keeps
-    series it once had, as prometheus_client does). They grow with time, as a worker's do, not
-    with scrapes: a drain's extra read of the leader's /metrics (its requests in flight) must
-    not look like load on rank 0 (it did: a second plan after a group restart, now and then).
-    The first scrape of a rank grows one period's worth.
+    Experts 0 and 2 of every layer are hot (100 tokens per scrape, the others 10). The round-robin
+    plan puts both on rank 0 (slots [[0, 2], [1, 3]]): rank loads 200 vs 20, imbalance 1.82; a
+    plan with one hot expert per rank balances them, and so (in this model) does any gate bias,
+    which steers tokens away from the hot experts: every expert then gets 55. Each rank exports
+    counters for the experts in its slots of the plan it serves (and keeps series it once had,
+    as prometheus_client does); they grow on every scrape, as a worker's would between scrapes
+    (exact, whatever the machine's load: growth with time made a window's ranks differ by the
+    gap between their reads). A drain reads the leader's GET /readyz (`readyz`: nothing in
+    flight), never /metrics, so only the loads' reads count.
     """
 
     world: int
@@ -516,7 +515,6 @@ class Workers:
     restarting: int | None = None  # this rank's counters go down between scrapes (restarts)
     durable: Callable[[], int | None] = lambda: None  # the ConfigMap's plan version, at POST time
     counters: dict[int, dict[tuple[int, int], float]] = field(default_factory=dict)
-    grown_at: dict[int, float] = field(default_factory=dict)  # each rank's last growth
     posts: list[dict[str, Any]] = field(default_factory=list)  # every POST /v1/plan seen
     applied: list[int] = field(default_factory=list)  # versions switched to, in order
     handlers: list[kmock.RawHandler] = field(default_factory=list)
@@ -533,15 +531,12 @@ class Workers:
 
     def _grow(self, rank: int) -> None:
         counters = self.counters.setdefault(rank, {})
-        now = time.monotonic()
-        periods = (now - self.grown_at[rank]) / GROWTH_PERIOD_S if rank in self.grown_at else 1.0
-        self.grown_at[rank] = now
         for layer, experts in self._experts(rank).items():
             for expert in experts:
                 grow = 100.0 if expert in (0, 2) else 10.0
                 if self.plan.get("gateBias"):
                     grow = 55.0
-                counters[layer, expert] = counters.get((layer, expert), 0.0) + grow * periods
+                counters[layer, expert] = counters.get((layer, expert), 0.0) + grow
 
     def metrics(self, rank: int) -> bytes:
         if self.metrics_override is not None:
@@ -557,7 +552,13 @@ class Workers:
         lines += ["# TYPE moe_plan_version gauge", f"moe_plan_version {self.version}", ""]
         return "\n".join(lines).encode()
 
-    def get_plan(self) -> dict[str, Any]:
+    def readyz(self, rank: int) -> Any:
+        """A ready rank with nothing in flight (a drain's read: the worker's drain contract)."""
+        return {"ready": True, "rank": rank, "draining": False, "inFlight": 0}
+
+    def get_plan(self, request: kmock.Request) -> Any:
+        if self.token is None or request.headers.get("Authorization") != f"Bearer {self.token}":
+            return kmock.Response(status=401, payload={"error": "missing or wrong bearer token"})
         return {**self.plan, "digest": Plan.model_validate(self.plan).digest()}
 
     def post_plan(self, request: kmock.Request) -> Any:

@@ -328,12 +328,16 @@ async def test_a_valid_object_turned_invalid_keeps_its_children(
     assert operator.running
 
 
+def _container(state: dict[str, Any], last: dict[str, Any] | None = None) -> dict[str, Any]:
+    status = {"name": "worker", "ready": False, "restartCount": 3, "state": state}
+    return {"containerStatuses": [{**status, **({"lastState": last} if last else {})}]}
+
+
 async def test_workers_refusing_the_checkpoint_show_in_ready_and_one_event(
     api: Api, operator: Operator
 ) -> None:
     """The kubelet's view of workers that exit 2 naming a shape mismatch: Ready says why with
-    both values, phase Failed, one Warning Event however many timer runs see it; once they run,
-    it is gone."""
+    both values, phase Failed, one Warning Event however many timer runs see it."""
     await api.create_moed("m1", small_spec())
     await settled(api)
     await api.run_pods("m1", 2)
@@ -342,19 +346,10 @@ async def test_workers_refusing_the_checkpoint_show_in_ready_and_one_event(
         "rank {}: the checkpoint does not match the model shape: layers: the MoEDeployment "
         "says 2, /models/tiny/config.json says 4"
     )
+    waiting = {"waiting": {"reason": "CrashLoopBackOff"}}
     for rank in (0, 1):
-        status = {
-            "containerStatuses": [
-                {
-                    "name": "worker",
-                    "ready": False,
-                    "restartCount": 3,
-                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
-                    "lastState": {"terminated": {"exitCode": 2, "message": message.format(rank)}},
-                }
-            ]
-        }
-        await api.patch(PODS, NS, f"m1-{rank}", {"status": status}, sub="status")
+        last = {"terminated": {"exitCode": 2, "message": message.format(rank)}}
+        await api.patch(PODS, NS, f"m1-{rank}", {"status": _container(waiting, last)}, sub="status")
 
     def refused() -> bool:
         return api.condition("m1", "Ready").get("reason") == "CheckpointMismatch"
@@ -370,9 +365,56 @@ async def test_workers_refusing_the_checkpoint_show_in_ready_and_one_event(
     assert len(warnings) == 1 and warnings[0]["type"] == "Warning", warnings
     assert "config.json says 4" in warnings[0]["message"]
 
+
+async def test_a_damaged_checkpoint_is_refused_once_and_held_until_the_spec_changes(
+    api: Api, operator: Operator
+) -> None:
+    """Issue 19, item 3: rank 0 refuses a truncated shard (exit 2, the file named), rank 1 dies
+    of it (exit 1). Before: the operator replaced the group for rank 1's death, again and again
+    (and the kubelet restarted rank 0 in between, the phase flipping Failed/Deploying). Now: no
+    pod is deleted, the StatefulSet goes to 0 pods, Ready=False CheckpointInvalid with one
+    Event, held while the old pods come and go; a new spec generation tries again."""
+    await api.create_moed("m1", small_spec())
+    await settled(api)
+    await api.run_pods("m1", 2)
+    await api.set_ready("m1", 0)
+    shard = "/models/tiny/model-00002-of-00003.safetensors"
+    message = (
+        f"rank 0: the checkpoint is invalid: {shard}: truncated: its header places tensors up "
+        "to byte 9216, 4600 bytes follow it"
+    )
+    refusal = {"terminated": {"exitCode": 2, "message": message}}
+    await api.patch(PODS, NS, "m1-0", {"status": _container(refusal)}, sub="status")
+    death = {"terminated": {"exitCode": 1, "message": "rendezvous: connection refused"}}
+    await api.patch(PODS, NS, "m1-1", {"status": _container(death)}, sub="status")
+
+    def held() -> bool:
+        return api.get(STS, NS, "m1")["spec"]["replicas"] == 0
+
+    def said() -> bool:  # the run that scales to 0 writes status just after
+        return api.condition("m1", "Ready").get("reason") == "CheckpointInvalid"
+
+    await eventually(lambda: held() and said(), what="scaled to 0, Ready CheckpointInvalid")
+    ready = api.condition("m1", "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "CheckpointInvalid"), ready
+    assert shard in ready["message"] and "truncated" in ready["message"]
+    assert api.status("m1")["refusal"]["generation"] == 1
+    # The kubelet restarts rank 0 once more before the pods go: still held, still Failed.
     running = {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
-    for rank in (0, 1):
-        status = {"containerStatuses": [{"name": "worker", "state": running}]}
-        await api.patch(PODS, NS, f"m1-{rank}", {"status": status}, sub="status")
-    await eventually(lambda: not refused(), what="the refusal cleared")
-    assert api.status("m1")["phase"] != "Failed"
+    await api.patch(PODS, NS, "m1-0", {"status": _container(running)}, sub="status")
+    await timer_ran(4)
+    assert api.status("m1")["phase"] == "Failed" and held()
+    assert api.condition("m1", "Ready")["reason"] == "CheckpointInvalid"
+    assert api.requests("delete", PODS, NS, "m1-0") == []  # no replacement, no loop
+    assert api.requests("delete", PODS, NS, "m1-1") == []
+    warnings = [e for e in api.events(NS, "m1") if e["reason"] == "CheckpointInvalid"]
+    assert len(warnings) == 1 and shard in warnings[0]["message"], warnings
+    assert [e for e in api.events(NS, "m1") if e["reason"] == "GroupRecovering"] == []
+
+    await api.patch(PODS, NS, "m1-1", {"status": _container(running)}, sub="status")
+    await api.patch(MOED, NS, "m1", {"spec": {"rebalancing": {"imbalanceThreshold": 1.5}}})
+    await eventually(lambda: not held(), what="2 pods again for the new generation")
+    await settled(api, generation=2)
+    assert api.get(STS, NS, "m1")["spec"]["replicas"] == 2
+    assert "refusal" not in api.status("m1")
+    assert api.condition("m1", "Ready").get("reason") != "CheckpointInvalid"

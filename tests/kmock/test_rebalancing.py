@@ -144,6 +144,7 @@ async def test_restart_mid_handoff_converges_to_the_durable_plan(
     await deploy(api, workers, rebalancing={"method": "GatingBias", "gating": gating})
     await eventually(lambda: plan_status(api).get("version") == 2, what="plan 2")
     assert api.plan("m1")["gateBias"]
+    assert rebalanced_events(api) == []  # issued, not served: no news yet
     await operator.stop()
     # The operator died after writing plan 2 to the ConfigMap and before its status patch
     # landed (the POST to a hung leader can take up to its 90 s timeout in between).
@@ -181,6 +182,11 @@ async def test_restart_mid_handoff_converges_to_the_durable_plan(
     await eventually(lambda: plan_status(api).get("appliedVersion") == 2, what="status applied")
     await evaluations(workers, 1)
     assert workers.applied == [2]
+    # Issue 19, item 10: the Rebalanced Event comes when plan 2 is first seen served, from the
+    # record the restarted operator restored (posted at issuance, it came before the restart
+    # or, had the operator died right after writing the plan, never).
+    (event,) = rebalanced_events(api)
+    assert event["message"].startswith("plan 2: imbalance ") and "(GatingBias)" in event["message"]
     assert configmap_versions(api) == [1, 2]
     assert {post["body"]["version"] for post in workers.posts} == {2}
     desired = [
@@ -190,6 +196,10 @@ async def test_restart_mid_handoff_converges_to_the_durable_plan(
     ]
     after_restart = desired[len(desired) - desired[::-1].index(1) :]  # after our rollback
     assert after_restart and set(after_restart) == {2}
+
+
+def rebalanced_events(api: Api, name: str = "m1") -> list[dict[str, Any]]:
+    return [event for event in api.events(NS, name) if event["reason"] == "Rebalanced"]
 
 
 def loads_read(moed: dict[str, Any]) -> tuple[str, str]:

@@ -3,7 +3,19 @@ change that starts a new group before the old one goes (surge 1, unavailable 0).
 
 from __future__ import annotations
 
-from moe_kmock import MOED, NS, PDB, STS, Api, Operator, Workers, eventually, small_spec
+from moe_kmock import (
+    MOED,
+    NS,
+    PDB,
+    PODS,
+    STS,
+    Api,
+    Operator,
+    Workers,
+    eventually,
+    small_spec,
+    timer_ran,
+)
 
 from moe_operator.groups.naming import DRAIN_ANNOTATION
 
@@ -73,3 +85,37 @@ async def test_a_template_change_starts_a_new_group_before_the_old_one_drains(
     assert api.get(STS, NS, "m1-g1")["spec"]["template"]["spec"]["containers"][0]["image"] == (
         "example/moe:2"
     )
+
+
+async def test_a_refused_update_holds_the_new_group_while_the_old_one_serves_on(
+    api: Api, workers: Workers, operator: Operator
+) -> None:
+    """Issue 19's held refusal with groups: the new group's workers refuse the new spec (exit 2),
+    so it is held at 0 pods for that generation; the old group, of the older template, is
+    neither held nor drained (the surge waits for a new group that serves)."""
+    await api.create_moed("m1", small_spec(port=workers.port))
+    await eventually(lambda: api.get(STS, NS, "m1"), what="group 0")
+    await api.run_pods("m1", 2)
+    await eventually(lambda: api.status("m1").get("readyReplicas") == 1, what="serving")
+    await api.patch(MOED, NS, "m1", {"spec": {"worker": {"image": "example/moe:2"}}})
+    await eventually(lambda: "m1-g1" in groups(api), what="a new group first")
+    await api.run_pods("m1-g1", 2, ready=0)  # started, never ready: rank 0 refuses
+    refusal = {"terminated": {"exitCode": 2, "message": "rank 0: the checkpoint is invalid"}}
+    worker = {"name": "worker", "image": "example/moe:2", "imageID": "", "ready": False}
+    status = {"containerStatuses": [{**worker, "restartCount": 1, "state": refusal}]}
+    await api.patch(PODS, NS, "m1-g1-0", {"status": status}, sub="status")
+
+    def held() -> bool:
+        return api.get(STS, NS, "m1-g1")["spec"]["replicas"] == 0
+
+    def recorded() -> bool:
+        return (api.status("m1").get("refusal") or {}).get("generation") == 2
+
+    await eventually(lambda: held() and recorded(), what="the new group held at 0 pods")
+    await timer_ran(3)
+    assert held() and api.get(STS, NS, "m1")["spec"]["replicas"] == 2
+    assert DRAIN_ANNOTATION not in (api.get(STS, NS, "m1")["metadata"].get("annotations") or {})
+    assert api.pods("m1")["m1-0"]["metadata"]["labels"]["moe-ep.io/traffic"] == "on"
+    assert api.requests("delete", PODS, NS, "m1-0") == []
+    phases = {g["name"]: g["phase"] for g in api.status("m1")["groups"]}
+    assert phases == {"m1": "Outdated", "m1-g1": "Failed"}, phases

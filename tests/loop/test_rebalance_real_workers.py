@@ -46,7 +46,7 @@ class DirectWorkers:
         )
 
     def serving(self) -> handoff.Served:
-        return handoff.serving(self.cluster.url(0, ""))
+        return handoff.serving(self.cluster.url(0, ""), self.cluster.token)
 
     def post_plan(self, plan: Plan) -> handoff.HandoffResult:
         return handoff.post_plan(self.cluster.url(0, ""), plan, self.cluster.token)

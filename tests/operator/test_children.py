@@ -52,6 +52,20 @@ def test_environment_carries_rank_source_world_master_and_plan_path() -> None:
     assert env[worker_env.BACKEND] == "nccl"
 
 
+def test_pods_learn_their_ip_for_the_rendezvous_store_and_no_bind_address() -> None:
+    """Issue 19, item 6: rank 0's store listens on the pod's IP (the downward API's), the HTTP
+    servers on the pod's every address (the worker's default in a pod), never one the operator
+    would have to guess."""
+    sts = children.build_statefulset("seed", "ml", _spec())
+    env = sts["spec"]["template"]["spec"]["containers"][0]["env"]
+    (pod_ip,) = [item for item in env if item["name"] == worker_env.POD_IP]
+    assert pod_ip == {
+        "name": "MOE_POD_IP",
+        "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}},
+    }
+    assert worker_env.BIND_ADDRESS not in {item["name"] for item in env}
+
+
 def test_per_layer_series_label_the_pods_and_per_rank_leaves_the_template_alone() -> None:
     per_rank = children.build_statefulset("a", "ns", _spec())
     assert children.EXPERT_SERIES_LABEL not in per_rank["spec"]["template"]["metadata"]["labels"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moe_operator.failures import STARTUP_EXIT_CODE, startup_failure
+from moe_operator.failures import STARTUP_EXIT_CODE, StartupFailure, startup_failure
 from moe_operator.status import Observed, compute_status
 
 NOW = "2026-01-01T00:00:00Z"
@@ -61,6 +61,32 @@ def test_other_refusals_keep_their_message() -> None:
     assert failure.message == message
     silent = startup_failure([pod("m-0", state=refused(0, message=""))])
     assert silent is not None and "exited with code 2" in silent.message
+
+
+def test_a_damaged_checkpoint_is_its_own_reason_and_its_record_round_trips() -> None:
+    message = (
+        "rank 0: the checkpoint is invalid: /models/tiny/model-00002-of-00003.safetensors: "
+        "missing: model.safetensors.index.json lists it for 5 tensors"
+    )
+    failure = startup_failure([pod("m-0", state=refused(0, message=message))])
+    assert failure is not None and failure.reason == "CheckpointInvalid"
+    assert "repair or replace the file named" in failure.describe(2)
+    assert "0 pods) until the spec changes" in failure.describe(2)
+    record = failure.record(5)
+    assert StartupFailure.held(record, 5) == failure
+    assert StartupFailure.held(record, 6) is None  # the spec moved on
+    assert StartupFailure.held({**record, "message": 3}, 5) is None  # edited: not held
+    assert StartupFailure.held(None, 5) is None
+    status = compute_status(
+        Observed(generation=5, workers=2, statefulset_exists=True, refusal=record), [], NOW
+    )
+    assert status["refusal"] == record
+    assert (
+        compute_status(Observed(generation=6, workers=2, statefulset_exists=True), [], NOW)[
+            "refusal"
+        ]
+        is None
+    )  # merge-patch null: removed
 
 
 def test_status_shows_the_refusal_in_ready_and_fails_the_phase() -> None:

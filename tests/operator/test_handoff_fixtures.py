@@ -37,6 +37,9 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(raw)
 
     def do_GET(self) -> None:
+        if self.headers.get("Authorization") != "Bearer token":  # as the worker: 401 without
+            self._answer(401, {"error": "missing control token"})
+            return
         self._answer(200, self.server.serving)
 
     def do_POST(self) -> None:
@@ -72,15 +75,16 @@ def url(server: Leader) -> str:
 def test_a_served_fixture_is_read_as_its_plan(leader: Leader, name: str) -> None:
     expected = plan(name)
     leader.serving = {**document(name), "digest": expected.digest()}
-    assert handoff.served_plan(url(leader)) == expected
-    assert handoff.serving(url(leader)) == handoff.Served(expected.version, expected.digest())
+    assert handoff.served_plan(url(leader), "token") == expected
+    served = handoff.serving(url(leader), "token")
+    assert served == handoff.Served(expected.version, expected.digest())
 
 
 @pytest.mark.parametrize(("name", "field"), UNPARSABLE.items())
 def test_an_unparsable_served_fixture_is_no_plan(leader: Leader, name: str, field: str) -> None:
     leader.serving = document(name)
     with pytest.raises(handoff.HandoffError, match=field):
-        handoff.served_plan(url(leader))
+        handoff.served_plan(url(leader), "token")
 
 
 @pytest.mark.parametrize("name", VALID)

@@ -263,3 +263,22 @@ def test_pod_fields_the_api_server_would_refuse_are_named(
 ) -> None:
     problems = _problems(worker)
     assert any(problem.startswith(field + ":") for problem in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("extra_args", "grace"),
+    [
+        ([], 30),  # the default 20 s drain: the grace pods always had (no group restart)
+        (["--drain-timeout", "100"], 110),
+        (["--seed", "3", "--drain-timeout=2.5"], 13),
+    ],
+)
+def test_the_termination_grace_covers_the_drain(extra_args: list[str], grace: int) -> None:
+    """SIGTERM drains for --drain-timeout, then the ranks stop: the kubelet's SIGKILL must not
+    come first (issue 19, item 4)."""
+    assert _pod(_spec({"extraArgs": extra_args}))["terminationGracePeriodSeconds"] == grace
+
+
+def test_a_drain_timeout_out_of_bounds_is_refused_at_admission() -> None:
+    problems = _problems({"extraArgs": ["--drain-timeout", "0"]})
+    assert any("--drain-timeout" in problem and "must be > 0" in problem for problem in problems)

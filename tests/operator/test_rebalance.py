@@ -16,7 +16,13 @@ from moe_operator.loads import CounterSnapshot, LoadReadError
 from moe_operator.manifests.children import plan_shape
 from moe_operator.planning.detection import DetectionState
 from moe_operator.planning.ledger import Ledger
-from moe_operator.rebalance import PlanStoreConflict, Window, control_step, gating_options
+from moe_operator.rebalance import (
+    PlanStoreConflict,
+    Window,
+    control_step,
+    gating_options,
+    rebalanced_events,
+)
 
 SPEC = MoEDeploymentSpec.model_validate(
     {
@@ -128,6 +134,37 @@ def test_skewed_load_yields_a_new_plan_written_before_it_is_posted() -> None:
     validate_plan(second.desired, num_layers=2, num_experts=4, world_size=2)
     assert second.rebalance.imbalance_after < second.rebalance.imbalance_before
     assert any(reason == "Rebalanced" for _, reason, _ in second.events)
+
+
+def test_the_rebalanced_event_comes_once_when_its_plan_is_first_seen_served() -> None:
+    plan = initial_plan(SPEC)
+    workers, store, window = FakeWorkers(plan), Store(), Window(started_at=0.0)
+    first = _run(workers, store, plan, DetectionState(), window, now=10.0)
+    workers.reachable = False  # issued and written, not handed over
+    issued = _run(workers, store, plan, first.state, window, now=20.0, ledger=first.ledger)
+    assert issued.rebalance is not None and issued.ledger.in_flight
+    assert not [e for e in issued.events if e[1] == "Rebalanced"]
+    # The next step (maybe another operator's, after a restart: only the record survives)
+    workers.reachable = True
+    served = control_step(
+        SPEC, issued.desired, issued.ledger, issued.state, window, workers, store, 21.0,
+        issued.rebalance,
+    )  # fmt: skip
+    (event,) = [e for e in served.events if e[1] == "Rebalanced"]
+    assert event[2].startswith("plan 2: imbalance ") and "(Replace)" in event[2]
+    again = control_step(
+        SPEC, served.desired, served.ledger, served.state, window, workers, store, 22.0,
+        issued.rebalance,
+    )  # fmt: skip
+    assert not [e for e in again.events if e[1] == "Rebalanced"]
+
+
+def test_rebalanced_events_only_on_the_step_that_first_sees_the_version() -> None:
+    record = RebalanceRecord(method="Replace", from_version=1, to_version=3, note="n")
+    assert rebalanced_events(1, 3, record)[0][2].startswith("plan 3: imbalance 0.00 -> 0.00")
+    assert rebalanced_events(2, 4, record)  # seen past it: a later plan served since
+    assert rebalanced_events(3, 3, record) == rebalanced_events(1, 2, record) == []
+    assert rebalanced_events(1, 3, None) == []
 
 
 def test_unreachable_leader_keeps_the_plan_and_retries_without_a_new_version() -> None:

@@ -110,3 +110,26 @@ def test_a_refusal_to_start_is_reported_once_instead_of_a_recovery() -> None:
     assert (kind, reason) == ("Warning", "WorkerStartupFailed") and "no config.json" in message
     said = {"conditions": [{"type": "Ready", "message": f"1/2 ready; {action.failure.message}"}]}
     assert decide(view([refused(0), pod(1)], said, ready=1), NOW).events == ()
+
+
+def test_a_refusal_beside_a_dead_rank_replaces_nothing_and_holds_the_group() -> None:
+    """The crash loop of issue 19 (item 3): a rank that died because its peer refused used to
+    have the whole group replaced, again and again; now the refusal holds the group instead."""
+    assert decide(view([died(0), pod(1)]), NOW).delete != ()  # alone, a death replaces
+    action = decide(view([refused(0), died(1)], ready=0), NOW)
+    assert action.hold and action.delete == () and not action.replacing
+    assert action.failure is not None and action.failure.pods == ("m-0",)
+    assert action.backoff == ReplacementBackoff()  # no replacement counted
+
+
+def test_a_held_refusal_stands_for_its_generation_only() -> None:
+    refusal = decide(view([refused(0), pod(1)], ready=1), NOW).failure
+    assert refusal is not None
+    previous = {"refusal": refusal.record(7)}
+    running_again = [pod(0, worker={"restartCount": 1}), pod(1)]  # the kubelet restarted it
+    held = decide(GroupView(sts(), running_again, WORLD, 0, previous, 7), NOW)
+    assert held.hold and held.failure == refusal and held.events == () and held.delete == ()
+    for pods in ([], [pod(0, "r1"), pod(1, "r1")]):  # scaled to 0, or an old template
+        assert decide(GroupView(sts(), pods, WORLD, 0, previous, 7), NOW).failure == refusal
+    fresh = decide(GroupView(sts(), [pod(0), pod(1)], WORLD, WORLD, previous, 8), NOW)
+    assert fresh.failure is None and not fresh.hold  # the spec changed: the workers try again

@@ -351,6 +351,27 @@ def test_user_flags_pass_in_both_spellings() -> None:
     assert problems == [] and parsed is not None
 
 
+@pytest.mark.parametrize(
+    ("args", "where", "said"),
+    [
+        # issue 19, item 8: each crash-looped every pod with argparse's usage text
+        (["--seed", "abc"], "worker.extraArgs[1]", "--seed 'abc' is not an integer"),
+        (["--seed", "1 --token-file x"], "worker.extraArgs[1]", "--seed '1 --token-file x' is"),
+        (["--zipf=1", "--switch-timeout", "-5"], "worker.extraArgs[2]", "--switch-timeout '-5'"),
+        (["--switch-timeout=inf"], "worker.extraArgs[0]", "must be > 0 and <= 86400"),
+        (["--background-switch", "maybe"], "worker.extraArgs[1]", "is not a boolean"),
+        (["--traffic-interval", "0"], "worker.extraArgs[1]", "must be > 0"),
+        (["--seed", "-1"], "worker.extraArgs[1]", "--seed '-1': must be >= 0"),
+    ],
+)
+def test_user_flag_values_the_worker_would_refuse_are_refused_naming_the_flag(
+    args: list[str], where: str, said: str
+) -> None:
+    parsed, problems = parse_spec({"worker": {"extraArgs": args}})
+    assert parsed is None
+    assert [p.field for p in problems] == [where] and said in problems[0].message
+
+
 def test_a_sound_pod_template_passes() -> None:
     worker = {
         **CPU["worker"],

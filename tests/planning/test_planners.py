@@ -236,3 +236,24 @@ def test_inputs_that_do_not_fit_name_the_field(kwargs: dict, message: str) -> No
 def test_bad_loads_raise_a_planning_error() -> None:
     with pytest.raises(PlanningError, match=r"expert_load\[1\]"):
         plan_rebalance([[1.0, 2.0], [1.0]], world_size=2, slots_per_rank=1)
+
+
+def test_auto_keeps_every_expert_on_two_pods_where_the_slots_allow_and_balance_wins_else() -> None:
+    """Issue 22, item 3: 8 experts on 4 ranks of 4 slots in pods of 2 (room for two replicas
+    each). Replace alone leaves six experts of layer 0 within one pod; Auto balances as well
+    with every expert in both pods, so losing either pod loses no expert. A skew that needs the
+    slots keeps its balance (the hot expert keeps its replicas)."""
+    from moe_contract.elastic import redundancy
+
+    loads = [[19.0, 14.0, 5.0, 18.0, 8.0, 10.0, 14.0, 8.0],
+             [15.0, 18.0, 11.0, 14.0, 14.0, 20.0, 17.0, 6.0]]  # fmt: skip
+    replace = plan_rebalance(loads, world_size=4, slots_per_rank=4, method=REPLACE, ranks_per_pod=2)
+    assert not redundancy(replace.plan).survives_domain_loss
+    auto = plan_rebalance(loads, world_size=4, slots_per_rank=4, method=AUTO, ranks_per_pod=2)
+    assert auto.changed and auto.method == REPLACE
+    assert redundancy(auto.plan).survives_domain_loss
+    assert auto.imbalance_after <= replace.imbalance_after * 1.05
+    steep = [[400.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]] * 2
+    hot = plan_rebalance(steep, world_size=8, slots_per_rank=3, method=AUTO, ranks_per_pod=2)
+    same = plan_rebalance(steep, world_size=8, slots_per_rank=3, method=REPLACE, ranks_per_pod=2)
+    assert hot.imbalance_after == same.imbalance_after

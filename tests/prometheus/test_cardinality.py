@@ -46,4 +46,4 @@ def test_series_at_deepseek_scale() -> None:
     assert per_layer < per_rank / 2
     rerouted = names["moe_gate_rerouted_total"] + names["moe_gate_rerouted_weight_total"]
     assert rerouted == 2 * LAYERS * RANKS
-    assert per_layer - names["moe_layer_tokens_total"] - rerouted < 50 * RANKS  # the rest
+    assert per_layer - names["moe_layer_tokens_total"] - rerouted < 60 * RANKS  # the rest

@@ -13,17 +13,21 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from moe_contract.group import GroupStatus
 from moe_contract.plan import Plan, round_robin_plan, validate_plan
 from moe_contract.shape import ModelShape
 from moe_contract.switch import BLOCKING, TIMEOUT, SwitchAnswer
 from moe_worker.serving.generation import (
     AdmissionError,
+    DrainState,
     EventSink,
     GenerationRequest,
-    Load,
     ModelCard,
+    ServingLoad,
     TokenEvent,
+    TokenLogprob,
 )
 
 EOS = 1
@@ -31,6 +35,13 @@ WAIT = 30.0
 """Seconds the double waits on a test's gate before giving up (a failing test, never a hang)."""
 
 Script = Callable[[GenerationRequest], list[int]]
+
+
+def scripted_logprob(position: int, token: int, top: int) -> TokenLogprob:
+    """The double's log-probabilities: -0.5 x (position + 1) for the token, alternatives
+    token + 1, token + 2, ... just below it."""
+    logprob = -0.5 * (position + 1)
+    return TokenLogprob(logprob, tuple((token + k, logprob - k) for k in range(1, top + 1)))
 
 
 def counting_script(vocab: int) -> Script:
@@ -64,6 +75,7 @@ class ScriptedBackend:
         self.script = script or counting_script(card.shape.vocab_size)
         self.ready = True
         self.live = True
+        self.draining = False
         self.refuse: AdmissionError | None = None
         """Raised by submit once `admit` requests were admitted."""
         self.admit = 0
@@ -78,7 +90,12 @@ class ScriptedBackend:
         """Cleared: generations wait before their first token (abort tests)."""
         self.gate.set()
         self.submitted: list[GenerationRequest] = []
+        self.load_now = ServingLoad()
+        """What `load()` answers."""
         self.aborted: set[str] = set()
+        self.group: GroupStatus | None = None
+        """What GET /v1/group answers (None: 404, no membership of its own)."""
+        self.lost_reports: list[tuple[list[int], str]] = []
         self.abort_seen = threading.Event()
         shape = card.shape
         self.plan: Plan | None = round_robin_plan(shape.layers, shape.experts, world_size)
@@ -87,7 +104,6 @@ class ScriptedBackend:
         self.switch_gate = threading.Event()
         self.switch_gate.set()
         self.switch_timeouts: list[float] = []
-        self.current_load = Load()
 
     # ------------------------------------------------------------ the port
 
@@ -113,14 +129,14 @@ class ScriptedBackend:
         version = self.plan.version if self.plan else 0
         return f"# TYPE moe_plan_version gauge\nmoe_plan_version {version}\n".encode()
 
-    def load(self) -> Load:
-        return self.current_load
-
     def submit(self, request: GenerationRequest, on_event: EventSink) -> None:
         if self.refuse is not None and len(self.submitted) >= self.admit:
             raise self.refuse
         self.submitted.append(request)
         threading.Thread(target=self._generate, args=(request, on_event), daemon=True).start()
+
+    def load(self) -> ServingLoad:
+        return self.load_now
 
     def abort(self, request_id: str) -> None:
         self.aborted.add(request_id)
@@ -128,6 +144,13 @@ class ScriptedBackend:
 
     def current_plan(self) -> Plan | None:
         return self.plan
+
+    def drain(self) -> DrainState:
+        self.draining, self.ready = True, False
+        return self.drain_state()
+
+    def drain_state(self) -> DrainState:
+        return DrainState(self.draining, len(self.submitted) if self.is_leader else None, 20.0)
 
     def validate_plan(self, plan: Plan) -> None:
         s = self._card.shape
@@ -143,6 +166,15 @@ class ScriptedBackend:
         self.plan = plan
         return SwitchAnswer.switched(plan, 0.0, BLOCKING)
 
+    def group_status(self) -> GroupStatus | None:
+        return self.group
+
+    def report_lost(self, ranks: list[int], reason: str) -> bool:
+        if self.group is None:
+            return False
+        self.lost_reports.append((ranks, reason))
+        return True
+
     # ------------------------------------------------------------ the "serving loop"
 
     def _generate(self, request: GenerationRequest, on_event: EventSink) -> None:
@@ -152,6 +184,7 @@ class ScriptedBackend:
         if not request.sampling.ignore_eos:
             stops |= set(self._card.eos_token_ids)
         tokens = self.script(request)[: request.sampling.max_tokens]
+        emit = self._with_logprobs(request, on_event)
         for i, token in enumerate(tokens):
             if rid in self.aborted:
                 on_event(TokenEvent(rid, (), "abort"))
@@ -166,13 +199,38 @@ class ScriptedBackend:
                 on_event(TokenEvent(rid, (), *self.end_with))  # type: ignore[arg-type]
                 return
             if token in stops:
-                on_event(TokenEvent(rid, (token,), "stop"))
+                emit(i, token, "stop")
                 return
             if last:
-                on_event(TokenEvent(rid, (token,), "length"))
+                emit(i, token, "length")
                 return
-            on_event(TokenEvent(rid, (token,)))
+            emit(i, token, None)
         on_event(TokenEvent(rid, (), "length"))  # max_tokens 0: cannot happen, the port forbids
+
+    @staticmethod
+    def _with_logprobs(request: GenerationRequest, on_event: EventSink) -> Any:
+        """An emitter of one token's event, with the log-probabilities the request asked for
+        (`scripted_logprob`; the prompt's on the first event)."""
+        s, prompt = request.sampling, request.prompt_token_ids
+
+        def emit(i: int, token: int, finish: Any) -> None:
+            logprobs = () if s.logprobs is None else (scripted_logprob(i, token, s.logprobs),)
+            scored = None
+            if s.prompt_logprobs is not None and i == 0:
+                top = s.prompt_logprobs
+                scored = (None, *(scripted_logprob(-1, t, top) for t in prompt[1:]))
+            on_event(
+                TokenEvent(
+                    request.request_id,
+                    (token,),
+                    finish,
+                    logprobs=logprobs,
+                    prompt_logprobs=scored,
+                    queue_seconds=0.0 if i == 0 else None,
+                )
+            )
+
+        return emit
 
 
 def make_card(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -150,11 +151,11 @@ def encodings(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[list[str], thre
     release = threading.Event()
     real = prompts.encode_without_gil
 
-    def spy(tokenizer: Any, text: str) -> list[int]:
+    def spy(tokenizer: Any, text: str, special_tokens: bool = True) -> list[int]:
         seen.append(text)
         if "sat" in text:
             release.wait(WAIT)
-        return real(tokenizer, text)
+        return real(tokenizer, text, special_tokens)
 
     monkeypatch.setattr(prompts, "encode_without_gil", spy)
     yield seen, release
@@ -178,8 +179,10 @@ def test_a_big_text_is_refused_before_tokenizing_and_tokenizing_holds_no_one_up(
         )
     )
     thread.start()
-    while not seen:
+    deadline = time.monotonic() + WAIT
+    while not seen and time.monotonic() < deadline:
         release.wait(0.01)
+    assert seen, "the text never reached the encoder's thread"
     # ... holds neither the event loop nor other requests: a token-id request is answered, a
     # refusal too, while it waits.
     check_completion(url, "tiny-moe", [2, 3])

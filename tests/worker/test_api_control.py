@@ -68,16 +68,17 @@ def post_plan(url: str, doc: Any, token: str | None = TOKEN) -> tuple[int, dict[
 
 
 def served(url: str) -> dict[str, Any]:
-    status, body = raw(url, "/v1/plan")
+    status, body = raw(url, "/v1/plan", api_key=TOKEN)
     assert status == 200, body
     return body
 
 
 def test_probes_and_metrics(url: str, backend: ScriptedBackend) -> None:
     assert raw(url, "/healthz") == (200, {"status": "ok", "rank": 0, "pid": os.getpid()})
-    assert raw(url, "/readyz") == (200, {"ready": True, "rank": 0, "planVersion": 1})
+    serving = {"draining": False, "inFlight": 0, "drainTimeoutSeconds": 20.0}
+    assert raw(url, "/readyz") == (200, {"ready": True, "rank": 0, "planVersion": 1, **serving})
     backend.ready, backend.live = False, False  # a hung serving loop fails liveness
-    assert raw(url, "/readyz") == (503, {"ready": False, "rank": 0, "planVersion": 1})
+    assert raw(url, "/readyz") == (503, {"ready": False, "rank": 0, "planVersion": 1, **serving})
     assert raw(url, "/healthz")[0] == 503
     with urllib.request.urlopen(f"{url}/metrics", timeout=WAIT) as response:
         assert response.headers["Content-Type"].startswith("text/plain")
@@ -89,8 +90,19 @@ def test_get_plan_answers_the_document_and_its_digest(url: str, backend: Scripte
     plan = parse_plan(answer)  # checks the digest against the contents
     assert plan == backend.plan and answer["digest"] == plan.digest()
     backend.plan = None
-    status, body = raw(url, "/v1/plan")
+    status, body = raw(url, "/v1/plan", api_key=TOKEN)
     assert status == 503 and body["error"]
+
+
+@pytest.mark.parametrize("token", [None, "wrong"])
+def test_get_plan_needs_the_control_token(url: str, token: str | None) -> None:
+    """Issue 19, item 6: the plan (where every expert lives, the gate bias) was anyone's on the
+    pod network; probes and metrics stay open."""
+    status, body = raw(url, "/v1/plan", api_key=token)
+    assert status == 401 and "control token" in body["error"] and "version" not in body
+    assert raw(url, "/readyz")[0] == raw(url, "/healthz")[0] == 200
+    with urllib.request.urlopen(f"{url}/metrics", timeout=WAIT) as response:
+        assert response.status == 200
 
 
 def test_valid_plans_apply(url: str, backend: ScriptedBackend) -> None:
@@ -217,13 +229,32 @@ def test_probes_answer_while_a_switch_blocks(url: str, backend: ScriptedBackend)
 
 def test_the_operator_handoff_speaks_this_contract(url: str) -> None:
     """moe_operator.handoff is the real client: a plan goes through, a resend is a success."""
-    assert handoff.serving_version(url) == 1
+    assert handoff.serving_version(url, TOKEN) == 1
     plan = parse_plan({**document("replicated-2layer-4expert-4rank-2slots.json"), "version": 2})
     assert handoff.post_plan(url, plan, TOKEN).applied_version == 2
     assert handoff.post_plan(url, plan, TOKEN) == handoff.HandoffResult(2, None)
     with pytest.raises(handoff.HandoffError, match="401"):
         handoff.post_plan(url, plan.with_version(3), "wrong")
-    assert handoff.serving_version(url) == 2
+    assert handoff.serving_version(url, TOKEN) == 2
+
+
+@pytest.mark.parametrize("token", [None, "wrong"])
+def test_a_drain_needs_the_control_token_and_a_post(
+    url: str, backend: ScriptedBackend, token: str | None
+) -> None:
+    assert raw(url, "/v1/drain", b"", api_key=token)[0] == 401
+    assert raw(url, "/v1/drain", api_key=TOKEN, method="GET")[0] == 405  # never a GET
+    assert not backend.draining and raw(url, "/readyz")[0] == 200
+
+
+def test_a_drain_turns_readiness_off_and_says_so(url: str, backend: ScriptedBackend) -> None:
+    answer = raw(url, "/v1/drain", b"", api_key=TOKEN)
+    assert answer == (202, {"draining": True, "inFlight": 0, "drainTimeoutSeconds": 20.0})
+    assert backend.draining
+    status, body = raw(url, "/readyz")
+    assert (status, body["ready"], body["draining"]) == (503, False, True)
+    assert raw(url, "/healthz")[0] == 200  # liveness holds: the kubelet must not kill a drain
+    assert raw(url, "/v1/drain", b"", api_key=TOKEN)[0] == 202  # idempotent
 
 
 def test_unknown_routes_and_methods(url: str) -> None:

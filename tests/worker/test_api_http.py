@@ -87,7 +87,7 @@ def still_serving(kind: str, handle: ServerHandle) -> None:
     if kind == "openai":
         check_completion(handle.url, "tiny-moe", [2], max_tokens=2)
     else:
-        assert raw(handle.url, "/v1/plan")[0] == 200
+        assert raw(handle.url, "/v1/plan", api_key=TOKEN)[0] == 200
 
 
 @pytest.mark.parametrize(

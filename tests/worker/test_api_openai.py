@@ -23,7 +23,7 @@ from openai_checks import (
 )
 
 from moe_worker.api import ServerHandle, create_openai_app, start
-from moe_worker.serving.generation import InvalidRequest, Load, NotReady, QueueFull
+from moe_worker.serving.generation import InvalidRequest, NotReady, QueueFull, ServingLoad
 
 Serve = Callable[..., ServerHandle]
 
@@ -248,7 +248,7 @@ def test_health_follows_readiness(url: str, backend: ScriptedBackend) -> None:
 
 def test_a_router_reads_the_load_and_the_model(url: str, backend: ScriptedBackend) -> None:
     """smg's load probe (SGLang's /v1/loads schema) and model-info probe, without a key."""
-    backend.current_load = Load(waiting=3, running=5, used_tokens=256, capacity_tokens=1024)
+    backend.load_now = ServingLoad(waiting=3, running=5, used_tokens=256, capacity_tokens=1024)
     status, body = raw(url, "/v1/loads?include=core,disagg,queues,memory")
     assert status == 200 and body["dp_rank_count"] == 1
     (rank,) = body["loads"]
@@ -258,6 +258,21 @@ def test_a_router_reads_the_load_and_the_model(url: str, backend: ScriptedBacken
     status, info = raw(url, "/model_info")
     assert status == 200 and info["model_path"] == backend.card.name
     assert info["max_model_len"] == backend.card.max_context and info["is_generation"] is True
+
+
+def test_a_draining_worker_refuses_new_requests_before_the_body(
+    url: str, backend: ScriptedBackend
+) -> None:
+    """503 with the reason, whatever the body (not even parsed): a router retries elsewhere;
+    nothing reaches the backend. Streaming too: the status comes before any event."""
+    backend.drain()
+    for body in ({"model": "tiny-moe", "prompt": [2], "stream": True}, b"not json"):
+        status, answer = raw(url, "/v1/completions", body)
+        assert_error(status, answer, 503, None)
+        assert "draining" in answer["error"]["message"]
+    status, answer = raw(url, "/health")
+    assert status == 503 and "draining" in answer["error"]["message"]
+    assert backend.submitted == []
 
 
 def _open_request(url: str, body: bytes) -> socket.socket:

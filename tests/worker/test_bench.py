@@ -51,12 +51,17 @@ def test_bench_reports_both_layouts(tmp_path: Path) -> None:
 
 
 def test_bench_serving_reports_moe_ep_and_transformers(tmp_path: Path) -> None:
-    from moe_worker.bench.serving import ServingOptions, run_serving_bench
+    from moe_worker.bench.serving import ServingOptions, format_table, run_serving_bench
 
-    options = ServingOptions(worlds=(1,), concurrency=(1, 2), requests=3, max_tokens=3)
+    options = ServingOptions(
+        worlds=(1,), concurrency=(1, 2), requests=3, output_tokens=(2, 4), runs=2
+    )
     result = run_serving_bench(options, json_path=str(tmp_path / "serving.json"))
     systems = json.loads((tmp_path / "serving.json").read_text())["systems"]
     assert set(systems) == {"moe-ep world 1", "transformers generate()"}
     for figures in result["systems"].values():
         assert set(figures) == {1, 2}
-        assert all(f["output_tokens_per_s"] > 0 and f["ttft_p50_s"] > 0 for f in figures.values())
+        runs = [run for per_concurrency in figures.values() for run in per_concurrency]
+        assert len(runs) == 4
+        assert all(f["output_tokens_per_s"] > 0 and f["ttft_p50_s"] > 0 for f in runs)
+    assert format_table(result).count("x\n") + 1 == 8  # a ratio on every row of both systems

@@ -37,10 +37,8 @@ def test_the_grouped_gemm_equals_each_expert_on_its_rows(name: str, kernel: str)
     got = arch.grouped_forward(x_nD, stacks.layer(0), SlotGroups.of(sizes, kernel))
     parts = x_nD.split(sizes)
     expected = torch.cat([arch.expert_forward(p, w) for p, w in zip(parts, experts, strict=True)])
-    if kernel == "loop":
-        assert torch.equal(got, expected)  # the same matmuls: bit for bit
-    else:
-        torch.testing.assert_close(got, expected)
+    # Within fp32 rounding: a slot of few rows runs as W @ x.T (grouped.FEW_ROWS), not x @ W.T.
+    torch.testing.assert_close(got, expected)
     empty = arch.grouped_forward(x_nD[:0], stacks.layer(0), SlotGroups.of([0, 0, 0], kernel))
     assert empty.shape == (0, SHAPE.hidden)
 

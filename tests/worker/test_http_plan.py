@@ -48,7 +48,7 @@ def document(name: str) -> dict[str, Any]:
 
 
 def version(cluster: Cluster, rank: int = 0) -> int:
-    status, plan = cluster.request(rank, "/v1/plan")
+    status, plan = cluster.request(rank, "/v1/plan", token=cluster.token)
     assert status == 200
     return int(plan["version"])
 
@@ -86,7 +86,10 @@ def post_plan(cluster: Cluster, doc: dict[str, Any], token: str | None = "") -> 
 def test_starts_on_round_robin_and_counts_only_held_experts(cluster: Cluster) -> None:
     expected = parse_plan(document("round-robin-2layer-4expert-4rank.json"))
     for rank in range(cluster.world):
-        assert parse_plan(cluster.request(rank, "/v1/plan")[1]).slots == expected.slots
+        assert (
+            parse_plan(cluster.request(rank, "/v1/plan", token=cluster.token)[1]).slots
+            == expected.slots
+        )
         assert cluster.request(rank, "/readyz")[0] == 200
     check_serving(cluster)
     for rank in range(cluster.world):  # rank r holds expert r of both layers
@@ -108,7 +111,7 @@ def test_valid_plans_apply_on_every_rank_without_restart(cluster: Cluster) -> No
         assert body["pauseSeconds"] >= 0
         assert body["digest"] == parse_plan(doc).digest()
         for rank in range(cluster.world):
-            answer = cluster.request(rank, "/v1/plan")[1]
+            answer = cluster.request(rank, "/v1/plan", token=cluster.token)[1]
             served = parse_plan(answer)  # checks the digest it carries against the contents
             assert served == parse_plan(doc) and answer["digest"] == served.digest()
             metrics = cluster.request(rank, "/metrics")[1]
@@ -126,7 +129,7 @@ def test_valid_plans_apply_on_every_rank_without_restart(cluster: Cluster) -> No
     )
     assert moved > 0
     # A rank exports the experts it holds now, and only those; no counter goes back.
-    plan = parse_plan(cluster.request(0, "/v1/plan")[1])
+    plan = parse_plan(cluster.request(0, "/v1/plan", token=cluster.token)[1])
     for rank, before in enumerate(series_before):
         after = expert_series(cluster, rank)
         assert all(after[key] >= value for key, value in before.items() if key in after)
@@ -151,11 +154,14 @@ def test_valid_plans_apply_on_every_rank_without_restart(cluster: Cluster) -> No
 def test_invalid_plans_are_refused_and_the_old_plan_keeps_serving(
     cluster: Cluster, name: str, status: int, field: str
 ) -> None:
-    before = cluster.request(0, "/v1/plan")[1]
+    before = cluster.request(0, "/v1/plan", token=cluster.token)[1]
     got, body = post_plan(cluster, document(name))
     assert got == status, body
     assert body["field"] == field, body
-    assert all(cluster.request(r, "/v1/plan")[1] == before for r in range(cluster.world))
+    assert all(
+        cluster.request(r, "/v1/plan", token=cluster.token)[1] == before
+        for r in range(cluster.world)
+    )
 
 
 def test_unparsable_body_is_a_400(cluster: Cluster) -> None:
@@ -165,22 +171,22 @@ def test_unparsable_body_is_a_400(cluster: Cluster) -> None:
 
 
 def test_stale_versions_are_ignored(cluster: Cluster) -> None:
-    current = cluster.request(0, "/v1/plan")[1]
+    current = cluster.request(0, "/v1/plan", token=cluster.token)[1]
     for stale in (current["version"], 1):
         doc = {**document("round-robin-2layer-4expert-4rank.json"), "version": stale}
         status, body = post_plan(cluster, doc)
         assert status == 409, body
         assert body == {"applied": False, "reason": "stale", "version": current["version"]}
-    assert cluster.request(3, "/v1/plan")[1] == current
+    assert cluster.request(3, "/v1/plan", token=cluster.token)[1] == current
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token", "s3cret-token-but-longer"])
 def test_missing_or_wrong_token_is_a_401(cluster: Cluster, token: str | None) -> None:
-    before = cluster.request(0, "/v1/plan")[1]
+    before = cluster.request(0, "/v1/plan", token=cluster.token)[1]
     doc = {**document("round-robin-2layer-4expert-4rank.json"), "version": before["version"] + 1}
     status, body = post_plan(cluster, doc, token=token)
     assert status == 401, body
-    assert cluster.request(0, "/v1/plan")[1] == before
+    assert cluster.request(0, "/v1/plan", token=cluster.token)[1] == before
     assert cluster.token not in json.dumps(body)
 
 

@@ -10,18 +10,22 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 
 from moe_contract.shape import ModelShape
+from moe_worker import launcher as pod_launcher
 from moe_worker.launcher import LocalRanks, rank_settings
 from moe_worker.models.checkpoint import write_checkpoint
 from moe_worker.models.weights import SyntheticWeights
 from moe_worker.settings import WorkerSettings
+from tests.worker.worker_harness import free_port, listening
 
 pytestmark = pytest.mark.distributed
 
@@ -43,6 +47,10 @@ def two_free_ports() -> int:
                     continue
                 return base
     raise RuntimeError("no two consecutive free ports")
+
+
+PORT_FLAGS = ("--http-port", "--api-port", "--master-port")
+STREAMS, MAX_TOKENS = 2, 200
 
 
 def get(port: int, path: str) -> tuple[int, dict]:
@@ -71,11 +79,11 @@ def launcher_env() -> dict[str, str]:
 def group(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], list[int]]]:
     checkpoint = write_checkpoint(tmp_path / "ckpt", SyntheticWeights.for_shape(SHAPE, seed=1))
     base = two_free_ports()
-    command = [
+    command = [  # no --bind: the local default
         *(sys.executable, "-m", "moe_worker.main", "serve"),
         *("--checkpoint", str(checkpoint), "--world", "2"),
-        *("--http-port", str(base), "--bind", "127.0.0.1", "--api-port", "0"),
-        *("--kv-cache-tokens", "256"),
+        *("--http-port", str(base), "--api-port", str(free_port("127.0.0.1"))),
+        *("--master-port", str(free_port("127.0.0.1")), "--kv-cache-tokens", "256"),
     ]
     log = (tmp_path / "launcher.log").open("wb")
     launcher = subprocess.Popen(command, env=launcher_env(), stdout=log, stderr=log)
@@ -112,12 +120,49 @@ def test_a_rank_that_dies_stops_the_group_with_a_failure(
         time.sleep(0.2)
 
 
-def test_a_signal_stops_every_rank_cleanly(
+def test_a_sigterm_drains_running_requests_then_stops_every_rank_cleanly(
     group: tuple[subprocess.Popen[bytes], list[int]],
 ) -> None:
+    """Issue 19, item 4: a SIGTERM (the kubelet's, forwarded by the launcher) used to abort every
+    running request ("the server is stopping"). Now the leader drains: /readyz 503, a new
+    request 503 before its first byte, the running streams finish whole; then every rank exits
+    0 (the local default drain, 20 s, is far more than they need)."""
     launcher, pids = group
+    api = int(launcher.args[launcher.args.index("--api-port") + 1])
+    control = int(launcher.args[launcher.args.index("--http-port") + 1])
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{api}/v1", api_key="-", max_retries=0)
+    model = client.models.list().data[0].id
+    started, results = threading.Barrier(STREAMS + 1, timeout=60), []
+
+    def stream() -> None:
+        events = client.completions.create(
+            model=model, prompt=[2], max_tokens=MAX_TOKENS, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        tokens, reason = 0, None
+        for index, event in enumerate(events):
+            if index == 0:
+                started.wait()
+            if event.choices:
+                reason = event.choices[0].finish_reason or reason
+            if event.usage is not None:
+                tokens = event.usage.completion_tokens
+        results.append((tokens, reason))
+
+    threads = [threading.Thread(target=stream) for _ in range(STREAMS)]
+    for thread in threads:
+        thread.start()
+    started.wait()  # every stream has its first token
     launcher.send_signal(signal.SIGTERM)
-    assert launcher.wait(90) == 0
+    time.sleep(0.3)  # the launcher passes it on
+    assert get(control, "/readyz")[0] == 503
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.completions.create(model=model, prompt=[2], max_tokens=2)
+    assert refused.value.status_code == 503 and "draining" in str(refused.value)
+    for thread in threads:
+        thread.join(120)
+    assert results == [(MAX_TOKENS, "length")] * STREAMS  # every running stream finished whole
+    assert launcher.wait(60) == 0
     assert not any(alive(pid) for pid in pids)
 
 
@@ -132,6 +177,11 @@ def test_a_second_serve_on_its_ports_says_so_and_ranks_die_with_their_launcher(
     lines = second.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "is in use" in lines[0] and "another moe-worker serve" in lines[0]
     assert all(alive(pid) for pid in pids)  # the first group serves on
+    # Issue 19, item 6: the control ports, the API and the store on this machine only (they
+    # were on 0.0.0.0, every address).
+    ports = [int(launcher.args[launcher.args.index(flag) + 1]) for flag in PORT_FLAGS]
+    ports.append(ports[0] + 1)  # rank 1's control port
+    assert {port: listening(port) for port in ports} == {port: {"127.0.0.1"} for port in ports}
     launcher.kill()  # kill -9: no handler runs, nothing is forwarded
     launcher.wait(30)
     deadline = time.monotonic() + 30
@@ -151,3 +201,28 @@ def test_local_ranks_of_a_pod_take_global_ranks_ports_and_gpus() -> None:
     assert all(c.api_port == 0 for c in children)  # only global rank 0 serves the API
     first = rank_settings(settings, LocalRanks(2), 0)
     assert (first.rank, first.api_port, first.world_size) == (0, 8000, 2)
+
+
+def test_the_pods_message_is_the_first_failed_ranks_own(tmp_path: Path) -> None:
+    """Ranks of a pod write their fatal messages to files of their own: the pod reports the first
+    failed rank's (rank 0's reason, not rank 1's later broken collective nor `exited with code
+    1`), and the exit's description when a rank said nothing (killed)."""
+    messages = [tmp_path / "rank-0", tmp_path / "rank-1"]
+    for message in messages:
+        message.touch()
+    script = (
+        "import pathlib, sys, time; time.sleep(float(sys.argv[2])); "
+        "pathlib.Path(sys.argv[1]).write_text(sys.argv[3]); sys.exit(1)"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(messages[0]), "0", "rank 4: no room"]),
+        subprocess.Popen([sys.executable, "-c", script, str(messages[1]), "30", "rank 5: late"]),
+    ]
+    why: list[str] = []
+    assert pod_launcher._watch(procs, 4, why, messages) == 1
+    assert why == ["rank 4: no room"]
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    killed.kill()
+    why = []
+    assert pod_launcher._watch([killed], 6, why, [tmp_path / "silent"]) == 1
+    assert why == ["rank 6 was killed by SIGKILL"]

@@ -129,7 +129,7 @@ def test_settings_from_the_pod_environment() -> None:
     assert rank_from_pod_name("worker") is None
     with pytest.raises(ValueError, match="MOE_POD_NAME"):
         settings_from_env({"MOE_POD_NAME": "worker"})
-    with pytest.raises(ValueError, match="MOE_KV_CACHE_TOKENS='lots' is not a int"):
+    with pytest.raises(ValueError, match="MOE_KV_CACHE_TOKENS: 'lots' is not an integer"):
         settings_from_env({"MOE_KV_CACHE_TOKENS": "lots"})
 
 

@@ -162,7 +162,8 @@ def test_a_pod_answers_for_its_ranks(pods: Pods) -> None:
         assert up == dict.fromkeys(ranks, 1.0)
 
     # /v1/plan reaches local rank 0: on pod 0 the leader, on pod 1 a rank that is not.
-    status, plan = request(pods.url(1, "/v1/plan"))
+    assert request(pods.url(1, "/v1/plan"))[0] == 401  # the token passes through to the rank
+    status, plan = request(pods.url(1, "/v1/plan"), token=TOKEN)
     assert status == 200 and plan["version"] == 1
     nxt = round_robin_plan(SHAPE.layers, SHAPE.experts, WORLD, 2)
     document = {**nxt.to_document(), "version": 2}
@@ -174,6 +175,13 @@ def test_a_pod_answers_for_its_ranks(pods: Pods) -> None:
         _, text = request(pods.url(pod, "/metrics"))
         versions = {lb["rank"]: v for n, lb, v in samples(text) if n == "moe_plan_version"}
         assert versions == {str(2 * pod): 2.0, str(2 * pod + 1): 2.0}
+
+    # The membership too (the operator reads it and reports lost pods to the leader's pod).
+    status, group = request(pods.url(0, "/v1/group"))
+    assert status == 200 and group["liveRanks"] == list(range(WORLD)), group
+    lost = {"ranks": [0], "reason": "test"}
+    assert request(pods.url(0, "/v1/group/lost"), lost, TOKEN)[0] == 400  # never the leader
+    assert request(pods.url(1, "/v1/group/lost"), lost, TOKEN)[0] == 421
 
     # The OpenAI-compatible API: global rank 0, on pod 0's address; nobody else listens.
     body = {"model": "seedmlp-synthetic", "prompt": [1, 2, 3], "max_tokens": 3}
@@ -231,7 +239,8 @@ def test_pod_ranks_take_global_ranks_and_internal_ports() -> None:
     assert [c.http_port for c in children] == [8081, 8082, 8083, 8084]
     assert {c.control_address for c in children} == {"127.0.0.1"}
     assert all(c.api_port == 0 and c.bind_address == "0.0.0.0" for c in children)
-    leader = pod_rank_settings(WorkerSettings(ranks_per_pod=2, world_size=4), LocalRanks(2), 0)
+    pod = WorkerSettings(bind_address="0.0.0.0", ranks_per_pod=2, world_size=4)
+    leader = pod_rank_settings(pod, LocalRanks(2), 0)
     assert (leader.rank, leader.api_port, leader.bind_address) == (0, 8000, "0.0.0.0")
     local = WorkerSettings(bind_address="127.9.8.7", ranks_per_pod=2, world_size=4)
     assert pod_rank_settings(local, LocalRanks(2), 1).control_address == "127.9.8.7"

@@ -114,7 +114,7 @@ def test_a_blocking_leader_switches_in_one_step_and_two_batches_need_two_tokens(
     thread, _ = asked(lead, 2, timeout=30)
     d = step(lead, 0)
     assert d.switch is not None and d.switch.action == "start" and not d.switch.background
-    assert not d.switch.reports and not d.gathers
+    assert not d.switch.reports and d.gathers  # every step that does something is gathered
     lead.answer_switch(
         SwitchAnswer.switched(round_robin_plan(2, 4, 2, 2, version=2), 0.1, BLOCKING)
     )
@@ -172,9 +172,11 @@ def flaky_rank(rank: int, world: int) -> dict[str, Any]:
                 ExpertTransfer.post = post  # type: ignore[method-assign]
         return start(self, plan, group)
 
-    def recorded_flip(self: ExpertMover, plan: Any, transfer: ExpertTransfer) -> int:
+    def recorded_flip(
+        self: ExpertMover, plan: Any, transfer: ExpertTransfer, record: Any = None
+    ) -> int:
         flipped.append(plan.version)
-        return flip(self, plan, transfer)
+        return flip(self, plan, transfer, record)
 
     ExpertMover.start = start_switch  # type: ignore[method-assign]  (this forked rank only)
     ExpertMover.flip = recorded_flip  # type: ignore[method-assign]
@@ -226,9 +228,11 @@ def dying_rank(rank: int, world: int) -> dict[str, Any]:
             os._exit(17)
         return transfer
 
-    def recorded_flip(self: ExpertMover, plan: Any, transfer: ExpertTransfer) -> int:
+    def recorded_flip(
+        self: ExpertMover, plan: Any, transfer: ExpertTransfer, record: Any = None
+    ) -> int:
         flipped.append(plan.version)
-        return flip(self, plan, transfer)
+        return flip(self, plan, transfer, record)
 
     ExpertMover.start = start_switch  # type: ignore[method-assign]
     ExpertMover.flip = recorded_flip  # type: ignore[method-assign]

@@ -14,6 +14,7 @@ import gc
 import json
 import multiprocessing
 import socket
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable
@@ -25,10 +26,25 @@ HERE = Path(__file__).parent
 FIXTURES = HERE.parent / "fixtures" / "plans"
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def listening(port: int) -> set[str]:
+    """The addresses sockets listen on at `port` in this network namespace ("::" is every IPv6
+    and, dual-stack, every IPv4 address: where torch's own store listens)."""
+    found = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add(socket.inet_ntop(family, words))
+    return found
 
 
 RankFn = Callable[[int, int], dict[str, Any]]
@@ -86,10 +102,14 @@ class Cluster:
     0 serves the OpenAI-compatible API on `api_port`."""
 
     def __init__(
-        self, tmp: Path, world: int, env: dict[str, str], token: str = "s3cret-token"
+        self,
+        tmp: Path,
+        world: int,
+        env: dict[str, str],
+        token: str = "s3cret-token",
+        rank_env: Callable[[int], dict[str, str]] = lambda rank: {},
     ) -> None:
         import os
-        import subprocess
 
         self.world, self.token, self.tmp = world, token, tmp
         token_file = tmp / "token"
@@ -97,9 +117,8 @@ class Cluster:
         master_port = free_port()
         self.http_ports = [free_port() for _ in range(world)]
         self.api_port = free_port()
-        self.procs: list[subprocess.Popen[bytes]] = []
-        for rank in range(world):
-            rank_env = {
+        self.envs = [
+            {
                 **os.environ,
                 "OMP_NUM_THREADS": "1",
                 "MOE_POD_NAME": f"demo-worker-{rank}",
@@ -114,16 +133,25 @@ class Cluster:
                 "MOE_PLAN_PATH": str(tmp / "no-plan-mounted"),
                 "MOE_API_PORT": str(self.api_port if rank == 0 else 0),
                 **env,
+                **rank_env(rank),
             }
-            log = (tmp / f"rank{rank}.log").open("wb")
-            self.procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "moe_worker.main", "serve"],
-                    env=rank_env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
+            for rank in range(world)
+        ]
+        self.procs: list[subprocess.Popen[bytes]] = [self._spawn(r) for r in range(world)]
+
+    def _spawn(self, rank: int) -> subprocess.Popen[bytes]:
+        log = (self.tmp / f"rank{rank}.log").open("ab")
+        return subprocess.Popen(
+            [sys.executable, "-m", "moe_worker.main", "serve"],
+            env=self.envs[rank],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def restart(self, rank: int) -> None:
+        """A new process of `rank` (its old one gone): it joins the running group."""
+        assert self.procs[rank].poll() is not None, f"rank {rank} still runs"
+        self.procs[rank] = self._spawn(rank)
 
     def url(self, rank: int, path: str) -> str:
         return f"http://127.0.0.1:{self.http_ports[rank]}{path}"

@@ -28,9 +28,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from moe_contract import env
 from moe_worker.settings import WorkerSettings, settings_to_env
@@ -148,7 +150,7 @@ def listening_ports(
         if child.rank == 0 and child.api_port:
             ports.append((child.bind_address, child.api_port, "the OpenAI API port"))
         if child.rank == 0 and child.world_size > 1:
-            ports.append((child.bind_address, child.master_port, "the group's rendezvous port"))
+            ports.append((child.store_address, child.master_port, "the group's rendezvous port"))
     return ports
 
 
@@ -190,6 +192,18 @@ def launch_pod(settings: WorkerSettings, log_level: str = "INFO") -> int:
     taken = port_in_use(listening_ports(settings, children, pod_port=True))
     if taken is not None:
         return report_fatal(taken, settings.termination_message_path)
+    # Each rank says why it stopped in a file of its own: the pod's message is the first failed
+    # rank's (`rank 0: no room for ...`), not the last writer's nor only its exit code.
+    try:
+        messages = [_message_file(child.rank) for child in children]
+    except OSError as error:  # no writable temporary directory: the pod's file, shared
+        log.warning("the ranks share the pod's termination message: %s", error)
+        messages = []
+    else:
+        children = [
+            child.replace(termination_message_path=str(message))
+            for child, message in zip(children, messages, strict=True)
+        ]
     app = create_pod_app(
         [LocalRank(c.rank, f"http://{c.control_address}:{c.http_port}") for c in children],
         proxy_timeout=settings.switch_timeout + 30.0,
@@ -205,21 +219,44 @@ def launch_pod(settings: WorkerSettings, log_level: str = "INFO") -> int:
     server = start(app, settings.bind_address, settings.http_port, name="pod")
     why: list[str] = []
     try:
-        code = _run(children, log_level, why)
+        code = _run(children, log_level, why, messages or None)
     finally:
         server.stop()
+        for message in messages:
+            message.unlink(missing_ok=True)
     if code and why:  # the pod's status names the rank (the operator's Degraded reason)
         report_fatal(why[0], settings.termination_message_path)
     return code
 
 
-def _run(children: list[WorkerSettings], log_level: str, why: list[str] | None = None) -> int:
+def _message_file(rank: int) -> Path:
+    descriptor, path = tempfile.mkstemp(prefix=f"moe-rank-{rank}-", suffix=".termination")
+    os.close(descriptor)
+    return Path(path)
+
+
+def _said(message: Path | None) -> str | None:
+    """What a rank wrote to its termination message file, if anything."""
+    try:
+        return (message.read_text().strip() or None) if message else None
+    except OSError:
+        return None
+
+
+def _run(
+    children: list[WorkerSettings],
+    log_level: str,
+    why: list[str] | None = None,
+    messages: list[Path] | None = None,
+) -> int:
     threads: dict[str, str] = {}
     if "OMP_NUM_THREADS" not in os.environ:
         threads["OMP_NUM_THREADS"] = str(threads_per_rank(len(children)))
         log.info("OMP_NUM_THREADS is not set: %s threads per rank", threads["OMP_NUM_THREADS"])
     procs = [spawn_rank(child, log_level, threads) for child in children]
-    return _watch(procs, children[0].rank, why if why is not None else [])
+    drain = children[0].drain_timeout
+    why = why if why is not None else []
+    return _watch(procs, children[0].rank, why, messages, drain_s=drain)
 
 
 def describe_exit(rank: int, code: int) -> str:
@@ -232,8 +269,17 @@ def describe_exit(rank: int, code: int) -> str:
     return f"rank {rank} exited with code {code}"
 
 
-def _watch(procs: list[subprocess.Popen[bytes]], rank_offset: int, why: list[str]) -> int:
-    """Until every rank exited; `why` gets what stopped the group first."""
+def _watch(
+    procs: list[subprocess.Popen[bytes]],
+    rank_offset: int,
+    why: list[str],
+    messages: list[Path] | None = None,
+    *,
+    drain_s: float = 0.0,
+) -> int:
+    """Until every rank exited; `why` gets what stopped the group first (the first failed
+    rank's own message where it wrote one). A SIGTERM is passed on and the ranks get `drain_s`
+    more to drain (their running requests finish) before SIGKILL."""
     stopping_since: float | None = None
     first_failure: int | None = None
     grace = GRACE_S
@@ -246,7 +292,10 @@ def _watch(procs: list[subprocess.Popen[bytes]], rank_offset: int, why: list[str
                 proc.send_signal(signum)
 
     def on_signal(signum: int, _frame: object) -> None:
+        nonlocal grace
         log.info("got signal %d, stopping every rank", signum)
+        if signum == signal.SIGTERM and stopping_since is None:
+            grace = GRACE_S + drain_s
         if not why:
             name = signal.Signals(signum).name
             why.append(f"the pod was stopped by {name} (a liveness failure, or a deletion)")
@@ -262,7 +311,8 @@ def _watch(procs: list[subprocess.Popen[bytes]], rank_offset: int, why: list[str
                     message = describe_exit(rank_offset + local_rank, code)
                     log.error("%s", message)
                     if not why:
-                        why.append(message)
+                        said = _said(messages[local_rank]) if messages else None
+                        why.append(said or message)
             if all(code is not None for code in codes):
                 return first_failure or 0
             if stopping_since is None and any(code is not None for code in codes):

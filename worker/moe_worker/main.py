@@ -14,8 +14,9 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import entry_points
+from typing import Any
 
 from moe_contract import env
 from moe_contract.settings import USER, USER_FLAGS, WORKER_SETTINGS, Setting
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve.add_argument(
             *setting.flags,
             dest=setting.dest,
-            type=setting.parse,
+            type=_flag_type(setting),
             metavar=_METAVARS.get(setting.parse.__name__, "VALUE"),
             help=_flag_help(setting),
         )
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from moe_worker.process import report_fatal, serve
+    from moe_worker.process import exit_now, report_fatal, serve
 
     try:
         check_pod_flags(args, environ)
@@ -139,7 +140,9 @@ def run_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         if args.master_port is None and not environ.get(env.MASTER_PORT):
             settings = settings.replace(master_port=free_port())
         return launch(settings, LocalRanks(settings.world_size), args.log_level)
-    return serve(settings)
+    code = serve(settings)
+    exit_now(code)
+    return code
 
 
 SERVE_HELP = """\
@@ -149,6 +152,20 @@ on pods; a flag overrides its variable, except in a pod, where only the flags
 marked "extraArgs" (what a MoEDeployment's worker.extraArgs may set) are
 accepted, and none whose variable the environment sets."""
 _METAVARS = {"int": "N", "float": "NUMBER", "str": "TEXT", "boolean": "BOOL"}
+
+
+def _flag_type(setting: Setting) -> Callable[[str], Any]:
+    """The setting's reader for argparse: its message, not argparse's "invalid int value" (the
+    operator refuses the same values of `worker.extraArgs` with the same reader)."""
+
+    def read(text: str) -> Any:
+        try:
+            return setting.read(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    read.__name__ = setting.parse.__name__
+    return read
 
 
 def _flag_help(setting: Setting) -> str:

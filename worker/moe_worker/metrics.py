@@ -164,6 +164,20 @@ class WorkerMetrics:
         self.generated_tokens = Counter(
             "moe_generated_tokens", "Tokens generated for requests (leader).", registry=r
         )
+        # The group's membership (a member lost, or back).
+        self.group_epoch = Gauge(
+            "moe_group_epoch",
+            "Membership epoch this rank serves in (grows each time a rank is lost or joins).",
+            registry=r,
+        )
+        self.group_live_ranks = Gauge(
+            "moe_group_live_ranks", "Ranks in the group this rank serves in.", registry=r
+        )
+        self.requests_resumed = Counter(
+            "moe_requests_resumed",
+            "Requests resumed on another rank after theirs was lost (leader).",
+            registry=r,
+        )
 
     def count_delivery(self, event: TokenEvent) -> None:
         """An event the leader handed to a request's sink: its tokens, and how it ended."""

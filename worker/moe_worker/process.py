@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 
 from moe_worker.api import ServerHandle, create_control_app, create_openai_app, start
+from moe_worker.ep.comm import retired_groups
 from moe_worker.models import UnsupportedConfig
 from moe_worker.models.checkpoint import CheckpointError
+from moe_worker.models.verify import INVALID
 from moe_worker.runtime.loading import ShapeMismatch, open_weights
 from moe_worker.runtime.rank import Runtime
 from moe_worker.serving.generation import Backend
@@ -41,12 +43,40 @@ def report_fatal(message: str, termination_message_path: str | None) -> int:
     return EXIT_CONFIG
 
 
+def exit_now(code: int) -> None:
+    """End the process with `code` at once when it dropped process groups of past membership
+    epochs: their pending operations would abort the interpreter's exit (a rank that left, or
+    survived, a lost member). Otherwise return (the normal exit runs)."""
+    if retired_groups():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def install_signal_handlers(runtime: Runtime) -> None:
+    """SIGTERM (the kubelet, the local launcher) drains, then stops (`Runtime.drain`); a second
+    SIGTERM, or SIGINT (Ctrl-C), stops at once (running requests end "the server is stopping")."""
+    terminated = False
+
+    def drain(signum: int, _frame: object) -> None:
+        nonlocal terminated
+        if terminated:
+            return stop(signum, _frame)
+        terminated = True
+        timeout = runtime.settings.drain_timeout
+        log.info(
+            "rank %d got SIGTERM: draining (at most %g s), then stopping",
+            runtime.settings.rank,
+            timeout,
+        )
+        runtime.drain(then_stop=True)
+
     def stop(signum: int, _frame: object) -> None:
         log.info("rank %d got signal %d, stopping", runtime.settings.rank, signum)
         runtime.stop()
 
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, stop)
 
 
@@ -65,6 +95,8 @@ def start_servers(backend: Backend, settings: WorkerSettings) -> list[ServerHand
 def serve(settings: WorkerSettings) -> int:
     """One rank: HTTP first (liveness while the group forms), then the serving loop."""
     try:
+        if settings.chat_template and not Path(settings.chat_template).is_file():
+            raise OSError(f"--chat-template {settings.chat_template}: no such file")
         source, settings = open_weights(settings)
         runtime = Runtime(settings, source)  # the scheduler refuses impossible budgets here
     except (ShapeMismatch, CheckpointError, UnsupportedConfig, ValueError, OSError) as error:
@@ -78,12 +110,17 @@ def serve(settings: WorkerSettings) -> int:
     install_signal_handlers(runtime)
     try:
         runtime.run()
-    except Exception:
+    except CheckpointError as error:  # a tensor the config promises is not there, or misshapen
+        message = f"rank {settings.rank}: {INVALID}: {error}"
+        return report_fatal(message, settings.termination_message_path)
+    except Exception as error:
         # Asked to stop: its peers are stopping too, and a broken collective is expected then.
         if runtime.state.stopping.is_set():
             log.info("rank %d stopped (group closed during shutdown)", settings.rank)
             return 0
         log.exception("rank %d serving loop failed", settings.rank)
+        # The pod's status says why (the operator names it: a whole-group restart's reason).
+        report_fatal(f"rank {settings.rank}: {error}", settings.termination_message_path)
         return 1
     finally:
         for server in servers:

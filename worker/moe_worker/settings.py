@@ -21,6 +21,10 @@ from moe_contract import settings as settings_table
 from moe_contract.settings import Setting
 from moe_contract.shape import ModelShape
 
+POD_BIND_ADDRESS = "0.0.0.0"
+"""The bind address of a pod that names none (its own network namespace: the pod's IP and its
+loopback, which kubectl port-forward uses); outside a pod the table's default, 127.0.0.1."""
+
 
 def _default(name: str) -> Any:
     return settings_table.default(name)
@@ -62,6 +66,7 @@ class WorkerSettings:
     startup_timeout: float = _default("startup_timeout")
     collective_timeout: float = _default("collective_timeout")
     stall_timeout: float = _default("stall_timeout")
+    heartbeat_timeout: float = _default("heartbeat_timeout")
     # Weights and plans.
     checkpoint: str | None = _default("checkpoint")
     seed: int = _default("seed")
@@ -69,6 +74,7 @@ class WorkerSettings:
     slots_per_rank: int = _default("slots_per_rank")
     max_slots_per_rank: int | None = _default("max_slots_per_rank")
     switch_timeout: float = _default("switch_timeout")
+    drain_timeout: float = _default("drain_timeout")
     background_switch: bool = _default("background_switch")
     # Serving.
     kv_cache_tokens: int = _default("kv_cache_tokens")
@@ -78,16 +84,24 @@ class WorkerSettings:
     # HTTP.
     http_port: int = _default("http_port")
     bind_address: str = _default("bind_address")
+    pod_ip: str | None = _default("pod_ip")
     control_address: str | None = _default("control_address")
     token_path: str | None = _default("token_path")
     api_port: int = _default("api_port")
     api_keys_path: str | None = _default("api_keys_path")
     served_model_name: str | None = _default("served_model_name")
+    chat_template: str | None = _default("chat_template")
     termination_message_path: str = _default("termination_message_path")
 
     @property
     def is_leader(self) -> bool:
         return self.rank == 0
+
+    @property
+    def store_address(self) -> str:
+        """Where rank 0's rendezvous store listens: the pod's IP (the other pods reach it there,
+        and nothing else of the node does), else the bind address."""
+        return self.pod_ip or self.bind_address
 
     def replace(self, **changes: object) -> WorkerSettings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -111,10 +125,9 @@ def _parsed(environ: Mapping[str, str], *, traffic: bool) -> dict[str, Any]:
         if raw is None:
             continue
         try:
-            values[field_name(setting)] = setting.parse(raw)
-        except ValueError:
-            kind = setting.parse.__name__
-            raise ValueError(f"{setting.variable}={raw!r} is not a {kind}") from None
+            values[field_name(setting)] = setting.read(raw)
+        except ValueError as error:
+            raise ValueError(f"{setting.variable}: {error}") from None
     return values
 
 
@@ -150,12 +163,15 @@ def runs_pod_ranks(environ: Mapping[str, str]) -> bool:
 def settings_from_env(environ: Mapping[str, str] | None = None) -> WorkerSettings:
     """Settings from the operator's pod environment; unset names keep the defaults."""
     environ = os.environ if environ is None else environ
+    values = _parsed(environ, traffic=False)
+    if _get(environ, env.POD_NAME) is not None:  # probes, Services, port-forward reach a pod
+        values.setdefault("bind_address", POD_BIND_ADDRESS)
     return WorkerSettings(
         rank=rank_from_env(environ) or 0,
         model=env.shape_from_env(environ),
         declared_shape=env.declared_shape_fields(environ),
         traffic=TrafficSettings(**_parsed(environ, traffic=True)),
-        **_parsed(environ, traffic=False),
+        **values,
     )
 
 

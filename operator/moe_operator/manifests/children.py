@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import reduce
 from typing import Any
 
@@ -201,6 +202,19 @@ def build_token_secret(name: str, token: str | None = None) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class FieldRef:
+    """A setting the pod learns from the downward API (a field of its own object)."""
+
+    path: str
+
+
+def _env_var(name: str, value: object) -> dict[str, Any]:
+    if isinstance(value, FieldRef):
+        return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": value.path}}}
+    return {"name": name, "value": str(value)}
+
+
 def worker_settings(
     name: str, namespace: str, spec: MoEDeploymentSpec, group: int = 0
 ) -> dict[str, object]:
@@ -225,6 +239,7 @@ def worker_settings(
         # Where the container's termination message goes (the kubelet reads it back into the
         # pod's status; the operator shows a start-up refusal from there).
         "termination_message_path": TERMINATION_MESSAGE_PATH,
+        "pod_ip": FieldRef("status.podIP"),
     }
     return {
         s.name: reduce(getattr, s.spec.split("."), spec) if s.spec else implied[s.name]
@@ -244,21 +259,18 @@ def _worker_env(
     # The process group's settings (the table's first rows, up to the device), then the layout
     # and the shape, then the rest: the order pods have always had (another would change every
     # pod template, and so restart every group).
-    group = 1 + [variable for variable, _ in settings].index(worker_env.DEVICE)
+    cut = 1 + [variable for variable, _ in settings].index(worker_env.DEVICE)
     layout = spec.parallelism
     values: dict[str, object] = {
-        **dict(settings[:group]),
+        **dict(settings[:cut]),
         worker_env.EXPERT_PARALLEL: layout.expert,
         worker_env.TENSOR_PARALLEL: layout.tensor,
         worker_env.PIPELINE_PARALLEL: layout.pipeline,
         **worker_env.shape_to_env(spec.model.to_shape()),
-        **dict(settings[group:]),
+        **dict(settings[cut:]),
     }
-    pod_name = {
-        "name": worker_env.POD_NAME,
-        "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
-    }
-    fixed = [{"name": key, "value": str(value)} for key, value in values.items()]
+    pod_name = _env_var(worker_env.POD_NAME, FieldRef("metadata.name"))
+    fixed = [_env_var(key, value) for key, value in values.items()]
     network = podspec.network_env(spec)
     extra = [{"name": item.name, "value": item.value} for item in spec.worker.extra_env]
     return [pod_name, *fixed, *network, *extra]
@@ -291,9 +303,6 @@ def _serving_volumes(spec: MoEDeploymentSpec) -> list[tuple[dict[str, Any], str]
 
 
 LIVENESS_PERIOD_S = 5
-TERMINATION_GRACE_S = 30
-"""A worker pod's terminationGracePeriodSeconds: how long its drain may take (requests in flight
-finish) before it is killed; the operator waits as long for a drained group to go idle."""
 
 
 def probe_timeout_s(ranks_per_pod: int) -> int:
@@ -376,7 +385,7 @@ def build_statefulset(
     pod_spec: dict[str, Any] = {
         "containers": [container],
         "volumes": volumes,
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
+        "terminationGracePeriodSeconds": podspec.termination_grace_seconds(worker.extra_args),
         **podspec.pod_fields(spec, group_selector(name, group)),
     }
     if worker.node_selector:

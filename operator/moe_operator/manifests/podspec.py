@@ -15,8 +15,11 @@ module adds what a multi-node GPU job needs and what a cluster's policies expect
 
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import Any
 
+from moe_contract.settings import USER_SETTINGS
 from moe_operator.api import MoEDeploymentSpec
 
 SHM_VOLUME = "dshm"
@@ -76,6 +79,27 @@ def container_security_context(spec: MoEDeploymentSpec) -> dict[str, Any]:
     if spec.worker.network.ipc_lock:
         capabilities["add"] = ["IPC_LOCK"]
     return {"allowPrivilegeEscalation": False, "capabilities": capabilities}
+
+
+DRAIN_FLAG = "--drain-timeout"
+STOP_MARGIN_S = 10
+"""Past the drain: the launcher's 5 s for ranks to exit, the HTTP servers' last writes."""
+
+
+def termination_grace_seconds(extra_args: list[str]) -> int:
+    """The pod's terminationGracePeriodSeconds: the worker's drain (SIGTERM: not ready, running
+    sequences finish, then exit; `--drain-timeout` in extraArgs, else its default) and a margin,
+    so the kubelet's SIGKILL never cuts a drain short. 30 s for the default 20 s drain."""
+    drain = USER_SETTINGS[DRAIN_FLAG].default
+    for index, arg in enumerate(extra_args):  # validated: each flag has one value
+        flag, equals, value = arg.partition("=")
+        if flag == DRAIN_FLAG:
+            text = (
+                value if equals else (extra_args[index + 1] if index + 1 < len(extra_args) else "")
+            )
+            with contextlib.suppress(ValueError):  # admission refuses it; the builder is total
+                drain = USER_SETTINGS[DRAIN_FLAG].read(text)
+    return math.ceil(drain) + STOP_MARGIN_S
 
 
 def pod_fields(spec: MoEDeploymentSpec, selector: dict[str, str]) -> dict[str, Any]:

@@ -12,7 +12,12 @@ Methods (the MoEDeployment's `rebalancing.method`):
 - `GatingBias`: gate-bias update on the current slots (see `planning.gating`); changes routing.
 - `Auto`: spare memory first. `Replace` wherever a slot is spare or can be added; `GatingBias`
   only where nothing can be replicated (slotsPerRank 1 and E == R, the seed's layout) and no
-  slot can be added.
+  slot can be added. A plan Auto issues also anticipates a lost rank: where a layer has slots
+  for two replicas of every expert and it costs the layer's balance little
+  (`REDUNDANCY_TOLERANCE`), every expert is on two ranks of two pods
+  (`moe_contract.elastic.spread_replicas`), so the loss of one pod leaves every expert served
+  and the survivors move nothing; where balance needs those slots (a skew the slots can only
+  just even out), balance wins.
 
 Shapes: L = layers, R = ranks, S = slots per rank, E = logical experts; expert_load is [L][E].
 A changed plan gets version previous.version + 1 (1 without a previous plan). When nothing is worth
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moe_contract.elastic import spread_replicas
 from moe_contract.plan import (
     Plan,
     PlanError,
@@ -41,6 +47,7 @@ from moe_operator.planning.placement import check_loads, layer_imbalances
 from moe_operator.planning.replace import (
     Pricing,
     ReplaceOptions,
+    Slots,
     ideal_imbalance,
     nothing_to_replicate,
     replace_slots,
@@ -48,6 +55,10 @@ from moe_operator.planning.replace import (
 
 AUTO, REPLACE, ROUND_ROBIN, GATING_BIAS = "Auto", "Replace", "RoundRobin", "GatingBias"
 METHODS = (AUTO, REPLACE, ROUND_ROBIN, GATING_BIAS)
+
+REDUNDANCY_TOLERANCE = 0.05
+"""Auto spreads a layer's replicas over two ranks of two pods for every expert when that raises
+the layer's predicted imbalance (max/mean) by at most this fraction."""
 
 NEGLIGIBLE_BIAS = 1e-4
 """Gate-probability change below which a bias is not worth a new plan (it can only reroute
@@ -186,7 +197,7 @@ def plan_rebalance(
         notes = (note, unchanged)
         return _result(current, resolved, target.slots, None, loads, before, notes, pods)
     options = replace_options or ReplaceOptions()
-    return _replace(current, loads, before, max_slots, options, pods)
+    return _replace(current, loads, before, max_slots, options, pods, redundant=method == AUTO)
 
 
 def _pods(ranks_per_pod: int | None, world_size: int) -> int | None:
@@ -220,6 +231,7 @@ def _replace(
     max_slots: int,
     options: ReplaceOptions,
     pods: int | None,
+    redundant: bool = False,
 ) -> RebalanceResult:
     """Replace at the current slots per rank or at any size up to `max_slots`, whichever costs
     least in the planner's own terms: the sum over layers of `ReplaceOptions.cost` (every size
@@ -251,6 +263,8 @@ def _replace(
             best, slots = cost, chosen.as_tuples()
     if best is None or best[0] >= stay:
         slots = current.slots  # nothing (no size) gains more than its moves cost
+    elif redundant:  # a new plan anyway: one that a lost rank (or pod) leaves whole
+        slots = _redundant(slots, loads, pods)
     size = len(slots[0][0])
     dropped = " gate bias removed: routing is the model's own again;" if current.gate_bias else ""
     grew = (
@@ -272,6 +286,17 @@ def _replace(
         unchanged = f"no placement is worth its moves ({options.rule()}); plan unchanged"
     notes = (note, unchanged)
     return _result(current, REPLACE, slots, None, loads, before, notes, pods)
+
+
+def _redundant(slots: Slots, loads: tuple[tuple[float, ...], ...], pods: int | None) -> Slots:
+    """Each layer spread over two ranks of two pods per expert, where that costs its balance at
+    most REDUNDANCY_TOLERANCE."""
+    spread = spread_replicas(slots, loads, pods)
+    balanced, redundant = layer_imbalances(slots, loads), layer_imbalances(spread, loads)
+    return tuple(
+        wide if after <= before * (1 + REDUNDANCY_TOLERANCE) else layer
+        for layer, wide, before, after in zip(slots, spread, balanced, redundant, strict=True)
+    )
 
 
 def _checked_loads(expert_load: Sequence[Sequence[float]]) -> tuple[tuple[float, ...], ...]:

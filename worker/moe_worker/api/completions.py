@@ -3,7 +3,8 @@
 The serving loop calls `on_event` from its own thread; `Generation` hands each event to the
 event loop (`call_soon_threadsafe` into an `asyncio.Queue`) and never blocks that thread. The
 response owns the requests: `close()`, called however it ends (a client gone, a failure, a
-stall), aborts every choice still running; a stop string aborts its own choice.
+stall), aborts every choice still running; a stop string aborts its own choice. Both APIs
+(completions, chat) use it; each choice's timings go to the serving metrics (`observer`).
 """
 
 from __future__ import annotations
@@ -11,12 +12,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from moe_worker.api.errors import ApiError
 from moe_worker.api.text import TextStream
-from moe_worker.serving.generation import AdmissionError, Backend, GenerationRequest, TokenEvent
+from moe_worker.serving.generation import (
+    AdmissionError,
+    Backend,
+    GenerationRequest,
+    TokenEvent,
+    TokenLogprob,
+)
 
 log = logging.getLogger("moe_worker.api")
 
@@ -31,6 +40,13 @@ class ChoiceState:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    limit: int | None = None
+    """Tokens the client asked for when fewer than the engine makes (0: score the prompt)."""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    last_token_at: float | None = None
+    started: bool = False
+    """A delta of it went out already."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +57,28 @@ class Delta:
     token_ids: tuple[int, ...]
     text: str
     finish_reason: str | None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    first: bool = False
+    """The choice's first delta (a stream's echo and role go with it)."""
+
+
+class Observer(Protocol):
+    """What the serving metrics see of each choice (`serving_metrics.ServingMetrics`)."""
+
+    def first_token(self, seconds: float, queued: float | None, prompt_tokens: int) -> None: ...
+    def tokens(self, count: int, gap: float | None) -> None: ...
+    def finished(self, reason: str, seconds: float) -> None: ...
+
+
+class _NoObserver:
+    def first_token(self, seconds: float, queued: float | None, prompt_tokens: int) -> None:
+        pass
+
+    def tokens(self, count: int, gap: float | None) -> None:
+        pass
+
+    def finished(self, reason: str, seconds: float) -> None:
+        pass
 
 
 class Generation:
@@ -51,14 +89,18 @@ class Generation:
         texts: Sequence[TextStream | None],
         *,
         stall_timeout: float,
+        limit: int | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.backend = backend
         self.requests = list(requests)
         self.stall_timeout = stall_timeout
+        self.observer = observer or _NoObserver()
+        self.arrived = time.monotonic()
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.choices = {
-            r.request_id: ChoiceState(i, r.request_id, len(r.prompt_token_ids), text)
+            r.request_id: ChoiceState(i, r.request_id, len(r.prompt_token_ids), text, limit=limit)
             for i, (r, text) in enumerate(zip(requests, texts, strict=True))
         }
         self._submitted: list[str] = []
@@ -105,23 +147,48 @@ class Generation:
             self.close()
 
     def _apply(self, choice: ChoiceState, event: TokenEvent) -> Delta:
-        final = event.finish_reason is not None
-        choice.token_ids.extend(event.token_ids)
-        text = choice.text.push(event.token_ids, final) if choice.text is not None else ""
-        finish = event.finish_reason
+        first, choice.started = not choice.started, True
+        tokens, logprobs, finish = event.token_ids, event.logprobs, event.finish_reason
+        if choice.limit is not None and len(choice.token_ids) + len(tokens) >= choice.limit:
+            tokens = tokens[: choice.limit - len(choice.token_ids)]
+            logprobs = logprobs[: len(tokens)]
+            if finish in (None, "stop", "length"):
+                if finish is None:
+                    self.backend.abort(choice.request_id)
+                finish = "length"
+        self._observe(choice, event, tokens)
+        choice.token_ids.extend(tokens)
+        choice.logprobs.extend(logprobs)
+        if event.prompt_logprobs is not None:
+            choice.prompt_logprobs = event.prompt_logprobs
+        final = finish is not None
+        text = choice.text.push(tokens, final) if choice.text is not None else ""
         if choice.text is not None and choice.text.stopped and finish in (None, "length"):
             if finish is None:  # the engine would go on: the stop string is ours to enforce
                 self.backend.abort(choice.request_id)
             finish = "stop"
         choice.finish_reason = finish
         choice.error = event.error
-        return Delta(choice, tuple(event.token_ids), text, finish)
+        if finish is not None:
+            self.observer.finished(finish, time.monotonic() - self.arrived)
+        return Delta(choice, tuple(tokens), text, finish, tuple(logprobs), first)
+
+    def _observe(self, choice: ChoiceState, event: TokenEvent, tokens: Sequence[int]) -> None:
+        now = time.monotonic()
+        if event.token_ids and choice.last_token_at is None:  # the prompt was prefilled
+            self.observer.first_token(now - self.arrived, event.queue_seconds, choice.prompt_tokens)
+            self.observer.tokens(len(tokens), None)
+            choice.last_token_at = now
+        elif tokens and choice.last_token_at is not None:
+            self.observer.tokens(len(tokens), now - choice.last_token_at)
+            choice.last_token_at = now
 
     def close(self) -> None:
         """Abort every choice still running (idempotent): the response is over, however."""
         for choice in self.unfinished:
             if choice.request_id in self._submitted:
                 choice.finish_reason = "abort"
+                self.observer.finished("abort", time.monotonic() - self.arrived)
                 try:
                     self.backend.abort(choice.request_id)
                 except Exception:  # abort is best effort; the request ends with its stream

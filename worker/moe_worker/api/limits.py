@@ -30,6 +30,8 @@ MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
 MAX_LOGIT_BIAS = 300
 """Entries of `logit_bias`, for when it is supported (today only an empty one is accepted)."""
+MAX_MESSAGES = 4096
+"""Messages in one chat request: each is a pass of the template's loop, on the leader."""
 CHARS_PER_TOKEN = 32
 """A text prompt may have at most this many characters per token of the model's context: one
 longer would have to average more characters a token than any tokenizer's text does to fit."""

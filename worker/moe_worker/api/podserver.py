@@ -13,7 +13,7 @@ GET  /healthz    200 {"status": "ok", "ranks": [...]} when every rank's /healthz
 GET  /readyz     200 when every rank is ready (the pod is ready when all its ranks are); 503
 GET  /metrics    every rank's series merged (each carries its `rank` label), and
                  moe_pod_rank_up{rank} 1 or 0 for each rank (0: it did not answer)
-GET  /v1/plan, POST /v1/plan
+GET  /v1/plan, POST /v1/plan, POST /v1/drain, GET /v1/group, POST /v1/group/lost
                  passed to local rank 0 as they come (headers, body) and answered as it answers:
                  on pod 0 that is global rank 0, the leader; elsewhere a rank that is not
 """
@@ -173,6 +173,8 @@ def create_pod_app(
             ],
             "planVersion": _json(answers[0]).get("planVersion"),
         }
+        first = _json(answers[0])  # local rank 0's drain (the leader's in-flight requests)
+        body.update({key: first[key] for key in ("draining", "inFlight") if key in first})
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
@@ -205,4 +207,8 @@ def create_pod_app(
         return Response(answer.body, status_code=answer.status, media_type="application/json")
 
     app.add_api_route("/v1/plan", pass_to_leader, methods=["GET", "POST"])
+    app.add_api_route("/v1/drain", pass_to_leader, methods=["POST"])
+    # The membership: on pod 0 the operator reads the group's and tells the leader of pods lost.
+    app.add_api_route("/v1/group", pass_to_leader, methods=["GET"])
+    app.add_api_route("/v1/group/lost", pass_to_leader, methods=["POST"])
     return app

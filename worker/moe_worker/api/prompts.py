@@ -16,12 +16,14 @@ requests' prompts take turns with them (docs/worker.md, "Limits", has the measur
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from moe_worker.api.errors import ApiError
+from moe_worker.api.limits import CHARS_PER_TOKEN
 from moe_worker.serving.generation import ModelCard
 
 DEFAULT_MAX_TOKENS = 16
@@ -55,14 +57,29 @@ class Encoder:
     def __init__(self, threads: int = TOKENIZER_THREADS) -> None:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="moe-tokenize")
 
-    async def encode(self, tokenizer: Any, text: str) -> list[int]:
+    async def encode(self, tokenizer: Any, text: str, special_tokens: bool = True) -> list[int]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, encode_without_gil, tokenizer, text)
+        encode = functools.partial(encode_without_gil, special_tokens=special_tokens)
+        return await loop.run_in_executor(self._pool, encode, tokenizer, text)
 
 
-def encode_without_gil(tokenizer: Any, text: str) -> list[int]:
+def encode_without_gil(tokenizer: Any, text: str, special_tokens: bool = True) -> list[int]:
     """`tokenizer.encode(text).ids`, with the GIL released while the tokenizer works."""
-    return tokenizer.encode_batch([text])[0].ids  # type: ignore[no-any-return]
+    encoded = tokenizer.encode_batch([text], add_special_tokens=special_tokens)
+    return encoded[0].ids  # type: ignore[no-any-return]
+
+
+def check_text_size(text: str, card: ModelCard, where: str) -> None:
+    """Text built by the server (a rendered chat) or sent outside the completion schema
+    (`/tokenize`) is bounded as a prompt is, before it is tokenized: a 400 naming `where`."""
+    limit = CHARS_PER_TOKEN * card.max_context
+    if len(text) > limit:
+        raise ApiError(
+            400,
+            f"{where}: {len(text)} characters, at most {limit} ({CHARS_PER_TOKEN} per token of "
+            f"the model's context of {card.max_context} tokens); it is refused before tokenizing",
+            where,
+        )
 
 
 async def prompt_token_ids(
@@ -75,7 +92,7 @@ async def prompt_token_ids(
     ids = []
     for index, item in enumerate(prompts):
         tokens = item if not isinstance(item, str) else await _encode(item, tokenizer, encoder)
-        _check(tokens, card, where="prompt" if single else f"prompt[{index}]")
+        check_tokens(tokens, card, where="prompt" if single else f"prompt[{index}]")
         ids.append(list(tokens))
     return ids
 
@@ -91,22 +108,23 @@ async def _encode(text: str, tokenizer: Any | None, encoder: Encoder) -> list[in
     return await encoder.encode(tokenizer, text)
 
 
-def _check(tokens: Sequence[int], card: ModelCard, *, where: str) -> None:
+def check_tokens(
+    tokens: Sequence[int], card: ModelCard, *, where: str, field: str = "prompt"
+) -> None:
+    """Token ids the model can run: some, fewer than its context, inside its vocabulary."""
     if not tokens:
-        raise ApiError(400, f"{where}: has no tokens", "prompt")
+        raise ApiError(400, f"{where}: has no tokens", field)
     if len(tokens) >= card.max_context:
         raise ApiError(
             400,
             f"{where}: {len(tokens)} tokens leave no room to generate in the model's context of "
             f"{card.max_context} tokens",
-            "prompt",
+            field,
         )
     vocab = card.shape.vocab_size
     if min(tokens) < 0 or max(tokens) >= vocab:  # a tokenizer.json larger than the model
         bad = next(t for t in tokens if not 0 <= t < vocab)
-        raise ApiError(
-            400, f"{where}: token {bad} is outside the vocabulary 0..{vocab - 1}", "prompt"
-        )
+        raise ApiError(400, f"{where}: token {bad} is outside the vocabulary 0..{vocab - 1}", field)
 
 
 def max_tokens_for(asked: int | None, prompts: list[list[int]], card: ModelCard) -> int:

@@ -21,10 +21,10 @@ import datetime
 from fastapi import FastAPI
 from starlette.responses import JSONResponse, Response
 
-from moe_worker.serving.generation import Backend, Load
+from moe_worker.serving.generation import Backend, ServingLoad
 
 
-def loads_body(load: Load) -> dict[str, object]:
+def loads_body(load: ServingLoad) -> dict[str, object]:
     usage = load.used_tokens / load.capacity_tokens if load.capacity_tokens else 0.0
     rank = {
         "dp_rank": 0,

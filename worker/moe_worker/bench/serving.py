@@ -12,18 +12,26 @@ submitting its next request when the previous one ends. transformers runs the sa
 
 Reported per system and concurrency: requests/s, output tokens/s, time to first token (TTFT) and
 time per output token after the first (TPOT), p50 and p99, and the ratio of moe-ep's output
-tokens/s to transformers'. Greedy, no EOS: every request generates exactly `max_tokens` tokens.
+tokens/s to transformers'. Greedy, no EOS: every request generates exactly its `max_tokens`.
+
+`--workload realistic` is traffic as it comes: a mid-size random Mixtral (hidden 512, 8 experts,
+4 layers, vocabulary 8k), prompts of 16-512 tokens and outputs of 8-256 (each request its own),
+16 and 64 closed-loop clients, three runs. `generate()` serves them in static batches, each
+batch running until its longest output is done (the others' tokens keep being computed and
+are not counted); moe-ep admits a request as soon as another ends.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import queue
 import random
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,16 +58,55 @@ TINY_MIXTRAL = {
 }
 
 
+MID_MIXTRAL = {
+    "vocab_size": 8192,
+    "hidden_size": 512,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 1024,
+    "initializer_range": 0.02,
+}
+MODELS = {"tiny": TINY_MIXTRAL, "mid": MID_MIXTRAL}
+
+
 @dataclass(frozen=True)
 class ServingOptions:
     worlds: tuple[int, ...] = (1, 4)
     concurrency: tuple[int, ...] = (1, 4, 16)
     requests: int = 32
-    """Requests per (system, concurrency)."""
+    """Requests per (system, concurrency); see `requests_per_client`."""
     prompt_tokens: tuple[int, int] = (8, 48)
     """Prompt lengths are drawn uniformly in this range (inclusive)."""
     max_tokens: int = 32
     seed: int = 0
+    output_tokens: tuple[int, int] | None = None
+    """Each request's max_tokens drawn uniformly in this range; None: all `max_tokens`."""
+    model: str = "tiny"
+    """`tiny` (2 layers, hidden 64) or `mid` (4 layers, hidden 512, vocabulary 8k)."""
+    requests_per_client: int | None = None
+    """Requests = this x the concurrency (instead of `requests`)."""
+    runs: int = 1
+    """Each (system, concurrency) measured this many times (the table shows each run)."""
+
+    def requests_for(self, concurrency: int) -> int:
+        if self.requests_per_client is None:
+            return self.requests
+        return self.requests_per_client * concurrency
+
+
+REALISTIC = ServingOptions(
+    worlds=(1,),
+    concurrency=(16, 64),
+    prompt_tokens=(16, 512),
+    output_tokens=(8, 256),
+    model="mid",
+    requests_per_client=4,
+    runs=3,
+)
 
 
 @dataclass
@@ -91,22 +138,39 @@ def summarize(timings: list[Timing], wall: float) -> dict[str, float]:
     }
 
 
-def make_prompts(o: ServingOptions, vocab: int) -> list[list[int]]:
+def make_prompts(o: ServingOptions, vocab: int, count: int | None = None) -> list[list[int]]:
     rng = random.Random(f"bench-serving/{o.seed}")
     low, high = o.prompt_tokens
     return [
-        [rng.randrange(vocab) for _ in range(rng.randint(low, high))] for _ in range(o.requests)
+        [rng.randrange(vocab) for _ in range(rng.randint(low, high))]
+        for _ in range(o.requests if count is None else count)
     ]
+
+
+def make_output_lengths(o: ServingOptions, count: int) -> list[int]:
+    """Each request's max_tokens: `max_tokens`, or drawn from `output_tokens`."""
+    if o.output_tokens is None:
+        return [o.max_tokens] * count
+    rng = random.Random(f"bench-serving/outputs/{o.seed}")
+    return [rng.randint(*o.output_tokens) for _ in range(count)]
+
+
+def _per_request(max_tokens: int | Sequence[int], count: int) -> list[int]:
+    return [max_tokens] * count if isinstance(max_tokens, int) else list(max_tokens)
 
 
 # ---------------------------------------------------------------- moe-ep
 
 
 def run_clients(
-    runtime: Runtime, prompts: list[list[int]], concurrency: int, max_tokens: int
+    runtime: Runtime,
+    prompts: list[list[int]],
+    concurrency: int,
+    max_tokens: int | Sequence[int],
 ) -> dict[str, float]:
-    """`concurrency` closed-loop clients through the leader's Backend."""
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    """`concurrency` closed-loop clients through the leader's Backend; `max_tokens` for all
+    requests, or each its own."""
+    outputs = _per_request(max_tokens, len(prompts))
     work: queue.Queue[tuple[int, list[int]]] = queue.Queue()
     for item in enumerate(prompts):
         work.put(item)
@@ -118,6 +182,7 @@ def run_clients(
                 index, prompt = work.get_nowait()
             except queue.Empty:
                 return
+            params = SamplingParams(temperature=0, max_tokens=outputs[index], ignore_eos=True)
             timing = Timing(time.perf_counter())
 
             def sink(event: TokenEvent, t: Timing = timing) -> None:
@@ -145,8 +210,10 @@ def run_clients(
 
 def serve_moe_ep(
     checkpoint: Path, world: int, o: ServingOptions, prompts: list[list[int]]
-) -> dict[int, dict[str, float]]:
-    """A group of `world` ranks (rank 0 here) serving `checkpoint`; figures per concurrency."""
+) -> dict[int, list[dict[str, float]]]:
+    """A group of `world` ranks (rank 0 here) serving `checkpoint`; each run's figures per
+    concurrency."""
+    longest = max(len(p) for p in prompts) + max(make_output_lengths(o, len(prompts)))
     settings = WorkerSettings(
         checkpoint=str(checkpoint),
         world_size=world,
@@ -156,8 +223,8 @@ def serve_moe_ep(
         http_port=0,
         api_port=0,
         bind_address="127.0.0.1",
-        kv_cache_tokens=4096,
-        max_batch_tokens=256,
+        kv_cache_tokens=max(4096, -(-max(o.concurrency) * longest // world)),
+        max_batch_tokens=512 if o.model == "mid" else 256,
         max_queued_requests=max(o.concurrency) * 2,
     )
     one_thread = {"OMP_NUM_THREADS": "1"}  # like rank 0 here and generate(): one core each
@@ -175,7 +242,11 @@ def serve_moe_ep(
                 raise SystemExit("bench-serving: the group did not start")
             time.sleep(0.05)
         run_clients(runtime, prompts[:2], 1, 4)  # warm-up
-        return {c: run_clients(runtime, prompts, c, o.max_tokens) for c in o.concurrency}
+        figures: dict[int, list[dict[str, float]]] = {}
+        for c in o.concurrency:
+            asked, outputs = _workload(o, prompts, c)
+            figures[c] = [run_clients(runtime, asked, c, outputs) for _ in range(o.runs)]
+        return figures
     finally:
         runtime.stop()
         loop.join()
@@ -186,14 +257,24 @@ def serve_moe_ep(
 # ---------------------------------------------------------------- transformers
 
 
+def _workload(
+    o: ServingOptions, prompts: list[list[int]], concurrency: int
+) -> tuple[list[list[int]], list[int]]:
+    """The prompts and output lengths of a run at `concurrency`."""
+    count = o.requests_for(concurrency)
+    return prompts[:count], make_output_lengths(o, len(prompts))[:count]
+
+
 def run_generate(
     model: Any,
     prompts: list[list[int]],
     concurrency: int,
-    max_tokens: int,
+    max_tokens: int | Sequence[int],
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """`generate()` on batches of `concurrency` prompts, left-padded, greedy, on `device`."""
+    """`generate()` on batches of `concurrency` prompts, left-padded, greedy, on `device`; a
+    batch runs to its longest output, each request counted up to its own."""
+    outputs = _per_request(max_tokens, len(prompts))
     from transformers.generation.streamers import BaseStreamer
 
     class Clock(BaseStreamer):  # put() gets the prompt, then every step's new tokens
@@ -210,6 +291,7 @@ def run_generate(
     start = time.perf_counter()
     for first in range(0, len(prompts), concurrency):
         wave = prompts[first : first + concurrency]
+        wanted = outputs[first : first + concurrency]
         longest = max(len(p) for p in wave)
         ids = torch.tensor([[0] * (longest - len(p)) + p for p in wave], device=device)
         mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in wave], device=device)
@@ -218,25 +300,25 @@ def run_generate(
             model.generate(
                 input_ids=ids,
                 attention_mask=mask,
-                max_new_tokens=max_tokens,
-                min_new_tokens=max_tokens,
+                max_new_tokens=max(wanted),
+                min_new_tokens=max(wanted),
                 do_sample=False,
                 pad_token_id=0,
                 streamer=clock,
             )
-        tokens = len(clock.times) - 1
-        timings += [Timing(sent, clock.times[1], clock.times[-1], tokens) for _ in wave]
+        timings += [Timing(sent, clock.times[1], clock.times[n], n) for n in wanted]
     return summarize(timings, time.perf_counter() - start)
 
 
-def tiny_mixtral(directory: Path) -> Any | None:
-    """The tiny random Mixtral, saved to `directory`; None without transformers."""
+def tiny_mixtral(directory: Path, config: dict[str, Any] = TINY_MIXTRAL) -> Any | None:
+    """A random Mixtral (the tiny one unless `config` says), saved to `directory`; None
+    without transformers."""
     try:
         from transformers import MixtralConfig, MixtralForCausalLM
     except ImportError:
         return None
     torch.manual_seed(0)
-    model = MixtralForCausalLM(MixtralConfig(**TINY_MIXTRAL)).eval()
+    model = MixtralForCausalLM(MixtralConfig(**config)).eval()
     model.generation_config.eos_token_id = None
     model.save_pretrained(directory)
     return model
@@ -267,20 +349,26 @@ def run_serving_bench(o: ServingOptions, json_path: str | None = None) -> dict[s
     torch.set_num_threads(1)
     results: dict[str, Any] = {"options": asdict(o), "systems": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = Path(tmp) / "tiny-mixtral"
-        hf = tiny_mixtral(checkpoint)
+        checkpoint = Path(tmp) / f"{o.model}-mixtral"
+        config = MODELS[o.model]
+        hf = tiny_mixtral(checkpoint, config)
         if hf is None:
+            if o.model != "tiny":
+                raise SystemExit("bench-serving: the mid-size model needs transformers")
             seed_checkpoint(checkpoint)
         results["model"] = json.loads((checkpoint / "config.json").read_text())
-        prompts = make_prompts(o, 256)
+        count = max(o.requests_for(c) for c in o.concurrency)
+        prompts = make_prompts(o, config["vocab_size"], count)
         for world in o.worlds:
             figures = serve_moe_ep(checkpoint, world, o, prompts)
             results["systems"][f"moe-ep world {world}"] = figures
         if hf is not None:
             run_generate(hf, prompts[:2], 1, 4)  # warm-up
-            results["systems"]["transformers generate()"] = {
-                c: run_generate(hf, prompts, c, o.max_tokens) for c in o.concurrency
-            }
+            baseline: dict[int, list[dict[str, float]]] = {}
+            for c in o.concurrency:
+                asked, outputs = _workload(o, prompts, c)
+                baseline[c] = [run_generate(hf, asked, c, outputs) for _ in range(o.runs)]
+            results["systems"]["transformers generate()"] = baseline
     print(format_table(results))
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
@@ -288,25 +376,47 @@ def run_serving_bench(o: ServingOptions, json_path: str | None = None) -> dict[s
 
 
 def format_table(results: dict[str, Any]) -> str:
+    """One row per system, concurrency and run; the ratio is to transformers' run of the same
+    index (its median over runs when moe-ep made more)."""
     o, systems = results["options"], results["systems"]
     hf = systems.get("transformers generate()")
+    outputs = (
+        f"{o['output_tokens'][0]}-{o['output_tokens'][1]}"
+        if o.get("output_tokens")
+        else str(o["max_tokens"])
+    )
     lines = [
-        f"{o['requests']} requests, prompts {o['prompt_tokens'][0]}-{o['prompt_tokens'][1]} "
-        f"tokens, {o['max_tokens']} output tokens each, greedy",
-        f"{'system':<26}{'conc':>5}{'req/s':>8}{'tok/s':>9}{'TTFT p50':>10}{'p99':>8}"
+        f"prompts {o['prompt_tokens'][0]}-{o['prompt_tokens'][1]} tokens, {outputs} output "
+        "tokens each, greedy; requests per run: "
+        + ", ".join(
+            f"{c} clients {ServingOptions(**_options(o)).requests_for(c)}" for c in o["concurrency"]
+        ),
+        f"{'system':<26}{'conc':>5}{'run':>4}{'req/s':>8}{'tok/s':>9}{'TTFT p50':>10}{'p99':>8}"
         f"{'TPOT p50':>10}{'p99':>8}{'tok/s vs HF':>13}",
     ]
     for name, per_concurrency in systems.items():
-        for c, f in per_concurrency.items():
-            ratio = ""
-            if hf is not None:
-                ratio = f"{f['output_tokens_per_s'] / hf[c]['output_tokens_per_s']:.2f}x"
-            lines.append(
-                f"{name:<26}{c:>5}{f['requests_per_s']:>8.2f}{f['output_tokens_per_s']:>9.1f}"
-                f"{f['ttft_p50_s'] * 1e3:>8.1f}ms{f['ttft_p99_s'] * 1e3:>6.0f}ms"
-                f"{f['tpot_p50_s'] * 1e3:>8.1f}ms{f['tpot_p99_s'] * 1e3:>6.0f}ms{ratio:>13}"
-            )
+        for c, runs in per_concurrency.items():
+            for run, f in enumerate(_runs(runs)):
+                ratio = ""
+                if hf is not None:
+                    base = _runs(hf[c])[min(run, len(_runs(hf[c])) - 1)]
+                    ratio = f"{f['output_tokens_per_s'] / base['output_tokens_per_s']:.2f}x"
+                lines.append(
+                    f"{name:<26}{c:>5}{run + 1:>4}{f['requests_per_s']:>8.2f}"
+                    f"{f['output_tokens_per_s']:>9.1f}"
+                    f"{f['ttft_p50_s'] * 1e3:>8.1f}ms{f['ttft_p99_s'] * 1e3:>6.0f}ms"
+                    f"{f['tpot_p50_s'] * 1e3:>8.1f}ms{f['tpot_p99_s'] * 1e3:>6.0f}ms{ratio:>13}"
+                )
     return "\n".join(lines)
+
+
+def _runs(figures: Any) -> list[dict[str, float]]:
+    return figures if isinstance(figures, list) else [figures]
+
+
+def _options(raw: dict[str, Any]) -> dict[str, Any]:
+    known = {f for f in ServingOptions.__dataclass_fields__}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in known}
 
 
 def add_parser(sub: Any) -> None:
@@ -314,22 +424,45 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("bench-serving", help="serving throughput and latency vs transformers")
     p.add_argument("--json", dest="json_path", help="also write the figures to this file")
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--concurrency", type=int, nargs="+", default=None)
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, nargs=2, default=[8, 48])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--workload",
+        choices=["tiny", "realistic"],
+        default="tiny",
+        help="realistic: the mid-size Mixtral, prompts 16-512, outputs 8-256, 16 and 64 "
+        "clients, 4 requests each, 3 runs (the other flags are ignored but --runs, "
+        "--requests-per-client and --concurrency)",
+    )
+    p.add_argument("--runs", type=int, default=None)
+    p.add_argument("--requests-per-client", type=int, default=None)
     p.set_defaults(run=_run_from_args)
 
 
 def _run_from_args(args: argparse.Namespace) -> int:
-    options = ServingOptions(
-        worlds=tuple(args.worlds),
-        concurrency=tuple(args.concurrency),
-        requests=args.requests,
-        prompt_tokens=(args.prompt_tokens[0], args.prompt_tokens[1]),
-        max_tokens=args.max_tokens,
-        seed=args.seed,
-    )
+    args.concurrency_set = args.concurrency is not None
+    args.concurrency = args.concurrency or [1, 4, 16]
+    if args.workload == "realistic":
+        options = dataclasses.replace(
+            REALISTIC,
+            runs=args.runs or REALISTIC.runs,
+            requests_per_client=args.requests_per_client or REALISTIC.requests_per_client,
+            concurrency=tuple(args.concurrency) if args.concurrency_set else REALISTIC.concurrency,
+            seed=args.seed,
+        )
+    else:
+        options = ServingOptions(
+            worlds=tuple(args.worlds),
+            concurrency=tuple(args.concurrency),
+            requests=args.requests,
+            prompt_tokens=(args.prompt_tokens[0], args.prompt_tokens[1]),
+            max_tokens=args.max_tokens,
+            seed=args.seed,
+            runs=args.runs or 1,
+            requests_per_client=args.requests_per_client,
+        )
     run_serving_bench(options, args.json_path)
     return 0

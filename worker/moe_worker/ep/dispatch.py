@@ -17,6 +17,11 @@ returned as a `Pending`; `dispatch()` and `combine()` chain the steps for synchr
 `LocalDispatcher` (world 1) makes the collectives identities, so the same pre/post-processing
 runs in one process for tests.
 
+Collectives run on the dispatcher's `comm.Comm`: one membership epoch, whose members may be
+fewer than the plan's ranks (a lost rank holds no slot in the plan the survivors serve, so no
+token is sent to it: the counts and splits of the all-to-alls are those of the members, in
+member order, which is plan-rank order).
+
 Replicas: a logical expert held by several slots gets its tokens split among them by token index
 (plus the rank, so ranks with few tokens do not all pick the first replica): deterministic, and
 even in expectation. A plan with `ranksPerPod` routes by pod instead (`moe_contract.plan.
@@ -40,6 +45,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moe_contract.plan import Plan, pod_routes
+from moe_worker.ep.comm import Comm
 from moe_worker.models.base import weighted_sum
 
 ROUTE_BITS = 16
@@ -150,7 +156,7 @@ class Pending:
     def wait(self) -> Tensor:
         if self._work is not None:
             start = time.perf_counter()
-            self._work.wait()
+            self._owner.comm.wait(self._work)
             self._owner.comm_seconds += time.perf_counter() - start
             self._work = None
         return self.output
@@ -164,7 +170,7 @@ class Pending:
         side, compute = _side_stream(self.output.device), torch.cuda.current_stream()
         with torch.cuda.stream(side):
             if self._work is not None:
-                self._work.wait()  # the side stream waits for the collective only
+                self._owner.comm.wait(self._work)  # the side stream waits for it only
             else:
                 side.wait_stream(compute)  # world 1: the counts come from the compute stream
             host = torch.stack([*before, self.output]).to("cpu", non_blocking=True)
@@ -204,13 +210,42 @@ class DispatchMeta:
 
 
 class Dispatcher:
-    """All-to-all expert-parallel dispatch over the default process group (any backend)."""
+    """All-to-all expert-parallel dispatch over `comm` (None: the default process group)."""
 
-    def __init__(self, placement: Placement, num_layers: int, num_experts: int) -> None:
+    def __init__(
+        self, placement: Placement, num_layers: int, num_experts: int, comm: Comm | None = None
+    ) -> None:
         self.placement = placement
+        self._comm = comm
         # Tokens this rank processed per (layer, logical expert); read by /metrics, never reset.
         self.counts_LE = torch.zeros(num_layers, num_experts, dtype=torch.int64)
         self.comm_seconds = 0.0
+        self._member_rows: tuple[tuple[int, ...], Tensor] | None = None
+
+    @property
+    def comm(self) -> Comm:
+        if self._comm is None:
+            self._comm = Comm.world()
+        return self._comm
+
+    @comm.setter
+    def comm(self, comm: Comm) -> None:
+        self._comm = comm
+
+    @property
+    def epoch_comm(self) -> Comm | None:
+        """The membership epoch set, if any (None: the default group, resolved when used)."""
+        return self._comm
+
+    def _members_only(self, counts_RS: Tensor) -> Tensor:
+        """The rows of the epoch's members (all of them, unless ranks are lost)."""
+        members = self.comm.members
+        if len(members) == counts_RS.shape[0]:
+            return counts_RS
+        if self._member_rows is None or self._member_rows[0] != members:
+            index = torch.tensor(members, dtype=torch.int64, device=counts_RS.device)
+            self._member_rows = (members, index)
+        return counts_RS.index_select(0, self._member_rows[1])
 
     # ------------------------------------------------------------ the steps
 
@@ -226,7 +261,7 @@ class Dispatcher:
             p.world_size * p.slots_per_rank, dtype=torch.int64, device=x_ND.device
         )
         counts_G.scatter_add_(0, slot_A, torch.ones_like(slot_A))
-        send_counts_RS = counts_G.view(p.world_size, p.slots_per_rank)
+        send_counts_RS = self._members_only(counts_G.view(p.world_size, p.slots_per_rank))
         counts = send_counts_RS.to(self._counts_device(x_ND))
         return Routed(layer, n, k, _inverse(order_A), x_AD, counts)
 
@@ -243,12 +278,14 @@ class Dispatcher:
         send_splits = both_2RS[0].sum(1).tolist()
         recv_splits = both_2RS[1].sum(1).tolist()
         slot_sizes_S = both_2RS[1].sum(0)
-        self.counts_LE[routed.layer].index_add_(0, p.local_experts_LS[routed.layer], slot_sizes_S)
+        if p.local_experts[routed.layer]:  # a rank out of the plan (joining) holds no slot
+            local_LS = p.local_experts_LS[routed.layer]
+            self.counts_LE[routed.layer].index_add_(0, local_LS, slot_sizes_S)
         recv_counts_RS = recv_counts_RS.to(device)
         received = sum(recv_splits)
         slot_of_recv = (
             torch.arange(p.slots_per_rank, device=device)
-            .repeat(p.world_size)
+            .repeat(recv_counts_RS.shape[0])
             .repeat_interleave(recv_counts_RS.reshape(-1), output_size=received)
         )
         recv_order = torch.argsort(slot_of_recv, stable=True)
@@ -307,14 +344,12 @@ class Dispatcher:
     def _all_to_all(
         self, out: Tensor, inp: Tensor, out_splits: list[int] | None, in_splits: list[int] | None
     ) -> Pending:
-        work = dist.all_to_all_single(out, inp, out_splits, in_splits, async_op=True)
+        work = self.comm.all_to_all_single(out, inp, out_splits, in_splits)
         return Pending(out, work, self)
 
     def _counts_device(self, x_ND: Tensor) -> torch.device:
         """nccl moves only CUDA tensors, gloo only CPU ones."""
-        if dist.get_backend() == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        return self.comm.device
 
 
 class LocalDispatcher(Dispatcher):
@@ -327,6 +362,9 @@ class LocalDispatcher(Dispatcher):
 
     def _counts_device(self, x_ND: Tensor) -> torch.device:
         return x_ND.device  # no collective: the counts stay where the tokens are
+
+    def _members_only(self, counts_RS: Tensor) -> Tensor:
+        return counts_RS
 
 
 def _inverse(order: Tensor) -> Tensor:
@@ -345,6 +383,8 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[device]
 
 
-def make_dispatcher(placement: Placement, num_layers: int, num_experts: int) -> Dispatcher:
+def make_dispatcher(
+    placement: Placement, num_layers: int, num_experts: int, comm: Comm | None = None
+) -> Dispatcher:
     cls = LocalDispatcher if placement.world_size == 1 else Dispatcher
-    return cls(placement, num_layers, num_experts)
+    return cls(placement, num_layers, num_experts, comm)

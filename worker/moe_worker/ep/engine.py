@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from moe_contract.plan import Plan
+from moe_worker.ep.comm import Comm
 from moe_worker.ep.dispatch import DispatchMeta, Pending, Placement, make_dispatcher
 from moe_worker.ep.slots import Matrices, SlotStacks
 from moe_worker.ep.two_batch import forward_steps, interleave, run_through
@@ -54,19 +55,29 @@ class EPEngine:
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
         kernel: str = "auto",
+        comm: Comm | None = None,
+        record: Plan | None = None,
     ) -> None:
+        self.source = source
         self.arch, self.spec, self.shape = source.arch, source.spec, source.spec.shape
         self.rank, self.device = rank, torch.device(device)
         self.dtype = serving_dtype(source, dtype)
         self.kernel = choose_kernel(self.device, self.dtype, kernel)
         self.model = build_model(source, self.device, self.dtype)
-        loaded = load_experts(source, plan_experts(plan, rank), self.device, self.dtype)
-        self.stacks = SlotStacks.build([slots[rank] for slots in plan.slots], loaded)
-        del loaded
+        if rank in plan.absent:  # joining a running group: its experts come from the holders
+            shapes = self.arch.expert_shapes(self.shape)
+            self.stacks = SlotStacks.empty(self.shape.layers, shapes, self.dtype, self.device)
+        else:
+            loaded = load_experts(source, plan_experts(plan, rank), self.device, self.dtype)
+            self.stacks = SlotStacks.build([slots[rank] for slots in plan.slots], loaded)
+            del loaded
         self.dispatcher = make_dispatcher(
-            self._placement(plan), self.shape.layers, self.shape.experts
+            self._placement(plan), self.shape.layers, self.shape.experts, comm
         )
         self.plan = plan
+        """The layout served: the operator's plan, or one degraded from it (`absentRanks`)."""
+        self.record = record or plan
+        """The operator's plan it comes from (what GET /v1/plan answers)."""
         self.price = PriceCounters(self.shape.layers, self.device)
         self.gate = self._gate(plan)
         self.reset_timers()
@@ -85,6 +96,21 @@ class EPEngine:
         """Per layer [L]: top-K assignments of this rank's tokens that the gate bias moved off
         the model's own choice, and the gate probability they lost; never reset."""
         return self.price.read()
+
+    @property
+    def comm(self) -> Comm:
+        """The process group (membership epoch) of the MoE all-to-alls."""
+        return self.dispatcher.comm
+
+    def join_epoch(self, comm: Comm) -> None:
+        """Run the MoE all-to-alls on `comm` from now on (a new membership epoch)."""
+        self.dispatcher.comm = comm
+
+    def read_expert(self, layer: int, expert: int) -> Matrices:
+        """One expert's matrices read from the weights (the checkpoint, or the synthetic seed):
+        for an expert no live rank holds any more."""
+        weights = load_experts(self.source, [(layer, expert)], self.device, self.dtype)
+        return tuple(weights[(layer, expert)].matrices)
 
     def held_experts(self) -> list[set[int]]:
         """Per layer, the logical experts this rank holds under the plan being served."""
@@ -115,6 +141,8 @@ class EPEngine:
         return d.combine_back(back.wait(), meta, routing.topk_weights_NK)
 
     def _experts(self, layer: int, x_nD: Tensor, meta: DispatchMeta) -> Tensor:
+        if not self.stacks.experts(layer):  # out of the plan (joining): no slot, no rows
+            return x_nD
         start, cpu = time.perf_counter(), time.thread_time()
         groups = SlotGroups.of(meta.slot_sizes, self.kernel, meta.slot_counts_S)
         y_nD = self.arch.grouped_forward(x_nD, self.stacks.layer(layer), groups)
@@ -188,12 +216,19 @@ class EPEngine:
         return sum(r * c for r, c in rows_cols) * torch.empty((), dtype=self.dtype).element_size()
 
     @torch.no_grad()
-    def install(self, plan: Plan, received: Mapping[tuple[int, int], Matrices]) -> None:
-        """Serve `plan` from now on: each slot it changes is copied from `received` (the experts
-        that came from other ranks, by (layer, expert)) or from the slot that held it here."""
+    def install(
+        self,
+        plan: Plan,
+        received: Mapping[tuple[int, int], Matrices],
+        record: Plan | None = None,
+    ) -> None:
+        """Serve `plan` (the layout of the operator's `record`; by default itself) from now on:
+        each slot it changes is copied from `received` (the experts that came from other ranks
+        or from the weights, by (layer, expert)) or from the slot that held it here."""
         self.stacks.flip([slots[self.rank] for slots in plan.slots], received)
         self.dispatcher.placement = self._placement(plan)
         self.plan = plan
+        self.record = record or plan
         self.gate = self._gate(plan)
 
     def _placement(self, plan: Plan) -> Placement:

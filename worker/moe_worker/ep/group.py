@@ -2,7 +2,8 @@
 collectives of the serving loop (the leader's step descriptor out, every rank's result in).
 
 Both carry JSON text as uint8 tensors: plain data, never pickled objects, on any backend (nccl
-moves CUDA tensors only, gloo CPU ones).
+moves CUDA tensors only, gloo CPU ones), over a `comm.Comm` (one membership epoch's process
+group; None: the default process group).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from moe_worker.ep.comm import Comm
 
 log = logging.getLogger("moe_worker.ep.group")
 
@@ -47,18 +50,10 @@ def join(
     group begin, whose collectives fail after `collective_timeout_s` (a dead or hung peer: the
     rank's loop ends, the process exits non-zero and the group is brought back whole).
     """
-    log.info(
-        "rank %d/%d joining %s group at %s:%d", rank, world_size, backend, master_addr, master_port
-    )
-    store = dist.TCPStore(
-        master_addr,
-        master_port,
-        world_size,
-        is_master=rank == 0,
-        timeout=timedelta(seconds=startup_timeout_s),
-        wait_for_workers=False,
-        master_listen_fd=_listener(listen_address, master_port) if rank == 0 else None,
-    )
+    store = rendezvous(
+        master_addr, master_port, rank, world_size,
+        startup_timeout_s=startup_timeout_s, listen_address=listen_address,
+    )  # fmt: skip
     wait_for_peers(store, "joined", world_size, startup_timeout_s)
     dist.init_process_group(
         backend,
@@ -70,11 +65,45 @@ def join(
     return store
 
 
+def rendezvous(
+    master_addr: str,
+    master_port: int,
+    rank: int,
+    world_size: int,
+    *,
+    startup_timeout_s: float,
+    listen_address: str = "",
+) -> dist.Store:
+    """The group's rendezvous store: rank 0 serves it, the others connect (waiting up to the
+    startup timeout for rank 0 to listen)."""
+    log.info("rank %d/%d meeting the group at %s:%d", rank, world_size, master_addr, master_port)
+    return dist.TCPStore(
+        master_addr,
+        master_port,
+        world_size,
+        is_master=rank == 0,
+        timeout=timedelta(seconds=startup_timeout_s),
+        wait_for_workers=False,
+        master_listen_fd=_listener(listen_address, master_port) if rank == 0 else None,
+    )
+
+
+def connect(master_addr: str, master_port: int, timeout_s: float) -> dist.Store:
+    """Another connection to the group's store (a thread of its own talks over it)."""
+    return dist.TCPStore(
+        master_addr,
+        master_port,
+        is_master=False,
+        timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )
+
+
 def _listener(address: str, port: int) -> int | None:
     """A socket listening on `address` only, for rank 0's store; None (the store listens on every
     address) for a wildcard. torch's own store would take the port on every address of the
     machine: two local clusters' groups (pods on their own 127.x.y.z) would meet on one store."""
-    if address in ("", "0.0.0.0", "::"):
+    if address in ("", "0.0.0.0", "::"):  # env.WILDCARD_ADDRESSES
         return None
     listener = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -99,12 +128,6 @@ def wait_for_peers(store: dist.Store, step: str, world_size: int, timeout_s: flo
                 f"{count} of {world_size} ranks reached '{step}' within {timeout_s:g} s"
             )
         time.sleep(0.1)
-
-
-def collective_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 INLINE_BYTES = 16 * 1024
@@ -137,15 +160,16 @@ def _rest(payload: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(rest), dtype=torch.uint8)
 
 
-def broadcast_text(text: str | None, src: int = 0) -> str:
-    """Collective: `text` of rank `src` on every rank (others pass None)."""
-    if dist.get_world_size() == 1:  # nothing to send; a world-1 group still keeps the loop
+def broadcast_text(text: str | None, comm: Comm | None = None, src: int = 0) -> str:
+    """Collective: `text` of rank `src` on every member (others pass None)."""
+    comm = comm or Comm.world()
+    if comm.size == 1:  # nothing to send; a world-1 group still keeps the loop
         assert text is not None
         return text
-    device = collective_device()
-    payload = text.encode() if dist.get_rank() == src and text is not None else b""
+    device = comm.device
+    payload = text.encode() if comm.rank == src and text is not None else b""
     frame = _framed(payload, device)
-    dist.broadcast(frame, src)
+    comm.broadcast(frame, src)
     size, head = _unframe(frame)
     if size <= len(head):
         return head.decode()
@@ -154,20 +178,21 @@ def broadcast_text(text: str | None, src: int = 0) -> str:
         if payload
         else torch.empty(size - len(head), dtype=torch.uint8, device=device)
     )
-    dist.broadcast(rest, src)
+    comm.broadcast(rest, src)
     return (head + rest.cpu().numpy().tobytes()).decode()
 
 
-def gather_text(text: str) -> list[str]:
-    """Collective: every rank's `text`, in rank order (on every rank: all_gather works on every
-    backend, where gather does not; the texts are small)."""
-    if dist.get_world_size() == 1:
+def gather_text(text: str, comm: Comm | None = None) -> list[str]:
+    """Collective: every member's `text`, in member order (on every rank: all_gather works on
+    every backend, where gather does not; the texts are small)."""
+    comm = comm or Comm.world()
+    if comm.size == 1:
         return [text]
-    device = collective_device()
+    device = comm.device
     payload = text.encode()
-    world = dist.get_world_size()
+    world = comm.size
     frames = [torch.empty(INLINE_BYTES, dtype=torch.uint8, device=device) for _ in range(world)]
-    dist.all_gather(frames, _framed(payload, device))
+    comm.all_gather(frames, _framed(payload, device))
     parts = [_unframe(frame) for frame in frames]
     longest = max(size - len(head) for size, head in parts)
     if longest == 0:
@@ -176,7 +201,7 @@ def gather_text(text: str) -> list[str]:
     rest = _rest(payload)
     mine[: rest.numel()] = rest.to(device)
     tails = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
-    dist.all_gather(tails, mine)
+    comm.all_gather(tails, mine)
     return [
         (head + tail.cpu().numpy().tobytes()[: size - len(head)]).decode()
         for (size, head), tail in zip(parts, tails, strict=True)

@@ -17,9 +17,25 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from moe_worker.serving.generation import SamplingParams, finish_reason
+from moe_worker.serving.generation import SamplingParams, TokenLogprob, finish_reason
 
-__all__ = ["SamplingParams", "filter_logits", "finish_reason", "sample"]
+__all__ = ["SamplingParams", "filter_logits", "finish_reason", "sample", "token_logprobs"]
+
+
+def token_logprobs(logits_BV: Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """Row b's log-probability of tokens[b] and its `top` most likely tokens, under the model's
+    own distribution (log-softmax of the fp32 logits: no temperature, top-k or top-p), as
+    OpenAI and vLLM report them."""
+    logprobs_BV = torch.log_softmax(logits_BV.float(), dim=-1)
+    index_B = torch.tensor(list(tokens), dtype=torch.int64, device=logprobs_BV.device)
+    chosen_B = logprobs_BV.gather(1, index_B[:, None])[:, 0].tolist()
+    if top <= 0:
+        return [TokenLogprob(lp) for lp in chosen_B]
+    values_BK, ids_BK = logprobs_BV.topk(min(top, logprobs_BV.shape[1]), dim=-1, sorted=True)
+    return [
+        TokenLogprob(lp, tuple(zip(ids, values, strict=True)))
+        for lp, ids, values in zip(chosen_B, ids_BK.tolist(), values_BK.tolist(), strict=True)
+    ]
 
 
 def filter_logits(logits_BV: Tensor, top_k_B: Tensor, top_p_B: Tensor) -> Tensor:

@@ -46,6 +46,21 @@ class SlotStacks:
         ]
         return cls(stacks, [tuple(experts) for experts in local_experts])
 
+    @classmethod
+    def empty(
+        cls,
+        layers: int,
+        shapes: Sequence[tuple[int, int]],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> SlotStacks:
+        """No slot in any layer (a rank out of the plan: joining), [0, O, I] per matrix."""
+        stacks = [
+            tuple(torch.empty((0, rows, cols), dtype=dtype, device=device) for rows, cols in shapes)
+            for _ in range(layers)
+        ]
+        return cls(stacks, [() for _ in range(layers)])
+
     def layer(self, layer: int) -> Matrices:
         return self._stacks[layer]
 

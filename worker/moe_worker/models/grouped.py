@@ -67,6 +67,12 @@ def choose_kernel(device: torch.device, dtype: torch.dtype, wanted: str = "auto"
     return "grouped_mm" if works and device.type == "cuda" else "loop"
 
 
+FEW_ROWS = 8
+"""Up to this many rows, a slot's matmul runs as W @ x.T: on one CPU core the weight then
+streams as the left operand (measured 1.5-2.5x faster for 2-8 rows of a 1024 x 512 expert,
+equal for 1, slower from about 12)."""
+
+
 @dataclass(frozen=True)
 class SlotGroups:
     """How the rows of one MoE call split among the local slots."""
@@ -97,8 +103,12 @@ class SlotGroups:
         out_NO = x_NI.new_empty(x_NI.shape[0], w_SOI.shape[1])
         start = 0
         for slot, size in enumerate(self.sizes):
-            if size:
-                end = start + size
+            if not size:
+                continue
+            end = start + size
+            if size <= FEW_ROWS:  # decode: the weight read is the cost; as the left operand
+                out_NO[start:end] = torch.mm(w_SOI[slot], x_NI[start:end].T).T  # it streams
+            else:
                 torch.mm(x_NI[start:end], w_SOI[slot].T, out=out_NO[start:end])
-                start = end
+            start = end
         return out_NO

@@ -8,8 +8,10 @@ sequence count, and a full cache is an error the scheduler sees before the step 
 A step (`StepBatch`) mixes sequences that prefill (a whole prompt, or a chunk of one) with sequences
 that decode (one token): flat token ids and positions, plus one span per sequence. `prepare` turns
 it into `StepMeta`, computed once per step and used by every layer: where each new token's K/V
-go, and attention groups (every decoding sequence in one padded group, each prefill in its own) so
-one SDPA call serves many sequences without padding queries.
+go, and attention groups (decoding sequences in padded groups of similar lengths, each prefill in
+its own) so one SDPA call serves many sequences without padding queries and with little padding
+of keys. A prompt chunk that starts the sequence attends to the step's own keys (causal), with
+nothing read back from the cache.
 
 What a token leaves per layer: its keys and values ([Hkv, Hd] each); under multi-head latent
 attention (DeepSeek-V3) one entry [1, C + R], its compressed latent and rotary key, and no
@@ -85,16 +87,26 @@ class StepBatch:
         return torch.tensor(last, dtype=torch.int64, device=self.token_ids_N.device)
 
 
+DECODE_PADDING = 1.5
+"""A decode group's longest sequence is at most this many times its shortest: fewer keys read
+and attended as padding, for a few more (small) attention calls."""
+
+
 @dataclass(frozen=True)
 class AttentionGroup:
     """Sequences whose attention runs as one padded SDPA call."""
 
     token_index_BQ: Tensor
     """Flat index of each query token (no padding: Q is equal within a group)."""
-    key_slots_BT: Tensor
-    """Cache slot of each key position 0..T-1; padding points at slot 0 and is masked."""
-    mask_B1QT: Tensor
+    key_slots_BT: Tensor | None
+    """Cache slot of each key position 0..T-1; padding points at slot 0 and is masked. None:
+    one sequence's first tokens, whose keys are the step's own (`token_index_BQ`), causal."""
+    mask_B1QT: Tensor | None
     """True where a query may attend a key: key position <= query position (causal)."""
+
+    @property
+    def fresh(self) -> bool:
+        return self.key_slots_BT is None
 
 
 @dataclass(frozen=True)
@@ -185,12 +197,35 @@ class KVCache:
         self._lengths.pop(seq_id, None)
         self._slot_of.pop(seq_id, None)
 
+    def copy_prefix(self, source: SeqId, target: SeqId, tokens: int) -> None:
+        """`target` (reserved, nothing cached yet) gets the K/V of `source`'s first `tokens`
+        positions, every layer: a sibling sharing its prompt skips that prefill."""
+        if self.length(source) < tokens:
+            raise ValueError(
+                f"sequence {source!r} has {self.length(source)} tokens cached, not {tokens}"
+            )
+        if target not in self or self.length(target):
+            raise ValueError(f"sequence {target!r} is not admitted, or has tokens cached")
+        self.reserve(target, tokens)
+        device = self.k_LPHd.device
+        into = self._slots(target, 0, tokens).to(device)
+        out_of = self._slots(source, 0, tokens).to(device)
+        self.k_LPHd[:, into] = self.k_LPHd[:, out_of]
+        self.v_LPHd[:, into] = self.v_LPHd[:, out_of]
+        self._lengths[target] = tokens
+
     def length(self, seq_id: SeqId) -> int:
         """Tokens of `seq_id` whose K/V are cached."""
         return self._lengths.get(seq_id, 0)
 
     def __contains__(self, seq_id: SeqId) -> bool:
         return seq_id in self.blocks
+
+    def rewind(self, seq_id: SeqId, length: int) -> None:
+        """Forget what `seq_id` cached past `length` (a step the group did not finish): its
+        later positions are written again. Its blocks stay reserved."""
+        if seq_id in self._lengths:
+            self._lengths[seq_id] = min(self._lengths[seq_id], length)
 
     # ------------------------------------------------------------ one step
 
@@ -227,10 +262,13 @@ class KVCache:
             slots.append(keys[span.seq_id][span.position :])
             if span.length == 1:
                 decodes.append(span)
+            elif span.position == 0:  # its keys are its own new tokens: nothing to read back
+                offsets = torch.arange(span.start, span.start + span.length)
+                groups.append(AttentionGroup(offsets[None, :].to(device), None, None))
             else:
                 groups.append(self._group([span], keys, device))
-        if decodes:
-            groups.append(self._group(decodes, keys, device))
+        for similar in _by_length(decodes):
+            groups.append(self._group(similar, keys, device))
         slots_N = torch.cat(slots) if slots else torch.zeros(0, dtype=torch.int64)
         return StepMeta(slots_N.to(device), tuple(groups))
 
@@ -242,13 +280,19 @@ class KVCache:
             self.v_LPHd[layer].index_copy_(0, meta.slots_N, v_NHd)
 
     def read(self, layer: int, key_slots_BT: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and values at the given slots: [B, T, Hkv, Hd] each."""
+        """Keys and values at the given slots: [B, T, Hkv, Hd] each (`index_select`: a gather,
+        measured faster than indexing with a 2-d tensor)."""
         assert self.v_LPHd is not None, "this cache holds no values: read_keys"
-        return self.k_LPHd[layer][key_slots_BT], self.v_LPHd[layer][key_slots_BT]
+        flat = key_slots_BT.reshape(-1)
+        shape = (*key_slots_BT.shape, *self.k_LPHd.shape[2:])
+        k = self.k_LPHd[layer].index_select(0, flat).view(shape)
+        return k, self.v_LPHd[layer].index_select(0, flat).view(shape)
 
     def read_keys(self, layer: int, key_slots_BT: Tensor) -> Tensor:
         """The key entries at the given slots [B, T, Hkv, Hd] (MLA: [B, T, 1, C + R])."""
-        return self.k_LPHd[layer][key_slots_BT]
+        flat = key_slots_BT.reshape(-1)
+        shape = (*key_slots_BT.shape, *self.k_LPHd.shape[2:])
+        return self.k_LPHd[layer].index_select(0, flat).view(shape)
 
     def _slots(self, seq_id: SeqId, start: int, end: int) -> Tensor:
         """Cache slots of positions start..end-1. A block table only grows, so the slots of
@@ -277,3 +321,14 @@ class KVCache:
         return AttentionGroup(
             token_index_BQ.to(device), key_slots_BT.to(device), mask_BQT.unsqueeze(1).to(device)
         )
+
+
+def _by_length(decodes: list[SeqSpan]) -> list[list[SeqSpan]]:
+    """Decoding spans in groups of similar key counts (longest <= DECODE_PADDING x shortest)."""
+    groups: list[list[SeqSpan]] = []
+    for span in sorted(decodes, key=lambda s: s.position):
+        if groups and span.position + 1 <= DECODE_PADDING * (groups[-1][0].position + 1):
+            groups[-1].append(span)
+        else:
+            groups.append([span])
+    return groups

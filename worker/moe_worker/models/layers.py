@@ -151,12 +151,16 @@ class Attention(nn.Module):
         o_NHHd = torch.empty_like(q_NHHd)
         for group in meta.groups:
             q_BHQd = q_NHHd[group.token_index_BQ].transpose(1, 2)
-            k_BTHd, v_BTHd = cache.read(layer, group.key_slots_BT)
+            if group.key_slots_BT is None:  # a prompt's first tokens: its own keys, causal
+                k_BTHd, v_BTHd = k_NHHd[group.token_index_BQ], v_NHHd[group.token_index_BQ]
+            else:
+                k_BTHd, v_BTHd = cache.read(layer, group.key_slots_BT)
             o_BHQd = F.scaled_dot_product_attention(
                 q_BHQd,
                 k_BTHd.transpose(1, 2),
                 v_BTHd.transpose(1, 2),
                 attn_mask=group.mask_B1QT,
+                is_causal=group.key_slots_BT is None,
                 enable_gqa=self.kv_heads != self.heads,
             )
             o_NHHd[group.token_index_BQ.reshape(-1)] = o_BHQd.transpose(1, 2).flatten(0, 1)

@@ -83,10 +83,14 @@ class LatentAttention(nn.Module):
         latent_NC = self.kv_a_layernorm(latent_NC)
         q_rot_NHR = self.rotate(q_rot_NHR, *rope)
         k_rot_N1R = self.rotate(k_rot_NR.view(n, 1, self.rope_dim), *rope)
-        cache.write(layer, meta, torch.cat([latent_NC.view(n, 1, self.latent), k_rot_N1R], dim=-1))
+        entries_N1E = torch.cat([latent_NC.view(n, 1, self.latent), k_rot_N1R], dim=-1)
+        cache.write(layer, meta, entries_N1E)
         o_NHv = q_NHd.new_empty(n, self.heads, self.v_dim)
         for group in meta.groups:
-            entries_BT1E = cache.read_keys(layer, group.key_slots_BT)
+            if group.key_slots_BT is None:  # a prompt's first tokens: its own entries, causal
+                entries_BT1E = entries_N1E[group.token_index_BQ]
+            else:
+                entries_BT1E = cache.read_keys(layer, group.key_slots_BT)
             q_index = group.token_index_BQ
             attend = self._absorbed if q_index.shape[1] == 1 else self._expanded
             o_BQHv = attend(q_nope_NHn[q_index], q_rot_NHR[q_index], entries_BT1E, group)
@@ -109,6 +113,7 @@ class LatentAttention(nn.Module):
             k_BTHd.transpose(1, 2),
             v_BTHv.transpose(1, 2),
             attn_mask=group.mask_B1QT,
+            is_causal=group.fresh,
             scale=self.scale,
         )
         return o_BHQv.transpose(1, 2)
@@ -124,6 +129,12 @@ class LatentAttention(nn.Module):
         k_B1TE = entries_BT1E.transpose(1, 2)
         v_B1TC = k_B1TE[..., : self.latent]
         o_BHQC = F.scaled_dot_product_attention(
-            q_BHQE, k_B1TE, v_B1TC, attn_mask=group.mask_B1QT, scale=self.scale, enable_gqa=True
+            q_BHQE,
+            k_B1TE,
+            v_B1TC,
+            attn_mask=group.mask_B1QT,
+            is_causal=group.fresh,
+            scale=self.scale,
+            enable_gqa=True,
         )
         return torch.einsum("bhqc,hvc->bqhv", o_BHQC, w_uv_HvC)

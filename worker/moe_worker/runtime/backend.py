@@ -8,17 +8,22 @@ blocks its own thread until every rank switched.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from moe_contract.group import REGROUPING, GroupStatus
 from moe_contract.plan import Plan
 from moe_contract.plan import validate_plan as check_plan
 from moe_contract.switch import NOT_READY, STALE, SwitchAnswer
 from moe_worker.metrics import WorkerMetrics, exposition
 from moe_worker.runtime.state import RankState
 from moe_worker.serving.generation import (
+    DRAINING,
+    DrainState,
     EventSink,
     GenerationRequest,
-    Load,
     ModelCard,
     NotReady,
+    ServingLoad,
 )
 from moe_worker.serving.leader import Leader
 from moe_worker.settings import WorkerSettings
@@ -35,6 +40,10 @@ class RankBackend:
     ) -> None:
         self.settings, self._card, self.state = settings, card, state
         self.leader, self.metrics = leader, metrics
+        self.on_drain: Callable[[], None] = state.draining.set
+        """What POST /v1/drain starts (the runtime's drain)."""
+        self.report_lost: Callable[[list[int], str], bool] = lambda ranks, reason: False
+        """Set by the runtime: the leader drops these ranks at once."""
 
     @property
     def rank(self) -> int:
@@ -57,14 +66,6 @@ class RankBackend:
     def metrics_text(self) -> bytes:
         return exposition(self.metrics.registry, self.rank)
 
-    def load(self) -> Load:
-        if self.leader is None:
-            return Load()
-        scheduler = self.leader.scheduler
-        capacity = sum(allocator.capacity_tokens for allocator in scheduler.allocators)
-        free = sum(allocator.free_tokens for allocator in scheduler.allocators)
-        return Load(scheduler.waiting, scheduler.running, capacity - free, capacity)
-
     def current_plan(self) -> Plan | None:
         return self.state.plan()
 
@@ -83,9 +84,20 @@ class RankBackend:
         if switch is not None and current is not None and plan.version > current.version:
             switch.mover.check_memory(plan)
 
+    def drain(self) -> DrainState:
+        self.on_drain()
+        return self.drain_state()
+
+    def drain_state(self) -> DrainState:
+        in_flight = None if self.leader is None else self.leader.in_flight
+        timeout = self.settings.drain_timeout
+        return DrainState(self.state.draining.is_set(), in_flight, timeout)
+
     def submit(self, request: GenerationRequest, on_event: EventSink) -> None:
         if self.leader is None:
             raise NotReady("only the leader (rank 0) serves requests")
+        if self.state.draining.is_set():
+            raise NotReady(DRAINING)
         if not self.is_ready():
             raise NotReady("the worker group is not ready")
         self.leader.submit(request, on_event)
@@ -93,6 +105,24 @@ class RankBackend:
     def abort(self, request_id: str) -> None:
         if self.leader is not None:
             self.leader.abort(request_id)
+
+    def load(self) -> ServingLoad:
+        return ServingLoad() if self.leader is None else self.leader.scheduler.load()
+
+    def group_status(self) -> GroupStatus | None:
+        view = self.state.group
+        if view is None:
+            return None
+        resumed = 0 if self.leader is None else self.leader.scheduler.resumed_total
+        return GroupStatus(
+            epoch=view.epoch,
+            world=view.world,
+            live=view.members,
+            joining=tuple(r for r in view.members if r not in view.holders),
+            state=view.state,
+            reason=view.regrouping if view.state == REGROUPING else None,
+            resumed_requests=resumed,
+        )
 
     def switch_plan(self, plan: Plan, timeout: float) -> SwitchAnswer:
         """Leader: block until every rank serves `plan`; the stale answer if it is not newer."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from moe_contract.plan import PLAN_FILE_NAME, Plan, PlanError, parse_plan, round_robin_plan
 from moe_contract.plan import validate_plan as check_plan
 from moe_worker.ep import group
+from moe_worker.ep.comm import Comm
 from moe_worker.settings import WorkerSettings
 
 log = logging.getLogger("moe_worker")
@@ -43,8 +44,8 @@ def read_initial_plan(settings: WorkerSettings) -> Plan:
     return round_robin_plan(m.layers, m.experts, world, slots)
 
 
-def agreed_initial_plan(settings: WorkerSettings) -> Plan:
+def agreed_initial_plan(settings: WorkerSettings, comm: Comm | None = None) -> Plan:
     """Collective: the leader's initial plan, on every rank. The leader's wins: mounted
     ConfigMaps can lag by a sync period between pods."""
     mine = read_initial_plan(settings).to_json() if settings.is_leader else None
-    return parse_plan(group.broadcast_text(mine))
+    return parse_plan(group.broadcast_text(mine, comm))

@@ -2,11 +2,14 @@
 step's outcome goes.
 
 It owns the scheduler, the built-in traffic and the queue of plan switches the HTTP threads ask
-for. `next_step` waits (at most `IDLE_TICK`) for something to do, then turns it into a
-`StepDescriptor`; `complete` hands every rank's tokens to the scheduler and the events to the
-requests' sinks; `answer_switch` wakes the HTTP thread waiting on the switch it carried. No torch,
-no process group and no metrics library here: the runtime does the collectives, and counts what
-the leader delivers through `count_delivery`.
+for. While ranks are out of the group, a plan is served as its layout over the ranks in it
+(`layout`: `moe_contract.elastic.degraded_plan`), and a rank back in gets its experts by an
+internal switch to the layout over every rank in the group (`grow`). `next_step` waits (at most
+`IDLE_TICK`) for something to do, then turns it into a `StepDescriptor`; `complete` hands every
+rank's tokens to the scheduler and the events to the requests' sinks; `answer_switch` wakes the
+HTTP thread waiting on the switch it carried. No torch, no process group and no metrics library
+here: the runtime does the collectives, and counts what the leader delivers through
+`count_delivery`.
 """
 
 from __future__ import annotations
@@ -18,8 +21,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from moe_contract.plan import Plan
-from moe_contract.switch import GROUP_FAILED, STALE, TIMEOUT, SwitchAnswer
+from moe_contract.plan import Plan, PlanError
+from moe_contract.switch import (
+    DOES_NOT_FIT,
+    GROUP_FAILED,
+    STALE,
+    TIMEOUT,
+    TRANSFER_FAILED,
+    SwitchAnswer,
+)
 from moe_worker.serving.generation import AdmissionError, EventSink, GenerationRequest, TokenEvent
 from moe_worker.serving.scheduler import Delivery, Scheduler, SchedulerConfig
 from moe_worker.serving.step import Chunk, StepDescriptor, StepResult, SwitchCommand
@@ -49,6 +59,10 @@ class Switch:
     """Its caller timed out before the loop took it: it never will."""
     deadline: float = float("inf")
     """time.monotonic() after which a background switch still moving experts is abandoned."""
+    serve: Plan | None = None
+    """The layout of `plan` served while ranks are out of the group (None: `plan` itself)."""
+    internal: bool = False
+    """The group's own (a rank back in): no HTTP thread waits for it."""
 
 
 @dataclass
@@ -79,6 +93,12 @@ class Leader:
         self._switches: queue.Queue[Switch] = queue.Queue()
         self._switch_lock = threading.Lock()
         self._in_flight: Switch | None = None
+        self.draining = False
+        """Set by the runtime's drain: no more built-in traffic is generated."""
+        self._grow: Switch | None = None
+        self.layout: Callable[[Plan], Plan | None] = lambda plan: None
+        """The layout a plan is served as while ranks are out of the group (None: the plan
+        itself); PlanError (NoRoom) when the group cannot hold it."""
 
     # ------------------------------------------------------------ HTTP threads
 
@@ -106,6 +126,16 @@ class Leader:
     def wake(self) -> None:
         self._wake.set()
 
+    @property
+    def in_flight(self) -> int:
+        """Requests the scheduler holds, waiting or running (read from any thread)."""
+        return self.scheduler.waiting + self.scheduler.running
+
+    @property
+    def idle(self) -> bool:
+        """Nothing left to run, release or abort: a drain is done."""
+        return not self.scheduler.has_work
+
     # ------------------------------------------------------------ the serving loop
 
     def next_step(self, step: int, plan_version: int, stopping: bool) -> StepDescriptor:
@@ -124,14 +154,46 @@ class Leader:
             chunks=scheduled.chunks,
             switch=switch,
             two_batch=self.two_batch and _most_tokens_of_a_rank(scheduled.chunks) >= 2,
+            copies=scheduled.copies,
         )
 
     def answer_switch(self, answer: SwitchAnswer) -> None:
         """The serving loop's answer to the switch in flight (applied, stale, abandoned)."""
         if self._in_flight is not None:
-            self._answer(self._in_flight, answer)
+            if not self._in_flight.internal:
+                self._answer(self._in_flight, answer)
             self._in_flight = None
         self._transfers = None
+
+    # ------------------------------------------------------------ the group changing
+
+    def grow(self, record: Plan, layout: Plan, timeout: float) -> None:
+        """Switch every rank to `layout` (of `record`, the plan served) when the switch in
+        flight ends: the experts of ranks back in the group come from their holders."""
+        self._grow = Switch(
+            record, deadline=time.monotonic() + timeout, serve=layout, internal=True
+        )
+        self._wake.set()
+
+    def regroup(self, lost: Sequence[int], joined: Sequence[int], error: str) -> list[str]:
+        """A new membership epoch: the step in flight is undone (every rank undoes it), the
+        switch in flight dropped (answered with `error`; the old plan serves), the requests of
+        `lost` ranks resumed on the others. Returns the ids resumed."""
+        self.scheduler.rewind()
+        if self._in_flight is not None and not self._in_flight.internal:
+            self._answer(self._in_flight, SwitchAnswer.refused(TRANSFER_FAILED, error=error))
+        self._in_flight = self._transfers = None
+        self._grow = None
+        resumed = self.scheduler.lose(lost) if lost else []
+        if joined:
+            self.scheduler.welcome(joined)
+        self._wake.set()
+        return resumed
+
+    @property
+    def switching(self) -> bool:
+        """A switch is in flight (or an internal one waits to start)."""
+        return self._in_flight is not None or self._grow is not None
 
     def complete(self, results: Sequence[StepResult]) -> None:
         if self._transfers is not None:
@@ -163,7 +225,9 @@ class Leader:
                 return None
             if self.background_switch:
                 self._transfers = _Transfers(switch)
-            return SwitchCommand.start(switch.plan, background=self.background_switch)
+            return SwitchCommand.start(
+                switch.plan, background=self.background_switch, serve=switch.serve
+            )
         failed = [f"rank {r}: {s}" for r, s in enumerate(t.states) if s and s.startswith("fail")]
         if failed:
             return SwitchCommand.abandon("; ".join(failed))
@@ -178,7 +242,8 @@ class Leader:
         if self._transfers is not None:  # poll the ranks until the switch lands
             self._wake.wait(0 if self.scheduler.has_work else POLL_TICK)
             return
-        if self.scheduler.has_work or (self._in_flight is None and not self._switches.empty()):
+        queued = self._grow is not None or not self._switches.empty()
+        if self.scheduler.has_work or (self._in_flight is None and queued):
             return
         wait = IDLE_TICK
         if self.traffic.enabled:
@@ -186,6 +251,9 @@ class Leader:
         self._wake.wait(wait)
 
     def _take_switch(self, plan_version: int) -> Switch | None:
+        if self._grow is not None:
+            grow, self._grow = self._grow, None
+            return grow
         while True:
             try:
                 pending = self._switches.get_nowait()
@@ -195,9 +263,15 @@ class Leader:
                 if pending.cancelled:
                     continue
                 pending.taken = True
-            if pending.plan.version > plan_version:
-                return pending
-            self._answer(pending, SwitchAnswer.refused(STALE, version=plan_version))
+            if pending.plan.version <= plan_version:
+                self._answer(pending, SwitchAnswer.refused(STALE, version=plan_version))
+                continue
+            try:
+                pending.serve = self.layout(pending.plan)
+            except PlanError as error:  # no room for it on the ranks in the group
+                self._answer(pending, SwitchAnswer.refused(DOES_NOT_FIT, error=str(error)))
+                continue
+            return pending
 
     @staticmethod
     def _answer(pending: Switch, answer: SwitchAnswer) -> None:
@@ -205,7 +279,7 @@ class Leader:
         pending.done.set()
 
     def _top_up_traffic(self) -> None:
-        if not self.traffic.due(time.monotonic()):
+        if self.draining or not self.traffic.due(time.monotonic()):
             return
         for request in self.traffic.top_up(time.monotonic()):
             try:

@@ -20,10 +20,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch.distributed as dist
-
 from moe_contract.plan import Plan
 from moe_contract.switch import BACKGROUND, BLOCKING, STALE, SwitchAnswer
+from moe_worker.ep.comm import Comm
 from moe_worker.serving.step import SwitchCommand
 from moe_worker.switch.mover import ExpertMover
 from moe_worker.switch.switcher import BackgroundSwitcher
@@ -59,10 +58,15 @@ class RankSwitch:
         world_size: int,
         timeout_s: float,
         on_switched: Callable[[Switched], None] = lambda switched: None,
+        comm: Comm | None = None,
     ) -> None:
         self.mover = mover
-        self.background = BackgroundSwitcher(mover, world_size, timeout_s)
+        self.background = BackgroundSwitcher(mover, world_size, timeout_s, comm)
         self.on_switched = on_switched
+
+    def join_epoch(self, comm: Comm) -> Plan | None:
+        """Collective: a new membership epoch (see `BackgroundSwitcher.join_epoch`)."""
+        return self.background.join_epoch(comm)
 
     def state(self) -> str | None:
         """The background switch's state for the step result: None, pending, done, failed."""
@@ -77,20 +81,22 @@ class RankSwitch:
             plan, moved, pause, transfer_s = self.background.flip(command.version)
             return self._switched(Switched(previous, plan, moved, pause, transfer_s, BACKGROUND))
         if command.action == "start" and command.plan is not None:
-            plan = command.plan
-            if plan.version <= previous:  # the same answer on every rank: nobody moves anything
+            record, layout = command.plan, command.serve or command.plan
+            # The same answer on every rank: nobody moves anything. The same version with a
+            # layout is the group changing (a rank back), not a new plan.
+            if record.version < previous or (record.version == previous and not command.serve):
                 return SwitchAnswer.refused(STALE, version=previous)
             if command.background:
-                self.background.start(plan)
+                self.background.start(layout, record)
                 return None
-            return self._switched(self._blocking(previous, plan))
+            return self._switched(self._blocking(previous, layout, record))
         return None
 
-    def _blocking(self, previous: int, plan: Plan) -> Switched:
+    def _blocking(self, previous: int, layout: Plan, record: Plan) -> Switched:
         start = time.perf_counter()
-        moved = self.mover.apply(plan)
-        dist.barrier()
-        return Switched(previous, plan, moved, time.perf_counter() - start, None, BLOCKING)
+        moved = self.mover.apply(layout, record)
+        self.mover.engine.comm.barrier()
+        return Switched(previous, record, moved, time.perf_counter() - start, None, BLOCKING)
 
     def _switched(self, switched: Switched) -> SwitchAnswer:
         self.on_switched(switched)

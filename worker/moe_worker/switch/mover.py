@@ -84,10 +84,12 @@ class ExpertMover:
             )
 
     def start(self, plan: Plan, group: dist.ProcessGroup | None) -> ExpertTransfer:
-        """Post the messages that bring this rank the experts `plan` adds (on `group`; None: the
-        default group). The old plan keeps serving until `flip`. Raises PlanError, before any
-        message, when the switch would not fit this rank's memory (`check_memory`); collective
-        peers then fail their transfer, and the leader abandons the switch with that reason."""
+        """Post the messages that bring this rank the experts `plan` adds (on `group`, a
+        subgroup of the engine's membership epoch; None: the epoch's own group), and read those
+        no live rank holds from the weights. The old plan keeps serving until `flip`. Raises
+        PlanError, before any message, when the switch would not fit this rank's memory
+        (`check_memory`); collective peers then fail their transfer, and the leader abandons the
+        switch with that reason."""
         self.check_memory(plan)
         engine = self.engine
         transfer = ExpertTransfer(
@@ -98,19 +100,22 @@ class ExpertMover:
             dtype=engine.dtype,
             device=engine.device,
             group=group,
+            comm=engine.dispatcher.epoch_comm,
+            read=engine.read_expert,
         )
         transfer.post()
         return transfer
 
-    def flip(self, plan: Plan, transfer: ExpertTransfer) -> int:
-        """Serve `plan` from now on, its experts copied from `transfer`'s staging buffers (all
-        landed); returns how many experts this rank received."""
-        self.engine.install(plan, transfer.received)
+    def flip(self, plan: Plan, transfer: ExpertTransfer, record: Plan | None = None) -> int:
+        """Serve `plan` (the layout of the operator's `record`, by default itself) from now on,
+        its experts copied from `transfer`'s staging buffers (all landed); returns how many
+        experts this rank received."""
+        self.engine.install(plan, transfer.received, record)
         return len(transfer.received)
 
-    def apply(self, plan: Plan) -> int:
-        """Collective, blocking: switch to `plan` now; returns how many experts this rank
-        received."""
+    def apply(self, plan: Plan, record: Plan | None = None) -> int:
+        """Collective, blocking: switch to `plan` now (a collective of the epoch: GroupFailed if
+        the epoch ends meanwhile); returns how many experts this rank received."""
         transfer = self.start(plan, group=None)
-        transfer.wait()
-        return self.flip(plan, transfer)
+        transfer.wait(abandonable=True)
+        return self.flip(plan, transfer, record)

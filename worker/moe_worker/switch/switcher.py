@@ -13,8 +13,8 @@
 
 The leader (`serving.leader.Leader`) decides flip or abandon from every rank's state, so all ranks
 do the same at the same step boundary (`commands.RankSwitch`): never half-switched. A rank that
-dies mid-transfer breaks the whole process group (its peers' collectives fail): the group
-restarts as a whole, every rank on the plan mounted from the ConfigMap.
+dies mid-transfer ends the membership epoch: every survivor drops the switch in flight with the
+epoch's transfer group (`join_epoch`), and the leader answers it (the old plan serves, degraded).
 
 An abandoned switch may leave messages unmatched on the transfer group, so every rank drops
 that group and forms a new one (collective, at the abandon step); what those messages may still
@@ -32,14 +32,9 @@ from typing import Any
 
 from moe_contract.plan import Plan
 from moe_contract.switch import DOES_NOT_FIT, TIMEOUT, TRANSFER_FAILED, SwitchAnswer
+from moe_worker.ep.comm import Comm
 from moe_worker.switch.mover import ExpertMover
-from moe_worker.switch.transfer import (
-    DONE,
-    FAILED,
-    ExpertTransfer,
-    close_transfer_group,
-    new_transfer_group,
-)
+from moe_worker.switch.transfer import DONE, FAILED, ExpertTransfer, new_transfer_group
 
 log = logging.getLogger("moe_worker.switch.switcher")
 
@@ -47,19 +42,26 @@ log = logging.getLogger("moe_worker.switch.switcher")
 class BackgroundSwitcher:
     """The background plan switch of one rank's engine."""
 
-    def __init__(self, mover: ExpertMover, world_size: int, timeout_s: float) -> None:
+    def __init__(
+        self, mover: ExpertMover, world_size: int, timeout_s: float, comm: Comm | None = None
+    ) -> None:
         self.mover, self.engine, self.timeout_s = mover, mover.engine, timeout_s
+        self.comm = comm
         # Collective at start-up (every rank builds its switcher at the same point).
-        self.group = new_transfer_group(timeout_s) if world_size > 1 else None
+        self.group = new_transfer_group(timeout_s, comm) if world_size > 1 else None
         self.plan: Plan | None = None
+        """The layout the switch in flight serves at its flip."""
+        self.record: Plan | None = None
+        """The operator's plan it is the layout of (itself unless ranks are absent)."""
         self.transfer: ExpertTransfer | None = None
         self.error: str | None = None
         self._abandoned: list[Any] = []
 
-    def start(self, plan: Plan) -> None:
-        """Post the messages that bring this rank `plan`'s new experts; never raises (a local
-        failure is reported as the state, and the leader abandons the switch)."""
-        self.plan, self.transfer, self.error = plan, None, None
+    def start(self, plan: Plan, record: Plan | None = None) -> None:
+        """Post the messages that bring this rank `plan`'s new experts (`plan`: the layout of
+        the operator's `record`); never raises (a local failure is reported as the state, and
+        the leader abandons the switch)."""
+        self.plan, self.record, self.transfer, self.error = plan, record or plan, None, None
         try:
             self.transfer = self.mover.start(plan, self.group)
             self.transfer.watch()
@@ -91,10 +93,11 @@ class BackgroundSwitcher:
         if status.state != DONE:  # the leader flips only after every rank reported done
             raise RuntimeError(f"flip to plan {version} with this rank's transfer {status.state}")
         start = time.perf_counter()
-        moved = self.mover.flip(plan, transfer)
+        record = self.record or plan
+        moved = self.mover.flip(plan, transfer, record)
         pause = time.perf_counter() - start
-        self.plan = self.transfer = None
-        return plan, moved, pause, status.seconds
+        self.plan = self.record = self.transfer = None
+        return record, moved, pause, status.seconds
 
     def abandon(self, reason: str) -> SwitchAnswer:
         """Collective: drop the switch in flight (maybe none on this rank); the answer."""
@@ -104,9 +107,9 @@ class BackgroundSwitcher:
             self._abandoned.append(self.transfer.buffers())
         if self.group is not None:
             self._abandoned.append(self.group)
-            close_transfer_group(self.group)
-            self.group = new_transfer_group(self.timeout_s)
-        self.plan = self.transfer = self.error = None
+            (self.comm or Comm.world()).drop_subgroup(self.group)
+            self.group = new_transfer_group(self.timeout_s, self.comm)
+        self.plan = self.record = self.transfer = self.error = None
         # A rank that refused the plan before moving anything (`ExpertMover.check_memory`): the
         # plan itself is at fault, not the transfer, and sending it again will not help.
         refused = f"{FAILED}: PlanError" in reason
@@ -114,3 +117,24 @@ class BackgroundSwitcher:
         return SwitchAnswer.refused(
             why or TRANSFER_FAILED, version=self.engine.plan.version, error=reason
         )
+
+    def join_epoch(self, comm: Comm) -> Plan | None:
+        """Collective (every member of the new epoch, same point): a new membership epoch. The
+        switch in flight, if any, is dropped with the old epoch's transfer group (its messages
+        may still land: their buffers are kept); a new transfer group forms. Returns the record
+        plan of the dropped switch (None: there was none)."""
+        dropped = self.record
+        if self.transfer is not None:
+            self._abandoned.append(self.transfer.buffers())
+        if self.group is not None:
+            self._abandoned.append(self.group)
+        self.plan = self.record = self.transfer = self.error = None
+        self.comm = comm
+        self.group = new_transfer_group(self.timeout_s, comm) if comm.size > 1 else None
+        return dropped
+
+    def ready_to_flip(self, version: int) -> bool:
+        """Whether a switch to `version` is in flight here with every expert landed."""
+        if self.plan is None or self.transfer is None or self.plan.version != version:
+            return False
+        return self.transfer.status().state == DONE
