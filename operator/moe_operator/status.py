@@ -393,7 +393,19 @@ def plan_redundancy(plan: Plan, ranks_per_pod: int) -> RedundancyStatus:
 
 def status_patch(status: ApiModel) -> dict[str, Any]:
     """The merge patch of the status (or of a part): the fields set, camelCase (None removes)."""
-    return status.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    patch = status.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    return {key: _without_nulls(value) if isinstance(value, list) else value
+            for key, value in patch.items()}  # fmt: skip
+
+
+def _without_nulls(value: Any) -> Any:
+    """A list is replaced whole by a merge patch, so a None inside one removes nothing: it
+    would be stored as null, which the CRD's schema refuses (status.groups[].membership)."""
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    return value
 
 
 def compute_status(
