@@ -392,20 +392,26 @@ def plan_redundancy(plan: Plan, ranks_per_pod: int) -> RedundancyStatus:
 
 
 def status_patch(status: ApiModel) -> dict[str, Any]:
-    """The merge patch of the status (or of a part): the fields set, camelCase (None removes)."""
+    """The merge patch of the status (or of a part): the fields set, camelCase (None removes).
+
+    No empty string is sent: the API server reads one in a status merge patch as null, which
+    the schema refuses, failing the whole write (observed on the tests' 1.20 API server); an
+    empty string is removed instead. Inside a list, which a merge patch replaces whole, a None
+    or "" removes nothing: the key is left out."""
     patch = status.model_dump(by_alias=True, exclude_unset=True, mode="json")
-    return {key: _without_nulls(value) if isinstance(value, list) else value
-            for key, value in patch.items()}  # fmt: skip
+    return _as_sent(patch, in_list=False)
 
 
-def _without_nulls(value: Any) -> Any:
-    """A list is replaced whole by a merge patch, so a None inside one removes nothing: it
-    would be stored as null, which the CRD's schema refuses (status.groups[].membership)."""
+def _as_sent(value: Any, *, in_list: bool) -> Any:
     if isinstance(value, list):
-        return [_without_nulls(item) for item in value]
+        return [_as_sent(item, in_list=True) for item in value]
     if isinstance(value, dict):
-        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
-    return value
+        return {
+            key: _as_sent(item, in_list=in_list)
+            for key, item in value.items()
+            if not (in_list and item in (None, ""))
+        }
+    return None if value == "" else value
 
 
 def compute_status(

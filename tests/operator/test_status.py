@@ -107,7 +107,8 @@ def _status_schema() -> dict:
 
 def test_group_entries_never_carry_nulls_the_crd_refuses() -> None:
     # A list is replaced whole by a merge patch: a None inside a group entry would be stored as
-    # null, and the API server refuses the whole status write (422) — every run, forever.
+    # null, and the API server refuses the whole status write (422) — every run, forever. It
+    # reads an empty string as null too (degraded="").
     import jsonschema
 
     from moe_operator.api import MembershipStatus, ReplicaGroupStatus
@@ -128,7 +129,7 @@ def test_group_entries_never_carry_nulls_the_crd_refuses() -> None:
         NOW,
     )
     plain, lost = status["groups"]
-    assert "membership" not in plain and "recovery" not in plain
+    assert "membership" not in plain and "recovery" not in plain and "degraded" not in plain
     assert lost["membership"]["lostRanks"] == [1] and lost["degraded"] == "RankLost"
     stored = {key: value for key, value in status.items() if value is not None}  # None removes
     jsonschema.validate(stored, _status_schema())
