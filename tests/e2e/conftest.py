@@ -97,6 +97,13 @@ def deployment(models: Path, name: str = NAME) -> dict[str, Any]:
                     "1.5",
                     "--traffic-interval",
                     "0.02",
+                    # The hang tests stop a worker (SIGSTOP) for up to ~40 s to test what the
+                    # operator reads of a hung worker, not the membership dropping it (5 s by
+                    # default; tests/worker/test_elastic.py has that). A dead rank is still
+                    # dropped within seconds: a failed collective starts the 1.5 s suspicion.
+                    # And four ranks on a loaded 2-core machine can be starved of 5 s.
+                    "--heartbeat-timeout",
+                    "60",
                 ],
             },
         },

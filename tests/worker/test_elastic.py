@@ -264,7 +264,7 @@ def test_kill_9_of_a_rank_under_load_loses_no_request(
     c = group
     assert [ask(c, p, NEW) for p in GREEDY] == model.greedy
     survivors = pids(c, [0, 1, 2])
-    digest = c.request(0, "/v1/plan")[1]["digest"]
+    digest = c.request(0, "/v1/plan", token=c.token)[1]["digest"]
     with Load(c, seeded) as load:
         wait_for("answers under load", lambda: len(load.done) >= 4, 60)
         stream = Stream(c)
@@ -280,7 +280,9 @@ def test_kill_9_of_a_rank_under_load_loses_no_request(
     assert status["epoch"] >= 1 and status["lostRanks"] == [3], status
     assert pids(c, [0, 1, 2]) == survivors  # no survivor restarted
     assert c.procs[3].poll() == -signal.SIGKILL
-    assert c.request(0, "/v1/plan")[1]["digest"] == digest  # the operator's plan, still
+    assert (
+        c.request(0, "/v1/plan", token=c.token)[1]["digest"] == digest
+    )  # the operator's plan, still
     assert metric(c, 0, "moe_group_live_ranks") == 3
     assert metric(c, 1, "moe_group_epoch") == status["epoch"]
     assert metric(c, 0, "moe_requests_resumed_total") == group_status(c)["resumedRequests"]
@@ -336,7 +338,7 @@ def test_a_rank_lost_during_a_plan_switch_leaves_the_old_plan_then_the_plan_appl
     group: Cluster, model: Model, seeded: list[list[int]]
 ) -> None:
     c = group
-    old = c.request(0, "/v1/plan")[1]
+    old = c.request(0, "/v1/plan", token=c.token)[1]
     new = rotated(Plan.model_validate({k: v for k, v in old.items() if k != "digest"}))
     answers: list[tuple[int, Any]] = []
     os.kill(c.procs[1].pid, signal.SIGSTOP)  # stopped as the switch starts: it never lands
@@ -350,7 +352,9 @@ def test_a_rank_lost_during_a_plan_switch_leaves_the_old_plan_then_the_plan_appl
     assert code == 503 and answer["reason"] == "transfer failed", answer
     assert "rank 1 was lost" in answer["error"], answer
     wait_for("the others serve", serving(c, [0, 2, 3], "Degraded"), 60)
-    assert c.request(0, "/v1/plan")[1]["version"] == old["version"]  # the old plan serves
+    assert (
+        c.request(0, "/v1/plan", token=c.token)[1]["version"] == old["version"]
+    )  # the old plan serves
     assert [ask(c, p, NEW) for p in GREEDY] == model.greedy
     # Sent again, the plan applies on the ranks in the group, and on all once rank 1 is back.
     code, answer = c.request(0, "/v1/plan", new.to_document(), c.token)
@@ -358,7 +362,7 @@ def test_a_rank_lost_during_a_plan_switch_leaves_the_old_plan_then_the_plan_appl
     c.procs[1].wait(30)
     c.restart(1)
     wait_for("rank 1 back", serving(c, [0, 1, 2, 3], "Serving"), 120)
-    assert c.request(1, "/v1/plan")[1]["digest"] == new.digest()
+    assert c.request(1, "/v1/plan", token=c.token)[1]["digest"] == new.digest()
     assert [ask(c, p, NEW) for p in GREEDY] == model.greedy
 
 

@@ -10,6 +10,7 @@ in the child: the rank aborts (std::system_error) or hangs, and its peers time o
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import multiprocessing
@@ -24,6 +25,15 @@ from typing import Any
 
 HERE = Path(__file__).parent
 FIXTURES = HERE.parent / "fixtures" / "plans"
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct free ports (each socket held until all are chosen)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -114,9 +124,9 @@ class Cluster:
         self.world, self.token, self.tmp = world, token, tmp
         token_file = tmp / "token"
         token_file.write_text(token + "\n")
-        master_port = free_port()
-        self.http_ports = [free_port() for _ in range(world)]
-        self.api_port = free_port()
+        # Held open together: ports taken one by one may come back twice (the kernel reuses a
+        # closed ephemeral port), and two servers of one group must not share one.
+        master_port, self.api_port, *self.http_ports = free_ports(world + 2)
         self.envs = [
             {
                 **os.environ,
