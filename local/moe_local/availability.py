@@ -4,7 +4,7 @@ One MoEDeployment of 2 groups x 2 ranks (a tiny SeedMLP checkpoint on a hostPath
 CPU) behind its smg router, under a steady load of greedy requests (`load.LoadGenerator`: a seed
 per prompt, so an answer is the same whichever group serves it). Events, one after another on
 the same deployment: a pod template change (surge: a new group before an old one goes), a kill -9
-of one group's leader, scale 2 -> 1 and 1 -> 2. For each: requests failed, answers that differ
+of one group's leader, scale 2 -> 1, a template change with one group, and scale 1 -> 2. For each: requests failed, answers that differ
 from the reference (each prompt answered once before the events), and the seconds until a new
 group took traffic (its leader finished a request).
 
@@ -309,13 +309,14 @@ class Availability:
         self.log(f"[avail] {event.row()} {event.errors[:3]}")
         return event
 
-    def template_change(self, value: str) -> Event:
+    def template_change(self, value: str, groups: int = 2) -> Event:
         env = [
             {"name": "OMP_NUM_THREADS", "value": "1"},
             {"name": "AVAIL_TEMPLATE", "value": value},
         ]
         patch = {"spec": {"worker": {"extraEnv": env}}}
-        return self.measure("template change", lambda: self._patch(patch), 2)
+        what = "template change" if groups == 2 else f"template change, {groups} group"
+        return self.measure(what, lambda: self._patch(patch), groups)
 
     def kill_leader(self) -> Event:
         """kill -9 of the highest group's leader process; done once that group is replaced."""
@@ -351,8 +352,9 @@ class Availability:
     def run_all(self, trial: int = 0) -> list[Event]:
         """Every event in sequence on the one deployment (it ends as it began: 2 groups)."""
         return [
-            self.template_change(str(trial + 2)),
+            self.template_change(f"{trial}-a"),
             self.kill_leader(),
             self.scale(1, 2),
+            self.template_change(f"{trial}-b", groups=1),  # replicas 1, surge 1: no outage
             self.scale(2, 1),
         ]

@@ -14,41 +14,14 @@ from typing import Any
 
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.groups import naming
+from moe_operator.groups.read import GroupRead
 from moe_operator.groups.rollout import Drain, Group, Policy, Rollout, decide_rollout
 from moe_operator.kube import Cluster, contains
 from moe_operator.manifests import children, podspec
-from moe_operator.reconcile import Owner, ready_replicas
+from moe_operator.reconcile import Owner
 from moe_operator.workers import leader_in_flight
 
 Announce = Callable[[list[tuple[str, str, str]]], None]
-
-
-@dataclass
-class GroupRead:
-    """One group's StatefulSet and pods as read, and what the spec wants of it."""
-
-    index: int
-    statefulset: dict[str, Any]
-    pods: list[dict[str, Any]]
-    current: bool  # the StatefulSet is what the spec builds for this group
-    drain: Drain | None = None
-
-    @property
-    def name(self) -> str:
-        return str(self.statefulset["metadata"]["name"])
-
-    @property
-    def ready(self) -> int:
-        return ready_replicas(self.statefulset)
-
-    def serving(self, pods_wanted: int) -> bool:
-        """Every pod of the group ready (its leader serves: the whole gang formed)."""
-        live = [p for p in self.pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
-        return self.ready >= pods_wanted and len(live) >= pods_wanted
-
-    def leader(self) -> dict[str, Any] | None:
-        wanted = f"{self.name}-0"
-        return next((p for p in self.pods if p["metadata"]["name"] == wanted), None)
 
 
 @dataclass

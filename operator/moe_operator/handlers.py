@@ -43,8 +43,8 @@ from moe_operator.fleet import (
     plan_rollout,
 )
 from moe_operator.fleet import read_fleet as fleet_of
-from moe_operator.group import GroupState, ReplacementBackoff
-from moe_operator.groups import naming
+from moe_operator.groups import naming, report
+from moe_operator.groups.read import ready_replicas
 from moe_operator.groups.rollout import Rollout
 from moe_operator.images import WorkerImages, with_worker_image
 from moe_operator.kube import Cluster, Conflict, load_client_config, secret_value
@@ -53,9 +53,6 @@ from moe_operator.planning.detection import DetectionState
 from moe_operator.planning.ledger import Ledger
 from moe_operator.planning.record import PlanShape
 from moe_operator.rankloss import (
-    RANK_LOST,
-    REJOINING_REASON,
-    RankLoss,
     membership_of,
     transition_events,
 )
@@ -66,20 +63,17 @@ from moe_operator.reconcile import (
     delete_pods,
     ensure_children,
     hold_group,
-    ready_replicas,
     record_notes,
     write_plan,
 )
-from moe_operator.recovery import GroupAction, GroupView, decide
+from moe_operator.recovery import GroupView, decide
 from moe_operator.status import (
     Observed,
     compute_status,
-    membership_status,
     plan_redundancy,
     plan_status,
     read_rebalance_record,
     reconcile_error_status,
-    recovery_status,
 )
 from moe_operator.validation import parse_spec
 from moe_operator.workers import GroupsWorkers, PodWorkers
@@ -250,27 +244,6 @@ def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
     _write_status(call, base, parsed, runs, rollout, standing)
 
 
-@dataclass(frozen=True)
-class GroupRun:
-    """One group in this run: as read, and what its recovery decision said."""
-
-    read: GroupRead
-    view: GroupView
-    action: GroupAction
-    state: GroupState
-
-    def takes_plans(self, pods: int) -> bool:
-        """Current, whole, settled and taking traffic: plans may be handed to its leader."""
-        read = self.read
-        return (
-            read.current
-            and read.drain is None
-            and read.serving(pods)
-            and self.state.settled
-            and self.action.recovering is None
-        )
-
-
 def _decide_group(
     call: Call,
     spec: api.MoEDeploymentSpec,
@@ -278,11 +251,11 @@ def _decide_group(
     group: GroupRead,
     base: dict[str, Any],
     now: float,
-) -> GroupRun:
+) -> report.GroupRun:
     """A group's own recovery (a dead rank, pods of an older template after a restart in
     place, a refusal to start), read from its own leader's membership and applied at once;
     its own rank-loss passage Events."""
-    previous = group_previous(base, group.index, current=group.current)
+    previous = report.group_previous(base, group.index, current=group.current)
     membership, answered = _membership(call, spec, group.pods, previous)
     view = GroupView(
         group.statefulset, group.pods, spec.pods, group.ready, previous, call.generation,
@@ -298,43 +271,11 @@ def _decide_group(
     # whose leader just stopped.
     whole = membership if answered and not action.replacing else None
     named = [
-        (kind, reason, _named_index(group, message))
+        (kind, reason, report.named_index(group, message))
         for kind, reason, message in transition_events(previous, action.rank_loss, whole)
     ]
     call.announce(named)
-    return GroupRun(group, view, action, group_state)
-
-
-def _named_index(group: GroupRead, message: str) -> str:
-    return message if group.index == 0 else f"{group.name}: {message}"
-
-
-def group_previous(base: dict[str, Any], index: int, *, current: bool = True) -> dict[str, Any]:
-    """The previous status as one group's recovery reads it: its own replacement backoff
-    (status.groups[].recovery), so one failing group never holds another back, its own
-    membership (status.groups[].membership) and rank-loss passage (groups[].degraded, as the
-    Degraded condition transition_events reads). Group 0 with no entry of its own (an operator
-    before replica groups wrote the status) takes the top-level fields. A refusal is held for
-    the spec's pod template: a group of an older one (serving on through a surge) is not held."""
-    entries = [g for g in base.get("groups") or [] if isinstance(g, dict)]
-    own = next((g for g in entries if g.get("index") == index), None)
-    refusal = base.get("refusal") if current else None
-    if own is None and index == 0 and not entries:
-        return {**base, "refusal": refusal}
-    own = own or {}
-    conditions = [
-        c for c in base.get("conditions") or []
-        if not (c.get("type") == "Degraded" and c.get("reason") in (RANK_LOST, REJOINING_REASON))
-    ]  # fmt: skip
-    if own.get("degraded"):
-        conditions.append({"type": "Degraded", "status": "True", "reason": own["degraded"]})
-    return {
-        **base,
-        "recovery": own.get("recovery"),
-        "membership": own.get("membership"),
-        "conditions": conditions,
-        "refusal": refusal,
-    }
+    return report.GroupRun(group, view, action, group_state)
 
 
 def _ensure(call: Call, spec: api.MoEDeploymentSpec, known: Ledger, fleet: Fleet) -> ChildrenState:
@@ -405,7 +346,7 @@ def _balance(
     spec: api.MoEDeploymentSpec,
     state: ChildrenState,
     standing: Standing,
-    serving: list[GroupRun],
+    serving: list[report.GroupRun],
 ) -> Standing:
     """One control step (the timer's) over the groups that take plans: their counts summed,
     the plan handed to one group after another."""
@@ -470,30 +411,29 @@ def _write_status(
     call: Call,
     base: dict[str, Any],
     spec: api.MoEDeploymentSpec,
-    runs: list[GroupRun],
+    runs: list[report.GroupRun],
     rollout: Rollout,
     standing: Standing,
 ) -> None:
     """Status fields and the operator's metrics, from one set of observations."""
     window: Window | None = call.memo.get("window")
     per_layer = window.last_layer_imbalance if window else ()
+    window_problem = window.last_loads_problem if window else None
     rerouted = window.last_rerouted_fraction if window else ()
     outcome, desired, ledger = standing.outcome, standing.desired, standing.ledger
     where = children.plan_configmap_name(call.name), children.plan_shape(spec).key
-    groups = _groups_seen(call, spec, runs)
+    groups = report.groups_seen(spec, runs, call.memo.get("served") or {})
     loss = next((run for run in runs if run.action.rank_loss is not None), None)
     world = spec.pods * spec.replicas  # pods, not ranks: what the StatefulSets count ready
     active = [run for run in runs if run.read.drain is None]
     ready = min(world, sum(min(run.read.ready, spec.pods) for run in active))
     serving = sum(1 for run in active if run.read.serving(spec.pods))
-    restarting = [run for run in runs if run.action.restarting or _forming(run, spec.pods)]
+    restarting = [run for run in runs if run.action.restarting or report.forming(run, spec.pods)]
     recovering = next((run for run in runs if run.action.recovering), None)
     failure = next((run.action.failure for run in runs if run.action.failure), None)
     short = serving < spec.replicas  # a rollout that keeps every group serving is no restart
-    restart = (
-        _rollout_message(rollout, restarting, spec.pods) if short and (restarting or rollout.busy)
-        else None
-    )  # fmt: skip
+    busy = short and (restarting or rollout.busy)
+    restart = report.rollout_message(rollout, restarting, spec.pods) if busy else None
     observed = Observed(
         generation=call.generation,
         workers=world,
@@ -506,25 +446,25 @@ def _write_status(
         max_rerouted_fraction=spec.rebalancing.gating.max_rerouted_fraction,
         gate_bias_active=desired.gate_bias is not None,
         imbalance_threshold=spec.rebalancing.imbalance_threshold,
-        loads_problem=_loads_problem(window, runs, spec),
+        loads_problem=report.loads_problem(window_problem, runs, spec),
         handoff_problem=outcome.handoff_problem if outcome else None,
         was_running=_was_running(base),
-        balance_note=_balance_note(desired),
+        balance_note=report.balance_note(desired),
         group_restart=restart,
-        recovering=_named(recovering, recovering.action.recovering) if recovering else None,
+        recovering=report.named(recovering, recovering.action.recovering) if recovering else None,
         startup_failure=failure,
         endpoint=children.api_endpoint(call.name, call.namespace, spec),
         served_model_name=children.served_model_name(call.name, spec),
         detection=standing.detection,
         last_rebalance=standing.last_rebalance,
-        recovery=_last_replaced(runs),
+        recovery=report.last_replaced(runs),
         replicas=len(runs),
         ready_replicas=serving,
         label_selector=naming.leaders_selector(call.name),
         groups=groups,
-        refusal=_refusal(runs, call.generation),
-        rank_loss=_named_loss(loss),
-        membership=_membership_shown(runs, loss),
+        refusal=report.refusal(runs, call.generation),
+        rank_loss=report.named_loss(loss),
+        membership=report.membership_shown(runs, loss),
         redundancy=plan_redundancy(desired, spec.worker.local_ranks()),
     )  # fmt: skip
     _write(call, compute_status(observed, base.get("conditions") or [], _now()))
@@ -538,123 +478,6 @@ def _write_status(
         metrics.evaluations_skipped.labels(namespace, name, outcome.skipped).inc()
     if outcome and outcome.rebalance:
         metrics.rebalances.labels(namespace, name, outcome.rebalance.method).inc()
-
-
-def _refusal(runs: list[GroupRun], generation: int) -> dict[str, Any] | None:
-    """status.refusal: the first group's refusal held for the spec generation (every group on
-    the spec's pod template would refuse it the same way: all of them are held)."""
-    for run in runs:
-        if run.action.failure is not None and run.action.hold and run.read.current:
-            return run.action.failure.record(generation)
-    return None
-
-
-def _named_loss(run: GroupRun | None) -> RankLoss | None:
-    """The Degraded reason of the first group serving without some ranks, its message naming
-    the group after the first."""
-    if run is None or run.action.rank_loss is None:
-        return None
-    loss = run.action.rank_loss
-    return dataclasses.replace(loss, message=_named(run, loss.message))
-
-
-def _membership_shown(runs: list[GroupRun], loss: GroupRun | None) -> GroupStatus | None:
-    """status.membership: the group's serving without some ranks, else group 0's (each group's
-    own is in status.groups[].membership)."""
-    if loss is not None and loss.view.membership is not None:
-        return loss.view.membership
-    return runs[0].view.membership if runs and runs[0].read.index == 0 else None
-
-
-def _forming(run: GroupRun, pods: int) -> bool:
-    """A group whose pods are not all there yet (new, or just replaced): it forms. A group held
-    at 0 pods for a refusal does not (phase Failed: restarting fails the same way)."""
-    live = [p for p in run.read.pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
-    return len(live) < pods and run.action.recovering is None and run.action.failure is None
-
-
-def _named(run: GroupRun, message: str | None) -> str:
-    """A group's message; groups after the first are named (group 0 says what it always did)."""
-    return message or "" if run.read.index == 0 else f"{run.read.name}: {message}"
-
-
-def _rollout_message(rollout: Rollout, restarting: list[GroupRun], pods: int) -> str:
-    parts = [
-        _named(run, run.state.message(pods) if run.action.restarting else "forming")
-        for run in restarting
-    ]
-    if rollout.waiting:
-        parts.append(rollout.waiting)
-    return "; ".join(parts) or "starting the groups"
-
-
-def _last_replaced(runs: list[GroupRun]) -> ReplacementBackoff | None:
-    """status.recovery: the backoff of the group replaced last (each group keeps its own)."""
-    replaced = [run.action.backoff for run in runs if run.action.backoff.replacements]
-    if not replaced:
-        return runs[0].action.backoff if runs else None
-    return max(replaced, key=lambda backoff: backoff.last_at or 0.0)
-
-
-def _groups_seen(
-    call: Call, spec: api.MoEDeploymentSpec, runs: list[GroupRun]
-) -> tuple[api.ReplicaGroupStatus, ...]:
-    served: dict[int, int | None] = call.memo.get("served") or {}
-    found = []
-    for run in runs:
-        read = run.read
-        loss = run.action.rank_loss
-        if read.drain is not None:
-            phase = "Draining"
-        elif run.action.failure is not None:
-            phase = "Failed"
-        elif run.action.recovering or run.state.restarting:
-            phase = "Restarting"
-        elif loss is not None:
-            phase = "Degraded"
-        elif not read.current:
-            phase = "Outdated"
-        else:
-            phase = "Serving" if read.serving(spec.pods) else "Starting"
-        found.append(
-            api.ReplicaGroupStatus(
-                name=read.name,
-                index=read.index,
-                phase=phase,
-                ready=f"{min(read.ready, spec.pods)}/{spec.pods}",
-                served_plan_version=served.get(read.index) or 0,
-                current=read.current,
-                recovery=recovery_status(run.action.backoff)
-                if run.action.backoff.replacements
-                else None,
-                membership=membership_status(run.view.membership)
-                if run.view.membership is not None
-                else None,
-                degraded=loss.reason if loss is not None else "",
-            )
-        )
-    return tuple(found)
-
-
-def _loads_problem(
-    window: Window | None, runs: list[GroupRun], spec: api.MoEDeploymentSpec
-) -> str | None:
-    """Why counters were not read: no group takes plans (workers not ready, a group restart),
-    or the last window's reason (kept by the window, so every run between two reads reports
-    the same)."""
-    if not any(run.takes_plans(spec.pods) for run in runs):
-        if any(not run.state.settled for run in runs):
-            return "the group restarts for a new pod template; token counters not read"
-        ready = sum(min(run.read.ready, spec.pods) for run in runs)
-        world = spec.pods * max(1, len(runs))
-        return f"{world - ready} of {world} workers not ready; token counters not read"
-    return window.last_loads_problem if window else None
-
-
-def _balance_note(plan: Plan) -> str:
-    if plan.gate_bias is None:
-        return ""
-    return "; gate bias active: routing differs from the model's own choice of experts"
 
 
 @dataclass

@@ -349,7 +349,3 @@ def hold_group(cluster: Cluster, namespace: str, statefulset: dict[str, Any]) ->
     name = statefulset["metadata"]["name"]
     body = {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": name}}
     cluster.patch(namespace, {**body, "spec": {"replicas": 0}})
-
-
-def ready_replicas(statefulset: dict[str, Any] | None) -> int:
-    return int(((statefulset or {}).get("status") or {}).get("readyReplicas") or 0)

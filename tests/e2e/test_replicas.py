@@ -39,8 +39,9 @@ def test_groups_behind_the_router_lose_no_request(local: Local) -> None:
     for event in events:
         assert event.failed == 0 and event.wrong == 0, (event.what, event.errors)
         assert event.requests > 0, event.what  # the load went on through every event
-    template, _, _, grow = events
+    template, _, _, single, grow = events
     assert template.new_group_traffic_s is not None and grow.new_group_traffic_s is not None
+    assert single.new_group_traffic_s is not None  # replicas 1: the new group served first
     assert len(answers) > 0 and all(a.ok for a in answers)
     both = {name for name, pod in run.leaders().items() if run.finished(pod) > 0}
     assert len(both) == 2, both  # after 1 -> 2, both groups answer

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from moe_operator.group import ReplacementBackoff
-from moe_operator.handlers import group_previous
+from moe_operator.groups.report import group_previous
 from moe_operator.recovery import decide
 from tests.operator.test_recovery import NOW, died, pod, view
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from moe_contract.group import DEGRADED, GroupStatus
-from moe_operator.handlers import group_previous
+from moe_operator.groups.report import group_previous
 from moe_operator.rankloss import RANK_LOST, membership_of, transition_events
 from moe_operator.recovery import GroupView, decide
 from tests.operator.test_rank_loss import ELASTIC, NOW, WORLD, exited, pod, view
