@@ -4,9 +4,9 @@ One MoEDeployment of 2 groups x 2 ranks (a tiny SeedMLP checkpoint on a hostPath
 CPU) behind its smg router, under a steady load of greedy requests (`load.LoadGenerator`: a seed
 per prompt, so an answer is the same whichever group serves it). Events, one after another on
 the same deployment: a pod template change (surge: a new group before an old one goes), a kill -9
-of one group's leader, scale 2 -> 1, a template change with one group, and scale 1 -> 2. For each: requests failed, answers that differ
-from the reference (each prompt answered once before the events), and the seconds until a new
-group took traffic (its leader finished a request).
+of one group's leader, scale 2 -> 1, a template change with one group, and scale 1 -> 2. For
+each: requests failed, answers that differ from the reference (each prompt answered once before
+the events), and the seconds until a new group took traffic (its leader finished a request).
 
 The e2e test (tests/e2e/test_replicas.py) asserts on these figures; hack/measure_availability.py
 prints them for docs/api.md ("Availability").
