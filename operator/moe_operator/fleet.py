@@ -102,9 +102,9 @@ def plan_rollout(fleet: Fleet, spec: MoEDeploymentSpec, now: float) -> Rollout:
         leader = read.leader()
         if read.drain is not None and leader is not None:
             in_flight = leader_in_flight(leader, spec.worker.port)
-        groups.append(
-            Group(read.index, read.current, read.serving(spec.pods), read.drain, in_flight)
-        )
+        serving = read.serving(spec.pods)
+        since = read.serving_since() if serving else None
+        groups.append(Group(read.index, read.current, serving, read.drain, in_flight, since))
     return decide_rollout(groups, policy_of(spec), now, fleet.taken)
 
 

@@ -111,3 +111,36 @@ def test_group_names_keep_group_0_on_the_old_names() -> None:
         "moe-ep.io/traffic": "off",
     }
     assert pod_labels(2, leader=False, traffic=True)["moe-ep.io/role"] is None
+
+
+def test_an_old_group_stays_until_the_router_can_have_found_its_successor() -> None:
+    # One group: the old leader is all the router has until it finds the new one (pod watch,
+    # then a health check); draining it the second the new gang is ready left smg with no
+    # worker for a moment (503s in the e2e availability run).
+    policy = Policy(replicas=1)
+    just_ready = Group(1, current=True, serving=True, serving_since=NOW - 1.0)
+    early = decide_rollout([serving(0, current=False), just_ready], policy, NOW)
+    assert early.drain == () and "router" in early.waiting
+    later = decide_rollout([serving(0, current=False), just_ready], policy, NOW + 5.0)
+    assert later.drain == ((0, "remove"),)
+    # a group that does not serve goes at once: nothing to wait for
+    dark = Group(0, current=False, serving=False)
+    assert decide_rollout([dark, just_ready], policy, NOW).drain == ((0, "remove"),)
+
+
+def test_a_groups_serving_since_is_when_its_last_pod_became_ready() -> None:
+    from moe_operator.groups.read import GroupRead
+
+    def pod(name: str, ready_at: str | None) -> dict:
+        conditions = [] if ready_at is None else [
+            {"type": "Ready", "status": "True", "lastTransitionTime": ready_at}
+        ]  # fmt: skip
+        return {"metadata": {"name": name}, "status": {"conditions": conditions}}
+
+    sts = {"metadata": {"name": "a"}, "status": {"readyReplicas": 2}}
+    read = GroupRead(
+        0, sts, [pod("a-0", "2026-01-01T00:00:10Z"), pod("a-1", "2026-01-01T00:00:20Z")], True
+    )
+    assert read.serving_since() == 1767225620.0
+    unknown = GroupRead(0, sts, [pod("a-0", "2026-01-01T00:00:10Z"), pod("a-1", None)], True)
+    assert unknown.serving_since() is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,25 @@ class GroupRead:
         live = [p for p in self.pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
         return self.ready >= pods_wanted and len(live) >= pods_wanted
 
+    def serving_since(self) -> float | None:
+        """When the last of its pods became ready (epoch s; the kubelet's Ready condition), or
+        None when a pod does not say."""
+        times = [_ready_since(p) for p in self.pods if not p["metadata"].get("deletionTimestamp")]
+        if not times or None in times:
+            return None
+        return max(t for t in times if t is not None)
+
     def leader(self) -> dict[str, Any] | None:
         wanted = f"{self.name}-0"
         return next((p for p in self.pods if p["metadata"]["name"] == wanted), None)
+
+
+def _ready_since(pod: dict[str, Any]) -> float | None:
+    for condition in (pod.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Ready" and condition.get("status") == "True":
+            try:
+                stamp = datetime.datetime.fromisoformat(condition["lastTransitionTime"])
+            except (KeyError, TypeError, ValueError):
+                return None
+            return stamp.timestamp()
+    return None

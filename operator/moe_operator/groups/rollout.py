@@ -8,7 +8,8 @@ As LeaderWorkerSet's rolling update, counted in groups (`spec.updateStrategy`):
 - More groups than `replicas` (old ones beside their successors, or a scale-in): drain one, old
   ones first, then those that do not serve, then the highest number, but only while the groups
   that serve stay at least `replicas - maxUnavailable`: with the default surge 1 and unavailable
-  0 an old group goes only once its successor serves.
+  0 an old group goes only once its successor serves, and has served for `ROUTABLE_S` (the
+  router must have found it first: with one group, nothing else takes the traffic meanwhile).
 - With no room to start one (maxSurge 0), an old group is drained and then restarted in place.
 - One group drains at a time. Draining: its leader leaves the router (a label), requests in
   flight finish; it is done once its leader has had none for a few seconds after the router let
@@ -25,6 +26,11 @@ Purpose = Literal["remove", "restart"]
 DRAIN_SETTLE_S = 5.0
 """A drained leader may still get requests the router sent before it let go (smg coalesces pod
 events for a second, then removes the worker): a drain lasts at least this long."""
+ROUTABLE_S = 5.0
+"""A group counts toward the serving floor this long after its whole gang became ready: smg
+finds a ready leader by its pod watch, then activates it after a health check (every 2 s).
+Without it, one group's template change drained the old leader in the same second its
+successor became ready, and smg answered 503 "no available workers" for about a second."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,12 @@ class Group:
     serving: bool  # every pod ready on its template: the whole gang serves
     drain: Drain | None = None
     in_flight: int | None = None  # requests waiting or running on its leader; None: unknown
+    serving_since: float | None = None  # its whole gang ready since (epoch s); None: unknown
+
+    def routable(self, policy: Policy, now: float) -> bool:
+        """Serving long enough for the router to have found it (unknown since: at once)."""
+        since = self.serving_since
+        return self.serving and (since is None or now - since >= policy.routable_s)
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,7 @@ class Policy:
     max_unavailable: int = 0
     drain_timeout_s: float = 30.0  # the pods' terminationGracePeriodSeconds
     settle_s: float = DRAIN_SETTLE_S
+    routable_s: float = ROUTABLE_S
 
 
 @dataclass(frozen=True)
@@ -142,8 +155,12 @@ def decide_rollout(
             candidates, purpose = sorted(old, key=_out_first), "restart"
         if candidates:
             out = candidates[0]
-            if not out.serving or serving - 1 >= floor:
+            others = [g for g in active if g is not out and g.serving]
+            routable = sum(1 for g in others if g.routable(policy, now))
+            if not out.serving or routable >= floor:
                 drain = ((out.index, purpose),)
+            elif len(others) >= floor:
+                waiting = f"group {out.index} stays until the router has found its successor"
             else:
                 waiting = (
                     f"group {out.index} stays until another group serves "
