@@ -95,8 +95,8 @@ class ControlPlane:
         self.server = f"https://127.0.0.1:{self.port}"
         self.kubeconfig = self.workdir / "kubeconfig"
         """Admin kubeconfig (group system:masters)."""
-        self.ca_file = self.workdir / "pki" / "apiserver.crt"
-        """Self-signed serving certificate; also the CA clients trust."""
+        self.ca_file = self.workdir / "pki" / "ca.crt"
+        """The cluster's CA, which clients trust; it signs the API server's certificate."""
         self._sa_key = self.workdir / "pki" / "sa.key"
         self._tokens = {
             "admin": secrets.token_hex(16),
@@ -223,12 +223,30 @@ class ControlPlane:
     def _write_pki(self) -> None:
         pki = self.ca_file.parent
         pki.mkdir(parents=True, exist_ok=True)
-        # 10.96.0.1 is the `kubernetes` Service IP, which in-cluster clients would dial.
-        san = "subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.96.0.1,DNS:kubernetes.default.svc"
+        # A CA and a serving certificate it signs, as kubeadm makes them: clients built on
+        # rustls/webpki (smg's Kubernetes client) refuse a self-signed CA as the server's own.
         self._openssl(
             *["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650"],
-            *["-subj", "/CN=kube-apiserver", "-addext", san],
-            *["-keyout", str(pki / "apiserver.key"), "-out", str(self.ca_file)],
+            *["-subj", "/CN=moe-local-ca", "-addext", "basicConstraints=critical,CA:TRUE"],
+            *["-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+            *["-keyout", str(pki / "ca.key"), "-out", str(self.ca_file)],
+        )
+        # 10.96.0.1 is the `kubernetes` Service IP, which in-cluster clients would dial.
+        extensions = pki / "apiserver.ext"
+        extensions.write_text(
+            "subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.96.0.1,DNS:kubernetes.default.svc\n"
+            "basicConstraints=critical,CA:FALSE\n"
+            "keyUsage=critical,digitalSignature,keyEncipherment\n"
+            "extendedKeyUsage=serverAuth\n"
+        )
+        self._openssl(
+            *["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=kube-apiserver"],
+            *["-keyout", str(pki / "apiserver.key"), "-out", str(pki / "apiserver.csr")],
+        )
+        self._openssl(
+            *["x509", "-req", "-in", str(pki / "apiserver.csr"), "-days", "3650"],
+            *["-CA", str(self.ca_file), "-CAkey", str(pki / "ca.key"), "-CAcreateserial"],
+            *["-extfile", str(extensions), "-out", str(pki / "apiserver.crt")],
         )
         self._openssl("genrsa", "-out", str(self._sa_key), "2048")
         self._openssl("rsa", "-in", str(self._sa_key), "-pubout", "-out", str(pki / "sa.pub"))
@@ -310,7 +328,7 @@ class ControlPlane:
                 # Endpoints may not hold loopback IPs: no reconciler for the `kubernetes` Service.
                 "--endpoint-reconciler-type=none",
                 f"--cert-dir={pki}",
-                f"--tls-cert-file={self.ca_file}",
+                f"--tls-cert-file={pki / 'apiserver.crt'}",
                 f"--tls-private-key-file={pki / 'apiserver.key'}",
                 f"--token-auth-file={pki / 'tokens.csv'}",
                 "--authorization-mode=Node,RBAC",

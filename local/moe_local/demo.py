@@ -3,12 +3,13 @@
 Brings the local cluster up (real control plane, node agent, Prometheus with the project's rules),
 installs the operator with the Helm chart, writes a small SeedMLP checkpoint into a host
 directory and applies a MoEDeployment of CPU workers serving it from a hostPath volume. Then it
-sends real `/v1/completions` requests through the deployment's `-api` Service (bounded
-concurrency; prompt tokens drawn from a Zipf law, so popular tokens give their experts more work
-and the imbalance comes from the data) and follows it: workers ready, requests/s, generated
-tokens/s and median latency, per-layer imbalance, the `MoEExpertLoadImbalance` alert, the
-rebalance, and the same figures after it. At last it kills one worker rank under the load
-(`demo_loss`): the survivors serve on without it, it comes back and rejoins.
+sends real `/v1/completions` requests through the deployment's `-api` Service, which leads to its
+router, smg (bounded concurrency; text prompts whose tokens are drawn from a Zipf law, so popular
+tokens give their experts more work and the imbalance comes from the data) and follows it:
+workers ready, requests/s, generated tokens/s and median latency, per-layer imbalance, the
+`MoEExpertLoadImbalance` alert, the rebalance, and the same figures after it. At last it kills
+one worker rank under the load (`demo_loss`): the survivors serve on without it, it comes back
+and rejoins.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moe_local import install
+from moe_local import availability, install
 from moe_local.cluster import LocalCluster, LocalClusterConfig, default_workdir
 from moe_local.demo_loss import LossFigures, lose_a_rank
 from moe_local.kube import service_endpoint
@@ -71,7 +72,9 @@ def write_checkpoint(models: Path, workers: int) -> Path:
         vocab_size=m["vocabSize"],
     )
     source = SyntheticWeights.for_shape(shape, seed=0, max_context=CONTEXT)
-    return write(models / CHECKPOINT, source)
+    path = write(models / CHECKPOINT, source)
+    availability.write_tokenizer(path, VOCAB)  # the router (smg) takes text prompts only
+    return path
 
 
 def demo_deployment(workers: int, models: Path) -> dict[str, Any]:
@@ -192,11 +195,13 @@ class Load:
     def start_when_served(self) -> LoadGenerator | None:
         if self.generator is None:
             # No kube-proxy on the local cluster: go where it would, the Service's endpoint.
+            # Through the router (`<name>-api` moves to it once a router pod is available).
             found = service_endpoint(self.cluster.client(), NAMESPACE, f"{NAME}-api")
-            if found is not None:
-                prompts = zipf_prompts(
+            if found is not None and found[1] == availability.ROUTER_PORT:
+                ids = zipf_prompts(
                     256, vocab_size=VOCAB, length=PROMPT_TOKENS, exponent=self.zipf, seed=1
                 )
+                prompts = availability.as_text(ids, VOCAB)
                 self.generator = LoadGenerator(
                     f"http://{found[0]}:{found[1]}/v1",
                     CHECKPOINT,

@@ -89,7 +89,7 @@ class LoadGenerator:
 
     base_url: str  # http://host:port/v1
     model: str
-    prompts: Sequence[Sequence[int]]
+    prompts: Sequence[Sequence[int] | str]  # token ids, or text (a router may take only text)
     concurrency: int = 8
     max_tokens: int = 8
     api_key: str | None = None
@@ -156,7 +156,7 @@ class LoadGenerator:
     def body(self, index: int) -> dict[str, Any]:
         return {
             "model": self.model,
-            "prompt": list(self.prompts[index]),
+            "prompt": prompt if isinstance(prompt := self.prompts[index], str) else list(prompt),
             "max_tokens": self.max_tokens,
             "temperature": 0,
             "seed": index,

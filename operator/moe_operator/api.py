@@ -762,6 +762,60 @@ class MetricsSpec(ApiModel):
     )
 
 
+class UpdateStrategySpec(ApiModel):
+    """How replica groups are replaced when the pod template changes, counted in groups (as
+    LeaderWorkerSet's rolling update): a new group is started before an old one is drained."""
+
+    max_surge: int = Field(
+        1,
+        ge=0,
+        le=16,
+        description="Groups started above `replicas` during an update: a template change starts "
+        "a new group, waits until it serves, then drains an old one (the router stops sending "
+        "to it, requests in flight finish) and removes it, one group at a time. 0: an old group "
+        "is drained and restarted in place (it serves nothing meanwhile).",
+    )
+    max_unavailable: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Groups below `replicas` that may be out of service during an update or a "
+        "scale-in; with maxSurge 0 it must be at least 1.",
+    )
+
+
+class RouterSpec(ApiModel):
+    """The router in front of the groups: smg (the Shepherd Model Gateway) as the Deployment
+    `<name>-router`, discovering the group leaders by label; `<name>-api` routes to it."""
+
+    type: Literal["Smg", "None"] = Field(
+        "Smg",
+        description="Smg: the operator runs the router (2 replicas, its Role and "
+        "ServiceAccount, a PodDisruptionBudget) and `<name>-api` routes to it; None: no "
+        "router, `<name>-api` selects the leaders of the groups that take traffic (route "
+        "yourself, e.g. with a Gateway API inference gateway).",
+    )
+    image: str = Field(
+        "",
+        max_length=512,
+        description="Router image; empty: the operator's default (the chart's routerImage).",
+    )
+    policy: Literal["round_robin", "random", "power_of_two", "cache_aware", "least_load"] = Field(
+        "round_robin",
+        description="smg's load-balancing policy; power_of_two and least_load use the "
+        "leaders' load figure (/v1/loads: waiting + running requests).",
+    )
+    replicas: int = Field(2, ge=1, le=16, description="Router pods.")
+    port: int = Field(
+        30000, ge=1, le=65535, description="The router's HTTP port (the API's target port)."
+    )
+    inference_pool: bool = Field(
+        False,
+        description="Also create an InferencePool (inference.networking.k8s.io) selecting "
+        "the group leaders, where that CRD is installed, for Gateway API inference gateways.",
+    )
+
+
 class MoEDeploymentSpec(ApiModel):
     """A Mixture-of-Experts model served with expert parallelism."""
 
@@ -779,6 +833,22 @@ class MoEDeploymentSpec(ApiModel):
     )
     worker: WorkerSpec = Field(default_factory=WorkerSpec, description="Worker pods.")
     metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Token-load source.")
+    replicas: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Replica groups: each a whole gang of parallelism.expert ranks with its "
+        "own StatefulSet, rendezvous and PodDisruptionBudget, serving the same model on the "
+        "same plan behind the router. The scale subresource sets it (kubectl scale, a "
+        "HorizontalPodAutoscaler).",
+    )
+    update_strategy: UpdateStrategySpec = Field(
+        default_factory=UpdateStrategySpec,
+        description="How groups are replaced on a template change (surge, then drain).",
+    )
+    router: RouterSpec = Field(
+        default_factory=RouterSpec, description="The router in front of the groups."
+    )
 
     @property
     def pods(self) -> int:
@@ -970,6 +1040,36 @@ class RedundancyStatus(ApiModel):
     )
 
 
+class ReplicaGroupStatus(ApiModel):
+    """One replica group as the operator saw it in its last run."""
+
+    model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
+
+    name: str = Field(description="The group's StatefulSet (group 0: the deployment's name).")
+    index: int = Field(0, ge=0, description="The group's number (its label moe-ep.io/group).")
+    phase: Literal[
+        "Starting", "Serving", "Degraded", "Draining", "Outdated", "Restarting", "Failed"
+    ] = Field(
+        "Starting",
+        description="Starting, Serving, Degraded (serves without some ranks), Draining, "
+        "Outdated, Restarting, Failed.",
+    )
+    ready: str = Field("0/0", description="Ready pods / pods of the group.")
+    served_plan_version: int = Field(
+        0, ge=0, le=MAX_PLAN_VERSION, description="Plan version its leader serves (0: unknown)."
+    )
+    current: bool = Field(True, description="Its pod template is the spec's.")
+    recovery: RecoveryStatus | None = Field(
+        None, description="This group's whole-group replacements after rank failures (backoff)."
+    )
+    membership: MembershipStatus | None = Field(
+        None, description="The group's membership, as its leader reports it (GET /v1/group)."
+    )
+    degraded: str = Field(
+        "", description="RankLost or Rejoining while it serves without some of its ranks."
+    )
+
+
 class MoEDeploymentStatus(ApiModel):
     """Observed state, written by the operator."""
 
@@ -996,15 +1096,31 @@ class MoEDeploymentStatus(ApiModel):
     last_rebalance: RebalanceRecord | None = Field(None, description="The last rebalance, if any.")
     detection: DetectionStatus | None = Field(None, description="Imbalance detection state.")
     recovery: RecoveryStatus | None = Field(
-        None, description="Whole-group replacements after rank failures (their backoff)."
+        None,
+        description="Whole-group replacements after rank failures (their backoff): the last "
+        "group replaced; each group's own count is in groups[].recovery.",
+    )
+    replicas: int = Field(
+        0, description="Groups that exist, draining ones included (the scale subresource's)."
+    )
+    ready_replicas: int = Field(0, description="Groups whose whole gang serves.")
+    label_selector: str = Field(
+        "",
+        description="Selector of the groups' leaders, one pod per group (the scale "
+        "subresource's: an HPA's Pods metric averages per group).",
+    )
+    groups: list[ReplicaGroupStatus] = Field(
+        default_factory=list, description="Each replica group: phase and served plan."
     )
     refusal: RefusalStatus | None = Field(
         None,
-        description="Workers refused to start: the group stays at 0 pods (no crash loop) "
-        "until the spec changes.",
+        description="Workers refused to start: the groups on the spec's pod template stay at "
+        "0 pods (no crash loop) until the spec changes; outdated groups serve on.",
     )
     membership: MembershipStatus | None = Field(
-        None, description="The worker group's membership (workers that survive a lost rank)."
+        None,
+        description="A worker group's membership (workers that survive a lost rank): the first "
+        "group serving without some ranks, else group 0's; each group's is in groups[].",
     )
     redundancy: RedundancyStatus | None = Field(
         None, description="How the plan of record takes the loss of a rank or a pod."

@@ -16,12 +16,24 @@ import yaml
 from moe_operator import api
 
 _KEPT_KEYWORDS = ("type", "description", "enum", "minimum", "maximum", "minLength", "maxLength")
+SCALE = {
+    "specReplicasPath": ".spec.replicas",
+    "statusReplicasPath": ".status.replicas",
+    "labelSelectorPath": ".status.labelSelector",
+}
+"""The scale subresource: kubectl scale and a HorizontalPodAutoscaler set spec.replicas (groups)."""
 _PRINTER_COLUMNS = [
     {
         "name": "Ready",
         "type": "string",
         "jsonPath": ".status.ready",
         "description": "Ready worker pods / worker pods wanted.",
+    },
+    {
+        "name": "Groups",
+        "type": "integer",
+        "jsonPath": ".status.readyReplicas",
+        "description": "Replica groups whose whole gang serves.",
     },
     {
         "name": "Phase",
@@ -149,7 +161,7 @@ def build_crd() -> dict[str, Any]:
                     "name": api.VERSION,
                     "served": True,
                     "storage": True,
-                    "subresources": {"status": {}},
+                    "subresources": {"status": {}, "scale": SCALE},
                     "additionalPrinterColumns": _PRINTER_COLUMNS,
                     "schema": {
                         "openAPIV3Schema": {

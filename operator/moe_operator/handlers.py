@@ -34,14 +34,28 @@ from moe_contract.group import GroupStatus
 from moe_contract.plan import Plan
 from moe_operator import api, handoff, metrics
 from moe_operator.failures import StartupFailure
-from moe_operator.group import GroupState
+from moe_operator.fleet import (
+    Fleet,
+    GroupRead,
+    apply_rollout,
+    ensure_groups,
+    label_pods,
+    plan_rollout,
+)
+from moe_operator.fleet import read_fleet as fleet_of
+from moe_operator.groups import naming, report
+from moe_operator.groups.read import ready_replicas
+from moe_operator.groups.rollout import Rollout
 from moe_operator.images import WorkerImages, with_worker_image
 from moe_operator.kube import Cluster, Conflict, load_client_config, secret_value
 from moe_operator.manifests import children
 from moe_operator.planning.detection import DetectionState
 from moe_operator.planning.ledger import Ledger
 from moe_operator.planning.record import PlanShape
-from moe_operator.rankloss import membership_of, transition_events
+from moe_operator.rankloss import (
+    membership_of,
+    transition_events,
+)
 from moe_operator.rebalance import PlanStoreConflict, StepOutcome, Window, control_step
 from moe_operator.reconcile import (
     ChildrenState,
@@ -49,12 +63,10 @@ from moe_operator.reconcile import (
     delete_pods,
     ensure_children,
     hold_group,
-    owned_pods,
-    ready_replicas,
     record_notes,
     write_plan,
 )
-from moe_operator.recovery import GroupAction, GroupView, decide
+from moe_operator.recovery import GroupView, decide
 from moe_operator.status import (
     Observed,
     compute_status,
@@ -64,7 +76,7 @@ from moe_operator.status import (
     reconcile_error_status,
 )
 from moe_operator.validation import parse_spec
-from moe_operator.workers import PodWorkers
+from moe_operator.workers import GroupsWorkers, PodWorkers
 
 TIMER_SECONDS = float(os.environ.get("MOE_OPERATOR_TIMER_SECONDS", "5"))
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
@@ -198,55 +210,85 @@ def _was_running(status: dict[str, Any]) -> bool:
 
 
 def _sync(call: Call, base: dict[str, Any], *, control: bool) -> None:
-    """Parse, ensure the children, decide about the group and apply it, balance, write status."""
+    """Parse, ensure the shared children, roll the groups out, decide about each group and
+    apply it, balance, write status."""
     parsed, problems = parse_spec(call.spec, name=call.name)
     if parsed is None:
         _write_invalid(call, base, [str(problem) for problem in problems])
         return
     parsed = with_worker_image(parsed, call.memo.worker_images)
     known = Ledger.from_status(base)  # a lost plan record never goes back past it
-    held = StartupFailure.held(base.get("refusal"), call.generation) is not None
-    state = _ensure(call, parsed, known, hold=held)
+    now = time.time()
+    fleet = fleet_of(call.cluster, call.owner, parsed)
+    # Labels first: an upgraded operator's first run moves `<name>-api` from pod 0 by name to
+    # the leaders' labels, which must be there by then.
+    label_pods(call.cluster, call.namespace, fleet)
+    state = _ensure(call, parsed, known, fleet)
     if state.conflicts:
         _write_conflicts(call, base, parsed, state)
         return
-    assert state.statefulset is not None and state.plan is not None
-    ready = ready_replicas(state.statefulset)
-    membership, answered = _membership(call, parsed, state.pods, base)
+    assert state.plan is not None
+    held = StartupFailure.held(base.get("refusal"), call.generation) is not None
+    rollout = plan_rollout(fleet, parsed, now)
+    call.announce(apply_rollout(call.cluster, call.owner, parsed, fleet, rollout, now, hold=held))
+    changes = ensure_groups(call.cluster, call.owner, parsed, fleet, hold=held)
+    call.announce([("Normal", "Reconciled", change) for change in changes])
+    runs = [_decide_group(call, parsed, state, group, base, now) for group in fleet.groups]
+    for run in runs:  # refused just now: no restart by the kubelet, nor by us
+        if run.action.hold and not (held and run.read.current):
+            hold_group(call.cluster, call.namespace, run.read.statefulset)
+    standing = _standing(base, known, state)
+    serving = [run for run in runs if run.takes_plans(parsed.pods)]
+    if control and serving:
+        standing = _balance(call, parsed, state, standing, serving)
+    _write_status(call, base, parsed, runs, rollout, standing)
+
+
+def _decide_group(
+    call: Call,
+    spec: api.MoEDeploymentSpec,
+    state: ChildrenState,
+    group: GroupRead,
+    base: dict[str, Any],
+    now: float,
+) -> report.GroupRun:
+    """A group's own recovery (a dead rank, pods of an older template after a restart in
+    place, a refusal to start), read from its own leader's membership and applied at once;
+    its own rank-loss passage Events."""
+    previous = report.group_previous(base, group.index, current=group.current)
+    membership, answered = _membership(call, spec, group.pods, previous)
     view = GroupView(
-        state.statefulset, state.pods, parsed.pods, ready, base, call.generation,
+        group.statefulset, group.pods, spec.pods, group.ready, previous, call.generation,
         membership=membership,
-        plan=state.plan, ranks_per_pod=parsed.worker.local_ranks(),
-        max_slots=parsed.placement.most_slots_per_rank,
+        plan=state.plan, ranks_per_pod=spec.worker.local_ranks(),
+        max_slots=spec.placement.most_slots_per_rank,
     )  # fmt: skip
-    action = decide(view, time.time())
-    if action.hold and not held:  # refused just now: no restart by the kubelet, nor by us
-        hold_group(call.cluster, call.namespace, state.statefulset)
+    action = decide(view, now)
     deleted = delete_pods(call.cluster, call.namespace, action.delete)
-    group, events = action.after_deleting(deleted)
+    group_state, events = action.after_deleting(deleted)
     call.announce(list(events))
-    # GroupWhole only on the leader's word now: a recorded membership may be that of a group
+    # GroupWhole only on the leader's word: a recorded membership may be that of a group
     # whose leader just stopped.
     whole = membership if answered and not action.replacing else None
-    call.announce(transition_events(base, action.rank_loss, whole))
-    standing = _standing(base, known, state)
-    if control and ready == view.world and group.settled:
-        standing = _balance(call, parsed, state, standing)
-    _write_status(call, base, parsed, view, group, action, standing)
+    named = [
+        (kind, reason, report.named_index(group, message))
+        for kind, reason, message in transition_events(previous, action.rank_loss, whole)
+    ]
+    call.announce(named)
+    return report.GroupRun(group, view, action, group_state)
 
 
-def _ensure(call: Call, spec: api.MoEDeploymentSpec, known: Ledger, *, hold: bool) -> ChildrenState:
-    """Create or repair the children, the plan record included; announce what changed.
-    `hold`: a start-up refusal is held for this spec, the StatefulSet stays at 0 pods."""
-    cluster = call.cluster
+def _ensure(call: Call, spec: api.MoEDeploymentSpec, known: Ledger, fleet: Fleet) -> ChildrenState:
+    """Create or repair the shared children, the plan record included; announce changes."""
+    leaders = [group.pods for group in fleet.groups if group.pods]
     state = ensure_children(
-        cluster,
+        call.cluster,
         call.owner,
         spec,
         known,
-        leader=lambda pods: _workers(call, spec, pods).served_plan(),
-        pods=lambda statefulset: owned_pods(cluster, call.namespace, call.name, statefulset),
-        hold=hold,
+        leader=lambda: _workers(call, spec, leaders[0]).served_plan() if leaders else None,
+        pods=fleet.pods,
+        router_image=call.memo.worker_images.router,
     )
     if not state.conflicts:
         call.announce([("Normal", "Reconciled", change) for change in state.changes])
@@ -300,16 +342,30 @@ def _standing(base: dict[str, Any], known: Ledger, state: ChildrenState) -> Stan
 
 
 def _balance(
-    call: Call, spec: api.MoEDeploymentSpec, state: ChildrenState, standing: Standing
+    call: Call,
+    spec: api.MoEDeploymentSpec,
+    state: ChildrenState,
+    standing: Standing,
+    serving: list[report.GroupRun],
 ) -> Standing:
-    """One control step (the timer's, once every pod is ready on the current template)."""
-    if "window" not in call.memo:
+    """One control step (the timer's) over the groups that take plans: their counts summed,
+    the plan handed to one group after another."""
+    members = tuple((run.read.index, run.read.statefulset["metadata"]["uid"]) for run in serving)
+    if "window" not in call.memo or call.memo.get("members") != members:
+        # Counters of another set of groups do not continue the last window's sum.
+        last = call.memo.get("window")
         call.memo.window = Window(started_at=time.time())
+        if last is not None:
+            call.memo.window.last_layer_imbalance = last.last_layer_imbalance
+        call.memo.members = members
     store = ConfigMapStore(call.cluster, call.owner, children.plan_shape(spec), state.configmap)
+    workers = GroupsWorkers([_workers(call, spec, run.read.pods) for run in serving])
     outcome = control_step(
         spec, standing.desired, standing.ledger, standing.detection, call.memo.window,
-        _workers(call, spec, state.pods), store, time.time(), standing.last_rebalance,
+        workers, store, time.time(), standing.last_rebalance,
     )  # fmt: skip
+    served = call.memo.setdefault("served", {})
+    served.update(zip((run.read.index for run in serving), workers.served_versions(), strict=True))
     call.announce(outcome.events)
     return Standing(
         outcome.desired,
@@ -355,48 +411,62 @@ def _write_status(
     call: Call,
     base: dict[str, Any],
     spec: api.MoEDeploymentSpec,
-    view: GroupView,
-    group: GroupState,
-    action: GroupAction,
+    runs: list[report.GroupRun],
+    rollout: Rollout,
     standing: Standing,
 ) -> None:
     """Status fields and the operator's metrics, from one set of observations."""
     window: Window | None = call.memo.get("window")
     per_layer = window.last_layer_imbalance if window else ()
+    window_problem = window.last_loads_problem if window else None
     rerouted = window.last_rerouted_fraction if window else ()
     outcome, desired, ledger = standing.outcome, standing.desired, standing.ledger
     where = children.plan_configmap_name(call.name), children.plan_shape(spec).key
+    groups = report.groups_seen(spec, runs, call.memo.get("served") or {})
+    loss = next((run for run in runs if run.action.rank_loss is not None), None)
+    world = spec.pods * spec.replicas  # pods, not ranks: what the StatefulSets count ready
+    active = [run for run in runs if run.read.drain is None]
+    ready = min(world, sum(min(run.read.ready, spec.pods) for run in active))
+    serving = sum(1 for run in active if run.read.serving(spec.pods))
+    restarting = [run for run in runs if run.action.restarting or report.forming(run, spec.pods)]
+    recovering = next((run for run in runs if run.action.recovering), None)
+    failure = next((run.action.failure for run in runs if run.action.failure), None)
+    short = serving < spec.replicas  # a rollout that keeps every group serving is no restart
+    busy = short and (restarting or rollout.busy)
+    restart = report.rollout_message(rollout, restarting, spec.pods) if busy else None
     observed = Observed(
         generation=call.generation,
-        workers=view.world,  # pods, not ranks: what the StatefulSet counts ready
-        statefulset_exists=True,
-        ready_workers=view.ready,
-        # With OnDelete the controller never marks a revision current: the group's own state
-        # (old pods, pods going, a template not yet seen) says whether a rollout is under way.
-        rollout_in_progress=action.restarting,
+        workers=world,
+        statefulset_exists=bool(runs),
+        ready_workers=ready,
+        rollout_in_progress=bool(restarting) or rollout.busy or not runs,
         plan=plan_status(ledger, desired.method, *where),
         worst_imbalance=max(per_layer) if per_layer else None,
         rerouted_fraction=rerouted,
         max_rerouted_fraction=spec.rebalancing.gating.max_rerouted_fraction,
         gate_bias_active=desired.gate_bias is not None,
         imbalance_threshold=spec.rebalancing.imbalance_threshold,
-        loads_problem=_loads_problem(window, view.ready, view.world, group),
+        loads_problem=report.loads_problem(window_problem, runs, spec),
         handoff_problem=outcome.handoff_problem if outcome else None,
         was_running=_was_running(base),
-        balance_note=_balance_note(desired),
-        group_restart=group.message(view.world) if action.restarting else None,
-        recovering=action.recovering,
-        startup_failure=action.failure,
+        balance_note=report.balance_note(desired),
+        group_restart=restart,
+        recovering=report.named(recovering, recovering.action.recovering) if recovering else None,
+        startup_failure=failure,
         endpoint=children.api_endpoint(call.name, call.namespace, spec),
         served_model_name=children.served_model_name(call.name, spec),
         detection=standing.detection,
         last_rebalance=standing.last_rebalance,
-        recovery=action.backoff,
-        refusal=action.failure.record(call.generation) if action.failure and action.hold else None,
-        rank_loss=action.rank_loss,
-        membership=view.membership,
+        recovery=report.last_replaced(runs),
+        replicas=len(runs),
+        ready_replicas=serving,
+        label_selector=naming.leaders_selector(call.name),
+        groups=groups,
+        refusal=report.refusal(runs, call.generation),
+        rank_loss=report.named_loss(loss),
+        membership=report.membership_shown(runs, loss),
         redundancy=plan_redundancy(desired, spec.worker.local_ranks()),
-    )
+    )  # fmt: skip
     _write(call, compute_status(observed, base.get("conditions") or [], _now()))
     namespace, name = call.namespace, call.name
     metrics.observe_workers(namespace, name, observed.ready_workers, observed.workers)
@@ -408,22 +478,6 @@ def _write_status(
         metrics.evaluations_skipped.labels(namespace, name, outcome.skipped).inc()
     if outcome and outcome.rebalance:
         metrics.rebalances.labels(namespace, name, outcome.rebalance.method).inc()
-
-
-def _loads_problem(window: Window | None, ready: int, world: int, group: GroupState) -> str | None:
-    """Why counters were not read: workers not ready, a group restart, or the last window's
-    reason (kept by the window, so every run between two reads reports the same)."""
-    if ready < world:
-        return f"{world - ready} of {world} workers not ready; token counters not read"
-    if not group.settled:
-        return "the group restarts for a new pod template; token counters not read"
-    return window.last_loads_problem if window else None
-
-
-def _balance_note(plan: Plan) -> str:
-    if plan.gate_bias is None:
-        return ""
-    return "; gate bias active: routing differs from the model's own choice of experts"
 
 
 @dataclass

@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from importlib import metadata
 
 from moe_operator.api import MoEDeploymentSpec
+from moe_operator.manifests.router import DEFAULT_ROUTER_IMAGE
 
 WORKER_IMAGE_ENV = "MOE_WORKER_IMAGE"
 WORKER_IMAGE_CUDA_ENV = "MOE_WORKER_IMAGE_CUDA"
+ROUTER_IMAGE_ENV = "MOE_ROUTER_IMAGE"
+"""The router's image for deployments whose spec.router names none (the chart's routerImage)."""
 # The chart's values.yaml `workerImage.repository` (tests/images/test_names.py keeps them equal).
 WORKER_REPOSITORY = "ghcr.io/moe-ep/moe-ep-worker"
 CUDA_TAG_SUFFIX = "-cuda"
@@ -30,6 +33,7 @@ class WorkerImages:
 
     cpu: str
     cuda: str
+    router: str = ""
 
     def for_device(self, device: str) -> str:
         return self.cuda if device == "cuda" else self.cpu
@@ -39,7 +43,8 @@ class WorkerImages:
         tag = metadata.version("moe-ep")
         cpu = environ.get(WORKER_IMAGE_ENV) or f"{WORKER_REPOSITORY}:{tag}"
         cuda = environ.get(WORKER_IMAGE_CUDA_ENV) or f"{cpu}{CUDA_TAG_SUFFIX}"
-        return cls(cpu=cpu, cuda=cuda)
+        router = environ.get(ROUTER_IMAGE_ENV) or DEFAULT_ROUTER_IMAGE
+        return cls(cpu=cpu, cuda=cuda, router=router)
 
 
 def with_worker_image(spec: MoEDeploymentSpec, images: WorkerImages) -> MoEDeploymentSpec:

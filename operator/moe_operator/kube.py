@@ -40,6 +40,7 @@ class Cluster:
         self._core = kubernetes.client.CoreV1Api(self._client)
         self._apps = kubernetes.client.AppsV1Api(self._client)
         self._custom = kubernetes.client.CustomObjectsApi(self._client)
+        self._rbac = kubernetes.client.RbacAuthorizationV1Api(self._client)
         self._pdb_version: str | None = None
 
     @staticmethod
@@ -49,11 +50,26 @@ class Cluster:
         response = call(*args, _preload_content=False, **kwargs)
         return response if isinstance(response, dict) else json.loads(response.data)
 
+    def _client_of(self, kind: str) -> tuple[Any, str]:
+        """The typed client of `kind` and its snake-case name in method names."""
+        client = {
+            "StatefulSet": self._apps,
+            "Deployment": self._apps,
+            "Role": self._rbac,
+            "RoleBinding": self._rbac,
+        }.get(kind, self._core)
+        snake = {
+            "StatefulSet": "stateful_set",
+            "ConfigMap": "config_map",
+            "ServiceAccount": "service_account",
+            "RoleBinding": "role_binding",
+        }.get(kind, kind.lower())
+        return client, snake
+
     def _calls(self, kind: str) -> tuple[Any, Any, Any]:
         if kind == "PodDisruptionBudget":
             return self._pdb_calls()
-        client = self._apps if kind == "StatefulSet" else self._core
-        snake = {"StatefulSet": "stateful_set", "ConfigMap": "config_map"}.get(kind, kind.lower())
+        client, snake = self._client_of(kind)
         return (
             getattr(client, f"read_namespaced_{snake}"),
             getattr(client, f"create_namespaced_{snake}"),
@@ -146,15 +162,53 @@ class Cluster:
         precondition: the patch sets only our fields, and controllers update these objects'
         status all the time (the plan record, which is decided from what was read, has one)."""
         if current is None:
-            return "created", self.create(namespace, body)
-        if _contains(current, body):
+            return "created", self.create(namespace, without_nulls(body))
+        if contains(current, body):
             return "unchanged", current
         return "updated", self.patch(namespace, body)
+
+    def list_statefulsets(self, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]:
+        label_selector = ",".join(f"{key}={value}" for key, value in sorted(selector.items()))
+        found = self._raw(
+            self._apps.list_namespaced_stateful_set, namespace, label_selector=label_selector
+        )
+        return _typed(found, "apps/v1", "StatefulSet")
+
+    def delete(self, kind: str, namespace: str, name: str, uid: str) -> bool:
+        """Delete one child if it is still the one seen (uid); its pods go with it (background
+        propagation). False if it is gone or replaced."""
+        options = {"preconditions": {"uid": uid}, "propagationPolicy": "Background"}
+        try:
+            if kind == "PodDisruptionBudget":
+                base = f"/apis/{self.pdb_api_version()}/namespaces/{namespace}"
+                self._request("DELETE", f"{base}/poddisruptionbudgets/{name}", options)
+            else:
+                client, snake = self._client_of(kind)
+                getattr(client, f"delete_namespaced_{snake}")(name, namespace, body=options)
+        except ApiException as error:
+            if error.status in (404, 409):
+                return False
+            raise
+        return True
+
+    def label_pod(self, namespace: str, pod: dict[str, Any], labels: dict[str, Any]) -> bool:
+        """Merge `labels` into a pod's (None removes one), if it is still the one seen."""
+        meta = pod["metadata"]
+        body = {"metadata": {"uid": meta["uid"], "labels": labels}}
+        try:
+            self._core.patch_namespaced_pod(
+                meta["name"], namespace, body, _content_type=MERGE_PATCH
+            )
+        except ApiException as error:
+            if error.status in (404, 409, 422):
+                return False
+            raise
+        return True
 
     def list_pods(self, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]:
         label_selector = ",".join(f"{key}={value}" for key, value in sorted(selector.items()))
         pods = self._raw(self._core.list_namespaced_pod, namespace, label_selector=label_selector)
-        return list(pods.get("items") or [])
+        return _typed(pods, "v1", "Pod")
 
     def delete_pod(self, namespace: str, name: str, uid: str) -> bool:
         """Delete one pod if it is still the one seen (uid); False if it is gone or replaced."""
@@ -192,16 +246,35 @@ def secret_value(secret: dict[str, Any] | None, key: str) -> str | None:
     return base64.b64decode(data[key]).decode()
 
 
-def _contains(current: Any, wanted: Any) -> bool:
-    """Whether every field we set already has our value (server defaults may add more)."""
+def without_nulls(body: Any) -> Any:
+    """`body` less the keys a merge patch would remove (None): what a create sends."""
+    if isinstance(body, dict):
+        return {key: without_nulls(value) for key, value in body.items() if value is not None}
+    if isinstance(body, list):
+        return [without_nulls(item) for item in body]
+    return body
+
+
+def _typed(found: dict[str, Any], api_version: str, kind: str) -> list[dict[str, Any]]:
+    """A list's items as `get` returns objects: the API server leaves apiVersion and kind out
+    of list items, and a StatefulSet compared with what the spec builds needs them."""
+    return [{"apiVersion": api_version, "kind": kind, **item} for item in found.get("items") or []]
+
+
+def contains(current: Any, wanted: Any) -> bool:
+    """Whether every field we set already has our value (server defaults may add more). A map
+    we only remove keys from is satisfied by its absence: the API server drops the empty
+    `annotations` a merge patch of {key: null} leaves, so a missing map is an empty one."""
     if isinstance(wanted, dict):
+        current = {} if current is None else current
         return isinstance(current, dict) and all(
-            _contains(current.get(key), value) for key, value in wanted.items()
+            key not in current if value is None else contains(current.get(key), value)
+            for key, value in wanted.items()
         )
     if isinstance(wanted, list):
         return (
             isinstance(current, list)
             and len(current) == len(wanted)
-            and all(_contains(c, w) for c, w in zip(current, wanted, strict=True))
+            and all(contains(c, w) for c, w in zip(current, wanted, strict=True))
         )
     return current == wanted or (isinstance(wanted, int) and str(wanted) == str(current))

@@ -134,7 +134,9 @@ def parse_rerouted(text: str, *, num_layers: int, where: str, rank: int | None =
     return reading[mine].rerouted
 
 
-def _fetch(url: str, timeout: float, opener: urllib.request.OpenerDirector | None = None) -> str:
+def fetch_text(
+    url: str, timeout: float, opener: urllib.request.OpenerDirector | None = None
+) -> str:
     """The body at `url`, within `timeout` seconds all told (not per socket operation)."""
     started = time.monotonic()
     chunks: list[bytes] = []
@@ -165,7 +167,7 @@ def _read_pod(
     ranks = range(target.rank, target.rank + target.ranks)
     where = f"rank {target.rank}" if target.ranks == 1 else f"ranks {ranks.start}..{ranks.stop - 1}"
     try:
-        body = _fetch(target.url, timeout)
+        body = fetch_text(target.url, timeout)
     except LoadReadError as error:
         raise LoadReadError(f"{where}: {error}") from None
     return _reading(body, ranks, num_layers=num_layers, num_experts=num_experts, where=where)
@@ -242,10 +244,11 @@ def layer_tokens(
 
 def prometheus_query(namespace: str, name: str) -> str:
     """PromQL for the per-rank counters of one deployment (the pod label from the PodMonitor,
-    the rank label from the worker: a pod of several ranks exposes them all)."""
+    the rank label from the worker: a pod of several ranks exposes them all), summed over its
+    replica groups (pods `<name>-<ordinal>` and `<name>-g<k>-<ordinal>`)."""
     return (
         f'sum by ({RANK_LABEL}, layer, expert) ({TOKENS_METRIC}{{namespace="{namespace}",'
-        f'pod=~"{name}-[0-9]+"}})'
+        f'pod=~"{name}(-g[0-9]+)?-[0-9]+"}})'
     )
 
 
@@ -253,7 +256,7 @@ def prometheus_rerouted_query(namespace: str, name: str) -> str:
     """PromQL for the per-rank rerouted counters of one deployment."""
     return (
         f'sum by ({RANK_LABEL}, layer) ({REROUTED_METRIC}{{namespace="{namespace}",'
-        f'pod=~"{name}-[0-9]+"}})'
+        f'pod=~"{name}(-g[0-9]+)?-[0-9]+"}})'
     )
 
 
@@ -261,7 +264,9 @@ def _query(base_url: str, promql: str, timeout: float) -> list[object] | None:
     """The result list of an instant query, or None (logged) for any failure."""
     query = urllib.parse.urlencode({"query": promql})
     try:
-        body = _fetch(f"{base_url.rstrip('/')}/api/v1/query?{query}", timeout, _PROMETHEUS_OPENER)
+        body = fetch_text(
+            f"{base_url.rstrip('/')}/api/v1/query?{query}", timeout, _PROMETHEUS_OPENER
+        )
         document = json.loads(body)
         results = document["data"]["result"] if document.get("status") == "success" else None
     except (LoadReadError, ValueError, KeyError, TypeError, AttributeError) as error:

@@ -4,7 +4,8 @@ A non-leader worker pod deleted, or whose worker exited, is a rank lost: the lea
 group is told (POST /v1/group/lost) as the event arrives, so the survivors drop it without
 waiting for its heartbeat to go silent. What counts is pure (`rankloss.lost_report`). Only the
 StatefulSet's own pods are believed, and the control token goes only to its pod 0 (the
-StatefulSet controlled by a MoEDeployment, the token Secret by the same one). A report is sent
+StatefulSet controlled by a MoEDeployment, the token Secret by the same one); with replica
+groups, the pod's own group's (the StatefulSet that controls it). A report is sent
 once per pod incarnation (uid and restart count); one that cannot be delivered is left to the
 heartbeat, which drops the rank anyway. Never raises into kopf.
 """
@@ -41,7 +42,10 @@ def _report(kind: str, pod: dict[str, Any], memo: kopf.Memo) -> None:
         return
     cluster: Cluster = memo.cluster
     name, namespace = meta["labels"][children.DEPLOYMENT_LABEL], meta.get("namespace", "")
-    statefulset = cluster.get("StatefulSet", namespace, name)
+    group = _statefulset_name(pod)  # the pod's replica group (group 0's is the deployment's)
+    if group is None:
+        return
+    statefulset = cluster.get("StatefulSet", namespace, group)
     if statefulset is None or not children.controlled_by(pod, statefulset["metadata"]["uid"]):
         return
     owner = next(
@@ -66,7 +70,15 @@ def _report(kind: str, pod: dict[str, Any], memo: kopf.Memo) -> None:
         log.info("told the leader of %s/%s: ranks %s lost (%s)", namespace, name, ranks, why)
 
 
+def _statefulset_name(pod: dict[str, Any]) -> str | None:
+    for ref in (pod.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("kind") == "StatefulSet":
+            return str(ref.get("name"))
+    return None
+
+
 def _leader_url(cluster: Cluster, namespace: str, name: str, owner_uid: str) -> str | None:
+    """Pod 0 of the group's StatefulSet (uid `owner_uid`): its other pods' leader."""
     for pod in cluster.list_pods(namespace, children.selector_labels(name)):
         meta = pod.get("metadata") or {}
         if worker_env.rank_from_pod_name(meta.get("name", "")) != 0:

@@ -20,7 +20,7 @@ from moe_contract.plan import PLAN_FILE_NAME, Plan, PlanError, parse_plan
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.group import PodRef
 from moe_operator.kube import Cluster, Conflict
-from moe_operator.manifests import children, podspec
+from moe_operator.manifests import children, podspec, router
 from moe_operator.planning.ledger import Ledger
 from moe_operator.planning.record import PlanChoice, PlanShape, choose_plan
 
@@ -118,18 +118,18 @@ def ensure_children(
     owner: Owner,
     spec: MoEDeploymentSpec,
     ledger: Ledger,
-    leader: Callable[[list[dict[str, Any]]], Plan | None],
-    pods: Callable[[dict[str, Any] | None], list[dict[str, Any]]],
-    *,
-    hold: bool = False,
+    leader: Callable[[], Plan | None],
+    pods: list[dict[str, Any]],
+    router_image: str,
 ) -> ChildrenState:
-    """Create or repair every child; never touch an object we do not control.
+    """Create or repair every child the groups share (the groups are `fleet`'s); never touch
+    an object we do not control.
 
     Args:
         ledger: plan versions status remembers (a lost record never goes back past them).
-        leader: the plan rank 0 of these pods serves (asked only to repair the record).
-        pods: the StatefulSet's own pods, given the StatefulSet as read.
-        hold: the workers refused this spec: the StatefulSet keeps 0 pods.
+        leader: the plan a group's rank 0 serves (asked only to repair the record).
+        pods: every worker pod of the deployment (the plan keys they map are kept).
+        router_image: the router's image when the spec names none.
     """
     name, namespace = owner.name, owner.namespace
     names = {
@@ -137,7 +137,7 @@ def ensure_children(
         "ConfigMap": children.plan_configmap_name(name),
         "Service": children.service_name(name),
         "Service api": children.api_service_name(name),
-        "StatefulSet": name,
+        "StatefulSet": name,  # group 0's (groups.naming)
         "PodDisruptionBudget": podspec.pdb_name(name),
     }
     found = {what: cluster.get(what.split()[0], namespace, child) for what, child in names.items()}
@@ -157,29 +157,57 @@ def ensure_children(
 
     if found["Secret"] is None:
         apply(children.build_token_secret(name), None)
-    live_pods = pods(found["StatefulSet"])
     configmap, choice, events = ensure_plan(
-        cluster, owner, spec, ledger, lambda: leader(live_pods), found["ConfigMap"]
+        cluster, owner, spec, ledger, leader, found["ConfigMap"]
     )
     if choice.write:
         changes.append(f"ConfigMap {children.plan_configmap_name(name)} plan {choice.plan.version}")
-    configmap = prune_plan_keys(cluster, owner, spec, configmap, live_pods)
+    configmap = prune_plan_keys(cluster, owner, spec, configmap, pods)
     apply(children.build_service(name, spec), found["Service"])
-    apply(children.build_api_service(name, spec), found["Service api"])
-    body = children.build_statefulset(name, namespace, spec)
-    if hold:
-        body["spec"]["replicas"] = 0
-    statefulset = apply(body, found["StatefulSet"])
-    pdb = children.build_pdb(name, spec, cluster.pdb_api_version())
-    apply(pdb, found["PodDisruptionBudget"])
+    available = ensure_router(cluster, owner, spec, router_image, apply)
+    apply(children.build_api_service(name, spec, available), found["Service api"])
     return ChildrenState(
-        statefulset=statefulset,
+        statefulset=found["StatefulSet"],
         plan=choice.plan,
         configmap=configmap,
-        pods=live_pods,
+        pods=pods,
         changes=tuple(changes),
         events=events,
     )
+
+
+def ensure_router(
+    cluster: Cluster,
+    owner: Owner,
+    spec: MoEDeploymentSpec,
+    image: str,
+    apply: Callable[[dict[str, Any], dict[str, Any] | None], dict[str, Any]],
+) -> bool:
+    """The router's objects (`manifests.router`), or their removal with router None; whether
+    one of its pods is available (then `<name>-api` routes to it)."""
+    name, namespace = owner.name, owner.namespace
+    child = router.router_name(name)
+    deployment = cluster.get("Deployment", namespace, child)
+    pdb = cluster.get("PodDisruptionBudget", namespace, child)
+    mine = [obj for obj in (deployment, pdb) if children.controlled_by(obj, owner.uid)]
+    if spec.router.type == "None":
+        for obj in mine:
+            cluster.delete(obj["kind"], namespace, child, obj["metadata"]["uid"])
+        return False
+    for kind, body in (
+        ("ServiceAccount", router.build_service_account(name)),
+        ("Role", router.build_role(name)),
+        ("RoleBinding", router.build_role_binding(name)),
+    ):
+        current = cluster.get(kind, namespace, child)
+        if current is None or children.controlled_by(current, owner.uid):
+            apply(body, current)
+    if deployment is None or children.controlled_by(deployment, owner.uid):
+        deployment = apply(router.build_deployment(name, namespace, spec, image), deployment)
+    if pdb is None or children.controlled_by(pdb, owner.uid):
+        apply(router.build_pdb(name, cluster.pdb_api_version()), pdb)
+    available = int(((deployment or {}).get("status") or {}).get("availableReplicas") or 0)
+    return available > 0
 
 
 def ensure_plan(
@@ -321,7 +349,3 @@ def hold_group(cluster: Cluster, namespace: str, statefulset: dict[str, Any]) ->
     name = statefulset["metadata"]["name"]
     body = {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": name}}
     cluster.patch(namespace, {**body, "spec": {"replicas": 0}})
-
-
-def ready_replicas(statefulset: dict[str, Any] | None) -> int:
-    return int(((statefulset or {}).get("status") or {}).get("readyReplicas") or 0)

@@ -29,6 +29,7 @@ from moe_operator.api import (
     RecoveryStatus,
     RedundancyStatus,
     RefusalStatus,
+    ReplicaGroupStatus,
     ReroutedStatus,
 )
 from moe_operator.failures import StartupFailure
@@ -70,6 +71,10 @@ class Observed:
     detection: DetectionState | None = None  # what detection remembers
     last_rebalance: RebalanceRecord | None = None
     recovery: ReplacementBackoff | None = None  # whole-group replacements in a row
+    replicas: int | None = None  # replica groups that exist (None: not known here)
+    ready_replicas: int = 0  # groups whose whole gang serves
+    label_selector: str = ""  # the worker pods' selector (the scale subresource's)
+    groups: tuple[ReplicaGroupStatus, ...] = ()
     refusal: dict[str, Any] | None = None  # the held start-up refusal (status.refusal)
     rank_loss: RankLoss | None = None  # the group serves without some of its ranks
     membership: GroupStatus | None = None  # the leader's, this run (None: not known)
@@ -346,6 +351,12 @@ def build_status(
         fields["last_rebalance"] = observed.last_rebalance
     if observed.recovery is not None and observed.recovery.replacements:
         fields["recovery"] = recovery_status(observed.recovery)
+    if observed.replicas is not None:
+        fields["replicas"] = observed.replicas
+        fields["ready_replicas"] = observed.ready_replicas
+        fields["groups"] = list(observed.groups)
+    if observed.label_selector:
+        fields["label_selector"] = observed.label_selector
     if observed.statefulset_exists:  # None removes a refusal the spec has moved past
         refusal = observed.refusal
         fields["refusal"] = None if refusal is None else RefusalStatus.model_validate(refusal)
@@ -381,8 +392,26 @@ def plan_redundancy(plan: Plan, ranks_per_pod: int) -> RedundancyStatus:
 
 
 def status_patch(status: ApiModel) -> dict[str, Any]:
-    """The merge patch of the status (or of a part): the fields set, camelCase (None removes)."""
-    return status.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    """The merge patch of the status (or of a part): the fields set, camelCase (None removes).
+
+    No empty string is sent: the API server reads one in a status merge patch as null, which
+    the schema refuses, failing the whole write (observed on the tests' 1.20 API server); an
+    empty string is removed instead. Inside a list, which a merge patch replaces whole, a None
+    or "" removes nothing: the key is left out."""
+    patch = status.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    return _as_sent(patch, in_list=False)
+
+
+def _as_sent(value: Any, *, in_list: bool) -> Any:
+    if isinstance(value, list):
+        return [_as_sent(item, in_list=True) for item in value]
+    if isinstance(value, dict):
+        return {
+            key: _as_sent(item, in_list=in_list)
+            for key, item in value.items()
+            if not (in_list and item in (None, ""))
+        }
+    return None if value == "" else value
 
 
 def compute_status(

@@ -34,6 +34,8 @@ from moe_operator.manifests import podspec
 NAME_MAX = 52
 """Longest MoEDeployment name: the StatefulSet controller labels pods
 `controller-revision-hash=<name>-<hash of up to 10 characters>`, a label value (<= 63)."""
+GROUP_NAME_MAX = NAME_MAX - len("-g99")
+"""Longest name of a deployment that may have more than one group (replicas + maxSurge > 1)."""
 MAX_PLAN_BYTES = 480 * 1024
 """Largest plan document. A ConfigMap holds at most 1 MiB of data, and during a group restart
 for a new shape it holds the old shape's plan and the new one."""
@@ -64,6 +66,8 @@ def parse_spec(
             for item in error.errors()
         ]
     problems = name_problems + cross_field_problems(spec) + kubernetes_problems(spec)
+    if name is not None and not name_problems:
+        problems += group_name_problems(name, spec)
     problems += size_problems(spec)
     return (spec if not problems else None), problems
 
@@ -186,9 +190,40 @@ def cross_field_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
         f"{', '.join(sorted(worker_env.RESERVED_ENV_NAMES))}); remove them",
     )
     problems += extra_args_problems(worker.extra_args)
+    problems += replica_problems(spec)
     problems += prometheus_url_problems(spec)
     problems += serving_problems(spec)
     return problems
+
+
+def replica_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:
+    """An update must be able to make progress: start a group above replicas, or take one out."""
+    strategy = spec.update_strategy
+    problems: list[SpecProblem] = []
+    need = _collector(problems)
+    need(
+        strategy.max_surge + strategy.max_unavailable >= 1,
+        "updateStrategy",
+        "maxSurge and maxUnavailable are both 0: no group could ever be replaced; set maxSurge "
+        "1 (start a new group first, the default) or maxUnavailable 1 (restart one in place)",
+    )
+    return problems
+
+
+def group_name_problems(name: str, spec: MoEDeploymentSpec) -> list[SpecProblem]:
+    """Groups after the first are StatefulSets `<name>-g<k>` (k < 100): their revision label
+    `<name>-g<k>-<hash>` must stay a label value."""
+    if spec.replicas + spec.update_strategy.max_surge <= 1 or len(name) <= GROUP_NAME_MAX:
+        return []
+    return [
+        SpecProblem(
+            "metadata.name",
+            f"{name[:80]!r} is longer than {GROUP_NAME_MAX} characters, too long for the "
+            f"StatefulSets of groups after the first (<name>-g<k>, labelled "
+            f"controller-revision-hash=<name>-g<k>-<hash>); use a shorter name, or replicas 1 "
+            f"with updateStrategy.maxSurge 0",
+        )
+    ]
 
 
 def serving_problems(spec: MoEDeploymentSpec) -> list[SpecProblem]:

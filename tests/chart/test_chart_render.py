@@ -26,13 +26,21 @@ EXPECTED_RBAC = {
     ("moe-ep.io", "moedeployments/status"): {"get", "patch", "update"},
     # Children get a blocking owner reference: the OwnerReferences admission plugin asks for it.
     ("moe-ep.io", "moedeployments/finalizers"): {"update"},
-    # Children are read by name, never listed or watched, and deleted by garbage collection.
-    ("apps", "statefulsets"): {"get", "create", "patch"},
+    # Children are read by name, never watched, and deleted by garbage collection; replica
+    # groups' StatefulSets are listed by label and a drained group's deleted; the router.
+    ("apps", "statefulsets"): {"get", "list", "create", "patch", "delete"},
+    ("apps", "deployments"): {"get", "create", "patch", "delete"},
+    ("", "serviceaccounts"): {"get", "create", "patch"},
+    ("rbac.authorization.k8s.io", "roles"): {"get", "create", "patch"},
+    ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create", "patch"},
     ("", "services"): {"get", "create", "patch"},
     ("", "configmaps"): {"get", "create", "patch"},
     ("", "secrets"): {"get", "create"},  # the token: created once, read for hand-offs
-    ("policy", "poddisruptionbudgets"): {"get", "create", "patch"},  # the gang's budget
-    ("", "pods"): {"list", "watch", "delete"},  # addresses; a lost rank; group restarts
+    # the groups' budgets and the router's; a removed group's goes
+    ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},
+    # addresses and readiness; a lost rank (watched); group restarts; group, role and traffic
+    # labels; get and watch are also what the router's Role grants (held to grant them)
+    ("", "pods"): {"get", "list", "watch", "patch", "delete"},
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }

@@ -234,3 +234,63 @@ def test_the_gpu_walkthrough_deployment_renders_valid_objects(tmp_path: Path, ve
     container = pod["containers"][0]
     assert container["resources"]["limits"]["rdma/ib"] == "1"
     assert {"name": "NCCL_SOCKET_IFNAME", "value": "eth0"} in container["env"]
+
+
+AUTOSCALING = ROOT / "manifests" / "samples" / "autoscaling"
+
+
+def _worker_metric_names() -> set[str]:
+    from moe_worker.metrics import WorkerMetrics
+
+    registry = WorkerMetrics(lambda: None, lambda: None).registry  # type: ignore[arg-type,return-value]
+    return {metric.name for metric in registry.collect()}
+
+
+def _autoscaler_target(document: dict[str, Any]) -> dict[str, Any]:
+    """The MoEDeployment sample an autoscaler sample scales (by name)."""
+    target = document["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"]) == ("moe-ep.io/v1alpha1", "MoEDeployment")
+    samples = {yaml.safe_load(p.read_text())["metadata"]["name"]: p for p in SAMPLES}
+    return yaml.safe_load(samples[target["name"]].read_text())
+
+
+@pytest.mark.parametrize("version", ["1.28.0", "1.30.0"])  # autoscaling/v2: from 1.23
+def test_the_sample_hpa_is_valid_and_scales_a_sample_on_a_worker_metric(version: str) -> None:
+    hpa = yaml.safe_load((AUTOSCALING / "hpa.yaml").read_text())
+    assert problems_of(hpa, version) == []
+    _autoscaler_target(hpa)
+    exported = _worker_metric_names()
+    for metric in hpa["spec"]["metrics"]:
+        assert metric["pods"]["metric"]["name"] in exported
+
+
+def test_the_sample_keda_scaled_object_queries_a_worker_metric_of_the_sample() -> None:
+    """A custom resource (no built-in schema): its target, its Prometheus query's metric and
+    the pods it names (the sample's group leaders) are checked instead."""
+    scaled = yaml.safe_load((AUTOSCALING / "keda-scaledobject.yaml").read_text())
+    assert (scaled["apiVersion"], scaled["kind"]) == ("keda.sh/v1alpha1", "ScaledObject")
+    name = _autoscaler_target(scaled)["metadata"]["name"]
+    (trigger,) = scaled["spec"]["triggers"]
+    query = trigger["metadata"]["query"]
+    exported = _worker_metric_names()
+    assert query.split("(", 1)[1].split("{", 1)[0] in exported
+    assert f'pod=~"{name}(-g[0-9]+)?-0"' in query  # group 0's leader and group k's
+    assert float(trigger["metadata"]["threshold"]) > 0
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_router_objects_are_valid(version: str) -> None:
+    from moe_operator.manifests import router
+    from moe_operator.validation import parse_spec
+
+    spec, problems = parse_spec({"replicas": 2}, name="m")
+    assert spec is not None, problems
+    pdb_version = "policy/v1beta1" if version.startswith("1.20") else "policy/v1"
+    objects = [
+        router.build_service_account("m"),
+        router.build_role("m"),
+        router.build_role_binding("m"),
+        router.build_deployment("m", "ns", spec, router.DEFAULT_ROUTER_IMAGE),
+        router.build_pdb("m", pdb_version),
+    ]
+    assert checked(objects, version)[0] == []

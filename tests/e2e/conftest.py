@@ -5,14 +5,16 @@ with the project's alert rules; the operator installed with the Helm chart (it r
 Deployment, with its ServiceAccount's own credentials); one MoEDeployment of 4 gloo workers
 serving a tiny Mixtral checkpoint (written here by transformers, with a tokenizer) from a
 hostPath volume, behind API keys from a Secret, with skewed (Zipf) built-in traffic. The tests in
-test_e2e.py run in file order against it; the last one deletes the deployment, and the fixture's
-teardown asserts `down()` left no process behind.
+test_e2e.py run in file order against it (fixture `e2e`); the last one deletes the deployment,
+and the cluster fixture's (`local`) teardown asserts `down()` left no process behind.
+test_replicas.py needs only the cluster and brings its own deployment.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,11 @@ def deployment(models: Path, name: str = NAME) -> dict[str, Any]:
             "model": {**mixtral_spec(2, VOCAB), "source": checkpoint_source(models)},
             "parallelism": {"expert": WORLD},
             "placement": {"slotsPerRank": 3},
+            # One group, restarted in place by a template change (test_e2e.py counts its
+            # restarts), and no router: `<name>-api` selects the leader (token-id prompts,
+            # which smg 1.13 refuses). test_replicas.py runs groups behind the router.
+            "updateStrategy": {"maxSurge": 0, "maxUnavailable": 1},
+            "router": {"type": "None"},
             "rebalancing": {
                 "method": "Auto",
                 "imbalanceThreshold": THRESHOLD,
@@ -103,8 +110,17 @@ def deployment(models: Path, name: str = NAME) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class Local:
+    """The suite's local cluster with the operator installed, and the checkpoints' volume."""
+
+    cluster: LocalCluster
+    prometheus_url: str
+    models: Path  # the hostPath volume holding the checkpoints
+
+
 @pytest.fixture(scope="session")
-def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
+def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Local]:
     for tool in ("kubectl", "prometheus"):
         require_tool(tool)
     require_module("transformers")  # writes the checkpoints, as a user's training job would
@@ -127,31 +143,38 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
         cluster.create_namespace(NAMESPACE)
         install.helm_install(cluster.kubeconfig, install.operator_values(timer_seconds=1))
         install.wait_until(lambda: install.operator_ready(cluster.kubeconfig), 90, "operator")
-        env = E2E(
-            cluster=cluster,
-            namespace=NAMESPACE,
-            name=NAME,
-            world=WORLD,
-            threshold=THRESHOLD,
-            prometheus_url=state["prometheus"]["url"],
-            models=models,
-            api_key=API_KEY,
-        )
-        env.apply(
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {"name": API_KEYS_SECRET},
-                "stringData": {"keys": f"{API_KEY}\nsk-another-client\n"},
-            }
-        )
-        env.apply(deployment(models))
-        wait_for("4 workers Ready", env.all_ready, timeout=120)
-        print(
-            f"\n[e2e] cluster, operator and {WORLD} workers up in "
-            f"{time.monotonic() - started:.0f}s; workdir {cluster.workdir}"
-        )
-        yield env
+        print(f"\n[e2e] cluster and operator up in {time.monotonic() - started:.0f}s")
+        yield Local(cluster, state["prometheus"]["url"], models)
     finally:
         left = cluster.down()
         assert left == [], f"processes left behind: {left}"
+
+
+@pytest.fixture(scope="session")
+def e2e(local: Local) -> E2E:
+    started = time.monotonic()
+    env = E2E(
+        cluster=local.cluster,
+        namespace=NAMESPACE,
+        name=NAME,
+        world=WORLD,
+        threshold=THRESHOLD,
+        prometheus_url=local.prometheus_url,
+        models=local.models,
+        api_key=API_KEY,
+    )
+    env.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": API_KEYS_SECRET},
+            "stringData": {"keys": f"{API_KEY}\nsk-another-client\n"},
+        }
+    )
+    env.apply(deployment(local.models))
+    wait_for("4 workers Ready", env.all_ready, timeout=120)
+    print(
+        f"\n[e2e] {WORLD} workers up in {time.monotonic() - started:.0f}s; "
+        f"workdir {local.cluster.workdir}"
+    )
+    return env

@@ -166,7 +166,10 @@ def test_serves_completions_through_the_api_service(e2e: E2E) -> None:
     assert status["servedModelName"] == CHECKPOINT
     service = e2e.child("Service", f"{NAME}-api")
     assert service is not None and service.spec.type == "ClusterIP" and service.spec.cluster_ip
-    assert service.spec.selector["statefulset.kubernetes.io/pod-name"] == f"{NAME}-0"
+    # no router (spec.router None): the leaders of the groups that take traffic, by label
+    assert service.spec.selector == {
+        "moe-ep.io/deployment": NAME, "moe-ep.io/role": "leader", "moe-ep.io/traffic": "on"
+    }  # fmt: skip
     url = e2e.api_url()
     assert url == f"http://{workers[f'{NAME}-0']['ip']}:8000/v1"  # the leader, nobody else
 
@@ -326,6 +329,7 @@ def test_pods_of_two_ranks_serve_and_a_failed_rank_brings_the_group_back(e2e: E2
             "model": {"layers": 2, "expertsPerLayer": 4, "hiddenSize": 32, "ffnHiddenSize": 48,
                       "attentionHeads": 2, "headDim": 16, "topK": 2, "dtype": "float32"},
             "parallelism": {"expert": 4},
+            "router": {"type": "None"},  # token-id prompts to the leader (smg takes only text)
             "worker": {"gpusPerPod": 0, "ranksPerPod": 2, "backend": "gloo", "device": "cpu",
                        "masterPort": 29517,  # as the other deployment's: stores on pod addresses
                        "stallTimeoutSeconds": 5, "collectiveTimeoutSeconds": 30,

@@ -46,6 +46,7 @@ def seed_like(
             },
             "parallelism": {"expert": 4},
             "placement": {"slotsPerRank": 1, "maxSlotsPerRank": max_slots},
+            "router": {"type": "None"},  # token-id prompts to the leader (smg takes only text)
             "rebalancing": {
                 "method": "Auto",
                 "imbalanceThreshold": 1.1,

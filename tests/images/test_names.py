@@ -14,6 +14,7 @@ import yaml
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.images import WorkerImages
 from moe_operator.manifests import children
+from moe_operator.manifests.router import DEFAULT_ROUTER_IMAGE
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "moe-ep"
@@ -88,9 +89,21 @@ def test_the_chart_runs_the_images_make_images_builds(build_images: ModuleType) 
 def test_the_operators_own_default_is_the_charts(build_images: ModuleType) -> None:
     """Run without the chart (by hand, in tests), the operator still picks these images."""
     names = build_images.image_names()
+    container = operator_deployment()["spec"]["template"]["spec"]["containers"][0]
+    router = {item["name"]: item.get("value") for item in container["env"]}["MOE_ROUTER_IMAGE"]
     assert WorkerImages.from_environ({}) == WorkerImages(
-        cpu=names["worker"], cuda=names["worker-cuda"]
+        cpu=names["worker"], cuda=names["worker-cuda"], router=router
     )
+
+
+def test_the_router_image_is_the_smg_release_the_local_cluster_runs() -> None:
+    """The chart's router image, the operator's default and the smg wheel `make setup` installs
+    (the node agent runs its `smg`) are one release."""
+    pinned = re.search(r'"smg==([^"]+)"', (ROOT / "local" / "pyproject.toml").read_text())
+    assert pinned is not None and DEFAULT_ROUTER_IMAGE.endswith(f":{pinned.group(1)}")
+    container = operator_deployment()["spec"]["template"]["spec"]["containers"][0]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["MOE_ROUTER_IMAGE"] == DEFAULT_ROUTER_IMAGE
 
 
 def test_package_version_is_the_charts_app_version(build_images: ModuleType) -> None:

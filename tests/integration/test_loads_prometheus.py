@@ -2,7 +2,8 @@
 
 Each "rank" is a tiny HTTP server serving exposition text; Prometheus scrapes them with the
 `namespace` and `pod` labels a PodMonitor would attach, and `loads.read_prometheus` must return
-exactly the counters the ranks serve.
+exactly the counters the ranks serve, summed rank by rank over the deployment's replica groups
+(pods `moe-<ordinal>` and `moe-g<k>-<ordinal>`, issue 23) and nothing of another deployment.
 """
 
 from __future__ import annotations
@@ -54,8 +55,18 @@ def _counters(rank: int, values: dict[tuple[int, int], float], rerouted: float) 
     return "\n".join(lines) + "\n"
 
 
-RANK_COUNTERS = {0: {(0, 0): 120.0, (0, 1): 30.0}, 1: {(0, 2): 7.0, (0, 3): 0.0}}
+GROUP_0 = {0: {(0, 0): 100.0, (0, 1): 20.0}, 1: {(0, 2): 5.0, (0, 3): 0.0}}
+GROUP_3 = {0: {(0, 0): 20.0, (0, 1): 10.0}, 1: {(0, 2): 2.0, (0, 3): 0.0}}
+RANK_COUNTERS = {0: {(0, 0): 120.0, (0, 1): 30.0}, 1: {(0, 2): 7.0, (0, 3): 0.0}}  # summed
+REROUTED_0, REROUTED_3 = {0: 6.0, 1: 1.0}, {0: 3.0, 1: 1.0}
 RANK_REROUTED = {0: {0: 9.0}, 1: {0: 2.0}}
+OTHER = {0: {(0, 0): 1000.0}, 1: {(0, 2): 1000.0}}  # deployment moe-canary: never counted
+# (pod, rank, counters, rerouted) of every target Prometheus scrapes.
+TARGETS = [
+    *((f"moe-{rank}", rank, GROUP_0[rank], REROUTED_0[rank]) for rank in (0, 1)),
+    *((f"moe-g3-{rank}", rank, GROUP_3[rank], REROUTED_3[rank]) for rank in (0, 1)),
+    *((f"moe-canary-{rank}", rank, OTHER[rank], 100.0) for rank in (0, 1)),
+]
 
 
 @pytest.fixture
@@ -63,15 +74,15 @@ def prometheus(tmp_path: Path) -> Iterator[str]:
     executable = require_tool("prometheus")
     servers = []
     targets = []
-    for rank, counters in RANK_COUNTERS.items():
+    for pod, rank, counters, rerouted in TARGETS:
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Rank)
-        _Rank.bodies[server.server_address[1]] = _counters(rank, counters, RANK_REROUTED[rank][0])
+        _Rank.bodies[server.server_address[1]] = _counters(rank, counters, rerouted)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         targets.append(
             {
                 "targets": [f"127.0.0.1:{server.server_address[1]}"],
-                "labels": {"namespace": "ml", "pod": f"moe-{rank}"},
+                "labels": {"namespace": "ml", "pod": pod},
             }
         )
     config = {
@@ -112,7 +123,11 @@ def _both_ranks(prometheus: str) -> CounterSnapshot:
 
 
 def test_prometheus_source_returns_what_the_ranks_serve(prometheus: str) -> None:
+    deadline = time.monotonic() + 30
     snapshot = _both_ranks(prometheus)
+    while snapshot.counters != RANK_COUNTERS and time.monotonic() < deadline:
+        time.sleep(0.5)  # both groups' ranks scraped, not only the first seen
+        snapshot = _both_ranks(prometheus)
     assert snapshot.counters == RANK_COUNTERS
     assert snapshot.rerouted == RANK_REROUTED  # scraped together with the token counters
 

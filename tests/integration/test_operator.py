@@ -9,6 +9,8 @@ operator's validation refuses agrees with what the API server would refuse in th
 plan version the CRD's int64 cannot hold never blocks status; a template change replaces the
 StatefulSet's pods once (OnDelete, the real controller), with the chart's RBAC. An older
 operator's version copies in status survive the schema until the operator removes them.
+Issue 23: `kubectl scale` through the scale subresource adds and removes a replica group, and an
+HPA aimed at a MoEDeployment is accepted.
 """
 
 from __future__ import annotations
@@ -157,8 +159,8 @@ def test_seed_sample_becomes_children_with_status(kubectl: Kubectl, operator: An
     assert status["plan"]["version"] == 1
     table = kubectl.run("get", "moed", "seed-ep16", "-n", NS).stdout
     header, row = table.splitlines()[:2]
-    assert header.split() == ["NAME", "READY", "PHASE", "IMBALANCE", "PLAN", "AGE"]
-    assert row.split()[1:5] == ["0/2", "Deploying", "-", "1"]
+    assert header.split() == ["NAME", "READY", "GROUPS", "PHASE", "IMBALANCE", "PLAN", "AGE"]
+    assert row.split()[1:6] == ["0/2", "0", "Deploying", "-", "1"]
     assert token not in Path(operator.log_path).read_text()
 
 
@@ -245,16 +247,16 @@ def test_a_bad_object_does_not_disturb_a_good_one(kubectl: Kubectl, operator: An
     assert wait_for(lambda: kubectl.get("statefulset", "good-neighbour", "-n", NS), 30, "sts")
     image = "example.org/worker:2"
     _apply(kubectl, _small("good-neighbour", worker__image=image))
-    wait_for(
-        lambda: (
-            kubectl.get("statefulset", "good-neighbour", "-n", NS)["spec"]["template"]["spec"][
-                "containers"
-            ][0]["image"]
-            == image
-        ),
-        30,
-        "update applied",
-    )
+
+    def images() -> set[str]:
+        found = kubectl.get(
+            "statefulsets", "-n", NS, "-l", "moe-ep.io/deployment=good-neighbour"
+        ) or {"items": []}
+        return {s["spec"]["template"]["spec"]["containers"][0]["image"] for s in found["items"]}
+
+    # A surge: group 1 starts on the new template; group 0, which serves nothing (no node runs
+    # pods here), goes at once.
+    wait_for(lambda: images() == {image}, 30, "update applied")
 
 
 def test_deleting_removes_every_child(kubectl: Kubectl, operator: Any) -> None:
@@ -297,13 +299,18 @@ def test_status_fields_are_published(kubectl: Kubectl) -> None:
         assert field in plan, plan
 
 
+IN_PLACE = {"maxSurge": 0, "maxUnavailable": 1}  # no surge: one group restarts in place
+
 # (spec changes, name, whether the operator's validation must accept). The server's verdict on the
 # children built from the same spec must never be "refused" where ours is "accepted".
 RULE_CASES = [
     ({}, "rules-ok", True),
     ({}, "with.dots", False),
     ({}, "a" * 53, False),
-    ({}, "a" * 52, True),
+    ({"updateStrategy": IN_PLACE}, "a" * 52, True),  # one group only: <name>-<rank> pods
+    ({}, "a" * 52, False),  # a second group, <name>-g<k>, may exist during an update
+    ({}, "a" * 48, True),
+    ({}, "a" * 49, False),
     ({"worker__extraEnv": [{"name": "MY VAR", "value": "1"}]}, "rules-env", False),
     ({"worker__extraEnv": [{"name": "MY-VAR.x", "value": "1"}]}, "rules-envok", True),
     ({"worker__extraEnv": [{"name": "1VAR", "value": "1"}]}, "rules-env1", False),
@@ -319,22 +326,25 @@ RULE_CASES = [
 
 
 def _server_accepts(kubectl: Kubectl, name: str, spec: MoEDeploymentSpec) -> tuple[bool, str]:
-    """Dry-run what the children and the StatefulSet controller would create."""
-    statefulset = children.build_statefulset(name, NS, spec)
+    """Dry-run what the children and the StatefulSet controller would create, for the group
+    with the longest name that may exist (group 99 where a second group can exist)."""
+    several = spec.replicas + spec.update_strategy.max_surge > 1
+    statefulset = children.build_statefulset(name, NS, spec, 99 if several else 0)
+    group = statefulset["metadata"]["name"]
     template = statefulset["spec"]["template"]
     last = spec.parallelism.world_size - 1
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": f"{name}-{last}",
+            "name": f"{group}-{last}",
             "labels": {
                 **template["metadata"]["labels"],
-                "controller-revision-hash": f"{name}-" + "b" * 10,
-                "statefulset.kubernetes.io/pod-name": f"{name}-{last}",
+                "controller-revision-hash": f"{group}-" + "b" * 10,
+                "statefulset.kubernetes.io/pod-name": f"{group}-{last}",
             },
         },
-        "spec": {**template["spec"], "hostname": f"{name}-{last}"},
+        "spec": {**template["spec"], "hostname": f"{group}-{last}"},
     }
     documents = [children.build_service(name, spec), statefulset, pod]
     stdin = yaml.safe_dump_all(documents)
@@ -428,13 +438,13 @@ def _pods(kubectl: Kubectl, name: str) -> dict[str, dict[str, Any]]:
 def test_a_template_change_replaces_every_pod_once(kubectl: Kubectl, operator: Any) -> None:
     """The real StatefulSet controller with OnDelete, and the operator deleting the old pods
     together (with its ServiceAccount's RBAC); no node runs them here, so pods stay Pending."""
-    _apply(kubectl, _small("gang"))
+    _apply(kubectl, _small("gang", updateStrategy=IN_PLACE))
     sts = wait_for(lambda: kubectl.get("statefulset", "gang", "-n", NS), 30, "StatefulSet")
     assert sts["spec"]["updateStrategy"]["type"] == "OnDelete"
     world = sts["spec"]["replicas"]
     before = wait_for(lambda: len(_pods(kubectl, "gang")) == world and _pods(kubectl, "gang"), 60)
     old = {pod["metadata"]["labels"]["controller-revision-hash"] for pod in before.values()}
-    _apply(kubectl, _small("gang", worker__image="example.org/worker:2"))
+    _apply(kubectl, _small("gang", updateStrategy=IN_PLACE, worker__image="example.org/worker:2"))
 
     def replaced() -> dict[str, dict[str, Any]] | None:
         sts = kubectl.get("statefulset", "gang", "-n", NS)
@@ -454,3 +464,38 @@ def test_a_template_change_replaces_every_pod_once(kubectl: Kubectl, operator: A
         "get", "events", "-n", NS, "--field-selector", "involvedObject.name=gang", "-o", "json"
     ).stdout
     assert "GroupRestart" in events
+
+
+def test_kubectl_scale_adds_and_removes_a_group_and_an_hpa_is_accepted(
+    kubectl: Kubectl, operator: Any
+) -> None:
+    """The scale subresource on a real API server: `kubectl scale` sets spec.replicas, the
+    operator starts group 1 (its own StatefulSet) and reports status.replicas and the selector
+    an HPA reads; the sample HPA, aimed at it, is accepted; scaling in removes group 1 (its
+    pods never run here: a group that serves nothing drains at once)."""
+    _apply(kubectl, _small("scaled"))
+    wait_for(lambda: kubectl.get("statefulset", "scaled", "-n", NS), 30, "group 0")
+    kubectl.run("scale", "moed", "scaled", "-n", NS, "--replicas=2")
+    group1 = wait_for(lambda: kubectl.get("statefulset", "scaled-g1", "-n", NS), 30, "group 1")
+    assert group1["spec"]["selector"]["matchLabels"]["moe-ep.io/group"] == "1"
+    assert group1["metadata"]["ownerReferences"][0]["name"] == "scaled"
+    path = f"/apis/moe-ep.io/v1alpha1/namespaces/{NS}/moedeployments/scaled/scale"
+
+    def scale() -> dict[str, Any]:
+        return json.loads(kubectl.run("get", "--raw", path).stdout)
+
+    found = wait_for(lambda: (s := scale())["status"].get("replicas") == 2 and s, 30, "2 groups")
+    assert found["kind"] == "Scale" and found["spec"]["replicas"] == 2
+    assert found["status"]["selector"] == "moe-ep.io/deployment=scaled,moe-ep.io/role=leader"
+    hpa = yaml.safe_load((ROOT / "manifests/samples/autoscaling/hpa.yaml").read_text())
+    hpa["apiVersion"] = "autoscaling/v2beta2"  # what 1.20 serves; v2 (1.23) has the same fields
+    hpa["metadata"]["name"] = hpa["spec"]["scaleTargetRef"]["name"] = "scaled"
+    _apply(kubectl, hpa)
+    stored = kubectl.get("hpa.v2beta2.autoscaling", "scaled", "-n", NS)
+    assert stored and stored["spec"]["scaleTargetRef"]["kind"] == "MoEDeployment"
+    kubectl.run("delete", "hpa", "scaled", "-n", NS)
+    kubectl.run("scale", "moed", "scaled", "-n", NS, "--replicas=1")
+    wait_for(lambda: kubectl.get("statefulset", "scaled-g1", "-n", NS) is None, 30, "group 1 gone")
+    assert kubectl.get("statefulset", "scaled", "-n", NS) is not None
+    assert wait_for(lambda: scale()["status"].get("replicas") == 1, 30, "1 group")
+    kubectl.run("delete", "moed", "scaled", "-n", NS)

@@ -26,10 +26,14 @@ import pytest_asyncio
 import yaml
 from moe_kmock import (
     CM,
+    DEPLOY,
     EVENTS,
     MOED,
     PDB,
     PODS,
+    ROLE,
+    ROLEBINDING,
+    SA,
     SECRET,
     STS,
     SVC,
@@ -56,7 +60,7 @@ async def kmock_api_server() -> AsyncIterator[ApiServer]:
             subresources={"status"},
             verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
         )
-        verbs = {"get", "list", "watch", "create", "patch", "delete"}
+        verbs = {"get", "list", "watch", "create", "patch", "delete", "update"}
         for resource, kind in [
             (STS, "StatefulSet"),
             (SVC, "Service"),
@@ -65,6 +69,10 @@ async def kmock_api_server() -> AsyncIterator[ApiServer]:
             (PODS, "Pod"),
             (PDB, "PodDisruptionBudget"),
             (EVENTS, "Event"),
+            (DEPLOY, "Deployment"),
+            (SA, "ServiceAccount"),
+            (ROLE, "Role"),
+            (ROLEBINDING, "RoleBinding"),
         ]:
             server.resources[resource] = kmock.ResourceInfo(
                 kind=kind, singular=kind.lower(), namespaced=True, verbs=verbs
@@ -125,6 +133,7 @@ async def workers() -> AsyncIterator[Workers]:
         handler = kmock.RawHandler()
         await handler.__aenter__()
         handler["get /metrics"] << functools.partial(fake.metrics, rank)
+        handler["get /readyz"] << functools.partial(fake.readyz, rank)
         if rank == 0:
             handler["get /v1/plan"] << fake.get_plan
             handler["post /v1/plan"] << fake.post_plan

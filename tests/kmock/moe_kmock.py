@@ -46,6 +46,10 @@ SECRET = "v1/secrets"
 PODS = "v1/pods"
 PDB = "policy/v1/poddisruptionbudgets"
 EVENTS = "v1/events"
+DEPLOY = "apps/v1/deployments"
+SA = "v1/serviceaccounts"
+ROLE = "rbac.authorization.k8s.io/v1/roles"
+ROLEBINDING = "rbac.authorization.k8s.io/v1/rolebindings"
 NS = "ns1"
 
 
@@ -338,10 +342,12 @@ class Api:
             if obj.raw["metadata"]["labels"].get("moe-ep.io/deployment") == name
         }
 
-    async def run_pods(self, name: str, world: int, namespace: str = NS) -> None:
+    async def run_pods(
+        self, name: str, world: int, namespace: str = NS, *, ready: int | None = None
+    ) -> None:
         """What the StatefulSet controller and the kubelets would do: pods of every missing rank
         on the current template (owned by the StatefulSet, labelled with its revision) at
-        127.0.0.{rank+1}, and the StatefulSet's status reporting them all ready."""
+        127.0.0.{rank+1}, and the StatefulSet's status reporting them all ready (or `ready`)."""
         statefulset = self.get(STS, namespace, name)
         assert statefulset is not None
         revision, existing = self.revision(name, namespace), self.pods(name, namespace)
@@ -372,7 +378,7 @@ class Api:
                 "status": {"phase": "Running", "podIP": f"127.0.0.{rank + 1}"},
             }
             await self.create(PODS, namespace, pod)
-        await self.set_ready(name, world, namespace)
+        await self.set_ready(name, world if ready is None else ready, namespace)
 
     async def set_ready(self, name: str, ready: int, namespace: str = NS) -> None:
         """The StatefulSet controller's status: it has seen the current template (OnDelete: pods
@@ -494,7 +500,10 @@ class Workers:
     plan with one hot expert per rank balances them, and so (in this model) does any gate bias,
     which steers tokens away from the hot experts: every expert then gets 55. Each rank exports
     counters for the experts in its slots of the plan it serves (and keeps series it once had,
-    as prometheus_client does); they grow on every scrape, as a worker's would between scrapes.
+    as prometheus_client does); they grow on every scrape, as a worker's would between scrapes
+    (exact, whatever the machine's load: growth with time made a window's ranks differ by the
+    gap between their reads). A drain reads the leader's GET /readyz (`readyz`: nothing in
+    flight), never /metrics, so only the loads' reads count.
     """
 
     world: int
@@ -542,6 +551,10 @@ class Workers:
             lines.append(f'moe_expert_tokens_total{{layer="{layer}",expert="{expert}"}} {value}')
         lines += ["# TYPE moe_plan_version gauge", f"moe_plan_version {self.version}", ""]
         return "\n".join(lines).encode()
+
+    def readyz(self, rank: int) -> Any:
+        """A ready rank with nothing in flight (a drain's read: the worker's drain contract)."""
+        return {"ready": True, "rank": rank, "draining": False, "inFlight": 0}
 
     def get_plan(self, request: kmock.Request) -> Any:
         if self.token is None or request.headers.get("Authorization") != f"Bearer {self.token}":

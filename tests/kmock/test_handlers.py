@@ -13,10 +13,14 @@ from typing import Any
 
 from moe_kmock import (
     CM,
+    DEPLOY,
     MOED,
     NS,
     PDB,
     PODS,
+    ROLE,
+    ROLEBINDING,
+    SA,
     SECRET,
     STS,
     SVC,
@@ -38,6 +42,12 @@ CHILDREN = [
     (CM, "m1-plan"),
     (SECRET, "m1-control"),
     (PDB, "m1"),
+    # the router in front of the groups (spec.router: Smg by default)
+    (DEPLOY, "m1-router"),
+    (SA, "m1-router"),
+    (ROLE, "m1-router"),
+    (ROLEBINDING, "m1-router"),
+    (PDB, "m1-router"),
 ]
 
 
@@ -85,7 +95,12 @@ async def test_create_makes_children_owned_by_the_deployment(api: Api, operator:
     service = api.get(SVC, NS, "m1-workers")
     assert service["spec"]["clusterIP"] == "None"
     api_service = api.get(SVC, NS, "m1-api")
-    assert api_service["spec"]["selector"]["statefulset.kubernetes.io/pod-name"] == "m1-0"
+    # the leaders that take traffic, until the router has an available pod
+    assert api_service["spec"]["selector"] == {
+        "moe-ep.io/deployment": "m1",
+        "moe-ep.io/role": "leader",
+        "moe-ep.io/traffic": "on",
+    }
     assert api_service["spec"]["ports"][0]["port"] == 8000
     statefulset = api.get(STS, NS, "m1")
     assert statefulset["spec"]["replicas"] == 2  # expert 2 x tensor 1 x pipeline 1
@@ -125,21 +140,25 @@ async def test_create_makes_children_owned_by_the_deployment(api: Api, operator:
 
 
 async def test_update_patches_children_and_keeps_the_token(api: Api, operator: Operator) -> None:
-    await api.create_moed("m1", small_spec())
+    in_place = {"maxSurge": 0, "maxUnavailable": 1}  # the group restarts in place
+    await api.create_moed("m1", small_spec(updateStrategy=in_place))
     await settled(api)
     token = api.token("m1")
 
     # Image only: the StatefulSet changes, the plan still fits and stays at version 1.
     await api.patch(MOED, NS, "m1", {"spec": {"worker": {"image": "example/moe:2"}}})
     await settled(api, generation=2)
-    statefulset = api.get(STS, NS, "m1")
-    assert statefulset["spec"]["template"]["spec"]["containers"][0]["image"] == "example/moe:2"
+
+    def image() -> str:
+        return api.get(STS, NS, "m1")["spec"]["template"]["spec"]["containers"][0]["image"]
+
+    await eventually(lambda: image() == "example/moe:2", what="the group restarted in place")
     assert api.plan("m1")["version"] == 1
 
     # A new shape: the plan no longer fits; it is replaced by a higher version, never reused.
     await api.patch(MOED, NS, "m1", {"spec": {"model": {"layers": 4}}})
     await settled(api, generation=3)
-    assert env_of(api.get(STS, NS, "m1"))["MOE_LAYERS"] == "4"
+    await eventually(lambda: env_of(api.get(STS, NS, "m1"))["MOE_LAYERS"] == "4", what="shape")
     plan = parse_plan(api.plan("m1"))
     validate_plan(plan, num_layers=4, num_experts=4, world_size=2)
     assert plan.version == 2

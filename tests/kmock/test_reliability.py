@@ -32,6 +32,9 @@ from prometheus_client import REGISTRY
 from moe_contract.plan import Plan, parse_plan, validate_plan
 from moe_operator import group
 
+IN_PLACE = {"maxSurge": 0, "maxUnavailable": 1}
+"""No group above replicas: a template change drains the group and restarts it in place."""
+
 
 async def deploy(api: Api, workers: Workers, name: str = "m1", **spec: Any) -> None:
     await api.create_moed(name, small_spec(port=workers.port, **spec))
@@ -162,7 +165,7 @@ def legacy_copies(api: Api, name: str = "m1") -> dict[str, Any]:
 async def test_a_template_change_replaces_the_whole_group_once(
     api: Api, workers: Workers, operator: Operator
 ) -> None:
-    await deploy(api, workers)
+    await deploy(api, workers, updateStrategy=IN_PLACE)  # the group restarts in place
     await balanced_on(api, workers, 2)
     old = api.pods("m1")
     assert api.get(STS, NS, "m1")["spec"]["updateStrategy"]["type"] == "OnDelete"
@@ -171,7 +174,9 @@ async def test_a_template_change_replaces_the_whole_group_once(
     await eventually(
         lambda: "29600" in str(api.get(STS, NS, "m1")["spec"]["template"]), what="template"
     )
-    assert api.pods("m1") == old  # nothing replaced before the controller saw the template
+    uids = {pod: body["metadata"]["uid"] for pod, body in api.pods("m1").items()}
+    assert uids == {pod: body["metadata"]["uid"] for pod, body in old.items()}  # nothing replaced
+    # before the controller saw the template
     await api.set_ready("m1", 2)  # the controller: a new updateRevision, pods untouched
     await eventually(lambda: not api.pods("m1"), what="every old pod deleted")
     deletes = api.requests("delete", PODS, NS, "m1-0") + api.requests("delete", PODS, NS, "m1-1")
@@ -267,7 +272,7 @@ async def test_a_group_that_fails_again_is_replaced_after_a_backoff(
 async def test_a_shape_change_gives_only_the_new_pods_the_new_plan(
     api: Api, workers: Workers, operator: Operator
 ) -> None:
-    await deploy(api, workers)
+    await deploy(api, workers, updateStrategy=IN_PLACE)  # the group restarts in place
     await balanced_on(api, workers, 2)
     old_key = api.plan_key("m1")
     old_plan = api.plan("m1")

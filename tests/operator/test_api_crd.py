@@ -134,9 +134,13 @@ def test_architectures_are_the_workers() -> None:
 
 def test_schema_fields_are_exactly_the_model_fields() -> None:
     spec = _version_schema()["properties"]["spec"]["properties"]
+    assert set(spec) == {field.alias for field in api.MoEDeploymentSpec.model_fields.values()}
     for section, field in api.MoEDeploymentSpec.model_fields.items():
         alias = field.alias or section
         submodel = field.annotation
+        if not isinstance(submodel, type) or not issubclass(submodel, api.ApiModel):
+            assert spec[alias]["type"] == "integer", alias  # replicas
+            continue
         assert set(spec[alias]["properties"]) == {
             sub.alias or name
             for name, sub in submodel.model_fields.items()  # type: ignore[union-attr]
@@ -170,9 +174,18 @@ def test_names_printer_columns_and_status_subresource() -> None:
     document = yaml.safe_load(CRD_FILE.read_text())
     assert document["spec"]["names"]["shortNames"] == ["moed"]
     version = document["spec"]["versions"][0]
-    assert version["subresources"] == {"status": {}}
+    # kubectl scale and a HorizontalPodAutoscaler set spec.replicas (groups)
+    assert version["subresources"] == {
+        "status": {},
+        "scale": {
+            "specReplicasPath": ".spec.replicas",
+            "statusReplicasPath": ".status.replicas",
+            "labelSelectorPath": ".status.labelSelector",
+        },
+    }
     assert [column["name"] for column in version["additionalPrinterColumns"]] == [
         "Ready",
+        "Groups",
         "Phase",
         "Imbalance",
         "Plan",

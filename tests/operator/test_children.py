@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -11,7 +12,8 @@ from hypothesis import strategies as st
 from moe_contract import env as worker_env
 from moe_contract.plan import parse_plan, validate_plan
 from moe_operator.api import MoEDeploymentSpec
-from moe_operator.manifests import children
+from moe_operator.groups import naming
+from moe_operator.manifests import children, router
 
 
 def _spec(**overrides: object) -> MoEDeploymentSpec:
@@ -293,7 +295,7 @@ def test_api_keys_come_from_the_named_secret_as_a_read_only_file() -> None:
     )
 
 
-def test_the_api_service_routes_to_the_leader_only() -> None:
+def test_the_api_service_routes_to_the_leaders_that_take_traffic_then_the_router() -> None:
     spec = _spec(worker={"apiPort": 8001})
     service = children.build_api_service("m", spec)
     assert service["metadata"]["name"] == "m-api"
@@ -302,11 +304,26 @@ def test_the_api_service_routes_to_the_leader_only() -> None:
     (port,) = service["spec"]["ports"]
     assert port == {"name": "http", "port": 8001, "targetPort": "api", "protocol": "TCP"}
     template = children.build_statefulset("m", "ml", spec)["spec"]["template"]
-    labels = {**template["metadata"]["labels"], "statefulset.kubernetes.io/pod-name": "m-0"}
-    selector = service["spec"]["selector"]
-    assert selector.items() <= labels.items()  # the leader's pod matches...
-    assert selector["statefulset.kubernetes.io/pod-name"] == "m-0"  # ...and only it
+    leader = naming.pod_labels(0, leader=True, traffic=True)
+    other = naming.pod_labels(0, leader=False, traffic=True)
+    selector = {k: v for k, v in service["spec"]["selector"].items() if v is not None}
+    # the leader's pod (labelled by the operator) matches; rank 1's does not
+    assert selector.items() <= {**template["metadata"]["labels"], **leader}.items()
+    assert not selector.items() <= {**template["metadata"]["labels"], **other}.items()
+    # a single-group deployment's selector (pod 0 by name) is dropped by the merge patch
+    assert service["spec"]["selector"]["statefulset.kubernetes.io/pod-name"] is None
     assert children.api_endpoint("m", "ml", spec) == "http://m-api.ml.svc:8001/v1"
+    routed = children.build_api_service("m", spec, router_available=True)["spec"]
+    assert {k: v for k, v in routed["selector"].items() if v} == router.router_selector("m")
+    assert routed["ports"][0]["targetPort"] == "api"  # the router's port has that name too
+    # merge-patched over each other (as the operator applies them), no stale key is left
+    leaders = service["spec"]["selector"]
+
+    def merged(old: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in {**old, **patch}.items() if v is not None}
+
+    assert merged(merged({}, leaders), routed["selector"]) == router.router_selector("m")
+    assert merged(merged({}, routed["selector"]), leaders) == naming.serving_leaders("m")
 
 
 def test_a_fatal_start_up_error_reaches_the_pods_status() -> None:

@@ -207,8 +207,13 @@ def test_pdb_keeps_the_whole_gang(api_version: str) -> None:
     assert pdb["spec"]["minAvailable"] == 2
     one_rank_pods = _spec({**GPU, "gpusPerPod": 1})
     assert children.build_pdb("m", one_rank_pods, api_version)["spec"]["minAvailable"] == 16
-    assert pdb["spec"]["selector"] == {"matchLabels": children.selector_labels("m")}
+    # one group's pods, by the group label (PodDisruptionBudgets must not share a pod)
+    group_0 = {**children.selector_labels("m"), "moe-ep.io/group": "0"}
+    assert pdb["spec"]["selector"] == {"matchLabels": group_0}
     assert pdb["metadata"]["labels"] == children.worker_labels("m")
+    second = children.build_pdb("m", spec, api_version, group=2)
+    assert second["metadata"]["name"] == "m-g2"
+    assert second["spec"]["selector"]["matchLabels"]["moe-ep.io/group"] == "2"
 
 
 def test_pdb_api_version_follows_the_kubernetes_release() -> None:

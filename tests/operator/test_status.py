@@ -92,3 +92,51 @@ def test_a_failed_hand_off_is_named_in_progressing() -> None:
     progressing = _conditions(status)["Progressing"]
     assert status["phase"] == "Rebalancing" and progressing["reason"] == "ApplyingPlan"
     assert "connection refused" in progressing["message"]
+
+
+def _status_schema() -> dict:
+    from pathlib import Path
+
+    import yaml
+
+    crd = yaml.safe_load(
+        (Path(__file__).parents[2] / "crds/moedeployments.moe-ep.io.yaml").read_text()
+    )
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+
+
+def test_group_entries_never_carry_nulls_the_crd_refuses() -> None:
+    # A list is replaced whole by a merge patch: a None inside a group entry would be stored as
+    # null, and the API server refuses the whole status write (422) — every run, forever. It
+    # reads an empty string as null too (degraded="").
+    import jsonschema
+
+    from moe_operator.api import MembershipStatus, ReplicaGroupStatus
+
+    groups = (
+        ReplicaGroupStatus(name="a", index=0, recovery=None, membership=None, degraded=""),
+        ReplicaGroupStatus(
+            name="a-g1",
+            index=1,
+            phase="Degraded",
+            membership=MembershipStatus(epoch=2, ranks=2, live_ranks=[0], lost_ranks=[1]),
+            degraded="RankLost",
+        ),
+    )
+    status = compute_status(
+        Observed(generation=1, workers=4, statefulset_exists=True, replicas=2, groups=groups),
+        [],
+        NOW,
+    )
+    plain, lost = status["groups"]
+    assert "membership" not in plain and "recovery" not in plain and "degraded" not in plain
+    assert lost["membership"]["lostRanks"] == [1] and lost["degraded"] == "RankLost"
+    stored = {key: value for key, value in status.items() if value is not None}  # None removes
+    jsonschema.validate(stored, _status_schema())
+    broken = {**stored, "groups": [{**plain, "membership": None}]}
+    try:
+        jsonschema.validate(broken, _status_schema())
+    except jsonschema.ValidationError:
+        pass
+    else:
+        raise AssertionError("the schema should refuse a null inside a group entry")

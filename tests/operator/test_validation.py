@@ -399,10 +399,34 @@ def test_a_sound_pod_template_passes() -> None:
     ],
 )
 def test_the_name_must_fit_every_child(name: str, ok: bool) -> None:
-    parsed, problems = parse_spec({}, name=name)
+    parsed, problems = parse_spec(
+        {"updateStrategy": {"maxSurge": 0, "maxUnavailable": 1}}, name=name
+    )
     assert (parsed is not None) == ok, problems
     if not ok:
         assert [str(problem).split(":")[0] for problem in problems] == ["metadata.name"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "ok"),
+    [
+        ({}, False),  # maxSurge 1: a second group's StatefulSet <name>-g1 may exist
+        ({"updateStrategy": {"maxSurge": 0, "maxUnavailable": 1}}, True),
+        ({"replicas": 2, "updateStrategy": {"maxSurge": 0, "maxUnavailable": 1}}, False),
+    ],
+)
+def test_a_name_of_52_characters_fits_one_group_only(spec: dict, ok: bool) -> None:
+    parsed, problems = parse_spec(spec, name="a" * 52)
+    assert (parsed is not None) == ok, problems
+    assert parse_spec(spec, name="a" * 48)[0] is not None
+    if not ok:
+        assert "<name>-g<k>" in str(problems[0]) and "metadata.name" in str(problems[0])
+
+
+def test_an_update_must_be_able_to_progress() -> None:
+    parsed, problems = parse_spec({"updateStrategy": {"maxSurge": 0, "maxUnavailable": 0}})
+    assert parsed is None
+    assert str(problems[0]).startswith("spec.updateStrategy: ")
 
 
 def test_refusing_an_oversized_spec_builds_nothing() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.images import WorkerImages, with_worker_image
 from moe_operator.manifests import children
+from moe_operator.manifests.router import DEFAULT_ROUTER_IMAGE
 
 IMAGES = WorkerImages(cpu="registry.example/worker:1", cuda="registry.example/worker:1-cuda")
 
@@ -31,7 +32,7 @@ def test_the_chart_sets_both_images() -> None:
     images = WorkerImages.from_environ(
         {"MOE_WORKER_IMAGE": "r/w:2", "MOE_WORKER_IMAGE_CUDA": "r/w:2-gpu"}
     )
-    assert images == WorkerImages(cpu="r/w:2", cuda="r/w:2-gpu")
+    assert images == WorkerImages(cpu="r/w:2", cuda="r/w:2-gpu", router=DEFAULT_ROUTER_IMAGE)
 
 
 def test_the_cuda_image_follows_the_cpu_one_when_only_that_is_set() -> None:

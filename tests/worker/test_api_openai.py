@@ -23,7 +23,7 @@ from openai_checks import (
 )
 
 from moe_worker.api import ServerHandle, create_openai_app, start
-from moe_worker.serving.generation import InvalidRequest, NotReady, QueueFull
+from moe_worker.serving.generation import InvalidRequest, NotReady, QueueFull, ServingLoad
 
 Serve = Callable[..., ServerHandle]
 
@@ -244,6 +244,20 @@ def test_health_follows_readiness(url: str, backend: ScriptedBackend) -> None:
     backend.ready = False
     status, body = raw(url, "/health")
     assert_error(status, body, 503, None)
+
+
+def test_a_router_reads_the_load_and_the_model(url: str, backend: ScriptedBackend) -> None:
+    """smg's load probe (SGLang's /v1/loads schema) and model-info probe, without a key."""
+    backend.load_now = ServingLoad(waiting=3, running=5, used_tokens=256, capacity_tokens=1024)
+    status, body = raw(url, "/v1/loads?include=core,disagg,queues,memory")
+    assert status == 200 and body["dp_rank_count"] == 1
+    (rank,) = body["loads"]
+    assert (rank["num_waiting_reqs"], rank["num_running_reqs"], rank["num_total_reqs"]) == (3, 5, 8)
+    assert (rank["num_used_tokens"], rank["max_total_num_tokens"]) == (256, 1024)
+    assert rank["token_usage"] == 0.25
+    status, info = raw(url, "/model_info")
+    assert status == 200 and info["model_path"] == backend.card.name
+    assert info["max_model_len"] == backend.card.max_context and info["is_generation"] is True
 
 
 def test_a_draining_worker_refuses_new_requests_before_the_body(

@@ -17,11 +17,11 @@ from moe_contract import env as worker_env
 from moe_contract.plan import PLAN_FILE_NAME, Plan
 from moe_contract.settings import OPERATOR, SETTINGS, WORKER_SETTINGS
 from moe_operator.api import DEFAULT_GPU_RESOURCE, MoEDeploymentSpec
-from moe_operator.manifests import podspec
+from moe_operator.groups.naming import DEPLOYMENT_LABEL, GROUP_LABEL, group_name, serving_leaders
+from moe_operator.manifests import podspec, router
 from moe_operator.planning.record import PlanShape
 
 GPU_RESOURCE = DEFAULT_GPU_RESOURCE  # worker.gpuResourceName's default
-DEPLOYMENT_LABEL = "moe-ep.io/deployment"
 POD_NAME_LABEL = "statefulset.kubernetes.io/pod-name"  # set by the StatefulSet controller
 CONTAINER_NAME = "worker"
 TERMINATION_MESSAGE_PATH = worker_env.TERMINATION_MESSAGE_FILE
@@ -109,9 +109,16 @@ def served_model_name(name: str, spec: MoEDeploymentSpec) -> str:
     return name
 
 
-def master_address(name: str, namespace: str) -> str:
-    """DNS name of rank 0 through the headless Service."""
-    return f"{name}-0.{service_name(name)}.{namespace}.svc"
+def master_address(name: str, namespace: str, group: int = 0) -> str:
+    """DNS name of the group's rank 0 through the headless Service (every group shares it)."""
+    return f"{group_name(name, group)}-0.{service_name(name)}.{namespace}.svc"
+
+
+def group_selector(name: str, group: int) -> dict[str, str]:
+    """The pods of one group. Group 0's StatefulSet keeps the selector it always had (a
+    selector is immutable): the operator tells its pods apart by the group label it sets."""
+    labels = selector_labels(name)
+    return labels if group == 0 else {**labels, GROUP_LABEL: str(group)}
 
 
 def build_service(name: str, spec: MoEDeploymentSpec) -> dict[str, Any]:
@@ -132,17 +139,27 @@ def build_service(name: str, spec: MoEDeploymentSpec) -> dict[str, Any]:
     }
 
 
-def build_api_service(name: str, spec: MoEDeploymentSpec) -> dict[str, Any]:
-    """The OpenAI-compatible API: rank 0 only (the leader serves it). Its one endpoint is ready
-    exactly when rank 0 is, and rank 0 turns ready only once the whole group has formed and
-    loaded its plan: the Service routes to a group that serves, or to nothing."""
+def build_api_service(
+    name: str, spec: MoEDeploymentSpec, router_available: bool = False
+) -> dict[str, Any]:
+    """The OpenAI-compatible API: the router once it is available, else the leaders of the
+    groups that take traffic (a leader is ready only once its whole group formed and loaded its
+    plan): the Service routes to groups that serve, or to nothing. The selector a single-group
+    deployment had (its pod 0 by name) is removed (null: a merge patch drops it)."""
+    # A merge patch keeps keys it does not name: every key either selector has is named, the
+    # unused ones null (removed), so moving between router and leaders leaves no stale key.
+    unused = {POD_NAME_LABEL, *router.router_selector(name), *serving_leaders(name)}
+    selector: dict[str, str | None] = {
+        **dict.fromkeys(unused),
+        **router.api_selector(name, spec, router_available),
+    }
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": api_service_name(name), "labels": worker_labels(name)},
         "spec": {
             "type": "ClusterIP",
-            "selector": {**selector_labels(name), POD_NAME_LABEL: f"{name}-0"},
+            "selector": selector,
             "ports": [
                 {
                     "name": "http",
@@ -198,7 +215,9 @@ def _env_var(name: str, value: object) -> dict[str, Any]:
     return {"name": name, "value": str(value)}
 
 
-def worker_settings(name: str, namespace: str, spec: MoEDeploymentSpec) -> dict[str, object]:
+def worker_settings(
+    name: str, namespace: str, spec: MoEDeploymentSpec, group: int = 0
+) -> dict[str, object]:
     """The value of every setting the operator sets on worker pods (the rows of the contract's
     table set by OPERATOR), by name: the spec field the row names, else what the MoEDeployment
     implies. None: not set (no checkpoint with synthetic weights, no keys file for an open API)."""
@@ -207,7 +226,7 @@ def worker_settings(name: str, namespace: str, spec: MoEDeploymentSpec) -> dict[
     implied: dict[str, object] = {
         "world_size": spec.parallelism.world_size,
         "ranks_per_pod": spec.worker.local_ranks(),
-        "master_addr": master_address(name, namespace),
+        "master_addr": master_address(name, namespace, group),
         # The workers refuse (HTTP 422) a plan growing past it: the memory given to experts.
         "max_slots_per_rank": spec.placement.most_slots_per_rank,
         "checkpoint": None if checkpoint is None else checkpoint.mounted_path(),
@@ -229,24 +248,26 @@ def worker_settings(name: str, namespace: str, spec: MoEDeploymentSpec) -> dict[
     }
 
 
-def _worker_env(name: str, namespace: str, spec: MoEDeploymentSpec) -> list[dict[str, Any]]:
+def _worker_env(
+    name: str, namespace: str, spec: MoEDeploymentSpec, group: int
+) -> list[dict[str, Any]]:
     settings = [
         (SETTINGS[key].variable, value)
-        for key, value in worker_settings(name, namespace, spec).items()
+        for key, value in worker_settings(name, namespace, spec, group).items()
         if value is not None
     ]
     # The process group's settings (the table's first rows, up to the device), then the layout
     # and the shape, then the rest: the order pods have always had (another would change every
     # pod template, and so restart every group).
-    group = 1 + [variable for variable, _ in settings].index(worker_env.DEVICE)
+    cut = 1 + [variable for variable, _ in settings].index(worker_env.DEVICE)
     layout = spec.parallelism
     values: dict[str, object] = {
-        **dict(settings[:group]),
+        **dict(settings[:cut]),
         worker_env.EXPERT_PARALLEL: layout.expert,
         worker_env.TENSOR_PARALLEL: layout.tensor,
         worker_env.PIPELINE_PARALLEL: layout.pipeline,
         **worker_env.shape_to_env(spec.model.to_shape()),
-        **dict(settings[group:]),
+        **dict(settings[cut:]),
     }
     pod_name = _env_var(worker_env.POD_NAME, FieldRef("metadata.name"))
     fixed = [_env_var(key, value) for key, value in values.items()]
@@ -306,9 +327,12 @@ def liveness_probe(stall_timeout_s: int, ranks_per_pod: int = 1) -> dict[str, An
     }
 
 
-def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dict[str, Any]:
-    """The group's pods (world size / ranks per pod), started together (Parallel): the process
-    group needs all of them. Pod p runs ranks p x ranksPerPod .. (p + 1) x ranksPerPod - 1.
+def build_statefulset(
+    name: str, namespace: str, spec: MoEDeploymentSpec, group: int = 0
+) -> dict[str, Any]:
+    """Group `group`'s pods (world size / ranks per pod), started together (Parallel): the
+    process group needs all of them. Pod p runs ranks p x ranksPerPod .. (p + 1) x ranksPerPod
+    - 1. Group 0's is exactly what a single-group deployment always had (`groups.naming`).
 
     OnDelete: the StatefulSet controller never replaces pods one at a time on a template change
     (a process group cannot mix templates); the operator replaces the whole group at once.
@@ -325,7 +349,7 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
         "imagePullPolicy": worker.image_pull_policy,
         "command": ["moe-worker"],
         "args": ["serve", *worker.extra_args],
-        "env": _worker_env(name, namespace, spec),
+        "env": _worker_env(name, namespace, spec, group),
         "ports": [
             {"name": "metrics", "containerPort": worker.port, "protocol": "TCP"},
             {"name": "rendezvous", "containerPort": worker.master_port, "protocol": "TCP"},
@@ -362,7 +386,7 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
         "containers": [container],
         "volumes": volumes,
         "terminationGracePeriodSeconds": podspec.termination_grace_seconds(worker.extra_args),
-        **podspec.pod_fields(spec, selector_labels(name)),
+        **podspec.pod_fields(spec, group_selector(name, group)),
     }
     if worker.node_selector:
         pod_spec["nodeSelector"] = dict(worker.node_selector)
@@ -371,12 +395,13 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
             toleration.model_dump(by_alias=True, exclude_defaults=True)
             for toleration in worker.tolerations
         ]
-    extra_labels, extra_annotations = podspec.pod_metadata(name, spec)
+    extra_labels, extra_annotations = podspec.pod_metadata(group_name(name, group), spec)
+    selector = group_selector(name, group)
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
         "metadata": {
-            "name": name,
+            "name": group_name(name, group),
             "labels": {**podspec.statefulset_labels(spec), **worker_labels(name)},
         },
         "spec": {
@@ -384,11 +409,16 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
             "replicas": spec.pods,
             "podManagementPolicy": "Parallel",
             "updateStrategy": {"type": "OnDelete", "rollingUpdate": None},
-            "selector": {"matchLabels": selector_labels(name)},
+            "selector": {"matchLabels": selector},
             "template": {
                 "metadata": {
                     # the operator's own labels and annotations win over the spec's extras
-                    "labels": {**extra_labels, **worker_labels(name), **series_labels(spec)},
+                    "labels": {
+                        **extra_labels,
+                        **worker_labels(name),
+                        **series_labels(spec),
+                        **selector,
+                    },
                     "annotations": {
                         **extra_annotations,
                         "prometheus.io/scrape": "true",
@@ -401,6 +431,13 @@ def build_statefulset(name: str, namespace: str, spec: MoEDeploymentSpec) -> dic
     }
 
 
-def build_pdb(name: str, spec: MoEDeploymentSpec, api_version: str) -> dict[str, Any]:
-    """The gang's PodDisruptionBudget (`podspec.build_pdb`) with this deployment's labels."""
-    return podspec.build_pdb(name, spec, api_version, worker_labels(name), selector_labels(name))
+def build_pdb(
+    name: str, spec: MoEDeploymentSpec, api_version: str, group: int = 0
+) -> dict[str, Any]:
+    """One group's PodDisruptionBudget (`podspec.build_pdb`), selecting that group's pods by
+    the group label only (group 0's pods get it from the operator): PodDisruptionBudgets that
+    share a pod make the eviction API refuse it."""
+    selector = {**selector_labels(name), GROUP_LABEL: str(group)}
+    return podspec.build_pdb(
+        group_name(name, group), spec, api_version, worker_labels(name), selector
+    )

@@ -1,7 +1,8 @@
 """The OpenAI-compatible app, on the leader: `/v1/completions` (`completion_route`),
 `/v1/chat/completions` (`chat_route`), `/v1/models`, `/tokenize`, `/detokenize`,
-`/tokenizer_info` (`tokenize_route`), `/metrics` (vLLM's serving metrics: `serving_metrics`) and
-`/health`. Every answer carries `X-Request-Id` (`request_id`).
+`/tokenizer_info` (`tokenize_route`), `/metrics` (vLLM's serving metrics: `serving_metrics`),
+`/health` and a router's probes (`/v1/loads`, `/model_info`: `routing`). Every answer carries
+`X-Request-Id` (`request_id`).
 
 Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and status:
 400 invalid (param named), 401 API key, 404 unknown model or route, 408 body stalled, 413 body
@@ -17,7 +18,7 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from moe_worker.api import auth
+from moe_worker.api import auth, routing
 from moe_worker.api.body import BODY_DEADLINE, BODY_TIMEOUT, BodyLimit, read_model
 from moe_worker.api.chat_route import create_chat_completion
 from moe_worker.api.chat_schemas import ChatCompletionRequest
@@ -76,6 +77,8 @@ def create_openai_app(
         if not backend.is_ready():
             raise ApiError(503, "the worker group is not ready")
         return JSONResponse({"status": "ok"})
+
+    routing.add_routes(app, backend)
 
     @app.get("/metrics")
     def metrics() -> Response:

@@ -173,6 +173,8 @@ def create_pod_app(
             ],
             "planVersion": _json(answers[0]).get("planVersion"),
         }
+        first = _json(answers[0])  # local rank 0's drain (the leader's in-flight requests)
+        body.update({key: first[key] for key in ("draining", "inFlight") if key in first})
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")

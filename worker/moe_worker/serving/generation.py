@@ -208,6 +208,15 @@ class ServingLoad:
     """Requests waiting for a KV cache budget."""
     kv_cache_usage: float = 0.0
     """Fraction of the group's KV cache blocks reserved (0..1)."""
+    used_tokens: int = 0
+    """KV cache tokens reserved, all ranks' budgets together (a router's GET /v1/loads)."""
+    capacity_tokens: int = 0
+    """KV cache tokens of all ranks' budgets."""
+
+    @property
+    def requests(self) -> int:
+        """The load figure a router weighs: waiting + running."""
+        return self.waiting + self.running
 
 
 class Backend(Protocol):

@@ -230,7 +230,8 @@ class Scheduler:
         """Running and waiting sequences, and the fraction of KV blocks reserved, now."""
         capacity = sum(a.capacity_tokens for a in self.allocators)
         free = sum(a.free_tokens for a in self.allocators)
-        return ServingLoad(len(self._running), len(self._waiting), 1 - free / capacity)
+        used = capacity - free
+        return ServingLoad(len(self._running), len(self._waiting), used / capacity, used, capacity)
 
     def schedule(self) -> Scheduled:
         """Decide the next step: releases, admissions, and each rank's chunks."""
