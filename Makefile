@@ -38,6 +38,7 @@ system-deps:
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 
 # The whole suite: the pure tier on both cores first (pytest-xdist), then the tests that start

@@ -809,11 +809,6 @@ class RouterSpec(ApiModel):
     port: int = Field(
         30000, ge=1, le=65535, description="The router's HTTP port (the API's target port)."
     )
-    inference_pool: bool = Field(
-        False,
-        description="Also create an InferencePool (inference.networking.k8s.io) selecting "
-        "the group leaders, where that CRD is installed, for Gateway API inference gateways.",
-    )
 
 
 class MoEDeploymentSpec(ApiModel):

@@ -43,7 +43,7 @@ from moe_worker.api.logprobs import TokenTexts, chat_logprobs
 from moe_worker.api.prompts import check_text_size, check_tokens, max_tokens_for
 from moe_worker.api.request_id import request_id
 from moe_worker.api.schemas import StreamOptions, Usage, dump
-from moe_worker.api.streaming import DONE, GenerationStream, sse, unless_disconnected, usage
+from moe_worker.api.streaming import DONE, respond, sse, usage
 from moe_worker.serving.generation import ModelCard
 
 log = logging.getLogger("moe_worker.api")
@@ -98,14 +98,9 @@ async def create_chat_completion(
         TokenTexts(tokenizer),
     )
     log.info("request %s: %s, %d choices", request_id(request), chat_id, len(requests))
-    generation.submit()
-    if body.stream:
-        options = body.stream_options or StreamOptions()
-        return GenerationStream(generation, _events(generation, plan, options))
-    try:
-        return await unless_disconnected(request, _complete(generation, plan))
-    finally:
-        generation.close()
+    options = body.stream_options or StreamOptions()
+    events = (lambda: _events(generation, plan, options)) if body.stream else None
+    return await respond(request, generation, events, lambda: _complete(generation, plan))
 
 
 async def render_prompt(

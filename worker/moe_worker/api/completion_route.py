@@ -32,13 +32,7 @@ from moe_worker.api.schemas import (
     dump,
 )
 from moe_worker.api.serving_metrics import ServingMetrics
-from moe_worker.api.streaming import (
-    DONE,
-    GenerationStream,
-    sse,
-    unless_disconnected,
-    usage,
-)
+from moe_worker.api.streaming import DONE, respond, sse, usage
 from moe_worker.api.text import TextStream
 from moe_worker.serving.generation import Backend, GenerationRequest, ModelCard, SamplingParams
 
@@ -146,14 +140,9 @@ async def create_completion(routes: Routes, request: Request, body: CompletionRe
         len(plan.requests),
         body.user,
     )
-    generation.submit()
-    if body.stream:
-        options = body.stream_options or StreamOptions()
-        return GenerationStream(generation, _events(generation, plan, options))
-    try:
-        return await unless_disconnected(request, _complete(generation, plan))
-    finally:
-        generation.close()
+    options = body.stream_options or StreamOptions()
+    events = (lambda: _events(generation, plan, options)) if body.stream else None
+    return await respond(request, generation, events, lambda: _complete(generation, plan))
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -48,6 +48,23 @@ def usage(generation: Generation, choices_per_prompt: int) -> Usage:
     return Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
     )
+
+
+async def respond(
+    request: Request,
+    generation: Generation,
+    events: Callable[[], AsyncIterator[str]] | None,
+    complete: Callable[[], Awaitable[Response]],
+) -> Response:
+    """Submit `generation` and answer: a stream of its `events` (when given), or the whole
+    answer, aborted if the client goes away; the generation is closed either way."""
+    generation.submit()
+    if events is not None:
+        return GenerationStream(generation, events())
+    try:
+        return await unless_disconnected(request, complete())
+    finally:
+        generation.close()
 
 
 async def unless_disconnected(request: Request, work: Any) -> Response:
