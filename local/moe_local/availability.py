@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moe_local.install import get_json, kubectl, wait_until
+from moe_local.install import checkpoint_source, get_json, kubectl, wait_until
 from moe_local.kube import service_endpoint
 from moe_local.load import Completion, LoadGenerator, complete_once, zipf_prompts
 
@@ -106,13 +106,7 @@ def text_prompts(count: int) -> list[str]:
 def deployment(models: Path, name: str = NAME, master_port: int = 29531) -> dict[str, Any]:
     """2 groups x 2 ranks behind the router; the default surge update (1 up, 0 unavailable).
     No rebalancing during the events: the answers stay the reference's."""
-    source = {
-        "type": "Checkpoint",
-        "checkpoint": {
-            "volume": {"hostPath": {"path": str(models), "type": "Directory"}},
-            "path": CHECKPOINT,
-        },
-    }
+    source = checkpoint_source(models, CHECKPOINT)
     return {
         "apiVersion": "moe-ep.io/v1alpha1",
         "kind": "MoEDeployment",

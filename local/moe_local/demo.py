@@ -80,13 +80,7 @@ def write_checkpoint(models: Path, workers: int) -> Path:
 def demo_deployment(workers: int, models: Path) -> dict[str, Any]:
     """gloo on CPU, spare slots (so Auto means the output-preserving Replace); the checkpoint
     on a hostPath volume; no built-in traffic: the load is the demo's own requests."""
-    source = {
-        "type": "Checkpoint",
-        "checkpoint": {
-            "volume": {"hostPath": {"path": str(models), "type": "Directory"}},
-            "path": CHECKPOINT,
-        },
-    }
+    source = install.checkpoint_source(models, CHECKPOINT)
     return {
         "apiVersion": "moe-ep.io/v1alpha1",
         "kind": "MoEDeployment",

@@ -93,3 +93,15 @@ def wait_until(
 def operator_ready(kubeconfig: Path) -> bool:
     deployment = get_json(kubeconfig, "deployment", f"{RELEASE}-operator", "-n", SYSTEM_NAMESPACE)
     return bool(deployment and (deployment.get("status") or {}).get("readyReplicas"))
+
+
+def checkpoint_source(models: Path, path: str) -> dict[str, Any]:
+    """`spec.model.source` for the checkpoint directory `path` under `models`, the local
+    cluster's hostPath volume (each pod is a local process: the node's directory is ours)."""
+    return {
+        "type": "Checkpoint",
+        "checkpoint": {
+            "volume": {"hostPath": {"path": str(models), "type": "Directory"}},
+            "path": path,
+        },
+    }

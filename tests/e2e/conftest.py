@@ -39,13 +39,7 @@ API_KEYS_SECRET = "e2e-api-keys"
 
 
 def checkpoint_source(models: Path, path: str = CHECKPOINT) -> dict[str, Any]:
-    return {
-        "type": "Checkpoint",
-        "checkpoint": {
-            "volume": {"hostPath": {"path": str(models), "type": "Directory"}},
-            "path": path,
-        },
-    }
+    return install.checkpoint_source(models, path)
 
 
 def deployment(models: Path, name: str = NAME) -> dict[str, Any]:
