@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moe_local.install import checkpoint_source, get_json, kubectl, wait_until
+from moe_local.install import checkpoint_source, get_json, kubectl, synthetic_shape, wait_until
 from moe_local.kube import service_endpoint
 from moe_local.load import Completion, LoadGenerator, complete_once, zipf_prompts
 
@@ -55,21 +55,10 @@ def model() -> dict[str, Any]:
 
 def write_checkpoint(models: Path) -> Path:
     """Seeded SeedMLP weights of `model()`'s shape as a Hugging Face directory (no download)."""
-    from moe_contract.shape import ModelShape
     from moe_worker.models.checkpoint import write_checkpoint as write
     from moe_worker.models.weights import SyntheticWeights
 
-    m = model()
-    shape = ModelShape(
-        layers=m["layers"],
-        experts=m["expertsPerLayer"],
-        hidden=m["hiddenSize"],
-        ffn_hidden=m["ffnHiddenSize"],
-        heads=m["attentionHeads"],
-        head_dim=m["headDim"],
-        top_k=m["topK"],
-        vocab_size=m["vocabSize"],
-    )
+    shape = synthetic_shape(model())
     path = write(models / CHECKPOINT, SyntheticWeights.for_shape(shape, seed=7, max_context=128))
     write_tokenizer(path)
     return path

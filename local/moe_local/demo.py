@@ -56,21 +56,10 @@ def demo_model(workers: int) -> dict[str, Any]:
 
 def write_checkpoint(models: Path, workers: int) -> Path:
     """A Hugging Face directory of seeded SeedMLP weights of the demo's shape (no download)."""
-    from moe_contract.shape import ModelShape
     from moe_worker.models.checkpoint import write_checkpoint as write
     from moe_worker.models.weights import SyntheticWeights
 
-    m = demo_model(workers)
-    shape = ModelShape(
-        layers=m["layers"],
-        experts=m["expertsPerLayer"],
-        hidden=m["hiddenSize"],
-        ffn_hidden=m["ffnHiddenSize"],
-        heads=m["attentionHeads"],
-        head_dim=m["headDim"],
-        top_k=m["topK"],
-        vocab_size=m["vocabSize"],
-    )
+    shape = install.synthetic_shape(demo_model(workers))
     source = SyntheticWeights.for_shape(shape, seed=0, max_context=CONTEXT)
     path = write(models / CHECKPOINT, source)
     availability.write_tokenizer(path, VOCAB)  # the router (smg) takes text prompts only

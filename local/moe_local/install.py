@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from moe_contract.shape import ModelShape
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = ROOT / "charts" / "moe-ep"
 RELEASE = "moe-ep"
@@ -105,3 +107,18 @@ def checkpoint_source(models: Path, path: str) -> dict[str, Any]:
             "path": path,
         },
     }
+
+
+def synthetic_shape(model: dict[str, Any]) -> ModelShape:
+    """The ModelShape of a `spec.model` document's sizes (camelCase), which the local
+    checkpoints' synthetic weights are written with."""
+    return ModelShape(
+        layers=model["layers"],
+        experts=model["expertsPerLayer"],
+        hidden=model["hiddenSize"],
+        ffn_hidden=model["ffnHiddenSize"],
+        heads=model["attentionHeads"],
+        head_dim=model["headDim"],
+        top_k=model["topK"],
+        vocab_size=model["vocabSize"],
+    )

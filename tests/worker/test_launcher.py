@@ -25,6 +25,7 @@ from moe_worker.launcher import LocalRanks, rank_settings
 from moe_worker.models.checkpoint import write_checkpoint
 from moe_worker.models.weights import SyntheticWeights
 from moe_worker.settings import WorkerSettings
+from tests.perf import drain_stop
 from tests.worker.worker_harness import free_port, listening
 
 pytestmark = pytest.mark.distributed
@@ -50,7 +51,7 @@ def two_free_ports() -> int:
 
 
 PORT_FLAGS = ("--http-port", "--api-port", "--master-port")
-STREAMS, MAX_TOKENS = 2, 200
+STREAMS = 2  # streams running when the SIGTERM comes (drain_stop.stream: MAX_TOKENS each)
 
 
 def get(port: int, path: str) -> tuple[int, dict]:
@@ -133,23 +134,10 @@ def test_a_sigterm_drains_running_requests_then_stops_every_rank_cleanly(
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{api}/v1", api_key="-", max_retries=0)
     model = client.models.list().data[0].id
     started, results = threading.Barrier(STREAMS + 1, timeout=60), []
-
-    def stream() -> None:
-        events = client.completions.create(
-            model=model, prompt=[2], max_tokens=MAX_TOKENS, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
-        )  # fmt: skip
-        tokens, reason = 0, None
-        for index, event in enumerate(events):
-            if index == 0:
-                started.wait()
-            if event.choices:
-                reason = event.choices[0].finish_reason or reason
-            if event.usage is not None:
-                tokens = event.usage.completion_tokens
-        results.append((tokens, reason))
-
-    threads = [threading.Thread(target=stream) for _ in range(STREAMS)]
+    threads = [
+        threading.Thread(target=drain_stop.stream, args=(client, started, results))
+        for _ in range(STREAMS)
+    ]
     for thread in threads:
         thread.start()
     started.wait()  # every stream has its first token
@@ -161,7 +149,8 @@ def test_a_sigterm_drains_running_requests_then_stops_every_rank_cleanly(
     assert refused.value.status_code == 503 and "draining" in str(refused.value)
     for thread in threads:
         thread.join(120)
-    assert results == [(MAX_TOKENS, "length")] * STREAMS  # every running stream finished whole
+    # every running stream finished whole
+    assert results == [(drain_stop.MAX_TOKENS, "length")] * STREAMS
     assert launcher.wait(60) == 0
     assert not any(alive(pid) for pid in pids)
 
