@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from moe_worker.api import ServerHandle, create_control_app, create_openai_app, start
-from moe_worker.ep.comm import retired_groups
+from moe_worker.ep.comm import exit_would_abort
 from moe_worker.models import UnsupportedConfig
 from moe_worker.models.checkpoint import CheckpointError
 from moe_worker.models.verify import INVALID
@@ -44,10 +44,10 @@ def report_fatal(message: str, termination_message_path: str | None) -> int:
 
 
 def exit_now(code: int) -> None:
-    """End the process with `code` at once when it dropped process groups of past membership
-    epochs: their pending operations would abort the interpreter's exit (a rank that left, or
-    survived, a lost member). Otherwise return (the normal exit runs)."""
-    if retired_groups():
+    """End the process with `code` at once (logs flushed) when the interpreter's normal exit
+    could abort on the process groups' threads (`comm.exit_would_abort`): the rank's exit code
+    is what it says, never SIGABRT. Otherwise return (the normal exit runs)."""
+    if exit_would_abort():
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
